@@ -1,0 +1,5 @@
+import sys
+
+from ltk.cli import main
+
+sys.exit(main())

@@ -1,0 +1,196 @@
+"""`ltk`: the command line of the lab.
+
+    ltk train --preset gpt-debug --max-steps 300                  # CPU, a minute or two
+    ltk train --preset gpt2-124m --device cuda --trainer.compile true   # one GPU
+    torchrun --standalone --nproc_per_node 8 -m ltk.cli train --preset gpt2-124m   # 8 GPUs, DDP
+    ltk train --resume runs/gpt-debug --trainer.max_steps 600     # continue a run exactly
+    ltk generate --ckpt runs/gpt-debug --prompt "def main(" --max-new-tokens 80
+    ltk lab list
+    ltk lab run pretrain --quick
+    ltk bench train-step [--json] [--measure-peaks]
+
+Any config field can be overridden by its dotted path: `--trainer.batch_size 32`,
+`--model.n_layer=6`, `--optim.lr 1e-3` (see training/config.py for the fields).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from training.checkpoint import load_checkpoint
+    from training.config import RunConfig, apply_overrides
+    from training.presets import get_preset
+    from training.trainer import Trainer
+
+    ckpt = None
+    if args.resume:
+        if args.preset:
+            raise SystemExit("ltk train: give --preset or --resume, not both (a resumed run keeps its config)")
+        ckpt = load_checkpoint(args.resume)
+        cfg = RunConfig.from_dict(ckpt.state["config"])
+        cfg.trainer.out_dir = str(ckpt.path.parent.parent)  # continue in the same run folder
+    else:
+        cfg = get_preset(args.preset or "gpt-debug")
+    if args.data is not None:
+        cfg.data.source = args.data
+    if args.max_steps is not None:
+        cfg.trainer.max_steps = args.max_steps
+    if args.out is not None:
+        cfg.trainer.out_dir = args.out
+    if args.device is not None:
+        cfg.trainer.device = args.device
+    apply_overrides(cfg, overrides)
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+    result = Trainer(cfg, resume=ckpt).fit()
+    m = result.metrics
+    if m:
+        extra = f" | val loss {m['val_loss']:.4f} | val {m['val_bpb']:.4f} bits/byte" if "val_loss" in m else ""
+        print(f"step {result.step}: loss {m['loss']:.4f}{extra}\ncheckpoint: {result.checkpoint}")
+    return 0
+
+
+def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
+    if overrides:
+        raise SystemExit(f"ltk generate: unexpected arguments {overrides}")
+    import torch
+
+    from models.generate import generate
+    from models.gpt import GPT
+    from training.checkpoint import load_checkpoint, restore_model
+    from training.config import RunConfig
+    from training.runtime import resolve_device
+    from training.tokenizer import Tokenizer
+
+    ckpt = load_checkpoint(args.ckpt)
+    cfg = RunConfig.from_dict(ckpt.state["config"])
+    device = resolve_device(args.device)
+    model = GPT(cfg.model)
+    restore_model(model, ckpt.model)
+    model.to(device)
+    tok_path = ckpt.path / "tokenizer.json"
+    if not tok_path.exists():
+        raise SystemExit(f"ltk generate: {ckpt.path} has no tokenizer.json")
+    tok = Tokenizer.load(tok_path)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise SystemExit("ltk generate: the prompt is empty")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    out = generate(model, idx, args.max_new_tokens, block_size=cfg.model.block_size, temperature=args.temperature,
+                   top_k=args.top_k or None, stop_token=tok.eot_id, generator=gen)
+    new = [i for i in out[0, len(ids):].tolist() if i != tok.eot_id]
+    print(args.prompt + tok.decode(new))
+    return 0
+
+
+def _lab(args: argparse.Namespace, overrides: list[str]) -> int:
+    if overrides:
+        raise SystemExit(f"ltk lab: unexpected arguments {overrides}")
+    from labs.registry import list_labs, run_lab
+
+    if args.lab_cmd == "list":
+        for lab in list_labs():
+            print(f"{lab.name:12s} {lab.question}  (quick: ~{lab.quick_minutes:g} min on a 2-core CPU)")
+        return 0
+    report = run_lab(args.name, args.out, quick=args.quick)
+    print(f"wrote {report}")
+    return 0
+
+
+def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    from bench import BENCHMARKS, run_benchmark
+    from bench.harness import rows_to_markdown, write_csv
+    from bench.peaks import measure_peaks
+
+    if args.name == "list":
+        for name, b in BENCHMARKS.items():
+            print(f"{name:14s} {b.description}")
+        return 0
+    if args.name not in BENCHMARKS:
+        raise SystemExit(f"ltk bench: unknown benchmark {args.name!r}; available: {', '.join(BENCHMARKS)}")
+    bench = BENCHMARKS[args.name]
+    opts = bench.parse_options(overrides)
+    if args.measure_peaks:
+        peaks = measure_peaks(args.device or "auto")
+        print(json.dumps(peaks, indent=2) if not args.json else "", file=sys.stderr if args.json else sys.stdout)
+    rows = run_benchmark(args.name, **({"device": args.device} if args.device else {}), **opts)
+    if args.csv:
+        write_csv(rows, args.csv)
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows], indent=2, default=str))
+    else:
+        print(rows_to_markdown(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ltk", description="A kernel and systems lab for training LLMs.",
+                                epilog="Run `ltk COMMAND --help` for a command's options.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", allow_abbrev=False, help="train a model from a preset (or resume a run)",
+                       description="Train a model. Extra --section.field VALUE pairs override any config field.",
+                       epilog="example: ltk train --preset gpt-debug --max-steps 200 --optim.lr 1e-3")
+    t.add_argument("--preset", help="gpt-debug (default), gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b")
+    t.add_argument("--data", help="text file or folder, .jsonl or .parquet (default: the embedded corpus)")
+    t.add_argument("--max-steps", type=int, help="optimizer steps (trainer.max_steps)")
+    t.add_argument("--out", help="run folder (trainer.out_dir)")
+    t.add_argument("--resume", help="a run folder or checkpoint folder to continue from")
+    t.add_argument("--device", help="cpu, cuda, cuda:N or auto (trainer.device)")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(func=_train)
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint")
+    g.add_argument("--ckpt", required=True, help="a run folder or checkpoint folder")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=_generate)
+
+    lab = sub.add_parser("lab", help="list or run the labs")
+    lsub = lab.add_subparsers(dest="lab_cmd", required=True)
+    lsub.add_parser("list", help="list the labs and the question each answers")
+    lr = lsub.add_parser("run", help="run one lab and write its report")
+    lr.add_argument("name")
+    lr.add_argument("--quick", action="store_true", help="the CPU preset (minutes)")
+    lr.add_argument("--out", help="output folder (default runs/<lab>/<timestamp>)")
+    lab.set_defaults(func=_lab)
+
+    b = sub.add_parser("bench", allow_abbrev=False, help="run a benchmark (`ltk bench list` shows them)",
+                       description="Run a benchmark. Extra --option VALUE pairs set the benchmark's options.")
+    b.add_argument("name", help="benchmark name, or `list`")
+    b.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    b.add_argument("--csv", help="append the rows to this long-format CSV")
+    b.add_argument("--device", help="cpu, cuda or auto")
+    b.add_argument("--measure-peaks", action="store_true", help="also measure copy bandwidth and matmul rate")
+    b.set_defaults(func=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        return args.func(args, extra)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, CheckpointError and bad input
+        print(f"ltk {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if type(e).__name__ == "CheckpointError":
+            print(f"ltk {args.cmd}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

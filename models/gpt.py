@@ -1,0 +1,204 @@
+"""GPT-2: a decoder-only transformer (Radford et al. 2019), written for one device.
+
+Architecture (GPT-2 as released, "Language Models are Unsupervised Multitask Learners" §2.3):
+
+    h_0 = W_te[x] + W_pe[0..T)                            token + learned position embeddings
+    for each of the L blocks (pre-LayerNorm residual stream):
+        h = h + Attn(LN_1(h))                             causal multi-head self-attention
+        h = h + MLP(LN_2(h)),  MLP(u) = W_2 · GELU(W_1 u) hidden width 4·d, tanh-GELU
+    logits = LN_f(h) · W_teᵀ                              output head tied to the embedding
+
+    Attn(u): q, k, v = split(u · W_qkv)                   (B, T, 3d) -> 3 x (B, nh, T, hs)
+             a = softmax(q kᵀ / sqrt(hs) + causal mask) v  (Vaswani et al. 2017, eq. 1)
+             out = concat_heads(a) · W_o
+
+Initialization (GPT-2 §2.3): N(0, 0.02) for every weight and embedding, zero biases, and
+the two projections that write into the residual stream (attention W_o and MLP W_2)
+scaled by 1/sqrt(2·L), because each block adds two terms to the stream and the variance
+of the sum would otherwise grow with depth.
+
+Attention runs through `torch.nn.functional.scaled_dot_product_attention` (which picks a
+fused FlashAttention / memory-efficient kernel where it has one); the fused Triton
+kernels of kernels/ plug in here when they land.
+
+Parameter count and FLOPs are plain functions of the config (`num_params`,
+`flops_per_token`) so cost models can use them without building the model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257  # the tokenizer's vocabulary; 0 = take it from the data
+    block_size: int = 1024  # longest sequence (number of learned positions)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+# name -> (n_layer, n_head, n_embd); GPT-2 sizes as released (the 350m is GPT-2 medium, etc.)
+GPT_SIZES = {
+    "gpt-debug": (4, 4, 128),
+    "gpt2-124m": (12, 12, 768),
+    "gpt2-350m": (24, 16, 1024),
+    "gpt2-774m": (36, 20, 1280),
+    "gpt2-1.5b": (48, 25, 1600),
+}
+
+
+def gpt_config(name: str, **overrides) -> GPTConfig:
+    if name not in GPT_SIZES:
+        raise ValueError(f"unknown GPT size {name!r}; known: {sorted(GPT_SIZES)}")
+    n_layer, n_head, n_embd = GPT_SIZES[name]
+    base = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    if name == "gpt-debug":
+        base.update(block_size=128, vocab_size=0)
+    base.update(overrides)
+    return GPTConfig(**base)
+
+
+def num_params(cfg: GPTConfig) -> int:
+    """Exact parameter count (tied head counted once). gpt2-124m, V=50257, T=1024: 124,439,808."""
+    d, V, T, L = cfg.n_embd, cfg.vocab_size, cfg.block_size, cfg.n_layer
+    b = 1 if cfg.bias else 0
+    ln = d + b * d
+    attn = d * 3 * d + b * 3 * d + d * d + b * d
+    mlp = d * 4 * d + b * 4 * d + 4 * d * d + b * d
+    return V * d + T * d + L * (2 * ln + attn + mlp) + ln
+
+
+def flops_per_token(cfg: GPTConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token, forward + backward: 6N + 12·L·d·T (PaLM, Chowdhery et al.
+    2022, appendix B). N counts the parameters that take part in matmuls: all but the
+    position table (the tied embedding counts once, as the output head). The second term is
+    the attention scores and weighted sum (2·2·T·d forward per layer, x3 with backward),
+    counted for the full T x T matrix as PaLM does, although causal masking skips half."""
+    T = seq_len or cfg.block_size
+    n = num_params(cfg) - cfg.block_size * cfg.n_embd
+    return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_embd * T
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        # (B, T, C) -> (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 uses the tanh approximation of GELU (Hendrycks & Gimpel 2016, eq. 2)
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=resid_std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif ".ln_" in name or name.startswith("ln_f"):
+                nn.init.ones_(p)
+            else:  # Linear weights and both embeddings
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab_size)."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(
+                f"sequence length {T} exceeds the model's block_size {self.config.block_size}"
+            )
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for block in self.h:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.lm_head(self.ln_f(x))  # (B, T, V)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay the matrices (2-D weights, embeddings included), not biases
+        or LayerNorm gains, which have no scale to regularize."""
+        decay, no_decay = [], []
+        for p in self.parameters():  # tied weights appear once
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]

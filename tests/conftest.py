@@ -1,0 +1,68 @@
+"""Shared test set-up: an isolated dataset cache, the Triton interpreter on CPU, and a
+tiny corpus + run config that trains in a second."""
+from __future__ import annotations
+
+import os
+
+# Triton kernels run in the interpreter on a CPU; this must be set before they are imported.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random
+from pathlib import Path
+
+import pytest
+
+from models.gpt import GPTConfig
+from training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Prepared datasets go to a per-session folder, never to the user's ~/.cache."""
+    old = os.environ.get("LTK_CACHE")
+    os.environ["LTK_CACHE"] = str(tmp_path_factory.mktemp("ltk-cache"))
+    yield
+    if old is None:
+        os.environ.pop("LTK_CACHE", None)
+    else:
+        os.environ["LTK_CACHE"] = old
+
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+         "sigma tau upsilon phi chi psi omega def return class import for while if else").split()
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """A folder of 60 small synthetic documents (deterministic)."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for i in range(60):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(rng.randint(6, 14))]
+        (root / f"doc_{i:03d}.txt").write_text(f"document {i}\n" + "\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def tiny_config(tiny_corpus, tmp_path):
+    """Factory: a 2-layer, 32-wide GPT on the tiny corpus (a step takes milliseconds);
+    keyword arguments override TrainerConfig fields."""
+
+    def make(out_dir: Path | None = None, **trainer) -> RunConfig:
+        return _tiny_run_config(tiny_corpus, out_dir or tmp_path / "run", **trainer)
+
+    return make
+
+
+def _tiny_run_config(corpus: Path, out_dir: Path, **trainer) -> RunConfig:
+    t = dict(max_steps=6, batch_size=4, eval_every=3, eval_batches=2, log_every=1, out_dir=str(out_dir),
+             progress=False, seed=7)
+    t.update(trainer)
+    return RunConfig(
+        name="tiny",
+        model=GPTConfig(vocab_size=0, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1),
+        data=DataConfig(source=str(corpus), vocab_size=300, min_chars=16, val_fraction=0.1),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2, decay_steps=20),
+        trainer=TrainerConfig(**t),
+    )

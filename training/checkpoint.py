@@ -1,0 +1,202 @@
+"""Checkpoints that survive a crash mid-save and refuse to load when damaged.
+
+A checkpoint is a folder:
+
+    step_000200/
+        model.safetensors   the weights (safetensors: no pickle, memory-mappable)
+        trainer.pt          optimizer state and RNG states (tensors only; loaded weights_only)
+        state.json          step, tokens seen, data-loader position, the run config, Python RNG
+        manifest.json       SHA-256 and size of each file above, written last
+
+Atomicity: everything is written into a hidden temporary folder next to the target,
+fsynced, and then renamed to its final name. A rename within one file system is atomic,
+so a reader sees either the whole new checkpoint or none of it; an interrupted save
+leaves only a `.tmp-*` folder that is ignored (and cleaned up by the next save), and the
+previous checkpoint still loads.
+
+Integrity: `load_checkpoint` recomputes every file's hash and compares it with the
+manifest; a mismatch (truncated copy, bit rot, a hand-edited file) is refused with an
+error that names the file, instead of resuming from garbage.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or damaged."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model: dict[str, torch.Tensor]
+    trainer: dict[str, Any]
+    state: dict[str, Any]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share storage (the tied embedding/head): keep the
+    first name of each shared storage; `load` re-ties them through the module."""
+    seen: dict[int, str] = {}
+    out = {}
+    for name, t in tensors.items():
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen[key] = name
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    trainer_state: dict[str, Any],
+    state: dict[str, Any],
+    keep_last: int = 3,
+    extra_files: dict[str, str | Path] | None = None,
+) -> Path:
+    """Write `run_dir/checkpoints/step_{step:06d}` atomically; keep the newest `keep_last`.
+    `extra_files` (name -> source path) are copied in and covered by the manifest too
+    (the tokenizer, so a checkpoint folder is enough to generate text)."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by an interrupted save
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        save_file(_unshare(model_state), str(tmp / "model.safetensors"))
+        torch.save(trainer_state, tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        files = ["model.safetensors", "trainer.pt", "state.json"]
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+            files.append(name)
+        manifest = {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}
+        for f in files:
+            with open(tmp / f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": manifest}, indent=2))
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step: move the old one aside first
+            old = root / f".tmp-old-{final.name}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run folder, oldest first (temporary folders excluded)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder itself, or a run folder (its newest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if (path / MANIFEST).exists() or (path / "model.safetensors").exists():
+        return path
+    ckpts = list_checkpoints(path)
+    if not ckpts:
+        raise CheckpointError(f"{path} holds no checkpoint (expected {path}/checkpoints/step_*/)")
+    return ckpts[-1]
+
+
+def verify_checkpoint(path: Path) -> None:
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointError(f"{path} has no {MANIFEST}: the save did not finish; refusing to load it")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{manifest_path} is unreadable ({e}); refusing to load {path}") from None
+    for name, meta in files.items():
+        f = path / name
+        if not f.exists():
+            raise CheckpointError(f"checkpoint {path} is missing {name}")
+        if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+            earlier = [p for p in list_checkpoints(path.parent.parent) if p != path]
+            hint = f"; the previous checkpoint is {earlier[-1]}" if earlier else ""
+            raise CheckpointError(
+                f"checksum mismatch in {f}: the checkpoint is corrupt or truncated; refusing to load it{hint}"
+            )
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load and verify a checkpoint folder (or the newest one of a run folder)."""
+    path = resolve_checkpoint(path)
+    verify_checkpoint(path)
+    model = load_file(str(path / "model.safetensors"))
+    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    state = json.loads((path / "state.json").read_text())
+    return Checkpoint(path=path, model=model, trainer=trainer, state=state)
+
+
+def restore_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load saved weights into `model`, strictly: a missing or unexpected tensor, or a shape
+    mismatch, is an error that names it. Tied weights (saved once) are re-tied by the
+    module itself, so only their aliases may be absent."""
+    own = model.state_dict()
+    ptr_names: dict[int, list[str]] = {}
+    for name, t in own.items():
+        ptr_names.setdefault(t.untyped_storage().data_ptr(), []).append(name)
+    aliases = {n for names in ptr_names.values() for n in names[1:]}
+    missing = [n for n in own if n not in tensors and n not in aliases]
+    unexpected = [n for n in tensors if n not in own]
+    mismatched = [f"{n}: saved {tuple(tensors[n].shape)}, model {tuple(own[n].shape)}"
+                  for n in tensors if n in own and tensors[n].shape != own[n].shape]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(
+            f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}, shape mismatches {mismatched}"
+        )
+    model.load_state_dict({**{n: own[n] for n in aliases}, **tensors}, strict=True)

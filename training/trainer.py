@@ -1,0 +1,242 @@
+"""The training loop: data -> model -> loss -> gradients -> AdamW, with checkpoints that
+resume exactly.
+
+Launch lines (the `ltk train` entry point calls `Trainer(cfg).fit()`):
+
+    # CPU, the debug model on the embedded corpus (about a minute)
+    ltk train --preset gpt-debug --max-steps 300
+    # one GPU: GPT-2 124M, bf16 autocast, torch.compile, 16 x 1024 tokens x 32 = 0.5M per step
+    ltk train --preset gpt2-124m --device cuda --trainer.compile true --trainer.batch_size 16 --trainer.grad_accum 32
+    # several processes (DDP, torch's engine): 4 GPUs on one node, or 2 CPU processes on gloo
+    torchrun --standalone --nproc_per_node 4 -m ltk.cli train --preset gpt2-124m
+    CUDA_VISIBLE_DEVICES= torchrun --standalone --nproc_per_node 2 -m ltk.cli train --preset gpt-debug
+
+One optimizer step (per rank):
+
+    for each of grad_accum micro-batches:       loss_i = CE(model(x_i), y_i) / grad_accum
+        backward(loss_i)                        grads accumulate: Σ_i ∇loss_i = ∇ mean loss
+    clip the global gradient norm to grad_clip  (Pascanu et al. 2013, §3.2)
+    lr <- schedule(step); AdamW step; zero grads
+
+Exact resume: a checkpoint holds the weights, the optimizer moments, the step, the
+data-loader position and every RNG state, so N steps + resume + N steps reproduces 2N
+uninterrupted steps bit for bit on a CPU (tests/unit/test_trainer.py checks it).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from models.gpt import GPT, flops_per_token, num_params
+from training.checkpoint import Checkpoint, restore_model, save_checkpoint
+from training.config import RunConfig
+from training.data import prepare_data
+from training.evaluate import evaluate
+from training.hardware import peak_flops
+from training.loader import TokenLoader
+from training.optim import build_optimizer, lr_at, set_lr
+from training.runtime import capture_host_rng, capture_rng, restore_rng, seed_everything, setup_runtime
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    metrics: dict[str, Any]  # the last logged metrics (loss, val_loss, val_bpb, tokens/s, ...)
+    checkpoint: Path | None
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: Checkpoint | None = None):
+        self.cfg, self.resume = cfg, resume
+        t = cfg.trainer
+        self.rt = setup_runtime(t.device, t.dtype)
+        self.run_dir = Path(t.out_dir)
+        seed_everything(t.seed)
+
+        self.data = self._prepare_data()
+        m = cfg.model
+        if m.vocab_size == 0:
+            m.vocab_size = self.data.vocab_size
+        elif self.data.vocab_size > m.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {self.data.vocab_size} tokens but model.vocab_size is {m.vocab_size}; "
+                f"set --model.vocab_size {self.data.vocab_size} or --data.vocab_size {m.vocab_size}"
+            )
+        self.seq_len = t.seq_len or m.block_size
+        if self.seq_len > m.block_size:
+            raise ValueError(
+                f"trainer.seq_len={self.seq_len} is larger than the model's positions "
+                f"(model.block_size={m.block_size}); lower --trainer.seq_len or raise --model.block_size"
+            )
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(t, name) <= 0:
+                raise ValueError(f"trainer.{name} must be positive, got {getattr(t, name)}")
+
+        self.model = GPT(m).to(self.rt.device)
+        self.model.activation_checkpointing = t.activation_checkpointing
+        self.optimizer = build_optimizer(self.model.param_groups(cfg.optim.weight_decay), cfg.optim, self.rt.device.type)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.dtype == "fp16")
+        self.train_loader = TokenLoader(
+            self.data.train_files, self.seq_len, t.batch_size, seed=t.seed, rank=self.rt.rank, world_size=self.rt.world_size
+        )
+        self.val_loader = TokenLoader(
+            self.data.val_files, self.seq_len, t.batch_size, seed=t.seed, rank=self.rt.rank, world_size=self.rt.world_size
+        )
+        self.token_bytes = torch.as_tensor(self.data.tokenizer.token_byte_lengths(), dtype=torch.long)
+        self.step, self.tokens_seen = 0, 0
+        if resume is not None:
+            self._load(resume)
+
+        self.fwd_model: torch.nn.Module = self.model
+        if t.compile:
+            self.fwd_model = torch.compile(self.model)
+        if self.rt.world_size > 1:
+            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            self.fwd_model = torch.nn.parallel.DistributedDataParallel(self.fwd_model, device_ids=ids)
+        self.tokens_per_step = t.batch_size * self.seq_len * t.grad_accum * self.rt.world_size
+        self.flops_per_step = flops_per_token(m, self.seq_len) * self.tokens_per_step
+        self.peak = peak_flops(self.rt.device, self.rt.dtype)
+
+    # -- set-up -------------------------------------------------------------------------
+    def _prepare_data(self):
+        # rank 0 builds the cached dataset; the others wait and then read it
+        if self.rt.world_size > 1 and not self.rt.is_main:
+            dist.barrier()
+        data = prepare_data(self.cfg.data, verbose=self.rt.is_main)
+        if self.rt.world_size > 1 and self.rt.is_main:
+            dist.barrier()
+        return data
+
+    def _load(self, ckpt: Checkpoint) -> None:
+        restore_model(self.model, ckpt.model)
+        self.optimizer.load_state_dict(ckpt.trainer["optimizer"])
+        if "scaler" in ckpt.trainer:
+            self.scaler.load_state_dict(ckpt.trainer["scaler"])
+        self.train_loader.load_state_dict(ckpt.state["loader"][self.rt.rank] if isinstance(ckpt.state["loader"], list) else ckpt.state["loader"])
+        self.step, self.tokens_seen = ckpt.state["step"], ckpt.state["tokens_seen"]
+        restore_rng(ckpt.trainer["rng"], ckpt.state["host_rng"])
+
+    # -- one step -----------------------------------------------------------------------
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over grad_accum micro-batches; returns (loss, grad norm)."""
+        t, autocast = self.cfg.trainer, self.rt.autocast()
+        self.fwd_model.train()
+        set_lr(self.optimizer, lr_at(self.step, self.cfg.optim, t.max_steps))
+        total = torch.zeros((), device=self.rt.device)
+        for micro in range(t.grad_accum):
+            x, y = self.train_loader.next_batch()
+            x, y = x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
+            # under DDP, all-reduce gradients only after the last micro-batch
+            last = micro == t.grad_accum - 1
+            sync = self.fwd_model.no_sync() if self.rt.world_size > 1 and not last else nullcontext()
+            with sync:
+                with autocast():
+                    logits = self.fwd_model(x)  # (B, T, V)
+                    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+                self.scaler.scale(loss / t.grad_accum).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        loss = self.rt.all_reduce_sum(total / t.grad_accum) / self.rt.world_size
+        return loss.item(), grad_norm.item()
+
+    def evaluate(self) -> dict[str, float]:
+        batches = self.val_loader.eval_batches(self.cfg.trainer.eval_batches)
+        return evaluate(self.model, batches, self.token_bytes, self.rt.device, self.rt.autocast(), self.rt.all_reduce_sum)
+
+    # -- checkpoints --------------------------------------------------------------------
+    def save(self) -> Path | None:
+        loader_states = [self.train_loader.state_dict()]
+        if self.rt.world_size > 1:  # every rank's position, so each resumes its own shard
+            loader_states = [None] * self.rt.world_size
+            dist.all_gather_object(loader_states, self.train_loader.state_dict())
+        if not self.rt.is_main:
+            return None
+        trainer_state = {"optimizer": self.optimizer.state_dict(), "rng": capture_rng()}
+        if self.scaler.is_enabled():
+            trainer_state["scaler"] = self.scaler.state_dict()
+        state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "loader": loader_states if self.rt.world_size > 1 else loader_states[0],
+            "host_rng": capture_host_rng(),
+            "config": self.cfg.to_dict(),
+        }
+        return save_checkpoint(
+            self.run_dir, self.step, self.model.state_dict(), trainer_state, state,
+            keep_last=self.cfg.trainer.keep_last,
+            extra_files={"tokenizer.json": self.data.path / "tokenizer.json"},
+        )
+
+    # -- the loop -----------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.rt.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def fit(self) -> TrainResult:
+        t = self.cfg.trainer
+        if self.rt.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(self.cfg.to_json())
+            print(
+                f"model: {num_params(self.cfg.model):,} parameters | {self.tokens_per_step:,} tokens/step | "
+                f"device {self.rt.device} ({self.rt.dtype}) x {self.rt.world_size} | run folder {self.run_dir}"
+            )
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not (t.progress and self.rt.is_main), unit="step")
+        last: dict[str, Any] = {}
+        ckpt = None
+        window_t, window_tokens = time.perf_counter(), 0
+        try:
+            while self.step < t.max_steps:
+                loss, grad_norm = self.train_step()
+                window_tokens += self.tokens_per_step
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {self.step}; last checkpoint kept intact")
+                done = self.step == t.max_steps
+                do_eval = (t.eval_every > 0 and self.step % t.eval_every == 0) or done
+                if self.step % t.log_every == 0 or do_eval or self.step == 1:
+                    if self.rt.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    elapsed = time.perf_counter() - window_t
+                    tok_s = window_tokens / max(elapsed, 1e-9)
+                    last = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                            "grad_norm": grad_norm, "tokens": self.tokens_seen, "tokens_per_s": tok_s}
+                    if self.peak:
+                        last["mfu"] = tok_s * self.flops_per_step / self.tokens_per_step / self.peak
+                    if do_eval:
+                        last.update(self.evaluate())
+                    self._log(last)
+                    window_t, window_tokens = time.perf_counter(), 0
+                    bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s", "mfu") if k in last})
+                bar.update(1)
+                if (t.ckpt_every > 0 and self.step % t.ckpt_every == 0) or done:
+                    ckpt = self.save()
+        except KeyboardInterrupt:
+            if self.rt.is_main:
+                print(f"\ninterrupted: saving step {self.step} before exiting")
+            self.save()
+            raise
+        finally:
+            bar.close()
+        if self.rt.is_main and last:
+            summary = {"step": self.step, "params": num_params(self.cfg.model), "checkpoint": str(ckpt), **last}
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return TrainResult(self.run_dir, self.step, last, ckpt)
