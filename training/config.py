@@ -33,7 +33,7 @@ class DataConfig:
     vocab_size: int = 2048  # BPE vocabulary when training the tokenizer (special tokens included)
     min_chars: int = 64  # documents shorter than this (after cleaning) are dropped
     val_fraction: float = 0.05  # share of documents held out, chosen by a hash of their text
-    max_bytes: int = 6_000_000  # cap on the embedded corpus (UTF-8 bytes, after cleaning)
+    max_bytes: int = 6_000_000  # cap on the embedded corpus (bytes of source files read)
     cache_dir: str | None = None  # prepared datasets live here; default $LTK_CACHE or ~/.cache/ltk
 
 

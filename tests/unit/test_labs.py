@@ -1,0 +1,84 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from labs import pretrain
+from labs.ngram import NGramBaselines
+from labs.registry import get_lab, list_labs, run_lab
+from labs.report import Report, markdown_table
+
+
+def test_registry_lists_pretrain_and_names_unknown_labs():
+    assert "pretrain" in [lab.name for lab in list_labs()]
+    with pytest.raises(ValueError, match="available labs: pretrain"):
+        get_lab("nope")
+
+
+def test_report_writes_markdown_json_and_plots(tmp_path):
+    import matplotlib.pyplot as plt
+
+    rep = Report("T", "Q?", "ltk lab run t")
+    rep.table(["a", "b"], [[1, 2.5], ["x", 1234567.0]], "cap")
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    rep.plot("curve", fig)
+    rep.results["answer"] = 42
+    path = rep.write(tmp_path)
+    md = path.read_text()
+    assert "**Question.** Q?" in md and "| a | b |" in md and "![curve](curve.png)" in md and "ltk lab run t" in md
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["answer"] == 42 and "torch" in res["provenance"]
+    assert markdown_table(["n"], [[1234]]) .endswith("| 1,234 |")
+
+
+def test_ngram_probabilities_normalize_and_match_hand_counts():
+    V = 5
+    train = np.array([0, 1, 2, 1, 2, 1, 3, 0, 1, 2])
+    ng = NGramBaselines(train, V)
+    # unigram: add-one over V
+    assert ng.p_uni.sum() == pytest.approx(1.0)
+    assert ng.p_uni[1] == pytest.approx((4 + 1) / (10 + 5))
+    # bigram ML: after 1 came 2, 2, 3, 2 -> p(2|1) = 3/4
+    assert ng._bigram_ml(np.array([1]), np.array([2]))[0] == pytest.approx(3 / 4)
+    assert ng._bigram_ml(np.array([4]), np.array([0]))[0] == 0.0  # unseen context
+    for x in range(V):  # the interpolated bigram is a distribution for every context
+        ml = ng._bigram_ml(np.full(V, x), np.arange(V))
+        lam = 0.9 if ng.context_counts[x] > 0 else 0.0
+        assert (lam * ml + (1 - lam) * ng.p_uni).sum() == pytest.approx(1.0)
+
+
+def test_ngram_bits_per_byte_definition():
+    ng = NGramBaselines(np.array([0, 1, 0, 1, 0, 1]), 2)
+    token_bytes = np.array([0, 2])  # token 0 is "special": no bytes, left out of bpb
+    x, y = np.array([[0, 1, 0]]), np.array([[1, 0, 1]])
+    s = ng.score(x, y, token_bytes)["unigram"]
+    p1 = ng.p_uni[1]
+    assert s["val_bpb"] == pytest.approx(-2 * math.log(p1) / math.log(2) / 4)
+    assert s["val_loss"] == pytest.approx(-(2 * math.log(p1) + math.log(ng.p_uni[0])) / 3)
+
+
+def test_pretrain_lab_end_to_end_on_a_tiny_config(tiny_config, tmp_path, monkeypatch):
+    def tiny(quick):
+        cfg = tiny_config(max_steps=20, eval_every=10, eval_batches=2)
+        cfg.model.dropout = 0.0
+        return cfg
+
+    monkeypatch.setattr(pretrain, "lab_config", tiny)
+    report = run_lab("pretrain", tmp_path / "lab", quick=True)
+    md = report.read_text()
+    assert "bigram" in md and "unigram" in md and "bits/byte" in md
+    res = json.loads((tmp_path / "lab" / "results.json").read_text())
+    assert res["baselines"]["unigram"]["val_bpb"] > res["baselines"]["bigram"]["val_bpb"] > 0
+    assert res["model"]["steps"] == 20 and math.isfinite(res["model"]["val_bpb"])
+    assert (tmp_path / "lab" / "loss.png").exists()
+
+
+@pytest.mark.slow
+def test_pretrain_quick_preset_beats_the_bigram(tmp_path):
+    """README command 1: the real quick preset on the embedded corpus (a few minutes)."""
+    run_lab("pretrain", tmp_path / "lab", quick=True)
+    res = json.loads((tmp_path / "lab" / "results.json").read_text())
+    assert res["model_beats_bigram"], (res["model"], res["baselines"])
