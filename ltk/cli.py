@@ -7,7 +7,8 @@
     ltk generate --ckpt runs/gpt-debug --prompt "def main(" --max-new-tokens 80
     ltk lab list
     ltk lab run pretrain --quick
-    ltk bench train-step [--json] [--measure-peaks]
+    ltk bench list
+    ltk bench train-step [--json] [--measure-peaks] [--batch-size 8]
 
 Any config field can be overridden by its dotted path: `--trainer.batch_size 32`,
 `--model.n_layer=6`, `--optim.lr 1e-3` (see training/config.py for the fields).
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 
@@ -105,28 +105,26 @@ def _lab(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
-    from bench import BENCHMARKS, run_benchmark
-    from bench.harness import rows_to_markdown, write_csv
+    if overrides:
+        raise SystemExit(f"ltk bench: unexpected arguments {overrides}")
+    from bench import BENCHMARKS, get_benchmark, run_benchmark
+    from bench.harness import rows_to_json, rows_to_markdown, write_csv
     from bench.peaks import measure_peaks
 
-    if args.name == "list":
+    if args.bench_cmd == "list":
         for name, b in BENCHMARKS.items():
             print(f"{name:14s} {b.description}")
         return 0
-    if args.name not in BENCHMARKS:
-        raise SystemExit(f"ltk bench: unknown benchmark {args.name!r}; available: {', '.join(BENCHMARKS)}")
-    bench = BENCHMARKS[args.name]
-    opts = bench.parse_options(overrides)
+    bench = get_benchmark(args.bench_cmd)
+    opts = bench.kwargs_from(args)
     if args.measure_peaks:
-        peaks = measure_peaks(args.device or "auto")
-        print(json.dumps(peaks, indent=2) if not args.json else "", file=sys.stderr if args.json else sys.stdout)
-    rows = run_benchmark(args.name, **({"device": args.device} if args.device else {}), **opts)
+        peaks = measure_peaks(opts.get("device", "auto"))
+        # with --json, stdout holds only the rows; the peaks go to stderr
+        print(json.dumps(peaks, indent=2), file=sys.stderr if args.json else sys.stdout)
+    rows = run_benchmark(args.bench_cmd, **opts)
     if args.csv:
         write_csv(rows, args.csv)
-    if args.json:
-        print(json.dumps([asdict(r) for r in rows], indent=2, default=str))
-    else:
-        print(rows_to_markdown(rows))
+    print(rows_to_json(rows) if args.json else rows_to_markdown(rows))
     return 0
 
 
@@ -166,13 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("--out", help="output folder (default runs/<lab>/<timestamp>)")
     lab.set_defaults(func=_lab)
 
-    b = sub.add_parser("bench", allow_abbrev=False, help="run a benchmark (`ltk bench list` shows them)",
-                       description="Run a benchmark. Extra --option VALUE pairs set the benchmark's options.")
-    b.add_argument("name", help="benchmark name, or `list`")
-    b.add_argument("--json", action="store_true", help="print the rows as a JSON list")
-    b.add_argument("--csv", help="append the rows to this long-format CSV")
-    b.add_argument("--device", help="cpu, cuda or auto")
-    b.add_argument("--measure-peaks", action="store_true", help="also measure copy bandwidth and matmul rate")
+    b = sub.add_parser("bench", help="run a benchmark (`ltk bench list` shows them)")
+    bsub = b.add_subparsers(dest="bench_cmd", required=True)
+    bsub.add_parser("list", help="list the benchmarks")
+    from bench import BENCHMARKS
+
+    for name, bench in BENCHMARKS.items():
+        bp = bsub.add_parser(name, help=bench.description, description=bench.description, allow_abbrev=False)
+        bench.add_arguments(bp)
+        bp.add_argument("--json", action="store_true", help="print the rows as a JSON list of objects")
+        bp.add_argument("--csv", help="append the rows to this long-format CSV")
+        bp.add_argument("--measure-peaks", action="store_true",
+                        help="also measure copy bandwidth and matmul rate on the device")
     b.set_defaults(func=_bench)
     return p
 

@@ -80,6 +80,7 @@ def setup_runtime(device: str, dtype: str) -> Runtime:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 tensor cores
     return Runtime(device=dev, dtype=resolve_dtype(dtype, dev), rank=rank, world_size=world, local_rank=local_rank)
 
 

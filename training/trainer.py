@@ -123,7 +123,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt.trainer["optimizer"])
         if "scaler" in ckpt.trainer:
             self.scaler.load_state_dict(ckpt.trainer["scaler"])
-        self.train_loader.load_state_dict(ckpt.state["loader"][self.rt.rank] if isinstance(ckpt.state["loader"], list) else ckpt.state["loader"])
+        self.train_loader.load_state_dict(ckpt.state["loader"])  # a global position, the same on every rank
         self.step, self.tokens_seen = ckpt.state["step"], ckpt.state["tokens_seen"]
         restore_rng(ckpt.trainer["rng"], ckpt.state["host_rng"])
 
@@ -163,10 +163,6 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------
     def save(self) -> Path | None:
-        loader_states = [self.train_loader.state_dict()]
-        if self.rt.world_size > 1:  # every rank's position, so each resumes its own shard
-            loader_states = [None] * self.rt.world_size
-            dist.all_gather_object(loader_states, self.train_loader.state_dict())
         if not self.rt.is_main:
             return None
         trainer_state = {"optimizer": self.optimizer.state_dict(), "rng": capture_rng()}
@@ -175,7 +171,7 @@ class Trainer:
         state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "loader": loader_states if self.rt.world_size > 1 else loader_states[0],
+            "loader": self.train_loader.state_dict(),
             "host_rng": capture_host_rng(),
             "config": self.cfg.to_dict(),
         }

@@ -132,7 +132,7 @@ def test_options_parse_from_a_command_line():
 # --- train-step ---------------------------------------------------------------------------
 
 TINY = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
-TINY_RUN = dict(vocab_size=256, batch_size=2, seq_len=16, min_time=0.2, rounds=2, device="cpu")
+TINY_RUN = dict(vocab_size=256, batch_size=2, seq_len=16, min_time=0.1, rounds=2, device="cpu")
 
 
 def test_weight_copy_gives_the_same_model():

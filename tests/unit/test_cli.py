@@ -7,7 +7,8 @@ import pytest
 from ltk.cli import build_parser, main
 
 
-@pytest.mark.parametrize("argv", [[], ["train"], ["generate"], ["lab"], ["lab", "run"], ["bench"]])
+@pytest.mark.parametrize("argv", [[], ["train"], ["generate"], ["lab"], ["lab", "run"], ["bench"],
+                                  ["bench", "train-step"]])
 def test_every_subcommand_has_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv + ["--help"])
@@ -64,3 +65,14 @@ def test_parser_has_the_documented_commands():
     p = build_parser()
     sub = next(a for a in p._actions if a.dest == "cmd")
     assert {"train", "generate", "lab", "bench"} <= set(sub.choices)
+
+
+def test_bench_json_prints_rows_with_provider_and_figures(capsys):
+    pytest.importorskip("transformers")
+    assert main(["bench", "train-step", "--batch-size", "2", "--seq-len", "16", "--min-time", "0.2",
+                 "--rounds", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["provider"] for r in rows} == {"ours", "transformers"}
+    for r in rows:
+        assert r["throughput"] > 0 and r["throughput_unit"] == "tokens/s" and r["median_ms"] > 0
+    assert main(["bench", "list"]) == 0 and "train-step" in capsys.readouterr().out
