@@ -26,11 +26,9 @@ with the other's). On a CPU it is None: the process's peak RSS is one high-water
 the whole run that cannot be reset, so it cannot be split between providers.
 
     # CPU: gpt-debug, B=8, T=128, fp32 (about 25 s on 2 cores)
-    python -c "from bench import run_benchmark, rows_to_markdown; \\
-               print(rows_to_markdown(run_benchmark('train-step')))"
+    ltk bench train-step
     # one GPU: GPT-2 124M in bf16 autocast, with MFU against the datasheet peak
-    python -c "from bench import run_benchmark, rows_to_markdown; \\
-               print(rows_to_markdown(run_benchmark('train-step', preset='gpt2-124m', batch_size=16)))"
+    ltk bench train-step --preset gpt2-124m --batch-size 16 --device cuda
 """
 from __future__ import annotations
 

@@ -124,6 +124,11 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
     rows = run_benchmark(args.bench_cmd, **opts)
     if args.csv:
         write_csv(rows, args.csv)
+    if args.save_results:
+        from bench.results import write_result
+
+        path = write_result(args.save_results, args.bench_cmd, rows, bench.run, opts.get("device", "auto"))
+        print(f"wrote {path}", file=sys.stderr)
     print(rows_to_json(rows) if args.json else rows_to_markdown(rows))
     return 0
 
@@ -174,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         bench.add_arguments(bp)
         bp.add_argument("--json", action="store_true", help="print the rows as a JSON list of objects")
         bp.add_argument("--csv", help="append the rows to this long-format CSV")
+        bp.add_argument("--save-results", metavar="DIR",
+                        help="write DIR/<benchmark>_<device>_<date>.md: method, command, machine, rows")
         bp.add_argument("--measure-peaks", action="store_true",
                         help="also measure copy bandwidth and matmul rate on the device")
     b.set_defaults(func=_bench)

@@ -176,3 +176,17 @@ def test_train_step_without_transformers_reports_ours_only(monkeypatch):
         rows = run_benchmark("train-step", **{**TINY_RUN, "rounds": 1, "min_time": 0.05})
     assert [r.provider for r in rows] == ["ours"] and rows[0].speedup is None
     assert "baselines" in json.loads(rows[0].extra)["baseline_missing"]
+
+
+def test_result_file_carries_command_method_machine_and_rows(tmp_path):
+    from bench import train_step
+    from bench.results import result_filename, write_result
+
+    assert result_filename("train-step", "NVIDIA H200", "2026-11-29T10:00:00") == "train-step_nvidia-h200_2026-11-29.md"
+    row = Row.stamped("cpu", op="x", shape="1", dtype="fp32", mode="step", provider="ours", median_ms=1.0,
+                      p20_ms=0.9, p80_ms=1.1, runs=3, throughput=5.0, throughput_unit="tokens/s")
+    path = write_result(tmp_path, "train-step", [row], train_step.run, "cpu", command="ltk bench train-step")
+    text = path.read_text()
+    assert path.name.startswith("train-step_") and path.name.endswith(".md")
+    for needle in ("ltk bench train-step", "## Method", "transformers", "## Machine", "torch", "| ours |"):
+        assert needle in text
