@@ -17,9 +17,12 @@ the two projections that write into the residual stream (attention W_o and MLP W
 scaled by 1/sqrt(2·L), because each block adds two terms to the stream and the variance
 of the sum would otherwise grow with depth.
 
-Attention runs through `torch.nn.functional.scaled_dot_product_attention` (which picks a
-fused FlashAttention / memory-efficient kernel where it has one); the fused Triton
-kernels of kernels/ plug in here when they land.
+Backends (`GPTConfig.backend`, one setting for the whole model): attention and the
+LayerNorms call the ops of kernels/, which run PyTorch's own implementations
+(`scaled_dot_product_attention`, `F.layer_norm`) on the `torch` backend and our fused
+Triton kernels on the `triton` backend; `auto` picks Triton on CUDA. Each pre-norm block
+hands its last residual add to the next block's LayerNorm, which fuses it
+(`y, h = LN(x + delta)`): one read and write of the activations fewer per add.
 
 Parameter count and FLOPs are plain functions of the config (`num_params`,
 `flops_per_token`) so cost models can use them without building the model.
@@ -34,6 +37,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kernels.attention import attention
+from kernels.backend import BACKENDS, resolve_backend
+from models.norms import LayerNorm
+
 
 @dataclass
 class GPTConfig:
@@ -44,6 +51,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has
+    backend: str = "auto"  # kernels for attention and LayerNorm: auto | torch | triton
 
     def validate(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -53,6 +61,8 @@ class GPTConfig:
             raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"model.backend must be one of {BACKENDS}, got {self.backend!r}")
 
 
 # name -> (n_layer, n_head, n_embd); GPT-2 sizes as released (the 350m is GPT-2 medium, etc.)
@@ -102,6 +112,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
+        self.backend = cfg.backend
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -113,9 +124,14 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, nh, T, hs)
+        p_drop = self.dropout if self.training else 0.0
+        if p_drop > 0:  # dropout on the attention probabilities: only PyTorch's kernel has it
+            if resolve_backend(self.backend, x) == "triton":
+                raise ValueError("the triton attention kernel has no attention dropout: "
+                                 "train with --model.dropout 0 or --model.backend torch")
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p_drop)
+        else:
+            y = attention(q, k, v, causal=True, backend=self.backend)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -135,14 +151,18 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = LayerNorm(cfg.n_embd, bias=cfg.bias, backend=cfg.backend)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = LayerNorm(cfg.n_embd, bias=cfg.bias, backend=cfg.backend)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream entering the block is x + delta (delta: the previous block's
+        MLP output, whose add is fused into ln_1). Returns (h, delta') with the same meaning
+        for the next block: h + delta' is this block's output."""
+        y, h = (self.ln_1(x), x) if delta is None else self.ln_1(x, delta)
+        y, h = self.ln_2(h, self.attn(y))  # h = h + attn(LN_1(h)), fused with LN_2
+        return h, self.mlp(y)
 
 
 class GPT(nn.Module):
@@ -154,7 +174,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = LayerNorm(cfg.n_embd, bias=cfg.bias, backend=cfg.backend)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
         self.activation_checkpointing = False
@@ -184,12 +204,14 @@ class GPT(nn.Module):
             )
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        delta = None  # a residual add not yet done: the next LayerNorm fuses it
         for block in self.h:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
+                x, delta = checkpoint(block, x, delta, use_reentrant=False)
             else:
-                x = block(x)
-        return self.lm_head(self.ln_f(x))  # (B, T, V)
+                x, delta = block(x, delta)
+        y = self.ln_f(x) if delta is None else self.ln_f(x, delta)[0]
+        return self.lm_head(y)  # (B, T, V)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay the matrices (2-D weights, embeddings included), not biases
