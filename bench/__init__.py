@@ -13,6 +13,9 @@ offer them without knowing any benchmark:
     args = parser.parse_args()
     rows = run_benchmark(args.name, **BENCHMARKS[args.name].kwargs_from(args))
 
+The kernel benchmarks (attention, layernorm, rmsnorm; bench/sweep.py) return their rows as a
+list that also carries `.skipped`: each provider that could not run at a point, and why.
+
 Only the options given on the command line reach `run`, so the defaults live in one place
 (the `run` function's signature; `Option.default` repeats them for --help, and a test keeps
 the two equal). The timing method, the CSV schema and the peaks are in bench/harness.py and
@@ -24,7 +27,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Callable
 
-from bench import train_step
+from bench import attention, norms, train_step
 from bench.harness import (Row, Timing, environment, read_csv, rows_to_json, rows_to_markdown,
                            time_fn, write_csv)
 from bench.peaks import measure_peaks, peak_for
@@ -55,6 +58,10 @@ class Benchmark:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Add one flag per option; unset flags stay None and are left out by `kwargs_from`."""
         for o in self.options:
+            if o.type is bool:  # a switch: present means True
+                parser.add_argument(o.flag, dest=o.name, action="store_true", default=None,
+                                    help=f"{o.help} (default: off)")
+                continue
             parser.add_argument(o.flag, dest=o.name, type=o.type, default=None, choices=o.choices,
                                 help=f"{o.help} (default: {o.default})")
 
@@ -90,6 +97,54 @@ BENCHMARKS: dict[str, Benchmark] = {
                 Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
             ),
         ),
+        Benchmark(
+            "attention",
+            "attention TFLOP/s over sequence lengths: ours (Triton) vs eager, SDPA, torch.compile, flash-attn",
+            attention.run,
+            (
+                Option("seq_lens", str, None, "comma list of sequence lengths, e.g. 512,1k,2k "
+                       "(default: 512 … 16k on CUDA, 128 … 1024 on a CPU)"),
+                Option("batch", int, None, "fixed batch size (default: tokens // T, so B·T stays constant)"),
+                Option("tokens", int, None, "B·T when --batch is not given (default: 16384 on CUDA, 2048 on a CPU)"),
+                Option("heads", int, None, "attention heads H (default: 16 on CUDA, 8 on a CPU)"),
+                Option("head_dim", int, None, "head dimension D (default: 128 on CUDA, 64 on a CPU)"),
+                Option("causal", str, "auto", "causal mask: both, yes, no; auto = both", ("auto", "both", "yes", "no")),
+                Option("dtype", str, "auto", "auto = bf16 on CUDA, fp32 on a CPU", ("auto", "fp32", "fp16", "bf16")),
+                Option("modes", str, None, "comma list of fwd, bwd, fwd+bwd, or all "
+                       "(default: all on CUDA, fwd,fwd+bwd on a CPU)"),
+                Option("providers", str, "all", "comma list of " + ", ".join(attention.PROVIDERS) + ", or all"),
+                Option("min_time", float, 0.25, "timed seconds per point"),
+                Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
+                Option("seed", int, 0, "seed of the random inputs"),
+                Option("plot", str, None, "write a PNG of TFLOP/s against T, one panel per mode, to this path"),
+            ),
+        ),
+        *[
+            Benchmark(
+                op,
+                f"{label} GB/s over hidden sizes, against the measured copy bandwidth: ours (Triton) vs "
+                "torch, unfused eager, torch.compile, Liger",
+                fn,
+                (
+                    Option("hidden_sizes", str, None, "comma list of hidden sizes N, e.g. 1k,4k "
+                           "(default: 1k … 16k on CUDA, 256,1k,4k on a CPU)"),
+                    Option("rows", int, None, "rows of x, e.g. batch × tokens (default: 4096 on CUDA, 1024 on a CPU)"),
+                    Option("residual", bool, False, "time the fused residual variant: h = x + r, y = Norm(h)"),
+                    Option("dtype", str, "auto", "auto = bf16 on CUDA, fp32 on a CPU",
+                           ("auto", "fp32", "fp16", "bf16")),
+                    Option("modes", str, "all", "comma list of fwd, bwd, fwd+bwd, or all"),
+                    Option("providers", str, "all", "comma list of " + ", ".join(norms.PROVIDERS) + ", or all"),
+                    Option("min_time", float, 0.25, "timed seconds per point"),
+                    Option("copy_mib", int, None, "MiB copied to measure the bandwidth "
+                           "(default: 2048 on CUDA, 256 on a CPU)"),
+                    Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
+                    Option("seed", int, 0, "seed of the random inputs"),
+                    Option("plot", str, None, "write a PNG of GB/s against N, one panel per mode, to this path"),
+                ),
+            )
+            for op, label, fn in (("layernorm", "LayerNorm", norms.run_layernorm),
+                                  ("rmsnorm", "RMSNorm", norms.run_rmsnorm))
+        ],
     ]
 }
 

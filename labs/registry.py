@@ -17,6 +17,7 @@ from typing import Callable
 # name -> module that defines `LAB`; imported lazily so `ltk lab list` stays fast
 _LAB_MODULES = {
     "pretrain": "labs.pretrain",
+    "attention": "labs.attention",
 }
 
 
