@@ -245,9 +245,15 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+# Fill every output with NaN before launch (tests, the GPU check), so an element a kernel
+# forgets to write fails the comparison instead of passing with stale memory.
+POISON_OUTPUTS = False
+
+
 def _empty(shape, dtype, device) -> torch.Tensor:
-    """Every buffer a kernel writes comes from here (tests fill them with NaN instead, so an
-    element the kernel forgets to write fails the comparison)."""
+    """Every buffer a kernel writes comes from here."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
