@@ -35,6 +35,10 @@ def write_result(folder: str | Path, what: str, rows: list[Row], run_fn, device:
         f"## Machine\n\n| key | value |\n|---|---|\n{env_rows}\n\n"
         f"## Rows\n\n{rows_to_markdown(rows)}\n"
     )
+    skipped = getattr(rows, "skipped", None)  # sweeps name the providers that could not run
+    if skipped is not None:
+        lines = sorted({f"- {s.provider} ({s.point}): {s.reason}" for s in skipped})
+        text += "\n## Skipped\n\n" + ("\n".join(lines) if lines else "- nothing") + "\n"
     out = Path(folder) / result_filename(what, env["device"], env["date"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
