@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from bench.harness import Row, environment, resolve_device, time_fn
 from bench.peaks import pct_of_peak, peak_for
 from models.gpt import GPT, GPTConfig, flops_per_token, gpt_config
+from models.hf.gpt2 import state_dict_to_hf
 from training.config import DataConfig, OptimConfig
 
 PROVIDERS = ("ours", "transformers")
@@ -79,26 +80,10 @@ def hf_gpt2(cfg: GPTConfig):
 
 @torch.no_grad()
 def copy_weights_to_hf(ours: GPT, hf) -> None:
-    """Copy our GPT's weights into a transformers GPT-2 of the same sizes.
-
-    transformers' GPT-2 keeps OpenAI's `Conv1D` layers, which compute y = x W + b with W of
-    shape (in, out): the transpose of nn.Linear's (out, in) weight. LayerNorms, embeddings
-    and biases copy as they are; the output head is tied to the token embedding on both."""
-    t = hf.transformer
-    t.wte.weight.copy_(ours.wte.weight)
-    t.wpe.weight.copy_(ours.wpe.weight)
-    for mine, theirs in zip(ours.h, t.h, strict=True):
-        for ln in ("ln_1", "ln_2"):
-            getattr(theirs, ln).weight.copy_(getattr(mine, ln).weight)
-            getattr(theirs, ln).bias.copy_(getattr(mine, ln).bias)
-        pairs = [(mine.attn.c_attn, theirs.attn.c_attn), (mine.attn.c_proj, theirs.attn.c_proj),
-                 (mine.mlp.c_fc, theirs.mlp.c_fc), (mine.mlp.c_proj, theirs.mlp.c_proj)]
-        for linear, conv1d in pairs:
-            conv1d.weight.copy_(linear.weight.t())  # (out, in) -> (in, out)
-            conv1d.bias.copy_(linear.bias)
-    t.ln_f.weight.copy_(ours.ln_f.weight)
-    t.ln_f.bias.copy_(ours.ln_f.bias)
-    if hf.lm_head.weight.data_ptr() != t.wte.weight.data_ptr():
+    """Copy our GPT's weights into a transformers GPT-2 of the same sizes, through the same
+    converter that exports checkpoints (models/hf/gpt2.py: Conv1D weights are transposed)."""
+    hf.load_state_dict(state_dict_to_hf(ours.state_dict(), ours.config), strict=False)
+    if hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr():
         raise RuntimeError("transformers' GPT-2 head is not tied to its embedding")
 
 
