@@ -51,7 +51,8 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     result = Trainer(cfg, resume=ckpt).fit()
     m = result.metrics
     if m:
-        extra = f" | val loss {m['val_loss']:.4f} | val {m['val_bpb']:.4f} bits/byte" if "val_loss" in m else ""
+        extra = f" | val loss {m['val_loss']:.4f}" if "val_loss" in m else ""
+        extra += f" | val {m['val_bpb']:.4f} bits/byte" if "val_bpb" in m else ""
         print(f"step {result.step}: loss {m['loss']:.4f}{extra}\ncheckpoint: {result.checkpoint}")
     return 0
 
@@ -61,8 +62,8 @@ def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
         raise SystemExit(f"ltk generate: unexpected arguments {overrides}")
     import torch
 
+    from models import get_family
     from models.generate import generate
-    from models.gpt import GPT
     from training.checkpoint import load_checkpoint, restore_model
     from training.config import RunConfig
     from training.runtime import resolve_device
@@ -70,8 +71,11 @@ def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
 
     ckpt = load_checkpoint(args.ckpt)
     cfg = RunConfig.from_dict(ckpt.state["config"])
+    if cfg.family not in ("gpt", "llama"):
+        raise SystemExit(f"ltk generate: {cfg.family} is not a decoder-only model; "
+                         "generate works with gpt and llama checkpoints")
     device = resolve_device(args.device)
-    model = GPT(cfg.model)
+    model = get_family(cfg.family).model_cls(cfg.model)
     restore_model(model, ckpt.model)
     model.to(device)
     tok_path = ckpt.path / "tokenizer.json"
@@ -141,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", allow_abbrev=False, help="train a model from a preset (or resume a run)",
                        description="Train a model. Extra --section.field VALUE pairs override any config field.",
                        epilog="example: ltk train --preset gpt-debug --max-steps 200 --optim.lr 1e-3")
-    t.add_argument("--preset", help="gpt-debug (default), gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b")
+    t.add_argument("--preset", help="gpt-debug (default), llama-debug, bert-debug, t5-debug, "
+                   "gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b")
     t.add_argument("--data", help="text file or folder, .jsonl or .parquet (default: the embedded corpus)")
     t.add_argument("--max-steps", type=int, help="optimizer steps (trainer.max_steps)")
     t.add_argument("--out", help="run folder (trainer.out_dir)")

@@ -20,6 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from models import get_family
 from models.gpt import GPTConfig
 
 
@@ -77,7 +78,8 @@ class TrainerConfig:
 @dataclass
 class RunConfig:
     name: str = "gpt-debug"
-    model: GPTConfig = field(default_factory=GPTConfig)
+    family: str = "gpt"  # gpt | llama | bert | t5 (models/__init__.py): the type of `model`
+    model: Any = field(default_factory=GPTConfig)  # the family's config dataclass
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -90,7 +92,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        return _from_dict(cls, d, "")
+        d = dict(d)
+        family = get_family(d.get("family", "gpt"))
+        model = _from_dict(family.config_cls, d.pop("model", {}), "model.")
+        cfg = _from_dict(cls, d, "")
+        cfg.model = model
+        return cfg
 
 
 class ConfigError(ValueError):

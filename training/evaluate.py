@@ -18,7 +18,6 @@ from contextlib import nullcontext
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
 
 @torch.no_grad()
@@ -29,29 +28,28 @@ def evaluate(
     device: torch.device,
     autocast: Callable[[], object] = nullcontext,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    objective=None,
+    seed: int = 0,
 ) -> dict[str, float]:
-    """Return {"val_loss": nats/token over all targets, "val_bpb": bits/byte, "val_tokens"}.
+    """Return {"val_loss": nats per predicted token, "val_bpb": bits/byte (causal LM only),
+    "val_tokens"}.
 
-    `token_bytes`: (vocab,) int tensor of UTF-8 bytes per token id. `all_reduce`, when
-    given, sums the partial sums over data-parallel ranks so every rank gets the global
-    figure."""
+    `token_bytes`: (vocab,) int tensor of UTF-8 bytes per token id. `objective`: how a batch
+    becomes a loss (training/objectives.py; default: causal LM). Masks and spans drawn by an
+    objective use generators seeded by `seed` and the batch index, so every evaluation scores
+    the same task. `all_reduce`, when given, sums the partial sums over data-parallel ranks so
+    every rank gets the global figure."""
+    from training.objectives import CausalLM, step_generator
+
+    objective = objective or CausalLM(0, 0)
     was_training = model.training
     model.eval()
     token_bytes = token_bytes.to(device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, tokens, nats(bytes>0), bytes
-    for x, y in batches:
+    for i, (x, y) in enumerate(batches):
         x, y = x.to(device), y.to(device)
         with autocast():
-            logits = model(x)
-        nats = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="none")
-        nbytes = token_bytes[y.view(-1)]
-        counted = nbytes > 0
-        sums += torch.stack([
-            nats.sum().double(),
-            torch.tensor(float(y.numel()), dtype=torch.float64, device=device),
-            nats[counted].sum().double(),
-            nbytes.sum().double(),
-        ])
+            sums += objective.eval_sums(model, x, y, step_generator(seed, 0, i, 0), token_bytes)
     if all_reduce is not None:
         sums = all_reduce(sums)
     if was_training:
@@ -59,8 +57,7 @@ def evaluate(
     nats, tokens, nats_counted, nbytes = sums.tolist()
     if tokens == 0:
         raise ValueError("evaluation got no batches: the validation split is empty or eval_batches is 0")
-    return {
-        "val_loss": nats / tokens,
-        "val_bpb": nats_counted / math.log(2) / max(nbytes, 1.0),
-        "val_tokens": int(tokens),
-    }
+    out = {"val_loss": nats / tokens, "val_tokens": int(tokens)}
+    if objective.has_bpb:
+        out["val_bpb"] = nats_counted / math.log(2) / max(nbytes, 1.0)
+    return out

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+from models.bert import bert_config
 from models.gpt import gpt_config
+from models.llama import llama_config
+from models.t5 import t5_config
 from training.config import ConfigError, DataConfig, OptimConfig, RunConfig, TrainerConfig
 
 
@@ -24,6 +27,31 @@ def gpt_debug() -> RunConfig:
         trainer=TrainerConfig(max_steps=600, batch_size=16, eval_every=100, eval_batches=16,
                               log_every=10, out_dir="runs/gpt-debug"),
     )
+
+
+def _debug(family: str, model, lr: float, seq_len: int = 0) -> RunConfig:
+    """A family's debug model on the embedded corpus, with gpt-debug's trainer settings."""
+    cfg = gpt_debug()
+    cfg.name, cfg.family, cfg.model = f"{family}-debug", family, model
+    cfg.optim.lr = lr
+    cfg.trainer.seq_len = seq_len
+    cfg.trainer.out_dir = f"runs/{family}-debug"
+    return cfg
+
+
+def llama_debug() -> RunConfig:
+    # 4 layers x 128 wide, 4 query heads sharing 2 key/value heads (GQA), RoPE, SwiGLU
+    return _debug("llama", llama_config("llama-debug"), 3e-3)
+
+
+def bert_debug() -> RunConfig:
+    # 2 post-LayerNorm layers x 128 wide, masked-LM objective (15% of tokens)
+    return _debug("bert", bert_config("bert-debug"), 1e-3)
+
+
+def t5_debug() -> RunConfig:
+    # 2 + 2 layers x 64 wide, span corruption; T5 has no position table, so the window is set here
+    return _debug("t5", t5_config("t5-debug"), 3e-3, seq_len=128)
 
 
 def _gpt2(name: str, lr: float) -> Callable[[], RunConfig]:
@@ -44,6 +72,9 @@ def _gpt2(name: str, lr: float) -> Callable[[], RunConfig]:
 
 PRESETS: dict[str, Callable[[], RunConfig]] = {
     "gpt-debug": gpt_debug,
+    "llama-debug": llama_debug,
+    "bert-debug": bert_debug,
+    "t5-debug": t5_debug,
     "gpt2-124m": _gpt2("gpt2-124m", 6e-4),
     "gpt2-350m": _gpt2("gpt2-350m", 3e-4),
     "gpt2-774m": _gpt2("gpt2-774m", 2.5e-4),

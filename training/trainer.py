@@ -34,16 +34,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from models.gpt import GPT, flops_per_token, num_params
+from models import get_family
 from training.checkpoint import Checkpoint, restore_model, save_checkpoint
 from training.config import RunConfig
 from training.data import prepare_data
 from training.evaluate import evaluate
 from training.hardware import peak_flops
 from training.loader import TokenLoader
+from training.objectives import objective_for, step_generator
 from training.optim import build_optimizer, lr_at, set_lr
 from training.runtime import capture_host_rng, capture_rng, restore_rng, seed_everything, setup_runtime
 
@@ -65,25 +65,35 @@ class Trainer:
         seed_everything(t.seed)
 
         self.data = self._prepare_data()
+        self.family = get_family(cfg.family)
+        if not isinstance(cfg.model, self.family.config_cls):
+            raise ValueError(f"family {cfg.family!r} needs a {self.family.config_cls.__name__}, "
+                             f"got {type(cfg.model).__name__}")
+        self.objective = objective_for(cfg.family, self.data.vocab_size, self.data.eot_id)
         m = cfg.model
+        need = self.data.vocab_size + self.objective.extra_tokens  # + [MASK] / sentinels
         if m.vocab_size == 0:
-            m.vocab_size = self.data.vocab_size
-        elif self.data.vocab_size > m.vocab_size:
+            m.vocab_size = need
+        elif need > m.vocab_size:
             raise ValueError(
-                f"the tokenizer has {self.data.vocab_size} tokens but model.vocab_size is {m.vocab_size}; "
-                f"set --model.vocab_size {self.data.vocab_size} or --data.vocab_size {m.vocab_size}"
+                f"the tokenizer has {self.data.vocab_size} tokens (+{self.objective.extra_tokens} for the "
+                f"{self.objective.name} objective) but model.vocab_size is {m.vocab_size}; "
+                f"set --model.vocab_size {need} or lower --data.vocab_size"
             )
-        self.seq_len = t.seq_len or m.block_size
-        if self.seq_len > m.block_size:
+        positions = getattr(m, "block_size", None)  # None: relative positions (T5), no limit
+        self.seq_len = t.seq_len or positions or 0
+        if self.seq_len <= 0:
+            raise ValueError(f"set --trainer.seq_len: the {cfg.family} model has no block_size to default to")
+        if positions is not None and self.seq_len > positions:
             raise ValueError(
                 f"trainer.seq_len={self.seq_len} is larger than the model's positions "
-                f"(model.block_size={m.block_size}); lower --trainer.seq_len or raise --model.block_size"
+                f"(model.block_size={positions}); lower --trainer.seq_len or raise --model.block_size"
             )
         for name in ("max_steps", "batch_size", "grad_accum"):
             if getattr(t, name) <= 0:
                 raise ValueError(f"trainer.{name} must be positive, got {getattr(t, name)}")
 
-        self.model = GPT(m).to(self.rt.device)
+        self.model = self.family.model_cls(m).to(self.rt.device)
         self.model.activation_checkpointing = t.activation_checkpointing
         self.optimizer = build_optimizer(self.model.param_groups(cfg.optim.weight_decay), cfg.optim, self.rt.device.type)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.dtype == "fp16")
@@ -105,8 +115,10 @@ class Trainer:
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             self.fwd_model = torch.nn.parallel.DistributedDataParallel(self.fwd_model, device_ids=ids)
         self.tokens_per_step = t.batch_size * self.seq_len * t.grad_accum * self.rt.world_size
-        self.flops_per_step = flops_per_token(m, self.seq_len) * self.tokens_per_step
-        self.peak = peak_flops(self.rt.device, self.rt.dtype)
+        fpt = self.family.flops_per_token
+        self.flops_per_step = fpt(m, self.seq_len) * self.tokens_per_step if fpt else None
+        self.peak = peak_flops(self.rt.device, self.rt.dtype) if fpt else None
+        self.num_params = self.family.num_params(m)
 
     # -- set-up -------------------------------------------------------------------------
     def _prepare_data(self):
@@ -140,10 +152,10 @@ class Trainer:
             # under DDP, all-reduce gradients only after the last micro-batch
             last = micro == t.grad_accum - 1
             sync = self.fwd_model.no_sync() if self.rt.world_size > 1 and not last else nullcontext()
+            gen = step_generator(t.seed, self.step, micro, self.rt.rank)  # masks/spans for this micro-batch
             with sync:
                 with autocast():
-                    logits = self.fwd_model(x)  # (B, T, V)
-                    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+                    loss = self.objective.loss(self.fwd_model, x, y, gen)
                 self.scaler.scale(loss / t.grad_accum).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
@@ -159,7 +171,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         batches = self.val_loader.eval_batches(self.cfg.trainer.eval_batches)
-        return evaluate(self.model, batches, self.token_bytes, self.rt.device, self.rt.autocast(), self.rt.all_reduce_sum)
+        return evaluate(self.model, batches, self.token_bytes, self.rt.device, self.rt.autocast(),
+                        self.rt.all_reduce_sum, objective=self.objective, seed=self.cfg.trainer.seed)
 
     # -- checkpoints --------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -193,7 +206,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(self.cfg.to_json())
             print(
-                f"model: {num_params(self.cfg.model):,} parameters | {self.tokens_per_step:,} tokens/step | "
+                f"{self.cfg.family} model: {self.num_params:,} parameters | {self.tokens_per_step:,} tokens/step | "
                 f"device {self.rt.device} ({self.rt.dtype}) x {self.rt.world_size} | run folder {self.run_dir}"
             )
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not (t.progress and self.rt.is_main), unit="step")
@@ -233,6 +246,6 @@ class Trainer:
         finally:
             bar.close()
         if self.rt.is_main and last:
-            summary = {"step": self.step, "params": num_params(self.cfg.model), "checkpoint": str(ckpt), **last}
+            summary = {"step": self.step, "params": self.num_params, "checkpoint": str(ckpt), **last}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return TrainResult(self.run_dir, self.step, last, ckpt)
