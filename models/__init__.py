@@ -44,3 +44,7 @@ def get_family(name: str) -> Family:
 
 __all__ = ["FAMILIES", "Family", "get_family", "GPT", "GPTConfig", "Llama", "LlamaConfig", "Bert", "BertConfig",
            "T5", "T5Config", "flops_per_token", "gpt_config", "num_params"]
+
+from models.hf.folder import from_pretrained, save_pretrained  # noqa: E402  (needs the families above)
+
+__all__ += ["from_pretrained", "save_pretrained"]

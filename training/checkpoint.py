@@ -69,16 +69,17 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share storage (the tied embedding/head): keep the
-    first name of each shared storage; `load` re-ties them through the module."""
-    seen: dict[int, str] = {}
+    """safetensors refuses tensors that share memory. Keep the first name of a tied tensor
+    (the embedding/head: `restore_model` re-ties it through the module) and copy apart views
+    that only share a storage."""
+    seen: set[tuple] = set()
     out = {}
     for name, t in tensors.items():
-        key = t.untyped_storage().data_ptr()
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
         if key in seen:
             continue
-        seen[key] = name
-        out[name] = t.detach().contiguous().cpu()
+        seen.add(key)
+        out[name] = t.detach().cpu().clone()
     return out
 
 

@@ -8,5 +8,6 @@ names (and layouts) and ours, in both directions:
     state_dict_from_hf(tensors, cfg) -> our tensors      state_dict_to_hf(tensors, cfg) -> HF tensors
 
 Conversions are strict: a tensor that is missing, unexpected or of the wrong shape is an
-error that names it, never a silent random init.
+error that names it, never a silent random init. Folders on disk: models/hf/folder.py
+(`from_pretrained`, `save_pretrained`).
 """
