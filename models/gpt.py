@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels.attention import attention
 from kernels.backend import BACKENDS, resolve_backend
+from models.kv_cache import KVCache
 from models.norms import LayerNorm
 
 
@@ -117,13 +118,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         # (B, T, C) -> (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if kv_cache is not None:  # append this step's keys/values to the cached ones
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), S = cached + T
         p_drop = self.dropout if self.training else 0.0
         if p_drop > 0:  # dropout on the attention probabilities: only PyTorch's kernel has it
             if resolve_backend(self.backend, x) == "triton":
@@ -156,12 +159,13 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(cfg.n_embd, bias=cfg.bias, backend=cfg.backend)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream entering the block is x + delta (delta: the previous block's
         MLP output, whose add is fused into ln_1). Returns (h, delta') with the same meaning
         for the next block: h + delta' is this block's output."""
         y, h = (self.ln_1(x), x) if delta is None else self.ln_1(x, delta)
-        y, h = self.ln_2(h, self.attn(y))  # h = h + attn(LN_1(h)), fused with LN_2
+        y, h = self.ln_2(h, self.attn(y, kv_cache, layer))  # h = h + attn(LN_1(h)), fused with LN_2
         return h, self.mlp(y)
 
 
@@ -193,23 +197,33 @@ class GPT(nn.Module):
             else:  # Linear weights and both embeddings
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx: (B, T) token ids -> logits (B, T, vocab_size)."""
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to max_len (default block_size) positions."""
+        c = self.config
+        return KVCache(c.n_layer, batch, c.n_head, max_len or c.block_size, c.n_embd // c.n_head,
+                       dtype=dtype or self.wte.weight.dtype, device=self.wte.weight.device)
+
+    def forward(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab_size). With `kv_cache`, idx continues
+        the sequences the cache holds (positions [length, length + T))."""
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
         B, T = idx.shape
-        if T > self.config.block_size:
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
             raise ValueError(
-                f"sequence length {T} exceeds the model's block_size {self.config.block_size}"
+                f"sequence length {start + T} exceeds the model's block_size {self.config.block_size}"
             )
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         delta = None  # a residual add not yet done: the next LayerNorm fuses it
-        for block in self.h:
-            if self.activation_checkpointing and self.training:
+        for i, block in enumerate(self.h):
+            if self.activation_checkpointing and self.training and kv_cache is None:
                 x, delta = checkpoint(block, x, delta, use_reentrant=False)
             else:
-                x, delta = block(x, delta)
+                x, delta = block(x, delta, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.advance(T)
         y = self.ln_f(x) if delta is None else self.ln_f(x, delta)[0]
         return self.lm_head(y)  # (B, T, V)
 

@@ -103,3 +103,29 @@ def test_param_groups_decay_matrices_only():
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
     assert n == sum(p.numel() for p in m.parameters())  # the tied matrix counted once
+
+
+def test_kv_cached_greedy_equals_uncached_and_transformers():
+    transformers = pytest.importorskip("transformers")
+    from models.generate import generate
+    from models.hf.gpt2 import config_from_hf, state_dict_from_hf
+
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=61, n_positions=40, n_embd=32, n_layer=2,
+                                                              n_head=4)).eval()
+    cfg = config_from_hf(hf.config.to_dict())
+    m = GPT(cfg).eval()
+    m.load_state_dict({**state_dict_from_hf(hf.state_dict(), cfg), "lm_head.weight": hf.lm_head.weight})
+    prompt = torch.randint(0, 61, (2, 6))
+    kw = dict(block_size=40, temperature=0.0, top_k=None)
+    cached = generate(m, prompt, 20, use_cache=True, **kw)
+    uncached = generate(m, prompt, 20, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    with torch.no_grad():
+        theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(cached, theirs)
+    cache = m.new_cache(2)  # step-by-step logits equal the full forward's
+    with torch.no_grad():
+        full = m(cached[:, :10])
+        steps = torch.cat([m(cached[:, :6], kv_cache=cache)] + [m(cached[:, i:i + 1], kv_cache=cache) for i in range(6, 10)], 1)
+    torch.testing.assert_close(steps, full, rtol=1e-5, atol=1e-5)
