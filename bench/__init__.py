@@ -85,6 +85,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             "tokens/s of a full training step (fwd, loss, bwd, AdamW): our GPT vs transformers' GPT-2",
             train_step.run,
             (
+                Option("model", str, "gpt", "family: gpt (sized by --preset), or llama, bert, t5 (debug sizes)",
+                       ("gpt", "llama", "bert", "t5")),
                 Option("preset", str, "gpt-debug", "model size preset from models.gpt.GPT_SIZES"),
                 Option("vocab_size", int, None, "vocabulary (default: the preset's, or 2048 for gpt-debug)"),
                 Option("batch_size", int, 8, "sequences per step"),

@@ -187,14 +187,22 @@ def _cuda_step_peak_mb(step, model, optimizer) -> float:
     return (torch.cuda.max_memory_allocated() - before + _state_bytes(model, optimizer)) / 2**20
 
 
-def run(*, preset: str = "gpt-debug", vocab_size: int | None = None, batch_size: int = 8,
+def run(*, model: str = "gpt", preset: str = "gpt-debug", vocab_size: int | None = None, batch_size: int = 8,
         seq_len: int | None = None, device: str = "auto", dtype: str = "auto",
         min_time: float = 8.0, rounds: int = 4, seed: int = 1337) -> list[Row]:
     """Time the train step of each provider; rows for each, `speedup` relative to transformers.
 
     vocab_size: None keeps the preset's, or the tokenizer default (2048) for a preset that
     takes it from the data. seq_len: None = block_size. dtype: "auto" = fp32 on a CPU, bf16
-    autocast on CUDA. min_time: timed seconds per provider, split over `rounds` rounds."""
+    autocast on CUDA. min_time: timed seconds per provider, split over `rounds` rounds.
+    model: gpt (the preset's size) or llama | bert | t5 (their debug sizes; bench/train_step_zoo.py)."""
+    if model != "gpt":
+        from bench.train_step_zoo import ZOO, run as run_zoo
+
+        if model not in ZOO:
+            raise ValueError(f"model must be gpt or one of {sorted(ZOO)}, got {model!r}")
+        return run_zoo(model, vocab_size=vocab_size, batch_size=batch_size, seq_len=seq_len, device=device,
+                       min_time=min_time, rounds=rounds, seed=seed)
     dev = resolve_device(device)
     cfg = gpt_config(preset)
     if vocab_size or not cfg.vocab_size:

@@ -190,3 +190,12 @@ def test_result_file_carries_command_method_machine_and_rows(tmp_path):
     assert path.name.startswith("train-step_") and path.name.endswith(".md")
     for needle in ("ltk bench train-step", "## Method", "transformers", "## Machine", "torch", "| ours |"):
         assert needle in text
+
+
+@pytest.mark.parametrize("model", ["llama", "bert", "t5"])
+def test_train_step_for_the_rest_of_the_zoo(model):
+    pytest.importorskip("transformers")
+    rows = run_benchmark("train-step", model=model, batch_size=2, seq_len=16, min_time=0.1, rounds=2, device="cpu")
+    assert [r.provider for r in rows] == ["ours", "transformers"]
+    assert all(r.throughput > 0 for r in rows) and rows[1].speedup == 1.0
+    assert json.loads(rows[0].extra)["max_logit_diff"] < 1e-4
