@@ -48,7 +48,11 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
-    result = Trainer(cfg, resume=ckpt).fit()
+    trainer = Trainer(cfg, resume=ckpt)
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.rt.shutdown()
     m = result.metrics
     if m:
         extra = f" | val loss {m['val_loss']:.4f}" if "val_loss" in m else ""

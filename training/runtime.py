@@ -30,6 +30,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_process_group: bool = False  # we joined it, so we leave it (see `shutdown`)
 
     @property
     def is_main(self) -> bool:
@@ -40,6 +41,14 @@ class Runtime:
             return nullcontext
         dt = torch.bfloat16 if self.dtype == "bf16" else torch.float16
         return partial(torch.autocast, device_type=self.device.type, dtype=dt)
+
+    def shutdown(self) -> None:
+        """Leave the process group we joined. Exiting with it still open can abort a rank at
+        interpreter shutdown (its communication threads are still running)."""
+        if self.owns_process_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+            self.owns_process_group = False
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -76,12 +85,14 @@ def setup_runtime(device: str, dtype: str) -> Runtime:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 tensor cores
-    return Runtime(device=dev, dtype=resolve_dtype(dtype, dev), rank=rank, world_size=world, local_rank=local_rank)
+    return Runtime(device=dev, dtype=resolve_dtype(dtype, dev), rank=rank, world_size=world, local_rank=local_rank,
+                   owns_process_group=owns)
 
 
 def seed_everything(seed: int) -> None:
