@@ -49,6 +49,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels.attention import attention
 from kernels.backend import BACKENDS, resolve_backend
 from models.norms import LayerNorm
+from models.param_groups import decay_groups
 
 
 @dataclass
@@ -264,11 +265,4 @@ class Bert(nn.Module):
         """AdamW groups: decay the matrices (2-D weights, embeddings included), not biases
         or LayerNorm gains, which have no scale to regularize (BERT's optimizer also
         excluded biases and LayerNorm from weight decay)."""
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        return decay_groups(self, weight_decay)

@@ -75,6 +75,7 @@ from kernels.attention import attention
 from kernels.backend import BACKENDS
 from models.kv_cache import KVCache
 from models.norms import RMSNorm
+from models.param_groups import decay_groups
 
 
 @dataclass
@@ -296,11 +297,4 @@ class Llama(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay the matrices (2-D weights, embedding included), not the
         RMSNorm gains, which have no scale to regularize."""
-        decay, no_decay = [], []
-        for p in self.parameters():  # a tied weight appears once
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        return decay_groups(self, weight_decay)

@@ -74,6 +74,7 @@ import torch.nn.functional as F
 from kernels.attention import attention
 from kernels.backend import BACKENDS, resolve_backend
 from models.norms import RMSNorm
+from models.param_groups import decay_groups
 
 FEED_FORWARDS = ("relu", "gated-gelu")
 
@@ -404,11 +405,4 @@ class T5(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay the matrices (2-D weights, embeddings and bias tables included),
         not the RMSNorm gains."""
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        return decay_groups(self, weight_decay)
