@@ -616,11 +616,14 @@ def _attention_torch(q, k, v, causal, scale, key_padding_mask, bias):
         mask = bias.to(q.dtype)
         if allowed is not None:
             mask = mask.masked_fill(~allowed, float("-inf"))
-        dead = torch.isneginf(mask).all(dim=-1, keepdim=True)
-        live_mask = mask.masked_fill(dead, 0.0)
+        if bool(torch.isneginf(bias).any()):  # the bias itself may empty a row: scan the full mask
+            dead = torch.isneginf(mask).all(dim=-1, keepdim=True)
+        else:  # a finite bias (T5's relative positions) empties no row: only the masks can
+            dead = None if allowed is None else ~allowed.any(dim=-1, keepdim=True)
+        live_mask = mask if dead is None else mask.masked_fill(dead, 0.0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=live_mask, scale=scale, **gqa)
     # zero, not multiply: the gradient reaching the dead rows is then exactly 0, so are their dS
-    return out.masked_fill(dead, 0.0) if bool(dead.any()) else out
+    return out.masked_fill(dead, 0.0) if dead is not None and bool(dead.any()) else out
 
 
 def _poison() -> bool:

@@ -403,3 +403,19 @@ def test_compiled_kernels_low_precision(dtype, shape):
     B, H, Hkv, T, S, D, causal = shape
     tensors, mask = make_case(B, H, Hkv, T, S, D, pad=not causal, bias=None if causal else (1, H, T, S))
     check_against_reference(tensors, mask, dtype, "triton", causal=causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bias_that_empties_a_row_gives_zeros(backend):
+    """A row can be emptied by the bias alone (-inf everywhere), with no mask at all."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 16, requires_grad=True) for _ in range(3))
+    bias = torch.zeros(1, 2, 5, 7)
+    bias[0, 1, 3] = float("-inf")
+    k7, v7 = torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
+    out = attention(q, k7, v7, bias=bias, backend=backend)
+    assert torch.isfinite(out).all() and (out[0, 1, 3] == 0).all()
+    ref = attention_reference(q.double(), k7.double(), v7.double(), bias=bias.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert (q.grad[0, 1, 3] == 0).all() and torch.isfinite(q.grad).all()
