@@ -61,6 +61,19 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _is_hf_folder(path) -> bool:
+    """A transformers model folder (its config.json names a model type), as opposed to one of
+    our run folders, whose config.json is a run config."""
+    f = path / "config.json"
+    if not f.is_file():
+        return False
+    try:
+        d = json.loads(f.read_text())
+    except ValueError:
+        return False
+    return isinstance(d, dict) and ("architectures" in d or "model_type" in d)
+
+
 def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise SystemExit(f"ltk generate: unexpected arguments {overrides}")
@@ -73,25 +86,35 @@ def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
     from training.runtime import resolve_device
     from training.tokenizer import Tokenizer
 
-    ckpt = load_checkpoint(args.ckpt)
-    cfg = RunConfig.from_dict(ckpt.state["config"])
-    if cfg.family not in ("gpt", "llama"):
-        raise SystemExit(f"ltk generate: {cfg.family} is not a decoder-only model; "
-                         "generate works with gpt and llama checkpoints")
+    from pathlib import Path
+
+    from models import Llama, from_pretrained
+
     device = resolve_device(args.device)
-    model = get_family(cfg.family).model_cls(cfg.model)
-    restore_model(model, ckpt.model)
+    if _is_hf_folder(Path(args.ckpt)):  # a Hugging Face folder: weights + tokenizer.json
+        model = from_pretrained(args.ckpt)
+        if not isinstance(model, (get_family("gpt").model_cls, Llama)):
+            raise SystemExit(f"ltk generate: {type(model).__name__} is not a decoder-only model")
+        block_size, tok_dir = model.config.block_size, Path(args.ckpt)
+    else:  # a run folder or one of its checkpoints
+        ckpt = load_checkpoint(args.ckpt)
+        cfg = RunConfig.from_dict(ckpt.state["config"])
+        if cfg.family not in ("gpt", "llama"):
+            raise SystemExit(f"ltk generate: {cfg.family} is not a decoder-only model; "
+                             "generate works with gpt and llama checkpoints")
+        model = get_family(cfg.family).model_cls(cfg.model)
+        restore_model(model, ckpt.model)
+        block_size, tok_dir = cfg.model.block_size, ckpt.path
     model.to(device)
-    tok_path = ckpt.path / "tokenizer.json"
-    if not tok_path.exists():
-        raise SystemExit(f"ltk generate: {ckpt.path} has no tokenizer.json")
-    tok = Tokenizer.load(tok_path)
+    if not (tok_dir / "tokenizer.json").exists():
+        raise SystemExit(f"ltk generate: {tok_dir} has no tokenizer.json")
+    tok = Tokenizer.load(tok_dir)
     ids = tok.encode(args.prompt)
     if not ids:
         raise SystemExit("ltk generate: the prompt is empty")
     gen = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = generate(model, idx, args.max_new_tokens, block_size=cfg.model.block_size, temperature=args.temperature,
+    out = generate(model, idx, args.max_new_tokens, block_size=block_size, temperature=args.temperature,
                    top_k=args.top_k or None, stop_token=tok.eot_id, generator=gen)
     new = [i for i in out[0, len(ids):].tolist() if i != tok.eot_id]
     print(args.prompt + tok.decode(new))
@@ -160,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
-    g.add_argument("--ckpt", required=True, help="a run folder or checkpoint folder")
+    g.add_argument("--ckpt", required=True,
+                   help="a run folder, one of its checkpoints, or a Hugging Face folder (GPT-2 or Llama)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=100)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

@@ -76,3 +76,18 @@ def test_bench_json_prints_rows_with_provider_and_figures(capsys):
     for r in rows:
         assert r["throughput"] > 0 and r["throughput_unit"] == "tokens/s" and r["median_ms"] > 0
     assert main(["bench", "list"]) == 0 and "train-step" in capsys.readouterr().out
+
+
+def test_generate_from_a_hugging_face_folder(tiny_config, tmp_path, capsys):
+    """A transformers GPT-2 folder with a tokenizer.json generates through `ltk generate`."""
+    transformers = pytest.importorskip("transformers")
+    from training.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_bpe(["alpha beta gamma delta " * 20, "def f(x): return x\n" * 20], 300)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32,
+                                                              n_layer=1, n_head=2))
+    hf.save_pretrained(tmp_path / "hf")
+    tok.save(tmp_path / "hf" / "tokenizer.json")
+    assert main(["generate", "--ckpt", str(tmp_path / "hf"), "--prompt", "alpha", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("alpha")
