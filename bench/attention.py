@@ -41,7 +41,6 @@ memory, an out-of-memory error or a failed compile at one point (the sweep goes 
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import math
@@ -50,10 +49,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Row, environment, resolve_device, time_fn
+from bench.harness import Row, environment, resolve_device
 from bench.peaks import pct_of_peak
-from bench.sweep import (DTYPES, MODES, Skip, SweepRows, available_bytes, cuda_peak_mb, failure, is_oom,
-                         parse_choices, parse_dtype, parse_sizes, plot_sweep, print_skipped, release_memory, timed_call)
+from bench.sweep import (measure_point, DTYPES, MODES, Skip, SweepRows, available_bytes,
+                         parse_choices, parse_dtype, parse_sizes, plot_sweep, print_skipped, release_memory)
 from training.hardware import peak_flops
 
 PROVIDERS = ("ours", "torch", "sdpa", "torch.compile", "flash-attn")
@@ -260,29 +259,8 @@ def run(*, seq_lens: str | None = None, batch: int | None = None, tokens: int | 
 def _measure(provider, q, k, v, causal, scale, mode, dev, min_time):
     """(Timing, peak MiB or None) of one point, or a Skip when it ran out of memory or, for
     a provider other than the baselines, failed."""
-    call, failed = None, False
-    try:
-        with contextlib.ExitStack() as stack:
-            if provider == "torch.compile" and mode == "bwd":
-                # Inductor donates the forward's saved buffers to the backward (it may overwrite
-                # them), which forbids retain_graph; the timed backward re-walks one graph, so
-                # turn donation off: the same kernels, without reusing those buffers.
-                stack.enter_context(torch._functorch.config.patch(donated_buffer=False))
-            forward, inputs = build(provider, q, k, v, causal, scale)
-            call = timed_call(forward, inputs, mode)
-            timing = time_fn(call, device=dev, warmup=min(0.1, min_time), min_time=min_time)
-            peak_mb = cuda_peak_mb(call, dev) if dev.type == "cuda" else None
-        return timing, peak_mb
-    except Exception as e:  # noqa: BLE001 - one point's failure is a result, not the end of the sweep
-        failed = True
-        if is_oom(e):
-            return Skip(provider, "", "out of memory")
-        if provider in ("torch", "sdpa"):
-            raise
-        return Skip(provider, "", failure(e))
-    finally:  # after an error, collect: the traceback's frames held the failed call's tensors
-        del call
-        release_memory(dev, collect=failed)
+    return measure_point(provider, lambda: build(provider, q, k, v, causal, scale), mode, dev, min_time,
+                         baselines=("torch", "sdpa"))
 
 
 def _speedups(rows: list[Row]) -> None:

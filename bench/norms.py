@@ -36,7 +36,6 @@ Providers:
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import inspect
 import json
@@ -45,10 +44,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Row, environment, resolve_device, time_fn
+from bench.harness import Row, environment, resolve_device
 from bench.peaks import measure_peaks, pct_of_peak, peak_for
-from bench.sweep import (DTYPES, MODES, Skip, SweepRows, cuda_peak_mb, failure, is_oom, parse_choices,
-                         parse_dtype, parse_sizes, plot_sweep, print_skipped, release_memory, timed_call)
+from bench.sweep import (measure_point, DTYPES, MODES, Skip, SweepRows, parse_choices,
+                         parse_dtype, parse_sizes, plot_sweep, print_skipped, release_memory)
 
 PROVIDERS = ("ours", "torch", "unfused", "torch.compile", "liger")
 BASELINE = "torch"
@@ -251,26 +250,8 @@ def print_copy_table(rows: list[Row], copy_gbps: float, file=None) -> None:
 def _measure(provider, op, x, r, w, b, eps, residual, mode, dev, min_time):
     """(Timing, peak MiB or None), or a Skip on out-of-memory (any provider) or on another
     failure of an optional provider (ours, torch.compile, liger)."""
-    call, failed = None, False
-    try:
-        # inductor's donated buffers forbid the retained graph the bwd mode re-walks
-        no_donation = provider == "torch.compile" and mode == "bwd"
-        with torch._functorch.config.patch(donated_buffer=False) if no_donation else contextlib.nullcontext():
-            forward, inputs = build(provider, op, x, r, w, b, eps, residual)
-            call = timed_call(forward, inputs, mode)
-            timing = time_fn(call, device=dev, warmup=min(0.1, min_time), min_time=min_time)
-            peak_mb = cuda_peak_mb(call, dev) if dev.type == "cuda" else None
-        return timing, peak_mb
-    except Exception as e:  # noqa: BLE001 - one point's failure is a result, not the end of the sweep
-        failed = True
-        if is_oom(e):
-            return Skip(provider, "", "out of memory")
-        if provider in ("torch", "unfused"):
-            raise
-        return Skip(provider, "", failure(e))
-    finally:  # after an error, collect: the traceback's frames held the failed call's tensors
-        del call
-        release_memory(dev, collect=failed)
+    return measure_point(provider, lambda: build(provider, op, x, r, w, b, eps, residual), mode, dev, min_time,
+                         baselines=("torch", "unfused"))
 
 
 def run_layernorm(*, hidden_sizes: str | None = None, rows: int | None = None, residual: bool = False,

@@ -17,6 +17,7 @@ than a loop:
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
+
+from bench.harness import time_fn
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -198,6 +201,34 @@ def timed_call(forward: Callable[[], torch.Tensor | tuple], inputs: Sequence[tor
 
 
 # --- output ---------------------------------------------------------------------------------
+
+def measure_point(provider: str, make: Callable[[], tuple], mode: str, device: torch.device, min_time: float,
+                  baselines: Sequence[str]):
+    """Time one (provider, point): `make()` -> (forward, inputs). Returns (Timing, peak MiB or
+    None), or a Skip when it ran out of memory or when an optional provider (not one of the
+    `baselines`, whose failure is a bug) failed. torch.compile's bwd mode runs with inductor's
+    buffer donation off: donated forward buffers forbid the retained graph the timed
+    backward re-walks (the same kernels, without reusing those buffers)."""
+    call, failed = None, False
+    try:
+        no_donation = provider == "torch.compile" and mode == "bwd"
+        with torch._functorch.config.patch(donated_buffer=False) if no_donation else contextlib.nullcontext():
+            forward, inputs = make()
+            call = timed_call(forward, inputs, mode)
+            timing = time_fn(call, device=device, warmup=min(0.1, min_time), min_time=min_time)
+            peak_mb = cuda_peak_mb(call, device) if device.type == "cuda" else None
+        return timing, peak_mb
+    except Exception as e:  # noqa: BLE001 - one point's failure is a result, not the end of the sweep
+        failed = True
+        if is_oom(e):
+            return Skip(provider, "", "out of memory")
+        if provider in baselines:
+            raise
+        return Skip(provider, "", failure(e))
+    finally:  # after an error, collect: the traceback's frames held the failed call's tensors
+        del call
+        release_memory(device, collect=failed)
+
 
 def print_skipped(skipped: Sequence[Skip], file=None) -> None:
     """One line per (provider, reason), with how many points it covers (to stderr, so
