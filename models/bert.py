@@ -50,6 +50,7 @@ from kernels.attention import attention
 from kernels.backend import BACKENDS, resolve_backend
 from models.norms import LayerNorm
 from models.param_groups import decay_groups
+from models.pretrained import Pretrained
 
 
 @dataclass
@@ -198,7 +199,7 @@ class MLMHead(nn.Module):
         return F.linear(self.ln(F.gelu(self.dense(h))), word_embedding, self.bias)  # (B, T, V)
 
 
-class Bert(nn.Module):
+class Bert(Pretrained, nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         cfg.validate()

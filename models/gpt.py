@@ -42,6 +42,7 @@ from kernels.backend import BACKENDS, resolve_backend
 from models.kv_cache import KVCache
 from models.norms import LayerNorm
 from models.param_groups import decay_groups
+from models.pretrained import Pretrained
 
 
 @dataclass
@@ -170,7 +171,7 @@ class Block(nn.Module):
         return h, self.mlp(y)
 
 
-class GPT(nn.Module):
+class GPT(Pretrained, nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         cfg.validate()

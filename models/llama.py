@@ -76,6 +76,7 @@ from kernels.backend import BACKENDS
 from models.kv_cache import KVCache
 from models.norms import RMSNorm
 from models.param_groups import decay_groups
+from models.pretrained import Pretrained
 
 
 @dataclass
@@ -230,7 +231,7 @@ class Block(nn.Module):
         return h, self.mlp(y)
 
 
-class Llama(nn.Module):
+class Llama(Pretrained, nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         cfg.validate()

@@ -75,6 +75,7 @@ from kernels.attention import attention
 from kernels.backend import BACKENDS, resolve_backend
 from models.norms import RMSNorm
 from models.param_groups import decay_groups
+from models.pretrained import Pretrained
 
 FEED_FORWARDS = ("relu", "gated-gelu")
 
@@ -323,7 +324,7 @@ def _as_mask(mask: torch.Tensor | None, ids: torch.Tensor, name: str) -> torch.T
     return mask.bool()
 
 
-class T5(nn.Module):
+class T5(Pretrained, nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
         cfg.validate()

@@ -14,6 +14,7 @@ training.tokenizer.Tokenizer.load(path).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -113,6 +114,11 @@ def save_pretrained(model: torch.nn.Module, path: str | Path) -> Path:
         if key not in seen:
             seen.add(key)
             unique[name] = t.detach().cpu().clone()
-    save_file(unique, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(conv.config_to_hf(model.config), indent=2))
+    # each file is written under a temporary name and renamed into place, so an interrupted
+    # save never leaves a half-written file where a good one was
+    tmp_weights, tmp_config = folder / ".model.safetensors.tmp", folder / ".config.json.tmp"
+    save_file(unique, str(tmp_weights), metadata={"format": "pt"})
+    tmp_config.write_text(json.dumps(conv.config_to_hf(model.config), indent=2))
+    os.replace(tmp_weights, folder / "model.safetensors")
+    os.replace(tmp_config, folder / "config.json")
     return folder

@@ -54,7 +54,8 @@ def test_transformers_loads_the_folder_we_write(family, tmp_path):
     with torch.no_grad():  # move our weights away from theirs, so the check is not trivially true
         for p in ours.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    save_pretrained(ours, tmp_path / "out")
+    ours.save_pretrained(tmp_path / "out")  # the method form (models.save_pretrained is the same)
+    assert not list((tmp_path / "out").glob(".*.tmp"))  # written under temporary names, renamed into place
     cls = type(hf)
     back = cls.from_pretrained(tmp_path / "out").eval()
     ids = torch.randint(0, 99, (2, 11))
@@ -81,3 +82,15 @@ def test_bad_folders_are_named(tmp_path):
     save_file(sd, str(tmp_path / "g" / "model.safetensors"))
     with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_fc\.weight"):
         from_pretrained(tmp_path / "g")
+
+
+def test_class_method_loads_its_own_family_only(tmp_path):
+    from models import GPT, Llama
+
+    hf, _ = _models()["gpt2"]
+    hf.save_pretrained(tmp_path)
+    assert isinstance(GPT.from_pretrained(tmp_path), GPT)
+    with pytest.raises(ValueError, match="not a Llama"):
+        Llama.from_pretrained(tmp_path)
+    save_pretrained(GPT.from_pretrained(tmp_path), tmp_path / "again")  # the function form still works
+    assert (tmp_path / "again" / "config.json").exists()
