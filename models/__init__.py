@@ -25,14 +25,14 @@ class Family:
     config_cls: type
     model_cls: type
     num_params: Callable
-    flops_per_token: Callable | None  # None where no per-token formula is written yet (T5)
+    flops_per_token: Callable  # (config, seq_len) -> training FLOPs per token of text
 
 
 FAMILIES: dict[str, Family] = {
     "gpt": Family("gpt", GPTConfig, GPT, gpt.num_params, gpt.flops_per_token),
     "llama": Family("llama", LlamaConfig, Llama, llama.num_params, llama.flops_per_token),
     "bert": Family("bert", BertConfig, Bert, bert.num_params, bert.flops_per_token),
-    "t5": Family("t5", T5Config, T5, t5.num_params, None),
+    "t5": Family("t5", T5Config, T5, t5.num_params, t5.flops_per_token),
 }
 
 

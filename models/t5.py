@@ -143,6 +143,50 @@ def num_params(cfg: T5Config) -> int:
     return cfg.vocab_size * d + encoder + decoder + head
 
 
+def train_flops(cfg: T5Config, enc_len: int, dec_len: int) -> float:
+    """Training FLOPs (forward + backward = 3 x forward) for one example of enc_len encoder and
+    dec_len decoder tokens — the encoder-decoder form of PaLM's 6N + 12·L·d·T (Chowdhery et al.
+    2022, appendix B), with inner = n_head·d_kv:
+
+        6·(N_enc·T_e + N_dec·T_d + N_kv·T_e + V·d·T_d)           every projection, and the head
+      + 12·inner·(L_e·T_e² + L_d·T_d² + L_d·T_d·T_e)            scores + weighted sums:
+                                                                encoder self, decoder self, cross
+    N_enc = L_e·(4·d·inner + FF), N_dec = L_d·(6·d·inner + FF) (self q,k,v,o + cross q,o),
+    N_kv = L_d·2·d·inner (cross-attention keys and values, computed from the encoder's T_e
+    states), FF = (2 or 3)·d·d_ff. Lookups (embedding, relative bias) and norms are not matmuls
+    and are not counted."""
+    d, inner = cfg.d_model, cfg.n_head * cfg.d_kv
+    ff = (3 if cfg.feed_forward == "gated-gelu" else 2) * d * cfg.d_ff
+    n_enc, n_dec = cfg.n_layer * (4 * d * inner + ff), cfg.n_decoder_layer * (6 * d * inner + ff)
+    n_kv = cfg.n_decoder_layer * 2 * d * inner
+    proj = 6.0 * (n_enc * enc_len + n_dec * dec_len + n_kv * enc_len + cfg.vocab_size * d * dec_len)
+    attn = 12.0 * inner * (cfg.n_layer * enc_len**2 + cfg.n_decoder_layer * (dec_len**2 + dec_len * enc_len))
+    return proj + attn
+
+
+def span_counts(n: int, noise_density: float = 0.15, mean_span_length: float = 3.0) -> tuple[int, int]:
+    """(noise tokens, noise spans) that T5's span corruption picks in n tokens (the objective is
+    training/span_corruption.py; the counts live here because the FLOP count needs them too)."""
+    n_noise = min(max(round(n * noise_density), 1), n - 1)
+    spans = min(max(1, round(n_noise / mean_span_length)), n_noise, n - n_noise)  # each span >= 1 token
+    return n_noise, spans
+
+
+def span_corruption_lengths(n: int, noise_density: float = 0.15, mean_span_length: float = 3.0) -> tuple[int, int]:
+    """(encoder, decoder) lengths span corruption makes of n text tokens: n − noise + spans + 1
+    (kept tokens, a sentinel per span, EOS) and noise + spans + 2 (sentinels, dropped tokens, the
+    closing sentinel, EOS) — the same for every row."""
+    n_noise, spans = span_counts(n, noise_density, mean_span_length)
+    return n - n_noise + spans + 1, n_noise + spans + 2
+
+
+def flops_per_token(cfg: T5Config, seq_len: int | None = None) -> float:
+    """Training FLOPs per token of text under span corruption (the unit `ltk train` counts:
+    seq_len text tokens per row become a shorter input and a much shorter target)."""
+    n = seq_len or 512
+    return train_flops(cfg, *span_corruption_lengths(n)) / n
+
+
 def relative_position_bucket(relative_position: torch.Tensor, *, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> torch.Tensor:
     """Map relative positions r = j − i (key minus query) to bucket ids in [0, num_buckets).

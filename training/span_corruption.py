@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import torch
 
+from models.t5 import span_counts
+
 
 def t5_sentinel_ids(vocab_size: int, count: int = 100) -> list[int]:
     """T5's convention: sentinel i (<extra_id_i>) is token vocab_size − 1 − i."""
@@ -52,9 +54,7 @@ def _random_segmentation(num_items: int, num_segments: int, generator: torch.Gen
 def noise_span_lengths(n: int, *, noise_density: float, mean_span_length: float,
                        generator: torch.Generator) -> tuple[list[int], list[int]]:
     """(kept span lengths, noise span lengths), alternating kept/noise, kept first."""
-    n_noise = min(max(round(n * noise_density), 1), n - 1)
-    n_spans = max(1, round(n_noise / mean_span_length))
-    n_spans = min(n_spans, n_noise, n - n_noise)  # every span needs at least one token
+    n_noise, n_spans = span_counts(n, noise_density, mean_span_length)
     noise = _random_segmentation(n_noise, n_spans, generator)
     keep = _random_segmentation(n - n_noise, n_spans, generator)
     return keep.tolist(), noise.tolist()

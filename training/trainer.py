@@ -115,9 +115,8 @@ class Trainer:
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             self.fwd_model = torch.nn.parallel.DistributedDataParallel(self.fwd_model, device_ids=ids)
         self.tokens_per_step = t.batch_size * self.seq_len * t.grad_accum * self.rt.world_size
-        fpt = self.family.flops_per_token
-        self.flops_per_step = fpt(m, self.seq_len) * self.tokens_per_step if fpt else None
-        self.peak = peak_flops(self.rt.device, self.rt.dtype) if fpt else None
+        self.flops_per_step = self.family.flops_per_token(m, self.seq_len) * self.tokens_per_step
+        self.peak = peak_flops(self.rt.device, self.rt.dtype)  # None where the device's peak is unknown
         self.num_params = self.family.num_params(m)
 
     # -- set-up -------------------------------------------------------------------------

@@ -176,3 +176,33 @@ def test_triton_backend_matches_torch_with_bias_gradient():
     for (name, p), q in zip(ref.named_parameters(), tri.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
     assert ref.encoder.relative_bias.weight.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("ff,tied", [("relu", True), ("gated-gelu", False)])
+def test_train_flops_counts_every_matmul(ff, tied, monkeypatch):
+    """train_flops equals what PyTorch's FLOP counter sees in a forward + backward, with the
+    attention written as plain matmuls (the counter does not see inside fused SDPA on a CPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import models.t5 as t5mod
+    from kernels.attention import attention_reference
+
+    monkeypatch.setattr(t5mod, "attention", lambda q, k, v, backend=None, **kw: attention_reference(q, k, v, **kw))
+    cfg = T5Config(vocab_size=101, d_model=32, d_kv=8, d_ff=64, n_layer=2, n_decoder_layer=3, n_head=4,
+                   feed_forward=ff, tie_embeddings=tied, backend="torch")
+    model, (Te, Td) = T5(cfg), (13, 7)
+    x, y = torch.randint(0, 101, (2, Te)), torch.randint(0, 101, (2, Td))
+    with FlopCounterMode(display=False) as counter:
+        model(x, y).sum().backward()
+    assert counter.get_total_flops() == 2 * t5mod.train_flops(cfg, Te, Td)
+
+
+def test_flops_per_token_uses_the_span_corruption_lengths():
+    from models.t5 import flops_per_token, span_corruption_lengths, train_flops
+    from training.span_corruption import span_corrupt
+
+    cfg = T5Config(vocab_size=300, d_model=32, d_kv=8, d_ff=64, n_layer=2, n_decoder_layer=2, n_head=4)
+    for n in (16, 64, 128, 512):
+        inputs, targets = span_corrupt(torch.arange(n), sentinel_ids=range(200, 300), eos_id=0)
+        assert span_corruption_lengths(n) == (len(inputs), len(targets))
+        assert flops_per_token(cfg, n) == train_flops(cfg, len(inputs), len(targets)) / n
