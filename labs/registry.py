@@ -18,6 +18,7 @@ from typing import Callable
 _LAB_MODULES = {
     "pretrain": "labs.pretrain",
     "attention": "labs.attention",
+    "families": "labs.families",
 }
 
 

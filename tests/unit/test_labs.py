@@ -12,7 +12,7 @@ from labs.report import Report, markdown_table
 
 def test_registry_lists_pretrain_and_names_unknown_labs():
     assert "pretrain" in [lab.name for lab in list_labs()]
-    with pytest.raises(ValueError, match="available labs: pretrain"):
+    with pytest.raises(ValueError, match="available labs: pretrain, attention, families"):
         get_lab("nope")
 
 
@@ -82,3 +82,28 @@ def test_pretrain_quick_preset_beats_the_bigram(tmp_path):
     run_lab("pretrain", tmp_path / "lab", quick=True)
     res = json.loads((tmp_path / "lab" / "results.json").read_text())
     assert res["model_beats_bigram"], (res["model"], res["baselines"])
+
+
+def test_families_lab_trains_each_family_and_reports_its_cost(tiny_corpus, tmp_path, monkeypatch):
+    from labs import families
+    from training.config import DataConfig
+
+    base = families.family_config
+
+    def tiny(family, quick):
+        cfg = base(family, quick)
+        cfg.data = DataConfig(source=str(tiny_corpus), vocab_size=300, min_chars=16, val_fraction=0.1)
+        cfg.model.vocab_size = 0
+        cfg.trainer.max_steps, cfg.trainer.eval_every, cfg.trainer.eval_batches = 12, 6, 2
+        cfg.trainer.batch_size, cfg.trainer.seq_len, cfg.trainer.progress = 4, 32, False
+        return cfg
+
+    monkeypatch.setattr(families, "family_config", tiny)
+    report = run_lab("families", tmp_path / "lab", quick=True)
+    res = json.loads((tmp_path / "lab" / "results.json").read_text())["families"]
+    assert set(res) == {"gpt", "llama", "bert", "t5"}
+    for family, r in res.items():
+        assert r["steps"] == 12 and r["flops_per_token"] > 0 and math.isfinite(r["final"]["val_loss"])
+    assert "val_bpb" in res["gpt"]["final"] and "val_bpb" not in res["bert"]["final"]
+    # span corruption: T5 pays for a shorter input and a much shorter target than its text
+    assert (tmp_path / "lab" / "val_loss_vs_flops.png").exists() and "span-corruption" in report.read_text()
