@@ -3,6 +3,8 @@
     ltk train --preset gpt-debug --max-steps 300                  # CPU, a minute or two
     ltk train --preset gpt2-124m --device cuda --trainer.compile true   # one GPU
     torchrun --standalone --nproc_per_node 8 -m ltk.cli train --preset gpt2-124m   # 8 GPUs, DDP
+    ltk train --preset gpt-debug --parallel zero3 --nproc 4       # 4 CPU processes, our ZeRO-3
+    ltk train --preset gpt-debug --parallel ddp --parallel.tp 2 --nproc 4   # DP 2 x TP 2
     ltk train --resume runs/gpt-debug --trainer.max_steps 600     # continue a run exactly
     ltk generate --ckpt runs/gpt-debug --prompt "def main(" --max-new-tokens 80
     ltk lab list
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +30,10 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from training.presets import get_preset
     from training.trainer import Trainer
 
+    if args.nproc is not None and args.nproc < 1:
+        raise SystemExit(f"ltk train: --nproc must be >= 1, got {args.nproc}")
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args.nproc, args.argv)
     ckpt = None
     if args.resume:
         if args.preset:
@@ -44,6 +51,8 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         cfg.trainer.out_dir = args.out
     if args.device is not None:
         cfg.trainer.device = args.device
+    if args.parallel is not None:
+        _set_parallel(cfg, args.parallel, int(os.environ.get("WORLD_SIZE", "1")))
     apply_overrides(cfg, overrides)
     if args.print_config:
         print(cfg.to_json())
@@ -58,6 +67,66 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         extra = f" | val loss {m['val_loss']:.4f}" if "val_loss" in m else ""
         extra += f" | val {m['val_bpb']:.4f} bits/byte" if "val_bpb" in m else ""
         print(f"step {result.step}: loss {m['loss']:.4f}{extra}\ncheckpoint: {result.checkpoint}")
+    return 0
+
+
+PARALLEL_CHOICES = ("ddp", "naive-ddp", "zero1", "zero2", "zero3", "torch-ddp", "fsdp2", "tp", "pp")
+
+
+def _set_parallel(cfg, name: str, world: int) -> None:
+    """--parallel NAME: a data-parallel engine over all ranks, or `tp` / `pp` over all ranks.
+    Combinations: an engine plus --parallel.tp / --parallel.pp (dp = world / (tp · pp))."""
+    if name == "tp":
+        cfg.parallel.tp = world
+    elif name == "pp":
+        cfg.parallel.pp = world
+    else:
+        cfg.parallel.strategy = name
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Re-run this command under torchrun with `nproc` local processes (gloo on a CPU, NCCL on
+    GPUs). Multi-node runs call torchrun directly (see training/trainer.py)."""
+    import subprocess
+
+    rest, skip = [], False
+    for i, a in enumerate(argv):  # drop --nproc N / --nproc=N: the children must not relaunch
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "ltk.cli", *rest]
+    print("launching: " + " ".join(cmd[1:]), file=sys.stderr)
+    return subprocess.run(cmd).returncode
+
+
+def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    if overrides:
+        raise SystemExit(f"ltk plan: unexpected arguments {overrides}")
+    from models.gpt import GPT_SIZES, gpt_config
+    from models.llama import LLAMA_SIZES, llama_config
+    from parallel.plan import format_plan, plan
+
+    name = args.preset
+    if name in GPT_SIZES:
+        family, cfg = "gpt", gpt_config(name)
+    elif name in LLAMA_SIZES:
+        family, cfg = "llama", llama_config(name)
+    else:
+        raise ValueError(f"unknown model {name!r} for ltk plan; known: {', '.join([*GPT_SIZES, *LLAMA_SIZES])}")
+    if cfg.vocab_size == 0:  # the debug sizes take it from the data: plan with the default tokenizer's
+        cfg.vocab_size = 2048
+    seq = args.seq_len or min(cfg.block_size, 8192)
+    p = plan(family, cfg, world=args.world, strategy=args.strategy, tp=args.tp, pp=args.pp, batch=args.batch_size,
+             seq_len=seq, micro_batches=args.micro_batches, dtype=args.dtype, schedule=args.schedule,
+             virtual=args.virtual_stages, sequence_parallel=args.sequence_parallel, recompute=args.recompute)
+    p["preset"], p["seq_len"], p["batch"] = name, seq, args.batch_size
+    print(json.dumps(p, indent=2) if args.json else format_plan(p))
     return 0
 
 
@@ -179,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder (trainer.out_dir)")
     t.add_argument("--resume", help="a run folder or checkpoint folder to continue from")
     t.add_argument("--device", help="cpu, cuda, cuda:N or auto (trainer.device)")
+    t.add_argument("--parallel", choices=PARALLEL_CHOICES,
+                   help="parallel strategy (parallel/): a data-parallel engine, or tp / pp over all ranks; "
+                   "combine with --parallel.tp N / --parallel.pp N")
+    t.add_argument("--nproc", type=int, help="start N local processes (torchrun underneath)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=_train)
 
@@ -192,6 +265,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
     g.set_defaults(func=_generate)
+
+    pl = sub.add_parser("plan", help="memory per rank and bytes per step of a parallel run (cost model)",
+                        description="Predict memory per rank (parameters, gradients, optimizer states, "
+                        "activations) and communication per step from parallel/cost.py.")
+    pl.add_argument("--preset", required=True, help="gpt-debug, gpt2-124m ... gpt2-1.5b, llama-debug, llama-1b, llama-8b")
+    pl.add_argument("--world", type=int, required=True, help="number of ranks")
+    pl.add_argument("--strategy", default="ddp", help="none, ddp, zero1, zero2, zero3 (the data-parallel engine)")
+    pl.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    pl.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    pl.add_argument("--batch-size", type=int, default=8, help="global batch (sequences per step)")
+    pl.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's, at most 8192)")
+    pl.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step (accumulation / pipeline)")
+    pl.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))
+    pl.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b", "interleaved"))
+    pl.add_argument("--virtual-stages", type=int, default=1)
+    pl.add_argument("--sequence-parallel", action="store_true")
+    pl.add_argument("--recompute", action="store_true", help="full activation recomputation")
+    pl.add_argument("--json", action="store_true", help="print a JSON object")
+    pl.set_defaults(func=_plan)
 
     lab = sub.add_parser("lab", help="list or run the labs")
     lsub = lab.add_subparsers(dest="lab_cmd", required=True)
@@ -223,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args, extra)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, CheckpointError and bad input

@@ -4,7 +4,8 @@
     ├── model:   models.gpt.GPTConfig     (architecture)
     ├── data:    DataConfig               (source, cleaning, tokenizer, split)
     ├── optim:   OptimConfig              (AdamW, schedule, clipping)
-    └── trainer: TrainerConfig            (steps, batch, device, eval, checkpoints)
+    ├── trainer: TrainerConfig            (steps, batch, device, eval, checkpoints)
+    └── parallel: ParallelConfig          (DDP / ZeRO engine, tensor and pipeline degrees)
 
 Presets are plain Python functions (training/presets.py) that return a RunConfig; the
 command line overrides any field by its dotted path, e.g. `--trainer.max_steps 200` or
@@ -58,7 +59,7 @@ class TrainerConfig:
     """The loop: how many steps, how big, where, and what gets written."""
 
     max_steps: int = 1000
-    batch_size: int = 8  # sequences per micro-batch (per rank)
+    batch_size: int = 8  # sequences per micro-batch, over all data-parallel ranks together
     seq_len: int = 0  # tokens per sequence; 0 = the model's block_size (no longer than it)
     grad_accum: int = 1  # micro-batches per optimizer step
     seed: int = 1337
@@ -76,6 +77,21 @@ class TrainerConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a multi-process run splits the work (parallel/). The ranks form a pp x dp x tp mesh
+    (dp = world / (tp · pp)); trainer.batch_size x grad_accum is the *global* batch, the same
+    whatever the world size, so runs at different sizes are comparable step by step."""
+
+    strategy: str = "auto"  # data-parallel engine: auto | ddp | naive-ddp | zero1 | zero2 | zero3 | torch-ddp | fsdp2
+    tp: int = 1  # tensor-parallel degree (GPT, Llama)
+    pp: int = 1  # pipeline stages (GPT)
+    sequence_parallel: bool = False  # with tp > 1: norms and dropout on sequence shards
+    schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved)
+    bucket_mb: float = 25.0  # DDP gradient bucket size
+
+
+@dataclass
 class RunConfig:
     name: str = "gpt-debug"
     family: str = "gpt"  # gpt | llama | bert | t5 (models/__init__.py): the type of `model`
@@ -83,6 +99,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

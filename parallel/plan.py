@@ -1,0 +1,123 @@
+"""`ltk plan`: what a run would cost per rank before it is launched — the formulas of
+parallel/cost.py applied to one preset, world size and strategy.
+
+    ltk plan --preset gpt2-124m --world 8 --strategy zero3
+    ltk plan --preset llama-8b --world 64 --strategy zero1 --tp 8 --json
+
+Parameters per rank. The ranks form a pp x dp x tp mesh. Tensor parallelism splits every
+block's matrices (and the biases of column-parallel layers) by tp and keeps norms and
+row-parallel biases whole (Shoeybi et al. 2019 §3); the vocabulary (embedding, head) is split by
+tp. Pipeline parallelism gives each stage ceil(L/pp) blocks; the first stage holds the input
+embeddings, the last the final norm and the head (a tied head is a second copy there when
+pp > 1, kept in sync by an all-reduce of its gradient). The plan reports the largest rank.
+ZeRO then shards that rank's parameters over dp (cost.model_state_bytes).
+
+Activations: Korthikanti et al.'s per-layer formula (cost.activation_bytes_per_layer) for the
+micro-batch of batch/dp sequences, scaled from its 16-bit accounting to the compute dtype,
+times the layers on a stage and the micro-batches in flight (1 without a pipeline; pp under
+1F1B, m under GPipe — Narayanan et al. 2021 §2.2), plus the fp32 logits of the last stage.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from parallel import cost
+
+ENGINES = {"none": None, "ddp": 0, "naive-ddp": 0, "torch-ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp2": 3}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the formulas need of a decoder-only model."""
+
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int
+    positions: int  # learned position rows (0 for RoPE)
+    block_matrix: int  # split by tp
+    block_split_vector: int  # column-parallel biases: split by tp
+    block_whole_vector: int  # norms, row-parallel biases: replicated
+    final_norm: int
+    tied: bool
+
+
+def model_shape(family: str, cfg) -> Shape:
+    if family == "gpt":
+        d, b = cfg.n_embd, 1 if cfg.bias else 0
+        return Shape(cfg.n_layer, d, cfg.n_head, cfg.vocab_size, cfg.block_size, 12 * d * d, b * 7 * d,
+                     (2 + 2 * b) * d + b * 2 * d, (1 + b) * d, True)
+    if family == "llama":
+        d, hd = cfg.n_embd, cfg.head_dim
+        attn = d * hd * (2 * cfg.n_head + 2 * cfg.n_kv_head)
+        return Shape(cfg.n_layer, d, cfg.n_head, cfg.vocab_size, 0, attn + 3 * d * cfg.intermediate_size, 0,
+                     2 * d, d, cfg.tie_embeddings)
+    raise ValueError(f"ltk plan covers the decoder-only families gpt and llama, not {family!r}")
+
+
+def params_per_rank(s: Shape, tp: int, pp: int) -> int:
+    """Parameters on the largest rank of a tp x pp split (module docstring)."""
+    per_block = s.block_matrix // tp + s.block_split_vector // tp + s.block_whole_vector
+    blocks = math.ceil(s.layers / pp) * per_block
+    embed = s.vocab * s.hidden // tp + s.positions * s.hidden
+    head = s.final_norm + (0 if s.tied and pp == 1 else s.vocab * s.hidden // tp)
+    if pp == 1:
+        return blocks + embed + head
+    return blocks + max(embed, head)
+
+
+def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp: int = 1, batch: int = 8,
+         seq_len: int | None = None, micro_batches: int = 1, dtype: str = "fp32", schedule: str = "1f1b",
+         virtual: int = 1, sequence_parallel: bool = False, recompute: bool = False) -> dict[str, Any]:
+    """Bytes per rank and per step for one configuration; keys as `ltk plan --json` prints."""
+    if strategy not in ENGINES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(ENGINES)} (plus --tp / --pp)")
+    if world % (tp * pp):
+        raise ValueError(f"world {world} is not divisible by tp x pp = {tp * pp}")
+    dp = world // (tp * pp)
+    if batch % dp:
+        raise ValueError(f"the global batch of {batch} sequences does not split over {dp} data-parallel ranks")
+    stage = ENGINES[strategy] or 0
+    s = model_shape(family, cfg)
+    T = seq_len or getattr(cfg, "block_size", 1024)
+    prec = cost.Precision.of(dtype)
+    psi = params_per_rank(s, tp, pp)
+    states = cost.model_state_bytes(psi, dp, stage, prec)
+
+    b = batch // dp // (micro_batches if pp > 1 else 1)  # sequences per micro-batch on a rank
+    scale = 4 / 2 if dtype == "fp32" else 1.0  # Korthikanti counts 2-byte activations
+    layer = cost.activation_bytes_per_layer(T, b, s.hidden, s.heads, tp, sequence_parallel, recompute) * scale
+    in_flight = 1 if pp == 1 else (micro_batches if schedule == "gpipe" else min(pp, micro_batches))
+    logits = b * T * s.vocab // tp * 4  # the fp32 logits the loss reads (last stage)
+    activations = int(layer * math.ceil(s.layers / pp) * in_flight + logits)
+
+    comm = cost.zero_comm_bytes(psi, stage, micro_batches, prec) if dp > 1 else {}
+    total = states["params"] + states["grads"] + states["optimizer"] + activations
+    out = {
+        "family": family, "world": world, "mesh": {"dp": dp, "tp": tp, "pp": pp}, "strategy": strategy,
+        "zero_stage": stage, "dtype": dtype, "num_params_per_rank": psi,
+        "params": states["params"], "grads": states["grads"], "optimizer": states["optimizer"],
+        "activations": activations, "total": total,
+        "comm_bytes_per_step": sum(comm.values()), "comm": {"data_parallel": comm},
+        "comm_wire_bytes_per_step": cost.wire_bytes(comm, dp),
+    }
+    if pp > 1:
+        out["bubble_fraction"] = cost.bubble_fraction(pp, micro_batches, virtual if schedule == "interleaved" else 1)
+    return out
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    gib = 2**30
+    mesh = p["mesh"]
+    lines = [f"{p['family']} on {p['world']} ranks (dp {mesh['dp']} x tp {mesh['tp']} x pp {mesh['pp']}), "
+             f"{p['strategy']} (ZeRO stage {p['zero_stage']}), {p['dtype']}",
+             f"  parameters on the largest rank: {p['num_params_per_rank']:,}"]
+    for k in ("params", "grads", "optimizer", "activations", "total"):
+        lines.append(f"  {k:12s} {p[k] / gib:10.3f} GiB")
+    lines.append(f"  communicated per step: {p['comm_bytes_per_step'] / gib:.3f} GiB payload, "
+                 f"{p['comm_wire_bytes_per_step'] / gib:.3f} GiB sent per rank (ring)")
+    if "bubble_fraction" in p:
+        lines.append(f"  pipeline bubble: {p['bubble_fraction']:.1%} of the ideal step time")
+    return "\n".join(lines)
