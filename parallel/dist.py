@@ -29,6 +29,7 @@ error that names the rank.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from collections import defaultdict
@@ -224,7 +225,9 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, 
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
         result = fn(rank, world, *args)
-        queue.put((rank, "ok", result))
+        # plain pickle copies tensors by value; the queue's own pickler would pass shared memory
+        # that vanishes when this process exits
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # report, then die: the parent tears the group down
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -267,7 +270,7 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout_s: float = 120) -> 
                 continue
             if status == "error":
                 raise SpawnError(f"rank {rank} raised:\n{payload}")
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=5)
