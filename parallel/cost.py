@@ -127,3 +127,113 @@ def bubble_fraction(stages: int, micro_batches: int, virtual: int = 1) -> float:
 def bubble_share_of_step(stages: int, micro_batches: int, virtual: int = 1) -> float:
     """Idle time over the whole step: (p-1)/(v·m + p-1)."""
     return (stages - 1) / (virtual * micro_batches + stages - 1)
+
+
+# == tensor + sequence parallel communication (parallel/tensor.py, parallel/tp_plan.py) ====
+def _tp_collectives(batch: int, seq: int, hidden: int, layers: int, *, sequence_parallel: bool,
+                    dtype_bytes: int, arch: str, bias: bool, positions: int) -> list[tuple[str, int]]:
+    """Every collective one tensor-parallel rank issues in one forward + backward of one
+    micro-batch, as (op, payload bytes); see tp_comm_bytes."""
+    if arch not in ("gpt", "llama"):
+        raise ValueError(f"arch must be 'gpt' or 'llama', got {arch!r}")
+    act = batch * seq * hidden * dtype_bytes  # A: one (B, T, h) activation
+    ce = [("all_reduce", max(4, dtype_bytes) * batch * seq)] * 3  # max, target logit, sum of exp, >= fp32
+    if not sequence_parallel:  # embedding g; 2 g per layer; head f (backward); 2 f per layer (backward)
+        return [("all_reduce", act)] * (4 * layers + 2) + ce
+    moves = [("reduce_scatter", act), ("all_gather", act)] * (4 * layers + 2)
+    if arch == "gpt":  # LayerNorm gains (+ biases), row-parallel biases, the position table
+        grads = [hidden] * ((2 * layers + 1) * (2 if bias else 1)) + [hidden] * (2 * layers if bias else 0)
+        grads += [positions * hidden]
+    else:  # RMSNorm gains
+        grads = [hidden] * (2 * layers + 1)
+    return moves + ce + [("all_reduce", n * dtype_bytes) for n in grads]
+
+
+def tp_comm_bytes(batch: int, seq: int, hidden: int, layers: int, tp: int, *, sequence_parallel: bool = False,
+                  dtype_bytes: int = 4, arch: str = "gpt", bias: bool = True, positions: int = 0) -> dict[str, int]:
+    """Payload bytes by collective that one tensor-parallel rank sends per micro-batch
+    (forward + backward) for GPT / Llama as parallel/tp_plan.py shards them. A = b·s·h·e
+    (micro-batch b, sequence s, hidden h, e = dtype_bytes), L layers, tp = n.
+
+    Tensor parallel (Megatron-LM, Shoeybi et al. 2019, §3 and figure 4): each layer has two
+    regions (attention, MLP), each entered by f (all-reduce of dX in backward) and left by g
+    (all-reduce of Y in forward): 2 all-reduces forward + 2 backward per layer, of A each.
+    Outside the layers: the vocab-parallel embedding ends in g (1 all-reduce forward), the
+    vocab-parallel head starts with f (1 all-reduce backward), and the vocab-parallel
+    cross-entropy all-reduces 3 numbers per token (max, target logit, sum of exp), in fp32
+    (c = 4 bytes; 8 for fp64 logits):
+
+        all_reduce = (4L + 2)·A + 3·c·b·s                          calls 4L + 5
+
+    The vocabulary does not appear: the (b, s, V) logits are never gathered.
+
+    Tensor + sequence parallel (Korthikanti et al. 2022, §4.2.2, figure 5): every g becomes
+    ḡ (reduce-scatter forward, all-gather backward) and every f becomes f̄ (all-gather
+    forward, reduce-scatter backward), each of the same payload A:
+
+        reduce_scatter = all_gather = (4L + 2)·A                   calls 4L + 2 each
+        all_reduce     = 3·c·b·s + e·P_sp                          calls 3 + (tensors in P_sp)
+
+    On the ring, reduce-scatter + all-gather of A cost (n-1)/n·A each, i.e. one all-reduce:
+    same wire bytes as plain TP, but norms and dropout hold 1/n of the activations. P_sp
+    counts the replicated parameters that see only a sequence shard and whose gradients
+    are therefore all-reduced over the tp group (one call per tensor, per micro-batch):
+
+        GPT    LayerNorm (2L + 1)·h·(2 if bias else 1) + row-parallel biases 2L·h (if bias)
+               + the position table `positions`·h (block_size rows: its gradient is dense)
+        Llama  RMSNorm gains (2L + 1)·h
+
+    tp = 1 sends nothing.
+    """
+    if tp <= 1:
+        return {}
+    out: dict[str, int] = {}
+    for op, nbytes in _tp_collectives(batch, seq, hidden, layers, sequence_parallel=sequence_parallel,
+                                      dtype_bytes=dtype_bytes, arch=arch, bias=bias, positions=positions):
+        out[op] = out.get(op, 0) + nbytes
+    return out
+
+
+def tp_comm_calls(layers: int, tp: int, *, sequence_parallel: bool = False, arch: str = "gpt",
+                  bias: bool = True) -> dict[str, int]:
+    """Number of collectives by kind per micro-batch, for the same accounting as tp_comm_bytes."""
+    if tp <= 1:
+        return {}
+    out: dict[str, int] = {}
+    for op, _ in _tp_collectives(1, 1, 1, layers, sequence_parallel=sequence_parallel, dtype_bytes=1,
+                                 arch=arch, bias=bias, positions=1):
+        out[op] = out.get(op, 0) + 1
+    return out
+# == end of tensor + sequence parallel section ===============================================
+
+
+# == pipeline parallel communication (parallel/pipeline.py, parallel/schedules.py) ==========
+def pp_comm_bytes(stages: int, micro_batches: int, micro_batch_size: int, seq_len: int, hidden: int,
+                  virtual: int = 1, dtype_bytes: int = 4, vocab: int | None = None) -> dict:
+    """Payload bytes of one pipeline step (any schedule: they all move the same messages).
+
+    A stage boundary carries, per micro-batch, one activation forward and its gradient
+    backward, each b·s·h elements (GPT's (x, delta) pair is sent as the sum x + delta):
+
+        per boundary   2 · m · b·s·h · bytes
+        boundaries     p·v - 1, all between different ranks when p > 1 (none when p = 1)
+        rank r sends   (2v - [r = 0] - [r = p-1]) · m · b·s·h · bytes, and receives as much
+
+    The tied embedding (vocab given, p > 1): the first and the last rank each record one
+    all-reduce of V·h·bytes per step (Megatron's embedding group of two ranks; ring wire
+    2(n-1)/n = 1x the payload at n = 2); no other rank takes part. It is kept apart from
+    the boundary traffic in `tied_all_reduce`.
+    """
+    if min(stages, micro_batches, micro_batch_size, seq_len, hidden, virtual, dtype_bytes) < 1:
+        raise ValueError("pp_comm_bytes: every size must be >= 1")
+    p, v, m = stages, virtual, micro_batches
+    message = micro_batch_size * seq_len * hidden * dtype_bytes  # one (b, s, h) tensor
+    if p == 1:
+        per_rank = [0]
+    else:
+        per_rank = [(2 * v - (r == 0) - (r == p - 1)) * m * message for r in range(p)]
+    tied = vocab * hidden * dtype_bytes if vocab is not None and p > 1 else 0
+    return {"message": message, "per_boundary": 2 * m * message, "boundaries": p * v - 1 if p > 1 else 0,
+            "send": sum(per_rank), "per_rank_send": per_rank, "per_rank_recv": list(per_rank),
+            "tied_all_reduce": tied, "per_rank_all_reduce": [tied if r in (0, p - 1) else 0 for r in range(p)]}
+# == end of pipeline parallel section ========================================================
