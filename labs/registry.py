@@ -19,6 +19,7 @@ _LAB_MODULES = {
     "pretrain": "labs.pretrain",
     "attention": "labs.attention",
     "families": "labs.families",
+    "pipeline": "labs.pipeline",
 }
 
 

@@ -107,3 +107,20 @@ def test_families_lab_trains_each_family_and_reports_its_cost(tiny_corpus, tmp_p
     assert "val_bpb" in res["gpt"]["final"] and "val_bpb" not in res["bert"]["final"]
     # span corruption: T5 pays for a shorter input and a much shorter target than its text
     assert (tmp_path / "lab" / "val_loss_vs_flops.png").exists() and "span-corruption" in report.read_text()
+
+
+def test_pipeline_lab_measures_beside_the_simulator(tmp_path, monkeypatch):
+    from labs import pipeline
+
+    monkeypatch.setattr(pipeline, "lab_settings", lambda quick: dict(
+        stages=2, micro=(2, 4), n_layer=4, n_embd=32, n_head=2, seq=8, rows_per_micro=1, vocab=64, steps=1))
+    run_lab("pipeline", tmp_path / "lab", quick=True)
+    res = json.loads((tmp_path / "lab" / "results.json").read_text())
+    table = res["table"]
+    assert {(t["schedule"], t["m"]) for t in table} == {(s, m) for s in ("gpipe", "1f1b", "interleaved") for m in (2, 4)}
+    for t in table:
+        assert t["formula"] == (2 - 1) / (t["virtual"] * t["m"])
+        assert t["measured"] >= 0 and t["simulated"] >= 0
+    one = {t["schedule"]: t for t in table if t["m"] == 4}
+    assert one["gpipe"]["peak_in_flight"] == [4, 4] and max(one["1f1b"]["peak_in_flight"]) == 2
+    assert (tmp_path / "lab" / "bubble.png").exists()
