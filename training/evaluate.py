@@ -30,6 +30,8 @@ def evaluate(
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     objective=None,
     seed: int = 0,
+    first_index: int = 0,
+    index_step: int = 1,
 ) -> dict[str, float]:
     """Return {"val_loss": nats per predicted token, "val_bpb": bits/byte (causal LM only),
     "val_tokens"}.
@@ -38,7 +40,8 @@ def evaluate(
     becomes a loss (training/objectives.py; default: causal LM). Masks and spans drawn by an
     objective use generators seeded by `seed` and the batch index, so every evaluation scores
     the same task. `all_reduce`, when given, sums the partial sums over data-parallel ranks so
-    every rank gets the global figure."""
+    every rank gets the global figure. A rank that scores batches first_index, first_index +
+    index_step, ... of the full list says so, so its masks are those of one process."""
     from training.objectives import CausalLM, step_generator
 
     objective = objective or CausalLM(0, 0)
@@ -49,14 +52,15 @@ def evaluate(
     for i, (x, y) in enumerate(batches):
         x, y = x.to(device), y.to(device)
         with autocast():
-            sums += objective.eval_sums(model, x, y, step_generator(seed, 0, i, 0), token_bytes)
+            sums += objective.eval_sums(model, x, y, step_generator(seed, 0, first_index + i * index_step, 0), token_bytes)
     if all_reduce is not None:
         sums = all_reduce(sums)
     if was_training:
         model.train()
     nats, tokens, nats_counted, nbytes = sums.tolist()
     if tokens == 0:
-        raise ValueError("evaluation got no batches: the validation split is empty or eval_batches is 0")
+        raise ValueError("evaluation got no batches: the validation split is empty or eval_batches is 0 "
+                         "(or smaller than the number of ranks)")
     out = {"val_loss": nats / tokens, "val_tokens": int(tokens)}
     if objective.has_bpb:
         out["val_bpb"] = nats_counted / math.log(2) / max(nbytes, 1.0)

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from parallel.strategy import ParallelRun
 from models import get_family
 from training.checkpoint import Checkpoint, restore_model, save_checkpoint
 from training.config import RunConfig
@@ -95,26 +96,20 @@ class Trainer:
 
         self.model = self.family.model_cls(m).to(self.rt.device)
         self.model.activation_checkpointing = t.activation_checkpointing
-        self.optimizer = build_optimizer(self.model.param_groups(cfg.optim.weight_decay), cfg.optim, self.rt.device.type)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.dtype == "fp16")
-        self.train_loader = TokenLoader(
-            self.data.train_files, self.seq_len, t.batch_size, seed=t.seed, rank=self.rt.rank, world_size=self.rt.world_size
-        )
-        self.val_loader = TokenLoader(
-            self.data.val_files, self.seq_len, t.batch_size, seed=t.seed, rank=self.rt.rank, world_size=self.rt.world_size
-        )
+        # every rank reads the same global batch and trains on its rows (parallel/strategy.py)
+        self.train_loader = TokenLoader(self.data.train_files, self.seq_len, t.batch_size, seed=t.seed)
+        self.val_loader = TokenLoader(self.data.val_files, self.seq_len, t.batch_size, seed=t.seed)
         self.token_bytes = torch.as_tensor(self.data.tokenizer.token_byte_lengths(), dtype=torch.long)
         self.step, self.tokens_seen = 0, 0
         if resume is not None:
+            restore_model(self.model, resume.model)  # before any wrapping: rank 0's copy is broadcast
+        self.par = self._parallel()
+        self.optimizer = self.par.optimizer
+        self.fwd_model = self.par.engine
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.dtype == "fp16")
+        if resume is not None:
             self._load(resume)
-
-        self.fwd_model: torch.nn.Module = self.model
-        if t.compile:
-            self.fwd_model = torch.compile(self.model)
-        if self.rt.world_size > 1:
-            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-            self.fwd_model = torch.nn.parallel.DistributedDataParallel(self.fwd_model, device_ids=ids)
-        self.tokens_per_step = t.batch_size * self.seq_len * t.grad_accum * self.rt.world_size
+        self.tokens_per_step = t.batch_size * self.seq_len * t.grad_accum  # global: the same at any world size
         self.flops_per_step = self.family.flops_per_token(m, self.seq_len) * self.tokens_per_step
         self.peak = peak_flops(self.rt.device, self.rt.dtype)  # None where the device's peak is unknown
         self.num_params = self.family.num_params(m)
@@ -129,9 +124,34 @@ class Trainer:
             dist.barrier()
         return data
 
+    def _parallel(self) -> ParallelRun:
+        """The engine every step goes through: plain for one process, else the strategy of
+        cfg.parallel over the mesh (PyTorch's DDP when none is named)."""
+        p, t = self.cfg.parallel, self.cfg.trainer
+        if p.pp > 1:
+            raise ValueError("pipeline parallelism (--parallel.pp) trains through parallel/pipeline.py; "
+                             "ltk train runs --parallel ddp/zero*/torch-ddp and --parallel.tp")
+        if p.tp > 1 and self.cfg.family not in ("gpt", "llama"):
+            raise ValueError(f"tensor parallelism has plans for gpt and llama, not {self.cfg.family}")
+        if p.tp > 1 and t.compile:
+            raise ValueError("--trainer.compile with tensor parallelism is not supported: drop one")
+        model = torch.compile(self.model) if t.compile and p.strategy in ("auto", "none", "torch-ddp") else self.model
+        wd = self.cfg.optim.weight_decay
+        run = ParallelRun(model, lambda mod: mod.param_groups(wd) if hasattr(mod, "param_groups") else self.model.param_groups(wd),
+                          lambda groups: build_optimizer(groups, self.cfg.optim, self.rt.device.type),
+                          strategy=p.strategy, tp=p.tp, sequence_parallel=p.sequence_parallel, device=self.rt.device,
+                          compute_dtype="fp32", bucket_mb=p.bucket_mb)
+        if t.batch_size % run.dp_size:
+            raise ValueError(f"trainer.batch_size {t.batch_size} (the global micro-batch) does not split over "
+                             f"{run.dp_size} data-parallel ranks")
+        return run
+
     def _load(self, ckpt: Checkpoint) -> None:
-        restore_model(self.model, ckpt.model)
-        self.optimizer.load_state_dict(ckpt.trainer["optimizer"])
+        opt = ckpt.trainer["optimizer"]
+        if "state" in opt and all(isinstance(k, str) for k in opt["state"]):  # by parameter name
+            self.par.load_optimizer_state_dict(opt, build=lambda: self.family.model_cls(self.cfg.model))
+        else:  # a torch optimizer state dict (by position), as single-process runs wrote before
+            self.optimizer.load_state_dict(opt)
         if "scaler" in ckpt.trainer:
             self.scaler.load_state_dict(ckpt.trainer["scaler"])
         self.train_loader.load_state_dict(ckpt.state["loader"])  # a global position, the same on every rank
@@ -142,42 +162,51 @@ class Trainer:
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over grad_accum micro-batches; returns (loss, grad norm)."""
         t, autocast = self.cfg.trainer, self.rt.autocast()
-        self.fwd_model.train()
+        self.par.model.train()
         set_lr(self.optimizer, lr_at(self.step, self.cfg.optim, t.max_steps))
         total = torch.zeros((), device=self.rt.device)
+        engine = self.par.engine
         for micro in range(t.grad_accum):
-            x, y = self.train_loader.next_batch()
-            x, y = x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
-            # under DDP, all-reduce gradients only after the last micro-batch
-            last = micro == t.grad_accum - 1
-            sync = self.fwd_model.no_sync() if self.rt.world_size > 1 and not last else nullcontext()
-            gen = step_generator(t.seed, self.step, micro, self.rt.rank)  # masks/spans for this micro-batch
+            x, y = self.train_loader.next_batch()  # the global micro-batch; this rank's rows below
+            x, y = self.par.rows(x).to(self.rt.device, non_blocking=True), self.par.rows(y).to(self.rt.device, non_blocking=True)
+            # data parallel: reduce gradients only after the last micro-batch
+            sync = engine.no_sync() if micro < t.grad_accum - 1 else nullcontext()
+            gen = step_generator(t.seed, self.step, micro, self.par.dp_rank)  # masks/spans for this micro-batch
             with sync:
                 with autocast():
-                    loss = self.objective.loss(self.fwd_model, x, y, gen)
+                    loss = self.par.loss(self.objective, x, y, gen)
                 self.scaler.scale(loss / t.grad_accum).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.par.clip_grad_norm_(clip)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            engine.step()
+        engine.zero_grad()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
+        # every tensor-parallel rank of a replica holds the same loss: the world mean is the dp mean
         loss = self.rt.all_reduce_sum(total / t.grad_accum) / self.rt.world_size
-        return loss.item(), grad_norm.item()
+        return loss.item(), grad_norm
 
     def evaluate(self) -> dict[str, float]:
         batches = self.val_loader.eval_batches(self.cfg.trainer.eval_batches)
-        return evaluate(self.model, batches, self.token_bytes, self.rt.device, self.rt.autocast(),
-                        self.rt.all_reduce_sum, objective=self.objective, seed=self.cfg.trainer.seed)
+        model = self.par.eval_model(lambda: self.family.model_cls(self.cfg.model).to(self.rt.device))
+        mine = [b for i, b in enumerate(batches) if i % self.rt.world_size == self.rt.rank]  # each rank a share
+        return evaluate(model, mine, self.token_bytes, self.rt.device, self.rt.autocast(),
+                        self.rt.all_reduce_sum, objective=self.objective, seed=self.cfg.trainer.seed,
+                        first_index=self.rt.rank, index_step=self.rt.world_size)
 
     # -- checkpoints --------------------------------------------------------------------
     def save(self) -> Path | None:
+        weights = self.par.full_state_dict()  # collective: every rank takes part, rank 0 writes
+        optimizer = self.par.optimizer_state_dict()  # by parameter name, any world size resumes it
         if not self.rt.is_main:
             return None
-        trainer_state = {"optimizer": self.optimizer.state_dict(), "rng": capture_rng()}
+        trainer_state = {"optimizer": optimizer, "rng": capture_rng()}
         if self.scaler.is_enabled():
             trainer_state["scaler"] = self.scaler.state_dict()
         state = {
@@ -188,7 +217,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
         return save_checkpoint(
-            self.run_dir, self.step, self.model.state_dict(), trainer_state, state,
+            self.run_dir, self.step, weights, trainer_state, state,
             keep_last=self.cfg.trainer.keep_last,
             extra_files={"tokenizer.json": self.data.path / "tokenizer.json"},
         )

@@ -1,5 +1,7 @@
-"""`torchrun -m ltk.cli train` with 2 CPU processes (gloo, torch's DDP) trains the same model
-as one process with the global batch: same losses, same validation loss, same weights."""
+"""`ltk train --parallel ddp --nproc 2` (torchrun underneath, 2 CPU processes on gloo, our
+bucketed DDP) trains the same model as one process with the same global batch: same losses,
+same validation loss, same weights. The other strategies are checked in-process by
+tests/distributed/test_parallel_trainer.py; this one checks the launcher end to end."""
 import json
 import os
 import subprocess
@@ -27,13 +29,12 @@ def test_two_process_ddp_equals_single_process(tiny_config, tmp_path):
         "--model.vocab_size", "0", "--model.block_size", "32", "--model.n_layer", "2", "--model.n_head", "2",
         "--model.n_embd", "32", "--model.dropout", "0", "--data.vocab_size", "300", "--data.min_chars", "16",
         "--data.val_fraction", "0.1", "--optim.lr", "3e-3", "--optim.warmup_steps", "2", "--optim.decay_steps", "20",
-        "--trainer.batch_size", "2", "--trainer.eval_every", "5", "--trainer.eval_batches", "2",
+        "--trainer.batch_size", "4", "--trainer.eval_every", "5", "--trainer.eval_batches", "2",
         "--trainer.log_every", "1", "--trainer.progress", "false", "--trainer.seed", "7",
     ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "ltk.cli", "train", *overrides],
+        [sys.executable, "-m", "ltk.cli", "train", "--parallel", "ddp", "--nproc", "2", *overrides],
         env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
