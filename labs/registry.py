@@ -20,6 +20,7 @@ _LAB_MODULES = {
     "attention": "labs.attention",
     "families": "labs.families",
     "pipeline": "labs.pipeline",
+    "zero": "labs.zero",
 }
 
 

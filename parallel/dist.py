@@ -218,12 +218,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, timeout_s: float) -> None:
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, timeout_s: float,
+            backend: str = "gloo") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
     torch.set_num_threads(1)  # N ranks share the cores; one thread each avoids oversubscription
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+        if backend == "fake":
+            init_fake(rank, world)
+        else:
+            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
         result = fn(rank, world, *args)
         # plain pickle copies tensors by value; the queue's own pickler would pass shared memory
         # that vanishes when this process exits
@@ -239,34 +243,39 @@ class SpawnError(RuntimeError):
     pass
 
 
-def spawn(fn: Callable, world_size: int, *args: Any, timeout_s: float = 120) -> list[Any]:
+def spawn(fn: Callable, world_size: int, *args: Any, timeout_s: float = 120, fake_rank: int | None = None) -> list[Any]:
     """Run fn(rank, world_size, *args) in `world_size` fresh CPU processes on gloo and return
     the results in rank order. `fn` must be importable (module level). The first rank to
-    raise, or the timeout, kills every process and raises SpawnError naming the rank."""
+    raise, or the timeout, kills every process and raises SpawnError naming the rank.
+
+    fake_rank: start only that rank, in a fake process group of world_size ranks (init_fake:
+    collectives return at once), to measure one rank of a world too big to run."""
     import queue as queue_mod
     import time
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, q, timeout_s), daemon=True)
-             for r in range(world_size)]
+    ranks = list(range(world_size)) if fake_rank is None else [fake_rank]
+    backend = "gloo" if fake_rank is None else "fake"
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, q, timeout_s, backend), daemon=True)
+             for r in ranks]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
     deadline = time.monotonic() + timeout_s
     try:
-        while len(results) < world_size:
+        while len(results) < len(ranks):
             left = deadline - time.monotonic()
             if left <= 0:
-                missing = sorted(set(range(world_size)) - set(results))
+                missing = sorted(set(ranks) - set(results))
                 raise SpawnError(f"timed out after {timeout_s:.0f} s waiting for ranks {missing} (a hang?)")
             try:
                 rank, status, payload = q.get(timeout=min(left, 1.0))
             except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                dead = [(r, p.exitcode) for r, p in zip(ranks, procs) if p.exitcode not in (None, 0) and r not in results]
                 if dead:
-                    raise SpawnError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
+                    raise SpawnError(f"rank {dead[0][0]} died with exit code {dead[0][1]}") from None
                 continue
             if status == "error":
                 raise SpawnError(f"rank {rank} raised:\n{payload}")
@@ -278,4 +287,4 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout_s: float = 120) -> 
             if p.is_alive():
                 p.kill()
                 p.join()
-    return [results[r] for r in range(world_size)]
+    return [results[r] for r in ranks]
