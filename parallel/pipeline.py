@@ -46,6 +46,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -143,6 +144,10 @@ class StepTimings:
     other: float = 0.0  # awaiting sends, the tied all-reduce, the optimizer
 
     @property
+    def total(self) -> float:
+        return self.forward + self.backward + self.wait + self.other
+
+    @property
     def bubble(self) -> float:
         """Measured idle / compute, comparable with pipeline_sim.SimResult.bubble_per_rank."""
         return self.wait / max(self.forward + self.backward, 1e-12)
@@ -168,16 +173,22 @@ def _timed(fn, *args):
 
 
 class PipelineTrainer:
-    """One rank's share of a pipelined GPT trained with AdamW (parallel.reference.make_optimizer)."""
+    """One rank's share of a pipelined GPT: train_step = forward_backward (the schedule, the
+    tied weight synced) + the optimizer step. parallel/pipeline_run.py composes forward_backward
+    with data parallelism for the training loop."""
 
-    def __init__(self, model: GPT, schedule: Schedule, comms: PipelineComms, lr: float = 1e-2):
+    def __init__(self, model: GPT, schedule: Schedule, comms: PipelineComms, lr: float = 1e-2,
+                 optimizer: Callable[[list[GPTStage]], torch.optim.Optimizer] | None = None):
+        """`optimizer(chunks)` builds the optimizer over this rank's chunks (default: AdamW of
+        parallel.reference.make_optimizer over all their parameters, learning rate `lr`)."""
         validate(schedule)
         if comms.act.size != schedule.stages:
             raise ValueError(f"schedule has {schedule.stages} stages but the pipeline group has {comms.act.size} ranks")
         self.schedule, self.comms, self.rank = schedule, comms, comms.act.rank
         self.chunks = rank_stages(model, self.rank, schedule.stages, schedule.virtual)
-        self.opt = make_optimizer([p for c in self.chunks for p in c.parameters()], lr)
-        self.hidden, self.dtype = model.config.n_embd, model.wte.weight.dtype
+        self.opt = (optimizer(self.chunks) if optimizer is not None
+                    else make_optimizer([p for c in self.chunks for p in c.parameters()], lr))
+        self.hidden, self.dtype, self.device = model.config.n_embd, model.wte.weight.dtype, model.wte.weight.device
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for c in self.chunks for n, p in c.named_parameters()}
@@ -185,7 +196,7 @@ class PipelineTrainer:
     def _recv(self, src: tuple, kind: str, b: int, T: int, local: dict, tm: StepTimings) -> torch.Tensor:
         if src[0] == self.rank:  # same-rank hand-off (p = 1 with v > 1)
             return local.pop((kind,) + src)
-        buf = torch.empty(b, T, self.hidden, dtype=self.dtype)  # (b, T, d)
+        buf = torch.empty(b, T, self.hidden, dtype=self.dtype, device=self.device)  # (b, T, d)
         comm = self.comms.act if kind == "F" else self.comms.grad
         _, dt = _timed(lambda: comm.recv(buf, src[0]).wait())
         tm.wait += dt
@@ -198,9 +209,24 @@ class PipelineTrainer:
         else:
             pending.append(((self.comms.act if kind == "F" else self.comms.grad).send(t, dst[0]), t))
 
+    @property
+    def holds_last_stage(self) -> bool:
+        s = self.schedule
+        return any(s.model_stage(self.rank, c) == s.num_model_stages - 1 for c in range(s.virtual))
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float | None, StepTimings]:
         """One optimizer step on the global batch (x, y) of shape (B, T). Returns the step's
         loss (the mean over the batch; on the rank holding the last stage, else None) and timings."""
+        t0 = time.perf_counter()
+        loss, tm = self.forward_backward(x, y)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        tm.other += time.perf_counter() - t0 - tm.total
+        return loss, tm
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float | None, StepTimings]:
+        """The schedule on (x, y) of shape (B, T), gradients accumulated into the chunks' .grad
+        (the tied weight's copies summed), no optimizer step. Returns the loss as train_step."""
         s, m = self.schedule, self.schedule.micro_batches
         if x.shape[0] % m:
             raise ValueError(f"global batch of {x.shape[0]} rows does not split into {m} equal micro-batches")
@@ -238,11 +264,8 @@ class PipelineTrainer:
         for work, _ in pending:
             work.wait()
         self._sync_tied_embedding()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
         tm.other = time.perf_counter() - t_step - tm.forward - tm.backward - tm.wait
-        holds_last = any(s.model_stage(self.rank, c) == s.num_model_stages - 1 for c in range(s.virtual))
-        return (total if holds_last else None), tm
+        return (total if self.holds_last_stage else None), tm
 
     def _sync_tied_embedding(self) -> None:
         """Sum dL/dW_te (stage 0) and dL/dW_head (stage S-1) on both copies of the tied weight."""
