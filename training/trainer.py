@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from parallel.pipeline_run import PipelineRun
 from parallel.strategy import ParallelRun
 from models import get_family
 from training.checkpoint import Checkpoint, restore_model, save_checkpoint
@@ -105,7 +106,6 @@ class Trainer:
             restore_model(self.model, resume.model)  # before any wrapping: rank 0's copy is broadcast
         self.par = self._parallel()
         self.optimizer = self.par.optimizer
-        self.fwd_model = self.par.engine
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.dtype == "fp16")
         if resume is not None:
             self._load(resume)
@@ -124,21 +124,31 @@ class Trainer:
             dist.barrier()
         return data
 
-    def _parallel(self) -> ParallelRun:
+    def _parallel(self) -> ParallelRun | PipelineRun:
         """The engine every step goes through: plain for one process, else the strategy of
         cfg.parallel over the mesh (PyTorch's DDP when none is named)."""
         p, t = self.cfg.parallel, self.cfg.trainer
-        if p.pp > 1:
-            raise ValueError("pipeline parallelism (--parallel.pp) trains through parallel/pipeline.py; "
-                             "ltk train runs --parallel ddp/zero*/torch-ddp and --parallel.tp")
+        wd = self.cfg.optim.weight_decay
+        factory = lambda groups: build_optimizer(groups, self.cfg.optim, self.rt.device.type)  # noqa: E731
+        if p.pp > 1:  # the pipeline runs the whole step: grad_accum micro-batches flow through the stages
+            if self.cfg.family != "gpt" or p.tp > 1 or p.strategy not in ("auto", "ddp", "none"):
+                raise ValueError("pipeline parallelism runs GPT, composed with data parallelism only "
+                                 "(--parallel.pp N, dp = world / N; no --parallel.tp or ZeRO with it)")
+            if self.rt.dtype == "fp16" or t.compile:
+                raise ValueError("pipeline parallelism runs without fp16 loss scaling and without torch.compile")
+            run = PipelineRun(self.model, lambda mod: mod.param_groups(wd), factory, pp=p.pp, schedule=p.schedule,
+                              virtual=p.virtual_stages, micro_batches=t.grad_accum)
+            if t.batch_size % run.dp_size:
+                raise ValueError(f"trainer.batch_size {t.batch_size} does not split over {run.dp_size} data-parallel ranks")
+            return run
+        if self.rt.dtype == "fp16" and (p.strategy not in ("auto", "none", "torch-ddp") or p.tp > 1):
+            raise ValueError("fp16 needs a loss scaler, which only the plain and torch-ddp paths have: use bf16")
         if p.tp > 1 and self.cfg.family not in ("gpt", "llama"):
             raise ValueError(f"tensor parallelism has plans for gpt and llama, not {self.cfg.family}")
         if p.tp > 1 and t.compile:
             raise ValueError("--trainer.compile with tensor parallelism is not supported: drop one")
         model = torch.compile(self.model) if t.compile and p.strategy in ("auto", "none", "torch-ddp") else self.model
-        wd = self.cfg.optim.weight_decay
-        run = ParallelRun(model, lambda mod: mod.param_groups(wd) if hasattr(mod, "param_groups") else self.model.param_groups(wd),
-                          lambda groups: build_optimizer(groups, self.cfg.optim, self.rt.device.type),
+        run = ParallelRun(model, lambda mod: self.model.param_groups(wd), factory,
                           strategy=p.strategy, tp=p.tp, sequence_parallel=p.sequence_parallel, device=self.rt.device,
                           compute_dtype="fp32", bucket_mb=p.bucket_mb)
         if t.batch_size % run.dp_size:
@@ -149,7 +159,10 @@ class Trainer:
     def _load(self, ckpt: Checkpoint) -> None:
         opt = ckpt.trainer["optimizer"]
         if "state" in opt and all(isinstance(k, str) for k in opt["state"]):  # by parameter name
-            self.par.load_optimizer_state_dict(opt, build=lambda: self.family.model_cls(self.cfg.model))
+            if isinstance(self.par, PipelineRun):
+                self.par.load_optimizer_state_dict(opt)
+            else:
+                self.par.load_optimizer_state_dict(opt, build=lambda: self.family.model_cls(self.cfg.model))
         else:  # a torch optimizer state dict (by position), as single-process runs wrote before
             self.optimizer.load_state_dict(opt)
         if "scaler" in ckpt.trainer:
@@ -162,8 +175,12 @@ class Trainer:
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over grad_accum micro-batches; returns (loss, grad norm)."""
         t, autocast = self.cfg.trainer, self.rt.autocast()
-        self.par.model.train()
+        if isinstance(self.par, ParallelRun):
+            self.par.model.train()
         set_lr(self.optimizer, lr_at(self.step, self.cfg.optim, t.max_steps))
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        if isinstance(self.par, PipelineRun):
+            return self._pipeline_step(clip)
         total = torch.zeros((), device=self.rt.device)
         engine = self.par.engine
         for micro in range(t.grad_accum):
@@ -178,7 +195,6 @@ class Trainer:
                 self.scaler.scale(loss / t.grad_accum).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         grad_norm = self.par.clip_grad_norm_(clip)
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)
@@ -191,6 +207,21 @@ class Trainer:
         # every tensor-parallel rank of a replica holds the same loss: the world mean is the dp mean
         loss = self.rt.all_reduce_sum(total / t.grad_accum) / self.rt.world_size
         return loss.item(), grad_norm
+
+    def _pipeline_step(self, clip: float) -> tuple[float, float]:
+        """Pipeline parallelism: this rank's rows of all grad_accum micro-batches go through the
+        schedule as its m micro-batches (parallel/pipeline_run.py)."""
+        t = self.cfg.trainer
+        xs, ys = zip(*(self.train_loader.next_batch() for _ in range(t.grad_accum)))
+        x = torch.cat([self.par.rows(b) for b in xs]).to(self.rt.device)  # (grad_accum · B/dp, T)
+        y = torch.cat([self.par.rows(b) for b in ys]).to(self.rt.device)
+        loss = self.par.forward_backward(x, y)  # the global mean, the same on every rank
+        grad_norm = self.par.clip_grad_norm_(clip)
+        self.par.step()
+        self.par.zero_grad()
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return loss, grad_norm
 
     def evaluate(self) -> dict[str, float]:
         batches = self.val_loader.eval_batches(self.cfg.trainer.eval_batches)

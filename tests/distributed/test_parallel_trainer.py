@@ -24,7 +24,7 @@ def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _config(corpus, out, strategy="auto", tp=1, steps=5, grad_accum=1):
+def _config(corpus, out, strategy="auto", tp=1, steps=5, grad_accum=1, pp=1, schedule="1f1b", virtual=1):
     cfg = RunConfig(
         name="tiny", model=GPTConfig(vocab_size=0, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False),
         data=DataConfig(source=str(corpus), vocab_size=300, min_chars=16, val_fraction=0.1),
@@ -32,7 +32,8 @@ def _config(corpus, out, strategy="auto", tp=1, steps=5, grad_accum=1):
         trainer=TrainerConfig(max_steps=steps, batch_size=4, eval_every=steps, eval_batches=4, log_every=1,
                               out_dir=str(out), progress=False, seed=7, grad_accum=grad_accum, ckpt_every=0))
     cfg.model.backend = "torch"
-    cfg.parallel.strategy, cfg.parallel.tp = strategy, tp
+    cfg.parallel.strategy, cfg.parallel.tp, cfg.parallel.pp = strategy, tp, pp
+    cfg.parallel.schedule, cfg.parallel.virtual_stages = schedule, virtual
     return cfg
 
 
@@ -129,3 +130,12 @@ def test_tensor_parallel_checkpoint_resumes_with_another_mesh(single, tiny_corpu
     for m in _metrics(single):
         assert by_step[m["step"]]["loss"] == pytest.approx(m["loss"], rel=1e-5, abs=1e-5)
     _same_weights(load_checkpoint(single).model, load_checkpoint(tmp_path / "run").model)
+
+
+def test_pipeline_and_pp_x_dp_equal_one_process(single, tiny_corpus, tmp_path):
+    cfgs = [_config(tiny_corpus, tmp_path / "pp2", pp=2, grad_accum=2)]
+    spawn(_train, 2, cfgs, timeout_s=TIMEOUT)
+    cfgs = [_config(tiny_corpus, tmp_path / "pp2dp2", pp=2, schedule="gpipe", grad_accum=2)]
+    spawn(_train, 4, cfgs, timeout_s=TIMEOUT)
+    for name in ("pp2", "pp2dp2"):
+        _compare(single, tmp_path / name)
