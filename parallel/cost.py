@@ -106,12 +106,15 @@ def wire_bytes(payload: dict[str, int], world: int) -> float:
 
 
 def activation_bytes_per_layer(seq: int, batch: int, hidden: int, heads: int, tp: int = 1,
-                               sequence_parallel: bool = False, recompute: bool = False) -> float:
-    """Korthikanti et al. 2022 eqs. 1-2 (16-bit activations, dropout masks included)."""
+                               sequence_parallel: bool = False, recompute: bool = False,
+                               flash: bool = False) -> float:
+    """Korthikanti et al. 2022 eqs. 1-2 (16-bit activations, dropout masks included). With
+    `flash` the 5·a·s/h term — the a·s² scores, softmax and its dropout mask per layer — is
+    dropped: FlashAttention never stores them (it keeps O(s) statistics per row instead)."""
     sbh = seq * batch * hidden
     if recompute:
         return 2.0 * sbh / (tp if sequence_parallel else 1)
-    attn = 5.0 * heads * seq / hidden
+    attn = 0.0 if flash else 5.0 * heads * seq / hidden
     if sequence_parallel:
         return sbh * (34.0 + attn) / tp
     return sbh * (10.0 + 24.0 / tp + attn / tp)

@@ -16,6 +16,12 @@ Activations: Korthikanti et al.'s per-layer formula (cost.activation_bytes_per_l
 micro-batch of batch/dp sequences, scaled from its 16-bit accounting to the compute dtype,
 times the layers on a stage and the micro-batches in flight (1 without a pipeline; pp under
 1F1B, m under GPipe — Narayanan et al. 2021 §2.2), plus the fp32 logits of the last stage.
+Attention is taken to be FlashAttention (our kernels, SDPA): the s² scores are not stored
+(`flash=False` puts Korthikanti's 5·a·s/h term back).
+
+Communication: the data-parallel collectives of the ZeRO stage (cost.zero_comm_bytes), and
+with tp > 1 the tensor-parallel ones of every micro-batch (cost.tp_comm_bytes), with pp > 1 the
+activations and gradients a stage boundary carries (cost.pp_comm_bytes).
 """
 from __future__ import annotations
 
@@ -70,7 +76,7 @@ def params_per_rank(s: Shape, tp: int, pp: int) -> int:
 
 def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp: int = 1, batch: int = 8,
          seq_len: int | None = None, micro_batches: int = 1, dtype: str = "fp32", schedule: str = "1f1b",
-         virtual: int = 1, sequence_parallel: bool = False, recompute: bool = False) -> dict[str, Any]:
+         virtual: int = 1, sequence_parallel: bool = False, recompute: bool = False, flash: bool = True) -> dict[str, Any]:
     """Bytes per rank and per step for one configuration; keys as `ltk plan --json` prints."""
     if strategy not in ENGINES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(ENGINES)} (plus --tp / --pp)")
@@ -88,20 +94,35 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
 
     b = batch // dp // (micro_batches if pp > 1 else 1)  # sequences per micro-batch on a rank
     scale = 4 / 2 if dtype == "fp32" else 1.0  # Korthikanti counts 2-byte activations
-    layer = cost.activation_bytes_per_layer(T, b, s.hidden, s.heads, tp, sequence_parallel, recompute) * scale
+    layer = cost.activation_bytes_per_layer(T, b, s.hidden, s.heads, tp, sequence_parallel, recompute, flash) * scale
     in_flight = 1 if pp == 1 else (micro_batches if schedule == "gpipe" else min(pp, micro_batches))
     logits = b * T * s.vocab // tp * 4  # the fp32 logits the loss reads (last stage)
     activations = int(layer * math.ceil(s.layers / pp) * in_flight + logits)
 
     comm = cost.zero_comm_bytes(psi, stage, micro_batches, prec) if dp > 1 else {}
+    m = micro_batches
+    breakdown = {"data_parallel": comm}
+    if tp > 1:
+        per_micro = cost.tp_comm_bytes(b, T, s.hidden, math.ceil(s.layers / pp), tp, sequence_parallel=sequence_parallel,
+                                       dtype_bytes=prec.param, arch=family, bias=s.block_split_vector > 0,
+                                       positions=s.positions)
+        breakdown["tensor_parallel"] = {op: m * v for op, v in per_micro.items()}
+    if pp > 1:
+        pp_bytes = cost.pp_comm_bytes(pp, m, b, T, s.hidden, virtual if schedule == "interleaved" else 1,
+                                      dtype_bytes=prec.param, vocab=s.vocab if s.tied else None)
+        breakdown["pipeline"] = {"send": max(pp_bytes["per_rank_send"])}  # the busiest stage
+        if pp_bytes["tied_all_reduce"]:
+            breakdown["pipeline"]["all_reduce"] = pp_bytes["tied_all_reduce"]
     total = states["params"] + states["grads"] + states["optimizer"] + activations
     out = {
         "family": family, "world": world, "mesh": {"dp": dp, "tp": tp, "pp": pp}, "strategy": strategy,
         "zero_stage": stage, "dtype": dtype, "num_params_per_rank": psi,
         "params": states["params"], "grads": states["grads"], "optimizer": states["optimizer"],
         "activations": activations, "total": total,
-        "comm_bytes_per_step": sum(comm.values()), "comm": {"data_parallel": comm},
-        "comm_wire_bytes_per_step": cost.wire_bytes(comm, dp),
+        "comm_bytes_per_step": sum(sum(d.values()) for d in breakdown.values()), "comm": breakdown,
+        "comm_wire_bytes_per_step": cost.wire_bytes(comm, dp) + sum(
+            cost.wire_bytes(d, n) for d, n in ((breakdown.get("tensor_parallel", {}), tp),
+                                               (breakdown.get("pipeline", {}), 2))),
     }
     if pp > 1:
         out["bubble_fraction"] = cost.bubble_fraction(pp, micro_batches, virtual if schedule == "interleaved" else 1)
