@@ -21,6 +21,7 @@ _LAB_MODULES = {
     "families": "labs.families",
     "pipeline": "labs.pipeline",
     "zero": "labs.zero",
+    "parallelism": "labs.parallelism",
 }
 
 

@@ -63,7 +63,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     finally:
         trainer.rt.shutdown()
     m = result.metrics
-    if m:
+    if m and trainer.rt.is_main:
         extra = f" | val loss {m['val_loss']:.4f}" if "val_loss" in m else ""
         extra += f" | val {m['val_bpb']:.4f} bits/byte" if "val_bpb" in m else ""
         print(f"step {result.step}: loss {m['loss']:.4f}{extra}\ncheckpoint: {result.checkpoint}")

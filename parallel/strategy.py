@@ -172,6 +172,9 @@ class ParallelRun:
         self.tp = tp
         if strategy == "auto":  # PyTorch's DDP alone; ours with tensor parallelism (it needs our forward)
             strategy = "none" if self.dp_size == 1 else "ddp" if tp > 1 else "torch-ddp"
+        if strategy == "none" and self.dp_size > 1:
+            raise ValueError(f"strategy 'none' with {self.dp_size} data-parallel ranks would never average their "
+                             "gradients: name an engine (ddp, zero1, ...) or leave it on auto")
         if tp > 1 and strategy == "torch-ddp":
             raise ValueError("torch-ddp does not combine with --parallel.tp here: use ddp, naive-ddp, zero1 or zero2")
         self.strategy = strategy

@@ -142,3 +142,23 @@ def test_zero_lab_measures_what_the_cost_model_predicts(tmp_path, monkeypatch):
             assert r["measured_total"] == r["predicted_total"], r  # 27,040 parameters: even, no padding
     by = {(r["strategy"], r["world"]): r["measured_total"] for r in rows}
     assert by[("ddp", 64)] > by[("zero1", 64)] > by[("zero2", 64)] > by[("zero3", 64)]
+
+
+def test_parallelism_lab_reports_time_memory_and_bytes(tmp_path, monkeypatch):
+    from labs import parallelism
+
+    monkeypatch.setattr(parallelism, "lab_settings", lambda quick: dict(
+        worlds=(2,), model=dict(n_layer=2, n_head=2, n_embd=32, block_size=16), batch=4, grad_accum=2, steps=1,
+        vocab=300, max_bytes=200_000))
+    monkeypatch.setattr(parallelism, "STRATEGIES", {k: parallelism.STRATEGIES[k] for k in ("ddp", "zero3", "tp", "pp")})
+    run_lab("parallelism", tmp_path / "lab", quick=True)
+    rows = {r["name"]: r for r in json.loads((tmp_path / "lab" / "results.json").read_text())["rows"]}
+    assert set(rows) == {"ddp", "zero3", "tp", "pp"}
+    for r in rows.values():
+        assert r["step_s"] > 0 and r["comm_total"] > 0
+    mem = {k: sum(r["held"].values()) for k, r in rows.items()}
+    assert mem["zero3"] < mem["ddp"] and mem["tp"] < mem["ddp"] and mem["pp"] < mem["ddp"]
+    # model states as planned, exactly where no padding or tied copy is involved
+    d = rows["ddp"]
+    assert sum(d["held"].values()) == d["plan"]["params"] + d["plan"]["grads"] + d["plan"]["optimizer"]
+    assert d["comm"]["all_reduce"] >= d["plan"]["comm_bytes_per_step"]  # + the loss and norm scalars
