@@ -27,7 +27,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Callable
 
-from bench import attention, norms, train_step
+from bench import attention, norms, parallel_ddp, parallel_zero, train_step
 from bench.harness import (Row, Timing, environment, read_csv, rows_to_json, rows_to_markdown,
                            time_fn, write_csv)
 from bench.peaks import measure_peaks, peak_for
@@ -147,6 +147,36 @@ BENCHMARKS: dict[str, Benchmark] = {
             for op, label, fn in (("layernorm", "LayerNorm", norms.run_layernorm),
                                   ("rmsnorm", "RMSNorm", norms.run_rmsnorm))
         ],
+        Benchmark(
+            "parallel-ddp",
+            "data-parallel step time on gloo CPU processes: our bucketed DDP and naive DDP vs torch DDP",
+            parallel_ddp.run_rows,
+            (
+                Option("world", int, 2, "processes"),
+                Option("steps", int, 64, "timed steps per provider"),
+                Option("rounds", int, 16, "rounds over the providers, order alternating"),
+                Option("n_layer", int, 4, "GPT layers"),
+                Option("n_embd", int, 128, "GPT width"),
+                Option("vocab_size", int, 512, "vocabulary"),
+                Option("seq_len", int, 64, "tokens per sequence"),
+                Option("batch", int, 8, "sequences per rank"),
+            ),
+        ),
+        Benchmark(
+            "parallel-zero",
+            "ZeRO-1/2/3 step time on gloo CPU processes: ours vs FSDP2 and DeepSpeed (where installed), with memory per rank",
+            parallel_zero.run,
+            (
+                Option("world", int, 2, "processes"),
+                Option("rounds", int, 3, "rounds over the providers"),
+                Option("steps", int, 5, "timed steps per provider per round"),
+                Option("n_layer", int, 4, "GPT layers"),
+                Option("n_embd", int, 128, "GPT width"),
+                Option("vocab", int, 512, "vocabulary"),
+                Option("seq", int, 64, "tokens per sequence"),
+                Option("batch", int, 8, "sequences per rank"),
+            ),
+        ),
     ]
 }
 

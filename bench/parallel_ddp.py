@@ -25,12 +25,13 @@ against parallel.cost.zero_comm_bytes.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
 import torch.distributed as dist
 
-from bench.harness import environment
+from bench.harness import Row, environment
 from models.gpt import GPT, GPTConfig
 from parallel.cost import zero_comm_bytes
 from parallel.ddp import DDP, NaiveDDP
@@ -139,6 +140,22 @@ def run(world: int = 2, steps: int = 64, rounds: int = 16, warmup: int = 3, n_la
             "load_avg_1m_before": env["load_avg_1m"],
         })
     return rows
+
+
+def run_rows(world: int = 2, steps: int = 64, rounds: int = 16, n_layer: int = 4, n_embd: int = 128,
+             vocab_size: int = 512, seq_len: int = 64, batch: int = 8) -> list[Row]:
+    """`run` as rows of the results CSV (`ltk bench parallel-ddp`): speedup = torch-ddp's median
+    step time / the provider's; the counts and the paired ratio go to `extra`."""
+    out = []
+    for r in run(world=world, steps=steps, rounds=rounds, n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size,
+                 seq_len=seq_len, batch=batch):
+        extra = {k: r[k] for k in ("world", "paired_ratio_vs_torch", "all_reduce_calls", "payload_bytes", "num_params",
+                                   "threads_per_rank", "load_avg_1m_before")}
+        out.append(Row.stamped("cpu", op="ddp-step", shape=r["shape"], dtype="fp32", mode="step", provider=r["provider"],
+                               median_ms=r["median_ms"], p20_ms=r["p20_ms"], p80_ms=r["p80_ms"], runs=r["steps"],
+                               throughput=batch * world * seq_len / r["median_ms"] * 1e3, throughput_unit="tokens/s",
+                               speedup=1 / r["ratio_vs_torch"], extra=json.dumps(extra)))
+    return out
 
 
 def to_markdown(rows: list[dict]) -> str:
