@@ -10,10 +10,12 @@ parallelism (PP, 1F1B) and, at 4 ranks, DP 2 x TP 2 and PP 2 x DP 2. Per strateg
 
     step time      median over the timed steps, slowest rank (a step ends when every rank is done)
     tokens/s       global batch tokens / step time
-    memory         model-state bytes rank 0 holds between steps (parameters, gradients, optimizer
-                   states; each storage once) beside parallel/plan.py's prediction
-    bytes moved    payload of the collectives rank 0 called in one step (parallel/dist.py counts
-                   them) beside the plan's data-, tensor- and pipeline-parallel traffic
+    memory         model-state bytes rank 0 holds between backward and the optimizer step
+                   (parameters, gradients, optimizer states; each storage once) beside
+                   parallel/plan.py's prediction for the largest rank
+    bytes moved    payload the busiest rank sends in one step (parallel/dist.py counts every
+                   collective; a receive is the peer's send, not counted twice) beside the plan's
+                   data-, tensor- and pipeline-parallel traffic
 
 On a 2-core CPU the processes share the cores, so step times say little about scaling; memory
 and bytes are exact on any machine.
@@ -92,6 +94,14 @@ def _worker(rank: int, world: int, s: dict, names: list[str], data_dir: str) -> 
         cfg.trainer.max_steps, cfg.trainer.progress, cfg.trainer.seq_len = 100, False, 0
         cfg.parallel.strategy, cfg.parallel.tp, cfg.parallel.pp = strategy, tp, pp
         trainer = Trainer(cfg)
+        held: dict = {}
+        clip = trainer.par.clip_grad_norm_
+
+        def clip_and_count(max_norm, clip=clip, held=held):  # between backward and step: gradients exist
+            held["bytes"] = held_bytes(trainer.par)  # the last step's (Adam's state exists after the first)
+            return clip(max_norm)
+
+        trainer.par.clip_grad_norm_ = clip_and_count
         trainer.train_step()  # warm-up (allocations, first bucket layouts)
         times = []
         for _ in range(s["steps"]):
@@ -101,7 +111,8 @@ def _worker(rank: int, world: int, s: dict, names: list[str], data_dir: str) -> 
             trainer.train_step()
             dist.barrier()  # the step is over when the slowest rank is
             times.append(time.perf_counter() - t0)
-        comm = STATS.snapshot()
+        # what this rank sends: a receive moves nothing new (it is the peer's send)
+        sent = {k: v for k, v in STATS.snapshot()["payload_bytes"].items() if k != "recv"}
         m = cfg.model
         dp = world // (tp * pp)
         p = plan("gpt", m, world=world, strategy=strategy if strategy != "auto" else ("ddp" if dp > 1 else "none"), tp=tp, pp=pp,
@@ -109,7 +120,7 @@ def _worker(rank: int, world: int, s: dict, names: list[str], data_dir: str) -> 
                  micro_batches=s["grad_accum"], dtype="fp32")
         out.append({"name": name, "world": world, "rank": rank, "tp": tp, "pp": pp, "dp": world // (tp * pp),
                     "step_s": statistics.median(times), "tokens_per_step": trainer.tokens_per_step,
-                    "held": held_bytes(trainer.par), "comm": comm["payload_bytes"], "comm_total": comm["total_payload_bytes"],
+                    "held": held["bytes"], "comm": sent, "comm_total": sum(sent.values()),
                     "plan": {k: p[k] for k in ("params", "grads", "optimizer", "comm_bytes_per_step")},
                     "plan_comm": p["comm"], "params": trainer.num_params})
     return out
@@ -146,7 +157,9 @@ def run(out: Path, quick: bool) -> Path:
     rows = []
     for world in s["worlds"]:
         results = spawn(_worker, world, s, list(STRATEGIES), data_dir, timeout_s=3600)
-        for r0 in results[0]:  # rank 0's view; the step time is the slowest rank's (barriers)
+        for i, r0 in enumerate(results[0]):  # rank 0's memory; the busiest rank's traffic (as the plan)
+            busiest = max((per_rank[i] for per_rank in results), key=lambda r: r["comm_total"])
+            r0["comm"], r0["comm_total"] = busiest["comm"], busiest["comm_total"]
             r0["tokens_per_s"] = r0["tokens_per_step"] / r0["step_s"]
             r0["mem_mib"] = sum(r0["held"].values()) / 2**20
             r0["comm_mib"] = r0["comm_total"] / 2**20
@@ -155,9 +168,11 @@ def run(out: Path, quick: bool) -> Path:
     table = []
     for r in rows:
         pm = sum(r["plan"][k] for k in ("params", "grads", "optimizer")) / mib
+        torch_ddp = r["name"] == "torch-ddp"  # its buckets and collectives live inside PyTorch's reducer
         table.append([r["name"], r["world"], f"{r['dp']}x{r['tp']}x{r['pp']}", round(r["step_s"] * 1000, 1),
-                      round(r["tokens_per_s"]), f"{r['mem_mib']:.2f} / {pm:.2f}",
-                      f"{r['comm_mib']:.2f} / {r['plan']['comm_bytes_per_step'] / mib:.2f}",
+                      round(r["tokens_per_s"]), ("— / " if torch_ddp else f"{r['mem_mib']:.2f} / ") + f"{pm:.2f}",
+                      ("— / " if torch_ddp else f"{r['comm_mib']:.2f} / ") + f"{r['plan']['comm_bytes_per_step'] / mib:.2f}",
+                      "not counted (PyTorch's own)" if torch_ddp else
                       ", ".join(f"{k} {v / mib:.2f}" for k, v in sorted(r["comm"].items()))])
     rep = Report("Lab: ways to split a training step", "On one model and one global batch, what does each strategy "
                  "cost in step time, memory per rank and bytes moved, and does the cost model agree?",

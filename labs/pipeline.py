@@ -11,11 +11,13 @@ measured bubble of a rank is waiting / compute. Three numbers stand beside each 
 
     formula     (p−1)/m, or (p−1)/(v·m) interleaved     (Narayanan et al. 2021, §2.2; parallel/cost.py)
     simulated   parallel/pipeline_sim.py fed the forward and backward times this very step
-                measured, per chunk (so unequal stages, e.g. the head on the last one, count)
+                measured, per chunk (so unequal stages, e.g. the head on the last one, count),
+                and the one-way time of one activation message, measured by ping-pong
     measured    the ranks' waiting time over their compute time
 
-The simulator assumes free communication; the gap between it and the measurement is the time
-messages take plus the noise of a shared machine. Peak activations in flight per rank (1F1B
+The simulator charges every message its measured one-way time but not the receiving rank's
+own share of the work of a transfer (on a CPU, gloo's copies run on the same cores as the
+compute); the rest of the gap is the noise of a shared machine. Peak activations in flight per rank (1F1B
 keeps at most p, GPipe all m) come from the schedule itself.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2))
 
 def lab_settings(quick: bool) -> dict:
     if quick:
-        return dict(stages=2, micro=(2, 4, 8), n_layer=4, n_embd=256, n_head=4, seq=64, rows_per_micro=2,
+        return dict(stages=2, micro=(2, 4, 8), n_layer=4, n_embd=256, n_head=4, seq=128, rows_per_micro=4,
                     vocab=512, steps=3)
     return dict(stages=4, micro=(4, 8, 16), n_layer=8, n_embd=512, n_head=8, seq=256, rows_per_micro=4,
                 vocab=8192, steps=5)
@@ -49,6 +51,7 @@ def _worker(rank: int, world: int, s: dict) -> list[dict]:
     model = GPT(GPTConfig(vocab_size=s["vocab"], block_size=s["seq"], n_layer=s["n_layer"], n_head=s["n_head"],
                           n_embd=s["n_embd"], bias=False, backend="torch"))
     comms = PipelineComms.build()
+    p2p = _p2p_seconds(rank, (s["rows_per_micro"], s["seq"], s["n_embd"]))
     g = torch.Generator().manual_seed(1)
     out = []
     for name, v in SCHEDULES:
@@ -61,8 +64,31 @@ def _worker(rank: int, world: int, s: dict) -> list[dict]:
             for _ in range(s["steps"]):
                 _, tm = trainer.train_step(x, y)
                 out.append({"schedule": name, "virtual": v, "m": m, "rank": rank, "forward": tm.forward,
-                            "backward": tm.backward, "wait": tm.wait, "other": tm.other})
+                            "backward": tm.backward, "wait": tm.wait, "other": tm.other, "p2p_s": p2p})
     return out
+
+
+def _p2p_seconds(rank: int, shape: tuple, trips: int = 20) -> float:
+    """One-way time of one activation message between ranks 0 and 1 (ping-pong, median)."""
+    import statistics as st
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    buf, times = torch.zeros(shape), []
+    for _ in range(trips):
+        t0 = time.perf_counter()
+        if rank == 0:
+            dist.send(buf, 1)
+            dist.recv(buf, 1)
+        elif rank == 1:
+            dist.recv(buf, 0)
+            dist.send(buf, 0)
+        times.append((time.perf_counter() - t0) / 2)
+    t = torch.tensor([st.median(times) if rank == 0 else 0.0], dtype=torch.float64)
+    dist.broadcast(t, 0)  # every rank uses rank 0's estimate
+    return float(t)
 
 
 def _summarize(rows: list[dict], p: int) -> list[dict]:
@@ -82,7 +108,7 @@ def _summarize(rows: list[dict], p: int) -> list[dict]:
             tms = [StepTimings(**{k: by_rank[j][i][k] for k in ("forward", "backward", "wait", "other")})
                    for j in range(p)]
             measured.append(statistics.mean(t.bubble for t in tms))
-            simulated.append(statistics.mean(simulated_bubble(sched, tms)))
+            simulated.append(statistics.mean(simulated_bubble(sched, tms, by_rank[0][i]["p2p_s"])))
         table.append({"schedule": name, "virtual": v, "m": m, "formula": bubble_fraction(p, m, v),
                       "simulated": statistics.median(simulated), "measured": statistics.median(measured),
                       "peak_in_flight": peak_in_flight(sched)})
@@ -126,6 +152,7 @@ def run(out: Path, quick: bool) -> Path:
               f"tokens per micro-batch; medians over {s['steps']} steps after a warm-up; bubble = idle / compute.")
     rep.plot("bubble", _plot(table, p), "bubble against m: formula (lines), simulated (squares), measured (dots)")
     err = [abs(t["measured"] - t["simulated"]) / t["simulated"] for t in table if t["simulated"] > 0]
+    table_p2p = rows[0]["p2p_s"]
     rep.text(f"""## What it shows
 
 More micro-batches shrink the bubble as 1/m: the pipeline fills and drains once per step,
@@ -134,9 +161,10 @@ the same bubble; 1F1B's gain is memory — a rank holds at most p micro-batches 
 instead of m (last column). Interleaving v chunks per rank makes each stage-time v times
 shorter, so the fill and drain cost v times less, at the price of v times more messages.
 
-The simulator, fed the compute times each rank measured, predicts the measured bubble within
-a median {statistics.median(err):.0%} here (worst {max(err):.0%}); what it leaves out is the time
-messages take and, on a shared CPU, the ranks competing for cores. The formula assumes equal
+The simulator, fed the compute times each rank measured and the measured message time
+({table_p2p * 1e3:.2f} ms one way), predicts the measured bubble within a median
+{statistics.median(err):.0%} here (worst {max(err):.0%}); on a shared CPU the ranks also compete
+for cores with each other and with gloo's copies, which it does not model. The formula assumes equal
 stages; the last stage also runs the head and the loss, which the simulator accounts for.""")
     rep.results.update({"settings": s, "table": table, "rows": rows,
                         "median_relative_error_vs_simulated": statistics.median(err)})

@@ -110,9 +110,9 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
     if pp > 1:
         pp_bytes = cost.pp_comm_bytes(pp, m, b, T, s.hidden, virtual if schedule == "interleaved" else 1,
                                       dtype_bytes=prec.param, vocab=s.vocab if s.tied else None)
-        breakdown["pipeline"] = {"send": max(pp_bytes["per_rank_send"])}  # the busiest stage
-        if pp_bytes["tied_all_reduce"]:
-            breakdown["pipeline"]["all_reduce"] = pp_bytes["tied_all_reduce"]
+        sends, tied = pp_bytes["per_rank_send"], pp_bytes["per_rank_all_reduce"]
+        r = max(range(pp), key=lambda i: sends[i] + tied[i])  # the busiest stage: boundaries + tied weight
+        breakdown["pipeline"] = {"send": sends[r], **({"all_reduce": tied[r]} if tied[r] else {})}
     total = states["params"] + states["grads"] + states["optimizer"] + activations
     out = {
         "family": family, "world": world, "mesh": {"dp": dp, "tp": tp, "pp": pp}, "strategy": strategy,
