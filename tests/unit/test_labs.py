@@ -130,12 +130,12 @@ def test_zero_lab_measures_what_the_cost_model_predicts(tmp_path, monkeypatch):
     from labs import zero
 
     monkeypatch.setattr(zero, "lab_settings", lambda quick: dict(
-        model=dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=8), worlds=(1, 2), fake_worlds=(64,),
+        model=dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=8), worlds=(1, 2), fake_worlds=(64, 1024),
         batch=4))
     run_lab("zero", tmp_path / "lab", quick=True)
     rows = json.loads((tmp_path / "lab" / "results.json").read_text())["rows"]
     assert {(r["strategy"], r["world"]) for r in rows} == {(s, w) for s in ("ddp", "zero1", "zero2", "zero3")
-                                                           for w in (1, 2, 64)}
+                                                           for w in (1, 2, 64, 1024)}
     for r in rows:  # exact up to padding: < N elements of <= 16 bytes per flat buffer (<= 6 buffers here)
         assert abs(r["measured_total"] - r["predicted_total"]) <= 6 * (r["world"] - 1) * 16, r
         if r["world"] <= 2:
