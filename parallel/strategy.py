@@ -62,41 +62,6 @@ def load_by_name_state(optimizer: torch.optim.Optimizer, names: dict[int, str], 
                                       for k, v in sd["state"][names[id(p)]].items()}
 
 
-class _TorchDDP:
-    """PyTorch's DistributedDataParallel behind the same interface (the reference engine)."""
-
-    def __init__(self, model, param_groups, optimizer_factory, comm: Comm, device: torch.device):
-        ids = [device.index] if device.type == "cuda" else None
-        self.module = model
-        self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=comm.group)
-        self.optimizer = optimizer_factory(param_groups)
-        self.names = {id(p): n for n, p in _unwrapped(model).named_parameters()}
-
-    def __call__(self, *args, **kwargs):
-        return self.ddp(*args, **kwargs)
-
-    def no_sync(self):
-        return self.ddp.no_sync()
-
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm).item()
-
-    def step(self) -> None:
-        self.optimizer.step()
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return _unwrapped(self.module).state_dict()  # tied weights stay one tensor under two names
-
-    def optimizer_state_dict(self) -> dict:
-        return by_name_state(self.optimizer, self.names)
-
-    def load_optimizer_state_dict(self, sd: dict) -> None:
-        load_by_name_state(self.optimizer, self.names, sd)
-
-
 class _Single:
     """One process (or tensor parallel without data parallelism): the plain optimizer."""
 
@@ -128,6 +93,22 @@ class _Single:
 
     def load_optimizer_state_dict(self, sd: dict) -> None:
         load_by_name_state(self.optimizer, self.names, sd)
+
+
+class _TorchDDP(_Single):
+    """PyTorch's DistributedDataParallel behind the same interface (the reference engine): its
+    forward and no_sync; gradients arrive averaged, so the rest is the plain optimizer's."""
+
+    def __init__(self, model, param_groups, optimizer_factory, comm: Comm, device: torch.device):
+        super().__init__(model, param_groups, optimizer_factory)
+        ids = [device.index] if device.type == "cuda" else None
+        self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=comm.group)
+
+    def __call__(self, *args, **kwargs):
+        return self.ddp(*args, **kwargs)
+
+    def no_sync(self):
+        return self.ddp.no_sync()
 
 
 def build_engine(name: str, model, param_groups, optimizer_factory: Callable, comm: Comm, device: torch.device,
