@@ -155,8 +155,6 @@ def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
     from training.runtime import resolve_device
     from training.tokenizer import Tokenizer
 
-    from pathlib import Path
-
     from models import Llama, from_pretrained
 
     device = resolve_device(args.device)

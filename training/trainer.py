@@ -145,6 +145,9 @@ class Trainer:
             raise ValueError("fp16 needs a loss scaler, which only the plain and torch-ddp paths have: use bf16")
         if p.tp > 1 and self.cfg.family not in ("gpt", "llama"):
             raise ValueError(f"tensor parallelism has plans for gpt and llama, not {self.cfg.family}")
+        if p.tp > 1 and getattr(self.cfg.model, "dropout", 0.0) > 0:
+            raise ValueError("tensor parallelism runs with --model.dropout 0: the ranks of a tensor-parallel group "
+                             "would draw different dropout masks for the activations they share")
         if p.tp > 1 and t.compile:
             raise ValueError("--trainer.compile with tensor parallelism is not supported: drop one")
         model = torch.compile(self.model) if t.compile and p.strategy in ("auto", "none", "torch-ddp") else self.model
