@@ -30,7 +30,6 @@ import json
 import os
 import time
 
-import torch
 import torch.distributed as dist
 
 from bench.harness import Row, Timing, environment
