@@ -12,6 +12,13 @@ Supported for the PEFT format: Llama (wq wk wv wo w1 w3 w2 <-> q_proj k_proj v_p
 gate_proj up_proj down_proj) and GPT-2 (c_attn c_proj c_fc, the same names; transformers keeps
 them as Conv1D, which PEFT adapts with fan_in_fan_out=True: lora_A (r, in) and lora_B (out, r)
 have the same shapes as ours, only PEFT's merge transposes).
+
+QLoRA (Dettmers et al. 2023, §3): the frozen base may also be a 4-bit `kernels.nf4.NF4Linear`
+(models/qlora.py quantizes a model and then calls apply_lora). The base computes its own term
+y = x · dequant(W_NF4)ᵀ + b in its compute dtype; A and B are kept in that compute dtype. An
+NF4 base cannot be merged in place (W + s·BA re-quantized to 4 bits would lose the update
+under the quantization error), so merge()/unmerge() refuse; remove_lora(model) instead
+dequantizes each NF4 base into a full-precision nn.Linear and adds s·BA there.
 """
 from __future__ import annotations
 
@@ -25,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from kernels.nf4 import NF4Linear
 
 _PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
 
@@ -46,15 +55,18 @@ class LoRALinear(nn.Module):
       costs nothing extra (§4.1, "No additional inference latency"); unmerge() subtracts it.
       Train unmerged: while merged the LoRA term is skipped and A, B get no gradient.
 
-    The base weight and bias are the Linear's own Parameter objects (frozen), kept under the
-    same names (`weight`, `bias`), so the base model's state-dict keys do not change.
+    The base weight and bias of an nn.Linear are the Linear's own Parameter objects (frozen),
+    kept under the same names (`weight`, `bias`), so the base model's state-dict keys do not
+    change. An NF4Linear base (QLoRA) is kept whole as the submodule `base` (keys
+    `<name>.base.packed`, ...; `weight` is None), runs its own forward, and A, B live in its
+    compute dtype.
     """
 
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+    def __init__(self, base: nn.Linear | NF4Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  use_rslora: bool = False):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if not isinstance(base, (nn.Linear, NF4Linear)):
+            raise TypeError(f"LoRALinear wraps an nn.Linear or an NF4Linear, got {type(base).__name__}")
         if r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {r}")
         if not 0.0 <= dropout < 1.0:
@@ -62,11 +74,18 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.weight, self.bias = base.weight, base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        if isinstance(base, NF4Linear):  # QLoRA: the 4-bit base computes its own term
+            self.base, self.weight, self.bias = base, None, None
+            for p in base.parameters():
+                p.requires_grad_(False)
+            kw = dict(device=base.packed.device, dtype=base.compute_dtype)
+        else:
+            self.base = None
+            self.weight, self.bias = base.weight, base.bias
+            self.weight.requires_grad_(False)
+            if self.bias is not None:
+                self.bias.requires_grad_(False)
+            kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -77,27 +96,62 @@ class LoRALinear(nn.Module):
         """ΔW = s · B A, shape (out, in), rank ≤ r."""
         return self.scaling * (self.lora_B @ self.lora_A)
 
+    @property
+    def quantized(self) -> bool:
+        """True when the frozen base is an NF4Linear (QLoRA)."""
+        return self.base is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized:  # base term in the base's compute dtype, LoRA term in A's (the same)
+            y = self.base(x)
+            u = self.lora_dropout(x.to(self.lora_A.dtype))
+            return y + (self.scaling * F.linear(F.linear(u, self.lora_A), self.lora_B)).to(y.dtype)
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
         return y + self.scaling * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
 
+    def _refuse_nf4(self, what: str) -> None:
+        if self.quantized:
+            raise ValueError(f"cannot {what} LoRA into a 4-bit NF4 base: W + s·BA would be re-quantized "
+                             "to 4 bits and the update lost in the quantization error. Use "
+                             "remove_lora(model) (dequantizes each NF4 base into a full-precision nn.Linear "
+                             "and adds s·BA) or models.qlora.dequantize_model(model) first.")
+
+    def full_precision_base(self) -> nn.Linear:
+        """The frozen base as a plain nn.Linear (an NF4 base dequantized into its compute dtype)."""
+        if not self.quantized:
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                               device=self.weight.device, dtype=self.weight.dtype)
+            linear.weight = nn.Parameter(self.weight.detach(), requires_grad=False)
+            if self.bias is not None:
+                linear.bias = nn.Parameter(self.bias.detach(), requires_grad=False)
+            return linear
+        b = self.base
+        linear = nn.Linear(b.in_features, b.out_features, bias=b.bias is not None, device=b.packed.device,
+                           dtype=b.compute_dtype)
+        linear.weight = nn.Parameter(b.dequantized_weight(b.compute_dtype).detach(), requires_grad=False)
+        if b.bias is not None:
+            linear.bias = nn.Parameter(b.bias.detach().to(b.compute_dtype), requires_grad=False)
+        return linear
+
     @torch.no_grad()
     def merge(self) -> None:
+        self._refuse_nf4("merge")
         if not self.merged:
             self.weight += self.delta_weight().to(self.weight.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        self._refuse_nf4("unmerge")
         if self.merged:
             self.weight -= self.delta_weight().to(self.weight.dtype)
             self.merged = False
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}")
+                f"alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}, quantized={self.quantized}")
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -119,21 +173,24 @@ def apply_lora(model: nn.Module, targets, r: int = 8, alpha: float = 16, dropout
                use_rslora: bool = False) -> nn.Module:
     """Replace every nn.Linear whose qualified name matches one of `targets` by a LoRALinear,
     in place, and freeze every other parameter (LoRA parameters added earlier stay trainable).
+    An NF4Linear (models/qlora.py: quantize_model) is a target like an nn.Linear (QLoRA).
     Returns the model."""
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets:
         raise ValueError("apply_lora needs at least one target name pattern")
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = base_linears(model)
     chosen = {n for n in linears if any(_matches(n, p) for p in targets)}
     unmatched = [p for p in targets if not any(_matches(n, p) for n in linears)]
     if unmatched:
         available = sorted({_collapse(n) for n in linears})
-        raise ValueError(f"LoRA target patterns matched no nn.Linear: {unmatched}; "
+        raise ValueError(f"LoRA target patterns matched no nn.Linear or NF4Linear: {unmatched}; "
                          f"available: {', '.join(available)}")
     owners: dict[int, list[str]] = {}  # a tied weight (output head = embedding) would be
     for n, p in model.named_parameters(remove_duplicate=False):  # changed twice by a merge
         owners.setdefault(id(p), []).append(n)
     for name in sorted(chosen):
+        if isinstance(linears[name], NF4Linear):  # quantize_model never quantizes a tied weight
+            continue
         shared = owners[id(linears[name].weight)]
         if len(shared) > 1:
             raise ValueError(f"cannot apply LoRA to {name}: its weight is tied to {shared}")
@@ -144,6 +201,14 @@ def apply_lora(model: nn.Module, targets, r: int = 8, alpha: float = 16, dropout
     for p in lora_parameters(model):
         p.requires_grad_(True)
     return model
+
+
+def base_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every nn.Linear or NF4Linear not already inside a LoRALinear (an NF4 base of one is its
+    submodule `base`), by qualified name."""
+    inside = {n + "." for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))
+            and not any(n.startswith(p) for p in inside)}
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -173,14 +238,18 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replace every LoRALinear by a plain nn.Linear: with W + s·BA (merge=True), or with the
-    base W (merge=False, the adapter is discarded). The new Linears' parameters require grad."""
+    base W (merge=False, the adapter is discarded). The new Linears' parameters require grad.
+    An NF4 base is dequantized into a full-precision nn.Linear (its compute dtype) first, and
+    s·BA is added there: the result is a full-precision copy, never a re-quantized one."""
     for name, m in lora_modules(model).items():
-        m.merge() if merge else m.unmerge()
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                           device=m.weight.device, dtype=m.weight.dtype)
-        linear.weight = nn.Parameter(m.weight.detach(), requires_grad=True)
-        if m.bias is not None:
-            linear.bias = nn.Parameter(m.bias.detach(), requires_grad=True)
+        if not m.quantized:
+            m.merge() if merge else m.unmerge()
+        linear = m.full_precision_base()
+        if m.quantized and merge:
+            with torch.no_grad():
+                linear.weight += m.delta_weight().to(linear.weight.dtype)
+        for p in linear.parameters():
+            p.requires_grad_(True)
         _set_module(model, name, linear)
     return model
 
@@ -199,8 +268,8 @@ def _hf_names(model: nn.Module) -> tuple[dict[str, str], bool]:
         names = {o.removesuffix(".weight"): t.removesuffix(".weight") for o, t in pairs}
         return names, False
     if isinstance(model, GPT):  # transformer.h.{i}.{attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj}
-        return {n: "transformer." + n for n, m in model.named_modules()
-                if isinstance(m, (nn.Linear, LoRALinear)) and n.startswith("h.")}, True
+        ours = set(base_linears(model)) | set(lora_modules(model))
+        return {n: "transformer." + n for n in ours if n.startswith("h.")}, True
     raise NotImplementedError(f"PEFT adapters are supported for Llama and GPT (GPT-2), "
                               f"not {type(model).__name__}")
 
