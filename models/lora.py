@@ -33,6 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from kernels.backend import resolve_backend
+from kernels.lora import lora_linear
 from kernels.nf4 import NF4Linear
 
 _PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
@@ -63,8 +65,9 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear | NF4Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 use_rslora: bool = False):
+                 use_rslora: bool = False, backend: str = "auto"):
         super().__init__()
+        self.backend = backend  # kernels.lora: "triton" fuses the low-rank term into the GEMM epilogue
         if not isinstance(base, (nn.Linear, NF4Linear)):
             raise TypeError(f"LoRALinear wraps an nn.Linear or an NF4Linear, got {type(base).__name__}")
         if r <= 0:
@@ -106,9 +109,12 @@ class LoRALinear(nn.Module):
             y = self.base(x)
             u = self.lora_dropout(x.to(self.lora_A.dtype))
             return y + (self.scaling * F.linear(F.linear(u, self.lora_A), self.lora_B)).to(y.dtype)
-        y = F.linear(x, self.weight, self.bias)
         if self.merged:
-            return y
+            return F.linear(x, self.weight, self.bias)
+        if isinstance(self.lora_dropout, nn.Identity) and resolve_backend(self.backend, x) == "triton":
+            # one kernel: x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ, the LoRA term added in the GEMM's epilogue
+            return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, backend="triton")
+        y = F.linear(x, self.weight, self.bias)
         return y + self.scaling * F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
 
     def _refuse_nf4(self, what: str) -> None:
@@ -196,8 +202,9 @@ def apply_lora(model: nn.Module, targets, r: int = 8, alpha: float = 16, dropout
             raise ValueError(f"cannot apply LoRA to {name}: its weight is tied to {shared}")
     for p in model.parameters():
         p.requires_grad_(False)
+    backend = getattr(getattr(model, "config", None), "backend", "auto")  # the model's kernel setting
     for name in sorted(chosen):
-        _set_module(model, name, LoRALinear(linears[name], r, alpha, dropout, use_rslora))
+        _set_module(model, name, LoRALinear(linears[name], r, alpha, dropout, use_rslora, backend=backend))
     for p in lora_parameters(model):
         p.requires_grad_(True)
     return model
