@@ -22,6 +22,7 @@ _LAB_MODULES = {
     "pipeline": "labs.pipeline",
     "zero": "labs.zero",
     "parallelism": "labs.parallelism",
+    "finetune": "labs.finetune",
 }
 
 

@@ -7,6 +7,7 @@
     ltk train --preset gpt-debug --parallel ddp --parallel.tp 2 --nproc 4   # DP 2 x TP 2
     ltk train --resume runs/gpt-debug --trainer.max_steps 600     # continue a run exactly
     ltk generate --ckpt runs/gpt-debug --prompt "def main(" --max-new-tokens 80
+    ltk finetune --method lora --base runs/gpt-debug --data builtin    # LoRA on the built-in task
     ltk lab list
     ltk lab run pretrain --quick
     ltk bench list
@@ -103,6 +104,24 @@ def _launch(nproc: int, argv: list[str]) -> int:
            "-m", "ltk.cli", *rest]
     print("launching: " + " ".join(cmd[1:]), file=sys.stderr)
     return subprocess.run(cmd).returncode
+
+
+def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
+    if overrides:
+        raise SystemExit(f"ltk finetune: unexpected arguments {overrides}")
+    from training.finetune import FinetuneConfig, run_finetune
+
+    cfg = FinetuneConfig(method=args.method, base=args.base, data=args.data, out_dir=args.out, steps=args.steps,
+                         batch_size=args.batch_size, max_len=args.max_len, lr=args.lr, lora_r=args.lora_r,
+                         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, use_rslora=args.rslora,
+                         targets=args.targets, compute_dtype=args.compute_dtype, limit=args.limit,
+                         eval_every=args.eval_every, seed=args.seed, device=args.device, merge=args.merge)
+    s = run_finetune(cfg)
+    score = "exact_match" if "exact_match" in s["after"] else "val_ppl"
+    print(f"{s['method']}: {s['trainable_params']:,} of {s['params']:,} parameters trained | {score} "
+          f"{s['before'][score]:.4g} -> {s['after'][score]:.4g} | {s['step_ms_median']:.1f} ms/step\n"
+          f"written to {cfg.out_dir}")
+    return 0
 
 
 def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -263,6 +282,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
     g.set_defaults(func=_generate)
+
+    f = sub.add_parser("finetune", help="fine-tune a pretrained model: full, LoRA or QLoRA",
+                       description="Fine-tune one of our checkpoints or a Hugging Face folder on instruction data.")
+    f.add_argument("--method", default="lora", choices=("full", "lora", "qlora"))
+    f.add_argument("--base", required=True, help="a run folder / checkpoint of ours, or a Hugging Face folder")
+    f.add_argument("--data", default="builtin", help="builtin (an exactly scored task) or a .jsonl (Alpaca or chat rows)")
+    f.add_argument("--out", default="runs/finetune", help="output folder")
+    f.add_argument("--steps", type=int, default=300)
+    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--max-len", type=int, default=128, help="tokens per example")
+    f.add_argument("--lr", type=float, default=0.0, help="0 = 3e-4 (full) or 3e-3 (lora, qlora)")
+    f.add_argument("--lora-r", type=int, default=8)
+    f.add_argument("--lora-alpha", type=float, default=16.0)
+    f.add_argument("--lora-dropout", type=float, default=0.0)
+    f.add_argument("--rslora", action="store_true", help="scale alpha / sqrt(r) (rsLoRA)")
+    f.add_argument("--targets", default="", help="comma list of layer-name patterns (default: every block projection)")
+    f.add_argument("--compute-dtype", default="fp32", choices=("fp32", "bf16"), help="QLoRA's matmul dtype")
+    f.add_argument("--limit", type=int, help="use at most this many examples")
+    f.add_argument("--eval-every", type=int, default=100)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default="auto")
+    f.add_argument("--merge", action="store_true", help="also write merged/: full weights with the adapter folded in")
+    f.set_defaults(func=_finetune)
 
     pl = sub.add_parser("plan", help="memory per rank and bytes per step of a parallel run (cost model)",
                         description="Predict memory per rank (parameters, gradients, optimizer states, "

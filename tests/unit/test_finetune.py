@@ -1,0 +1,94 @@
+"""`ltk finetune` end to end on a tiny base: full, LoRA and QLoRA train only what they should,
+write what they say (PEFT adapter, merged Hugging Face folder), and the merged folder gives the
+fine-tuned model's logits; data from a JSONL file works as well as the built-in task."""
+import json
+
+import pytest
+import torch
+
+from ltk.cli import main
+from training.finetune import FinetuneConfig, load_base, run_finetune
+from training.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tiny_corpus, tmp_path_factory):
+    """A 2-layer, 32-wide GPT pre-trained for 4 steps (trained once for the module)."""
+    from models.gpt import GPTConfig
+    from training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
+
+    out = tmp_path_factory.mktemp("base")
+    Trainer(RunConfig(
+        name="tiny", model=GPTConfig(vocab_size=0, block_size=96, n_layer=2, n_head=2, n_embd=32, dropout=0.0),
+        data=DataConfig(source=str(tiny_corpus), vocab_size=300, min_chars=16, val_fraction=0.1),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2),
+        trainer=TrainerConfig(max_steps=4, batch_size=4, eval_every=4, eval_batches=2, out_dir=str(out), progress=False),
+    )).fit()
+    return out
+
+
+def _cfg(base, out, method, **kw):
+    return FinetuneConfig(method=method, base=str(base), data=kw.pop("data", "builtin"), out_dir=str(out), steps=3,
+                          batch_size=4, max_len=96, limit=40, eval_every=3, eval_examples=4, device="cpu", **kw)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_each_method_trains_what_it_should_and_writes_its_outputs(tiny_base, tmp_path, method):
+    before, _, _ = load_base(tiny_base, torch.device("cpu"))
+    s = run_finetune(_cfg(tiny_base, tmp_path / method, method, merge=True))
+    if method == "full":
+        assert s["trainable_params"] == s["params"]
+    assert 0.0 <= s["after"]["exact_match"] <= 1.0 and s["after"]["val_loss"] > 0
+    m = s["memory"]
+    # Adam: two moments per trainable element (+ a 4-byte step counter per tensor)
+    assert m["gradients"] > 0 and 0 <= m["optimizer_states"] - 2 * m["gradients"] <= 4 * 64 and m["activations"] > 0
+    if method != "full":
+        assert s["trainable_params"] < s["params"] / 4
+        assert (tmp_path / method / "adapter" / "adapter_config.json").exists()
+    if method == "qlora":
+        assert m["base_nf4_packed"] > 0
+    folder = tmp_path / method / ("model" if method == "full" else "merged")
+    assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
+    merged, _, family = load_base(folder, torch.device("cpu"))
+    assert family == "gpt"
+    changed = any((a - b).abs().max() > 0 for a, b in zip(merged.state_dict().values(), before.state_dict().values()))
+    assert changed  # the update is in the merged weights
+
+
+def test_jsonl_data_and_the_command_line(tiny_base, tmp_path, capsys):
+    rows = [{"instruction": "Repeat the word.", "input": w, "output": w} for w in ("alpha", "beta", "gamma", "delta")] * 5
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    rc = main(["finetune", "--method", "lora", "--base", str(tiny_base), "--data", str(data), "--steps", "2",
+               "--batch-size", "4", "--max-len", "64", "--eval-every", "2", "--out", str(tmp_path / "ft"),
+               "--device", "cpu"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "lora:" in out and "val_ppl" in out
+    summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    assert "exact_match" not in summary["after"] and summary["after"]["val_ppl"] > 1
+
+
+def test_bad_input_is_named(tiny_base, tmp_path):
+    with pytest.raises(ValueError, match="--method"):
+        run_finetune(_cfg(tiny_base, tmp_path / "x", "prefix-tuning"))
+    with pytest.raises(ValueError, match="--base is required"):
+        run_finetune(FinetuneConfig(base=""))
+
+
+def test_finetune_lab_compares_the_three_methods(tiny_base, tmp_path, monkeypatch):
+    from labs import finetune
+
+    monkeypatch.setattr(finetune, "lab_settings", lambda quick: dict(pretrain_steps=0, steps=2, batch=4,
+                                                                      eval_examples=4, limit=40, max_len=96))
+    report = finetune.run(tmp_path / "lab", quick=True, base=str(tiny_base))
+    rows = json.loads((tmp_path / "lab" / "results.json").read_text())["rows"]
+    assert list(rows) == ["full", "lora", "qlora"]
+    full, lora, qlora = (rows[m] for m in ("full", "lora", "qlora"))
+    # the cost model's gradients and optimizer states are exact; LoRA's are far smaller than full's
+    for r in rows.values():
+        assert r["measured"]["gradients"] == r["predicted"]["gradients"]
+        assert abs(r["measured"]["optimizer"] - r["predicted"]["optimizer"]) <= 4 * 64
+    assert lora["measured"]["gradients"] < full["measured"]["gradients"] / 4
+    assert qlora["measured"]["weights"] < lora["measured"]["weights"]
+    assert (tmp_path / "lab" / "memory.png").exists() and "QLoRA" in report.read_text()
