@@ -22,9 +22,7 @@ double quantization (per layer, blocksize 64, second-level blocks of 256):
 """
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -213,20 +211,9 @@ def from_pretrained_qlora(path, targets=None, blocksize: int = 64, compute_dtype
     (models.from_pretrained followed by quantize_model would hold the model and the
     checkpoint, two full copies). The remaining tensors (embeddings, norms, head) are assigned
     without copying."""
-    from models.hf.folder import ARCHITECTURES, load_tensors
+    from models.hf.folder import read_folder
 
-    folder = Path(path)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
-    hf_config = json.loads((folder / "config.json").read_text())
-    archs = hf_config.get("architectures") or []
-    arch = next((a for a in archs if a in ARCHITECTURES), None)
-    if arch is None:
-        raise ValueError(f"{folder}: architectures {archs} are not supported; supported: {', '.join(ARCHITECTURES)}")
-    model_cls, conv = ARCHITECTURES[arch]
-    cfg = conv.config_from_hf(hf_config)
-    cfg.backend = backend
-    tensors = conv.state_dict_from_hf(load_tensors(folder), cfg)
+    model_cls, cfg, tensors = read_folder(path, backend=backend)
     with torch.device("meta"):
         model = model_cls(cfg)
     for name in _quant_targets(model, targets):

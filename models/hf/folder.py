@@ -64,6 +64,14 @@ def _load_bin(path: str) -> dict[str, torch.Tensor]:
 
 def from_pretrained(path: str | Path, *, backend: str = "auto") -> torch.nn.Module:
     """A model of ours with the weights of a local transformers folder."""
+    model_cls, cfg, tensors = read_folder(path, backend=backend)
+    model = model_cls(cfg)
+    _load_strict(model, tensors)
+    return model.eval()
+
+
+def read_folder(path: str | Path, *, backend: str = "auto") -> tuple[type, object, dict[str, torch.Tensor]]:
+    """(our model class, its config, the checkpoint's tensors under our names) of a folder."""
     folder = Path(path)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
@@ -75,10 +83,7 @@ def from_pretrained(path: str | Path, *, backend: str = "auto") -> torch.nn.Modu
     model_cls, conv = ARCHITECTURES[arch]
     cfg = conv.config_from_hf(hf_config)
     cfg.backend = backend
-    tensors = conv.state_dict_from_hf(load_tensors(folder), cfg)
-    model = model_cls(cfg)
-    _load_strict(model, tensors)
-    return model.eval()
+    return model_cls, cfg, conv.state_dict_from_hf(load_tensors(folder), cfg)
 
 
 def _load_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
