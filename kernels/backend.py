@@ -60,3 +60,12 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         raise ValueError("inputs are on different devices: " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+
+
+def output_buffer(shape, dtype: torch.dtype, device, poison: bool) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here. With `poison` (each kernel module's
+    POISON_OUTPUTS: tests, the GPU check) it is filled with NaN before launch, so an element
+    a kernel forgets to write fails the comparison instead of passing with stale memory."""
+    if poison:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
