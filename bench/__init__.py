@@ -27,7 +27,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Callable
 
-from bench import attention, norms, parallel_ddp, parallel_zero, train_step
+from bench import attention, lora, nf4, norms, parallel_ddp, parallel_zero, qlora_memory, train_step
 from bench.harness import (Row, Timing, environment, read_csv, rows_to_json, rows_to_markdown,
                            time_fn, write_csv)
 from bench.peaks import measure_peaks, peak_for
@@ -147,6 +147,61 @@ BENCHMARKS: dict[str, Benchmark] = {
             for op, label, fn in (("layernorm", "LayerNorm", norms.run_layernorm),
                                   ("rmsnorm", "RMSNorm", norms.run_rmsnorm))
         ],
+        Benchmark(
+            "nf4",
+            "y = x·Wᵀ with W in NF4 (QLoRA's frozen base), TFLOP/s and GB/s over M×N×K: ours (fused Triton "
+            "dequant-matmul) vs bitsandbytes' matmul_4bit, the dequantize+F.linear path, dense, torch.compile",
+            nf4.run,
+            (
+                Option("shapes", str, None, "comma list of M×N×K, e.g. 4096x4096x4096,4096x11008x4096 "
+                       "(default: 4096 × 4096², 11008×4096, 4096×11008 on CUDA; 256x1024x1024 on a CPU)"),
+                Option("dtype", str, "auto", "auto = bf16 on CUDA, fp32 on a CPU", ("auto", "fp32", "fp16", "bf16")),
+                Option("modes", str, "all", "comma list of fwd, bwd (dx only: W is frozen), fwd+bwd, or all"),
+                Option("providers", str, "all", "comma list of " + ", ".join(nf4.PROVIDERS) + ", or all"),
+                Option("min_time", float, 0.25, "timed seconds per point"),
+                Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
+                Option("seed", int, 0, "seed of x and W"),
+            ),
+        ),
+        Benchmark(
+            "lora",
+            "LoRA linear y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ forward and backward (dx, dA, dB; W frozen): ours (fused Triton) "
+            "vs PEFT, the unfused reference, torch.compile",
+            lora.run,
+            (
+                Option("shapes", str, None, "comma list of M×N×K, e.g. 4096x4096x4096 "
+                       "(default: 4096x4096x4096 on CUDA, 256x512x512 on a CPU)"),
+                Option("rank", int, 16, "LoRA rank r"),
+                Option("alpha", float, 32.0, "LoRA alpha; the scale is alpha / r"),
+                Option("dtype", str, "auto", "auto = bf16 on CUDA, fp32 on a CPU", ("auto", "fp32", "fp16", "bf16")),
+                Option("modes", str, "all", "comma list of fwd, bwd, fwd+bwd, or all"),
+                Option("providers", str, "all", "comma list of " + ", ".join(lora.PROVIDERS) + ", or all"),
+                Option("min_time", float, 0.25, "timed seconds per point"),
+                Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
+                Option("seed", int, 0, "seed of the random inputs"),
+            ),
+        ),
+        Benchmark(
+            "qlora-memory",
+            "memory of QLoRA on a Llama-2-7B shape by component (NF4 weights, adapters, AdamW, matmul "
+            "transients): ours vs bitsandbytes + PEFT; runs on a CPU",
+            qlora_memory.run,
+            (
+                Option("n_embd", int, 4096, "model width d (Llama-2-7B: 4096)"),
+                Option("n_layer", int, 32, "transformer blocks"),
+                Option("n_head", int, 32, "attention heads (no GQA: key/value heads = heads)"),
+                Option("intermediate_size", int, 11008, "SwiGLU hidden width"),
+                Option("vocab_size", int, 32000, "vocabulary (embedding and head rows)"),
+                Option("rank", int, 16, "LoRA rank r on all 7 projections of every block"),
+                Option("adapter_dtype", str, "bf16", "dtype of the adapters, gradients and AdamW states, both sides "
+                       "(PEFT's default is fp32)", ("bf16", "fp32")),
+                Option("checkpointing", str, "both", "activation checkpointing: both, yes, no",
+                       ("both", "yes", "no")),
+                Option("batch", int, 1, "sequences, for the checkpointed block inputs (shown apart)"),
+                Option("seq_len", int, 4096, "tokens per sequence, for the checkpointed block inputs"),
+                Option("seed", int, 0, "seed of the weights"),
+            ),
+        ),
         Benchmark(
             "parallel-ddp",
             "data-parallel step time on gloo CPU processes: our bucketed DDP and naive DDP vs torch DDP",

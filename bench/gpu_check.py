@@ -87,11 +87,14 @@ def correctness_checks(device: torch.device) -> list[Check]:
     from kernels.layernorm import layer_norm, layer_norm_residual
     from kernels.rmsnorm import rms_norm, rms_norm_residual
 
-    # fill outputs with NaN before every launch, so an element a kernel forgets to write fails
-    for module in ("kernels.attention", "kernels.layernorm", "kernels.rmsnorm"):
+    # fill outputs with NaN before every launch, so an element a kernel forgets to write fails;
+    # the flags are put back at the end, so the benchmarks after this time no extra fill
+    poisoned = {}
+    for module in ("kernels.attention", "kernels.layernorm", "kernels.rmsnorm", "kernels.nf4_triton",
+                   "kernels.lora_triton"):
         mod = importlib.import_module(module)
         if hasattr(mod, "POISON_OUTPUTS"):
-            mod.POISON_OUTPUTS = True
+            poisoned[mod], mod.POISON_OUTPUTS = mod.POISON_OUTPUTS, True
 
     def rnd(*shape, grad=True):
         return torch.randn(*shape, device=device, dtype=torch.float32).requires_grad_(grad)
@@ -120,6 +123,12 @@ def correctness_checks(device: torch.device) -> list[Check]:
     cases.append(("rmsnorm", "residual 513x4096",
                   lambda t, be: rms_norm_residual(t[0], t[1], t[2], backend=be), [x, r, w]))
 
+    for M, N, K in [(4096, 4096, 4096), (1000, 11008, 4096), (333, 777, 1023), (1, 4096, 11008), (7, 257, 65)]:
+        cases.append(nf4_case(M, N, K, device))
+    for M, N, K, r, bias in [(4096, 4096, 4096, 16, False), (333, 1000, 777, 8, True), (1, 257, 129, 1, False),
+                             (513, 11008, 4096, 64, False), (100, 300, 200, 128, True)]:
+        cases.append(lora_case(M, N, K, r, bias, device))
+
     checks = []
     for kernel, case, run, inputs in cases:
         for dtype in ("fp16", "bf16"):
@@ -127,7 +136,50 @@ def correctness_checks(device: torch.device) -> list[Check]:
                 checks.append(_compare(kernel, case, dtype, run, inputs))
             except Exception as e:  # a failure is a result, not a crash of the whole check
                 checks.append(Check(kernel, case, dtype, note=f"{type(e).__name__}: {e}"[:200]))
+    for mod, flag in poisoned.items():
+        mod.POISON_OUTPUTS = flag
     return checks
+
+
+def nf4_case(M: int, N: int, K: int, device, seed: int = 0) -> tuple[str, str, Callable, list[torch.Tensor]]:
+    """y = x · Ŵᵀ with Ŵ an NF4 weight (N, K), blocksize 64; only x gets a gradient (W is
+    frozen). The reference (float64, and PyTorch's own op in the low dtype) multiplies by the
+    dequantized Ŵ — exact fp32 values, code · absmax — so the check measures the fused
+    kernel's matmul error, not the quantization error."""
+    from kernels.nf4 import dequantize_nf4, nf4_matmul, quantize_nf4
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    w = (0.02 * torch.randn(N, K, generator=gen)).to(device)
+    packed, absmax = quantize_nf4(w, 64)
+    w_hat = dequantize_nf4(packed, absmax, (N, K), 64, torch.float32)  # exact: fp32 products
+
+    def run(t, backend):
+        if backend == "triton":
+            return nf4_matmul(t[0], packed, absmax, (N, K), 64, backend="triton")
+        return torch.nn.functional.linear(t[0], w_hat.to(t[0].dtype))  # = nf4_matmul(backend="torch") below fp64
+
+    x = torch.randn(M, K, generator=gen).to(device).requires_grad_(True)
+    return "nf4", f"M{M} N{N} K{K}", run, [x]
+
+
+def lora_case(M: int, N: int, K: int, r: int, bias: bool, device, seed: int = 0
+              ) -> tuple[str, str, Callable, list[torch.Tensor]]:
+    """y = x·Wᵀ (+ b) + s·(x·Aᵀ)·Bᵀ, s = 2; gradients of x, A and B (W and b frozen)."""
+    from kernels.lora import lora_linear
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(M, K, generator=gen)
+    w, a, b_ = (0.05 * torch.randn(*s, generator=gen) for s in ((N, K), (r, K), (N, r)))
+    b = 0.1 * torch.randn(N, generator=gen) if bias else None
+    grad = {"x": True, "w": False, "b": False, "a": True, "B": True}
+    named = {"x": x, "w": w, "a": a, "B": b_} | ({"b": b} if bias else {})
+    inputs = [t.to(device).requires_grad_(grad[k]) for k, t in named.items()]
+
+    def run(t, backend):
+        xx, ww, aa, bb = t[:4]
+        return lora_linear(xx, ww, t[4] if bias else None, aa, bb, 2.0, backend=backend)
+
+    return "lora", f"M{M} N{N} K{K} r{r}{' bias' if bias else ''}", run, inputs
 
 
 def benchmarks(device: torch.device, quick: bool) -> tuple[list, list[str]]:
@@ -143,6 +195,9 @@ def benchmarks(device: torch.device, quick: bool) -> tuple[list, list[str]]:
         ("attention", dict(seq_lens="4k", causal=False, modes="fwd,fwd+bwd", providers=fast, min_time=0.3)),
         ("layernorm", dict(modes="fwd,bwd", providers="ours,torch,unfused,liger", min_time=0.3)),
         ("rmsnorm", dict(modes="fwd,bwd", providers="ours,torch,unfused,liger", min_time=0.3)),
+        ("nf4", dict(shapes="4096x4096x4096,4096x11008x4096", providers="ours,ours-reference,bitsandbytes,dense",
+                     min_time=0.2)),
+        ("lora", dict(providers="ours,ours-reference,peft", min_time=0.2)),
         ("train-step", dict(preset="gpt2-124m", batch_size=16, min_time=4.0, rounds=2)),
     ]
     rows, skipped = [], []

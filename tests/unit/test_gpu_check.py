@@ -36,3 +36,25 @@ def test_compare_on_attention_with_gqa():
 def test_main_says_clearly_that_it_needs_cuda(capsys):
     assert gpu_check.main([]) == 2
     assert "needs a CUDA device" in capsys.readouterr().out
+
+
+def test_nf4_and_lora_cases_pass_and_a_wrong_kernel_fails():
+    """The NF4 and LoRA cases of the GPU check, at tiny odd shapes through the interpreter
+    (fp16: its bf16 is wrong): ours passes against the float64 reference; a kernel whose
+    output is off by a little fails."""
+    from kernels.backend import HAS_TRITON, interpreter_on
+
+    if not (HAS_TRITON and interpreter_on()):
+        pytest.skip("our kernels run on a CPU only under TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    for kernel, case, run, inputs in (gpu_check.nf4_case(7, 40, 70, "cpu"),
+                                      gpu_check.lora_case(5, 33, 40, 3, True, "cpu")):
+        chk = gpu_check._compare(kernel, case, "fp16", run, inputs)
+        n_grads = sum(t.requires_grad for t in inputs)
+        assert chk.passed and len(chk.errors) == 1 + n_grads, (kernel, chk.errors, chk.torch_errors)
+
+        def off(t, be, run=run):  # the "triton" side scaled by 1.01: must fail
+            return run(t, be) * (1.01 if be == "triton" else 1.0)
+
+        assert not gpu_check._compare(kernel, case, "fp16", off, inputs).passed, kernel
+    assert [t.requires_grad for t in gpu_check.lora_case(5, 33, 40, 3, True, "cpu")[3]] == \
+        [True, False, True, True, False]  # x, W, A, B, b: W and b frozen
