@@ -17,11 +17,11 @@ Components (QLoRA, Dettmers et al. 2023, arXiv 2305.14314, §3; every byte of ea
                   bitsandbytes 0.50's MatMul4Bit dequantizes the whole weight to bf16 in its
                   backward (and in its forward when M > 1536 tokens, or where its heuristic
                   prefers), N·K·2 bytes plus the fp32 absmax, freed after: a transient of the
-                  largest weight (11008×4096: 90 MB). Ours (Triton) never forms Ŵ, but
-                  NF4MatmulFunction saves the fp32 absmax (N·K/16 bytes) for its backward, so
-                  it is held from a layer's forward to its backward: one block's worth with
-                  activation checkpointing, every block's without. (Our torch backend, on a
-                  CPU, dequantizes like bitsandbytes and autograd keeps Ŵ for dx.) (Formulas:
+                  largest weight (11008×4096: 90 MB). Ours (Triton) never forms Ŵ; it
+                  rebuilds the fp32 absmax (N·K/16 bytes) for the call and frees it, saving
+                  only the stored codes for its backward, which rebuilds it again. (Our torch
+                  backend, on a CPU, dequantizes like bitsandbytes and autograd keeps Ŵ for
+                  dx.) (Formulas:
                   `matmul_transient_bytes`, `saved_for_backward_bytes`; a test checks the
                   latter against the tensors autograd really saves.)
 
@@ -190,17 +190,20 @@ def shared_code_tables(side: str) -> int:
 
 def saved_for_backward_bytes(side: str, n: int, k: int) -> int:
     """Tensors the 4-bit matmul of one (N, K) weight newly creates and keeps until its
-    backward (the LoRA branch saves the same (M, r) and x on both sides, not counted): ours
-    the fp32 absmax NF4LinearDQ dequantizes and NF4MatmulFunction saves; bitsandbytes
-    nothing (MatMul4Bit keeps references to the stored quant_state)."""
-    return 4 * math.ceil(n * k / BLOCKSIZE) if side == "ours" else 0
+    backward (the LoRA branch saves the same (M, r) and x on both sides, not counted): none
+    on either side. Ours saves the stored codes and double-quantized scales and rebuilds the
+    fp32 absmax in the backward (kernels/nf4.py NF4MatmulFunction); bitsandbytes' MatMul4Bit
+    keeps references to the stored quant_state."""
+    if side not in ("ours", "bitsandbytes+peft"):
+        raise ValueError(f"side must be 'ours' or 'bitsandbytes+peft', got {side!r}")
+    return 0
 
 
 def matmul_transient_bytes(side: str, n: int, k: int) -> int:
     """Memory one 4-bit matmul call allocates and frees (beyond its output): bitsandbytes the
     fp32 absmax and the whole Ŵ in bf16 (backends/default/ops.py `_gemm_4bit_default_impl`
-    and MatMul4Bit.backward's dequantize_4bit); ours the fp32 absmax only (the same tensor
-    that is then saved, when autograd records)."""
+    and MatMul4Bit.backward's dequantize_4bit); ours the fp32 absmax only, rebuilt from the
+    8-bit codes for the call."""
     absmax = 4 * math.ceil(n * k / BLOCKSIZE)
     return absmax + (n * k * COMPUTE.itemsize if side != "ours" else 0)
 

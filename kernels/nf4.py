@@ -230,41 +230,78 @@ def nf4_bits_per_param(blocksize: int = 64, blocksize2: int = 256, double: bool 
 # ---------------------------------------------------------------------------------------
 class NF4MatmulFunction(torch.autograd.Function):
     """y = x · Wᵀ with W (N, K) in NF4, the Triton kernels: the forward dequantizes tiles of
-    W in registers; the backward gives dx = dy · W the same way; W is frozen (no dW)."""
+    W in registers; the backward gives dx = dy · W the same way; W is frozen (no dW).
+
+    The block scales come as `stats` and `absmax_of(*stats)`: the fp32 absmax itself
+    (absmax_of = identity), or double quantization's 8-bit codes, scales and offset
+    (absmax_of = dequantize_absmax). Only the stored tensors are saved for backward, and the
+    absmax (n/64 values) is recomputed there: saving the fp32 absmax a double-quantized layer
+    builds would hold 0.5 bits a parameter from each layer's forward to its backward — for a
+    7B model without activation checkpointing, 0.4 GB that QLoRA's double quantization exists
+    to save."""
 
     @staticmethod
-    def forward(ctx, x, packed, absmax, shape, blocksize):
+    def forward(ctx, x, packed, shape, blocksize, absmax_of, *stats):
         n, k = shape
         x2 = x.reshape(-1, k).contiguous()                      # (M, K)
-        code = _code("nf4", x.device)
-        y = nf4_triton.matmul_fwd_triton(x2, packed, absmax, code, n, blocksize)
-        ctx.save_for_backward(packed, absmax)
-        ctx.shape, ctx.blocksize, ctx.x_shape = shape, blocksize, x.shape
+        y = nf4_triton.matmul_fwd_triton(x2, packed, absmax_of(*stats), _code("nf4", x.device), n, blocksize)
+        ctx.save_for_backward(packed, *stats)
+        ctx.shape, ctx.blocksize, ctx.x_shape, ctx.absmax_of = shape, blocksize, x.shape, absmax_of
         return y.view(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, dy):
-        packed, absmax = ctx.saved_tensors
+        packed, *stats = ctx.saved_tensors
         n, k = ctx.shape
         dy2 = dy.reshape(-1, n).contiguous()                    # (M, N)
-        dx = nf4_triton.matmul_bwd_triton(dy2, packed, absmax, _code("nf4", dy.device), k, ctx.blocksize)
-        return dx.view(ctx.x_shape), None, None, None, None
+        dx = nf4_triton.matmul_bwd_triton(dy2, packed, ctx.absmax_of(*stats), _code("nf4", dy.device), k,
+                                          ctx.blocksize)
+        return (dx.view(ctx.x_shape), None, None, None, None, *[None] * len(stats))
+
+
+def _check_x(x: torch.Tensor, shape) -> tuple[int, int]:
+    check_float("x", x, (torch.float16, torch.bfloat16, torch.float32))
+    shape = tuple(shape)
+    if len(shape) != 2 or x.dim() == 0 or x.shape[-1] != shape[1]:
+        raise ValueError(f"x's last dim must equal K of the weight shape (N, K); x {tuple(x.shape)}, W {shape}")
+    return shape
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, shape, blocksize: int = 64,
                backend: str = "auto") -> torch.Tensor:
     """y = x · Wᵀ for x (..., K) and the NF4 weight W of shape (N, K); y (..., N) in x's dtype.
     Gradient flows to x only."""
-    check_float("x", x, (torch.float16, torch.bfloat16, torch.float32))
-    shape = tuple(shape)
-    if len(shape) != 2 or x.dim() == 0 or x.shape[-1] != shape[1]:
-        raise ValueError(f"x's last dim must equal K of the weight shape (N, K); x {tuple(x.shape)}, W {shape}")
+    shape = _check_x(x, shape)
     _check_packed(packed, absmax, shape, blocksize)
     check_same_device(x=x, packed=packed, absmax=absmax)
     packed, absmax = packed.reshape(-1).contiguous(), absmax.reshape(-1).contiguous()
     if resolve_backend(backend, x) == "torch":
         return F.linear(x, dequantize_nf4(packed, absmax, shape, blocksize, x.dtype))
-    return NF4MatmulFunction.apply(x, packed, absmax, shape, blocksize)
+    return NF4MatmulFunction.apply(x, packed, shape, blocksize, _identity, absmax)
+
+
+def nf4_matmul_dq(x: torch.Tensor, packed: torch.Tensor, absmax_codes: torch.Tensor, absmax_scales: torch.Tensor,
+                  absmax_offset: torch.Tensor, shape, blocksize: int = 64, blocksize2: int = 256,
+                  backend: str = "auto") -> torch.Tensor:
+    """nf4_matmul with double-quantized block scales (the 8-bit codes, fp32 scales and offset
+    of `quantize_absmax`): the fp32 absmax is rebuilt in the forward and again in the
+    backward, never kept between them."""
+    def absmax_of(codes, scales, offset):
+        return dequantize_absmax(codes, scales, offset, blocksize2)
+
+    if resolve_backend(backend, x) == "torch":
+        return nf4_matmul(x, packed, absmax_of(absmax_codes, absmax_scales, absmax_offset), shape, blocksize, "torch")
+    shape = _check_x(x, shape)
+    if absmax_codes.dtype != torch.uint8:
+        raise TypeError(f"absmax_codes must be uint8 (double quantization's 8-bit codes), got {absmax_codes.dtype}")
+    _check_packed(packed, torch.empty(absmax_codes.numel(), device=packed.device), shape, blocksize)
+    check_same_device(x=x, packed=packed, absmax_codes=absmax_codes, absmax_scales=absmax_scales)
+    return NF4MatmulFunction.apply(x, packed.reshape(-1).contiguous(), shape, blocksize, absmax_of,
+                                   absmax_codes, absmax_scales.float(), absmax_offset.float())
 
 
 class NF4Linear(nn.Module):

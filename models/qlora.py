@@ -27,7 +27,8 @@ import re
 import torch
 import torch.nn as nn
 
-from kernels.nf4 import NF4Linear, dequantize_absmax, dequantize_nf4, nf4_matmul, quantize_absmax, quantize_nf4
+from kernels.nf4 import (NF4Linear, dequantize_absmax, dequantize_nf4, nf4_matmul_dq, quantize_absmax,
+                         quantize_nf4)
 from models.lora import LoRALinear, _collapse, _matches, _set_module, apply_lora, base_linears
 
 
@@ -80,8 +81,10 @@ class NF4LinearDQ(NF4Linear):
                               self.blocksize, dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nf4_matmul(x.to(self.compute_dtype), self.packed, self.absmax_values(),
-                       (self.out_features, self.in_features), self.blocksize, self.backend)
+        # the absmax is rebuilt inside the matmul (and again in its backward), never kept
+        y = nf4_matmul_dq(x.to(self.compute_dtype), self.packed, self.absmax_codes, self.absmax_scales,
+                          self.absmax_offset, (self.out_features, self.in_features), self.blocksize,
+                          self.blocksize2, self.backend)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import kernels.nf4_triton as nt
 from kernels.backend import interpreter_on
 from kernels.nf4 import (NF4_CODE, NF4Linear, bytes_moved, dequantize_absmax, dequantize_nf4, dynamic_code,
+                         nf4_matmul_dq,
                          flops, nf4_bits_per_param, nf4_code_from_quantiles, nf4_matmul, quantize_absmax,
                          quantize_nf4)
 
@@ -191,6 +192,37 @@ def test_fused_matmul_and_dx(x_shape, n, dtype):
         budget = 1e-5 if dtype == torch.float32 else 3 * rel_err(base, ref) + torch.finfo(dtype).eps / 2
         e = rel_err(out, ref)
         assert math.isfinite(e) and e <= budget, f"{name}: err {e:.2e} > budget {budget:.2e} ({x_shape}, {n}, {dtype})"
+
+
+@triton_ok
+def test_double_quant_matmul_rebuilds_absmax_and_saves_only_stored_tensors():
+    """nf4_matmul_dq equals nf4_matmul on the rebuilt absmax (y and dx), and what autograd
+    keeps for backward is the stored codes and scales alone: no fp32 absmax (0.5 bit a
+    parameter) lives from the forward to the backward."""
+    n, k = 130, 96
+    p, a = quantize_nf4(weight((n, k), seed=8))
+    codes, scales, offset = quantize_absmax(a, 256)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    stored = {t.untyped_storage().data_ptr() for t in (p, codes, scales, offset, x)}
+    saved_new = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in stored:
+            saved_new.append(tuple(t.shape))
+        return t
+
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    stored |= {xa.untyped_storage().data_ptr(), xb.untyped_storage().data_ptr()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = nf4_matmul_dq(xa, p, codes, scales, offset, (n, k), 64, 256, backend="triton")
+    assert saved_new == []
+    ref = nf4_matmul(xb, p, dequantize_absmax(codes, scales, offset, 256), (n, k), 64, backend="triton")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref.backward(dy)
+    assert torch.equal(y, ref) and torch.equal(xa.grad, xb.grad)
+    with pytest.raises(TypeError, match="absmax_codes must be uint8"):
+        nf4_matmul_dq(x, p, codes.float(), scales, offset, (n, k), backend="triton")
 
 
 def test_torch_backend_matmul_is_dequantize_then_linear():
