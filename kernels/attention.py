@@ -15,12 +15,22 @@ attended by query i, −inf where not):
     O   = P V                                    (T, D)
     LSE_i = log Σ_j exp(S_ij)                    (T,)     saved for the backward
 
-The mask combines a key padding mask (key j of sequence b absent) and causality. CAUSAL
-CONVENTION: bottom-right aligned, as FlashAttention ≥ 2.1 — query i attends key j iff
-j ≤ i + (S − T). When T == S this is the usual lower triangle (SDPA's `is_causal`); when
-T < S (decoding with a KV cache) the last query sees every key; when T > S the first T − S
-queries see no key at all. A query row with no key to attend (all masked by padding, by
+The mask combines a key padding mask (key j of sequence b absent), causality and document
+masking. CAUSAL CONVENTION: bottom-right aligned, as FlashAttention ≥ 2.1 — query i attends
+key j iff j ≤ i + (S − T). When T == S this is the usual lower triangle (SDPA's `is_causal`);
+when T < S (decoding with a KV cache) the last query sees every key; when T > S the first
+T − S queries see no key at all. A query row with no key to attend (all masked by padding, by
 causality, or by a bias of −inf) returns O_i = 0 and passes zero gradients, never NaN.
+
+Document masking (packed sequences): with segment ids seg_q (B, T) and seg_k (B, S),
+
+    allowed(i, j) = causal(i, j)  and  seg_q[i] == seg_k[j]
+
+so several examples concatenated in one row attend only within themselves: with causality,
+a block-diagonal of lower triangles (Krell et al. 2021, "Efficient Sequence Packing without
+Cross-contamination", arXiv 2107.02027; flash-attn's varlen kernels get the same from
+cumulative sequence lengths). The kernels compare the ids tile by tile and skip the tiles in
+which no query shares a segment with any key (see `_fwd_blocks`).
 
 Backward, given dO (Dao 2023, section 2.2 / Algorithm 2):
 
@@ -129,13 +139,16 @@ if HAS_TRITON:
             tl.store(ptrs, x)
 
     @triton.jit
-    def _scores(s, q_idx, k_idx, bias_base, kpm_base, stride_bt, stride_bs, T, S, causal_offset,
+    def _scores(s, q_idx, k_idx, bias_base, kpm_base, same, stride_bt, stride_bs, T, S, causal_offset,
                 CAUSAL_STEP: tl.constexpr, CHECK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_KPM: tl.constexpr):
+                HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr):
         """Finish a tile of scores in log2 units: s = (scale·q·k)·log2e on entry; adds
         bias·log2e and sets −inf where the key may not be attended. q_idx / k_idx are the
         query / key indices broadcast to the tile's layout: (M,1)/(1,N) for an S tile,
-        (1,M)/(N,1) for an Sᵀ tile, so the same code serves both."""
+        (1,M)/(N,1) for an Sᵀ tile, so the same code serves both; `same` (HAS_SEG) is the
+        tile of seg_q[i] == seg_k[j] in that layout."""
+        if HAS_SEG:  # document masking: a key of another segment is never attended
+            s = tl.where(same, s, float("-inf"))
         if HAS_BIAS:
             # int64: a (T, S) bias plane can pass 2^31 elements at long sequence lengths
             b = tl.load(bias_base + q_idx.to(tl.int64) * stride_bt + k_idx * stride_bs,
@@ -151,49 +164,71 @@ if HAS_TRITON:
         return s
 
     @triton.jit
-    def _fwd_blocks(acc, l_i, m_i, q, offs_m, k_base, v_base, bias_base, kpm_base,
+    def _any(same):
+        """Whether any element of a boolean tile is set: the tile has a query and a key of one
+        segment, so it must be computed."""
+        return tl.max(same.to(tl.int32)) > 0
+
+    @triton.jit
+    def _fwd_blocks(acc, l_i, m_i, q, offs_m, seg_q, k_base, v_base, bias_base, kpm_base, segk_base,
                     stride_ks, stride_vs, stride_bt, stride_bs, T, S, qk_scale, lo, hi,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL_STEP: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    HAS_KPM: tl.constexpr, FP32_DOTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, FP32_DOTS: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
         """Online softmax over the key blocks [lo, hi) for one block of queries (the inner
-        loop of FlashAttention-2's Algorithm 1): m, l and acc as in the module docstring."""
+        loop of FlashAttention-2's Algorithm 1): m, l and acc as in the module docstring.
+
+        With segment ids (HAS_SEG), a tile in which no query shares a segment with any key
+        is skipped before its loads: all its scores would be −inf, so it would add exactly
+        nothing (p = 0, alpha = 1). In a row packed with n examples of similar length that is
+        all but ~1/n of the causal tiles, plus the tiles that straddle a boundary; a skipped
+        tile still costs BLOCK_N id loads and an (M, N) comparison, ~1/D of its matmul work.
+        The same test skips tiles in the two backward loops."""
         offs_d = tl.arange(0, BLOCK_D)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = _load_rows(k_base, offs_n, offs_d, stride_ks, S, HEAD_DIM, not EVEN_N, BLOCK_D != HEAD_DIM)
-            v = _load_rows(v_base, offs_n, offs_d, stride_vs, S, HEAD_DIM, not EVEN_N, BLOCK_D != HEAD_DIM)
-            if FP32_DOTS:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N), log2 units
-            s = _scores(s, offs_m[:, None], offs_n[None, :], bias_base, kpm_base, stride_bt, stride_bs,
-                        T, S, S - T, CAUSAL_STEP, not EVEN_N, HAS_BIAS, HAS_KPM)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row that has seen only masked keys keeps m = −inf: shift by 0 there, not by
-            # −inf (−inf − (−inf) would be NaN); its p and alpha are then exactly 0
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_shift[:, None])
-            alpha = tl.exp2(m_i - m_shift)  # rescales what was accumulated under the old max
-            l_i = l_i * alpha + tl.sum(p, 1)
-            # P goes into the PV product in the input dtype (tensor cores on a GPU); under the
-            # interpreter the same rounding is applied, then the dot runs in fp32
-            p_in = p.to(v_base.dtype.element_ty)
-            if FP32_DOTS:
-                p_in = p_in.to(tl.float32)
-            acc = tl.dot(p_in, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-            m_i = m_new
+            if HAS_SEG:
+                seg_k = tl.load(segk_base + offs_n, mask=offs_n < S, other=-1)
+                same = seg_q[:, None] == seg_k[None, :]  # (M, N)
+                visit = _any(same)
+            else:  # a constant: the loop stays free of branches
+                same = offs_n
+                visit = True
+            if visit:
+                k = _load_rows(k_base, offs_n, offs_d, stride_ks, S, HEAD_DIM, not EVEN_N, BLOCK_D != HEAD_DIM)
+                v = _load_rows(v_base, offs_n, offs_d, stride_vs, S, HEAD_DIM, not EVEN_N, BLOCK_D != HEAD_DIM)
+                if FP32_DOTS:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N), log2 units
+                s = _scores(s, offs_m[:, None], offs_n[None, :], bias_base, kpm_base, same, stride_bt, stride_bs,
+                            T, S, S - T, CAUSAL_STEP, not EVEN_N, HAS_BIAS, HAS_KPM, HAS_SEG)
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # a row that has seen only masked keys keeps m = −inf: shift by 0 there, not by
+                # −inf (−inf − (−inf) would be NaN); its p and alpha are then exactly 0
+                m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp2(s - m_shift[:, None])
+                alpha = tl.exp2(m_i - m_shift)  # rescales what was accumulated under the old max
+                l_i = l_i * alpha + tl.sum(p, 1)
+                # P goes into the PV product in the input dtype (tensor cores on a GPU); under the
+                # interpreter the same rounding is applied, then the dot runs in fp32
+                p_in = p.to(v_base.dtype.element_ty)
+                if FP32_DOTS:
+                    p_in = p_in.to(tl.float32)
+                acc = tl.dot(p_in, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+                m_i = m_new
         return acc, l_i, m_i
 
     @triton.jit
-    def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM,
+    def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, SEGQ, SEGK,
                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks,
                   stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_ot,
-                  stride_bb, stride_bh, stride_bt, stride_bs, stride_mb,
+                  stride_bb, stride_bh, stride_bt, stride_bs, stride_mb, stride_sqb, stride_skb,
                   H, T, S, GROUP, qk_scale, T_BUCKET, S_BUCKET,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  HAS_KPM: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+                  HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                   FP32_DOTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """One program: BLOCK_M queries of one (batch, head). Writes O and the base-2 LSE."""
         bh = tl.program_id(0)
@@ -211,6 +246,10 @@ if HAS_TRITON:
         v_base = V + b64 * stride_vb + hk64 * stride_vh
         bias_base = BIAS + b64 * stride_bb + h64 * stride_bh
         kpm_base = KPM + b64 * stride_mb
+        segk_base = SEGK + b64 * stride_skb
+        seg_q = offs_m  # the queries' segment ids (HAS_SEG), loaded once
+        if HAS_SEG:
+            seg_q = tl.load(SEGQ + b64 * stride_sqb + offs_m, mask=offs_m < T, other=-1)
 
         q = _load_rows(q_base, offs_m, offs_d, stride_qt, T, HEAD_DIM, not EVEN_M, BLOCK_D != HEAD_DIM)
         if FP32_DOTS:
@@ -224,19 +263,19 @@ if HAS_TRITON:
             n_end = tl.maximum(tl.minimum(S, start_m + BLOCK_M + S - T), 0)
             n_full = tl.maximum(start_m + 1 + S - T, 0) // BLOCK_N * BLOCK_N
             n_full = tl.minimum(n_full, n_end)
-            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, offs_m, k_base, v_base, bias_base, kpm_base,
-                                        stride_ks, stride_vs, stride_bt, stride_bs, T, S, qk_scale,
+            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, offs_m, seg_q, k_base, v_base, bias_base, kpm_base,
+                                        segk_base, stride_ks, stride_vs, stride_bt, stride_bs, T, S, qk_scale,
                                         0, n_full, HEAD_DIM, BLOCK_D, BLOCK_N, False, EVEN_N,
-                                        HAS_BIAS, HAS_KPM, FP32_DOTS, DOT_PRECISION)
-            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, offs_m, k_base, v_base, bias_base, kpm_base,
-                                        stride_ks, stride_vs, stride_bt, stride_bs, T, S, qk_scale,
+                                        HAS_BIAS, HAS_KPM, HAS_SEG, FP32_DOTS, DOT_PRECISION)
+            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, offs_m, seg_q, k_base, v_base, bias_base, kpm_base,
+                                        segk_base, stride_ks, stride_vs, stride_bt, stride_bs, T, S, qk_scale,
                                         n_full, n_end, HEAD_DIM, BLOCK_D, BLOCK_N, True, EVEN_N,
-                                        HAS_BIAS, HAS_KPM, FP32_DOTS, DOT_PRECISION)
+                                        HAS_BIAS, HAS_KPM, HAS_SEG, FP32_DOTS, DOT_PRECISION)
         else:
-            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, offs_m, k_base, v_base, bias_base, kpm_base,
-                                        stride_ks, stride_vs, stride_bt, stride_bs, T, S, qk_scale,
+            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, offs_m, seg_q, k_base, v_base, bias_base, kpm_base,
+                                        segk_base, stride_ks, stride_vs, stride_bt, stride_bs, T, S, qk_scale,
                                         0, S, HEAD_DIM, BLOCK_D, BLOCK_N, False, EVEN_N,
-                                        HAS_BIAS, HAS_KPM, FP32_DOTS, DOT_PRECISION)
+                                        HAS_BIAS, HAS_KPM, HAS_SEG, FP32_DOTS, DOT_PRECISION)
         # rows that saw no key: l = 0 -> O = 0 and LSE = +inf, so that the backward's
         # P = 2^(S - LSE) is exactly 0 there
         dead = l_i == 0.0
@@ -266,56 +305,66 @@ if HAS_TRITON:
         tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
 
     @triton.jit
-    def _dkdv_blocks(dk, dv, k, v, offs_n, q_base, do_base, lse_base, delta_base, bias_base, kpm_base,
-                     stride_qt, stride_dot, stride_bt, stride_bs, T, S, qk_scale, lo, hi,
+    def _dkdv_blocks(dk, dv, k, v, offs_n, seg_k, q_base, do_base, lse_base, delta_base, bias_base, kpm_base,
+                     segq_base, stride_qt, stride_dot, stride_bt, stride_bs, T, S, qk_scale, lo, hi,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      CAUSAL_STEP: tl.constexpr, EVEN_M: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_KPM: tl.constexpr, FP32_DOTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, FP32_DOTS: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
         """Accumulate dV += Pᵀ dO and dK += dSᵀ Q (without the scale) over the query
         blocks [lo, hi). Works on the transposed tile Sᵀ (keys × queries), so that no
-        operand needs a transpose for the two accumulating products."""
+        operand needs a transpose for the two accumulating products. A tile with no query of
+        these keys' segments is skipped (HAS_SEG, as in `_fwd_blocks`)."""
         offs_d = tl.arange(0, BLOCK_D)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = _load_rows(q_base, offs_m, offs_d, stride_qt, T, HEAD_DIM, not EVEN_M, BLOCK_D != HEAD_DIM)
-            do = _load_rows(do_base, offs_m, offs_d, stride_dot, T, HEAD_DIM, not EVEN_M, BLOCK_D != HEAD_DIM)
-            if EVEN_M:
-                lse = tl.load(lse_base + offs_m)
-                delta = tl.load(delta_base + offs_m)
-            else:  # rows past T: LSE = +inf makes their P exactly 0
-                lse = tl.load(lse_base + offs_m, mask=offs_m < T, other=float("inf"))
-                delta = tl.load(delta_base + offs_m, mask=offs_m < T, other=0.0)
-            if FP32_DOTS:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (N, M)
-            # keys past S need no mask here: they only touch rows of dK/dV that are not stored
-            s_t = _scores(s_t, offs_m[None, :], offs_n[:, None], bias_base, kpm_base, stride_bt, stride_bs,
-                          T, S, S - T, CAUSAL_STEP, False, HAS_BIAS, HAS_KPM)
-            p_t = tl.exp2(s_t - lse[None, :])  # Pᵀ recomputed from the saved LSE
-            p_in = p_t.to(do_base.dtype.element_ty)
-            if FP32_DOTS:
-                p_in = p_in.to(tl.float32)
-            dv = tl.dot(p_in, do, dv, input_precision=DOT_PRECISION)  # dV += Pᵀ dO
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # dPᵀ = V dOᵀ
-            ds_t = p_t * (dp_t - delta[None, :])  # dSᵀ = Pᵀ ∘ (dPᵀ − D)
-            ds_in = ds_t.to(q_base.dtype.element_ty)
-            if FP32_DOTS:
-                ds_in = ds_in.to(tl.float32)
-            dk = tl.dot(ds_in, q, dk, input_precision=DOT_PRECISION)  # dK += dSᵀ Q
+            if HAS_SEG:
+                seg_q = tl.load(segq_base + offs_m, mask=offs_m < T, other=-1)
+                same = seg_q[None, :] == seg_k[:, None]  # (N, M)
+                visit = _any(same)
+            else:  # a constant: the loop stays free of branches
+                same = offs_m
+                visit = True
+            if visit:
+                q = _load_rows(q_base, offs_m, offs_d, stride_qt, T, HEAD_DIM, not EVEN_M, BLOCK_D != HEAD_DIM)
+                do = _load_rows(do_base, offs_m, offs_d, stride_dot, T, HEAD_DIM, not EVEN_M, BLOCK_D != HEAD_DIM)
+                if EVEN_M:
+                    lse = tl.load(lse_base + offs_m)
+                    delta = tl.load(delta_base + offs_m)
+                else:  # rows past T: LSE = +inf makes their P exactly 0
+                    lse = tl.load(lse_base + offs_m, mask=offs_m < T, other=float("inf"))
+                    delta = tl.load(delta_base + offs_m, mask=offs_m < T, other=0.0)
+                if FP32_DOTS:
+                    q = q.to(tl.float32)
+                    do = do.to(tl.float32)
+                s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (N, M)
+                # keys past S need no mask here: they only touch rows of dK/dV that are not stored
+                s_t = _scores(s_t, offs_m[None, :], offs_n[:, None], bias_base, kpm_base, same, stride_bt,
+                              stride_bs, T, S, S - T, CAUSAL_STEP, False, HAS_BIAS, HAS_KPM, HAS_SEG)
+                p_t = tl.exp2(s_t - lse[None, :])  # Pᵀ recomputed from the saved LSE
+                p_in = p_t.to(do_base.dtype.element_ty)
+                if FP32_DOTS:
+                    p_in = p_in.to(tl.float32)
+                dv = tl.dot(p_in, do, dv, input_precision=DOT_PRECISION)  # dV += Pᵀ dO
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # dPᵀ = V dOᵀ
+                ds_t = p_t * (dp_t - delta[None, :])  # dSᵀ = Pᵀ ∘ (dPᵀ − D)
+                ds_in = ds_t.to(q_base.dtype.element_ty)
+                if FP32_DOTS:
+                    ds_in = ds_in.to(tl.float32)
+                dk = tl.dot(ds_in, q, dk, input_precision=DOT_PRECISION)  # dK += dSᵀ Q
         return dk, dv
 
     @triton.jit
-    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, KPM,
+    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, KPM, SEGQ, SEGK,
                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks,
                        stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dot,
                        stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                       stride_bb, stride_bh, stride_bt, stride_bs, stride_mb,
+                       stride_bb, stride_bh, stride_bt, stride_bs, stride_mb, stride_sqb, stride_skb,
                        H, H_KV, T, S, GROUP, qk_scale, sm_scale, T_BUCKET, S_BUCKET,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       HAS_KPM: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-                       FP32_DOTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, EVEN_M: tl.constexpr,
+                       EVEN_N: tl.constexpr, FP32_DOTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """One program: BLOCK_N keys of one (batch, key/value head); loops over the GROUP
         query heads that share it and over their query blocks, so dK and dV of the shared
         head are complete sums when stored (no atomics)."""
@@ -334,6 +383,10 @@ if HAS_TRITON:
             v = v.to(tl.float32)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        segq_base = SEGQ + b64 * stride_sqb
+        seg_k = offs_n  # the keys' segment ids (HAS_SEG), loaded once
+        if HAS_SEG:
+            seg_k = tl.load(SEGK + b64 * stride_skb + offs_n, mask=offs_n < S, other=-1)
         if CAUSAL:
             # queries < start_n − (S − T) see none of these keys: skipped. Queries from m_full
             # on see all of them: no causal mask there.
@@ -349,66 +402,75 @@ if HAS_TRITON:
             bias_base = BIAS + b64 * stride_bb + h64 * stride_bh
             kpm_base = KPM + b64 * stride_mb
             if CAUSAL:
-                dk, dv = _dkdv_blocks(dk, dv, k, v, offs_n, q_base, do_base, lse_base, delta_base, bias_base,
-                                      kpm_base, stride_qt, stride_dot, stride_bt, stride_bs, T, S, qk_scale,
-                                      m_lo, m_full, HEAD_DIM, BLOCK_D, BLOCK_M, True, EVEN_M, HAS_BIAS,
-                                      HAS_KPM, FP32_DOTS, DOT_PRECISION)
-                dk, dv = _dkdv_blocks(dk, dv, k, v, offs_n, q_base, do_base, lse_base, delta_base, bias_base,
-                                      kpm_base, stride_qt, stride_dot, stride_bt, stride_bs, T, S, qk_scale,
-                                      m_full, T, HEAD_DIM, BLOCK_D, BLOCK_M, False, EVEN_M, HAS_BIAS,
-                                      HAS_KPM, FP32_DOTS, DOT_PRECISION)
+                dk, dv = _dkdv_blocks(dk, dv, k, v, offs_n, seg_k, q_base, do_base, lse_base, delta_base,
+                                      bias_base, kpm_base, segq_base, stride_qt, stride_dot, stride_bt, stride_bs,
+                                      T, S, qk_scale, m_lo, m_full, HEAD_DIM, BLOCK_D, BLOCK_M, True, EVEN_M,
+                                      HAS_BIAS, HAS_KPM, HAS_SEG, FP32_DOTS, DOT_PRECISION)
+                dk, dv = _dkdv_blocks(dk, dv, k, v, offs_n, seg_k, q_base, do_base, lse_base, delta_base,
+                                      bias_base, kpm_base, segq_base, stride_qt, stride_dot, stride_bt, stride_bs,
+                                      T, S, qk_scale, m_full, T, HEAD_DIM, BLOCK_D, BLOCK_M, False, EVEN_M,
+                                      HAS_BIAS, HAS_KPM, HAS_SEG, FP32_DOTS, DOT_PRECISION)
             else:
-                dk, dv = _dkdv_blocks(dk, dv, k, v, offs_n, q_base, do_base, lse_base, delta_base, bias_base,
-                                      kpm_base, stride_qt, stride_dot, stride_bt, stride_bs, T, S, qk_scale,
-                                      0, T, HEAD_DIM, BLOCK_D, BLOCK_M, False, EVEN_M, HAS_BIAS,
-                                      HAS_KPM, FP32_DOTS, DOT_PRECISION)
+                dk, dv = _dkdv_blocks(dk, dv, k, v, offs_n, seg_k, q_base, do_base, lse_base, delta_base,
+                                      bias_base, kpm_base, segq_base, stride_qt, stride_dot, stride_bt, stride_bs,
+                                      T, S, qk_scale, 0, T, HEAD_DIM, BLOCK_D, BLOCK_M, False, EVEN_M,
+                                      HAS_BIAS, HAS_KPM, HAS_SEG, FP32_DOTS, DOT_PRECISION)
         _store_rows(DK + b64 * stride_dkb + hk64 * stride_dkh, dk * sm_scale, offs_n, offs_d, stride_dks, S,
                     HEAD_DIM, not EVEN_N, BLOCK_D != HEAD_DIM)
         _store_rows(DV + b64 * stride_dvb + hk64 * stride_dvh, dv, offs_n, offs_d, stride_dvs, S,
                     HEAD_DIM, not EVEN_N, BLOCK_D != HEAD_DIM)
 
     @triton.jit
-    def _dq_blocks(dq, q, do, lse, delta, offs_m, k_base, v_base, bias_base, kpm_base, ds_base,
+    def _dq_blocks(dq, q, do, lse, delta, offs_m, seg_q, k_base, v_base, bias_base, kpm_base, segk_base, ds_base,
                    stride_ks, stride_vs, stride_bt, stride_bs, stride_dst, T, S, qk_scale, lo, hi,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL_STEP: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   HAS_KPM: tl.constexpr, STORE_DS: tl.constexpr, FP32_DOTS: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, STORE_DS: tl.constexpr,
+                   FP32_DOTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """Accumulate dQ += dS K (without the scale) over the key blocks [lo, hi); write dS
-        itself when the bias needs its gradient."""
+        itself when the bias needs its gradient. A tile with no key of these queries'
+        segments is skipped (HAS_SEG, as in `_fwd_blocks`; its dS stays the buffer's 0)."""
         offs_d = tl.arange(0, BLOCK_D)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = _load_rows(k_base, offs_n, offs_d, stride_ks, S, HEAD_DIM, not EVEN_N, BLOCK_D != HEAD_DIM)
-            v = _load_rows(v_base, offs_n, offs_d, stride_vs, S, HEAD_DIM, not EVEN_N, BLOCK_D != HEAD_DIM)
-            if FP32_DOTS:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N)
-            s = _scores(s, offs_m[:, None], offs_n[None, :], bias_base, kpm_base, stride_bt, stride_bs,
-                        T, S, S - T, CAUSAL_STEP, not EVEN_N, HAS_BIAS, HAS_KPM)
-            p = tl.exp2(s - lse[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # dP = dO Vᵀ
-            ds = p * (dp - delta[:, None])  # dS = P ∘ (dP − D)
-            if STORE_DS:
-                tl.store(ds_base + offs_m[:, None].to(tl.int64) * stride_dst + offs_n[None, :], ds,
-                         mask=(offs_m[:, None] < T) & (offs_n[None, :] < S))
-            ds_in = ds.to(k_base.dtype.element_ty)
-            if FP32_DOTS:
-                ds_in = ds_in.to(tl.float32)
-            dq = tl.dot(ds_in, k, dq, input_precision=DOT_PRECISION)  # dQ += dS K
+            if HAS_SEG:
+                seg_k = tl.load(segk_base + offs_n, mask=offs_n < S, other=-1)
+                same = seg_q[:, None] == seg_k[None, :]  # (M, N)
+                visit = _any(same)
+            else:  # a constant: the loop stays free of branches
+                same = offs_n
+                visit = True
+            if visit:
+                k = _load_rows(k_base, offs_n, offs_d, stride_ks, S, HEAD_DIM, not EVEN_N, BLOCK_D != HEAD_DIM)
+                v = _load_rows(v_base, offs_n, offs_d, stride_vs, S, HEAD_DIM, not EVEN_N, BLOCK_D != HEAD_DIM)
+                if FP32_DOTS:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N)
+                s = _scores(s, offs_m[:, None], offs_n[None, :], bias_base, kpm_base, same, stride_bt, stride_bs,
+                            T, S, S - T, CAUSAL_STEP, not EVEN_N, HAS_BIAS, HAS_KPM, HAS_SEG)
+                p = tl.exp2(s - lse[:, None])
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # dP = dO Vᵀ
+                ds = p * (dp - delta[:, None])  # dS = P ∘ (dP − D)
+                if STORE_DS:
+                    tl.store(ds_base + offs_m[:, None].to(tl.int64) * stride_dst + offs_n[None, :], ds,
+                             mask=(offs_m[:, None] < T) & (offs_n[None, :] < S))
+                ds_in = ds.to(k_base.dtype.element_ty)
+                if FP32_DOTS:
+                    ds_in = ds_in.to(tl.float32)
+                dq = tl.dot(ds_in, k, dq, input_precision=DOT_PRECISION)  # dQ += dS K
         return dq
 
     @triton.jit
-    def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, BIAS, KPM, DS,
+    def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, BIAS, KPM, SEGQ, SEGK, DS,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks,
                      stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dot,
                      stride_dqb, stride_dqh, stride_dqt,
-                     stride_bb, stride_bh, stride_bt, stride_bs, stride_mb,
+                     stride_bb, stride_bh, stride_bt, stride_bs, stride_mb, stride_sqb, stride_skb,
                      H, T, S, GROUP, qk_scale, sm_scale, T_BUCKET, S_BUCKET,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_KPM: tl.constexpr, STORE_DS: tl.constexpr, EVEN_M: tl.constexpr,
+                     HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, STORE_DS: tl.constexpr, EVEN_M: tl.constexpr,
                      EVEN_N: tl.constexpr, FP32_DOTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """One program: BLOCK_M queries of one (batch, head); the same key-block loop
         bounds as the forward. DS (when STORE_DS) is a contiguous fp32 (B, H, T, S) buffer."""
@@ -432,23 +494,27 @@ if HAS_TRITON:
         v_base = V + b64 * stride_vb + hk64 * stride_vh
         bias_base = BIAS + b64 * stride_bb + h64 * stride_bh
         kpm_base = KPM + b64 * stride_mb
+        segk_base = SEGK + b64 * stride_skb
+        seg_q = offs_m  # the queries' segment ids (HAS_SEG), loaded once
+        if HAS_SEG:
+            seg_q = tl.load(SEGQ + b64 * stride_sqb + offs_m, mask=offs_m < T, other=-1)
         ds_base = DS + bh.to(tl.int64) * T * S
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         if CAUSAL:
             n_end = tl.maximum(tl.minimum(S, start_m + BLOCK_M + S - T), 0)
             n_full = tl.minimum(tl.maximum(start_m + 1 + S - T, 0) // BLOCK_N * BLOCK_N, n_end)
-            dq = _dq_blocks(dq, q, do, lse, delta, offs_m, k_base, v_base, bias_base, kpm_base, ds_base,
-                            stride_ks, stride_vs, stride_bt, stride_bs, S, T, S, qk_scale, 0, n_full,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, False, EVEN_N, HAS_BIAS, HAS_KPM, STORE_DS,
+            dq = _dq_blocks(dq, q, do, lse, delta, offs_m, seg_q, k_base, v_base, bias_base, kpm_base, segk_base,
+                            ds_base, stride_ks, stride_vs, stride_bt, stride_bs, S, T, S, qk_scale, 0, n_full,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, False, EVEN_N, HAS_BIAS, HAS_KPM, HAS_SEG, STORE_DS,
                             FP32_DOTS, DOT_PRECISION)
-            dq = _dq_blocks(dq, q, do, lse, delta, offs_m, k_base, v_base, bias_base, kpm_base, ds_base,
-                            stride_ks, stride_vs, stride_bt, stride_bs, S, T, S, qk_scale, n_full, n_end,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, True, EVEN_N, HAS_BIAS, HAS_KPM, STORE_DS,
+            dq = _dq_blocks(dq, q, do, lse, delta, offs_m, seg_q, k_base, v_base, bias_base, kpm_base, segk_base,
+                            ds_base, stride_ks, stride_vs, stride_bt, stride_bs, S, T, S, qk_scale, n_full, n_end,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, True, EVEN_N, HAS_BIAS, HAS_KPM, HAS_SEG, STORE_DS,
                             FP32_DOTS, DOT_PRECISION)
         else:
-            dq = _dq_blocks(dq, q, do, lse, delta, offs_m, k_base, v_base, bias_base, kpm_base, ds_base,
-                            stride_ks, stride_vs, stride_bt, stride_bs, S, T, S, qk_scale, 0, S,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, False, EVEN_N, HAS_BIAS, HAS_KPM, STORE_DS,
+            dq = _dq_blocks(dq, q, do, lse, delta, offs_m, seg_q, k_base, v_base, bias_base, kpm_base, segk_base,
+                            ds_base, stride_ks, stride_vs, stride_bt, stride_bs, S, T, S, qk_scale, 0, S,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, False, EVEN_N, HAS_BIAS, HAS_KPM, HAS_SEG, STORE_DS,
                             FP32_DOTS, DOT_PRECISION)
         _store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh, dq * sm_scale, offs_m, offs_d, stride_dqt, T,
                     HEAD_DIM, not EVEN_M, BLOCK_D != HEAD_DIM)
@@ -497,7 +563,7 @@ if HAS_TRITON:
             return [c for c in configs if str(c) in keep]
         return {"early_config_prune": prune}
 
-    _KEY = ["HEAD_DIM", "CAUSAL", "HAS_BIAS", "HAS_KPM", "T_BUCKET", "S_BUCKET"]
+    _KEY = ["HEAD_DIM", "CAUSAL", "HAS_BIAS", "HAS_KPM", "HAS_SEG", "T_BUCKET", "S_BUCKET"]
 
     _attn_fwd_h = triton.heuristics(_EVEN)(_attn_fwd)
     _attn_bwd_dkdv_h = triton.heuristics(_EVEN)(_attn_bwd_dkdv)
@@ -509,10 +575,19 @@ if HAS_TRITON:
                                          prune_configs_by=_pruner("dq"))(_attn_bwd_dq_h)
 
 
+def _segment_pair(segment_ids, segment_ids_k):
+    """(seg_q (B, T), seg_k (B, S)), or None without segments: the keys share the queries'
+    ids unless segment_ids_k says otherwise."""
+    if segment_ids is None:
+        return None
+    return segment_ids, segment_ids if segment_ids_k is None else segment_ids_k
+
+
 def _allowed_keys(T: int, S: int, causal: bool, key_padding_mask: torch.Tensor | None,
-                  device: torch.device) -> torch.Tensor | None:
+                  device: torch.device, segments=None) -> torch.Tensor | None:
     """Boolean mask, True where query i may attend key j, broadcastable to (B, 1, T, S);
-    None when everything is allowed. Causal is bottom-right aligned: j <= i + (S - T)."""
+    None when everything is allowed. Causal is bottom-right aligned: j <= i + (S - T).
+    segments: (seg_q, seg_k) or None; keys of another segment are masked."""
     allowed = None
     if causal:
         i = torch.arange(T, device=device)[:, None]
@@ -521,13 +596,19 @@ def _allowed_keys(T: int, S: int, causal: bool, key_padding_mask: torch.Tensor |
     if key_padding_mask is not None:
         pad = key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
         allowed = pad if allowed is None else allowed & pad
+    if segments is not None:
+        seg_q, seg_k = segments
+        same = seg_q[:, None, :, None] == seg_k[:, None, None, :]  # (B, 1, T, S)
+        allowed = same if allowed is None else allowed & same
     return allowed
 
 
-def attention_reference(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=None, bias=None):
+def attention_reference(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=None, bias=None,
+                        segment_ids=None, segment_ids_k=None):
     """Plain PyTorch attention, matmul → softmax → matmul, in the inputs' dtype (the tests
     run it in float64 as the ground truth). Same conventions as `attention`: bottom-right
-    causal mask, GQA by repeating each key/value head, rows with no key to attend → 0."""
+    causal mask, document mask from segment ids, GQA by repeating each key/value head, rows
+    with no key to attend → 0."""
     B, H, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
@@ -537,7 +618,7 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, key_paddin
     s = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
     if bias is not None:
         s = s + bias
-    allowed = _allowed_keys(T, S, causal, key_padding_mask, q.device)
+    allowed = _allowed_keys(T, S, causal, key_padding_mask, q.device, _segment_pair(segment_ids, segment_ids_k))
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     dead = torch.isneginf(s).all(dim=-1, keepdim=True)  # (B, H, T, 1): no key to attend
@@ -545,7 +626,7 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, key_paddin
     return p @ v  # (B, H, T, D)
 
 
-def _validate(q, k, v, key_padding_mask, bias, softmax_scale, dtypes) -> float:
+def _validate(q, k, v, key_padding_mask, bias, softmax_scale, dtypes, segment_ids=None, segment_ids_k=None) -> float:
     """Check the arguments; return the softmax scale."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t, dtypes)
@@ -557,7 +638,8 @@ def _validate(q, k, v, key_padding_mask, bias, softmax_scale, dtypes) -> float:
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
-    check_same_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask, bias=bias)
+    check_same_device(q=q, k=k, v=v, key_padding_mask=key_padding_mask, bias=bias, segment_ids=segment_ids,
+                      segment_ids_k=segment_ids_k)
     B, H, T, D = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
@@ -584,6 +666,7 @@ def _validate(q, k, v, key_padding_mask, bias, softmax_scale, dtypes) -> float:
             ok = False
         if not ok:
             raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to (B, H, T, S) = {(B, H, T, S)}")
+    _validate_segments(segment_ids, segment_ids_k, B, T, S)
     if softmax_scale is None:
         return D ** -0.5
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
@@ -592,7 +675,25 @@ def _validate(q, k, v, key_padding_mask, bias, softmax_scale, dtypes) -> float:
     return float(softmax_scale)
 
 
-def _attention_torch(q, k, v, causal, scale, key_padding_mask, bias):
+def _validate_segments(segment_ids, segment_ids_k, B: int, T: int, S: int) -> None:
+    if segment_ids is None:
+        if segment_ids_k is not None:
+            raise ValueError("segment_ids_k was given without segment_ids: pass the queries' ids as well")
+        return
+    for name, t, dims, n in (("segment_ids", segment_ids, "B, T", T), ("segment_ids_k", segment_ids_k, "B, S", S)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be an int32 or int64 tensor (equal ids = one segment), got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+        if tuple(t.shape) != (B, n):
+            raise ValueError(f"{name} must have shape ({dims}) = {(B, n)}, got {tuple(t.shape)}")
+    if segment_ids_k is None and T != S:
+        raise ValueError(f"segment_ids holds the ids of the T={T} queries; with S={S} keys pass segment_ids_k "
+                         f"of shape {(B, S)} too")
+
+
+def _attention_torch(q, k, v, causal, scale, key_padding_mask, bias, segments=None):
     """The `torch` backend: PyTorch's fused scaled_dot_product_attention, with the masks
     folded into one attn_mask and rows with no key to attend set to exactly 0 (SDPA alone
     returns NaN or a uniform average there)."""
@@ -605,9 +706,9 @@ def _attention_torch(q, k, v, causal, scale, key_padding_mask, bias):
         else:
             k = k.repeat_interleave(H // H_kv, dim=1)  # (B, H, S, D)
             v = v.repeat_interleave(H // H_kv, dim=1)
-    if bias is None and key_padding_mask is None and (not causal or T == S):  # no row can be empty
+    if bias is None and key_padding_mask is None and segments is None and (not causal or T == S):  # no empty row
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **gqa)
-    allowed = _allowed_keys(T, S, causal, key_padding_mask, q.device)
+    allowed = _allowed_keys(T, S, causal, key_padding_mask, q.device, segments)
     if bias is None:
         mask = allowed
         dead = ~allowed.any(dim=-1, keepdim=True)
@@ -646,7 +747,7 @@ class _LaunchArgs:
     """What every kernel launch shares: the flags, the bias and mask pointers/strides, the
     block config (fixed under the interpreter, autotuned on a GPU)."""
 
-    def __init__(self, q, k, bias, key_padding_mask, causal, scale):
+    def __init__(self, q, k, bias, key_padding_mask, causal, scale, segments=None):
         B, H, T, D = q.shape
         self.B, self.H, self.T, self.D = B, H, T, D
         self.H_kv, self.S = k.shape[1], k.shape[2]
@@ -657,10 +758,13 @@ class _LaunchArgs:
         self.bias_strides = (0, 0, 0, 0) if bias is None else self.bias.stride()
         self.kpm = q if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
         self.kpm_stride = 0 if key_padding_mask is None else self.kpm.stride(0)
+        seg_q, seg_k = (q, q) if segments is None else (s.contiguous() for s in segments)
+        self.seg = (seg_q, seg_k)  # (B, T) and (B, S) ids, read with unit stride along the sequence
+        self.seg_strides = (0, 0) if segments is None else (seg_q.stride(0), seg_k.stride(0))
         self.interp = interpreter_on()
         self.meta = dict(
             HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=bool(causal),
-            HAS_BIAS=bias is not None, HAS_KPM=key_padding_mask is not None,
+            HAS_BIAS=bias is not None, HAS_KPM=key_padding_mask is not None, HAS_SEG=segments is not None,
             FP32_DOTS=self.interp, DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # None: the default
         )
         # autotune key: the sequence lengths rounded up to a power of two, so that a new
@@ -685,8 +789,8 @@ def _forward_triton(q, k, v, a: _LaunchArgs):
     o = _new((B, H, T, D), q)
     lse = _new((B, H, T), q, torch.float32)
     a.launch("fwd", _attn_fwd_tuned, _attn_fwd_h, "T", B * H,
-             q, k, v, o, lse, a.bias, a.kpm, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-             *o.stride()[:3], *a.bias_strides, a.kpm_stride, H, T, S, a.group, a.qk_scale)
+             q, k, v, o, lse, a.bias, a.kpm, *a.seg, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+             *o.stride()[:3], *a.bias_strides, a.kpm_stride, *a.seg_strides, H, T, S, a.group, a.qk_scale)
     return o, lse
 
 
@@ -701,43 +805,46 @@ def _backward_triton(q, k, v, o, lse, do, a: _LaunchArgs, need_dq, need_dkdv, ne
     if need_dkdv:
         dk, dv = _new(k.shape, k), _new(v.shape, v)
         a.launch("dkdv", _attn_bwd_dkdv_tuned, _attn_bwd_dkdv_h, "S", B * H_kv,
-                 q, k, v, do, lse, delta, dk, dv, a.bias, a.kpm, *q.stride()[:3], *k.stride()[:3],
+                 q, k, v, do, lse, delta, dk, dv, a.bias, a.kpm, *a.seg, *q.stride()[:3], *k.stride()[:3],
                  *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *a.bias_strides,
-                 a.kpm_stride, H, H_kv, T, S, a.group, a.qk_scale, a.scale)
+                 a.kpm_stride, *a.seg_strides, H, H_kv, T, S, a.group, a.qk_scale, a.scale)
     if need_dq or need_dbias:
         dq = _new(q.shape, q)
         # dS for the bias gradient: zeros, since the causal loop never visits the blocks
         # where dS is 0 anyway; fp32, (B, H, T, S) — the one O(T·S) buffer, only when asked
         ds = torch.zeros((B, H, T, S), dtype=torch.float32, device=q.device) if need_dbias else delta
         a.launch("dq", _attn_bwd_dq_tuned, _attn_bwd_dq_h, "T", B * H,
-                 q, k, v, do, lse, delta, dq, a.bias, a.kpm, ds, *q.stride()[:3], *k.stride()[:3],
+                 q, k, v, do, lse, delta, dq, a.bias, a.kpm, *a.seg, ds, *q.stride()[:3], *k.stride()[:3],
                  *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], *a.bias_strides, a.kpm_stride,
-                 H, T, S, a.group, a.qk_scale, a.scale, STORE_DS=need_dbias)
+                 *a.seg_strides, H, T, S, a.group, a.qk_scale, a.scale, STORE_DS=need_dbias)
     return dq, dk, dv, (ds if need_dbias else None)
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, key_padding_mask, causal, scale):
+    def forward(ctx, q, k, v, bias, key_padding_mask, seg_q, seg_k, causal, scale):
         q, k, v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
-        a = _LaunchArgs(q, k, bias, key_padding_mask, causal, scale)
+        segments = None if seg_q is None else (seg_q, seg_k)
+        a = _LaunchArgs(q, k, bias, key_padding_mask, causal, scale, segments)
         o, lse = _forward_triton(q, k, v, a)
-        ctx.save_for_backward(q, k, v, o, lse, bias, key_padding_mask)
+        ctx.save_for_backward(q, k, v, o, lse, bias, key_padding_mask, seg_q, seg_k)
         ctx.causal, ctx.scale = causal, scale
         return o
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # no double backward: say so instead of a wrong answer
     def backward(ctx, do):
-        q, k, v, o, lse, bias, key_padding_mask = ctx.saved_tensors
-        a = _LaunchArgs(q, k, bias, key_padding_mask, ctx.causal, ctx.scale)
+        q, k, v, o, lse, bias, key_padding_mask, seg_q, seg_k = ctx.saved_tensors
+        segments = None if seg_q is None else (seg_q, seg_k)
+        a = _LaunchArgs(q, k, bias, key_padding_mask, ctx.causal, ctx.scale, segments)
         need = ctx.needs_input_grad
         dq, dk, dv, ds = _backward_triton(q, k, v, o, lse, do, a, need[0], need[1] or need[2], need[3])
         dbias = ds.sum_to_size(bias.shape).to(bias.dtype) if ds is not None else None
-        return dq, dk, dv, dbias, None, None, None
+        return dq, dk, dv, dbias, None, None, None, None, None
 
 
-def attention(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=None, bias=None, backend="auto"):
+def attention(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=None, bias=None,
+              segment_ids=None, segment_ids_k=None, backend="auto"):
     """softmax(scale · q kᵀ + bias + mask) v, differentiable in q, k, v and bias.
 
     q (B, H, T, D); k, v (B, H_kv, S, D) with H % H_kv == 0 (GQA / MQA when H_kv < H);
@@ -751,6 +858,13 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=Non
     bias              additive, broadcastable to (B, H, T, S) (e.g. (1, H, T, S) relative
                       position bias, (B, 1, 1, S)); gets a gradient if it requires one (the
                       triton backend then stores dS in a (B, H, T, S) fp32 buffer).
+    segment_ids       int32/int64 (B, T): document masking for packed sequences; query i
+                      attends key j only if their ids are equal (and causality allows). The
+                      keys carry the same ids (so T must equal S) unless
+    segment_ids_k     int32/int64 (B, S) gives the keys' own ids (e.g. a cache of keys).
+                      Any id values work (padding may take one of its own, e.g. -1), and ids
+                      need not form contiguous runs; packed rows do, and then most tiles hold
+                      no query-key pair of one segment, which the triton kernels skip.
     backend           "auto" (triton on CUDA, torch elsewhere), "torch" (PyTorch's SDPA; also
                       float64), "triton" (our kernels; fp16, bf16, fp32).
 
@@ -763,10 +877,12 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=Non
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     be = resolve_backend(backend, q)
     dtypes = _TORCH_DTYPES if be == "torch" else _TRITON_DTYPES
-    scale = _validate(q, k, v, key_padding_mask, bias, softmax_scale, dtypes)
+    scale = _validate(q, k, v, key_padding_mask, bias, softmax_scale, dtypes, segment_ids, segment_ids_k)
+    segments = _segment_pair(segment_ids, segment_ids_k)
     if be == "torch":
-        return _attention_torch(q, k, v, bool(causal), scale, key_padding_mask, bias)
-    return _FlashAttention.apply(q, k, v, bias, key_padding_mask, bool(causal), scale)
+        return _attention_torch(q, k, v, bool(causal), scale, key_padding_mask, bias, segments)
+    seg_q, seg_k = (None, None) if segments is None else segments
+    return _FlashAttention.apply(q, k, v, bias, key_padding_mask, seg_q, seg_k, bool(causal), scale)
 
 
 def _causal_fraction(T: int, S: int) -> float:

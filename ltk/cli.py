@@ -115,7 +115,8 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
                          batch_size=args.batch_size, max_len=args.max_len, lr=args.lr, lora_r=args.lora_r,
                          lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, use_rslora=args.rslora,
                          targets=args.targets, compute_dtype=args.compute_dtype, limit=args.limit,
-                         eval_every=args.eval_every, seed=args.seed, device=args.device, merge=args.merge)
+                         eval_every=args.eval_every, seed=args.seed, device=args.device, merge=args.merge,
+                         packing=args.packing)
     s = run_finetune(cfg)
     score = "exact_match" if "exact_match" in s["after"] else "val_ppl"
     print(f"{s['method']}: {s['trainable_params']:,} of {s['params']:,} parameters trained | {score} "
@@ -291,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="runs/finetune", help="output folder")
     f.add_argument("--steps", type=int, default=300)
     f.add_argument("--batch-size", type=int, default=16)
-    f.add_argument("--max-len", type=int, default=128, help="tokens per example")
+    f.add_argument("--max-len", type=int, default=128, help="tokens per example (per row with --packing)")
+    f.add_argument("--packing", action="store_true",
+                   help="pack each step's examples several to a row (same loss, fewer padded slots)")
     f.add_argument("--lr", type=float, default=0.0, help="0 = 3e-4 (full) or 3e-3 (lora, qlora)")
     f.add_argument("--lora-r", type=int, default=8)
     f.add_argument("--lora-alpha", type=float, default=16.0)

@@ -24,6 +24,12 @@ Triton kernels on the `triton` backend; `auto` picks Triton on CUDA. Each pre-no
 hands its last residual add to the next block's LayerNorm, which fuses it
 (`y, h = LN(x + delta)`): one read and write of the activations fewer per add.
 
+Packed sequences (`segments`, training/packing.py): several examples share one row; equal
+segment ids mark one example. Attention is then causal within each example only (a
+block-diagonal of lower triangles) and the positions restart at 0 at each example's first
+token, so every example's logits are exactly those it gets alone (Krell et al. 2021,
+arXiv 2107.02027).
+
 Parameter count and FLOPs are plain functions of the config (`num_params`,
 `flops_per_token`) so cost models can use them without building the model.
 """
@@ -99,6 +105,26 @@ def num_params(cfg: GPTConfig) -> int:
     return V * d + T * d + L * (2 * ln + attn + mlp) + ln
 
 
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) segment ids -> (B, T) positions that restart at 0 wherever the id changes:
+    t − (first index of t's run). Each example of a packed row is one run of equal ids."""
+    t = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)  # (B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return t - torch.where(starts, t, 0).cummax(dim=1).values
+
+
+def check_segments(segments: torch.Tensor, idx: torch.Tensor, kv_cache) -> None:
+    if kv_cache is not None:
+        raise ValueError("segments (packed sequences) cannot be used with a kv_cache: decode each sequence "
+                         "in its own row")
+    if not isinstance(segments, torch.Tensor) or segments.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"segments must be an int32 or int64 tensor of segment ids, got "
+                        f"{getattr(segments, 'dtype', type(segments).__name__)}")
+    if segments.shape != idx.shape:
+        raise ValueError(f"segments must have the shape of idx {tuple(idx.shape)}, got {tuple(segments.shape)}")
+
+
 def flops_per_token(cfg: GPTConfig, seq_len: int | None = None) -> float:
     """Training FLOPs per token, forward + backward: 6N + 12·L·d·T (PaLM, Chowdhery et al.
     2022, appendix B). N counts the parameters that take part in matmuls: all but the
@@ -120,7 +146,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         # (B, T, C) -> (B, nh, T, hs)
@@ -134,9 +161,12 @@ class CausalSelfAttention(nn.Module):
             if resolve_backend(self.backend, x) == "triton":
                 raise ValueError("the triton attention kernel has no attention dropout: "
                                  "train with --model.dropout 0 or --model.backend torch")
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p_drop)
+            mask = None  # packed rows: causal within each segment, as a (B, 1, T, T) boolean mask
+            if segments is not None:
+                mask = (segments[:, None, :, None] == segments[:, None, None, :]).tril()
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p_drop)
         else:
-            y = attention(q, k, v, causal=True, backend=self.backend)  # (B, nh, T, hs)
+            y = attention(q, k, v, causal=True, segment_ids=segments, backend=self.backend)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -162,12 +192,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                layer: int = 0, segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream entering the block is x + delta (delta: the previous block's
         MLP output, whose add is fused into ln_1). Returns (h, delta') with the same meaning
         for the next block: h + delta' is this block's output."""
         y, h = (self.ln_1(x), x) if delta is None else self.ln_1(x, delta)
-        y, h = self.ln_2(h, self.attn(y, kv_cache, layer))  # h = h + attn(LN_1(h)), fused with LN_2
+        # segments only when given: the tensor-parallel attention (parallel/tp_plan.py) takes none
+        seg = {} if segments is None else {"segments": segments}
+        y, h = self.ln_2(h, self.attn(y, kv_cache, layer, **seg))  # h = h + attn(LN_1(h)), fused with LN_2
         return h, self.mlp(y)
 
 
@@ -205,9 +237,15 @@ class GPT(Pretrained, nn.Module):
         return KVCache(c.n_layer, batch, c.n_head, max_len or c.block_size, c.n_embd // c.n_head,
                        dtype=dtype or self.wte.weight.dtype, device=self.wte.weight.device)
 
-    def forward(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """idx: (B, T) token ids -> logits (B, T, vocab_size). With `kv_cache`, idx continues
-        the sequences the cache holds (positions [length, length + T))."""
+    def forward(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab_size).
+
+        kv_cache   continue the sequences it holds (positions [length, length + T)).
+        segments   (B, T) int ids of packed examples (e.g. 0 0 0 1 1 2 2 2), one run of equal ids
+                   per example: each attends only to itself, causally, with positions from 0.
+                   Not with kv_cache.
+        """
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
         B, T = idx.shape
@@ -216,14 +254,18 @@ class GPT(Pretrained, nn.Module):
             raise ValueError(
                 f"sequence length {start + T} exceeds the model's block_size {self.config.block_size}"
             )
-        pos = torch.arange(start, start + T, device=idx.device)
+        if segments is None:
+            pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        else:
+            check_segments(segments, idx, kv_cache)
+            pos = segment_positions(segments)  # (B, T)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         delta = None  # a residual add not yet done: the next LayerNorm fuses it
         for i, block in enumerate(self.h):
             if self.activation_checkpointing and self.training and kv_cache is None:
-                x, delta = checkpoint(block, x, delta, use_reentrant=False)
+                x, delta = checkpoint(block, x, delta, segments=segments, use_reentrant=False)
             else:
-                x, delta = block(x, delta, kv_cache, i)
+                x, delta = block(x, delta, kv_cache, i, segments)
         if kv_cache is not None:
             kv_cache.advance(T)
         y = self.ln_f(x) if delta is None else self.ln_f(x, delta)[0]

@@ -53,6 +53,12 @@ queries to all length + T keys (kernels/attention.py's causal mask is bottom-rig
 so query i sees keys j ≤ length + i), and advances length by T. Decoding one token then
 costs O(length) instead of re-running the whole context, O(length²).
 
+Packed sequences (`segments`, as models/gpt.py): equal ids mark one example of a packed row;
+attention stays inside each example (causally) and the RoPE positions restart at 0 at each
+example's first token, so each example's logits equal those it gets alone. (Inside the mask
+the restart changes only rounding, as q_m · k_n depends on m − n alone; it gives each example
+the very angles it has alone.)
+
 Initialization (as GPT-2 / models/gpt.py): N(0, 0.02) for every weight and embedding, the
 two projections that write into the residual stream (W_o and W_2) scaled by 1/sqrt(2·L),
 RMSNorm gains at 1.
@@ -73,6 +79,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels.attention import attention
 from kernels.backend import BACKENDS
+from models.gpt import check_segments, segment_positions
 from models.kv_cache import KVCache
 from models.norms import RMSNorm
 from models.param_groups import decay_groups
@@ -188,7 +195,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None, layer: int = 0,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         # (B, T, heads·D) -> (B, heads, T, D)
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -197,7 +205,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, H_kv, S, D), S = cached + T
-        y = attention(q, k, v, causal=True, backend=self.backend)  # (B, H, T, D)
+        y = attention(q, k, v, causal=True, segment_ids=segments, backend=self.backend)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H·D)
         return self.wo(y)
 
@@ -222,12 +230,14 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps, backend=cfg.backend)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, delta, cos, sin, kv_cache: KVCache | None = None):
+    def forward(self, x, delta, cos, sin, kv_cache: KVCache | None = None, segments: torch.Tensor | None = None):
         """The residual stream entering the block is x + delta (delta: the previous block's
         MLP output, whose add is fused into attn_norm). Returns (h, delta') with the same
         meaning for the next block."""
         y, h = (self.attn_norm(x), x) if delta is None else self.attn_norm(x, delta)
-        y, h = self.mlp_norm(h, self.attn(y, cos, sin, kv_cache, self.layer))  # h += attn, fused
+        # segments only when given: the tensor-parallel attention (parallel/tp_plan.py) takes none
+        seg = {} if segments is None else {"segments": segments}
+        y, h = self.mlp_norm(h, self.attn(y, cos, sin, kv_cache, self.layer, **seg))  # h += attn, fused
         return h, self.mlp(y)
 
 
@@ -263,17 +273,24 @@ class Llama(Pretrained, nn.Module):
                        dtype=dtype or w.dtype, device=w.device)
 
     def forward(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, vocab_size).
 
         kv_cache   continue the sequences it holds: idx are positions [length, length + T),
                    attended together with the cached ones; the cache advances by T.
-        positions  (T,) or (B, T) position ids for RoPE; default length + [0, T).
+        positions  (T,) or (B, T) position ids for RoPE; default length + [0, T), or with
+                   segments, 0 at the first token of each segment.
+        segments   (B, T) int ids of packed examples (e.g. 0 0 0 1 1 2 2 2), one run of equal ids
+                   per example: each attends only to itself, causally. Not with kv_cache.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
+        if segments is not None:
+            check_segments(segments, idx, kv_cache)
+            if positions is None:
+                positions = segment_positions(segments)  # (B, T)
         if positions is None:
             if start + T > self.config.block_size:
                 raise ValueError(f"positions up to {start + T} exceed the model's block_size "
@@ -287,9 +304,9 @@ class Llama(Pretrained, nn.Module):
         delta = None  # a residual add not yet done: the next RMSNorm fuses it
         for block in self.layers:
             if self.activation_checkpointing and self.training and kv_cache is None:
-                x, delta = checkpoint(block, x, delta, cos, sin, use_reentrant=False)
+                x, delta = checkpoint(block, x, delta, cos, sin, segments=segments, use_reentrant=False)
             else:
-                x, delta = block(x, delta, cos, sin, kv_cache)
+                x, delta = block(x, delta, cos, sin, kv_cache, segments)
         if kv_cache is not None:
             kv_cache.advance(T)
         y = self.norm(x) if delta is None else self.norm(x, delta)[0]

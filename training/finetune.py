@@ -13,8 +13,10 @@ al. 2023), per parameter Ψ of the adapted layers, with AdamW's two fp32 moments
             double quantization) and dequantized tile by tile in the matmul
 
 Data (training/instruct.py): prompts rendered with a template, the loss only on the response
-and its end-of-text token (prompt labels are -100). Evaluation: exact-match accuracy of greedy
-answers on the built-in task, validation loss and perplexity on any data. Output folder:
+and its end-of-text token (prompt labels are -100); with --packing each step's examples are
+packed several to a row (training/packing.py): the same examples and loss in fewer slots.
+Evaluation: exact-match accuracy of greedy answers on the built-in task, validation loss and
+perplexity on any data (padded batches either way). Output folder:
 metrics.jsonl, summary.json, adapter/ (PEFT format, lora and qlora); model/ (full) or, with
 --merge, merged/ — a Hugging Face folder of the full weights (the adapter folded in).
 """
@@ -43,7 +45,8 @@ class FinetuneConfig:
     out_dir: str = "runs/finetune"
     steps: int = 300
     batch_size: int = 16
-    max_len: int = 128  # tokens per example (prompt + response + end-of-text)
+    max_len: int = 128  # tokens per example (prompt + response + end-of-text); per row when packing
+    packing: bool = False  # pack each step's examples into rows of max_len (training only)
     lr: float = 0.0  # 0 = the method's default: 3e-4 full, 3e-3 lora/qlora
     weight_decay: float = 0.0
     warmup_steps: int = 20
@@ -138,9 +141,10 @@ class saved_activations:
         return False
 
 
-def causal_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the positions whose target is not -100 (the responses)."""
-    logits = model(x)  # (B, T, V)
+def causal_loss(model, x: torch.Tensor, y: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the positions whose target is not -100 (the responses);
+    segments: the (B, T) example ids of packed rows (training/packing.py)."""
+    logits = model(x) if segments is None else model(x, segments=segments)  # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
 
 
@@ -170,6 +174,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from training.config import OptimConfig
     from training.instruct import batches, load_examples, split
     from training.optim import lr_at, set_lr
+    from training.packing import real_tokens
     from training.runtime import resolve_device, seed_everything
 
     if cfg.method not in METHODS:
@@ -194,18 +199,22 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     optim_cfg = OptimConfig(lr=lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     model.train()
-    stream = batches(train, tok, cfg.batch_size, cfg.max_len, shuffle=True, seed=cfg.seed)
+    stream = batches(train, tok, cfg.batch_size, cfg.max_len, shuffle=True, seed=cfg.seed, packing=cfg.packing)
     log = out / "metrics.jsonl"
     log.write_text("")
     t0, step_times, last = time.perf_counter(), [], {}
+    tokens, slots = 0, 0  # real tokens and row slots of the training batches
     for step in range(1, cfg.steps + 1):
-        x, y = next(stream)
+        x, y, *rest = next(stream)  # packed batches carry a third tensor, the (B, T) segment ids
+        segments = rest[0] if cfg.packing else None
+        tokens, slots = tokens + real_tokens(y, segments), slots + x.numel()
         x, y = x.to(device), y.to(device)
+        segments = None if segments is None else segments.to(device)
         t = time.perf_counter()
         set_lr(opt, lr_at(step - 1, optim_cfg, cfg.steps))
         last_step = step == cfg.steps
         with saved_activations(model) if last_step else contextlib.nullcontext() as acts:
-            loss = causal_loss(model, x, y)
+            loss = causal_loss(model, x, y, segments)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         opt.step()
@@ -226,7 +235,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                "train_examples": len(train), "val_examples": len(val), "before": before, "after": after,
                "step_ms_median": 1e3 * sorted(step_times)[len(step_times) // 2], "seconds": time.perf_counter() - t0,
                "memory": memory, "batch_tokens": int(x.numel()),
-               "config": asdict(cfg)}
+               "packing": cfg.packing, "packing_efficiency": tokens / slots, "config": asdict(cfg)}
     if cfg.method != "full":
         summary["adapter"] = str(save_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.base)))
     if cfg.method == "full" or cfg.merge:  # a Hugging Face folder with the full weights

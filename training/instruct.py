@@ -25,10 +25,11 @@ Templates. Alpaca (Taori et al. 2023, Stanford Alpaca) for instruction/input/out
 see TEMPLATE; chat rows {"messages": [...]} with "### System:/### User:/### Assistant:"
 headers in the same style (render_chat). The response follows the header line directly.
 
-Batches. Each example is its own row (padding, not packing): right-padded with eot in x
-and -100 in y. Right padding is exact for a causal model: a position attends only to the
-left, so the pad tokens never change the logits of the real positions, and their targets
-are ignored.
+Batches. By default each example is its own row (padding, not packing): right-padded with
+eot in x and -100 in y. Right padding is exact for a causal model: a position attends only
+to the left, so the pad tokens never change the logits of the real positions, and their
+targets are ignored. With packing=True the same runs of examples are packed several to a
+row instead, kept apart by segment ids (training/packing.py): fewer slots, the same loss.
 """
 from __future__ import annotations
 
@@ -198,13 +199,16 @@ def encode_example(tok, ex: Example, max_len: int) -> tuple[list[int], list[int]
 
 
 def batches(examples, tok, batch_size: int, max_len: int, *, shuffle: bool = True, seed: int = 0,
-            epochs: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            epochs: int | None = None, packing: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
     """(x, y) int64 of shape (B, T), T = the longest encoded example of the batch (<= max_len - 1).
 
     Epoch e visits every example once, in a permutation drawn from numpy's generator seeded
     with (seed, e) (file order when shuffle is False), in runs of batch_size; the last run of
     an epoch may be shorter. epochs=None repeats forever. Rows are right-padded with eot in
     x and -100 in y, so padding adds nothing to the loss (see the module docstring).
+
+    packing=True: each run is packed into rows of <= max_len tokens, as few slots as it fits
+    in (training/packing.py `pack_batch`); the batches are (x, y, segments), B <= batch_size.
     """
     if batch_size < 1 or max_len < 2:
         raise ValueError(f"batch_size must be >= 1 and max_len >= 2, got {batch_size} and {max_len}")
@@ -218,24 +222,32 @@ def batches(examples, tok, batch_size: int, max_len: int, *, shuffle: bool = Tru
             encoded.append(encode_example(tok, ex, max_len))
         except ValueError as e:
             raise ValueError(f"example {i}: {e}") from None
-    return _batch_iter(encoded, tok.eot_id, batch_size, shuffle, seed, epochs)
+    runs = _runs(len(encoded), batch_size, shuffle, seed, epochs)
+    if packing:
+        from training.packing import pack_batch
+
+        return (pack_batch([encoded[i] for i in run], max_len, tok.eot_id) for run in runs)
+    return (_pad_batch([encoded[i] for i in run], tok.eot_id) for run in runs)
 
 
-def _batch_iter(encoded, pad_id, batch_size, shuffle, seed, epochs):
+def _runs(n, batch_size, shuffle, seed, epochs) -> Iterator[list[int]]:
+    """The example indices of each batch, epoch after epoch (see `batches`)."""
     epoch = 0
     while epochs is None or epoch < epochs:
-        order = np.random.default_rng([seed, epoch]).permutation(len(encoded)) if shuffle else range(len(encoded))
-        order = list(order)
-        for start in range(0, len(order), batch_size):
-            rows = [encoded[i] for i in order[start:start + batch_size]]
-            T = max(len(ids) for ids, _ in rows)
-            x = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
-            y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-            for r, (ids, labels) in enumerate(rows):
-                x[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-                y[r, :len(labels)] = torch.tensor(labels, dtype=torch.long)
-            yield x, y
+        order = list(np.random.default_rng([seed, epoch]).permutation(n) if shuffle else range(n))
+        for start in range(0, n, batch_size):
+            yield order[start:start + batch_size]
         epoch += 1
+
+
+def _pad_batch(rows, pad_id) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(ids) for ids, _ in rows)
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
+    y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    for r, (ids, labels) in enumerate(rows):
+        x[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        y[r, :len(labels)] = torch.tensor(labels, dtype=torch.long)
+    return x, y
 
 
 def split(examples, val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

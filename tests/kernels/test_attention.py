@@ -341,7 +341,7 @@ def compile_for_gpu(cc, dtype, D, causal, bias, kpm, even, config_index=0):
 
     A = attn_mod
     block_d = max(16, triton.next_power_of_2(D))
-    flags = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=causal, HAS_BIAS=bias, HAS_KPM=kpm, EVEN_M=even,
+    flags = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=causal, HAS_BIAS=bias, HAS_KPM=kpm, HAS_SEG=False, EVEN_M=even,
                  EVEN_N=even, FP32_DOTS=False, DOT_PRECISION="ieee" if dtype == "fp32" else None)
     ptr = dict(Q=dtype, K=dtype, V=dtype, O=dtype, DO=dtype, DQ=dtype, DK=dtype, DV=dtype, LSE="fp32",
                DELTA="fp32", DS="fp32", BIAS="fp32" if bias else dtype, KPM="u8" if kpm else dtype)
