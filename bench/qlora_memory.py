@@ -27,10 +27,9 @@ Components (QLoRA, Dettmers et al. 2023, arXiv 2305.14314, §3; every byte of ea
 
 Excluded: the activations. parallel/cost.py has Korthikanti et al.'s per-layer formula for a
 GPT block (4h GeLU MLP, dropout masks), not for a Llama block (SwiGLU, no dropout), and the
-two sides run the same math, so they hold the same activations but for one difference shown
-apart (not in the total): with checkpointing, our Llama keeps two (B, T, d) tensors per block
-(its input x and the deferred residual delta, fused into the next RMSNorm), transformers'
-Llama one. Also excluded: the CUDA allocator's rounding (512-byte blocks), and anything a
+two sides run the same math, so they hold the same activations; with checkpointing, the
+block inputs kept for the recomputation (one (B, T, d) tensor a block on both sides: our
+Llama does the deferred residual add before a checkpointed block) are shown apart. Also excluded: the CUDA allocator's rounding (512-byte blocks), and anything a
 particular trainer adds. Nothing is timed (median ms is 0); `peak MB` holds each component
 in MiB and `extra` the exact bytes.
 
@@ -219,11 +218,12 @@ def matmul_extra_bytes(side: str, one_block: list, n_layer: int, checkpointing: 
 
 
 def checkpoint_inputs_bytes(side: str, n_layer: int, batch: int, seq_len: int, n_embd: int) -> int:
-    """With activation checkpointing, the block inputs kept for the recomputation, bf16:
-    our Llama checkpoints (x, delta) for every block but the first (delta None),
-    transformers' Llama the hidden states alone."""
-    tensors = 2 * n_layer - 1 if side == "ours" else n_layer
-    return tensors * batch * seq_len * n_embd * COMPUTE.itemsize
+    """With activation checkpointing, the block inputs kept for the recomputation, bf16: the
+    hidden states entering each block, on both sides (models/llama.py folds its deferred
+    residual add into x before a checkpointed block, so it keeps one tensor, not two)."""
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    return n_layer * batch * seq_len * n_embd * COMPUTE.itemsize
 
 
 # --- the benchmark -------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def run(*, n_embd: int = 4096, n_layer: int = 32, n_head: int = 32, intermediate
     for side in SIDES:
         add(side, f"checkpointed block inputs B={batch} T={seq_len} (not in total)",
             checkpoint_inputs_bytes(side, n_layer, batch, seq_len, n_embd), in_total=False,
-            how="activations of the model code, apart: the two Llamas differ")
+            how="activations kept by checkpointing, apart: equal on both sides")
 
     rows = []
     shape_note = f"n_embd={n_embd},n_layer={n_layer},n_head={n_head},inter={intermediate_size},vocab={vocab_size}"

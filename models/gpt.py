@@ -263,7 +263,9 @@ class GPT(Pretrained, nn.Module):
         delta = None  # a residual add not yet done: the next LayerNorm fuses it
         for i, block in enumerate(self.h):
             if self.activation_checkpointing and self.training and kv_cache is None:
-                x, delta = checkpoint(block, x, delta, segments=segments, use_reentrant=False)
+                # keep one tensor per block for the recomputation, not two: do the deferred add here
+                x = x if delta is None else x + delta
+                x, delta = checkpoint(block, x, None, segments=segments, use_reentrant=False)
             else:
                 x, delta = block(x, delta, kv_cache, i, segments)
         if kv_cache is not None:

@@ -304,7 +304,9 @@ class Llama(Pretrained, nn.Module):
         delta = None  # a residual add not yet done: the next RMSNorm fuses it
         for block in self.layers:
             if self.activation_checkpointing and self.training and kv_cache is None:
-                x, delta = checkpoint(block, x, delta, cos, sin, segments=segments, use_reentrant=False)
+                # keep one tensor per block for the recomputation, not two: do the deferred add here
+                x = x if delta is None else x + delta
+                x, delta = checkpoint(block, x, None, cos, sin, segments=segments, use_reentrant=False)
             else:
                 x, delta = block(x, delta, cos, sin, kv_cache, segments)
         if kv_cache is not None:
