@@ -144,7 +144,8 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     seq = args.seq_len or min(cfg.block_size, 8192)
     p = plan(family, cfg, world=args.world, strategy=args.strategy, tp=args.tp, pp=args.pp, batch=args.batch_size,
              seq_len=seq, micro_batches=args.micro_batches, dtype=args.dtype, schedule=args.schedule,
-             virtual=args.virtual_stages, sequence_parallel=args.sequence_parallel, recompute=args.recompute)
+             virtual=args.virtual_stages, sequence_parallel=args.sequence_parallel, recompute=args.recompute,
+             cluster=args.cluster, efficiency=args.efficiency)
     p["preset"], p["seq_len"], p["batch"] = name, seq, args.batch_size
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
     return 0
@@ -288,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune one of our checkpoints or a Hugging Face folder on instruction data.")
     f.add_argument("--method", default="lora", choices=("full", "lora", "qlora"))
     f.add_argument("--base", required=True, help="a run folder / checkpoint of ours, or a Hugging Face folder")
-    f.add_argument("--data", default="builtin", help="builtin (an exactly scored task) or a .jsonl (Alpaca or chat rows)")
+    f.add_argument("--data", default="builtin", help="builtin (an exactly scored task; builtin:last,lookup for some of its kinds) or a .jsonl (Alpaca or chat rows)")
     f.add_argument("--out", default="runs/finetune", help="output folder")
     f.add_argument("--steps", type=int, default=300)
     f.add_argument("--batch-size", type=int, default=16)
@@ -325,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--virtual-stages", type=int, default=1)
     pl.add_argument("--sequence-parallel", action="store_true")
     pl.add_argument("--recompute", action="store_true", help="full activation recomputation")
+    pl.add_argument("--cluster", help="predict step time, MFU and tokens/s on a cluster: dgx-a100, dgx-h100, "
+                    "h200-node, cpu-gloo or a .json description (parallel/cluster.py)")
+    pl.add_argument("--efficiency", type=float, help="with --cluster: fraction of peak FLOP/s the kernels reach "
+                    "(default 0.5, not measured)")
     pl.add_argument("--json", action="store_true", help="print a JSON object")
     pl.set_defaults(func=_plan)
 

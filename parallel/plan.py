@@ -22,6 +22,12 @@ Attention is taken to be FlashAttention (our kernels, SDPA): the s² scores are 
 Communication: the data-parallel collectives of the ZeRO stage (cost.zero_comm_bytes), and
 with tp > 1 the tensor-parallel ones of every micro-batch (cost.tp_comm_bytes), with pp > 1 the
 activations and gradients a stage boundary carries (cost.pp_comm_bytes).
+
+With a cluster (`--cluster dgx-a100`, a preset of parallel/cluster.py or a JSON description)
+the plan adds parallel/simulator.py's prediction of one step on it: step time and its split
+(compute, exposed communication by kind, pipeline bubble), MFU, tokens/s and memory per device.
+
+    ltk plan --preset llama-8b --world 64 --strategy zero3 --cluster dgx-h100 --seq-len 4096
 """
 from __future__ import annotations
 
@@ -76,8 +82,11 @@ def params_per_rank(s: Shape, tp: int, pp: int) -> int:
 
 def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp: int = 1, batch: int = 8,
          seq_len: int | None = None, micro_batches: int = 1, dtype: str = "fp32", schedule: str = "1f1b",
-         virtual: int = 1, sequence_parallel: bool = False, recompute: bool = False, flash: bool = True) -> dict[str, Any]:
-    """Bytes per rank and per step for one configuration; keys as `ltk plan --json` prints."""
+         virtual: int = 1, sequence_parallel: bool = False, recompute: bool = False, flash: bool = True,
+         cluster=None, efficiency: float | None = None) -> dict[str, Any]:
+    """Bytes per rank and per step for one configuration; keys as `ltk plan --json` prints.
+    With `cluster` (a preset name, a JSON path or a parallel.cluster.Cluster) also the key
+    "prediction" (predict below); `efficiency` overrides the simulator's compute efficiency."""
     if strategy not in ENGINES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(ENGINES)} (plus --tp / --pp)")
     if world % (tp * pp):
@@ -126,7 +135,33 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
     }
     if pp > 1:
         out["bubble_fraction"] = cost.bubble_fraction(pp, micro_batches, virtual if schedule == "interleaved" else 1)
+    if cluster is not None:
+        out["prediction"] = predict(family, cfg, cluster, world=world, zero=stage, tp=tp, pp=pp, batch=batch, seq_len=T,
+                                    micro_batches=micro_batches, dtype=dtype, schedule=schedule, virtual=virtual,
+                                    sequence_parallel=sequence_parallel, recompute=recompute, flash=flash,
+                                    efficiency=efficiency)
     return out
+
+
+def predict(family: str, cfg, cluster, *, world: int, zero: int, tp: int, pp: int, batch: int, seq_len: int,
+            micro_batches: int, dtype: str, schedule: str, virtual: int, sequence_parallel: bool, recompute: bool,
+            flash: bool, efficiency: float | None = None) -> dict[str, Any]:
+    """parallel/simulator.py's prediction of one step of this plan on `cluster` (a preset is
+    given as many nodes as `world` needs), as the JSON-ready dict under "prediction"."""
+    from parallel.cluster import load_cluster
+    from parallel.simulator import Calibration, Strategy, simulate
+
+    c = load_cluster(cluster, world)
+    st = Strategy(dp=world // (tp * pp), tp=tp, pp=pp, zero=zero, micro_batches=micro_batches,
+                  virtual_stages=virtual if schedule == "interleaved" else 1, schedule=schedule,
+                  activation_checkpointing=recompute, sequence_parallel=sequence_parallel, global_batch=batch,
+                  seq_len=seq_len, dtype=dtype, flash=flash)
+    p = simulate(cfg, c, st, None if efficiency is None else Calibration(efficiency=efficiency))
+    return {"cluster": c.to_dict(), "step_time_s": p.step_time, "compute_s": p.compute,
+            "exposed_comm_s": p.comm_exposed, "issued_comm_s": p.comm_total, "bubble_s": p.bubble,
+            "bubble_fraction": p.bubble_fraction, "bubble_source": p.bubble_source, "mfu": p.mfu, "hfu": p.hfu,
+            "tokens_per_s": p.tokens_per_s, "memory_per_device": p.memory, "fits": p.fits,
+            "efficiency": p.efficiency, "efficiency_source": p.efficiency_source}
 
 
 def format_plan(p: dict[str, Any]) -> str:
@@ -141,4 +176,22 @@ def format_plan(p: dict[str, Any]) -> str:
                  f"{p['comm_wire_bytes_per_step'] / gib:.3f} GiB sent per rank (ring)")
     if "bubble_fraction" in p:
         lines.append(f"  pipeline bubble: {p['bubble_fraction']:.1%} of the ideal step time")
+    if "prediction" in p:
+        lines += format_prediction(p["prediction"])
     return "\n".join(lines)
+
+
+def format_prediction(q: dict[str, Any]) -> list[str]:
+    c, gib = q["cluster"], 2**30
+    comm = ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in q["exposed_comm_s"].items() if v > 0) or "none"
+    mem = q["memory_per_device"]
+    return [f"  predicted on {c['name']} ({c['nodes']} x {c['devices_per_node']} devices, "
+            f"{c['peak_flops'] / 1e12:.0f} TFLOP/s peak, compute efficiency {q['efficiency']:.2f}: "
+            f"{q['efficiency_source']}):",
+            f"    step time     {q['step_time_s']:.4g} s = compute {q['compute_s']:.4g} + exposed communication "
+            f"{sum(q['exposed_comm_s'].values()):.4g} ({comm}) + bubble {q['bubble_s']:.4g}",
+            f"    MFU           {q['mfu']:.1%}"
+            + (f" (with recomputation {q['hfu']:.1%})" if q["hfu"] != q["mfu"] else ""),
+            f"    tokens/s      {q['tokens_per_s']:,.0f}",
+            f"    memory        {mem['total'] / gib:.2f} GiB per device of {c['memory_bytes'] / gib:.0f} GiB "
+            f"({'fits' if q['fits'] else 'does NOT fit'})"]
