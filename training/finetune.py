@@ -41,7 +41,7 @@ DEFAULT_TARGETS = {"gpt": "c_attn,attn.c_proj,c_fc,mlp.c_proj", "llama": "wq,wk,
 class FinetuneConfig:
     method: str = "lora"  # full | lora | qlora
     base: str = ""  # one of our run folders / checkpoints, or a Hugging Face folder
-    data: str = "builtin"  # builtin | a .jsonl file (Alpaca or chat rows)
+    data: str = "builtin"  # builtin | builtin:KIND,... | a .jsonl file (Alpaca or chat rows)
     out_dir: str = "runs/finetune"
     steps: int = 300
     batch_size: int = 16
@@ -164,7 +164,9 @@ def evaluate(model, tok, val, cfg: FinetuneConfig, device, builtin: bool) -> dic
     out["val_loss"] = nats / max(n, 1)
     out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
     if builtin:
-        out["exact_match"] = exact_match(model, tok, val[:cfg.eval_examples], device=device)
+        scores = exact_match(model, tok, val[:cfg.eval_examples], device=device, by_kind=True)
+        out["exact_match"] = scores.pop("all")
+        out.update({f"exact_match/{kind}": v for kind, v in scores.items()})
     model.train(was)
     return out
 
@@ -190,7 +192,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         raise ValueError(f"--max-len {cfg.max_len} is longer than the base model's {model.config.block_size} positions")
     examples = load_examples(cfg.data, limit=cfg.limit)
     train, val = split(examples, cfg.val_fraction, cfg.seed)
-    builtin = cfg.data == "builtin"
+    builtin = cfg.data == "builtin" or cfg.data.startswith("builtin:")
     before = evaluate(model, tok, val, cfg, device, builtin)
     total_params = sum(p.numel() for p in model.parameters())
     model = prepare_model(model, family, cfg).to(device)
@@ -229,7 +231,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             last.update(evaluate(model, tok, val, cfg, device, builtin))
         with log.open("a") as f:
             f.write(json.dumps(last) + "\n")
-    after = {k: v for k, v in last.items() if k.startswith("val") or k == "exact_match"}
+    after = {k: v for k, v in last.items() if k.startswith(("val", "exact_match"))}
     summary = {"method": cfg.method, "family": family, "base": str(cfg.base), "data": cfg.data,
                "params": total_params, "trainable_params": sum(p.numel() for p in trainable),
                "train_examples": len(train), "val_examples": len(val), "before": before, "after": after,

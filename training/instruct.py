@@ -41,7 +41,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from training.instruct_task import task_rows
+from training.instruct_task import KINDS, kind_of, parse_kinds, task_rows
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 BUILTIN_SIZE, BUILTIN_SEED = 3000, 0  # load_examples("builtin")
@@ -115,23 +115,34 @@ def render_chat(messages: list[dict]) -> tuple[str, str]:
     return turns + "### Assistant:\n", messages[-1]["content"]
 
 
-def builtin_task(n: int, seed: int = 0) -> list[Example]:
-    """n examples of the built-in task (training/instruct_task.py: reverse / sort / add)."""
-    return [Example(render_alpaca(r["instruction"], r["input"]), r["output"]) for r in task_rows(n, seed)]
+def builtin_task(n: int, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> list[Example]:
+    """n examples of the built-in task (training/instruct_task.py: last / lookup / reverse /
+    sort, or the `kinds` given, in turn)."""
+    return [Example(render_alpaca(r["instruction"], r["input"]), r["output"]) for r in task_rows(n, seed, kinds)]
+
+
+def builtin_kind(ex: Example) -> str:
+    """The built-in task kind of an example, read from its prompt's instruction line."""
+    try:
+        instruction = ex.prompt.split("### Instruction:\n", 1)[1].split("\n", 1)[0]
+    except IndexError:
+        raise ValueError("not an Alpaca prompt: no '### Instruction:' line") from None
+    return kind_of(instruction)
 
 
 def load_examples(source: str, limit: int | None = None) -> list[Example]:
-    """"builtin" (BUILTIN_SIZE examples, or `limit`; seed BUILTIN_SEED), or a .jsonl file of Alpaca rows
+    """"builtin" (BUILTIN_SIZE examples, or `limit`; seed BUILTIN_SEED), "builtin:KIND,KIND" (those
+    kinds only, e.g. builtin:last,lookup), or a .jsonl file of Alpaca rows
     {"instruction", "input" (optional), "output"} or chat rows {"messages": [...]}; the first
     row decides which, and every row must then be of that kind. The first `limit` examples."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 (or None for all), got {limit}")
-    if source == "builtin":
+    if source == "builtin" or source.startswith("builtin:"):
         # Inputs are drawn one after another, so builtin_task(k) is the first k of any longer run.
-        return builtin_task(limit or BUILTIN_SIZE, BUILTIN_SEED)
+        return builtin_task(limit or BUILTIN_SIZE, BUILTIN_SEED, parse_kinds(source.partition(":")[2]))
     path = Path(source).expanduser()
     if path.suffix != ".jsonl":
-        raise ValueError(f"data source must be 'builtin' or a .jsonl file, got {source!r}")
+        raise ValueError(f"data source must be 'builtin', 'builtin:KIND,...' or a .jsonl file, got {source!r}")
     if not path.is_file():
         raise FileNotFoundError(f"instruction data not found: {path}")
     examples: list[Example] = []
@@ -306,9 +317,17 @@ def generate_responses(model, tok, prompts: list[str], max_new_tokens: int = 32,
     return out
 
 
-def exact_match(model, tok, examples, max_new_tokens: int = 32, device="cpu", batch_size: int = 16) -> float:
-    """Fraction of examples whose greedy answer, stripped, equals the response, stripped."""
+def exact_match(model, tok, examples, max_new_tokens: int = 32, device="cpu", batch_size: int = 16,
+                by_kind: bool = False) -> float | dict[str, float]:
+    """Fraction of examples whose greedy answer, stripped, equals the response, stripped.
+    by_kind (built-in task): {"all": fraction, kind: fraction for each kind present}."""
     if not examples:
         raise ValueError("exact_match needs at least one example")
     answers = generate_responses(model, tok, [ex.prompt for ex in examples], max_new_tokens, device, batch_size)
-    return sum(a.strip() == ex.response.strip() for a, ex in zip(answers, examples)) / len(examples)
+    hits = [a.strip() == ex.response.strip() for a, ex in zip(answers, examples)]
+    if not by_kind:
+        return sum(hits) / len(examples)
+    groups: dict[str, list[bool]] = {}
+    for hit, ex in zip(hits, examples):
+        groups.setdefault(builtin_kind(ex), []).append(hit)
+    return {"all": sum(hits) / len(hits), **{k: sum(v) / len(v) for k, v in sorted(groups.items())}}

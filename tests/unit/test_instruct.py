@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.gpt import GPT, GPTConfig
-from training.instruct import (IGNORE_INDEX, Example, batches, builtin_task, encode_example, exact_match,
+from training.instruct import (IGNORE_INDEX, Example, batches, builtin_kind, builtin_task, encode_example, exact_match,
                                generate_responses, load_examples, render_alpaca, render_chat, split)
 from training.instruct_task import INSTRUCTIONS
 from training.tokenizer import Tokenizer
@@ -109,7 +109,7 @@ def test_file_errors_name_file_line_and_field(tmp_path, rows, match):
 def test_source_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         load_examples(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(ValueError, match="'builtin' or a .jsonl file"):
+    with pytest.raises(ValueError, match="'builtin', 'builtin:KIND,...' or a .jsonl file"):
         load_examples(str(tmp_path / "data.csv"))
     with pytest.raises(ValueError, match="no examples"):
         load_examples(write_jsonl(tmp_path / "empty.jsonl", [""]))
@@ -197,22 +197,31 @@ def test_builtin_task_is_deterministic_and_correct():
     assert exs == builtin_task(300, seed=3) and exs != builtin_task(300, seed=4)
     assert builtin_task(50, seed=3) == exs[:50]
     assert load_examples("builtin", limit=20) == builtin_task(20, seed=0)
-    kinds = {v: k for k, v in INSTRUCTIONS.items()}
     seen = set()
     for ex in exs:
         assert ex.prompt == render_alpaca(*fields(ex.prompt))
         instruction, inp = fields(ex.prompt)
-        kind = kinds[instruction]
+        kind = builtin_kind(ex)
         seen.add(kind)
-        if kind == "reverse":
-            assert ex.response.split() == inp.split()[::-1]
-        elif kind == "sort":
-            nums = [int(t) for t in inp.split()]
-            assert [int(t) for t in ex.response.split()] == sorted(nums) and len(nums) >= 3
-        else:
-            a, b = inp.split(" + ")
-            assert int(ex.response) == int(a) + int(b)
-    assert seen == {"reverse", "sort", "add"}
+        if kind == "lookup":
+            table = dict(line.split(" = ") for line in inp.splitlines())
+            key = instruction.split()[-1].rstrip("?")
+            assert 3 <= len(table) <= 5 and ex.response == table[key]
+            continue
+        letters = inp.split()
+        assert 3 <= len(letters) <= 5 and all(len(t) == 1 and t.islower() for t in letters)
+        want = {"last": letters[-1:], "reverse": letters[::-1], "sort": sorted(letters)}[kind]
+        assert ex.response.split() == want
+    assert seen == set(INSTRUCTIONS)
+
+
+def test_builtin_kinds_can_be_chosen():
+    exs = load_examples("builtin:last,lookup", limit=40)
+    assert [builtin_kind(e) for e in exs[:4]] == ["last", "lookup", "last", "lookup"]
+    with pytest.raises(ValueError, match="unknown built-in task kind.*choose from last, lookup, reverse, sort"):
+        load_examples("builtin:add")
+    with pytest.raises(ValueError, match="not a built-in task instruction"):
+        builtin_kind(Example(render_alpaca("Translate this."), "x"))
 
 
 def test_split_is_deterministic_and_keeps_prompts_apart():
