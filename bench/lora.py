@@ -43,7 +43,7 @@ from bench.harness import Row, environment, resolve_device
 from bench.nf4 import parse_shapes, print_summary, speedups
 from bench.peaks import pct_of_peak
 from bench.sweep import (DTYPES, MODES, Skip, SweepRows, measure_point, parse_choices, parse_dtype,
-                         print_skipped, release_memory)
+                         kernel_unavailable, print_skipped, release_memory)
 from training.hardware import peak_flops
 
 PROVIDERS = ("ours", "ours-reference", "peft", "torch.compile")
@@ -51,7 +51,6 @@ BASELINE = "peft"
 CUDA_SHAPES = ((4096, 4096, 4096),)  # (M, N, K)
 CPU_SHAPES = ((256, 512, 512),)
 GOAL = 1.2  # ours / peft on a GPU
-NEEDS_CUDA = "ours needs CUDA: the Triton interpreter is for correctness, not timing"
 
 
 def _lora():
@@ -67,21 +66,12 @@ def _peft():
 
 def unavailable(provider: str, dev: torch.device) -> str | None:
     """Why `provider` cannot run at all on `dev`, or None when it can."""
-    if provider == "ours":
-        from kernels.backend import HAS_TRITON
-
-        if not HAS_TRITON:
-            return "ours needs the triton package"
-        if dev.type != "cuda":
-            return NEEDS_CUDA
     if provider == "peft":
         try:
             _peft()
         except ImportError:
             return "peft not installed"
-    if provider == "torch.compile" and dev.type != "cuda":
-        return "torch.compile is timed on CUDA only (on a CPU each point's C++ compile outlasts the sweep)"
-    return None
+    return kernel_unavailable(provider, dev)
 
 
 class _OneProjection(nn.Module):

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from bench.harness import Row, environment, resolve_device
 from bench.peaks import pct_of_peak
 from bench.sweep import (DTYPES, MODES, Skip, SweepRows, measure_point, parse_choices, parse_dtype,
-                         print_skipped, release_memory)
+                         kernel_unavailable, print_skipped, release_memory)
 from training.hardware import peak_flops
 
 PROVIDERS = ("ours", "ours-reference", "bitsandbytes", "dense", "torch.compile")
@@ -58,7 +58,6 @@ BLOCKSIZE = 64
 CUDA_SHAPES = ((4096, 4096, 4096), (4096, 11008, 4096), (4096, 4096, 11008))  # (M, N, K): Llama-7B q/o, up, down
 CPU_SHAPES = ((256, 1024, 1024),)
 GOAL = 1.3  # ours / bitsandbytes on a GPU, for M·N ≥ 4096·4096
-NEEDS_CUDA = "ours needs CUDA: the Triton interpreter is for correctness, not timing"
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -95,21 +94,12 @@ def _bnb():
 
 def unavailable(provider: str, dev: torch.device) -> str | None:
     """Why `provider` cannot run at all on `dev`, or None when it can."""
-    if provider == "ours":
-        from kernels.backend import HAS_TRITON
-
-        if not HAS_TRITON:
-            return "ours needs the triton package"
-        if dev.type != "cuda":
-            return NEEDS_CUDA
     if provider == "bitsandbytes":
         try:
             _bnb()
         except ImportError:
             return "bitsandbytes not installed"
-    if provider == "torch.compile" and dev.type != "cuda":
-        return "torch.compile is timed on CUDA only (on a CPU each point's C++ compile outlasts the sweep)"
-    return None
+    return kernel_unavailable(provider, dev)
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,6 +32,25 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+NEEDS_CUDA = "ours needs CUDA: the Triton interpreter is for correctness, not timing"
+
+
+def kernel_unavailable(provider: str, dev: torch.device) -> str | None:
+    """The reasons the kernel sweeps share: our Triton kernel is timed on CUDA only (the
+    interpreter runs it one program at a time), and so is torch.compile (on a CPU each
+    point's C++ compile outlasts the sweep). None when `provider` can run on `dev`."""
+    if provider == "ours":
+        from kernels.backend import HAS_TRITON
+
+        if not HAS_TRITON:
+            return "ours needs the triton package"
+        if dev.type != "cuda":
+            return NEEDS_CUDA
+    if provider == "torch.compile" and dev.type != "cuda":
+        return "torch.compile is timed on CUDA only (on a CPU each point's C++ compile outlasts the sweep)"
+    return None
+
+
 @dataclass(frozen=True)
 class Skip:
     """A provider that did not run at one point of the sweep, and why."""

@@ -66,3 +66,19 @@ def _tiny_run_config(corpus: Path, out_dir: Path, **trainer) -> RunConfig:
         optim=OptimConfig(lr=3e-3, warmup_steps=2, decay_steps=20),
         trainer=TrainerConfig(**t),
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_corpus, tmp_path_factory):
+    """A fine-tuning base: a 2-layer, 32-wide GPT pre-trained for 4 steps on the tiny corpus
+    (a run folder with its checkpoint and tokenizer), trained once for the session."""
+    from training.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("base")
+    Trainer(RunConfig(
+        name="tiny", model=GPTConfig(vocab_size=0, block_size=96, n_layer=2, n_head=2, n_embd=32, dropout=0.0),
+        data=DataConfig(source=str(tiny_corpus), vocab_size=300, min_chars=16, val_fraction=0.1),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2),
+        trainer=TrainerConfig(max_steps=4, batch_size=4, eval_every=4, eval_batches=2, out_dir=str(out), progress=False),
+    )).fit()
+    return out

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from models.gpt import GPT, GPTConfig, segment_positions
 from models.llama import Llama, LlamaConfig
 from training.finetune import FinetuneConfig, causal_loss, run_finetune
-from training.instruct import IGNORE_INDEX, Example, batches, encode_example
+from training.instruct import IGNORE_INDEX, Example, batches
 from training.packing import PAD_SEGMENT, pack_batch, pack_examples, packed_batches, real_tokens
 from training.tokenizer import Tokenizer
 
@@ -215,24 +215,7 @@ def test_models_refuse_bad_segments():
             m(idx, segments=seg[:, :7])
 
 
-# -- ltk finetune --packing ------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_base(tiny_corpus, tmp_path_factory):
-    """A 2-layer, 32-wide GPT pre-trained for 2 steps (as tests/unit/test_finetune.py)."""
-    from training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
-    from training.trainer import Trainer
-
-    out = tmp_path_factory.mktemp("base")
-    Trainer(RunConfig(
-        name="tiny", model=GPTConfig(vocab_size=0, block_size=96, n_layer=2, n_head=2, n_embd=32, dropout=0.0),
-        data=DataConfig(source=str(tiny_corpus), vocab_size=300, min_chars=16, val_fraction=0.1),
-        optim=OptimConfig(lr=3e-3, warmup_steps=1),
-        trainer=TrainerConfig(max_steps=2, batch_size=4, eval_every=2, eval_batches=1, out_dir=str(out),
-                              progress=False),
-    )).fit()
-    return out
-
+# -- ltk finetune --packing (tiny_base: tests/conftest.py) ------------------------------------
 
 def test_finetune_with_packing_takes_the_same_steps_in_fewer_slots(tiny_base, tmp_path):
     """Chat rows of uneven length: the packed run (`ltk finetune --packing`) sees the padded
