@@ -33,17 +33,15 @@ ours / peft per point; the goal is ≥ 1.2× on a GPU at M = 4096 tokens, N = K 
 from __future__ import annotations
 
 import importlib
-import json
 from functools import partial
 
 import torch
 import torch.nn as nn
 
-from bench.harness import Row, environment, resolve_device
-from bench.nf4 import parse_shapes, print_summary, speedups
-from bench.peaks import pct_of_peak
+from bench.harness import environment, resolve_device
+from bench.nf4 import finish, matmul_row, parse_shapes
 from bench.sweep import (DTYPES, MODES, Skip, SweepRows, measure_point, parse_choices, parse_dtype,
-                         kernel_unavailable, print_skipped, release_memory)
+                         kernel_unavailable, release_memory)
 from training.hardware import peak_flops
 
 PROVIDERS = ("ours", "ours-reference", "peft", "torch.compile")
@@ -171,7 +169,6 @@ def run(*, shapes: str | None = None, rank: int = 16, alpha: float = 32.0, dtype
                     rows.skipped.append(Skip(p, f"{shape} {mode}", result.reason))
                     continue
                 timing, peak_mb = result
-                seconds = timing.median_ms * 1e-3
                 extra = {"M": M, "N": N, "K": K, "r": rank, "alpha": alpha, "scale": alpha / rank, "flops": fl,
                          "bytes": nbytes, "bytes_unfused": lora.bytes_moved(M, N, K, rank, dtype_bytes=elem,
                                                                              bias=False, fused=False, mode=mode),
@@ -179,18 +176,9 @@ def run(*, shapes: str | None = None, rank: int = 16, alpha: float = 32.0, dtype
                          "load_avg_1m_before": env["load_avg_1m"], "baseline": BASELINE}
                 if mode == "bwd":
                     extra["timed"] = "dx, dA, dB (autograd.grad on a retained graph); W is frozen"
-                rows.append(Row.stamped(
-                    dev, op="lora-linear", shape=shape, dtype=dtype, mode=mode, provider=p,
-                    median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, runs=timing.runs,
-                    tflops=fl / seconds / 1e12, gbps=nbytes / seconds / 1e9,
-                    pct_of_peak=pct_of_peak(fl / seconds, peak), peak_mem_mb=peak_mb,
-                    extra=json.dumps(extra, sort_keys=True)))
+                rows.append(matmul_row(dev, "lora-linear", shape, dtype, mode, p, timing, fl, nbytes, peak, peak_mb,
+                                       extra))
         del x, w, a, b
         release_memory(dev)
 
-    speedups(rows, BASELINE)
-    for r in rows:  # every row names what did not run in the same sweep
-        r.extra = json.dumps({**json.loads(r.extra), "skipped": rows.skipped_summary()}, sort_keys=True)
-    print_summary(rows, "ours", BASELINE, GOAL, "M = 4096, N = K = 4096, r = 16 on a GPU")
-    print_skipped(rows.skipped)
-    return rows
+    return finish(rows, BASELINE, GOAL, "M = 4096, N = K = 4096, r = 16 on a GPU")

@@ -179,7 +179,6 @@ def run(*, shapes: str | None = None, dtype: str = "auto", modes: str = "all", p
                     rows.skipped.append(Skip(p, f"{shape} {mode}", result.reason))
                     continue
                 timing, peak_mb = result
-                seconds = timing.median_ms * 1e-3
                 extra = {"M": M, "N": N, "K": K, "blocksize": BLOCKSIZE, "flops": fl, "bytes": nbytes,
                          "bytes_unfused": passes * nf4.bytes_moved(M, N, K, dtype_bytes=elem, blocksize=BLOCKSIZE,
                                                                    fused=False),
@@ -189,19 +188,32 @@ def run(*, shapes: str | None = None, dtype: str = "auto", modes: str = "all", p
                          "load_avg_1m_before": env["load_avg_1m"], "baseline": BASELINE}
                 if mode == "bwd":
                     extra["timed"] = "dx alone (autograd.grad on a retained graph); W is frozen"
-                rows.append(Row.stamped(
-                    dev, op="nf4-matmul", shape=shape, dtype=dtype, mode=mode, provider=p,
-                    median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, runs=timing.runs,
-                    tflops=fl / seconds / 1e12, gbps=nbytes / seconds / 1e9,
-                    pct_of_peak=pct_of_peak(fl / seconds, peak), peak_mem_mb=peak_mb,
-                    extra=json.dumps(extra, sort_keys=True)))
+                rows.append(matmul_row(dev, "nf4-matmul", shape, dtype, mode, p, timing, fl, nbytes, peak, peak_mb,
+                                       extra))
         del x, w, packed, absmax
         release_memory(dev)
 
-    speedups(rows, BASELINE)
+    return finish(rows, BASELINE, GOAL, "M·N ≥ 4096·4096 on a GPU")
+
+
+def matmul_row(dev, op: str, shape: str, dtype: str, mode: str, provider: str, timing, flops: float,
+               nbytes: float, peak: float | None, peak_mb: float | None, extra: dict) -> Row:
+    """One timed point of a matmul sweep: TFLOP/s, GB/s and % of peak from its counts."""
+    seconds = timing.median_ms * 1e-3
+    return Row.stamped(dev, op=op, shape=shape, dtype=dtype, mode=mode, provider=provider,
+                       median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, runs=timing.runs,
+                       tflops=flops / seconds / 1e12, gbps=nbytes / seconds / 1e9,
+                       pct_of_peak=pct_of_peak(flops / seconds, peak), peak_mem_mb=peak_mb,
+                       extra=json.dumps(extra, sort_keys=True))
+
+
+def finish(rows: SweepRows, baseline: str, goal: float, where: str) -> SweepRows:
+    """The end of a sweep: speedups against `baseline`, the skips named in every row, the
+    summary against the goal and the list of skips printed."""
+    speedups(rows, baseline)
     for r in rows:  # every row names what did not run in the same sweep
         r.extra = json.dumps({**json.loads(r.extra), "skipped": rows.skipped_summary()}, sort_keys=True)
-    print_summary(rows, "ours", BASELINE, GOAL, "M·N ≥ 4096·4096 on a GPU")
+    print_summary(rows, "ours", baseline, goal, where)
     print_skipped(rows.skipped)
     return rows
 
