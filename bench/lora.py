@@ -64,12 +64,7 @@ def _peft():
 
 def unavailable(provider: str, dev: torch.device) -> str | None:
     """Why `provider` cannot run at all on `dev`, or None when it can."""
-    if provider == "peft":
-        try:
-            _peft()
-        except ImportError:
-            return "peft not installed"
-    return kernel_unavailable(provider, dev)
+    return kernel_unavailable(provider, dev, {"peft": "peft"})
 
 
 class _OneProjection(nn.Module):

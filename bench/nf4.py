@@ -94,12 +94,7 @@ def _bnb():
 
 def unavailable(provider: str, dev: torch.device) -> str | None:
     """Why `provider` cannot run at all on `dev`, or None when it can."""
-    if provider == "bitsandbytes":
-        try:
-            _bnb()
-        except ImportError:
-            return "bitsandbytes not installed"
-    return kernel_unavailable(provider, dev)
+    return kernel_unavailable(provider, dev, {"bitsandbytes": "bitsandbytes.functional"})
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ than a loop:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import gc
 import sys
 from dataclasses import dataclass
@@ -35,10 +36,16 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NEEDS_CUDA = "ours needs CUDA: the Triton interpreter is for correctness, not timing"
 
 
-def kernel_unavailable(provider: str, dev: torch.device) -> str | None:
+def kernel_unavailable(provider: str, dev: torch.device, libraries: dict[str, str] | None = None) -> str | None:
     """The reasons the kernel sweeps share: our Triton kernel is timed on CUDA only (the
     interpreter runs it one program at a time), and so is torch.compile (on a CPU each
-    point's C++ compile outlasts the sweep). None when `provider` can run on `dev`."""
+    point's C++ compile outlasts the sweep); a baseline in `libraries` ({provider: module})
+    needs its module importable. None when `provider` can run on `dev`."""
+    if libraries and provider in libraries:
+        try:
+            importlib.import_module(libraries[provider])
+        except ImportError:
+            return f"{libraries[provider].split('.')[0]} not installed"
     if provider == "ours":
         from kernels.backend import HAS_TRITON
 

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from compile_check import compile_in_subprocess
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -383,14 +381,7 @@ def _compile_for_sm90(kernel, signature, constexprs, num_warps):
 def test_kernels_compile_for_a_gpu(tmp_path):
     """The interpreter is lax about types and shapes, the compiler is not: compile every
     kernel, as the launcher would configure it, down to a cubin for sm_90."""
-    pytest.importorskip("triton")
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            f"import {Path(__file__).stem} as t; t._compile_all()")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    if run.returncode == 3:
-        pytest.skip(run.stdout.strip())
-    assert run.returncode == 0, run.stderr[-4000:]
+    compile_in_subprocess(__file__, tmp_path)
 
 
 def _compile_all():

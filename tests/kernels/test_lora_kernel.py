@@ -11,14 +11,11 @@ kernels write starts as NaN.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from compile_check import compile_in_subprocess, poison_outputs
 import torch
 
 import kernels.lora_triton as lt
@@ -32,13 +29,8 @@ gpu_only = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device: the
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@contextlib.contextmanager
 def poisoned():
-    old, lt.POISON_OUTPUTS = lt.POISON_OUTPUTS, True
-    try:
-        yield
-    finally:
-        lt.POISON_OUTPUTS = old
+    return poison_outputs(lt)
 
 
 def make_inputs(lead, k, n, r, dtype, bias=True, seed=0):
@@ -216,14 +208,7 @@ def test_cost_model():
 def test_kernels_compile_for_a_gpu(tmp_path):
     """The interpreter is lax about types and shapes, the compiler is not: compile both
     kernels, as the launchers configure them, down to a cubin for sm_90."""
-    pytest.importorskip("triton")
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            f"import {Path(__file__).stem} as t; t._compile_all()")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    if run.returncode == 3:
-        pytest.skip(run.stdout.strip())
-    assert run.returncode == 0, run.stderr[-4000:]
+    compile_in_subprocess(__file__, tmp_path)
 
 
 def _compile_all():

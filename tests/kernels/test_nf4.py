@@ -9,10 +9,10 @@ torch's own F.linear in that dtype on the same inputs + half an ulp of the dtype
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
+from compile_check import poison_outputs
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,13 +38,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHAPES = [(128, 64), (96, 320), (7, 9), (5, 13), (130, 192), (3, 100), (1, 1), (33,), (300, 301)]
 
 
-@contextlib.contextmanager
 def poisoned():
-    old, nt.POISON_OUTPUTS = nt.POISON_OUTPUTS, True
-    try:
-        yield
-    finally:
-        nt.POISON_OUTPUTS = old
+    return poison_outputs(nt)
 
 
 def weight(shape, dtype=torch.float32, seed=0):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -66,10 +67,8 @@ def test_nf4_rows_use_the_cost_model_and_name_skipped_providers():
 
 
 def test_nf4_bitsandbytes_missing_is_a_skip_not_an_error(monkeypatch):
-    def missing():
-        raise ImportError("No module named 'bitsandbytes'")
-
-    monkeypatch.setattr(bench.nf4, "_bnb", missing)
+    for name in ("bitsandbytes", "bitsandbytes.functional"):  # None in sys.modules: import raises
+        monkeypatch.setitem(sys.modules, name, None)
     rows = run_benchmark("nf4", **{**TINY_NF4, "shapes": "4x8x64"}, modes="fwd")
     assert {r.provider for r in rows} == {"ours-reference", "dense"}
     assert rows.skipped_summary()["bitsandbytes"] == "bitsandbytes not installed"
