@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from parallel import timeline
+
 RING_FACTOR = {  # wire bytes per rank = factor(n) * payload bytes (module docstring)
     "all_reduce": lambda n: 2 * (n - 1) / n,
     "reduce_scatter": lambda n: (n - 1) / n,
@@ -93,6 +95,8 @@ class Comm:
         self.stats = STATS if stats is None else stats
         self.size = dist.get_world_size(group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        # the group's global ranks: how parallel/timeline.py matches one call across its ranks
+        self.key = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(self.size))
 
     def global_rank(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
@@ -101,7 +105,8 @@ class Comm:
         if self.size == 1:
             return None
         self.stats.record("all_reduce", _nbytes(t), self.size)
-        return dist.all_reduce(t, op=op, group=self.group, async_op=async_op)
+        return timeline.record("all_reduce", self.key,
+                               lambda: dist.all_reduce(t, op=op, group=self.group, async_op=async_op), async_op)
 
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, op=dist.ReduceOp.SUM, async_op: bool = False):
         """out[i] = Σ_ranks inp[rank i's slice]; inp holds size * out.numel() elements."""
@@ -111,7 +116,8 @@ class Comm:
             out.copy_(inp.view_as(out))
             return None
         self.stats.record("reduce_scatter", _nbytes(inp), self.size)
-        return dist.reduce_scatter_single(out, inp, op=op, group=self.group, async_op=async_op)
+        return timeline.record("reduce_scatter", self.key, lambda: dist.reduce_scatter_single(
+            out, inp, op=op, group=self.group, async_op=async_op), async_op)
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
         """out = concat over ranks of inp (rank order); out holds size * inp.numel() elements."""
@@ -121,26 +127,32 @@ class Comm:
             out.view_as(inp).copy_(inp)
             return None
         self.stats.record("all_gather", _nbytes(out), self.size)
-        return dist.all_gather_single(out, inp, group=self.group, async_op=async_op)
+        return timeline.record("all_gather", self.key,
+                               lambda: dist.all_gather_single(out, inp, group=self.group, async_op=async_op), async_op)
 
     def broadcast(self, t: torch.Tensor, src: int = 0, async_op: bool = False):
         """`src` is a rank of this group."""
         if self.size == 1:
             return None
         self.stats.record("broadcast", _nbytes(t), self.size)
-        return dist.broadcast(t, src=self.global_rank(src), group=self.group, async_op=async_op)
+        return timeline.record("broadcast", self.key, lambda: dist.broadcast(
+            t, src=self.global_rank(src), group=self.group, async_op=async_op), async_op)
 
     def send(self, t: torch.Tensor, dst: int):
         self.stats.record("send", _nbytes(t), self.size)
-        return dist.isend(t.contiguous(), dst=self.global_rank(dst), group=self.group)
+        me, peer = self.global_rank(self.rank), self.global_rank(dst)
+        return timeline.record("send", self.key, lambda: dist.isend(t.contiguous(), dst=peer, group=self.group),
+                               True, src=me, dst=peer)
 
     def recv(self, t: torch.Tensor, src: int):
         self.stats.record("recv", _nbytes(t), self.size)
-        return dist.irecv(t, src=self.global_rank(src), group=self.group)
+        me, peer = self.global_rank(self.rank), self.global_rank(src)
+        return timeline.record("recv", self.key, lambda: dist.irecv(t, src=peer, group=self.group),
+                               True, src=peer, dst=me)
 
     def barrier(self) -> None:
         if self.size > 1:
-            dist.barrier(group=self.group)
+            timeline.record("barrier", self.key, lambda: dist.barrier(group=self.group), False)
 
 
 # -- the mesh ---------------------------------------------------------------------------

@@ -51,8 +51,12 @@ class Runtime:
             self.owns_process_group = False
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over every rank. Through a Comm with its own counter, so a per-rank timeline
+        (parallel/timeline.py) sees the wait while the strategies' byte counts stay theirs."""
         if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            from parallel.dist import Comm, CommStats
+
+            Comm(stats=CommStats()).all_reduce(t)
         return t
 
 

@@ -1,0 +1,93 @@
+"""Per-rank timelines (parallel/timeline.py): the split of a step into compute, exposed
+communication and idle, first on synthetic records with known answers, then on 2 gloo
+processes where one rank is made late on purpose, so the other must show the wait as idle."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from parallel.dist import Comm, spawn
+from parallel.timeline import analyse, per_rank_means, split_step, step_times
+
+WORLD = ((0, 1),)
+
+
+def _ev(op, seq, post, start, end, match=WORLD):
+    return {"op": op, "match": match, "seq": seq, "post": post, "start": start, "end": end}
+
+
+def test_split_of_synthetic_steps_is_exact():
+    # rank 0 posts the all-reduce at 1.0 and blocks to 3.0; rank 1 only posts at 2.5:
+    # rank 0 idles 1.5 s, then both move bytes until 3.0 (0.5 s of exposed comm)
+    r0 = [{"step": 0, "start": 0.0, "end": 3.2, "events": [_ev("all_reduce", 0, 1.0, 1.0, 3.0)]}]
+    r1 = [{"step": 0, "start": 0.1, "end": 3.1, "events": [_ev("all_reduce", 0, 2.5, 2.5, 3.0)]}]
+    rows = analyse([r0, r1])
+    a, b = rows
+    assert (a["rank"], b["rank"]) == (0, 1)
+    assert a["idle"] == pytest.approx(1.5) and a["comm"] == pytest.approx(0.5)
+    assert a["compute"] == pytest.approx(3.2 - 2.0)
+    assert b["idle"] == pytest.approx(0.0) and b["comm"] == pytest.approx(0.5)
+    assert b["compute"] == pytest.approx(3.0 - 0.5)
+    for r in rows:
+        assert r["compute"] + r["comm"] + r["idle"] == pytest.approx(r["wall"])
+    assert step_times(rows) == {0: pytest.approx(3.2)}
+    assert [m["rank"] for m in per_rank_means(rows)] == [0, 1]
+
+
+def test_async_overlap_and_p2p_matching():
+    # an async all-reduce posted at 0.0 by both, waited at 2.0, done at 2.2: 0.2 s exposed, no idle
+    # a message 0 -> 1 sent at 1.0, rank 1 waits from 0.5 to 1.3: 0.5 s idle, 0.3 s comm
+    p2p = ((0, 1), 0, 1)
+    r0 = [{"step": 0, "start": 0.0, "end": 2.5, "events": [
+        _ev("all_reduce", 0, 0.0, 2.0, 2.2), {"op": "send", "match": p2p, "seq": 0, "post": 1.0}]}]
+    r1 = [{"step": 0, "start": 0.0, "end": 2.5, "events": [
+        _ev("recv", 0, 0.2, 0.5, 1.3, match=p2p), _ev("all_reduce", 0, 0.0, 2.0, 2.2)]}]
+    rows = analyse([r0, r1])
+    assert rows[0]["comm"] == pytest.approx(0.2) and rows[0]["idle"] == pytest.approx(0.0)
+    assert rows[1]["idle"] == pytest.approx(0.5) and rows[1]["comm"] == pytest.approx(0.3 + 0.2)
+    assert rows[1]["comm_by_op"] == {"recv": pytest.approx(0.3), "all_reduce": pytest.approx(0.2)}
+    # without a shared clock (CUDA events) nothing can be called idle
+    assert split_step(r1[0], None)["idle"] == 0.0
+
+
+def _late_rank_worker(rank: int, world: int, folder: str) -> dict:
+    from parallel.timeline import Timeline
+
+    comm, x = Comm(), torch.ones(1024)
+    with Timeline("cpu") as tl:
+        for step in range(3):
+            comm.barrier()  # outside a step: not recorded
+            tl.begin_step(step)
+            if rank == world - 1:
+                time.sleep(0.08)  # "compute" on the last rank only
+            comm.all_reduce(x)  # the others wait for it here
+            h = comm.all_reduce(x, async_op=True)
+            time.sleep(0.03)  # compute that hides the async all-reduce
+            h.wait()
+            if world > 1:  # a message around the ring
+                w = comm.send(x, (rank + 1) % world)
+                comm.recv(torch.empty(1024), (rank - 1) % world).wait()
+                w.wait()
+            tl.end_step()
+        rows = tl.flush()
+        tl.write(folder)
+    return {"rows": rows}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_late_rank_shows_as_idle_on_the_others(world, tmp_path):
+    res = spawn(_late_rank_worker, world, str(tmp_path), timeout_s=90)
+    rows = res[0]["rows"]
+    assert all(r["rows"] is None for r in res[1:])  # gathered to rank 0 only
+    assert sorted({(r["step"], r["rank"]) for r in rows}) == [(s, k) for s in range(3) for k in range(world)]
+    for r in rows:
+        assert r["compute"] + r["comm"] + r["idle"] == pytest.approx(r["wall"], abs=1e-9)
+        assert r["compute"] >= 0.025  # the 30 ms under which the async all-reduce hid
+        late = r["rank"] == world - 1
+        if late:
+            assert r["compute"] >= 0.1 and r["idle"] < 0.03, r
+        else:
+            assert r["idle"] >= 0.05, r  # most of the 80 ms the last rank computed
+    assert (tmp_path / "timeline.json").exists() and (tmp_path / "timeline.png").stat().st_size > 1000
