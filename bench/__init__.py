@@ -97,6 +97,9 @@ BENCHMARKS: dict[str, Benchmark] = {
                 Option("seed", int, 1337, "seed of the weights and the token batches"),
                 Option("min_time", float, 8.0, "timed seconds per provider, split over the rounds"),
                 Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
+                Option("providers", str, None, "comma list of ours, ours-compile, transformers, or all "
+                       "(default: ours,transformers)"),
+                Option("compile_backend", str, "inductor", "torch.compile backend of ours-compile"),
             ),
         ),
         Benchmark(

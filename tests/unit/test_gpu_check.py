@@ -58,3 +58,207 @@ def test_nf4_and_lora_cases_pass_and_a_wrong_kernel_fails():
         assert not gpu_check._compare(kernel, case, "fp16", off, inputs).passed, kernel
     assert [t.requires_grad for t in gpu_check.lora_case(5, 33, 40, 3, True, "cpu")[3]] == \
         [True, False, True, True, False]  # x, W, A, B, b: W and b frozen
+
+
+# --- the plan, the train step, the scaling lab, the report ------------------------------------
+
+def test_plan_trains_gpt2_eager_compiled_and_transformers_within_the_budget():
+    import inspect
+
+    from bench import get_benchmark
+    from bench.train_step import parse_providers
+
+    for quick in (False, True):
+        plan = gpu_check.benchmark_plan(quick)
+        step = [e for e in plan if e.bench == "train-step"]
+        assert len(step) == 1 and step[0].kwargs["preset"] == "gpt2-124m"
+        assert parse_providers(step[0].kwargs["providers"]) == ("ours", "ours-compile", "transformers")
+        for e in plan:  # every option the plan passes exists (a typo would only fail on the GPU)
+            inspect.signature(get_benchmark(e.bench).run).bind(device="cuda", **e.kwargs)
+        assert len({e.label for e in plan}) == len(plan)  # one Time row each
+        assert gpu_check.CORRECTNESS_BUDGET_S + sum(e.budget_s for e in plan) <= gpu_check.BUDGET_S == 480
+
+
+def test_scaling_lab_needs_two_gpus(monkeypatch, tmp_path):
+    for n in (0, 1):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda n=n: n)
+        result, skipped = gpu_check.scaling_part(tmp_path, quick=True)
+        assert result is None and skipped == [f"scaling lab: needs at least 2 GPUs, found {n}"]
+
+
+def test_scaling_lab_missing_or_failing_is_listed_and_its_table_is_kept(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    import labs
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delattr(labs, "scaling", raising=False)
+    monkeypatch.setitem(sys.modules, "labs.scaling", None)  # import fails
+    result, skipped = gpu_check.scaling_part(tmp_path, quick=True)
+    assert result is None and len(skipped) == 1 and "labs.scaling could not be imported: " in skipped[0]
+
+    def use(run):
+        fake = types.ModuleType("labs.scaling")
+        fake.run = run
+        monkeypatch.setitem(sys.modules, "labs.scaling", fake)
+        monkeypatch.setattr(labs, "scaling", fake, raising=False)
+        return gpu_check.scaling_part(tmp_path / "lab", quick=True)
+
+    def boom(out_dir, quick):
+        raise RuntimeError("nccl timeout")
+
+    result, skipped = use(boom)
+    assert result is None and skipped == ["scaling lab: failed: RuntimeError: nccl timeout"]
+
+    def ok(out_dir, quick):
+        path = out_dir / "report.md"
+        path.write_text("# Scaling\n\ntext\n\n| GPUs | tokens/s |\n|---|---|\n| 1 | 10 |\n| 2 | 19 |\n\n"
+                        "| second | table |\n|---|---|\n")
+        return path
+
+    result, skipped = use(ok)
+    assert skipped == [] and result["gpus"] == 2 and result["report"] == str(tmp_path / "lab" / "report.md")
+    assert result["table"] == "| GPUs | tokens/s |\n|---|---|\n| 1 | 10 |\n| 2 | 19 |"
+    text = gpu_check.report({"device": "cpu", "date": "2026-01-01"}, [], [], skipped, scaling=result)
+    assert "## Scaling lab (2 GPUs, quick preset)" in text and "| 2 | 19 |" in text and "second" not in text
+
+
+def test_report_lists_every_skipped_part_and_the_time_against_the_budget():
+    skipped = ["scaling lab: needs at least 2 GPUs, found 1", "attention causal: flash-attn: not installed",
+               "train-step MFU of ours: no datasheet bf16 peak for X in bench/peaks.py"]
+    times = {"correctness": 50.0, "train-step": 140.0, "scaling lab": 300.0}
+    budgets = {"correctness": 60.0, "train-step": 150.0, "scaling lab": None}
+    text = gpu_check.report({"device": "cpu", "date": "2026-01-01"}, [], [], skipped, times=times,
+                            budgets=budgets, total_s=495.0)
+    section = text[text.index("## Skipped"):]
+    assert all(f"- {s}" in section for s in skipped)
+    time_section = text[text.index("## Time"):text.index("## Skipped")]
+    assert "| correctness | 50 | 60 |" in time_section and "| train-step | 140 | 150 |" in time_section
+    assert "| scaling lab | 300 | outside the one-GPU budget |" in time_section
+    assert "**495**" in time_section and "190 s of the 480 s" in time_section and "within" in time_section
+    over = gpu_check.report({"device": "cpu", "date": "2026-01-01"}, [], [], [],
+                            times={"train-step": 500.0}, budgets={"train-step": 150.0})
+    assert "OVER by 20 s" in over and "- nothing" in over
+
+
+def test_benchmarks_run_the_train_step_part_and_list_what_did_not_run(monkeypatch):
+    """The train-step part of the plan on a CPU, tiny: eager and compiled rows (aot_eager:
+    inductor's C++ compile takes minutes on a small CPU), each part's seconds, the missing MFU
+    and a failing part listed as skipped."""
+    entry = gpu_check.PlanEntry("train-step", "train-step", dict(
+        vocab_size=256, batch_size=2, seq_len=16, min_time=0.05, rounds=1, providers="ours,ours-compile",
+        compile_backend="aot_eager"), 1.0)
+    broken = gpu_check.PlanEntry("layernorm", "layernorm", dict(no_such_option=1), 1.0)
+    monkeypatch.setattr(gpu_check, "benchmark_plan", lambda quick: [entry, broken])
+    times: dict = {}
+    rows, skipped = gpu_check.benchmarks(torch.device("cpu"), True, times)
+    assert [r.provider for r in rows] == ["ours", "ours-compile"] and set(times) == {"train-step", "layernorm"}
+    assert any(s.startswith("train-step MFU of ours-compile: no datasheet fp32 peak") for s in skipped)
+    assert any(s.startswith("layernorm {'no_such_option': 1}: TypeError") for s in skipped)
+    text = gpu_check.report({"device": "cpu", "date": "2026-01-01"}, [], rows, skipped, times=times,
+                            budgets={"train-step": 1.0, "layernorm": 1.0})
+    assert "## Train step" in text and "| ours-compile (aot_eager) |" in text and "## Time" in text
+    only, _ = gpu_check.benchmarks(torch.device("cpu"), True, {}, only="layernorm")
+    assert only == []  # only the named benchmark ran (and failed, listed)
+
+
+# --- bench/train_step.py's ours-compile provider ------------------------------------------------
+
+def test_train_step_providers_default_all_and_typos():
+    from bench.train_step import parse_providers
+
+    assert parse_providers(None) == ("ours", "transformers")  # the compile stays out of the default
+    assert parse_providers("all") == ("ours", "ours-compile", "transformers")
+    assert parse_providers("transformers, ours-compile") == ("ours-compile", "transformers")
+    with pytest.raises(ValueError, match="ours-compiled"):
+        parse_providers("ours,ours-compiled")
+    with pytest.raises(TypeError, match="providers"):
+        parse_providers(["ours"])
+
+
+def test_ours_compile_gives_the_same_first_step_loss_as_ours():
+    """Our GPT wrapped in torch.compile, on a tiny config on a CPU: the first training step
+    (same weights, same batch) gives ours' loss within 1e-4, and the following steps too (same
+    AdamW). The backend is aot_eager (Dynamo's capture and AOTAutograd's backward graph, no
+    code generation): inductor's C++ compile takes minutes on a small CPU; the GPU check
+    compiles with inductor."""
+    from bench.train_step import build, make_batches, make_optimizer, make_step, warm_up
+    from models.gpt import GPTConfig
+
+    cfg = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    cpu = torch.device("cpu")
+    models = build(cfg, cpu, with_baseline=False, compile_backend="aot_eager")
+    assert set(models) == {"ours", "ours-compile"}
+    assert models["ours-compile"]._orig_mod is not models["ours"]  # its own parameters and AdamW
+    batches = make_batches(cfg.vocab_size, 2, cfg.block_size)
+    steps = {p: make_step(m, make_optimizer(m, cpu), batches) for p, m in models.items()}
+    losses, seconds, skipped = warm_up(steps, {"ours": 2, "ours-compile": 2})
+    assert skipped == [] and set(seconds) == {"ours", "ours-compile"}
+    assert abs(losses["ours-compile"] - losses["ours"]) < 1e-4
+    assert steps["ours-compile"]().item() == pytest.approx(steps["ours"]().item(), abs=1e-4)  # step 3
+
+
+def test_train_step_run_reports_the_compiled_row_and_refuses_a_different_model(monkeypatch):
+    import json
+
+    import bench.train_step as ts
+
+    tiny = dict(vocab_size=256, batch_size=2, seq_len=16, min_time=0.05, rounds=2, device="cpu",
+                providers="ours,ours-compile", compile_backend="aot_eager")
+    rows = ts.run(**tiny)
+    assert [r.provider for r in rows] == ["ours", "ours-compile"] and rows.skipped == []
+    extra = json.loads(rows[1].extra)
+    assert extra["compile_backend"] == "aot_eager" and extra["first_step_loss_diff_vs_ours"] < 1e-4
+    assert extra["warmup_steps"] == 3 and extra["warmup_s"] > 0
+    assert all(r.throughput > 0 and r.tflops > 0 and r.pct_of_peak is None for r in rows)  # no CPU peak
+
+    real = ts.compile_model
+
+    def perturbed(model, backend="inductor"):  # a compiled model that is not the same function
+        compiled = real(model, backend)
+        with torch.no_grad():
+            compiled._orig_mod.lm_head.weight.mul_(1.5)
+        return compiled
+
+    monkeypatch.setattr(ts, "compile_model", perturbed)
+    with pytest.raises(RuntimeError, match="does not compute the same function"):
+        ts.run(**tiny)
+
+    def failing_backend(graph_module, example_inputs):
+        raise NotImplementedError("this backend cannot compile")
+
+    def broken(model, backend="inductor"):  # a compile that fails: skipped with the reason, not a crash
+        import copy
+
+        return torch.compile(copy.deepcopy(model), backend=failing_backend)
+
+    monkeypatch.setattr(ts, "compile_model", broken)
+    with pytest.warns(RuntimeWarning, match="ours-compile failed"):
+        rows = ts.run(**tiny)
+    assert [r.provider for r in rows] == ["ours"] and rows.skipped[0].provider == "ours-compile"
+
+
+def test_main_writes_one_report_naming_every_part_that_did_not_run(monkeypatch, tmp_path):
+    """main()'s flow with the GPU work replaced (it needs CUDA): one report with the Time
+    section, and every part not run listed under Skipped with its reason."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(gpu_check, "machine", lambda device: {"device": "Fake GPU", "gpus": 1, "date": "2026-01-02 x"})
+    ok = gpu_check.Check("layernorm", "5x33", "bf16", {"out0": 1e-3}, {"out0": 1e-3}, passed=True)
+    monkeypatch.setattr(gpu_check, "correctness_checks", lambda device: [ok])
+
+    def fake_benchmarks(device, quick, times, only=None):
+        times["train-step"] = 2.0
+        return [], ["train-step: transformers at *: not installed"]
+
+    monkeypatch.setattr(gpu_check, "benchmarks", fake_benchmarks)
+    assert gpu_check.main(["--out", str(tmp_path)]) == 0
+    text = (tmp_path / "gpu-check_fake-gpu_2026-01-02.md").read_text()
+    assert "1/1 pass" in text and "| correctness |" in text and "| train-step | 2 | 150 |" in text
+    assert "- scaling lab: needs at least 2 GPUs, found 1" in text and "- train-step: transformers" in text
+    assert gpu_check.main(["--out", str(tmp_path), "--only", "train-step"]) == 0
+    text = (tmp_path / "gpu-check_fake-gpu_2026-01-02.md").read_text()
+    for part in ("correctness", "kernel benchmarks", "scaling lab"):
+        assert f"- {part}: not run (--only train-step)" in text
+    assert "## Kernels" not in text and "| correctness |" not in text
