@@ -45,6 +45,46 @@ def lab_settings(quick: bool) -> dict:
                 steps=10, vocab=8192)
 
 
+def mesh_for(name: str, world: int) -> tuple[str, int, int] | None:
+    """(engine, tp, pp) of strategy `name` on `world` ranks, or None where it does not fit."""
+    strategy, tp, pp = STRATEGIES[name]
+    tp, pp = (world if tp == "w" else tp), (world if pp == "w" else pp)
+    if world % (tp * pp) or (name in ("dp2xtp2", "pp2xdp2") and world != 4):
+        return None
+    return strategy, tp, pp
+
+
+def lab_config(s: dict, strategy: str, tp: int, pp: int, data_dir: str, device: str = "cpu"):
+    """The run config every rank builds: gpt-debug with the lab's model and batch settings."""
+    from training.presets import get_preset
+
+    cfg = get_preset("gpt-debug")
+    for k, v in s["model"].items():
+        setattr(cfg.model, k, v)
+    cfg.model.bias, cfg.model.dropout, cfg.model.backend = False, 0.0, "torch"
+    cfg.data.vocab_size, cfg.data.max_bytes = s["vocab"], s.get("max_bytes", cfg.data.max_bytes)
+    cfg.data.cache_dir = data_dir
+    cfg.trainer.batch_size, cfg.trainer.grad_accum = s["batch"], s["grad_accum"]
+    cfg.trainer.max_steps, cfg.trainer.progress, cfg.trainer.seq_len = 100, False, 0
+    cfg.trainer.device = device
+    cfg.parallel.strategy, cfg.parallel.tp, cfg.parallel.pp = strategy, tp, pp
+    return cfg
+
+
+def watch_held_bytes(trainer) -> dict:
+    """A dict whose "bytes" is refreshed every step with held_bytes at the moment gradients
+    exist (between backward and the optimizer step; Adam's state exists after the first)."""
+    held: dict = {}
+    clip = trainer.par.clip_grad_norm_
+
+    def clip_and_count(max_norm):
+        held["bytes"] = held_bytes(trainer.par)
+        return clip(max_norm)
+
+    trainer.par.clip_grad_norm_ = clip_and_count
+    return held
+
+
 def held_bytes(run) -> dict[str, int]:
     """Parameters, gradients and optimizer states this rank holds (each storage once)."""
     import torch
@@ -75,33 +115,17 @@ def _worker(rank: int, world: int, s: dict, names: list[str], data_dir: str) -> 
 
     from parallel.dist import STATS
     from parallel.plan import plan
-    from training.presets import get_preset
     from training.trainer import Trainer
 
     out = []
     for name in names:
-        strategy, tp, pp = STRATEGIES[name]
-        tp, pp = (world if tp == "w" else tp), (world if pp == "w" else pp)
-        if world % (tp * pp) or (name in ("dp2xtp2", "pp2xdp2") and world != 4):
+        layout = mesh_for(name, world)
+        if layout is None:
             continue
-        cfg = get_preset("gpt-debug")
-        for k, v in s["model"].items():
-            setattr(cfg.model, k, v)
-        cfg.model.bias, cfg.model.dropout, cfg.model.backend = False, 0.0, "torch"
-        cfg.data.vocab_size, cfg.data.max_bytes = s["vocab"], s.get("max_bytes", cfg.data.max_bytes)
-        cfg.data.cache_dir = data_dir
-        cfg.trainer.batch_size, cfg.trainer.grad_accum = s["batch"], s["grad_accum"]
-        cfg.trainer.max_steps, cfg.trainer.progress, cfg.trainer.seq_len = 100, False, 0
-        cfg.parallel.strategy, cfg.parallel.tp, cfg.parallel.pp = strategy, tp, pp
-        trainer = Trainer(cfg)
-        held: dict = {}
-        clip = trainer.par.clip_grad_norm_
-
-        def clip_and_count(max_norm, clip=clip, held=held):  # between backward and step: gradients exist
-            held["bytes"] = held_bytes(trainer.par)  # the last step's (Adam's state exists after the first)
-            return clip(max_norm)
-
-        trainer.par.clip_grad_norm_ = clip_and_count
+        strategy, tp, pp = layout
+        trainer = Trainer(lab_config(s, strategy, tp, pp, data_dir))
+        cfg = trainer.cfg
+        held = watch_held_bytes(trainer)
         trainer.train_step()  # warm-up (allocations, first bucket layouts)
         times = []
         for _ in range(s["steps"]):

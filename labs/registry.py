@@ -23,6 +23,7 @@ _LAB_MODULES = {
     "zero": "labs.zero",
     "parallelism": "labs.parallelism",
     "finetune": "labs.finetune",
+    "scaling": "labs.scaling",
 }
 
 

@@ -233,11 +233,17 @@ def free_port() -> int:
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue, timeout_s: float,
             backend: str = "gloo") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
+                      LOCAL_RANK=str(rank))
+    if backend != "nccl":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     torch.set_num_threads(1)  # N ranks share the cores; one thread each avoids oversubscription
     try:
         if backend == "fake":
             init_fake(rank, world)
+        elif backend == "nccl":  # one GPU per rank
+            torch.cuda.set_device(rank)
+            dist.init_process_group("nccl", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+                                    device_id=torch.device("cuda", rank))
         else:
             dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
         result = fn(rank, world, *args)
@@ -255,13 +261,15 @@ class SpawnError(RuntimeError):
     pass
 
 
-def spawn(fn: Callable, world_size: int, *args: Any, timeout_s: float = 120, fake_rank: int | None = None) -> list[Any]:
+def spawn(fn: Callable, world_size: int, *args: Any, timeout_s: float = 120, fake_rank: int | None = None,
+          device: str = "cpu") -> list[Any]:
     """Run fn(rank, world_size, *args) in `world_size` fresh CPU processes on gloo and return
     the results in rank order. `fn` must be importable (module level). The first rank to
     raise, or the timeout, kills every process and raises SpawnError naming the rank.
 
     fake_rank: start only that rank, in a fake process group of world_size ranks (init_fake:
-    collectives return at once), to measure one rank of a world too big to run."""
+    collectives return at once), to measure one rank of a world too big to run.
+    device="cuda": one process per GPU (rank r on cuda:r) on NCCL."""
     import queue as queue_mod
     import time
 
@@ -269,7 +277,11 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout_s: float = 120, fak
     q = ctx.Queue()
     port = free_port()
     ranks = list(range(world_size)) if fake_rank is None else [fake_rank]
-    backend = "gloo" if fake_rank is None else "fake"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"spawn: device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and torch.cuda.device_count() < world_size:
+        raise ValueError(f"spawn: {world_size} ranks on CUDA need {world_size} GPUs, {torch.cuda.device_count()} visible")
+    backend = "fake" if fake_rank is not None else ("nccl" if device == "cuda" else "gloo")
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, q, timeout_s, backend), daemon=True)
              for r in ranks]
     for p in procs:

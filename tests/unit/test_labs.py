@@ -162,3 +162,33 @@ def test_parallelism_lab_reports_time_memory_and_bytes(tmp_path, monkeypatch):
     d = rows["ddp"]
     assert sum(d["held"].values()) == d["plan"]["params"] + d["plan"]["grads"] + d["plan"]["optimizer"]
     assert d["comm"]["all_reduce"] >= d["plan"]["comm_bytes_per_step"]  # + the loss and norm scalars
+
+
+def test_scaling_lab_splits_time_and_reports_the_simulator_error(tmp_path, monkeypatch):
+    from labs import scaling
+
+    monkeypatch.setattr(scaling, "lab_settings", lambda quick: dict(
+        worlds=(1, 2), model=dict(n_layer=2, n_head=2, n_embd=32, block_size=16), batch=4, grad_accum=2, steps=2,
+        vocab=300, max_bytes=200_000, device="cpu"))
+    monkeypatch.setattr(scaling, "NAMES", ("ddp", "zero3", "tp", "pp"))
+    run_lab("scaling", tmp_path / "lab", quick=True)
+    res = json.loads((tmp_path / "lab" / "results.json").read_text())
+    rows = {(r["name"], r["world"]): r for r in res["rows"]}
+    assert set(rows) == {("single", 1), ("ddp", 2), ("zero3", 2), ("tp", 2), ("pp", 2)}
+    for r in rows.values():
+        assert r["step_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_s"])
+        for m in r["per_rank"]:  # every rank's step is compute + exposed comm + idle
+            assert m["compute"] > 0 and min(m["comm"], m["idle"]) >= 0
+        assert r["pred"]["step_s"] > 0 and r["error"] == pytest.approx((r["pred"]["step_s"] - r["step_s"]) / r["step_s"])
+        assert r["memory"] == r["pred"]["memory"], r["name"]  # model states: measured = cost model, exactly
+    single = rows[("single", 1)]
+    assert single["comm"] == 0 and single["idle"] == 0 and single["efficiency"] == 1.0
+    assert single["error"] == pytest.approx(0.0, abs=1e-9)  # calibrated on this very step
+    for name in ("ddp", "zero3", "tp"):  # every strategy with collectives in the step shows them
+        assert rows[(name, 2)]["comm"] > 0
+    assert rows[("pp", 2)]["idle"] > 0  # the pipeline's fill and drain
+    assert rows[("zero3", 2)]["memory"] < rows[("ddp", 2)]["memory"]
+    assert res["error_median"] >= 0 and "2" in res["calibration"]
+    report = (tmp_path / "lab" / "report.md").read_text()
+    assert "measured / simulated" in report and "Step time error over 5 runs" in report
+    assert (tmp_path / "lab" / "scaling.png").stat().st_size > 1000
