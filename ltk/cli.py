@@ -6,6 +6,7 @@
     ltk train --preset gpt-debug --parallel zero3 --nproc 4       # 4 CPU processes, our ZeRO-3
     ltk train --preset gpt-debug --parallel ddp --parallel.tp 2 --nproc 4   # DP 2 x TP 2
     ltk train --resume runs/gpt-debug --trainer.max_steps 600     # continue a run exactly
+    ltk train --preset gpt-debug --max-steps 20 --profile         # + profile/trace.json (ui.perfetto.dev)
     ltk generate --ckpt runs/gpt-debug --prompt "def main(" --max-new-tokens 80
     ltk finetune --method lora --base runs/gpt-debug --data builtin    # LoRA on the built-in task
     ltk lab list
@@ -52,6 +53,8 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         cfg.trainer.out_dir = args.out
     if args.device is not None:
         cfg.trainer.device = args.device
+    if args.profile:
+        cfg.trainer.profile = True
     if args.parallel is not None:
         _set_parallel(cfg, args.parallel, int(os.environ.get("WORLD_SIZE", "1")))
     apply_overrides(cfg, overrides)
@@ -270,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--parallel", choices=PARALLEL_CHOICES,
                    help="parallel strategy (parallel/): a data-parallel engine, or tp / pp over all ranks; "
                    "combine with --parallel.tp N / --parallel.pp N")
+    t.add_argument("--profile", action="store_true",
+                   help="trace a few steps with torch.profiler and sample GPU counters (trainer.profile): "
+                   "writes profile/ in the run folder")
     t.add_argument("--nproc", type=int, help="start N local processes (torchrun underneath)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=_train)

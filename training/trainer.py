@@ -47,6 +47,8 @@ from training.hardware import peak_flops
 from training.loader import TokenLoader
 from training.objectives import objective_for, step_generator
 from training.optim import build_optimizer, lr_at, set_lr
+from training.memory import MemoryProbe
+from training.profiling import RunProfile
 from training.runtime import capture_host_rng, capture_rng, restore_rng, seed_everything, setup_runtime
 
 
@@ -275,9 +277,14 @@ class Trainer:
         last: dict[str, Any] = {}
         ckpt = None
         window_t, window_tokens = time.perf_counter(), 0
+        memory = MemoryProbe(self.par, self.rt.device)  # bytes by category, measured on the first step
+        profile = RunProfile(self.run_dir / "profile", self.rt.device, active=t.profile_steps, first_step=self.step,
+                             steps_left=t.max_steps - self.step, enabled=t.profile and self.rt.is_main)
         try:
+            profile.start()  # --profile: torch.profiler over a few steps, NVML over the run (training/profiling.py)
             while self.step < t.max_steps:
-                loss, grad_norm = self.train_step()
+                with memory:
+                    loss, grad_norm = self.train_step()
                 window_tokens += self.tokens_per_step
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {self.step}; last checkpoint kept intact")
@@ -300,6 +307,7 @@ class Trainer:
                 bar.update(1)
                 if (t.ckpt_every > 0 and self.step % t.ckpt_every == 0) or done:
                     ckpt = self.save()
+                profile.step()
         except KeyboardInterrupt:
             if self.rt.is_main:
                 print(f"\ninterrupted: saving step {self.step} before exiting")
@@ -307,7 +315,9 @@ class Trainer:
             raise
         finally:
             bar.close()
+            profile.close()
         if self.rt.is_main and last:
-            summary = {"step": self.step, "params": self.num_params, "checkpoint": str(ckpt), **last}
+            summary = {"step": self.step, "params": self.num_params, "checkpoint": str(ckpt), **last,
+                       "memory": memory.result, **profile.summary()}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return TrainResult(self.run_dir, self.step, last, ckpt)
