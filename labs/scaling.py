@@ -20,9 +20,10 @@ and PP 2 x DP 2. Per run, over the timed steps (medians):
 
 The prediction beside each row comes from `simulate` with a cluster calibrated here: the
 compute rate one process reaches on this very step (the 1-rank run: model FLOPs / step time),
-shared when more processes than cores run (each gets cores/N of it), and the collectives'
-alpha-beta fitted from gloo measured at each world size (`measure_calibration`). The error
-column is (predicted − measured) / measured step time.
+scaled by the matmul rate each rank keeps while N ranks compute at once (on a CPU, processes
+beyond the cores time-share them), and the collectives' alpha-beta fitted from the median
+call measured at each world size (`measure_calibration`). The error column is
+(predicted − measured) / measured step time.
 """
 from __future__ import annotations
 
@@ -99,8 +100,10 @@ def summarise(results: list[list[dict]]) -> list[dict]:
     return rows
 
 
-def predict(rows: list[dict], s: dict, calibrations: dict, cores: int) -> None:
-    """Add the calibrated simulator's step time, exposed comm, bubble and memory to each row."""
+def predict(rows: list[dict], s: dict, calibrations: dict) -> None:
+    """Add the calibrated simulator's step time, compute, exposed comm, bubble and model states
+    to each row. The compute rate at N ranks is the single-process step's FLOP/s scaled by the
+    matmul rate a rank keeps while N compute at once (time-shared cores, memory bandwidth)."""
     from dataclasses import replace
 
     from models.gpt import GPTConfig
@@ -112,9 +115,8 @@ def predict(rows: list[dict], s: dict, calibrations: dict, cores: int) -> None:
     m = GPTConfig(**{**s["model"], "vocab_size": s["vocab"], "bias": False, "dropout": 0.0})
     for r in rows:
         w = r["world"]
-        cal = calibrations.get(w, Calibration())
-        share = min(1.0, cores / w) if s["device"] == "cpu" else 1.0  # processes beyond the cores time-share
-        cluster = replace(calibrated_cluster(cal, max(w, 1)), peak_flops=rate * share)
+        cal = calibrations[w]
+        cluster = replace(calibrated_cluster(cal, w), peak_flops=rate * cal.achieved_flops / calibrations[1].achieved_flops)
         st = Strategy(dp=r["dp"], tp=r["tp"], pp=r["pp"], zero=int(r["strategy"][-1]) if r["strategy"].startswith("zero") else 0,
                       micro_batches=s["grad_accum"], global_batch=s["batch"] * s["grad_accum"], seq_len=r["seq_len"],
                       dtype="fp32", flash=False)
@@ -123,7 +125,8 @@ def predict(rows: list[dict], s: dict, calibrations: dict, cores: int) -> None:
                       tp=r["tp"], pp=r["pp"], batch=st.global_batch if r["pp"] > 1 else s["batch"], seq_len=r["seq_len"],
                       micro_batches=s["grad_accum"], dtype="fp32")  # the largest rank's model states
         r["pred"] = {"step_s": p.step_time, "compute": p.compute, "comm": sum(p.comm_exposed.values()),
-                     "idle": p.bubble, "memory": states["params"] + states["grads"] + states["optimizer"]}
+                     "idle": p.bubble, "memory": states["params"] + states["grads"] + states["optimizer"],
+                     "rate": cluster.peak_flops}
         r["error"] = (p.step_time - r["step_s"]) / r["step_s"]
 
 
@@ -178,11 +181,12 @@ def run(out: Path, quick: bool) -> Path:
     rows, calibrations, t0 = [], {}, time.perf_counter()
     for world in s["worlds"]:
         names = ["single"] if world == 1 else list(NAMES)
-        results = spawn(_worker, world, s, names, data_dir, timeout_s=3600, device=s["device"] if world > 1 else "cpu")
+        results = spawn(_worker, world, s, names, data_dir, timeout_s=3600, device=s["device"])
         rows += summarise(results)
-        if world > 1 and s["device"] == "cpu":
-            calibrations[world] = measure_calibration(world=world, sizes=(2**12, 2**18, 2**22))
-    predict(rows, s, calibrations, cores)
+        # collectives as a step meets them (the median call), and the shared compute rate
+        calibrations[world] = measure_calibration(world=world, sizes=(2**12, 2**16, 2**20, 2**22), repeats=7,
+                                                  statistic="median", device=s["device"])
+    predict(rows, s, calibrations)
     base = next(r for r in rows if r["world"] == 1)
     for r in rows:
         r["efficiency"] = r["tokens_per_s"] / (r["world"] * base["tokens_per_s"])
@@ -196,13 +200,14 @@ def run(out: Path, quick: bool) -> Path:
                  "ltk lab run scaling" + (" --quick" if quick else ""))
     ms, mib = 1e3, 2**20
     rep.table(["strategy", "ranks", "dp x tp x pp", "tokens/s", "efficiency" + (f" (vs {cores} cores)" if on_cpu else ""),
-               "step ms measured / simulated (error)", "compute ms", "exposed comm ms (meas / sim)",
+               "step ms measured / simulated (error)", "compute ms (meas / sim)", "exposed comm ms (meas / sim)",
                "idle ms (meas / sim bubble)", "model states MiB/device (meas / sim)"],
               [[r["name"] if r["world"] > 1 else "single process", r["world"], f"{r['dp']}x{r['tp']}x{r['pp']}",
                 round(r["tokens_per_s"]),
                 f"{r['efficiency']:.0%}" + (f" ({r['core_efficiency']:.0%})" if on_cpu else ""),
                 f"{r['step_s'] * ms:.1f} / {r['pred']['step_s'] * ms:.1f} ({r['error']:+.0%})",
-                f"{r['compute'] * ms:.1f}", f"{r['comm'] * ms:.1f} / {r['pred']['comm'] * ms:.1f}",
+                f"{r['compute'] * ms:.1f} / {r['pred']['compute'] * ms:.1f}",
+                f"{r['comm'] * ms:.1f} / {r['pred']['comm'] * ms:.1f}",
                 f"{r['idle'] * ms:.1f} / {r['pred']['idle'] * ms:.1f}",
                 f"{r['memory'] / mib:.2f} / {r['pred']['memory'] / mib:.2f}"] for r in rows],
               f"GPT {s['model']['n_layer']} x {s['model']['n_embd']}, {base['params']:,} parameters, global batch "
@@ -230,7 +235,8 @@ Pipeline parallelism moves the least, but its idle column is the fill and drain 
 load imbalance: on shared cores one rank is always a little late, and the others wait at the next
 collective. Total run time {time.perf_counter() - t0:.0f} s.""")
     rep.results.update({"settings": s, "cores": cores, "rows": rows,
-                        "calibration": {w: {"collectives": c.collectives} for w, c in calibrations.items()},
+                        "calibration": {w: {"collectives": c.collectives, "matmul_flops": c.achieved_flops}
+                                        for w, c in calibrations.items()},
                         "error_median": statistics.median(errs), "error_worst": worst["error"]})
     path = rep.write(out)
     print(f"\nreport: {path}")

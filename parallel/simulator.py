@@ -530,7 +530,9 @@ def megatron_check(efficiency: float = DEFAULT_EFFICIENCY, runs: Sequence[Publis
 
 
 # == calibration on this machine =============================================================
-def _measure_worker(rank: int, world: int, sizes: Sequence[int], repeats: int, matmul_n: int) -> dict:
+def _measure_worker(rank: int, world: int, sizes: Sequence[int], repeats: int, matmul_n: int,
+                    statistic: str = "min", device: str = "cpu", matmul_s: float = 0.25) -> dict:
+    import statistics
     import time
 
     import torch
@@ -538,11 +540,14 @@ def _measure_worker(rank: int, world: int, sizes: Sequence[int], repeats: int, m
     from parallel.dist import Comm
 
     comm, out = Comm(), {}
-    for kind in ("all_reduce", "reduce_scatter", "all_gather"):
+    pick = min if statistic == "min" else statistics.median
+    dev = torch.device(f"cuda:{rank}") if device == "cuda" else torch.device("cpu")
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)  # noqa: E731
+    for kind in ("all_reduce", "reduce_scatter", "all_gather") if world > 1 else ():
         pts = []
         for n in sizes:
             numel = max(world, n // 4 // world * world)  # fp32, a multiple of the group
-            full, shard = torch.ones(numel), torch.ones(numel // world)
+            full, shard = torch.ones(numel, device=dev), torch.ones(numel // world, device=dev)
             times = []
             for _ in range(repeats + 2):  # the first calls set up connections and buffers: discarded
                 comm.barrier()
@@ -553,29 +558,42 @@ def _measure_worker(rank: int, world: int, sizes: Sequence[int], repeats: int, m
                     comm.reduce_scatter(shard, full)
                 else:
                     comm.all_gather(full, shard)
+                sync()
                 times.append(time.perf_counter() - t0)
-            pts.append((numel * 4, min(times[2:]), world))  # noise only adds: the fastest is the link
+            pts.append((numel * 4, pick(times[2:]), world))
         out[kind] = pts
-    a, b = torch.randn(matmul_n, matmul_n), torch.randn(matmul_n, matmul_n)
+    # the matmul rate while every rank computes at once, over the same wall-clock window, so
+    # ranks that share a core each get their share of it
+    a, b = torch.randn(matmul_n, matmul_n, device=dev), torch.randn(matmul_n, matmul_n, device=dev)
     comm.barrier()
-    t0, reps = time.perf_counter(), 5
-    for _ in range(reps):
+    t0, reps = time.perf_counter(), 0
+    while time.perf_counter() - t0 < matmul_s:
         a @ b
-    out["flops"] = 2 * matmul_n**3 * reps / (time.perf_counter() - t0)  # all ranks computing at once
+        reps += 1
+        if reps % 16 == 0:
+            sync()
+    sync()
+    out["flops"] = 2 * matmul_n**3 * reps / (time.perf_counter() - t0)
     return out
 
 
 def measure_calibration(world: int = 2, sizes: Sequence[int] = (2**12, 2**20, 2**24), repeats: int = 5,
-                        matmul_n: int = 256, timeout_s: float = 120) -> Calibration:
-    """Measure this machine with `world` gloo processes (parallel.dist.spawn): the fastest of
-    `repeats` calls of each collective at each size (on a shared machine noise only adds time),
-    fitted per kind by fit_alpha_beta, and the matmul rate each
-    process reaches while all compute together. A quick, small measurement (a few seconds)."""
+                        matmul_n: int = 256, timeout_s: float = 120, statistic: str = "min",
+                        device: str = "cpu") -> Calibration:
+    """Measure this machine with `world` gloo processes (parallel.dist.spawn): each collective
+    at each size `repeats` times, fitted per kind by fit_alpha_beta, and the matmul rate a
+    process reaches while all `world` compute together (the mean over ranks). statistic="min"
+    takes the fastest call (noise only adds time: the link's capability); "median" the typical
+    call, what a training step meets on a shared machine. world=1 measures the rate alone.
+    device="cuda": one GPU per rank on NCCL. A quick, small measurement (a few seconds)."""
     from parallel.dist import spawn
 
-    res = spawn(_measure_worker, world, tuple(sizes), repeats, matmul_n, timeout_s=timeout_s)[0]
-    flops = res.pop("flops")
-    cal = Calibration.from_measurements(collective_points=res)
+    if statistic not in ("min", "median"):
+        raise ValueError(f"statistic must be 'min' or 'median', got {statistic!r}")
+    res = spawn(_measure_worker, world, tuple(sizes), repeats, matmul_n, statistic, device, timeout_s=timeout_s,
+                device=device)
+    flops = sum(r.pop("flops") for r in res) / world
+    cal = Calibration.from_measurements(collective_points=res[0])
     return Calibration(achieved_flops=flops, collectives=cal.collectives)
 
 

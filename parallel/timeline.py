@@ -73,7 +73,11 @@ class _TimedWork:
 
 
 class Timeline:
-    def __init__(self, device: torch.device | str = "cpu"):
+    """enabled=False: every method does nothing (a single-process run has no timeline), so a
+    training loop calls it unconditionally."""
+
+    def __init__(self, device: torch.device | str = "cpu", enabled: bool = True):
+        self.enabled = enabled
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -89,6 +93,8 @@ class Timeline:
     # -- activation ------------------------------------------------------------------------
     def __enter__(self) -> "Timeline":
         global ACTIVE
+        if not self.enabled:
+            return self
         if ACTIVE is not None:
             raise RuntimeError("a Timeline is already recording in this process")
         self._align()
@@ -97,7 +103,8 @@ class Timeline:
 
     def __exit__(self, *exc) -> bool:
         global ACTIVE
-        ACTIVE = None
+        if ACTIVE is self:
+            ACTIVE = None
         return False
 
     def _align(self) -> None:
@@ -123,9 +130,13 @@ class Timeline:
         return time.monotonic() - self.offset
 
     def begin_step(self, step: int) -> None:
+        if not self.enabled:
+            return
         self._cur = {"step": step, "start": self._mark(), "events": []}
 
     def end_step(self) -> None:
+        if not self.enabled:
+            return
         if self._cur is None:
             raise RuntimeError("end_step without begin_step")
         self._cur["end"] = self._mark()
@@ -165,6 +176,8 @@ class Timeline:
     def flush(self) -> list[dict] | None:
         """Collective (every rank calls it at the same point): gather the steps recorded since
         the last flush to rank 0 and analyse them. Returns rank 0's new rows, None elsewhere."""
+        if not self.enabled:
+            return None
         mine = self._resolved()
         self.steps = []
         if self.world == 1:
@@ -179,9 +192,13 @@ class Timeline:
         self.last_window = gathered
         return rows
 
+    def summary(self) -> dict[str, Any]:
+        """Rank 0: {"timeline": per-rank medians} for a run's summary.json; {} elsewhere."""
+        return {"timeline": {"clock": self.clock, "per_rank": per_rank_means(self.rows)}} if self.rows else {}
+
     def write(self, folder: str | Path, plot: bool = True) -> Path | None:
         """Rank 0: timeline.json (every analysed row and the per-rank means) and timeline.png."""
-        if self.rank != 0 or not self.rows:
+        if not self.enabled or self.rank != 0 or not self.rows:
             return None
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

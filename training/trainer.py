@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from parallel.pipeline_run import PipelineRun
 from parallel.strategy import ParallelRun
+from parallel.timeline import Timeline
 from models import get_family
 from training.checkpoint import Checkpoint, restore_model, save_checkpoint
 from training.config import RunConfig
@@ -280,34 +281,42 @@ class Trainer:
         memory = MemoryProbe(self.par, self.rt.device)  # bytes by category, measured on the first step
         profile = RunProfile(self.run_dir / "profile", self.rt.device, active=t.profile_steps, first_step=self.step,
                              steps_left=t.max_steps - self.step, enabled=t.profile and self.rt.is_main)
+        # multi-process runs: each step per rank split into compute / exposed comm / idle (parallel/timeline.py)
+        timeline = Timeline(self.rt.device, enabled=self.rt.world_size > 1 and t.timeline)
         try:
             profile.start()  # --profile: torch.profiler over a few steps, NVML over the run (training/profiling.py)
-            while self.step < t.max_steps:
-                with memory:
-                    loss, grad_norm = self.train_step()
-                window_tokens += self.tokens_per_step
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} at step {self.step}; last checkpoint kept intact")
-                done = self.step == t.max_steps
-                do_eval = (t.eval_every > 0 and self.step % t.eval_every == 0) or done
-                if self.step % t.log_every == 0 or do_eval or self.step == 1:
-                    if self.rt.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    elapsed = time.perf_counter() - window_t
-                    tok_s = window_tokens / max(elapsed, 1e-9)
-                    last = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                            "grad_norm": grad_norm, "tokens": self.tokens_seen, "tokens_per_s": tok_s}
-                    if self.peak:
-                        last["mfu"] = tok_s * self.flops_per_step / self.tokens_per_step / self.peak
-                    if do_eval:
-                        last.update(self.evaluate())
-                    self._log(last)
-                    window_t, window_tokens = time.perf_counter(), 0
-                    bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s", "mfu") if k in last})
-                bar.update(1)
-                if (t.ckpt_every > 0 and self.step % t.ckpt_every == 0) or done:
-                    ckpt = self.save()
-                profile.step()
+            with timeline:
+                while self.step < t.max_steps:
+                    timeline.begin_step(self.step)
+                    with memory:
+                        loss, grad_norm = self.train_step()
+                    timeline.end_step()
+                    window_tokens += self.tokens_per_step
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(f"loss became {loss} at step {self.step}; last checkpoint kept intact")
+                    done = self.step == t.max_steps
+                    do_eval = (t.eval_every > 0 and self.step % t.eval_every == 0) or done
+                    if self.step % t.log_every == 0 or do_eval or self.step == 1:
+                        if self.rt.device.type == "cuda":
+                            torch.cuda.synchronize()
+                        elapsed = time.perf_counter() - window_t
+                        tok_s = window_tokens / max(elapsed, 1e-9)
+                        last = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                                "grad_norm": grad_norm, "tokens": self.tokens_seen, "tokens_per_s": tok_s}
+                        if self.peak:
+                            last["mfu"] = tok_s * self.flops_per_step / self.tokens_per_step / self.peak
+                        if do_eval:
+                            last.update(self.evaluate())
+                        self._log(last)
+                        timeline.flush()  # collective: every rank logs at the same steps
+                        window_t, window_tokens = time.perf_counter(), 0
+                        bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s", "mfu") if k in last})
+                    bar.update(1)
+                    if (t.ckpt_every > 0 and self.step % t.ckpt_every == 0) or done:
+                        ckpt = self.save()
+                    profile.step()
+                timeline.flush()
+                timeline.write(self.run_dir)  # rank 0: timeline.json, timeline.png
         except KeyboardInterrupt:
             if self.rt.is_main:
                 print(f"\ninterrupted: saving step {self.step} before exiting")
@@ -318,6 +327,6 @@ class Trainer:
             profile.close()
         if self.rt.is_main and last:
             summary = {"step": self.step, "params": self.num_params, "checkpoint": str(ckpt), **last,
-                       "memory": memory.result, **profile.summary()}
+                       "memory": memory.result, **profile.summary(), **timeline.summary()}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return TrainResult(self.run_dir, self.step, last, ckpt)

@@ -91,3 +91,29 @@ def test_a_late_rank_shows_as_idle_on_the_others(world, tmp_path):
         else:
             assert r["idle"] >= 0.05, r  # most of the 80 ms the last rank computed
     assert (tmp_path / "timeline.json").exists() and (tmp_path / "timeline.png").stat().st_size > 1000
+
+
+def test_a_multi_process_training_run_writes_its_timeline(tiny_corpus, tmp_path):
+    """`ltk train` on 2 processes: timeline.json (every step x rank), timeline.png and the
+    per-rank split in summary.json, for data parallelism and for a pipeline."""
+    import json
+
+    from tests.distributed.test_parallel_trainer import _config, _train
+
+    cfgs = [_config(tiny_corpus, tmp_path / "ddp", "ddp", steps=4),
+            _config(tiny_corpus, tmp_path / "pp", pp=2, steps=4, grad_accum=2)]
+    spawn(_train, 2, cfgs, timeout_s=180)
+    for name in ("ddp", "pp"):
+        run = tmp_path / name
+        doc = json.loads((run / "timeline.json").read_text())
+        assert doc["world"] == 2 and doc["clock"] == "host-monotonic"
+        assert sorted((r["step"], r["rank"]) for r in doc["steps"]) == [(s, k) for s in range(4) for k in range(2)]
+        for r in doc["steps"]:
+            assert r["compute"] > 0 and r["compute"] + r["comm"] + r["idle"] == pytest.approx(r["wall"], abs=1e-9)
+        assert (run / "timeline.png").stat().st_size > 1000
+        summary = json.loads((run / "summary.json").read_text())
+        assert [m["rank"] for m in summary["timeline"]["per_rank"]] == [0, 1]
+    ddp = json.loads((tmp_path / "ddp" / "timeline.json").read_text())["steps"]
+    assert all("all_reduce" in r["comm_by_op"] for r in ddp)  # the gradient buckets and the loss
+    pp = json.loads((tmp_path / "pp" / "timeline.json").read_text())["steps"]
+    assert sum(r["idle"] for r in pp if r["rank"] == 1) > 0  # the last stage waits for the first forward
