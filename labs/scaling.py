@@ -100,6 +100,20 @@ def summarise(results: list[list[dict]]) -> list[dict]:
     return rows
 
 
+def calibrate(world: int, device: str):
+    """Collectives as a step meets them (the median call) and the compute rate a rank keeps
+    while all compute. A median that noise keeps from growing with the size cannot be fitted:
+    then the fastest call (the link's capability) is used, and the report says so."""
+    from parallel.simulator import measure_calibration
+
+    sizes = (2**12, 2**18, 2**22, 2**24)
+    try:
+        cal = measure_calibration(world=world, sizes=sizes, repeats=7, statistic="median", device=device)
+        return cal, "median"
+    except ValueError:
+        return measure_calibration(world=world, sizes=sizes, repeats=7, statistic="min", device=device), "min"
+
+
 def predict(rows: list[dict], s: dict, calibrations: dict) -> None:
     """Add the calibrated simulator's step time, compute, exposed comm, bubble and model states
     to each row. The compute rate at N ranks is the single-process step's FLOP/s scaled by the
@@ -138,7 +152,7 @@ def _term_errors(rows: list[dict]) -> dict[str, float]:
             for k in ("compute", "comm", "idle")}
 
 
-def explain(rows: list[dict], s: dict, cores: int | None, calibrations: dict, seconds: float) -> str:
+def explain(rows: list[dict], s: dict, cores: int | None, statistics_used: dict, seconds: float) -> str:
     """The report's prose: the simulator's error, term by term, and what the rows show. Every
     number is computed from the rows; on a CPU (cores given) the CPU-only effects are named."""
     errs = [abs(r["error"]) for r in rows]
@@ -155,6 +169,11 @@ matmul rate a rank keeps while all compute); the rest is the model — compute s
 DP buckets hidden under the last backward, tensor-parallel collectives on the critical path, the
 pipeline schedule's bubble. Term by term (median |simulated − measured| over the multi-rank runs, as a
 share of the step): compute {terms['compute']:.0%}, exposed comm {terms['comm']:.0%}, idle {terms['idle']:.0%}."""]
+    fell_back = [w for w, st in statistics_used.items() if st == "min"]
+    if fell_back:
+        out.append(f"""
+At {", ".join(map(str, fell_back))} rank(s) the median collective times were too noisy to fit (they did not grow
+with the size), so the fastest calls were used: the link at its best, an optimistic figure.""")
     pp4 = [r for r in rows if r["pp"] > 1 and r["pred"]["compute"] > 1.3 * r["compute"]]
     if cores and pp4:
         r = max(pp4, key=lambda r: r["pred"]["compute"] / r["compute"])
@@ -223,7 +242,6 @@ def _plot(rows: list[dict], cores: int | None):
 
 def run(out: Path, quick: bool) -> Path:
     from parallel.dist import spawn
-    from parallel.simulator import measure_calibration
     from training.data import prepare_data
     from training.presets import get_preset
 
@@ -234,14 +252,12 @@ def run(out: Path, quick: bool) -> Path:
     cfg.data.max_bytes = s.get("max_bytes", cfg.data.max_bytes)
     prepare_data(cfg.data)  # once, before the processes start
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    rows, calibrations, t0 = [], {}, time.perf_counter()
+    rows, calibrations, statistics_used, t0 = [], {}, {}, time.perf_counter()
     for world in s["worlds"]:
         names = ["single"] if world == 1 else list(NAMES)
         results = spawn(_worker, world, s, names, data_dir, timeout_s=3600, device=s["device"])
         rows += summarise(results)
-        # collectives as a step meets them (the median call), and the shared compute rate
-        calibrations[world] = measure_calibration(world=world, sizes=(2**12, 2**16, 2**20, 2**22), repeats=7,
-                                                  statistic="median", device=s["device"])
+        calibrations[world], statistics_used[world] = calibrate(world, s["device"])
     predict(rows, s, calibrations)
     base = next(r for r in rows if r["world"] == 1)
     for r in rows:
@@ -271,9 +287,10 @@ def run(out: Path, quick: bool) -> Path:
               f"{'CPU processes on gloo, ' + str(cores) + ' cores' if on_cpu else 'one GPU per rank, NCCL'}; "
               f"medians of {s['steps']} steps; compute/comm/idle are means over ranks of the per-rank timeline.")
     rep.plot("scaling", _plot(rows, cores if on_cpu else None), "throughput, time split and simulator vs measurement")
-    rep.text(explain(rows, s, cores if on_cpu else None, calibrations, time.perf_counter() - t0))
+    rep.text(explain(rows, s, cores if on_cpu else None, statistics_used, time.perf_counter() - t0))
     rep.results.update({"settings": s, "cores": cores, "rows": rows,
-                        "calibration": {w: {"collectives": c.collectives, "matmul_flops": c.achieved_flops}
+                        "calibration": {w: {"collectives": c.collectives, "matmul_flops": c.achieved_flops,
+                                            "statistic": statistics_used[w]}
                                         for w, c in calibrations.items()},
                         "error_median": statistics.median(errs), "error_worst": worst["error"]})
     path = rep.write(out)
