@@ -130,7 +130,8 @@ def predict(rows: list[dict], s: dict, calibrations: dict) -> None:
     for r in rows:
         w = r["world"]
         cal = calibrations[w]
-        cluster = replace(calibrated_cluster(cal, w), peak_flops=rate * cal.achieved_flops / calibrations[1].achieved_flops)
+        share = min(1.0, cal.achieved_flops / calibrations[1].achieved_flops)  # never more than a rank alone
+        cluster = replace(calibrated_cluster(cal, w), peak_flops=rate * share)
         st = Strategy(dp=r["dp"], tp=r["tp"], pp=r["pp"], zero=int(r["strategy"][-1]) if r["strategy"].startswith("zero") else 0,
                       micro_batches=s["grad_accum"], global_batch=s["batch"] * s["grad_accum"], seq_len=r["seq_len"],
                       dtype="fp32" if s["device"] == "cpu" else "bf16", flash=s["device"] != "cpu")

@@ -531,7 +531,7 @@ def megatron_check(efficiency: float = DEFAULT_EFFICIENCY, runs: Sequence[Publis
 
 # == calibration on this machine =============================================================
 def _measure_worker(rank: int, world: int, sizes: Sequence[int], repeats: int, matmul_n: int,
-                    statistic: str = "min", device: str = "cpu", matmul_s: float = 0.25) -> dict:
+                    statistic: str = "min", device: str = "cpu", matmul_s: float = 0.5) -> dict:
     import statistics
     import time
 
@@ -565,6 +565,8 @@ def _measure_worker(rank: int, world: int, sizes: Sequence[int], repeats: int, m
     # the matmul rate while every rank computes at once, over the same wall-clock window, so
     # ranks that share a core each get their share of it
     a, b = torch.randn(matmul_n, matmul_n, device=dev), torch.randn(matmul_n, matmul_n, device=dev)
+    for _ in range(8):  # warm-up: thread pools, allocator, clocks
+        a @ b
     comm.barrier()
     t0, reps = time.perf_counter(), 0
     while time.perf_counter() - t0 < matmul_s:
