@@ -352,6 +352,7 @@ HEADLINES: dict[str, tuple] = {  # what -> its rules; a what not here gets "see 
     "zero-lab": (Listing("total MiB", "strategy", at_last="N"), Range("measured − model")),
     "parallelism-lab": (Agree(("model states MiB (measured / plan)", "MiB moved per step (measured / plan)")),),
     "pipeline-lab": (Range("measured / simulated"),),
+    "scaling-lab": (Listing("tokens/s", "strategy", at_last="ranks"), Agree(("model states MiB/device (meas / sim)",))),
     "finetune-lab": (Listing("exact match before → after", "method"),
                      Listing("weights MiB (measured / model)", "method")),
     "attention-lab": (Listing("peak MiB", "method", at_last="T"), Listing("memory slope", "method")),
