@@ -189,7 +189,8 @@ class Timeline:
             return None
         rows = analyse(gathered, shared_clock=not self.cuda)
         self.rows += rows
-        self.last_window = gathered
+        if any(gathered):  # an empty flush (no step since the last) keeps the window to plot
+            self.last_window = gathered
         return rows
 
     def summary(self) -> dict[str, Any]:

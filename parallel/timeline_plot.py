@@ -17,7 +17,7 @@ def plot_timeline(window: list[list[dict]], rows: list[dict], path: str | Path, 
     from parallel.timeline import _ready_times, per_rank_means, split_step
 
     ready = _ready_times(window) if shared_clock else None
-    fig, (gantt, bars) = plt.subplots(1, 2, figsize=(13, 1.2 + 0.6 * len(window)),
+    fig, (gantt, bars) = plt.subplots(1, 2, figsize=(13, 1.8 + 0.6 * len(window)),
                                       gridspec_kw={"width_ratios": [3, 1]})
     lasts = [steps[-1] for steps in window if steps]
     t0 = min(s["start"] for s in lasts) if lasts else 0.0

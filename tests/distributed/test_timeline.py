@@ -117,3 +117,16 @@ def test_a_multi_process_training_run_writes_its_timeline(tiny_corpus, tmp_path)
     assert all("all_reduce" in r["comm_by_op"] for r in ddp)  # the gradient buckets and the loss
     pp = json.loads((tmp_path / "pp" / "timeline.json").read_text())["steps"]
     assert sum(r["idle"] for r in pp if r["rank"] == 1) > 0  # the last stage waits for the first forward
+
+
+def test_an_empty_flush_keeps_the_last_window_to_plot():
+    from parallel.timeline import Timeline
+
+    tl = Timeline("cpu")
+    with tl:
+        tl.begin_step(0)
+        tl.end_step()
+        assert len(tl.flush()) == 1
+        assert tl.flush() == []  # nothing recorded since: nothing new, the plotted window stays
+    assert len(tl.last_window[0]) == 1 and len(tl.rows) == 1
+    assert Timeline("cpu", enabled=False).flush() is None
