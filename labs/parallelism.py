@@ -85,6 +85,19 @@ def watch_held_bytes(trainer) -> dict:
     return held
 
 
+def prepare_lab_data(s: dict, out: Path) -> str:
+    """Build the lab's dataset once, before the processes start; returns its cache folder."""
+    from training.data import prepare_data
+    from training.presets import get_preset
+
+    data_dir = str(out / "data")
+    cfg = get_preset("gpt-debug")
+    cfg.data.vocab_size, cfg.data.cache_dir = s["vocab"], data_dir
+    cfg.data.max_bytes = s.get("max_bytes", cfg.data.max_bytes)
+    prepare_data(cfg.data)
+    return data_dir
+
+
 def held_bytes(run) -> dict[str, int]:
     """Parameters, gradients and optimizer states this rank holds (each storage once)."""
     import torch
@@ -169,15 +182,9 @@ def _plot(rows: list[dict]):
 
 def run(out: Path, quick: bool) -> Path:
     from parallel.dist import spawn
-    from training.data import prepare_data
-    from training.presets import get_preset
 
     s = lab_settings(quick)
-    data_dir = str(out / "data")
-    cfg = get_preset("gpt-debug")
-    cfg.data.vocab_size, cfg.data.cache_dir = s["vocab"], data_dir
-    cfg.data.max_bytes = s.get("max_bytes", cfg.data.max_bytes)
-    prepare_data(cfg.data)  # once, before the processes start
+    data_dir = prepare_lab_data(s, out)
     rows = []
     for world in s["worlds"]:
         results = spawn(_worker, world, s, list(STRATEGIES), data_dir, timeout_s=3600)

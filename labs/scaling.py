@@ -32,7 +32,7 @@ import statistics
 import time
 from pathlib import Path
 
-from labs.parallelism import lab_config, mesh_for, watch_held_bytes
+from labs.parallelism import lab_config, mesh_for, prepare_lab_data, watch_held_bytes
 from labs.registry import Lab
 from labs.report import Report
 
@@ -243,15 +243,9 @@ def _plot(rows: list[dict], cores: int | None):
 
 def run(out: Path, quick: bool) -> Path:
     from parallel.dist import spawn
-    from training.data import prepare_data
-    from training.presets import get_preset
 
     s = lab_settings(quick)
-    data_dir = str(out / "data")
-    cfg = get_preset("gpt-debug")
-    cfg.data.vocab_size, cfg.data.cache_dir = s["vocab"], data_dir
-    cfg.data.max_bytes = s.get("max_bytes", cfg.data.max_bytes)
-    prepare_data(cfg.data)  # once, before the processes start
+    data_dir = prepare_lab_data(s, out)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     rows, calibrations, statistics_used, t0 = [], {}, {}, time.perf_counter()
     for world in s["worlds"]:
