@@ -104,7 +104,7 @@ def calibrate(world: int, device: str):
     """Collectives as a step meets them (the median call) and the compute rate a rank keeps
     while all compute. A median that noise keeps from growing with the size cannot be fitted:
     then the fastest call (the link's capability) is used, and the report says so."""
-    from parallel.simulator import measure_calibration
+    from parallel.calibration import measure_calibration
 
     sizes = (2**12, 2**18, 2**22, 2**24)
     try:
@@ -122,7 +122,8 @@ def predict(rows: list[dict], s: dict, calibrations: dict) -> None:
 
     from models.gpt import GPTConfig
     from parallel.plan import plan
-    from parallel.simulator import Calibration, Strategy, calibrated_cluster, simulate
+    from parallel.calibration import Calibration, calibrated_cluster
+    from parallel.simulator import Strategy, simulate
 
     base = next(r for r in rows if r["world"] == 1)
     rate = base["flops_per_step"] / base["step_s"]  # FLOP/s one process reaches on this step

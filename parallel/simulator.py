@@ -1,6 +1,7 @@
 """What one training step costs at scale: a calibrated simulator of DP x TP x PP (+ ZeRO) on a
 cluster (parallel/cluster.py), built from the closed forms of parallel/cost.py, the pipeline
-event simulator of parallel/pipeline_sim.py and an alpha-beta model of the collectives.
+event simulator of parallel/pipeline_sim.py, the alpha-beta model of the collectives
+(parallel/collectives.py) and numbers measured on a machine (parallel/calibration.py).
 
     from models.llama import llama_config
     from parallel.cluster import load_cluster
@@ -32,145 +33,18 @@ DP gradient buckets overlap the last backward, ZeRO-3 gathers overlap the layer 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 from parallel import cost, pipeline_sim
+from parallel.calibration import Calibration, calibrated_cluster, measure_calibration  # noqa: F401 (re-exported)
 from parallel.cluster import Cluster
+from parallel.collectives import KINDS, best_time, collective_time, fit_alpha_beta  # noqa: F401 (re-exported)
 from parallel.plan import model_shape, params_per_rank
 from parallel.schedules import SCHEDULES, make_schedule
 
 DEFAULT_EFFICIENCY = 0.5
-KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "send")
 EVENT_SIM_MAX_ACTIONS = 20_000  # above this the closed forms replace the event simulator (~0.3 s)
-
-
-# == collectives: the alpha-beta model ====================================================
-def _terms(kind: str, p: int, nodes: int, algorithm: str) -> tuple[float, float, float]:
-    """(intra-node latency hops, inter-node latency hops, bandwidth factor) of one collective
-    on p ranks spread over `nodes` nodes: t = A_i·α_i + A_e·α_e + B·n/β."""
-    g, q = math.ceil(p / nodes), nodes
-    if algorithm == "ring":
-        steps, inter = {"all_reduce": (2 * (p - 1), 2 * (q - 1)), "send": (1, q - 1)}.get(kind, (p - 1, q - 1))
-        factor = {"all_reduce": 2 * (p - 1) / p, "broadcast": 1.0, "send": 1.0}.get(kind, (p - 1) / p)
-        return steps - inter, inter, factor
-    if algorithm == "tree" and kind in ("all_reduce", "broadcast"):
-        up_down = 2 if kind == "all_reduce" else 1
-        return up_down * math.ceil(math.log2(g)), up_down * math.ceil(math.log2(q)), float(up_down)
-    raise ValueError(f"algorithm {algorithm!r} does not run {kind!r}: tree covers all_reduce and broadcast, "
-                     f"ring every kind ({', '.join(KINDS)})")
-
-
-def collective_time(kind: str, nbytes: float, group_size: int, cluster: Cluster, span: int = 1,
-                    algorithm: str = "ring", calibration: "Calibration | None" = None) -> float:
-    """Seconds for one collective of `nbytes` payload (parallel/dist.py: the whole buffer for
-    all-reduce / broadcast, the unsharded buffer for reduce-scatter / all-gather, the message
-    for send) on `group_size` ranks spread over `span` nodes.
-
-    One link (Hockney; Thakur, Rabenseifner & Gropp 2005, "Optimization of Collective
-    Communication Operations in MPICH", §4), p ranks, n bytes, latency α, bandwidth β:
-
-        ring all-reduce       2(p-1)·α + 2(p-1)/p · n/β      reduce-scatter, then all-gather
-        ring reduce-scatter   (p-1)·α  + (p-1)/p · n/β       (bandwidth-optimal: Patarasuk &
-        ring all-gather       (p-1)·α  + (p-1)/p · n/β        Yuan 2009)
-        ring broadcast        (p-1)·α  + n/β                 pipelined chain
-        send / recv           α + n/β
-        tree all-reduce       2·⌈log2 p⌉·α + 2·n/β           double binary tree (Sanders, Speck &
-        tree broadcast        ⌈log2 p⌉·α + n/β                Träff 2009; NCCL >= 2.4): pipelined
-                              reduce up, broadcast down; each tree carries half the message,
-                              so each rank's link moves n in each phase.
-
-    Across nodes (span q > 1, g = p/q ranks per node) the group runs as NCCL runs it (NVIDIA
-    nccl, src/graph/tuning.cc): g rings or trees in parallel, one per NIC, so the bandwidth is
-    β = min(β_intra, g·β_inter); of a ring's steps, the 2(q-1) (all-reduce) or q-1 that cross
-    a node boundary pay α_inter, the rest α_intra; a tree climbs ⌈log2 g⌉ levels inside the
-    node and ⌈log2 q⌉ across nodes. A `calibration` with measured (α, β) for `kind` replaces
-    the intra-node link (it was measured within one node)."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown collective {kind!r}; known: {', '.join(KINDS)}")
-    if group_size < 1 or not 1 <= span <= group_size:
-        raise ValueError(f"a group of {group_size} ranks cannot span {span} nodes")
-    if kind == "send" and group_size != 2:
-        raise ValueError(f"send/recv is between 2 ranks, got a group of {group_size}")
-    if math.ceil(group_size / span) > cluster.devices_per_node:
-        raise ValueError(f"{group_size} ranks on {span} node(s), but a {cluster.name} node has "
-                         f"{cluster.devices_per_node} devices")
-    if group_size == 1 or nbytes <= 0:
-        return 0.0
-    a_i, b_i = cluster.intra_node_latency, cluster.intra_node_bandwidth
-    if calibration is not None and kind in calibration.collectives:
-        a_i, b_i = calibration.collectives[kind]
-    beta = b_i if span == 1 else min(b_i, group_size // span * cluster.inter_node_bandwidth)
-    hops_i, hops_e, factor = _terms(kind, group_size, span, algorithm)
-    return hops_i * a_i + hops_e * cluster.inter_node_latency + factor * nbytes / beta
-
-
-def best_time(kind: str, nbytes: float, group_size: int, cluster: Cluster, span: int = 1,
-              calibration: "Calibration | None" = None) -> float:
-    """The faster of ring and tree where both exist (what NCCL's tuner picks)."""
-    algos = ("ring", "tree") if kind in ("all_reduce", "broadcast") else ("ring",)
-    return min(collective_time(kind, nbytes, group_size, cluster, span, a, calibration) for a in algos)
-
-
-def fit_alpha_beta(points: Sequence[Sequence[float]], kind: str = "send",
-                   algorithm: str = "ring") -> tuple[float, float]:
-    """Least-squares (α, β) of one link from measured (bytes, seconds) or (bytes, seconds,
-    group_size) points of one collective kind (within one node): the model
-    t = A(p)·α + B(p)·n·(1/β) is linear in (α, 1/β) (A, B: collective_time's coefficients),
-    so the normal equations give both; synthetic points are recovered exactly."""
-    rows, ts = [], []
-    for pt in points:
-        n, t, p = (pt[0], pt[1], pt[2] if len(pt) > 2 else 2)
-        hops_i, _, factor = _terms(kind, int(p), 1, algorithm)
-        rows.append((hops_i, factor * n))
-        ts.append(t)
-    s_aa = sum(a * a for a, _ in rows)
-    s_ab = sum(a * b for a, b in rows)
-    s_bb = sum(b * b for _, b in rows)
-    det = s_aa * s_bb - s_ab * s_ab
-    if len(rows) < 2 or det <= 1e-12 * max(s_aa * s_bb, 1e-300):
-        raise ValueError(f"fit_alpha_beta needs at least two points of different sizes, got {len(rows)} point(s)")
-    s_at = sum(a * t for (a, _), t in zip(rows, ts))
-    s_bt = sum(b * t for (_, b), t in zip(rows, ts))
-    alpha, inv_beta = (s_bb * s_at - s_ab * s_bt) / det, (s_aa * s_bt - s_ab * s_at) / det
-    if inv_beta <= 0:
-        raise ValueError("fit_alpha_beta: the measured times do not grow with the message size; "
-                         "measure larger messages")
-    return alpha, 1.0 / inv_beta
-
-
-# == calibration, strategy, prediction ====================================================
-@dataclass(frozen=True)
-class Calibration:
-    """Measured numbers that replace the cluster's datasheet ones: the FLOP/s a device reaches
-    on the training step (or that rate as a fraction of peak), and (α, β) per collective kind
-    measured within one node."""
-
-    achieved_flops: float | None = None
-    efficiency: float | None = None
-    collectives: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-    @classmethod
-    def from_measurements(cls, flops_per_token: float | None = None, seconds_per_token: float | None = None,
-                          collective_points: dict[str, list] | None = None) -> "Calibration":
-        """From one device's measured time per token of a model of `flops_per_token`, and
-        (bytes, seconds[, group_size]) points per collective kind (fitted by fit_alpha_beta;
-        a negative fitted α, noise on a tiny latency, is clamped to 0)."""
-        achieved = None
-        if seconds_per_token is not None:
-            if not flops_per_token or seconds_per_token <= 0:
-                raise ValueError("seconds_per_token needs the model's flops_per_token and must be > 0")
-            achieved = flops_per_token / seconds_per_token
-        fits = {}
-        for kind, pts in (collective_points or {}).items():
-            a, b = fit_alpha_beta(pts, kind)
-            fits[kind] = (max(a, 0.0), b)
-        return cls(achieved_flops=achieved, collectives=fits)
-
-    def efficiency_for(self, cluster: Cluster) -> float | None:
-        if self.efficiency is not None:
-            return self.efficiency
-        return None if self.achieved_flops is None else self.achieved_flops / cluster.peak_flops
 
 
 @dataclass(frozen=True)
@@ -527,87 +401,3 @@ def megatron_check(efficiency: float = DEFAULT_EFFICIENCY, runs: Sequence[Publis
                     "exposed_comm_s": p.comm_exposed, "memory_gib": p.memory["total"] / 2**30, "fits": p.fits,
                     "efficiency": efficiency, "implied_efficiency": (lo + hi) / 2})
     return out
-
-
-# == calibration on this machine =============================================================
-def _measure_worker(rank: int, world: int, sizes: Sequence[int], repeats: int, matmul_n: int,
-                    statistic: str = "min", device: str = "cpu", matmul_s: float = 0.5) -> dict:
-    import statistics
-    import time
-
-    import torch
-
-    from parallel.dist import Comm
-
-    comm, out = Comm(), {}
-    pick = min if statistic == "min" else statistics.median
-    dev = torch.device(f"cuda:{rank}") if device == "cuda" else torch.device("cpu")
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)  # noqa: E731
-    for kind in ("all_reduce", "reduce_scatter", "all_gather") if world > 1 else ():
-        pts = []
-        for n in sizes:
-            numel = max(world, n // 4 // world * world)  # fp32, a multiple of the group
-            full, shard = torch.ones(numel, device=dev), torch.ones(numel // world, device=dev)
-            times = []
-            for _ in range(repeats + 2):  # the first calls set up connections and buffers: discarded
-                comm.barrier()
-                t0 = time.perf_counter()
-                if kind == "all_reduce":
-                    comm.all_reduce(full)
-                elif kind == "reduce_scatter":
-                    comm.reduce_scatter(shard, full)
-                else:
-                    comm.all_gather(full, shard)
-                sync()
-                times.append(time.perf_counter() - t0)
-            pts.append((numel * 4, pick(times[2:]), world))
-        out[kind] = pts
-    # the matmul rate while every rank computes at once, over the same wall-clock window, so
-    # ranks that share a core each get their share of it
-    a, b = torch.randn(matmul_n, matmul_n, device=dev), torch.randn(matmul_n, matmul_n, device=dev)
-    for _ in range(8):  # warm-up: thread pools, allocator, clocks
-        a @ b
-    comm.barrier()
-    t0, reps = time.perf_counter(), 0
-    while time.perf_counter() - t0 < matmul_s:
-        a @ b
-        reps += 1
-        if reps % 16 == 0:
-            sync()
-    sync()
-    out["flops"] = 2 * matmul_n**3 * reps / (time.perf_counter() - t0)
-    return out
-
-
-def measure_calibration(world: int = 2, sizes: Sequence[int] = (2**12, 2**20, 2**24), repeats: int = 5,
-                        matmul_n: int = 256, timeout_s: float = 120, statistic: str = "min",
-                        device: str = "cpu") -> Calibration:
-    """Measure this machine with `world` gloo processes (parallel.dist.spawn): each collective
-    at each size `repeats` times, fitted per kind by fit_alpha_beta, and the matmul rate a
-    process reaches while all `world` compute together (the mean over ranks). statistic="min"
-    takes the fastest call (noise only adds time: the link's capability); "median" the typical
-    call, what a training step meets on a shared machine. world=1 measures the rate alone.
-    device="cuda": one GPU per rank on NCCL. A quick, small measurement (a few seconds)."""
-    from parallel.dist import spawn
-
-    if statistic not in ("min", "median"):
-        raise ValueError(f"statistic must be 'min' or 'median', got {statistic!r}")
-    res = spawn(_measure_worker, world, tuple(sizes), repeats, matmul_n, statistic, device, timeout_s=timeout_s,
-                device=device)
-    flops = sum(r.pop("flops") for r in res) / world
-    cal = Calibration.from_measurements(collective_points=res[0])
-    return Calibration(achieved_flops=flops, collectives=cal.collectives)
-
-
-def calibrated_cluster(calibration: Calibration, processes: int = 2) -> Cluster:
-    """The cpu-gloo preset with the measured matmul rate as its peak and the measured
-    all-reduce link as both its links (one host: there is no second kind of link)."""
-    from parallel.cluster import cpu_gloo
-
-    c = cpu_gloo(processes)
-    if calibration.achieved_flops:
-        c = replace(c, peak_flops=calibration.achieved_flops)
-    if "all_reduce" in calibration.collectives:
-        a, b = calibration.collectives["all_reduce"]
-        c = replace(c, intra_node_latency=a, intra_node_bandwidth=b, inter_node_latency=a, inter_node_bandwidth=b)
-    return c
