@@ -150,12 +150,13 @@ class Timeline:
         match = (key, src, dst) if op in P2P else (key,)
         ev = {"op": op, "match": match, "seq": self._seq[match]}
         self._seq[match] += 1
-        ev["post"] = None if self.cuda else self._mark()  # posts are only comparable on a shared clock
+        start = self._mark()  # a host time, or a CUDA event on the compute stream
+        ev["post"] = None if self.cuda else start  # posts are only comparable on a shared clock
         self._cur["events"].append(ev)
         work = fn()
         if async_op or op in P2P:
             return _TimedWork(work, self, ev)
-        ev["start"], ev["end"] = ev["post"], self._mark()
+        ev["start"], ev["end"] = start, self._mark()  # NCCL: the stream waits for the collective
         return work
 
     # -- gathering and analysis ----------------------------------------------------------------

@@ -130,3 +130,44 @@ def test_an_empty_flush_keeps_the_last_window_to_plot():
         assert tl.flush() == []  # nothing recorded since: nothing new, the plotted window stays
     assert len(tl.last_window[0]) == 1 and len(tl.rows) == 1
     assert Timeline("cpu", enabled=False).flush() is None
+
+
+class _FakeEvent:
+    """Stands in for torch.cuda.Event on a CPU: record() notes the host time."""
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = time.monotonic()
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+def test_cuda_bookkeeping_with_events(monkeypatch):
+    """The CUDA path (events on the compute stream, no shared clock) resolves to seconds from
+    the step start, with every blocked interval counted as exposed comm and none as idle."""
+    from parallel.timeline import Timeline
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+
+    class Work:
+        def wait(self):
+            time.sleep(0.02)
+
+    tl = Timeline("cpu")
+    tl.cuda, tl.clock = True, "cuda-events"
+    with tl:
+        tl.begin_step(0)
+        tl.call("all_reduce", (0,), lambda: time.sleep(0.03), False, None, None)  # a synchronous collective
+        h = tl.call("all_gather", (0,), Work, True, None, None)
+        time.sleep(0.01)  # compute the async gather hides under
+        h.wait()
+        tl.end_step()
+        (row,) = tl.flush()
+    assert row["idle"] == 0.0
+    assert row["comm"] == pytest.approx(0.05, abs=0.015)
+    assert row["comm_by_op"]["all_reduce"] == pytest.approx(0.03, abs=0.01)
+    assert row["compute"] == pytest.approx(row["wall"] - row["comm"]) and row["compute"] >= 0.009
