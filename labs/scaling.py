@@ -117,12 +117,14 @@ def calibrate(world: int, device: str):
 def predict(rows: list[dict], s: dict, calibrations: dict) -> None:
     """Add the calibrated simulator's step time, compute, exposed comm, bubble and model states
     to each row. The compute rate at N ranks is the single-process step's FLOP/s scaled by the
-    matmul rate a rank keeps while N compute at once (time-shared cores, memory bandwidth)."""
+    matmul rate a rank keeps while N compute at once (time-shared cores, memory bandwidth); on
+    a CPU a pipeline's ranks compete only while busy, m / (m + p − 1) of the step."""
     from dataclasses import replace
 
     from models.gpt import GPTConfig
-    from parallel.plan import plan
     from parallel.calibration import Calibration, calibrated_cluster
+    from parallel.cost import bubble_share_of_step
+    from parallel.plan import plan
     from parallel.simulator import Strategy, simulate
 
     base = next(r for r in rows if r["world"] == 1)
@@ -131,7 +133,10 @@ def predict(rows: list[dict], s: dict, calibrations: dict) -> None:
     for r in rows:
         w = r["world"]
         cal = calibrations[w]
-        share = min(1.0, cal.achieved_flops / calibrations[1].achieved_flops)  # never more than a rank alone
+        # the rate a rank keeps while all compute, never more than alone; on a CPU a pipeline rank
+        # sleeps through its bubble and frees its core, so only the busy share of ranks compete
+        busy = 1.0 - bubble_share_of_step(r["pp"], s["grad_accum"]) if s["device"] == "cpu" else 1.0
+        share = min(1.0, cal.achieved_flops / calibrations[1].achieved_flops / busy)
         cluster = replace(calibrated_cluster(cal, w), peak_flops=rate * share)
         st = Strategy(dp=r["dp"], tp=r["tp"], pp=r["pp"], zero=int(r["strategy"][-1]) if r["strategy"].startswith("zero") else 0,
                       micro_batches=s["grad_accum"], global_batch=s["batch"] * s["grad_accum"], seq_len=r["seq_len"],
@@ -176,15 +181,19 @@ share of the step): compute {terms['compute']:.0%}, exposed comm {terms['comm']:
         out.append(f"""
 At {", ".join(map(str, fell_back))} rank(s) the median collective times were too noisy to fit (they did not grow
 with the size), so the fastest calls were used: the link at its best, an optimistic figure.""")
-    pp4 = [r for r in rows if r["pp"] > 1 and r["pred"]["compute"] > 1.3 * r["compute"]]
-    if cores and pp4:
-        r = max(pp4, key=lambda r: r["pred"]["compute"] / r["compute"])
+    multi = [r for r in rows if r["world"] > 1]
+    if cores and multi and max(r["world"] for r in multi) > cores:
+        r = max(multi, key=lambda r: abs(r["pred"]["compute"] - r["compute"]) / r["step_s"])
+        why = ("work the model does not count (gathers, bucket copies, hooks) and collectives running on the "
+               "cores that compute" if r["compute"] > r["pred"]["compute"] else
+               "a rank blocked in a collective also sleeps and frees its core, which the correction counts "
+               "only for a pipeline's bubble")
         out.append(f"""
-The largest miss is a CPU effect the model does not have: {r['name']} on {r['world']} processes computes in
-{r['compute'] * ms:.0f} ms where {r['pred']['compute'] * ms:.0f} were predicted. The rate was calibrated with every
-process computing at once ({cores} cores shared by {r['world']}), but a pipeline rank sleeps in its bubble
-and leaves its core to the others, so the ranks that work get more than their share. On GPUs,
-one per rank, this does not arise.""")
+On this CPU up to {max(r['world'] for r in multi)} processes share {cores} cores. The rate each keeps was measured
+with all computing at once, and a pipeline rank, which sleeps through its bubble and frees its core,
+counts as competing only m / (m + p − 1) of the step. The largest compute miss left is {r['name']} on
+{r['world']} processes: {r['compute'] * ms:.0f} ms measured, {r['pred']['compute'] * ms:.0f} ms predicted — {why}. On GPUs,
+one per rank, neither the sharing of cores nor the cycles collectives take from compute arise.""")
     out.append(f"""
 ## What it shows
 
