@@ -66,6 +66,7 @@ def _worker(rank: int, world: int, s: dict, names: list[str], data_dir: str) -> 
         trainer = Trainer(lab_config(s, strategy, tp, pp, data_dir, s["device"]))
         held = watch_held_bytes(trainer)
         trainer.train_step()  # warm-up: allocations, bucket layouts, optimizer state
+        gemm = gemm_share(trainer.train_step) if world == 1 else None
         with Timeline(trainer.rt.device) as tl:
             for step in range(s["steps"]):
                 if world > 1:
@@ -77,8 +78,25 @@ def _worker(rank: int, world: int, s: dict, names: list[str], data_dir: str) -> 
         out.append({"name": name, "world": world, "rank": rank, "tp": tp, "pp": pp, "dp": world // (tp * pp),
                     "strategy": strategy, "held": held["bytes"], "timeline": rows, "seq_len": trainer.seq_len,
                     "tokens_per_step": trainer.tokens_per_step, "flops_per_step": trainer.flops_per_step,
-                    "params": trainer.num_params})
+                    "params": trainer.num_params, "gemm_share": gemm})
     return out
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "scaled_dot_product")
+
+
+def gemm_share(step) -> float:
+    """The share of one step's operator time (self CPU time, torch.profiler) spent in matrix
+    products (and fused attention, made of them): compute-bound work, which keeps its rate when
+    ranks share a host; the rest is mostly memory-bound (elementwise, norms, softmax, AdamW)."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    ops = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ops)
+    gemm = sum(e.self_cpu_time_total for e in ops if any(k in e.key for k in GEMM_OPS))
+    return gemm / total if total > 0 else 1.0
 
 
 def summarise(results: list[list[dict]]) -> list[dict]:
@@ -91,7 +109,7 @@ def summarise(results: list[list[dict]]) -> list[dict]:
         means = per_rank_means(tl)
         step = statistics.median(step_times(tl).values())
         row = {k: r0[k] for k in ("name", "world", "tp", "pp", "dp", "strategy", "seq_len", "tokens_per_step",
-                                  "flops_per_step", "params")}
+                                  "flops_per_step", "params", "gemm_share")}
         row.update(step_s=step, tokens_per_s=r0["tokens_per_step"] / step,
                    memory=max(sum(per_rank[i]["held"].values()) for per_rank in results),
                    **{k: statistics.fmean(m[k] for m in means) for k in ("compute", "comm", "idle")},
@@ -133,11 +151,14 @@ def predict(rows: list[dict], s: dict, calibrations: dict) -> None:
     for r in rows:
         w = r["world"]
         cal = calibrations[w]
-        # the rate a rank keeps while all compute, never more than alone; on a CPU a pipeline rank
-        # sleeps through its bubble and frees its core, so only the busy share of ranks compete
+        # the rates a rank keeps while all work, never more than alone; on a CPU a pipeline rank
+        # sleeps through its bubble and frees its core, so only the busy share of ranks compete.
+        # The step's matmuls keep the matmul share, the rest the bandwidth share (time adds up).
         busy = 1.0 - bubble_share_of_step(r["pp"], s["grad_accum"]) if s["device"] == "cpu" else 1.0
-        share = min(1.0, cal.achieved_flops / calibrations[1].achieved_flops / busy)
-        cluster = replace(calibrated_cluster(cal, w), peak_flops=rate * share)
+        alone, g = calibrations[1], base["gemm_share"] if s["device"] == "cpu" else 1.0
+        mm = min(1.0, cal.achieved_flops / alone.achieved_flops / busy)
+        bw = min(1.0, cal.bandwidth / alone.bandwidth / busy) if cal.bandwidth and alone.bandwidth else mm
+        cluster = replace(calibrated_cluster(cal, w), peak_flops=rate / (g / mm + (1 - g) / bw))
         st = Strategy(dp=r["dp"], tp=r["tp"], pp=r["pp"], zero=int(r["strategy"][-1]) if r["strategy"].startswith("zero") else 0,
                       micro_batches=s["grad_accum"], global_batch=s["batch"] * s["grad_accum"], seq_len=r["seq_len"],
                       dtype="fp32" if s["device"] == "cpu" else "bf16", flash=s["device"] != "cpu")
@@ -165,14 +186,18 @@ def explain(rows: list[dict], s: dict, cores: int | None, statistics_used: dict,
     errs = [abs(r["error"]) for r in rows]
     worst = max(rows, key=lambda r: abs(r["error"]))
     terms = _term_errors(rows)
+    g = next(r for r in rows if r["world"] == 1)["gemm_share"]
+    gemm = (f"{g:.0%} of its operator time in matrix products, profiled, which keep their rate when ranks "
+            f"share the host, the rest memory-bound" if cores else "one GPU a rank")
     top = max((r for r in rows if r["world"] == max(x["world"] for x in rows)), key=lambda r: r["tokens_per_s"])
     ms = 1e3
     out = [f"""## The simulator against the measurement
 
 Step time error over {len(rows)} runs: median {statistics.median(errs):.0%}, worst {worst['error']:+.0%}
 ({worst['name']} on {worst['world']} ranks). Calibrated on this machine with two things only: the single-process
-step (its FLOP/s) and bare collectives (alpha-beta of the median call per kind and world size, and the
-matmul rate a rank keeps while all compute); the rest is the model — compute split evenly over tp x pp,
+step (its FLOP/s; {gemm}) and bare measurements at each world size (alpha-beta of the median
+collective call per kind, and the matmul rate and streaming bandwidth a rank keeps while all work at
+once); the rest is the model — compute split evenly over tp x pp,
 DP buckets hidden under the last backward, tensor-parallel collectives on the critical path, the
 pipeline schedule's bubble. Term by term (median |simulated − measured| over the multi-rank runs, as a
 share of the step): compute {terms['compute']:.0%}, exposed comm {terms['comm']:.0%}, idle {terms['idle']:.0%}."""]
@@ -189,9 +214,9 @@ with the size), so the fastest calls were used: the link at its best, an optimis
                "a rank blocked in a collective also sleeps and frees its core, which the correction counts "
                "only for a pipeline's bubble")
         out.append(f"""
-On this CPU up to {max(r['world'] for r in multi)} processes share {cores} cores. The rate each keeps was measured
-with all computing at once, and a pipeline rank, which sleeps through its bubble and frees its core,
-counts as competing only m / (m + p − 1) of the step. The largest compute miss left is {r['name']} on
+On this CPU up to {max(r['world'] for r in multi)} processes share {cores} cores and one memory. The rates each keeps were
+measured with all working at once, and a pipeline rank, which sleeps through its bubble and frees its
+core, counts as competing only m / (m + p − 1) of the step. The largest compute miss left is {r['name']} on
 {r['world']} processes: {r['compute'] * ms:.0f} ms measured, {r['pred']['compute'] * ms:.0f} ms predicted — {why}. On GPUs,
 one per rank, neither the sharing of cores nor the cycles collectives take from compute arise.""")
     out.append(f"""
@@ -295,6 +320,7 @@ def run(out: Path, quick: bool) -> Path:
     rep.text(explain(rows, s, cores if on_cpu else None, statistics_used, time.perf_counter() - t0))
     rep.results.update({"settings": s, "cores": cores, "rows": rows,
                         "calibration": {w: {"collectives": c.collectives, "matmul_flops": c.achieved_flops,
+                                            "bandwidth": c.bandwidth,
                                             "statistic": statistics_used[w]}
                                         for w, c in calibrations.items()},
                         "error_median": statistics.median(errs), "error_worst": worst["error"]})

@@ -1,6 +1,12 @@
 """Calibration: the measured numbers that replace a cluster's datasheet ones in the simulator —
 the FLOP/s a device reaches on the training step, and (α, β) per collective kind — and how to
-measure them on this machine with a few gloo (or NCCL) processes."""
+measure them on this machine with a few gloo (or NCCL) processes.
+
+Two rates are measured while every rank works at once, because they degrade differently when
+ranks share hardware: the matmul rate (compute-bound, each core its own) and the streaming
+bandwidth of an elementwise add (memory-bound: the ranks of one host share its memory
+channels). On the 2-core CPU here two processes keep ~100% of the matmul rate but ~75% of the
+bandwidth each; a training step that is partly memory-bound slows in between."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -19,6 +25,7 @@ class Calibration:
     achieved_flops: float | None = None
     efficiency: float | None = None
     collectives: dict[str, tuple[float, float]] = field(default_factory=dict)
+    bandwidth: float | None = None  # bytes/s a rank streams (elementwise add) while all do
 
     @classmethod
     def from_measurements(cls, flops_per_token: float | None = None, seconds_per_token: float | None = None,
@@ -75,23 +82,28 @@ def _measure_worker(rank: int, world: int, sizes: Sequence[int], repeats: int, m
                 times.append(time.perf_counter() - t0)
             pts.append((numel * 4, pick(times[2:]), world))
         out[kind] = pts
-    # the matmul rate while every rank computes at once, over the same wall-clock window, so
-    # ranks that share a core each get their share of it; the best of 3 windows (noise only slows)
+    # the matmul rate and the streaming bandwidth while every rank works at once, over the same
+    # wall-clock windows, so ranks that share a core or memory get their share of it; the best
+    # of 3 windows each (noise only slows)
     a, b = torch.randn(matmul_n, matmul_n, device=dev), torch.randn(matmul_n, matmul_n, device=dev)
-    for _ in range(8):  # warm-up: thread pools, allocator, clocks
-        a @ b
-    rates = []
-    for _ in range(3):
-        comm.barrier()
-        t0, reps = time.perf_counter(), 0
-        while time.perf_counter() - t0 < matmul_s:
-            a @ b
-            reps += 1
-            if reps % 16 == 0:
-                sync()
-        sync()
-        rates.append(2 * matmul_n**3 * reps / (time.perf_counter() - t0))
-    out["flops"] = max(rates)
+    x, y = torch.randn(2**22, device=dev), torch.randn(2**22, device=dev)  # 16 MiB each: beyond the caches
+    z = torch.empty_like(x)
+    work = {"flops": (lambda: a @ b, 2 * matmul_n**3), "bandwidth": (lambda: torch.add(x, y, out=z), 3 * x.nbytes)}
+    for key, (op, per_call) in work.items():
+        for _ in range(8):  # warm-up: thread pools, allocator, clocks
+            op()
+        rates = []
+        for _ in range(3):
+            comm.barrier()
+            t0, reps = time.perf_counter(), 0
+            while time.perf_counter() - t0 < matmul_s:
+                op()
+                reps += 1
+                if reps % 16 == 0:
+                    sync()
+            sync()
+            rates.append(per_call * reps / (time.perf_counter() - t0))
+        out[key] = max(rates)
     return out
 
 
@@ -99,8 +111,8 @@ def measure_calibration(world: int = 2, sizes: Sequence[int] = (2**12, 2**20, 2*
                         matmul_n: int = 256, timeout_s: float = 120, statistic: str = "min",
                         device: str = "cpu") -> Calibration:
     """Measure this machine with `world` gloo processes (parallel.dist.spawn): each collective
-    at each size `repeats` times, fitted per kind by fit_alpha_beta, and the matmul rate a
-    process reaches while all `world` compute together (the mean over ranks). statistic="min"
+    at each size `repeats` times, fitted per kind by fit_alpha_beta, and the matmul rate and
+    streaming bandwidth a process keeps while all `world` work together (means over ranks). statistic="min"
     takes the fastest call (noise only adds time: the link's capability); "median" the typical
     call, what a training step meets on a shared machine. world=1 measures the rate alone.
     device="cuda": one GPU per rank on NCCL. A quick, small measurement (a few seconds)."""
@@ -111,8 +123,9 @@ def measure_calibration(world: int = 2, sizes: Sequence[int] = (2**12, 2**20, 2*
     res = spawn(_measure_worker, world, tuple(sizes), repeats, matmul_n, statistic, device, timeout_s=timeout_s,
                 device=device)
     flops = sum(r.pop("flops") for r in res) / world
+    bandwidth = sum(r.pop("bandwidth") for r in res) / world
     cal = Calibration.from_measurements(collective_points=res[0])
-    return Calibration(achieved_flops=flops, collectives=cal.collectives)
+    return Calibration(achieved_flops=flops, collectives=cal.collectives, bandwidth=bandwidth)
 
 
 def calibrated_cluster(calibration: Calibration, processes: int = 2) -> Cluster:
