@@ -194,9 +194,17 @@ def test_measure_calibration_on_gloo_processes():
     cal = simulator.measure_calibration(world=2, sizes=(2**12, 2**20, 2**24), repeats=3, matmul_n=128, timeout_s=120)
     assert cal.achieved_flops > 0 and set(cal.collectives) == {"all_reduce", "reduce_scatter", "all_gather"}
     assert all(a >= 0 and b > 0 for a, b in cal.collectives.values())
+    assert 1e8 < cal.bandwidth < 1e13  # bytes/s a rank streams while both do: any machine is in this range
     c = simulator.calibrated_cluster(cal, 2)
     p = simulate(SMALL, c, Strategy(dp=2, global_batch=2, seq_len=64), cal)
     assert p.efficiency == pytest.approx(1.0) and p.step_time > p.compute > 0
+
+
+def test_one_rank_calibration_measures_rates_and_no_collectives():
+    cal = simulator.measure_calibration(world=1, repeats=1, matmul_n=128, statistic="median")
+    assert cal.achieved_flops > 0 and cal.bandwidth > 0 and cal.collectives == {}
+    with pytest.raises(ValueError, match="statistic"):
+        simulator.measure_calibration(world=1, statistic="mean")
 
 
 def test_plot_projection_writes_a_png(tmp_path):
