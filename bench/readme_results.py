@@ -33,140 +33,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.results import ResultFile, collect
+
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-NAME = re.compile(r"^(?P<what>[a-z0-9][a-z0-9.-]*)_(?P<device>[a-z0-9][a-z0-9.-]*)_(?P<date>\d{4}-\d{2}-\d{2})\.md$")
-TITLE = re.compile(r"^# (?P<title>.+) on (?P<device>.+) \((?P<date>\d{4}-\d{2}-\d{2})\)$")
 GROUPS = (  # kind, heading, text when a kind has no file
     ("benchmark", "Benchmarks and runs", "No benchmark result committed yet."),
     ("lab", "Labs", "No lab report committed yet."),
     ("gpu-check", "GPU checks", "No GPU check committed yet: `python -m bench.gpu_check` on a CUDA "
                                 "machine writes one into bench/results/."),
 )
-
-
-@dataclass(frozen=True)
-class Table:
-    """One markdown table of a result file: the `## ` section above it, its header, its rows."""
-
-    section: str
-    header: tuple[str, ...]
-    rows: tuple[tuple[str, ...], ...]
-
-    def records(self) -> list[dict[str, str]]:
-        return [dict(zip(self.header, row)) for row in self.rows]
-
-
-@dataclass(frozen=True)
-class ResultFile:
-    path: Path
-    kind: str  # benchmark | lab | gpu-check
-    what: str  # from the file name
-    device_slug: str  # from the file name: with `what`, the identity newer files replace
-    date: str  # YYYY-MM-DD, stated in the file (and equal to the name's)
-    device: str  # as the file states it
-    commands: tuple[str, ...]
-    tables: tuple[Table, ...]
-    skipped: tuple[tuple[str, str], ...]  # (provider, reason) from a "## Skipped" list
-
-    def table_with(self, *columns: str) -> Table | None:
-        """The first table whose header has all `columns`."""
-        return next((t for t in self.tables if all(c in t.header for c in columns)), None)
-
-
-def _split_row(line: str) -> list[str]:
-    """Cells of `| a | b |`. Writers separate cells with " | ", so a pipe inside a cell without
-    spaces round it (the header "max |Δ| vs naive") stays in its cell."""
-    inner = line.strip()[1:-1]
-    return [c.strip() for c in re.split(r" \| ", f" {inner} ")]
-
-
-def parse_result(path: str | Path) -> ResultFile:
-    """Read one result file; raise ValueError naming it when its name or format is not one of
-    the three known formats (see the module docstring)."""
-    path = Path(path)
-
-    def fail(why: str) -> ValueError:
-        return ValueError(f"{path}: cannot read this result file: {why}")
-
-    name = NAME.match(path.name)
-    if name is None:
-        raise fail("the name must be <what>_<device>_<YYYY-MM-DD>.md (lower case, no '_' inside a part)")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if not lines or not lines[0].startswith("# "):
-        raise fail("the first line must be a '# ' title")
-    tables, section, code, fenced, i = [], "", {}, False, 0
-    skipped = []
-    while i < len(lines):
-        line = lines[i]
-        # "- provider (point): reason" (write_result), "- part: provider [at point]: reason" (gpu_check)
-        s = section == "Skipped" and (re.match(r"^- (\S+) \(.*?\): (.+)$", line)
-                                      or re.match(r"^- [^:]+: (\S+)(?: at .*?)?: (.+)$", line))
-        if s:
-            skipped.append((s[1], s[2]))
-        if line.startswith("```"):
-            fenced = not fenced
-            if fenced:
-                code.setdefault(section, [])
-        elif fenced:
-            code[section].append(line)
-        elif line.startswith("## "):
-            section = line[3:].strip()
-        elif line.startswith("|") and i + 1 < len(lines) and re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", lines[i + 1].strip()):
-            header = _split_row(line)
-            n, rows, i = lines[i + 1].strip().count("|") - 1, [], i + 2
-            while i < len(lines) and lines[i].startswith("|"):
-                rows.append(tuple(_split_row(lines[i])))
-                i += 1
-            for k, cells in enumerate([header, *rows]):
-                if len(cells) != n:
-                    raise fail(f"a table under '{section or lines[0]}' has {n} columns but its line {k + 1} "
-                               f"has {len(cells)} cells: {' | '.join(cells)}")
-            tables.append(Table(section, tuple(header), tuple(rows)))
-            continue
-        i += 1
-    if fenced:
-        raise fail("a code block is not closed")
-
-    title = lines[0][2:].strip()
-    if title.startswith("Lab: "):
-        kind = "lab"
-        measured = next((t for t in tables if t.section == "Measured on" and t.header == ("key", "value")), None)
-        info = dict(measured.rows) if measured else {}
-        if "date" not in info or "device" not in info:
-            raise fail("a lab report needs a '## Measured on' key | value table with date and device")
-        date, device, commands = info["date"][:10], info["device"], code.get("Reproduce", [])
-    else:
-        m = TITLE.match(lines[0])
-        if m is None:
-            raise fail("the title must be '# Lab: ...', '# WHAT on DEVICE (YYYY-MM-DD)' or "
-                       "'# GPU check on DEVICE (YYYY-MM-DD)'")
-        kind = "gpu-check" if m["title"] == "GPU check" else "benchmark"
-        date, device = m["date"], m["device"]
-        if kind == "gpu-check":
-            commands = [c for ln in lines for c in re.findall(r"^Command: `(.+)`$", ln)]
-        else:
-            commands = next((v for k, v in code.items() if k.startswith("Command")), [])
-    if date != name["date"]:
-        raise fail(f"the file says it was measured on {date}, its name says {name['date']}")
-    joined = re.sub(r"\\\n\s*", "", "\n".join(commands))  # shell continuation lines -> one command
-    commands = tuple(c.strip() for c in joined.splitlines() if c.strip())
-    if not commands:
-        raise fail("no command found ('## Command' or '## Reproduce' code block, or 'Command: `...`')")
-    return ResultFile(path, kind, name["what"], name["device"], date, device, commands, tuple(tables),
-                      tuple(skipped))
-
-
-def collect(folder: str | Path) -> list[ResultFile]:
-    """Every result file of `folder`, the newest of each (what, device), sorted by kind then name."""
-    newest: dict[tuple[str, str], ResultFile] = {}
-    for path in sorted(Path(folder).glob("*.md")):
-        r = parse_result(path)
-        key = (r.what, r.device_slug)
-        if key not in newest or r.date > newest[key].date:
-            newest[key] = r
-    order = [k for k, _, _ in GROUPS]
-    return sorted(newest.values(), key=lambda r: (order.index(r.kind), r.what, r.device_slug))
 
 
 # ---- headline rules: each returns a list of text fragments, empty when it finds nothing ----

@@ -9,7 +9,7 @@ import pytest
 
 from bench import gpu_check, readme_results as rr
 from bench.harness import Row
-from bench.results import result_filename, write_result
+from bench.results import collect, parse_result, result_filename, write_result
 from bench.sweep import Skip, SweepRows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,7 +19,7 @@ RESULTS = ROOT / "bench" / "results"
 def test_readme_results_section_is_what_the_generator_gives():
     """Fails when a result was added or changed without regenerating README."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    expected = rr.updated_readme(readme, rr.render(rr.collect(RESULTS), ROOT), ROOT / "README.md")
+    expected = rr.updated_readme(readme, rr.render(collect(RESULTS), ROOT), ROOT / "README.md")
     assert readme == expected, ("README.md's Results section is out of date with bench/results/: "
                                 "run `python -m bench.readme_results` and commit README.md")
 
@@ -28,12 +28,12 @@ def test_every_committed_result_file_parses_and_has_a_headline():
     files = sorted(RESULTS.glob("*.md"))
     assert len(files) >= 10
     for path in files:
-        r = rr.parse_result(path)
+        r = parse_result(path)
         assert r.kind in {"benchmark", "lab", "gpu-check"} and r.device and r.commands and r.tables, path
         assert path.name.endswith(f"_{r.date}.md"), path
         if r.what in rr.HEADLINES:  # a rule that matches nothing would silently give "see file"
             assert rr.headline(r) != "see file", path
-    shown = {r.path.name for r in rr.collect(RESULTS)}
+    shown = {r.path.name for r in collect(RESULTS)}
     assert shown <= {p.name for p in files} and len(shown) >= 10
 
 
@@ -50,7 +50,7 @@ def test_compare_reads_a_written_benchmark_at_its_headline_point(tmp_path):
                       _row("ours", 1.0, "n=64", "fwd"), _row("torch", 8.0, "n=64", "fwd")],
                      [Skip("liger", "*", "liger-kernel not installed")])
     path = write_result(tmp_path, "toy", rows, result_filename, device="cpu", command="ltk bench toy --x 1")
-    r = rr.parse_result(path)
+    r = parse_result(path)
     assert (r.kind, r.what, r.commands) == ("benchmark", "toy", ("ltk bench toy --x 1",))
     assert rr.Compare("ours", "torch")(r) == ["n=64 fwd+bwd: ours 10 ms vs torch 20 ms: 2.00x"]
     assert rr.Compare("torch", "ours")(r) == ["n=64 fwd+bwd: torch 20 ms vs ours 10 ms: 0.50x"]
@@ -61,12 +61,12 @@ def test_compare_reads_a_written_benchmark_at_its_headline_point(tmp_path):
 def test_compare_memory_and_one_headline_per_op(tmp_path):
     rows = [_row("ours", 2.0, op="a[x]"), _row("hf", 3.0, op="a[x]"), _row("ours", 4.0, op="a[y]"),
             _row("hf", 2.0, op="a[y]")]
-    r = rr.parse_result(write_result(tmp_path, "toy", rows, result_filename, device="cpu", command="c"))
+    r = parse_result(write_result(tmp_path, "toy", rows, result_filename, device="cpu", command="c"))
     assert rr.Compare("ours", "hf")(r) == ["a[x]: ours 2 ms vs hf 3 ms: 1.50x", "a[y]: ours 4 ms vs hf 2 ms: 0.50x"]
     mem = [Row(op="m", shape=s, dtype="bf16", mode="memory", provider=p, median_ms=0, p20_ms=0, p80_ms=0,
                runs=0, peak_mem_mb=v) for s, p, v in (("total", "ours", 3000.0), ("total", "bnb", 4000.0),
                                                       ("codes", "ours", 1.0), ("codes", "bnb", 1.0))]
-    r = rr.parse_result(write_result(tmp_path / "m", "mem", mem, result_filename, device="cpu", command="c"))
+    r = parse_result(write_result(tmp_path / "m", "mem", mem, result_filename, device="cpu", command="c"))
     assert rr.Compare("ours", "bnb", "memory", shape="total")(r) == ["total: ours 3,000 MB vs bnb 4,000 MB: 0.75x"]
 
 
@@ -81,7 +81,7 @@ def test_lab_report_and_its_rules(tmp_path):
     day = text.split("| date | ")[1][:10]  # a lab states its date in its "Measured on" table
     path = tmp_path / f"toy-lab_some-cpu_{day}.md"
     path.write_text(text)
-    r = rr.parse_result(path)
+    r = parse_result(path)
     assert (r.kind, r.date, r.commands) == ("lab", day, ("ltk lab run toy --quick",))
     assert rr.Listing("bits/byte", "model")(r) == ["bits/byte: gpt 1.5 · bigram 2.25 · unigram 3"]
     assert rr.Listing("bits/byte", "model", at_last="N")(r) == ["bits/byte at N = 4: bigram 2.25 · unigram 3"]
@@ -106,7 +106,7 @@ def test_gpu_check_report_is_read(tmp_path):
                              "attention causal: flash-attn: flash-attn not installed"])
     path = tmp_path / "gpu-check_nvidia-h200_2026-12-01.md"
     path.write_text(text)
-    r = rr.parse_result(path)
+    r = parse_result(path)
     assert (r.kind, r.device, r.date, r.commands) == ("gpu-check", "NVIDIA H200", "2026-12-01",
                                                       ("python -m bench.gpu_check",))
     parts = rr.headline(r).split("; ")
@@ -129,7 +129,7 @@ def test_newest_date_of_a_what_and_device_wins(tmp_path):
     newest = _bench_file(tmp_path, "train-step", "Dev A", "2026-02-01", ms=0.5)
     _bench_file(tmp_path, "train-step", "Dev A", "2025-12-31", ms=4.0)
     other = _bench_file(tmp_path, "train-step", "Dev B", "2025-06-01")
-    got = rr.collect(tmp_path)
+    got = collect(tmp_path)
     assert [r.path for r in got] == [newest, other]
     assert rr.headline(got[0]) == "ours 0.5 ms vs transformers 2 ms: 4.00x"
 
@@ -147,7 +147,7 @@ def test_newest_date_of_a_what_and_device_wins(tmp_path):
 def test_an_unparsable_file_is_an_error_naming_it(tmp_path, name, text, why):
     (tmp_path / name).write_text(text)
     with pytest.raises(ValueError, match=why) as err:
-        rr.collect(tmp_path)
+        collect(tmp_path)
     assert name in str(err.value)
 
 
