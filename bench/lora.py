@@ -38,11 +38,8 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from bench.harness import environment, resolve_device
-from bench.nf4 import finish, matmul_row, parse_shapes
-from bench.sweep import (DTYPES, MODES, Skip, SweepRows, measure_point, parse_choices, parse_dtype,
-                         kernel_unavailable, release_memory)
-from training.hardware import peak_flops
+from bench.nf4 import finish, matmul_row, start_sweep
+from bench.sweep import DTYPES, Skip, SweepRows, kernel_unavailable, measure_point, release_memory
 
 PROVIDERS = ("ours", "ours-reference", "peft", "torch.compile")
 BASELINE = "peft"
@@ -136,20 +133,9 @@ def run(*, shapes: str | None = None, rank: int = 16, alpha: float = 32.0, dtype
     "all". min_time: timed seconds per point. seed: of the random inputs."""
     if rank < 1:
         raise ValueError(f"rank must be ≥ 1, got {rank}")
-    dev = resolve_device(device)
-    shape_list = parse_shapes(shapes) if shapes is not None else list(CUDA_SHAPES if dev.type == "cuda" else CPU_SHAPES)
-    dtype = parse_dtype(dtype, dev)
-    mode_list = list(MODES) if modes == "all" else parse_choices(modes, MODES, "mode")
-    wanted = list(PROVIDERS) if providers == "all" else parse_choices(providers, PROVIDERS, "provider")
+    dev, shape_list, dtype, mode_list, runnable, rows, env, peak, elem = start_sweep(
+        shapes, dtype, modes, providers, device, CPU_SHAPES, CUDA_SHAPES, PROVIDERS, unavailable)
     lora = _lora()  # the cost model (flops, bytes_moved) is shared by every provider
-
-    rows = SweepRows()
-    skip_all = {p: why for p in wanted if (why := unavailable(p, dev))}
-    rows.skipped += [Skip(p, "*", why) for p, why in skip_all.items()]
-    runnable = [p for p in wanted if p not in skip_all]
-    env = environment(dev)  # read before the sweep: its load average is that of other processes
-    peak = peak_flops(dev, dtype)
-    elem = DTYPES[dtype].itemsize
 
     for M, N, K in shape_list:
         x, w, a, b = make_inputs(M, N, K, rank, DTYPES[dtype], dev, seed)

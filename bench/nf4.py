@@ -141,20 +141,9 @@ def run(*, shapes: str | None = None, dtype: str = "auto", modes: str = "all", p
     (bf16 on CUDA, fp32 on a CPU), fp32, fp16, bf16. modes, providers: comma lists or "all".
     min_time: timed seconds per point. seed: of x and W (W ~ N(0, 0.02²), as an initialised
     or pretrained linear layer)."""
-    dev = resolve_device(device)
-    shape_list = parse_shapes(shapes) if shapes is not None else list(CUDA_SHAPES if dev.type == "cuda" else CPU_SHAPES)
-    dtype = parse_dtype(dtype, dev)
-    mode_list = list(MODES) if modes == "all" else parse_choices(modes, MODES, "mode")
-    wanted = list(PROVIDERS) if providers == "all" else parse_choices(providers, PROVIDERS, "provider")
+    dev, shape_list, dtype, mode_list, runnable, rows, env, peak, elem = start_sweep(
+        shapes, dtype, modes, providers, device, CPU_SHAPES, CUDA_SHAPES, PROVIDERS, unavailable)
     nf4 = _nf4()  # the cost model (flops, bytes_moved) is shared by every provider
-
-    rows = SweepRows()
-    skip_all = {p: why for p in wanted if (why := unavailable(p, dev))}
-    rows.skipped += [Skip(p, "*", why) for p, why in skip_all.items()]
-    runnable = [p for p in wanted if p not in skip_all]
-    env = environment(dev)  # read before the sweep: its load average is that of other processes
-    peak = peak_flops(dev, dtype)
-    elem = DTYPES[dtype].itemsize
 
     for M, N, K in shape_list:
         gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -189,6 +178,25 @@ def run(*, shapes: str | None = None, dtype: str = "auto", modes: str = "all", p
         release_memory(dev)
 
     return finish(rows, BASELINE, GOAL, "M·N ≥ 4096·4096 on a GPU")
+
+
+def start_sweep(shapes: str | None, dtype: str, modes: str, providers: str, device: str, cpu_shapes, cuda_shapes,
+                all_providers, unavailable) -> tuple:
+    """What a matmul sweep (this one, bench/lora.py) sets up before its loop: (device, shapes
+    — the device's defaults when None —, dtype name, modes, the providers that can run, the
+    rows with a Skip for each that cannot, the environment read before the sweep (its load
+    average is that of other processes), the device's peak FLOP/s, bytes per element)."""
+    dev = resolve_device(device)
+    shape_list = parse_shapes(shapes) if shapes is not None else list(cuda_shapes if dev.type == "cuda" else cpu_shapes)
+    dtype = parse_dtype(dtype, dev)
+    mode_list = list(MODES) if modes == "all" else parse_choices(modes, MODES, "mode")
+    wanted = list(all_providers) if providers == "all" else parse_choices(providers, all_providers, "provider")
+    rows = SweepRows()
+    skip_all = {p: why for p in wanted if (why := unavailable(p, dev))}
+    rows.skipped += [Skip(p, "*", why) for p, why in skip_all.items()]
+    runnable = [p for p in wanted if p not in skip_all]
+    return (dev, shape_list, dtype, mode_list, runnable, rows, environment(dev), peak_flops(dev, dtype),
+            DTYPES[dtype].itemsize)
 
 
 def matmul_row(dev, op: str, shape: str, dtype: str, mode: str, provider: str, timing, flops: float,
