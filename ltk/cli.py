@@ -15,7 +15,7 @@
     ltk bench train-step [--json] [--measure-peaks] [--batch-size 8]
 
 Any config field can be overridden by its dotted path: `--trainer.batch_size 32`,
-`--model.n_layer=6`, `--optim.lr 1e-3` (see training/config.py for the fields).
+`--model.n_layer=6`, `--optim.lr 1e-3` (see ltk/training/config.py for the fields).
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from training.checkpoint import load_checkpoint
-    from training.config import RunConfig, apply_overrides
-    from training.presets import get_preset
-    from training.trainer import Trainer
+    from ltk.training.checkpoint import load_checkpoint
+    from ltk.training.config import RunConfig, apply_overrides
+    from ltk.training.presets import get_preset
+    from ltk.training.trainer import Trainer
 
     if args.nproc is not None and args.nproc < 1:
         raise SystemExit(f"ltk train: --nproc must be >= 1, got {args.nproc}")
@@ -90,7 +90,7 @@ def _set_parallel(cfg, name: str, world: int) -> None:
 
 def _launch(nproc: int, argv: list[str]) -> int:
     """Re-run this command under torchrun with `nproc` local processes (gloo on a CPU, NCCL on
-    GPUs). Multi-node runs call torchrun directly (see training/trainer.py)."""
+    GPUs). Multi-node runs call torchrun directly (see ltk/training/trainer.py)."""
     import subprocess
 
     rest, skip = [], False
@@ -112,7 +112,7 @@ def _launch(nproc: int, argv: list[str]) -> int:
 def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise SystemExit(f"ltk finetune: unexpected arguments {overrides}")
-    from training.finetune import FinetuneConfig, run_finetune
+    from ltk.training.finetune import FinetuneConfig, run_finetune
 
     cfg = FinetuneConfig(method=args.method, base=args.base, data=args.data, out_dir=args.out, steps=args.steps,
                          batch_size=args.batch_size, max_len=args.max_len, lr=args.lr, lora_r=args.lora_r,
@@ -131,9 +131,9 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
 def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise SystemExit(f"ltk plan: unexpected arguments {overrides}")
-    from models.gpt import GPT_SIZES, gpt_config
-    from models.llama import LLAMA_SIZES, llama_config
-    from parallel.plan import format_plan, plan
+    from ltk.models.gpt import GPT_SIZES, gpt_config
+    from ltk.models.llama import LLAMA_SIZES, llama_config
+    from ltk.parallel.plan import format_plan, plan
 
     name = args.preset
     if name in GPT_SIZES:
@@ -172,14 +172,12 @@ def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
         raise SystemExit(f"ltk generate: unexpected arguments {overrides}")
     import torch
 
-    from models import get_family
-    from models.generate import generate
-    from training.checkpoint import load_checkpoint, restore_model
-    from training.config import RunConfig
-    from training.runtime import resolve_device
-    from training.tokenizer import Tokenizer
-
-    from models import Llama, from_pretrained
+    from ltk.models import Llama, from_pretrained, get_family
+    from ltk.models.generate import generate
+    from ltk.training.checkpoint import load_checkpoint, restore_model
+    from ltk.training.config import RunConfig
+    from ltk.training.runtime import resolve_device
+    from ltk.training.tokenizer import Tokenizer
 
     device = resolve_device(args.device)
     if _is_hf_folder(Path(args.ckpt)):  # a Hugging Face folder: weights + tokenizer.json
@@ -215,7 +213,7 @@ def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
 def _lab(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise SystemExit(f"ltk lab: unexpected arguments {overrides}")
-    from labs.registry import list_labs, run_lab
+    from ltk.labs.registry import list_labs, run_lab
 
     if args.lab_cmd == "list":
         for lab in list_labs():
@@ -229,9 +227,9 @@ def _lab(args: argparse.Namespace, overrides: list[str]) -> int:
 def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise SystemExit(f"ltk bench: unexpected arguments {overrides}")
-    from bench import BENCHMARKS, get_benchmark, run_benchmark
-    from bench.harness import rows_to_json, rows_to_markdown, write_csv
-    from bench.peaks import measure_peaks
+    from ltk.bench import BENCHMARKS, get_benchmark, run_benchmark
+    from ltk.bench.harness import rows_to_json, rows_to_markdown, write_csv
+    from ltk.bench.peaks import measure_peaks
 
     if args.bench_cmd == "list":
         for name, b in BENCHMARKS.items():
@@ -247,7 +245,7 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.csv:
         write_csv(rows, args.csv)
     if args.save_results:
-        from bench.results import write_result
+        from ltk.bench.results import write_result
 
         path = write_result(args.save_results, args.bench_cmd, rows, bench.run, opts.get("device", "auto"))
         print(f"wrote {path}", file=sys.stderr)
@@ -271,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", help="a run folder or checkpoint folder to continue from")
     t.add_argument("--device", help="cpu, cuda, cuda:N or auto (trainer.device)")
     t.add_argument("--parallel", choices=PARALLEL_CHOICES,
-                   help="parallel strategy (parallel/): a data-parallel engine, or tp / pp over all ranks; "
+                   help="parallel strategy (ltk/parallel/): a data-parallel engine, or tp / pp over all ranks; "
                    "combine with --parallel.tp N / --parallel.pp N")
     t.add_argument("--profile", action="store_true",
                    help="trace a few steps with torch.profiler and sample GPU counters (trainer.profile): "
@@ -318,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="memory per rank and bytes per step of a parallel run (cost model)",
                         description="Predict memory per rank (parameters, gradients, optimizer states, "
-                        "activations) and communication per step from parallel/cost.py.")
+                        "activations) and communication per step from ltk/parallel/cost.py.")
     pl.add_argument("--preset", required=True, help="gpt-debug, gpt2-124m ... gpt2-1.5b, llama-debug, llama-1b, llama-8b")
     pl.add_argument("--world", type=int, required=True, help="number of ranks")
     pl.add_argument("--strategy", default="ddp", help="none, ddp, zero1, zero2, zero3 (the data-parallel engine)")
@@ -333,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--sequence-parallel", action="store_true")
     pl.add_argument("--recompute", action="store_true", help="full activation recomputation")
     pl.add_argument("--cluster", help="predict step time, MFU and tokens/s on a cluster: dgx-a100, dgx-h100, "
-                    "h200-node, cpu-gloo or a .json description (parallel/cluster.py)")
+                    "h200-node, cpu-gloo or a .json description (ltk/parallel/cluster.py)")
     pl.add_argument("--efficiency", type=float, help="with --cluster: fraction of peak FLOP/s the kernels reach "
                     "(default 0.5, not measured)")
     pl.add_argument("--json", action="store_true", help="print a JSON object")
@@ -351,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run a benchmark (`ltk bench list` shows them)")
     bsub = b.add_subparsers(dest="bench_cmd", required=True)
     bsub.add_parser("list", help="list the benchmarks")
-    from bench import BENCHMARKS
+    from ltk.bench import BENCHMARKS
 
     for name, bench in BENCHMARKS.items():
         bp = bsub.add_parser(name, help=bench.description, description=bench.description, allow_abbrev=False)

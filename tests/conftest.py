@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from models.gpt import GPTConfig
-from training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
+from ltk.models.gpt import GPTConfig
+from ltk.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -72,7 +72,7 @@ def _tiny_run_config(corpus: Path, out_dir: Path, **trainer) -> RunConfig:
 def tiny_base(tiny_corpus, tmp_path_factory):
     """A fine-tuning base: a 2-layer, 32-wide GPT pre-trained for 4 steps on the tiny corpus
     (a run folder with its checkpoint and tokenizer), trained once for the session."""
-    from training.trainer import Trainer
+    from ltk.training.trainer import Trainer
 
     out = tmp_path_factory.mktemp("base")
     Trainer(RunConfig(

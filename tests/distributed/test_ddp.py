@@ -1,4 +1,4 @@
-"""NaiveDDP and DDP (parallel/ddp.py) on 2 and 4 gloo processes against one process.
+"""NaiveDDP and DDP (ltk/parallel/ddp.py) on 2 and 4 gloo processes against one process.
 
 Each spawned group runs every check at once (spawning costs seconds, the checks milliseconds):
 parity with `train_single` (losses per step and final parameters, 1e-5 relative) plain, with
@@ -27,11 +27,18 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel.cost import zero_comm_bytes
-from parallel.ddp import DDP, NaiveDDP, assign_buckets
-from parallel.dist import STATS, Comm, spawn
-from parallel.reference import (dp_shard, lm_loss, make_optimizer, max_rel_error, synthetic_batches, tiny_gpt,
-                                train_single)
+from ltk.parallel.cost import zero_comm_bytes
+from ltk.parallel.ddp import DDP, NaiveDDP, assign_buckets
+from ltk.parallel.dist import STATS, Comm, spawn
+from ltk.parallel.reference import (
+    dp_shard,
+    lm_loss,
+    make_optimizer,
+    max_rel_error,
+    synthetic_batches,
+    tiny_gpt,
+    train_single,
+)
 
 STEPS, GLOBAL_BATCH, SEQ, VOCAB = 5, 8, 16, 96
 SMALL_CAP_MB = 0.02  # ~20 KiB: tiny_gpt's ~110 KiB of gradients fall into several buckets

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from training.checkpoint import load_checkpoint
-from training.trainer import Trainer
+from ltk.training.checkpoint import load_checkpoint
+from ltk.training.trainer import Trainer
 
 
 def _metrics(run):

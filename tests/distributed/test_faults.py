@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel.dist import Comm, SpawnError, spawn
+from ltk.parallel.dist import Comm, SpawnError, spawn
 
 
 def _raises_on_rank_1(rank, world):
@@ -79,7 +79,7 @@ def _descendants(pid: int) -> list[int]:
 def test_a_killed_rank_ends_the_run_and_keeps_the_last_checkpoint(tiny_corpus, tmp_path):
     """SIGKILL one rank of a 2-process run mid-training: the launcher ends the job (no hang),
     and the checkpoint written before is intact and loads."""
-    from training.checkpoint import load_checkpoint
+    from ltk.training.checkpoint import load_checkpoint
 
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "run"

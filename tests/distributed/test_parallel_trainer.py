@@ -1,4 +1,4 @@
-"""The training loop under every strategy of parallel/: `Trainer` on 2 and 4 gloo processes
+"""The training loop under every strategy of ltk/parallel/: `Trainer` on 2 and 4 gloo processes
 trains the same model as one process with the same global batch — same per-step losses, same
 validation loss, same final weights — and its checkpoint (single-process format, optimizer
 state by parameter name) resumes on another world size.
@@ -11,11 +11,11 @@ import json
 
 import pytest
 
-from parallel.dist import spawn
-from models.gpt import GPTConfig
-from training.checkpoint import load_checkpoint
-from training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
-from training.trainer import Trainer
+from ltk.models.gpt import GPTConfig
+from ltk.parallel.dist import spawn
+from ltk.training.checkpoint import load_checkpoint
+from ltk.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
+from ltk.training.trainer import Trainer
 
 TIMEOUT = 180
 
@@ -94,7 +94,7 @@ def test_tensor_parallel_and_dp_x_tp_equal_one_process(single, tiny_corpus, tmp_
 
 
 def _resume(rank, world, cfg, ckpt_dir):
-    from training.checkpoint import load_checkpoint as load
+    from ltk.training.checkpoint import load_checkpoint as load
 
     trainer = Trainer(cfg, resume=load(ckpt_dir))
     trainer.fit()

@@ -1,5 +1,5 @@
-"""Pipeline parallelism: schedules as data (parallel/schedules.py), the simulator
-(parallel/pipeline_sim.py) and the executor (parallel/pipeline.py) on 2 and 4 gloo processes.
+"""Pipeline parallelism: schedules as data (ltk/parallel/schedules.py), the simulator
+(ltk/parallel/pipeline_sim.py) and the executor (ltk/parallel/pipeline.py) on 2 and 4 gloo processes.
 
 Pure-Python checks first (validity over a grid of (p, m, v), bubbles against parallel.cost,
 peak activations, the renderer); then one spawned group per world size runs every schedule:
@@ -16,14 +16,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parallel.cost import bubble_fraction, pp_comm_bytes
-from parallel.dist import STATS, spawn
-from parallel.pipeline import (PipelineComms, PipelineTrainer, layer_ranges, rank_stages, simulated_bubble,
-                               split_gpt)
-from parallel.pipeline_sim import peak_in_flight, plot_timeline, render_ascii, simulate
-from parallel.reference import make_optimizer, max_rel_error, synthetic_batches, tiny_gpt, train_single
-from parallel.schedules import (Action, Schedule, ScheduleError, gpipe, interleaved_1f1b, make_schedule, one_f_one_b,
-                                validate)
+from ltk.parallel.cost import bubble_fraction, pp_comm_bytes
+from ltk.parallel.dist import STATS, spawn
+from ltk.parallel.pipeline import PipelineComms, PipelineTrainer, layer_ranges, rank_stages, simulated_bubble, split_gpt
+from ltk.parallel.pipeline_sim import peak_in_flight, plot_timeline, render_ascii, simulate
+from ltk.parallel.reference import make_optimizer, max_rel_error, synthetic_batches, tiny_gpt, train_single
+from ltk.parallel.schedules import (
+    Action,
+    Schedule,
+    ScheduleError,
+    gpipe,
+    interleaved_1f1b,
+    make_schedule,
+    one_f_one_b,
+    validate,
+)
 
 STEPS, MICRO_ROWS, SEQ, VOCAB, TOL = 5, 2, 16, 96, 1e-5
 KEY_BIAS_ATOL = 1e-4  # see test_key_bias_has_no_gradient: 5 Adam steps of rounding noise, lr 1e-2

@@ -1,4 +1,4 @@
-"""PipelineRun (parallel/pipeline_run.py): pipeline x data parallelism as the training loop uses
+"""PipelineRun (ltk/parallel/pipeline_run.py): pipeline x data parallelism as the training loop uses
 it, equal to one process. Every layout trains the same 5 global batches of 8 rows, which always
 make 4 micro-batches of 2 rows (m per pipeline x dp pipelines), with AdamW in two groups (decay
 0.1 on matrices, 0 on vectors), a learning rate the loop sets each step, and clipping at 0.7 (the norms are 0.6-0.9).
@@ -14,11 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel.cost import pp_comm_bytes, zero_comm_bytes
-from parallel.dist import STATS, spawn
-from parallel.pipeline import rank_stages
-from parallel.pipeline_run import PipelineRun
-from parallel.reference import lm_loss, synthetic_batches, tiny_gpt
+from ltk.parallel.cost import pp_comm_bytes, zero_comm_bytes
+from ltk.parallel.dist import STATS, spawn
+from ltk.parallel.pipeline import rank_stages
+from ltk.parallel.pipeline_run import PipelineRun
+from ltk.parallel.reference import lm_loss, synthetic_batches, tiny_gpt
 
 STEPS, ROWS, MICRO, SEQ, VOCAB, N_LAYER, CLIP, TOL = 5, 8, 4, 16, 96, 4, 0.7, 1e-5
 SAVE_AT = 3  # the resume test saves after this many steps

@@ -1,7 +1,7 @@
-"""Tensor and sequence parallelism (parallel/tensor.py, parallel/tp_plan.py) at tp = 2 and 4 on
+"""Tensor and sequence parallelism (ltk/parallel/tensor.py, ltk/parallel/tp_plan.py) at tp = 2 and 4 on
 gloo, against the single-process model: gathered logits, losses and parameters after 5 AdamW
 steps (GPT, and Llama with GQA and a vocabulary that tp does not divide), the vocab-parallel
-cross-entropy against F.cross_entropy, the counted bytes against parallel/cost.py, and
+cross-entropy against F.cross_entropy, the counted bytes against ltk/parallel/cost.py, and
 PyTorch's DTensor tensor parallel as a cross-check.
 
 Process start-up dominates the time, so one group of 4 processes runs everything: the tp = 2
@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.llama import Llama, LlamaConfig
-from parallel.cost import tp_comm_bytes, tp_comm_calls
-from parallel.dist import STATS, Comm, Mesh, spawn
-from parallel.reference import lm_loss, make_optimizer, max_rel_error, synthetic_batches, tiny_gpt, train_single
-from parallel.tensor import vocab_parallel_cross_entropy, vocab_shard
-from parallel.tp_plan import apply_tensor_parallel, gather_tp_params, tp_loss
+from ltk.models.llama import Llama, LlamaConfig
+from ltk.parallel.cost import tp_comm_bytes, tp_comm_calls
+from ltk.parallel.dist import STATS, Comm, Mesh, spawn
+from ltk.parallel.reference import lm_loss, make_optimizer, max_rel_error, synthetic_batches, tiny_gpt, train_single
+from ltk.parallel.tensor import vocab_parallel_cross_entropy, vocab_shard
+from ltk.parallel.tp_plan import apply_tensor_parallel, gather_tp_params, tp_loss
 
 STEPS, BATCH, SEQ, LR = 5, 4, 16, 1e-2
 VOCAB = {"gpt": 96, "llama": 93}  # 93: tp = 2 and 4 both pad Llama's vocabulary

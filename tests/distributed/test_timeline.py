@@ -1,4 +1,4 @@
-"""Per-rank timelines (parallel/timeline.py): the split of a step into compute, exposed
+"""Per-rank timelines (ltk/parallel/timeline.py): the split of a step into compute, exposed
 communication and idle, first on synthetic records with known answers, then on 2 gloo
 processes where one rank is made late on purpose, so the other must show the wait as idle."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from parallel.dist import Comm, spawn
-from parallel.timeline import analyse, per_rank_means, split_step, step_times
+from ltk.parallel.dist import Comm, spawn
+from ltk.parallel.timeline import analyse, per_rank_means, split_step, step_times
 
 WORLD = ((0, 1),)
 
@@ -53,7 +53,7 @@ def test_async_overlap_and_p2p_matching():
 
 
 def _late_rank_worker(rank: int, world: int, folder: str) -> dict:
-    from parallel.timeline import Timeline
+    from ltk.parallel.timeline import Timeline
 
     comm, x = Comm(), torch.ones(1024)
     with Timeline("cpu") as tl:
@@ -120,7 +120,7 @@ def test_a_multi_process_training_run_writes_its_timeline(tiny_corpus, tmp_path)
 
 
 def test_an_empty_flush_keeps_the_last_window_to_plot():
-    from parallel.timeline import Timeline
+    from ltk.parallel.timeline import Timeline
 
     tl = Timeline("cpu")
     with tl:
@@ -148,7 +148,7 @@ class _FakeEvent:
 def test_cuda_bookkeeping_with_events(monkeypatch):
     """The CUDA path (events on the compute stream, no shared clock) resolves to seconds from
     the step start, with every blocked interval counted as exposed comm and none as idle."""
-    from parallel.timeline import Timeline
+    from ltk.parallel.timeline import Timeline
 
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)

@@ -1,5 +1,5 @@
-"""ZeRO-1/2/3 (parallel/zero.py, parallel/zero3.py) on 2 and 4 gloo processes against the
-single-process yardstick (parallel/reference.py), the cost model (parallel/cost.py), PyTorch's
+"""ZeRO-1/2/3 (ltk/parallel/zero.py, ltk/parallel/zero3.py) on 2 and 4 gloo processes against the
+single-process yardstick (ltk/parallel/reference.py), the cost model (ltk/parallel/cost.py), PyTorch's
 FSDP2 and, where installed, DeepSpeed.
 
 Starting a process costs seconds (each one imports torch), so one spawned run per world size
@@ -26,11 +26,19 @@ import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 
-from parallel import cost
-from parallel.dist import STATS, Comm, spawn
-from parallel.reference import dp_shard, lm_loss, make_optimizer, max_rel_error, synthetic_batches, tiny_gpt, train_single
-from parallel.zero import ZeroEngine
-from parallel.zero3 import Zero3Engine
+from ltk.parallel import cost
+from ltk.parallel.dist import STATS, Comm, spawn
+from ltk.parallel.reference import (
+    dp_shard,
+    lm_loss,
+    make_optimizer,
+    max_rel_error,
+    synthetic_batches,
+    tiny_gpt,
+    train_single,
+)
+from ltk.parallel.zero import ZeroEngine
+from ltk.parallel.zero3 import Zero3Engine
 
 LR, CLIP, STEPS = 3e-4, 0.5, 5
 UNEVEN = dict(n_embd=33, n_head=3, bias=False)  # Ψ = 29,997 (odd): buffers pad at 2 and 4 ranks

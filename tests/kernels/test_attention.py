@@ -15,9 +15,9 @@ plus a floor of 2e-4 (a fraction of one fp16 ulp at the tensor's scale).
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
-import importlib
 import subprocess
 import sys
 import textwrap
@@ -27,13 +27,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels.backend
-from kernels.attention import attention, attention_reference, bytes_moved, flops
-from kernels.backend import HAS_TRITON, interpreter_on
+import ltk.kernels.backend as kernel_backend
+from ltk.kernels.attention import attention, attention_reference, bytes_moved, flops
+from ltk.kernels.backend import HAS_TRITON, interpreter_on
 
-# `kernels.attention` is the public function (kernels/__init__.py), so reach the module itself
+# `kernels.attention` is the public function (ltk/kernels/__init__.py), so reach the module itself
 # through the import system rather than as an attribute of the package.
-attn_mod = importlib.import_module("kernels.attention")
+attn_mod = importlib.import_module("ltk.kernels.attention")
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -276,7 +276,7 @@ def test_triton_refuses_float64():
 
 
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
-    monkeypatch.setattr(kernels.backend, "interpreter_on", lambda: False)
+    monkeypatch.setattr(kernel_backend, "interpreter_on", lambda: False)
     q = torch.randn(1, 2, 4, 16)
     if not HAS_TRITON:
         match = "needs the triton package"

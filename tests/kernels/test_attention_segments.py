@@ -19,10 +19,10 @@ import textwrap
 import pytest
 import torch
 
-from kernels.attention import attention, attention_reference
-from kernels.backend import HAS_TRITON, interpreter_on
+from ltk.kernels.attention import attention, attention_reference
+from ltk.kernels.backend import HAS_TRITON, interpreter_on
 
-attn_mod = importlib.import_module("kernels.attention")
+attn_mod = importlib.import_module("ltk.kernels.attention")
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -176,7 +176,7 @@ def test_segment_kernels_compile_for_a_gpu_ahead_of_time():
         import importlib
         import triton
         from triton.backends.compiler import GPUTarget
-        A = importlib.import_module("kernels.attention")  # the module, not the function kernels exports
+        A = importlib.import_module("ltk.kernels.attention")  # the module, not the function kernels exports
 
         flags = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_BIAS=False, HAS_KPM=False, HAS_SEG=True,
                      EVEN_M=True, EVEN_N=True, FP32_DOTS=False, DOT_PRECISION=None, STORE_DS=False)

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from models.gpt import GPT, GPTConfig, gpt_config
-from training.presets import get_preset
-from training.trainer import Trainer
+from ltk.models.gpt import GPT, GPTConfig, gpt_config
+from ltk.training.presets import get_preset
+from ltk.training.trainer import Trainer
 
 
 def test_forward_and_gradients_match_across_backends():

@@ -1,4 +1,4 @@
-"""LayerNorm kernels (kernels/layernorm.py): the output and every gradient of the triton
+"""LayerNorm kernels (ltk/kernels/layernorm.py): the output and every gradient of the triton
 backend (compiled on CUDA, the interpreter on a CPU) and of the torch backend against the
 float64 reference, on odd shapes and fuzzed ones; bad input; the cost model.
 
@@ -23,14 +23,14 @@ import math
 import sys
 
 import pytest
-from compile_check import compile_in_subprocess
 import torch
 import torch.nn.functional as F
+from compile_check import compile_in_subprocess
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels.layernorm as ln
-from kernels.layernorm import bytes_moved, flops, layer_norm, layer_norm_reference, layer_norm_residual
+import ltk.kernels.layernorm as ln
+from ltk.kernels.layernorm import bytes_moved, flops, layer_norm, layer_norm_reference, layer_norm_residual
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu_only = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device: bf16 is only checked compiled")

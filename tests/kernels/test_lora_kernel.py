@@ -1,4 +1,4 @@
-"""Fused LoRA linear (kernels/lora.py, kernels/lora_triton.py): y and the gradients dx, dA,
+"""Fused LoRA linear (ltk/kernels/lora.py, ltk/kernels/lora_triton.py): y and the gradients dx, dA,
 dB (and db, dW when asked) of the triton backend (the interpreter on a CPU, compiled on
 CUDA) and of the torch backend against a float64 reference; the reuse of the saved
 u = x·Aᵀ; poisoned outputs; bad input; the cost model; the kernels compiled for sm_90.
@@ -15,12 +15,12 @@ import math
 import sys
 
 import pytest
-from compile_check import compile_in_subprocess, poison_outputs
 import torch
+from compile_check import compile_in_subprocess, poison_outputs
 
-import kernels.lora_triton as lt
-from kernels.backend import interpreter_on
-from kernels.lora import LoRALinearFunction, bytes_moved, flops, lora_linear, lora_linear_reference
+import ltk.kernels.lora_triton as lt
+from ltk.kernels.backend import interpreter_on
+from ltk.kernels.lora import LoRALinearFunction, bytes_moved, flops, lora_linear, lora_linear_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 triton_ok = pytest.mark.skipif(DEVICE == "cpu" and not interpreter_on(),

@@ -1,4 +1,4 @@
-"""NF4 (kernels/nf4.py, kernels/nf4_triton.py): the code tables, quantization, double
+"""NF4 (ltk/kernels/nf4.py, ltk/kernels/nf4_triton.py): the code tables, quantization, double
 quantization and dequantization byte for byte against bitsandbytes (CPU, 0.50); the fused
 dequantize-matmul and its dx under the Triton interpreter against a float64 reference of
 dequantize-then-matmul; NF4Linear; bits a parameter; the cost model; bad input.
@@ -12,17 +12,28 @@ from __future__ import annotations
 import math
 
 import pytest
-from compile_check import poison_outputs
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from compile_check import poison_outputs
 
-import kernels.nf4_triton as nt
-from kernels.backend import interpreter_on
-from kernels.nf4 import (NF4_CODE, NF4Linear, bytes_moved, dequantize_absmax, dequantize_nf4, dynamic_code,
-                         nf4_matmul_dq,
-                         flops, nf4_bits_per_param, nf4_code_from_quantiles, nf4_matmul, quantize_absmax,
-                         quantize_nf4)
+import ltk.kernels.nf4_triton as nt
+from ltk.kernels.backend import interpreter_on
+from ltk.kernels.nf4 import (
+    NF4_CODE,
+    NF4Linear,
+    bytes_moved,
+    dequantize_absmax,
+    dequantize_nf4,
+    dynamic_code,
+    flops,
+    nf4_bits_per_param,
+    nf4_code_from_quantiles,
+    nf4_matmul,
+    nf4_matmul_dq,
+    quantize_absmax,
+    quantize_nf4,
+)
 
 try:
     import bitsandbytes.functional as bnbF

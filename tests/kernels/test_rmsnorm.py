@@ -1,4 +1,4 @@
-"""RMSNorm kernels (kernels/rmsnorm.py): the output and every gradient of the triton backend
+"""RMSNorm kernels (ltk/kernels/rmsnorm.py): the output and every gradient of the triton backend
 (compiled on CUDA, the interpreter on a CPU) and of the torch backend against the float64
 reference, on odd shapes and fuzzed ones; bad input; the cost model.
 
@@ -23,15 +23,15 @@ import math
 import sys
 
 import pytest
-from compile_check import compile_in_subprocess
 import torch
 import torch.nn.functional as F
+from compile_check import compile_in_subprocess
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels.rmsnorm as rn
-from kernels.layernorm import MAX_WIDTH
-from kernels.rmsnorm import bytes_moved, flops, rms_norm, rms_norm_reference, rms_norm_residual
+import ltk.kernels.rmsnorm as rn
+from ltk.kernels.layernorm import MAX_WIDTH
+from ltk.kernels.rmsnorm import bytes_moved, flops, rms_norm, rms_norm_reference, rms_norm_residual
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu_only = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device: bf16 is only checked compiled")

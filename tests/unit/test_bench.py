@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
-import bench
-from bench import BENCHMARKS, Row, Timing, run_benchmark
-from bench.harness import COLUMNS, environment, read_csv, rows_to_markdown, time_fn, write_csv
-from bench.peaks import measure_peaks, peak_for
-from models.gpt import GPTConfig
+from ltk import bench
+from ltk.bench import BENCHMARKS, Row, Timing, run_benchmark
+from ltk.bench.harness import COLUMNS, environment, read_csv, rows_to_markdown, time_fn, write_csv
+from ltk.bench.peaks import measure_peaks, peak_for
+from ltk.models.gpt import GPTConfig
 
 
 def _row(provider: str, median: float = 2.0, **kw) -> Row:
@@ -137,7 +137,7 @@ TINY_RUN = dict(vocab_size=256, batch_size=2, seq_len=16, min_time=0.1, rounds=2
 
 def test_weight_copy_gives_the_same_model():
     pytest.importorskip("transformers")
-    from bench.train_step import build, check_same_loss, make_batches
+    from ltk.bench.train_step import build, check_same_loss, make_batches
 
     models = build(TINY, torch.device("cpu"))
     x, y = make_batches(TINY.vocab_size, 2, TINY.block_size)[0]
@@ -179,8 +179,8 @@ def test_train_step_without_transformers_reports_ours_only(monkeypatch):
 
 
 def test_result_file_carries_command_method_machine_and_rows(tmp_path):
-    from bench import train_step
-    from bench.results import result_filename, write_result
+    from ltk.bench import train_step
+    from ltk.bench.results import result_filename, write_result
 
     assert result_filename("train-step", "NVIDIA H200", "2026-11-29T10:00:00") == "train-step_nvidia-h200_2026-11-29.md"
     row = Row.stamped("cpu", op="x", shape="1", dtype="fp32", mode="step", provider="ours", median_ms=1.0,

@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 
-import bench.lora
-import bench.nf4
-import bench.qlora_memory as qm
-from bench import BENCHMARKS, run_benchmark
-from bench.sweep import timed_call
+import ltk.bench.lora as bench_lora
+import ltk.bench.nf4 as bench_nf4
+import ltk.bench.qlora_memory as qm
+from ltk.bench import BENCHMARKS, run_benchmark
+from ltk.bench.sweep import timed_call
 
 TINY_NF4 = dict(shapes="6x40x96,5x33x71", min_time=0.01, device="cpu")
 TINY_LORA = dict(shapes="6x40x24,5x33x71", rank=4, min_time=0.01, device="cpu")
@@ -32,7 +32,7 @@ def _installed(name: str) -> bool:
 
 
 def _interpreter() -> bool:
-    from kernels.backend import HAS_TRITON, interpreter_on
+    from ltk.kernels.backend import HAS_TRITON, interpreter_on
 
     return HAS_TRITON and interpreter_on()
 
@@ -44,7 +44,7 @@ def _extra(row) -> dict:
 # --- nf4 --------------------------------------------------------------------------------------
 
 def test_nf4_rows_use_the_cost_model_and_name_skipped_providers():
-    from kernels.nf4 import bytes_moved, flops
+    from ltk.kernels.nf4 import bytes_moved, flops
 
     rows = run_benchmark("nf4", **TINY_NF4)
     ran = {"ours-reference", "dense"} | ({"bitsandbytes"} if _installed("bitsandbytes") else set())
@@ -75,10 +75,10 @@ def test_nf4_bitsandbytes_missing_is_a_skip_not_an_error(monkeypatch):
 
 
 def test_nf4_shape_parsing():
-    assert bench.nf4.parse_shapes("4096x4096x4096, 1x2kx3") == [(4096, 4096, 4096), (1, 2048, 3)]
+    assert bench_nf4.parse_shapes("4096x4096x4096, 1x2kx3") == [(4096, 4096, 4096), (1, 2048, 3)]
     for bad in ("4096x4096", "0x1x1", "axbxc", ""):
         with pytest.raises(ValueError, match="M×N×K"):
-            bench.nf4.parse_shapes(bad)
+            bench_nf4.parse_shapes(bad)
 
 
 def test_nf4_providers_agree():
@@ -87,19 +87,19 @@ def test_nf4_providers_agree():
     a multiple of the block (blocks straddle rows)."""
     g = torch.Generator().manual_seed(3)
     x, w = torch.randn(5, 71, generator=g), 0.02 * torch.randn(33, 71, generator=g)
-    packed, absmax = bench.nf4.quantize(w)
+    packed, absmax = bench_nf4.quantize(w)
     wanted = ["ours-reference"] + (["ours"] if _interpreter() else []) + \
              (["bitsandbytes"] if _installed("bitsandbytes") else [])
     results = {}
     for p in wanted:
-        forward, inputs = bench.nf4.build(p, x, w, packed, absmax)
+        forward, inputs = bench_nf4.build(p, x, w, packed, absmax)
         results[p] = (forward(), timed_call(forward, inputs, "bwd")()[0])
     assert len(results) == 3 or not (_interpreter() and _installed("bitsandbytes"))
     ref_y, ref_dx = results.pop("ours-reference")
     for p, (y, dx) in results.items():
         torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-5, msg=p)
         torch.testing.assert_close(dx, ref_dx, atol=1e-5, rtol=1e-5, msg=p)
-    dense, _ = bench.nf4.build("dense", x, w, packed, absmax)  # the unquantized ceiling: near, not equal
+    dense, _ = bench_nf4.build("dense", x, w, packed, absmax)  # the unquantized ceiling: near, not equal
     err = (dense() - ref_y).norm() / dense().norm()
     assert 0 < err < 0.2
 
@@ -109,7 +109,7 @@ def test_our_nf4_bytes_equal_bitsandbytes():
     import bitsandbytes.functional as bf
 
     w = 0.02 * torch.randn(33, 71, generator=torch.Generator().manual_seed(4))
-    packed, absmax = bench.nf4.quantize(w)
+    packed, absmax = bench_nf4.quantize(w)
     qw, state = bf.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
     assert torch.equal(packed, qw.view(-1)) and torch.equal(absmax, state.absmax)
 
@@ -117,7 +117,7 @@ def test_our_nf4_bytes_equal_bitsandbytes():
 # --- lora -------------------------------------------------------------------------------------
 
 def test_lora_rows_use_the_cost_model_and_name_skipped_providers():
-    from kernels.lora import bytes_moved, flops
+    from ltk.kernels.lora import bytes_moved, flops
 
     rows = run_benchmark("lora", **TINY_LORA)
     ran = {"ours-reference"} | ({"peft"} if _installed("peft") else set())
@@ -139,11 +139,11 @@ def test_lora_rank_must_be_positive():
 
 def test_lora_providers_agree():
     """y and the gradients of x, A and B are the same for every provider that runs here."""
-    x, w, a, b = bench.lora.make_inputs(7, 40, 33, 3, torch.float32, torch.device("cpu"), seed=5)
+    x, w, a, b = bench_lora.make_inputs(7, 40, 33, 3, torch.float32, torch.device("cpu"), seed=5)
     wanted = ["ours-reference"] + (["ours"] if _interpreter() else []) + (["peft"] if _installed("peft") else [])
     results = {}
     for p in wanted:
-        forward, inputs = bench.lora.build(p, x, w, a, b, alpha=6.0)
+        forward, inputs = bench_lora.build(p, x, w, a, b, alpha=6.0)
         results[p] = (forward(), timed_call(forward, inputs, "bwd")())
     ref_y, ref_grads = results.pop("ours-reference")
     manual = x @ w.T + 2.0 * (x @ a.T) @ b.T  # s = alpha / r = 2
@@ -158,7 +158,7 @@ def test_lora_providers_agree():
 # --- qlora-memory -------------------------------------------------------------------------------
 
 def test_llama2_7b_shapes_and_parameter_count():
-    from models.llama import LlamaConfig, num_params
+    from ltk.models.llama import LlamaConfig, num_params
 
     counts, one_block, rest = qm.llama_shapes(4096, 32, 32, 11008, 32000)
     assert counts == {(4096, 4096): 128, (11008, 4096): 64, (4096, 11008): 32}

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bench.attention
-import bench.norms
-from bench import BENCHMARKS, run_benchmark
-from bench.sweep import parse_choices, parse_sizes, timed_call
+import ltk.bench.attention as bench_attention
+import ltk.bench.norms as bench_norms
+from ltk.bench import BENCHMARKS, run_benchmark
+from ltk.bench.sweep import parse_choices, parse_sizes, timed_call
 
 TINY_ATTN = dict(seq_lens="16,32", heads=2, head_dim=8, tokens=64, min_time=0.01, device="cpu")
 TINY_NORM = dict(hidden_sizes="32,96", rows=8, min_time=0.01, copy_mib=4, device="cpu")
@@ -31,7 +31,7 @@ def _check_timing(row) -> None:
 # --- attention ------------------------------------------------------------------------------
 
 def test_attention_rows_use_the_kernel_cost_model_and_name_skipped_providers():
-    from kernels.attention import flops
+    from ltk.kernels.attention import flops
 
     rows = run_benchmark("attention", **TINY_ATTN, causal="both", modes="fwd,bwd,fwd+bwd",
                          providers="ours,torch,sdpa,flash-attn")
@@ -75,18 +75,18 @@ def test_attention_torch_compile_runs_every_mode_or_says_why():
 
 
 def test_eager_attention_equals_the_kernels_reference():
-    from kernels.attention import attention_reference
+    from ltk.kernels.attention import attention_reference
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 13, 8, generator=g, dtype=torch.float64)
     k, v = (torch.randn(2, 2, 13, 8, generator=g, dtype=torch.float64) for _ in range(2))  # GQA: H_kv = 2
     for causal in (False, True):
-        torch.testing.assert_close(bench.attention.eager_attention(q, k, v, causal),
+        torch.testing.assert_close(bench_attention.eager_attention(q, k, v, causal),
                                    attention_reference(q, k, v, causal=causal))
 
 
 def test_eager_is_skipped_when_its_scores_do_not_fit(monkeypatch):
-    monkeypatch.setattr(bench.attention, "available_bytes", lambda device: 1000)
+    monkeypatch.setattr(bench_attention, "available_bytes", lambda device: 1000)
     rows = run_benchmark("attention", **TINY_ATTN, causal="no", modes="fwd", providers="torch,torch.compile,sdpa")
     assert {r.provider for r in rows} == {"sdpa"}
     reasons = {s.provider: s.reason for s in rows.skipped}
@@ -94,14 +94,14 @@ def test_eager_is_skipped_when_its_scores_do_not_fit(monkeypatch):
 
 
 def test_out_of_memory_in_one_provider_does_not_end_the_sweep(monkeypatch):
-    real = bench.attention.build
+    real = bench_attention.build
 
     def build(provider, *args):
         if provider == "sdpa":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
         return real(provider, *args)
 
-    monkeypatch.setattr(bench.attention, "build", build)
+    monkeypatch.setattr(bench_attention, "build", build)
     rows = run_benchmark("attention", **TINY_ATTN, causal="no", modes="fwd", providers="torch,sdpa")
     assert {r.provider for r in rows} == {"torch"} and len(rows) == 2
     assert [s.reason for s in rows.skipped if s.provider == "sdpa"] == ["out of memory"] * 2
@@ -151,7 +151,7 @@ def test_option_parsing():
         with pytest.raises(ValueError, match="positive sizes"):
             parse_sizes(bad)
     with pytest.raises(ValueError, match="provider"):
-        parse_choices("torch,sdap", bench.attention.PROVIDERS, "provider")
+        parse_choices("torch,sdap", bench_attention.PROVIDERS, "provider")
     assert BENCHMARKS["rmsnorm"].parse_args(["--residual", "--hidden-sizes", "1k"]) == \
         {"residual": True, "hidden_sizes": "1k"}
     assert BENCHMARKS["attention"].parse_args(["--causal", "yes"]) == {"causal": "yes"}
@@ -161,10 +161,10 @@ def test_option_parsing():
 
 @pytest.mark.parametrize("op,residual", [("layernorm", False), ("rmsnorm", True)])
 def test_norm_rows_use_the_kernel_cost_model(op, residual):
-    import kernels.layernorm
-    import kernels.rmsnorm
+    import ltk.kernels.layernorm as kernel_layernorm
+    import ltk.kernels.rmsnorm as kernel_rmsnorm
 
-    cost = kernels.layernorm if op == "layernorm" else kernels.rmsnorm
+    cost = kernel_layernorm if op == "layernorm" else kernel_rmsnorm
     rows = run_benchmark(op, **TINY_NORM, residual=residual, providers="ours,torch,unfused,liger")
     assert {r.provider for r in rows} == {"torch", "unfused"}
     assert len(rows) == 2 * 2 * 3  # sizes × providers × modes
@@ -190,9 +190,9 @@ def test_unfused_norms_equal_pytorch():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(6, 33, generator=g, dtype=torch.float64)
     w, b = torch.randn(33, generator=g, dtype=torch.float64), torch.randn(33, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(bench.norms.unfused_layer_norm(x, w, b, 1e-5).double(),
+    torch.testing.assert_close(bench_norms.unfused_layer_norm(x, w, b, 1e-5).double(),
                                F.layer_norm(x, (33,), w, b, 1e-5))
-    torch.testing.assert_close(bench.norms.unfused_rms_norm(x, w, 1e-6).double(), F.rms_norm(x, (33,), w, 1e-6))
+    torch.testing.assert_close(bench_norms.unfused_rms_norm(x, w, 1e-6).double(), F.rms_norm(x, (33,), w, 1e-6))
 
 
 @pytest.mark.parametrize("name", ["attention", "layernorm", "rmsnorm"])
@@ -209,7 +209,7 @@ def test_help_lists_every_option(name, capsys):
 # (ours runs here under the Triton interpreter, which the benchmarks never time)
 
 def _providers_to_compare(all_providers, cuda_only):
-    from kernels.backend import HAS_TRITON, interpreter_on
+    from ltk.kernels.backend import HAS_TRITON, interpreter_on
 
     if not (HAS_TRITON and interpreter_on()):
         pytest.skip("our kernels run on a CPU only under TRITON_INTERPRET=1 (tests/conftest.py sets it)")
@@ -221,8 +221,8 @@ def test_attention_providers_agree(causal):
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, 2, 24, 16, generator=g) for _ in range(3))
     results = {}
-    for p in _providers_to_compare(bench.attention.PROVIDERS, ("ours", "torch.compile", "flash-attn")):
-        forward, inputs = bench.attention.build(p, q, k, v, causal, 0.25)
+    for p in _providers_to_compare(bench_attention.PROVIDERS, ("ours", "torch.compile", "flash-attn")):
+        forward, inputs = bench_attention.build(p, q, k, v, causal, 0.25)
         out = forward()
         results[p] = (out, timed_call(forward, inputs, "bwd")())
     ref_out, ref_grads = results.pop("torch")
@@ -239,10 +239,10 @@ def test_norm_providers_agree(op, residual):
     g = torch.Generator().manual_seed(5)
     x, r = torch.randn(7, 40, generator=g), torch.randn(7, 40, generator=g)
     w, b = 1 + 0.1 * torch.randn(40, generator=g), (0.1 * torch.randn(40, generator=g) if op == "layernorm" else None)
-    eps = bench.norms.EPS[op]
+    eps = bench_norms.EPS[op]
     results = {}
-    for p in _providers_to_compare(bench.norms.PROVIDERS, ("ours", "torch.compile", "liger")):
-        forward, inputs = bench.norms.build(p, op, x, r, w, b, eps, residual)
+    for p in _providers_to_compare(bench_norms.PROVIDERS, ("ours", "torch.compile", "liger")):
+        forward, inputs = bench_norms.build(p, op, x, r, w, b, eps, residual)
         results[p] = (forward(), timed_call(forward, inputs, "bwd")())
     ref_out, ref_grads = results.pop("torch")
     assert set(results) == {"ours", "unfused"}

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import HAS_TRITON, interpreter_on
-from models.bert import Bert, BertConfig, bert_config, num_params
-from models.hf import bert as hf_bert
-from training.mlm import mask_tokens
+from ltk.kernels.backend import HAS_TRITON, interpreter_on
+from ltk.models.bert import Bert, BertConfig, bert_config, num_params
+from ltk.models.hf import bert as hf_bert
+from ltk.training.mlm import mask_tokens
 
 transformers = pytest.importorskip("transformers")
 

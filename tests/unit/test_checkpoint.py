@@ -3,10 +3,9 @@ import json
 import pytest
 import torch
 
-from models.gpt import GPT, GPTConfig
-from training import checkpoint as ckpt_mod
-from training.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, restore_model,
-                                 save_checkpoint)
+from ltk.models.gpt import GPT, GPTConfig
+from ltk.training import checkpoint as ckpt_mod
+from ltk.training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, restore_model, save_checkpoint
 
 
 def _model(seed=0):

@@ -2,8 +2,8 @@
 import sys
 import unicodedata
 
-from training import clean
-from training.clean import clean_documents
+from ltk.training import clean
+from ltk.training.clean import clean_documents
 
 LONG = "def f(x):\n    return x + 1\n"  # 27 characters
 

@@ -81,7 +81,7 @@ def test_bench_json_prints_rows_with_provider_and_figures(capsys):
 def test_generate_from_a_hugging_face_folder(tiny_config, tmp_path, capsys):
     """A transformers GPT-2 folder with a tokenizer.json generates through `ltk generate`."""
     transformers = pytest.importorskip("transformers")
-    from training.tokenizer import Tokenizer
+    from ltk.training.tokenizer import Tokenizer
 
     tok = Tokenizer.train_bpe(["alpha beta gamma delta " * 20, "def f(x): return x\n" * 20], 300)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32,

@@ -1,7 +1,7 @@
 import pytest
 
-from training.config import ConfigError, RunConfig, apply_overrides
-from training.presets import PRESETS, get_preset
+from ltk.training.config import ConfigError, RunConfig, apply_overrides
+from ltk.training.presets import PRESETS, get_preset
 
 
 def test_overrides_coerce_types():

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from training.config import DataConfig
-from training.corpus import SourceWarning, embedded_files, load_documents, pack_paragraphs, source_fingerprint
+from ltk.training.config import DataConfig
+from ltk.training.corpus import SourceWarning, embedded_files, load_documents, pack_paragraphs, source_fingerprint
 
 
 def write(path: Path, data) -> Path:

@@ -6,14 +6,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from training import data as data_mod
-from training.clean import clean_documents
-from training.config import DataConfig
-from training.corpus import load_documents
-from training.data import dataset_key, load_prepared, prepare_data, split_documents
-from training.loader import TokenLoader
-from training.shards import read_shard
-from training.tokenizer import Tokenizer
+from ltk.training import data as data_mod
+from ltk.training.clean import clean_documents
+from ltk.training.config import DataConfig
+from ltk.training.corpus import load_documents
+from ltk.training.data import dataset_key, load_prepared, prepare_data, split_documents
+from ltk.training.loader import TokenLoader
+from ltk.training.shards import read_shard
+from ltk.training.tokenizer import Tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu héllo 日本 — café".split()
 

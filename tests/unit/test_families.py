@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from ltk.cli import main
-from training.checkpoint import load_checkpoint
-from training.config import RunConfig
-from training.objectives import MaskedLM, SpanCorruption, step_generator
-from training.presets import get_preset
+from ltk.training.checkpoint import load_checkpoint
+from ltk.training.config import RunConfig
+from ltk.training.objectives import MaskedLM, SpanCorruption, step_generator
+from ltk.training.presets import get_preset
 
 
 def _train(tiny_corpus, out, preset, steps, *extra):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ltk.cli import main
-from training.finetune import FinetuneConfig, load_base, run_finetune
+from ltk.training.finetune import FinetuneConfig, load_base, run_finetune
 
 
 def _cfg(base, out, method, **kw):
@@ -60,7 +60,7 @@ def test_bad_input_is_named(tiny_base, tmp_path):
 
 
 def test_finetune_lab_compares_the_three_methods(tiny_base, tmp_path, monkeypatch):
-    from labs import finetune
+    from ltk.labs import finetune
 
     monkeypatch.setattr(finetune, "lab_settings", lambda quick: dict(pretrain_steps=0, steps=2, batch=4,
                                                                       eval_examples=4, limit=40, max_len=96))

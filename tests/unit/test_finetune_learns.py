@@ -1,7 +1,7 @@
 """LoRA fine-tuning raises the built-in task's accuracy, from a base that can copy.
 
 LoRA adapts what a base can already do with a low-rank change; it does not build a copying
-circuit the base lacks (training/instruct_task.py). So the base here is pre-trained, as a
+circuit the base lacks (ltk/training/instruct_task.py). So the base here is pre-trained, as a
 plain language model, on text of three of the task's kinds (reverse, sort, lookup: prompts
 and answers together, loss on every token), which forms the attention heads that copy
 letters. LoRA then instruction-tunes it on the fourth kind, `last`, which it never saw: the
@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from training.finetune import FinetuneConfig, run_finetune
-from training.instruct import builtin_task
-from training.trainer import Trainer
+from ltk.training.finetune import FinetuneConfig, run_finetune
+from ltk.training.instruct import builtin_task
+from ltk.training.trainer import Trainer
 
 BLOCK = 192  # the prompts of a 300-token BPE fit whole: training and generation see the same text
 
 
 @pytest.fixture(scope="module")
 def copying_base(tmp_path_factory) -> Path:
-    from models.gpt import GPTConfig
-    from training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
+    from ltk.models.gpt import GPTConfig
+    from ltk.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
 
     root = tmp_path_factory.mktemp("copying")
     corpus = root / "corpus"

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.gpt import GPT, GPTConfig, flops_per_token, gpt_config, num_params
+from ltk.models.gpt import GPT, GPTConfig, flops_per_token, gpt_config, num_params
 
 
 def test_gpt2_124m_parameter_count():
@@ -107,8 +107,8 @@ def test_param_groups_decay_matrices_only():
 
 def test_kv_cached_greedy_equals_uncached_and_transformers():
     transformers = pytest.importorskip("transformers")
-    from models.generate import generate
-    from models.hf.gpt2 import config_from_hf, state_dict_from_hf
+    from ltk.models.generate import generate
+    from ltk.models.hf.gpt2 import config_from_hf, state_dict_from_hf
 
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=61, n_positions=40, n_embd=32, n_layer=2,

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from bench import gpu_check
-from kernels.attention import attention
-from kernels.layernorm import layer_norm
+from ltk.bench import gpu_check
+from ltk.kernels.attention import attention
+from ltk.kernels.layernorm import layer_norm
 
 
 def test_compare_passes_a_correct_kernel_and_fails_a_wrong_one(monkeypatch):
@@ -42,7 +42,7 @@ def test_nf4_and_lora_cases_pass_and_a_wrong_kernel_fails():
     """The NF4 and LoRA cases of the GPU check, at tiny odd shapes through the interpreter
     (fp16: its bf16 is wrong): ours passes against the float64 reference; a kernel whose
     output is off by a little fails."""
-    from kernels.backend import HAS_TRITON, interpreter_on
+    from ltk.kernels.backend import HAS_TRITON, interpreter_on
 
     if not (HAS_TRITON and interpreter_on()):
         pytest.skip("our kernels run on a CPU only under TRITON_INTERPRET=1 (tests/conftest.py sets it)")
@@ -65,8 +65,8 @@ def test_nf4_and_lora_cases_pass_and_a_wrong_kernel_fails():
 def test_plan_trains_gpt2_eager_compiled_and_transformers_within_the_budget():
     import inspect
 
-    from bench import get_benchmark
-    from bench.train_step import parse_providers
+    from ltk.bench import get_benchmark
+    from ltk.bench.train_step import parse_providers
 
     for quick in (False, True):
         plan = gpu_check.benchmark_plan(quick)
@@ -90,18 +90,17 @@ def test_scaling_lab_missing_or_failing_is_listed_and_its_table_is_kept(monkeypa
     import sys
     import types
 
-    import labs
-
+    from ltk import labs
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.delattr(labs, "scaling", raising=False)
-    monkeypatch.setitem(sys.modules, "labs.scaling", None)  # import fails
+    monkeypatch.setitem(sys.modules, "ltk.labs.scaling", None)  # import fails
     result, skipped = gpu_check.scaling_part(tmp_path, quick=True)
-    assert result is None and len(skipped) == 1 and "labs.scaling could not be imported: " in skipped[0]
+    assert result is None and len(skipped) == 1 and "ltk.labs.scaling could not be imported: " in skipped[0]
 
     def use(run):
-        fake = types.ModuleType("labs.scaling")
+        fake = types.ModuleType("ltk.labs.scaling")
         fake.run = run
-        monkeypatch.setitem(sys.modules, "labs.scaling", fake)
+        monkeypatch.setitem(sys.modules, "ltk.labs.scaling", fake)
         monkeypatch.setattr(labs, "scaling", fake, raising=False)
         return gpu_check.scaling_part(tmp_path / "lab", quick=True)
 
@@ -126,7 +125,7 @@ def test_scaling_lab_missing_or_failing_is_listed_and_its_table_is_kept(monkeypa
 
 def test_report_lists_every_skipped_part_and_the_time_against_the_budget():
     skipped = ["scaling lab: needs at least 2 GPUs, found 1", "attention causal: flash-attn: not installed",
-               "train-step MFU of ours: no datasheet bf16 peak for X in bench/peaks.py"]
+               "train-step MFU of ours: no datasheet bf16 peak for X in ltk/bench/peaks.py"]
     times = {"correctness": 50.0, "train-step": 140.0, "scaling lab": 300.0}
     budgets = {"correctness": 60.0, "train-step": 150.0, "scaling lab": None}
     text = gpu_check.report({"device": "cpu", "date": "2026-01-01"}, [], [], skipped, times=times,
@@ -163,10 +162,10 @@ def test_benchmarks_run_the_train_step_part_and_list_what_did_not_run(monkeypatc
     assert only == []  # only the named benchmark ran (and failed, listed)
 
 
-# --- bench/train_step.py's ours-compile provider ------------------------------------------------
+# --- ltk/bench/train_step.py's ours-compile provider ------------------------------------------------
 
 def test_train_step_providers_default_all_and_typos():
-    from bench.train_step import parse_providers
+    from ltk.bench.train_step import parse_providers
 
     assert parse_providers(None) == ("ours", "transformers")  # the compile stays out of the default
     assert parse_providers("all") == ("ours", "ours-compile", "transformers")
@@ -183,8 +182,8 @@ def test_ours_compile_gives_the_same_first_step_loss_as_ours():
     AdamW). The backend is aot_eager (Dynamo's capture and AOTAutograd's backward graph, no
     code generation): inductor's C++ compile takes minutes on a small CPU; the GPU check
     compiles with inductor."""
-    from bench.train_step import build, make_batches, make_optimizer, make_step, warm_up
-    from models.gpt import GPTConfig
+    from ltk.bench.train_step import build, make_batches, make_optimizer, make_step, warm_up
+    from ltk.models.gpt import GPTConfig
 
     cfg = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
     cpu = torch.device("cpu")
@@ -202,7 +201,7 @@ def test_ours_compile_gives_the_same_first_step_loss_as_ours():
 def test_train_step_run_reports_the_compiled_row_and_refuses_a_different_model(monkeypatch):
     import json
 
-    import bench.train_step as ts
+    import ltk.bench.train_step as ts
 
     tiny = dict(vocab_size=256, batch_size=2, seq_len=16, min_time=0.05, rounds=2, device="cpu",
                 providers="ours,ours-compile", compile_backend="aot_eager")

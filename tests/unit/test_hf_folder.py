@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from models import from_pretrained, save_pretrained
+from ltk.models import from_pretrained, save_pretrained
 
 tf = pytest.importorskip("transformers")
 
@@ -85,7 +85,7 @@ def test_bad_folders_are_named(tmp_path):
 
 
 def test_class_method_loads_its_own_family_only(tmp_path):
-    from models import GPT, Llama
+    from ltk.models import GPT, Llama
 
     hf, _ = _models()["gpt2"]
     hf.save_pretrained(tmp_path)

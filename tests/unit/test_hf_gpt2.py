@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from models.gpt import GPT
-from models.hf.gpt2 import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
+from ltk.models.gpt import GPT
+from ltk.models.hf.gpt2 import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
 
 transformers = pytest.importorskip("transformers")
 

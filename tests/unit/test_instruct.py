@@ -5,11 +5,23 @@ import json
 import pytest
 import torch
 
-from models.gpt import GPT, GPTConfig
-from training.instruct import (IGNORE_INDEX, Example, batches, builtin_kind, builtin_task, encode_example, exact_match,
-                               generate_responses, load_examples, render_alpaca, render_chat, split)
-from training.instruct_task import INSTRUCTIONS
-from training.tokenizer import Tokenizer
+from ltk.models.gpt import GPT, GPTConfig
+from ltk.training.instruct import (
+    IGNORE_INDEX,
+    Example,
+    batches,
+    builtin_kind,
+    builtin_task,
+    encode_example,
+    exact_match,
+    generate_responses,
+    load_examples,
+    render_alpaca,
+    render_chat,
+    split,
+)
+from ltk.training.instruct_task import INSTRUCTIONS
+from ltk.training.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

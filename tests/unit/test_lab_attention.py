@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from labs import attention as lab
-from labs.registry import get_lab
+from ltk.labs import attention as lab
+from ltk.labs.registry import get_lab
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("T,S", [(1, 1), (29, 29), (16, 61), (40, 40)])
 def test_chunked_attention_equals_naive_in_float64(T, S, causal):
-    from kernels.attention import attention_reference
+    from ltk.kernels.attention import attention_reference
 
     g = torch.Generator().manual_seed(T * 100 + S)
     q = torch.randn(2, 3, T, 8, generator=g, dtype=torch.float64)
@@ -29,7 +29,7 @@ def test_chunked_attention_equals_naive_in_float64(T, S, causal):
 
 def test_chunked_attention_gives_zero_for_queries_without_keys():
     """Bottom-right causal with T > S: the first T − S queries see no key at all."""
-    from kernels.attention import attention_reference
+    from ltk.kernels.attention import attention_reference
 
     g = torch.Generator().manual_seed(3)
     q = torch.randn(1, 2, 9, 4, generator=g, dtype=torch.float64)
@@ -63,7 +63,7 @@ def test_rss_probe_sees_a_64_mib_allocation():
 
 
 def _tiny_lab(monkeypatch, seq_lens):
-    from bench.peaks import measure_peaks
+    from ltk.bench.peaks import measure_peaks
 
     monkeypatch.setattr(lab, "QUICK", lab.Sizes(batch=1, heads=2, head_dim=16, seq_lens=seq_lens, chunk=16,
                                                 dtype="fp32", min_time=0.01))

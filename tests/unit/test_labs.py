@@ -4,10 +4,10 @@ import math
 import numpy as np
 import pytest
 
-from labs import pretrain
-from labs.ngram import NGramBaselines
-from labs.registry import get_lab, list_labs, run_lab
-from labs.report import Report, markdown_table
+from ltk.labs import pretrain
+from ltk.labs.ngram import NGramBaselines
+from ltk.labs.registry import get_lab, list_labs, run_lab
+from ltk.labs.report import Report, markdown_table
 
 
 def test_registry_lists_pretrain_and_names_unknown_labs():
@@ -85,8 +85,8 @@ def test_pretrain_quick_preset_beats_the_bigram(tmp_path):
 
 
 def test_families_lab_trains_each_family_and_reports_its_cost(tiny_corpus, tmp_path, monkeypatch):
-    from labs import families
-    from training.config import DataConfig
+    from ltk.labs import families
+    from ltk.training.config import DataConfig
 
     base = families.family_config
 
@@ -110,7 +110,7 @@ def test_families_lab_trains_each_family_and_reports_its_cost(tiny_corpus, tmp_p
 
 
 def test_pipeline_lab_measures_beside_the_simulator(tmp_path, monkeypatch):
-    from labs import pipeline
+    from ltk.labs import pipeline
 
     monkeypatch.setattr(pipeline, "lab_settings", lambda quick: dict(
         stages=2, micro=(2, 4), n_layer=4, n_embd=32, n_head=2, seq=8, rows_per_micro=1, vocab=64, steps=1))
@@ -127,7 +127,7 @@ def test_pipeline_lab_measures_beside_the_simulator(tmp_path, monkeypatch):
 
 
 def test_zero_lab_measures_what_the_cost_model_predicts(tmp_path, monkeypatch):
-    from labs import zero
+    from ltk.labs import zero
 
     monkeypatch.setattr(zero, "lab_settings", lambda quick: dict(
         model=dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=8), worlds=(1, 2), fake_worlds=(64, 1024),
@@ -145,7 +145,7 @@ def test_zero_lab_measures_what_the_cost_model_predicts(tmp_path, monkeypatch):
 
 
 def test_parallelism_lab_reports_time_memory_and_bytes(tmp_path, monkeypatch):
-    from labs import parallelism
+    from ltk.labs import parallelism
 
     monkeypatch.setattr(parallelism, "lab_settings", lambda quick: dict(
         worlds=(2,), model=dict(n_layer=2, n_head=2, n_embd=32, block_size=16), batch=4, grad_accum=2, steps=1,
@@ -165,7 +165,7 @@ def test_parallelism_lab_reports_time_memory_and_bytes(tmp_path, monkeypatch):
 
 
 def test_scaling_lab_splits_time_and_reports_the_simulator_error(tmp_path, monkeypatch):
-    from labs import scaling
+    from ltk.labs import scaling
 
     monkeypatch.setattr(scaling, "lab_settings", lambda quick: dict(
         worlds=(1, 2), model=dict(n_layer=2, n_head=2, n_embd=32, block_size=16), batch=4, grad_accum=2, steps=2,

@@ -5,9 +5,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from models.generate import filter_logits, generate  # noqa: E402
-from models.hf.llama import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf  # noqa: E402
-from models.llama import Llama, LlamaConfig, flops_per_token, llama_config, num_params  # noqa: E402
+from ltk.models.generate import filter_logits, generate  # noqa: E402
+from ltk.models.hf.llama import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf  # noqa: E402
+from ltk.models.llama import Llama, LlamaConfig, flops_per_token, llama_config, num_params  # noqa: E402
 
 V = 101
 
@@ -214,7 +214,7 @@ def test_num_params_matches_the_module(name):
 
 
 def test_triton_backend_matches_torch_backend():
-    from kernels.backend import interpreter_on
+    from ltk.kernels.backend import interpreter_on
 
     if not torch.cuda.is_available() and not interpreter_on():
         pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")

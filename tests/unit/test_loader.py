@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.loader import TokenLoader
-from training.shards import write_shard
+from ltk.training.loader import TokenLoader
+from ltk.training.shards import write_shard
 
 BLOCK = 8
 BASES = (0, 5000)  # shard i holds BASES[i], BASES[i] + 1, ...: a window that crossed shards would jump

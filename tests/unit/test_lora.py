@@ -1,4 +1,4 @@
-"""LoRA (models/lora.py): exact start, merge/unmerge, what trains, and PEFT interop both ways."""
+"""LoRA (ltk/models/lora.py): exact start, merge/unmerge, what trains, and PEFT interop both ways."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,21 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-import models
-from models.gpt import GPT, GPTConfig
-from models.lora import (LoRALinear, apply_lora, load_adapter, lora_modules, lora_parameters, merge_lora,
-                         remove_lora, save_adapter, trainable_parameter_count, unmerge_lora)
-from models.llama import Llama, LlamaConfig
+from ltk import models
+from ltk.models.gpt import GPT, GPTConfig
+from ltk.models.llama import Llama, LlamaConfig
+from ltk.models.lora import (
+    LoRALinear,
+    apply_lora,
+    load_adapter,
+    lora_modules,
+    lora_parameters,
+    merge_lora,
+    remove_lora,
+    save_adapter,
+    trainable_parameter_count,
+    unmerge_lora,
+)
 
 LLAMA_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 
@@ -223,11 +233,11 @@ def test_partial_targets_and_gpt2_round_trip(tmp_path):
 
 
 def test_triton_backend_gives_the_same_outputs_and_gradients():
-    """With the model's backend set to triton, LoRALinear runs kernels/lora.py's fused kernel
+    """With the model's backend set to triton, LoRALinear runs ltk/kernels/lora.py's fused kernel
     (the interpreter on a CPU): the same outputs and LoRA gradients as the torch path."""
     import torch.nn as nn
 
-    from models.lora import LoRALinear
+    from ltk.models.lora import LoRALinear
 
     torch.manual_seed(0)
     base = nn.Linear(24, 17)

@@ -9,12 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.gpt import GPT, GPTConfig, segment_positions
-from models.llama import Llama, LlamaConfig
-from training.finetune import FinetuneConfig, causal_loss, run_finetune
-from training.instruct import IGNORE_INDEX, Example, batches
-from training.packing import PAD_SEGMENT, pack_batch, pack_examples, packed_batches, real_tokens
-from training.tokenizer import Tokenizer
+from ltk.models.gpt import GPT, GPTConfig, segment_positions
+from ltk.models.llama import Llama, LlamaConfig
+from ltk.training.finetune import FinetuneConfig, causal_loss, run_finetune
+from ltk.training.instruct import IGNORE_INDEX, Example, batches
+from ltk.training.packing import PAD_SEGMENT, pack_batch, pack_examples, packed_batches, real_tokens
+from ltk.training.tokenizer import Tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
 
@@ -168,7 +168,7 @@ def test_llama_restarts_its_rope_positions_per_segment(tok):
 
 def test_triton_backend_keeps_packed_examples_apart(tok):
     """The same on the triton backend (kernels run in the interpreter on a CPU)."""
-    from kernels.backend import HAS_TRITON, interpreter_on
+    from ltk.kernels.backend import HAS_TRITON, interpreter_on
 
     if not (HAS_TRITON and (torch.cuda.is_available() or interpreter_on())):
         pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")

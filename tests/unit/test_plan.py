@@ -1,16 +1,16 @@
-"""`ltk plan` and parallel/plan.py: the cost model applied to a preset. The per-rank parameter
+"""`ltk plan` and ltk/parallel/plan.py: the cost model applied to a preset. The per-rank parameter
 count is checked against the real splits (tensor parallel in a fake process group, pipeline
-stages), the byte counts against the formulas of parallel/cost.py."""
+stages), the byte counts against the formulas of ltk/parallel/cost.py."""
 import json
 import math
 
 import pytest
 
 from ltk.cli import main
-from models.gpt import GPT, GPTConfig, num_params
-from parallel import cost
-from parallel.dist import spawn
-from parallel.plan import model_shape, params_per_rank, plan
+from ltk.models.gpt import GPT, GPTConfig, num_params
+from ltk.parallel import cost
+from ltk.parallel.dist import spawn
+from ltk.parallel.plan import model_shape, params_per_rank, plan
 
 CFG = dict(vocab_size=256, block_size=32, n_layer=4, n_head=4, n_embd=64)
 
@@ -51,8 +51,8 @@ def test_bad_plans_are_named():
 def _tp_local_params(rank, world, cfg):
     import torch
 
-    from parallel.dist import Comm
-    from parallel.tp_plan import apply_tensor_parallel
+    from ltk.parallel.dist import Comm
+    from ltk.parallel.tp_plan import apply_tensor_parallel
 
     torch.manual_seed(0)
     model = apply_tensor_parallel(GPT(GPTConfig(**cfg, backend="torch")), Comm())
@@ -68,7 +68,7 @@ def test_params_per_rank_equals_the_tensor_parallel_split(tp):
 
 @pytest.mark.parametrize("pp", [2, 4])
 def test_params_per_rank_equals_the_largest_pipeline_stage(pp):
-    from parallel.pipeline import rank_stages
+    from ltk.parallel.pipeline import rank_stages
 
     model = GPT(GPTConfig(**CFG, backend="torch"))
     per_rank = [sum(p.numel() for c in rank_stages(model, r, pp) for p in c.parameters()) for r in range(pp)]

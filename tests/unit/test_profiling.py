@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from ltk.cli import main
-from training.memory import ActivationPeak, memory_by_category
-from training.nvml import NVMLSampler, NVMLUnavailable
-from training.profiling import StepProfiler, profile_window
+from ltk.training.memory import ActivationPeak, memory_by_category
+from ltk.training.nvml import NVMLSampler, NVMLUnavailable
+from ltk.training.profiling import StepProfiler, profile_window
 
 
 class FakeNVML:
@@ -183,8 +183,8 @@ def test_activation_peak_is_the_live_peak():
 
 
 def test_activation_peak_excludes_weights_matches_saved_activations_and_keeps_numerics():
-    from models.gpt import GPT, GPTConfig
-    from training.finetune import saved_activations
+    from ltk.models.gpt import GPT, GPTConfig
+    from ltk.training.finetune import saved_activations
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
@@ -200,7 +200,7 @@ def test_activation_peak_excludes_weights_matches_saved_activations_and_keeps_nu
     acts = ActivationPeak(model)
     hooked = grads(acts)
     assert all(torch.equal(a, b) for a, b in zip(plain, hooked))  # bit for bit
-    with saved_activations(model) as ref:  # bytes saved over one forward (training/finetune.py)
+    with saved_activations(model) as ref:  # bytes saved over one forward (ltk/training/finetune.py)
         model(x).float().logsumexp(-1).mean()
     assert acts.peak == ref.bytes > 0
     weights = sum(p.numel() * 4 for p in model.parameters())
@@ -237,7 +237,7 @@ def test_ltk_train_profile_writes_trace_memory_and_nvml(tiny_config, tmp_path, c
 
 
 def test_a_run_without_profile_still_reports_memory(tiny_config, tmp_path):
-    from training.trainer import Trainer
+    from ltk.training.trainer import Trainer
 
     cfg = tiny_config(tmp_path / "plain", max_steps=2, grad_accum=2)
     Trainer(cfg).fit()

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from training.clean import clean_documents
-from training.tokenizer import Tokenizer
+from ltk.training.clean import clean_documents
+from ltk.training.tokenizer import Tokenizer
 
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200)
 

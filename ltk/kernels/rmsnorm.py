@@ -1,0 +1,279 @@
+"""RMSNorm, fused in Triton: forward, backward, and the pre-norm residual variant.
+
+Forward — Zhang & Sennrich 2019, "Root Mean Square Layer Normalization" (arXiv
+1910.07467), eq. 4, for each row x ∈ R^N (normalized over the last dim). It is LayerNorm
+without the re-centering: no mean, no bias. As every implementation does, ε goes inside
+the root:
+
+    r    = sqrt((1/N) Σ_j x_j² + ε)        rstd := 1 / r
+    x̂_j  = x_j · rstd
+    y_j  = x̂_j · w_j
+
+Backward. With g = dy ∘ w and ∂x̂_j/∂x_k = rstd · (δ_jk − x̂_j x̂_k / N):
+
+    dx = rstd · (g − x̂ · mean(g ∘ x̂))
+    dw = Σ_rows dy ∘ x̂
+
+The residual variant: h = x + residual (returned: the new residual stream), y = RMSNorm(h);
+in the backward d(x) = d(residual) = dh + dx_RMS(dy).
+
+The I/O argument. ~4 FLOPs per element forward and ~9 backward against 4 bytes moved
+(bf16: read x, write y): about 1 FLOP/byte, so the time is the bytes. Fused:
+
+    forward   read x, write y (+ rstd: 4 bytes per row)            4 bytes/elem in bf16
+    backward  read x, dy, write dx (+ dw partials per program)     6 bytes/elem
+
+The reference below as separate PyTorch ops (square, mean, add, rsqrt, multiply,
+multiply) makes ~6 passes over HBM forward and more backward, where autograd also saves
+the intermediates; the residual variant saves the re-read of h forward and the write +
+read of dx_RMS backward, as in ltk/kernels/layernorm.py.
+
+Numerics: the statistics and y are computed in fp32 and y is rounded once to the input
+dtype. (Hugging Face's Llama RMSNorm rounds x̂ to the input dtype before multiplying by w,
+so its results can differ from these by an ulp.)
+
+The kernels follow the design of ltk/kernels/layernorm.py (whole rows in registers, ROWS ×
+BLOCK_N tiles for short rows, a persistent backward writing (programs, N) fp32 partials of
+dw that torch sums: deterministic, no atomics) and share its launch heuristics and input
+checks. Inputs that are not contiguous are copied with `.contiguous()` first.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ltk.kernels.backend import HAS_TRITON, output_buffer
+from ltk.kernels.layernorm import (
+    _as_dtype,
+    _as_rows,
+    _bwd_programs,
+    _check_mode,
+    _check_norm_inputs,
+    _launch_config,
+    _on_device,
+)
+
+# ---------------------------------------------------------------------------------------
+# 2. Triton kernels
+# ---------------------------------------------------------------------------------------
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rms_norm_fwd_kernel(
+        X, R, W, Y, H, RSTD,  # pointers; R and H unused unless HAS_RESIDUAL
+        M, N, eps,
+        HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Program `pid` normalizes rows [pid·ROWS, pid·ROWS + ROWS) of the (M, N) input."""
+        pid = tl.program_id(0)
+        rows = pid * ROWS + tl.arange(0, ROWS)                     # (ROWS,)
+        cols = tl.arange(0, BLOCK_N)                               # (BLOCK_N,)
+        row_ok = rows < M
+        col_ok = cols < N
+        mask = row_ok[:, None] & col_ok[None, :]                   # (ROWS, BLOCK_N)
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]      # int64: M·N may pass 2**31
+
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)  # padding loads 0: adds 0 to Σx²
+        if HAS_RESIDUAL:
+            h = (x + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+            tl.store(H + offs, h, mask=mask)
+            x = h.to(tl.float32)  # normalize h as stored, exactly the tensor the model sees
+
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)           # (ROWS,)
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = x * rstd[:, None] * w[None, :]
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + rows, rstd, mask=row_ok)
+
+    @triton.jit
+    def _rms_norm_bwd_kernel(
+        X, W, RSTD, DY, DH, DX, DW_PART,  # DH unused unless HAS_DH
+        M, N,
+        HAS_DH: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Program `pid` of P handles row tiles pid, pid + P, ...: it writes dx for them and
+        row `pid` of the (P, N) partial sums of dw."""
+        pid = tl.program_id(0)
+        n_programs = tl.num_programs(0)
+        cols = tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        dw_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # lives in registers for the whole loop
+
+        for tile in range(pid, tl.cdiv(M, ROWS), n_programs):
+            rows = tile * ROWS + tl.arange(0, ROWS)
+            row_ok = rows < M
+            mask = row_ok[:, None] & col_ok[None, :]
+            offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+
+            # Phase 1: the row mean of the dx formula, mean(g ∘ x̂).
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+            mean_gx = tl.sum(dy * w[None, :] * x * rstd[:, None], axis=1) / N
+
+            # Phase 2: dx and this tile's share of dw. Loading x, dy, w again (from the L1/L2
+            # caches: the row was just read) keeps the registers for the dw accumulator; see
+            # the LayerNorm backward.
+            x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            dy = tl.load(DY + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+            xhat = x * rstd[:, None]
+            dx = (dy * w[None, :] - xhat * mean_gx[:, None]) * rstd[:, None]
+            if HAS_DH:  # residual variant: the gradient reaching h from outside joins here
+                dx += tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            dw_acc += dy * xhat
+
+        tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+
+
+# Fill every output with NaN before launch (tests, the GPU check), so an element a kernel
+# forgets to write fails the comparison instead of passing with stale memory.
+POISON_OUTPUTS = False
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    return output_buffer(shape, dtype, device, POISON_OUTPUTS)  # read at call time: tests flip the flag
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Plain-PyTorch references (the ground truth of the tests; any dtype)
+# ---------------------------------------------------------------------------------------
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The forward equations above, one PyTorch op each, in x's dtype."""
+    rstd = torch.rsqrt((x * x).mean(dim=-1, keepdim=True) + eps)   # (..., 1)
+    return x * rstd * weight
+
+
+def rms_norm_residual_reference(x, residual, weight, eps: float = 1e-6):
+    """(y, h) with h = x + residual and y = RMSNorm(h)."""
+    h = x + residual
+    return rms_norm_reference(h, weight, eps), h
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Autograd function and public API
+# ---------------------------------------------------------------------------------------
+def _rms_norm_fwd(x, residual, weight, eps):
+    """Launch the forward on (M, N) contiguous tensors; returns y, h (or None), rstd."""
+    m, n = x.shape
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)  # h's and y's
+    y = _empty((m, n), dtype, x.device)
+    h = _empty((m, n), dtype, x.device) if residual is not None else None
+    rstd = _empty((m,), torch.float32, x.device)
+    if m > 0:
+        block_n, rows, num_warps = _launch_config(m, n)
+        _rms_norm_fwd_kernel[(triton.cdiv(m, rows),)](
+            x, residual if residual is not None else x, weight, y, h if h is not None else y, rstd,
+            m, n, eps, HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+        )
+    return y, h, rstd
+
+
+def _rms_norm_bwd(x, weight, rstd, dy, dh):
+    """Launch the backward; returns dx (with dh added when given) and dw."""
+    m, n = x.shape
+    dx = _empty((m, n), x.dtype, x.device)
+    block_n, rows, num_warps = _launch_config(m, n, backward=True)
+    programs = _bwd_programs(m, n, x.device) if m > 0 else 0
+    dw_part = _empty((programs, n), torch.float32, x.device)
+    if m > 0:
+        _rms_norm_bwd_kernel[(programs,)](
+            x, weight, rstd, dy, dh if dh is not None else dy, dx, dw_part, m, n,
+            HAS_DH=dh is not None, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+        )
+    return dx, dw_part.sum(0).to(weight.dtype)  # (programs, N) -> (N,), deterministic
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = RMSNorm(x) — or, given a residual, (y, h) = (RMSNorm(h), h) with h = x + residual —
+    for x of shape (..., N), with the Triton kernels above. The kernels see (M, N) rows."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        shape, x2 = x.shape, _as_rows(x)                         # (M, N)
+        weight = weight.contiguous()                             # the kernels index it as w[col]
+        with _on_device(x):
+            y, h, rstd = _rms_norm_fwd(x2, _as_rows(residual), weight, eps)
+        ctx.shape, ctx.has_residual = shape, residual is not None
+        ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(h if ctx.has_residual else x2, weight, rstd)
+        return (y.view(shape), h.view(shape)) if ctx.has_residual else y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        xin, weight, rstd = ctx.saved_tensors
+        if dy is None:  # only h was used: nothing flows through the norm
+            dx, dw = dh, torch.zeros_like(weight)
+        else:
+            with _on_device(xin):
+                dx, dw = _rms_norm_bwd(xin, weight, rstd, _as_rows(dy), _as_rows(dh))
+            dx = dx.view(ctx.shape)
+        # h = x + residual: both receive the same gradient, as from torch's own add
+        if not ctx.has_residual:
+            return dx, None, dw, None
+        return _as_dtype(dx, ctx.dtypes[0]), _as_dtype(dx, ctx.dtypes[1]), dw, None
+
+
+def _torch_rms_norm(h, weight, eps):
+    if weight.dtype != h.dtype:  # fp32 weights with fp16/bf16 activations
+        weight = weight.to(h.dtype)
+    if hasattr(F, "rms_norm"):  # torch >= 2.4
+        return F.rms_norm(h, (h.shape[-1],), weight, eps)
+    return rms_norm_reference(h, weight, eps)  # pragma: no cover - older torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
+    """RMSNorm over the last dim of x (..., N) with weight (N,). Returns a tensor of x's
+    shape and dtype. See the module docstring for the math."""
+    backend = _check_norm_inputs(x, None, weight, None, eps, backend)
+    if backend == "torch":
+        return _torch_rms_norm(x, weight, eps)
+    return RMSNormFunction.apply(x, None, weight, float(eps))
+
+
+def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h) with h = x + residual (the new residual stream) and y = RMSNorm(h).
+    Gradients from both y and h flow back to x and residual. h and y take the dtype of
+    x + residual (torch's type promotion: bf16 + fp32 -> fp32)."""
+    backend = _check_norm_inputs(x, residual, weight, None, eps, backend)
+    if backend == "torch":
+        h = x + residual
+        return _torch_rms_norm(h, weight, eps), h
+    return RMSNormFunction.apply(x, residual, weight, float(eps))
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Cost model
+# ---------------------------------------------------------------------------------------
+def flops(rows: int, cols: int, *, mode: str = "fwd", residual: bool = False) -> int:
+    """Floating-point operations per element (per-row sqrt/divide neglected): forward 4
+    (square and sum; times rstd; times w), backward 9 (x̂: 1; g = dy·w: 1; Σg·x̂: 2; dx: 3;
+    dw: 2); the residual adds 1 each way (x + residual; dh + dx)."""
+    _check_mode(mode)
+    per = {"fwd": 4, "bwd": 9, "fwd+bwd": 13}[mode]
+    if residual:
+        per += {"fwd": 1, "bwd": 1, "fwd+bwd": 2}[mode]
+    return per * rows * cols
+
+
+def bytes_moved(rows: int, cols: int, *, dtype_bytes: int = 2, mode: str = "fwd",
+                residual: bool = False) -> int:
+    """The minimum HBM traffic of the fused kernels, in bytes (weight in the activations'
+    dtype; rstd in fp32, 4 bytes a row):
+
+    forward   read x (+ residual), w; write y (+ h), rstd
+    backward  read x (h for the residual variant), dy (+ dh), w, rstd; write dx, dw
+    (the dw partial buffer is implementation overhead, not counted)."""
+    _check_mode(mode)
+    act = rows * cols * dtype_bytes       # one activation tensor
+    vec = cols * dtype_bytes              # the (N,) weight
+    stats = rows * 4
+    fwd = (2 + 2 * residual) * act + vec + stats
+    bwd = (3 + residual) * act + 2 * vec + stats
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]

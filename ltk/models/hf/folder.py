@@ -1,0 +1,129 @@
+"""Hugging Face model folders on disk: `from_pretrained(path)` and `save_pretrained(model, path)`.
+
+A folder holds config.json and the weights in one of the layouts transformers writes:
+
+    model.safetensors                        one file (safetensors: no code runs on load)
+    model.safetensors.index.json + shards    {"weight_map": {tensor name: shard file}}
+    pytorch_model.bin (+ .index.json)        pickles, loaded with torch.load(weights_only=True)
+
+`architectures` in config.json picks the family and its converter (ltk/models/hf/<family>.py);
+the conversion is strict, so a checkpoint that does not fit is refused with the tensors
+named — never completed with random weights. A tokenizer.json in the same folder is loaded by
+training.tokenizer.Tokenizer.load(path).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ltk.models import bert, gpt, llama, t5
+from ltk.models.hf import bert as hf_bert
+from ltk.models.hf import gpt2 as hf_gpt2
+from ltk.models.hf import llama as hf_llama
+from ltk.models.hf import t5 as hf_t5
+
+# transformers architecture -> (our model class, converter module)
+ARCHITECTURES = {
+    "GPT2LMHeadModel": (gpt.GPT, hf_gpt2),
+    "GPT2Model": (gpt.GPT, hf_gpt2),  # the bare model: our head is the tied embedding, so nothing is invented
+    "LlamaForCausalLM": (llama.Llama, hf_llama),
+    "BertForMaskedLM": (bert.Bert, hf_bert),
+    "BertModel": (bert.Bert, hf_bert),
+    "T5ForConditionalGeneration": (t5.T5, hf_t5),
+}
+_CONVERTER_OF = {gpt.GPT: hf_gpt2, llama.Llama: hf_llama, bert.Bert: hf_bert, t5.T5: hf_t5}
+
+
+def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder, whatever the layout (single file, sharded, safetensors or bin)."""
+    for index_name, loader in (("model.safetensors.index.json", load_file),
+                               ("pytorch_model.bin.index.json", _load_bin)):
+        index = folder / index_name
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            tensors: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                if not (folder / shard).exists():
+                    raise FileNotFoundError(f"{index} names shard {shard}, which is missing")
+                tensors.update(loader(str(folder / shard)))
+            return tensors
+    if (folder / "model.safetensors").exists():
+        return load_file(str(folder / "model.safetensors"))
+    if (folder / "pytorch_model.bin").exists():
+        return _load_bin(str(folder / "pytorch_model.bin"))
+    raise FileNotFoundError(f"{folder} has no model.safetensors, pytorch_model.bin or an index of shards")
+
+
+def _load_bin(path: str) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
+
+
+def from_pretrained(path: str | Path, *, backend: str = "auto") -> torch.nn.Module:
+    """A model of ours with the weights of a local transformers folder."""
+    model_cls, cfg, tensors = read_folder(path, backend=backend)
+    model = model_cls(cfg)
+    _load_strict(model, tensors)
+    return model.eval()
+
+
+def read_folder(path: str | Path, *, backend: str = "auto") -> tuple[type, object, dict[str, torch.Tensor]]:
+    """(our model class, its config, the checkpoint's tensors under our names) of a folder."""
+    folder = Path(path)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
+    hf_config = json.loads((folder / "config.json").read_text())
+    archs = hf_config.get("architectures") or []
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise ValueError(f"{folder}: architectures {archs} are not supported; supported: {', '.join(ARCHITECTURES)}")
+    model_cls, conv = ARCHITECTURES[arch]
+    cfg = conv.config_from_hf(hf_config)
+    cfg.backend = backend
+    return model_cls, cfg, conv.state_dict_from_hf(load_tensors(folder), cfg)
+
+
+def _load_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """The converters already checked names and shapes; tied aliases are the only keys allowed
+    to be absent here (they are the same tensor as one that is present)."""
+    own = model.state_dict()
+    by_storage: dict[int, list[str]] = {}
+    for name, t in own.items():
+        by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(name)
+    aliases = {n for names in by_storage.values() if any(m in tensors for m in names) for n in names if n not in tensors}
+    missing = [n for n in own if n not in tensors and n not in aliases]
+    unexpected = [n for n in tensors if n not in own]
+    if missing or unexpected:
+        raise ValueError(f"converted checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+    model.load_state_dict({**{n: own[n] for n in aliases}, **tensors}, strict=True)
+
+
+def save_pretrained(model: torch.nn.Module, path: str | Path) -> Path:
+    """Write config.json + model.safetensors that transformers' from_pretrained loads."""
+    conv = _CONVERTER_OF.get(type(model))
+    if conv is None:
+        raise ValueError(f"save_pretrained supports {', '.join(c.__name__ for c in _CONVERTER_OF)}, "
+                         f"not {type(model).__name__}")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = conv.state_dict_to_hf(model.state_dict(), model.config)
+    # drop tied aliases (the very same tensor under a second name: transformers re-ties them on
+    # load); views that only share a storage (q, k, v cut from one fused matrix) are copied apart,
+    # since safetensors refuses tensors that share memory
+    seen, unique = set(), {}
+    for name, t in tensors.items():
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+        if key not in seen:
+            seen.add(key)
+            unique[name] = t.detach().cpu().clone()
+    # each file is written under a temporary name and renamed into place, so an interrupted
+    # save never leaves a half-written file where a good one was
+    tmp_weights, tmp_config = folder / ".model.safetensors.tmp", folder / ".config.json.tmp"
+    save_file(unique, str(tmp_weights), metadata={"format": "pt"})
+    tmp_config.write_text(json.dumps(conv.config_to_hf(model.config), indent=2))
+    os.replace(tmp_weights, folder / "model.safetensors")
+    os.replace(tmp_config, folder / "config.json")
+    return folder

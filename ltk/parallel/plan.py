@@ -1,0 +1,197 @@
+"""`ltk plan`: what a run would cost per rank before it is launched — the formulas of
+ltk/parallel/cost.py applied to one preset, world size and strategy.
+
+    ltk plan --preset gpt2-124m --world 8 --strategy zero3
+    ltk plan --preset llama-8b --world 64 --strategy zero1 --tp 8 --json
+
+Parameters per rank. The ranks form a pp x dp x tp mesh. Tensor parallelism splits every
+block's matrices (and the biases of column-parallel layers) by tp and keeps norms and
+row-parallel biases whole (Shoeybi et al. 2019 §3); the vocabulary (embedding, head) is split by
+tp. Pipeline parallelism gives each stage ceil(L/pp) blocks; the first stage holds the input
+embeddings, the last the final norm and the head (a tied head is a second copy there when
+pp > 1, kept in sync by an all-reduce of its gradient). The plan reports the largest rank.
+ZeRO then shards that rank's parameters over dp (cost.model_state_bytes).
+
+Activations: Korthikanti et al.'s per-layer formula (cost.activation_bytes_per_layer) for the
+micro-batch of batch/dp sequences, scaled from its 16-bit accounting to the compute dtype,
+times the layers on a stage and the micro-batches in flight (1 without a pipeline; pp under
+1F1B, m under GPipe — Narayanan et al. 2021 §2.2), plus the fp32 logits of the last stage.
+Attention is taken to be FlashAttention (our kernels, SDPA): the s² scores are not stored
+(`flash=False` puts Korthikanti's 5·a·s/h term back).
+
+Communication: the data-parallel collectives of the ZeRO stage (cost.zero_comm_bytes), and
+with tp > 1 the tensor-parallel ones of every micro-batch (cost.tp_comm_bytes), with pp > 1 the
+activations and gradients a stage boundary carries (cost.pp_comm_bytes).
+
+With a cluster (`--cluster dgx-a100`, a preset of ltk/parallel/cluster.py or a JSON description)
+the plan adds ltk/parallel/simulator.py's prediction of one step on it: step time and its split
+(compute, exposed communication by kind, pipeline bubble), MFU, tokens/s and memory per device.
+
+    ltk plan --preset llama-8b --world 64 --strategy zero3 --cluster dgx-h100 --seq-len 4096
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ltk.parallel import cost
+
+ENGINES = {"none": None, "ddp": 0, "naive-ddp": 0, "torch-ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp2": 3}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the formulas need of a decoder-only model."""
+
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int
+    positions: int  # learned position rows (0 for RoPE)
+    block_matrix: int  # split by tp
+    block_split_vector: int  # column-parallel biases: split by tp
+    block_whole_vector: int  # norms, row-parallel biases: replicated
+    final_norm: int
+    tied: bool
+
+
+def model_shape(family: str, cfg) -> Shape:
+    if family == "gpt":
+        d, b = cfg.n_embd, 1 if cfg.bias else 0
+        return Shape(cfg.n_layer, d, cfg.n_head, cfg.vocab_size, cfg.block_size, 12 * d * d, b * 7 * d,
+                     (2 + 2 * b) * d + b * 2 * d, (1 + b) * d, True)
+    if family == "llama":
+        d, hd = cfg.n_embd, cfg.head_dim
+        attn = d * hd * (2 * cfg.n_head + 2 * cfg.n_kv_head)
+        return Shape(cfg.n_layer, d, cfg.n_head, cfg.vocab_size, 0, attn + 3 * d * cfg.intermediate_size, 0,
+                     2 * d, d, cfg.tie_embeddings)
+    raise ValueError(f"ltk plan covers the decoder-only families gpt and llama, not {family!r}")
+
+
+def params_per_rank(s: Shape, tp: int, pp: int) -> int:
+    """Parameters on the largest rank of a tp x pp split (module docstring)."""
+    per_block = s.block_matrix // tp + s.block_split_vector // tp + s.block_whole_vector
+    blocks = math.ceil(s.layers / pp) * per_block
+    embed = s.vocab * s.hidden // tp + s.positions * s.hidden
+    head = s.final_norm + (0 if s.tied and pp == 1 else s.vocab * s.hidden // tp)
+    if pp == 1:
+        return blocks + embed + head
+    return blocks + max(embed, head)
+
+
+def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp: int = 1, batch: int = 8,
+         seq_len: int | None = None, micro_batches: int = 1, dtype: str = "fp32", schedule: str = "1f1b",
+         virtual: int = 1, sequence_parallel: bool = False, recompute: bool = False, flash: bool = True,
+         cluster=None, efficiency: float | None = None) -> dict[str, Any]:
+    """Bytes per rank and per step for one configuration; keys as `ltk plan --json` prints.
+    With `cluster` (a preset name, a JSON path or a parallel.cluster.Cluster) also the key
+    "prediction" (predict below); `efficiency` overrides the simulator's compute efficiency."""
+    if strategy not in ENGINES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(ENGINES)} (plus --tp / --pp)")
+    if world % (tp * pp):
+        raise ValueError(f"world {world} is not divisible by tp x pp = {tp * pp}")
+    dp = world // (tp * pp)
+    if batch % dp:
+        raise ValueError(f"the global batch of {batch} sequences does not split over {dp} data-parallel ranks")
+    stage = ENGINES[strategy] or 0
+    s = model_shape(family, cfg)
+    T = seq_len or getattr(cfg, "block_size", 1024)
+    prec = cost.Precision.of(dtype)
+    psi = params_per_rank(s, tp, pp)
+    states = cost.model_state_bytes(psi, dp, stage, prec)
+
+    b = batch // dp // (micro_batches if pp > 1 else 1)  # sequences per micro-batch on a rank
+    scale = 4 / 2 if dtype == "fp32" else 1.0  # Korthikanti counts 2-byte activations
+    layer = cost.activation_bytes_per_layer(T, b, s.hidden, s.heads, tp, sequence_parallel, recompute, flash) * scale
+    in_flight = 1 if pp == 1 else (micro_batches if schedule == "gpipe" else min(pp, micro_batches))
+    logits = b * T * s.vocab // tp * 4  # the fp32 logits the loss reads (last stage)
+    activations = int(layer * math.ceil(s.layers / pp) * in_flight + logits)
+
+    comm = cost.zero_comm_bytes(psi, stage, micro_batches, prec) if dp > 1 else {}
+    m = micro_batches
+    breakdown = {"data_parallel": comm}
+    if tp > 1:
+        per_micro = cost.tp_comm_bytes(b, T, s.hidden, math.ceil(s.layers / pp), tp, sequence_parallel=sequence_parallel,
+                                       dtype_bytes=prec.param, arch=family, bias=s.block_split_vector > 0,
+                                       positions=s.positions)
+        breakdown["tensor_parallel"] = {op: m * v for op, v in per_micro.items()}
+    if pp > 1:
+        pp_bytes = cost.pp_comm_bytes(pp, m, b, T, s.hidden, virtual if schedule == "interleaved" else 1,
+                                      dtype_bytes=prec.param, vocab=s.vocab if s.tied else None)
+        sends, tied = pp_bytes["per_rank_send"], pp_bytes["per_rank_all_reduce"]
+        r = max(range(pp), key=lambda i: sends[i] + tied[i])  # the busiest stage: boundaries + tied weight
+        breakdown["pipeline"] = {"send": sends[r], **({"all_reduce": tied[r]} if tied[r] else {})}
+    total = states["params"] + states["grads"] + states["optimizer"] + activations
+    out = {
+        "family": family, "world": world, "mesh": {"dp": dp, "tp": tp, "pp": pp}, "strategy": strategy,
+        "zero_stage": stage, "dtype": dtype, "num_params_per_rank": psi,
+        "params": states["params"], "grads": states["grads"], "optimizer": states["optimizer"],
+        "activations": activations, "total": total,
+        "comm_bytes_per_step": sum(sum(d.values()) for d in breakdown.values()), "comm": breakdown,
+        "comm_wire_bytes_per_step": cost.wire_bytes(comm, dp) + sum(
+            cost.wire_bytes(d, n) for d, n in ((breakdown.get("tensor_parallel", {}), tp),
+                                               (breakdown.get("pipeline", {}), 2))),
+    }
+    if pp > 1:
+        out["bubble_fraction"] = cost.bubble_fraction(pp, micro_batches, virtual if schedule == "interleaved" else 1)
+    if cluster is not None:
+        out["prediction"] = predict(family, cfg, cluster, world=world, zero=stage, tp=tp, pp=pp, batch=batch, seq_len=T,
+                                    micro_batches=micro_batches, dtype=dtype, schedule=schedule, virtual=virtual,
+                                    sequence_parallel=sequence_parallel, recompute=recompute, flash=flash,
+                                    efficiency=efficiency)
+    return out
+
+
+def predict(family: str, cfg, cluster, *, world: int, zero: int, tp: int, pp: int, batch: int, seq_len: int,
+            micro_batches: int, dtype: str, schedule: str, virtual: int, sequence_parallel: bool, recompute: bool,
+            flash: bool, efficiency: float | None = None) -> dict[str, Any]:
+    """ltk/parallel/simulator.py's prediction of one step of this plan on `cluster` (a preset is
+    given as many nodes as `world` needs), as the JSON-ready dict under "prediction"."""
+    from ltk.parallel.cluster import load_cluster
+    from ltk.parallel.simulator import Calibration, Strategy, simulate
+
+    c = load_cluster(cluster, world)
+    st = Strategy(dp=world // (tp * pp), tp=tp, pp=pp, zero=zero, micro_batches=micro_batches,
+                  virtual_stages=virtual if schedule == "interleaved" else 1, schedule=schedule,
+                  activation_checkpointing=recompute, sequence_parallel=sequence_parallel, global_batch=batch,
+                  seq_len=seq_len, dtype=dtype, flash=flash)
+    p = simulate(cfg, c, st, None if efficiency is None else Calibration(efficiency=efficiency))
+    return {"cluster": c.to_dict(), "step_time_s": p.step_time, "compute_s": p.compute,
+            "exposed_comm_s": p.comm_exposed, "issued_comm_s": p.comm_total, "bubble_s": p.bubble,
+            "bubble_fraction": p.bubble_fraction, "bubble_source": p.bubble_source, "mfu": p.mfu, "hfu": p.hfu,
+            "tokens_per_s": p.tokens_per_s, "memory_per_device": p.memory, "fits": p.fits,
+            "efficiency": p.efficiency, "efficiency_source": p.efficiency_source}
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    gib = 2**30
+    mesh = p["mesh"]
+    lines = [f"{p['family']} on {p['world']} ranks (dp {mesh['dp']} x tp {mesh['tp']} x pp {mesh['pp']}), "
+             f"{p['strategy']} (ZeRO stage {p['zero_stage']}), {p['dtype']}",
+             f"  parameters on the largest rank: {p['num_params_per_rank']:,}"]
+    for k in ("params", "grads", "optimizer", "activations", "total"):
+        lines.append(f"  {k:12s} {p[k] / gib:10.3f} GiB")
+    lines.append(f"  communicated per step: {p['comm_bytes_per_step'] / gib:.3f} GiB payload, "
+                 f"{p['comm_wire_bytes_per_step'] / gib:.3f} GiB sent per rank (ring)")
+    if "bubble_fraction" in p:
+        lines.append(f"  pipeline bubble: {p['bubble_fraction']:.1%} of the ideal step time")
+    if "prediction" in p:
+        lines += format_prediction(p["prediction"])
+    return "\n".join(lines)
+
+
+def format_prediction(q: dict[str, Any]) -> list[str]:
+    c, gib = q["cluster"], 2**30
+    comm = ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in q["exposed_comm_s"].items() if v > 0) or "none"
+    mem = q["memory_per_device"]
+    return [f"  predicted on {c['name']} ({c['nodes']} x {c['devices_per_node']} devices, "
+            f"{c['peak_flops'] / 1e12:.0f} TFLOP/s peak, compute efficiency {q['efficiency']:.2f}: "
+            f"{q['efficiency_source']}):",
+            f"    step time     {q['step_time_s']:.4g} s = compute {q['compute_s']:.4g} + exposed communication "
+            f"{sum(q['exposed_comm_s'].values()):.4g} ({comm}) + bubble {q['bubble_s']:.4g}",
+            f"    MFU           {q['mfu']:.1%}"
+            + (f" (with recomputation {q['hfu']:.1%})" if q["hfu"] != q["mfu"] else ""),
+            f"    tokens/s      {q['tokens_per_s']:,.0f}",
+            f"    memory        {mem['total'] / gib:.2f} GiB per device of {c['memory_bytes'] / gib:.0f} GiB "
+            f"({'fits' if q['fits'] else 'does NOT fit'})"]

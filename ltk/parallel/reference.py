@@ -1,0 +1,90 @@
+"""The yardstick every strategy is measured against: the same model trained by one process.
+
+A parallel run is correct when, fed the same global batches, it produces the same per-step
+losses and the same final parameters as `train_single` (fp32, within 1e-5 relative). The
+pieces here are shared by the tests, the labs and the benchmarks of ltk/parallel/ so that they all
+compare against one definition:
+
+    tiny_gpt(...)            a small GPT (dropout off: the comparison must be deterministic)
+    synthetic_batches(...)   fixed random token batches, the *global* batch of every step
+    dp_shard(x, r, n)        the rows of a global batch that data-parallel rank r trains on
+    train_single(...)        AdamW over the batches in one process; losses + final parameters
+
+Loss averaging: every data-parallel rank computes the mean loss over its rows; gradients are
+averaged over ranks (all-reduce / N), which equals the gradient of the mean over the global
+batch when every rank has the same number of rows.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ltk.models.gpt import GPT, GPTConfig
+
+
+def tiny_gpt_config(**overrides) -> GPTConfig:
+    cfg = dict(vocab_size=96, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0, backend="torch")
+    cfg.update(overrides)
+    return GPTConfig(**cfg)
+
+
+def tiny_gpt(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(tiny_gpt_config(**overrides))
+
+
+def synthetic_batches(steps: int, global_batch: int, seq_len: int, vocab: int, seed: int = 1234
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`steps` (x, y) pairs of shape (global_batch, seq_len); y is x shifted by one token."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        tokens = torch.randint(0, vocab, (global_batch, seq_len + 1), generator=g)
+        out.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+    return out
+
+
+def dp_shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank r's contiguous block of rows of a global batch (rows must divide evenly)."""
+    if x.shape[0] % world:
+        raise ValueError(f"global batch of {x.shape[0]} rows does not split over {world} data-parallel ranks")
+    rows = x.shape[0] // world
+    return x[rank * rows:(rank + 1) * rows]
+
+
+def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = model(x)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+def make_optimizer(params, lr: float = 1e-2) -> torch.optim.Optimizer:
+    """AdamW as every strategy's test uses it (no weight-decay groups: keeps sharding simple)."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+
+
+def train_single(model: torch.nn.Module, batches, lr: float = 1e-2, micro_batches: int = 1,
+                 grad_clip: float = 0.0, loss_fn: Callable = lm_loss) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One process, fp32: per-step mean losses and the final parameters (by name)."""
+    opt = make_optimizer(model.parameters(), lr)
+    losses = []
+    for x, y in batches:
+        total = 0.0
+        for xm, ym in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+            loss = loss_fn(model, xm, ym) / micro_batches
+            loss.backward()
+            total += loss.item()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def max_rel_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """max over tensors of |a - b|_max / max(|b|_max, 1e-12); names must match."""
+    if a.keys() != b.keys():
+        raise ValueError(f"parameter names differ: {sorted(a.keys() ^ b.keys())}")
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in a)

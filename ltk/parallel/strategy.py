@@ -1,0 +1,314 @@
+"""One interface over every way `ltk train` can spread a step over ranks, so the training loop
+stays the same loop whatever the strategy (ltk/training/trainer.py calls this, nothing else here).
+
+    strategy     the data-parallel engine over the dp axis of the mesh:
+                 ddp (bucketed, overlapped), naive-ddp, zero1, zero2, zero3 (ltk/parallel/),
+                 torch-ddp (PyTorch's DistributedDataParallel), or none
+    tp           tensor-parallel degree (ltk/parallel/tp_plan.py: GPT and Llama)
+
+The global batch is the same whatever the world size: every rank reads the same global
+micro-batch and trains on its data-parallel block of rows (ltk/parallel/reference.py `dp_shard`),
+so a run on N ranks is comparable step by step with a run on one. Tensor-parallel ranks of one
+data-parallel replica read the same rows.
+
+Checkpoints are single-process checkpoints: `full_state_dict` gathers every parameter under its
+name and `optimizer_state_dict` gives the optimizer state by parameter name, so a run saved on
+N ranks resumes on M (or on one) through `load_optimizer_state_dict`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from ltk.parallel.dist import Comm, Mesh
+from ltk.parallel.reference import dp_shard
+
+DP_ENGINES = ("ddp", "naive-ddp", "zero1", "zero2", "zero3", "torch-ddp")
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under torch.compile's wrapper (whose parameter names gain a prefix)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def by_name_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
+    """A torch optimizer's state keyed by parameter name instead of position (the format the
+    ZeRO engines consolidate to)."""
+    state = {names[id(p)]: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()}
+             for g in optimizer.param_groups for p in g["params"] if p in optimizer.state}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return {"state": state, "param_groups": groups}
+
+
+def load_by_name_state(optimizer: torch.optim.Optimizer, names: dict[int, str], sd: dict[str, Any]) -> None:
+    if len(sd["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"optimizer state has {len(sd['param_groups'])} param groups, this run has "
+                         f"{len(optimizer.param_groups)}")
+    for g, saved in zip(optimizer.param_groups, sd["param_groups"]):
+        ours = [names[id(p)] for p in g["params"]]
+        if set(ours) != set(saved["params"]):
+            raise ValueError(f"param group names differ: {sorted(set(ours) ^ set(saved['params']))}")
+        g.update({k: v for k, v in saved.items() if k != "params"})
+        for p in g["params"]:
+            if names[id(p)] in sd["state"]:
+                # clone every tensor, 0-d step counters too: a counter shared by several
+                # parameters (as a consolidated state may hold it) would be advanced once per parameter
+                optimizer.state[p] = {k: (v.clone().to(p.device if v.dim() else v.device) if torch.is_tensor(v) else v)
+                                      for k, v in sd["state"][names[id(p)]].items()}
+
+
+class _Single:
+    """One process (or tensor parallel without data parallelism): the plain optimizer."""
+
+    def __init__(self, model, param_groups, optimizer_factory):
+        self.module = model
+        self.optimizer = optimizer_factory(param_groups)
+        self.names = {id(p): n for n, p in _unwrapped(model).named_parameters()}
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def no_sync(self):
+        return contextlib.nullcontext()
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm).item()
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return _unwrapped(self.module).state_dict()  # tied weights stay one tensor under two names
+
+    def optimizer_state_dict(self) -> dict:
+        return by_name_state(self.optimizer, self.names)
+
+    def load_optimizer_state_dict(self, sd: dict) -> None:
+        load_by_name_state(self.optimizer, self.names, sd)
+
+
+class _TorchDDP(_Single):
+    """PyTorch's DistributedDataParallel behind the same interface (the reference engine): its
+    forward and no_sync; gradients arrive averaged, so the rest is the plain optimizer's."""
+
+    def __init__(self, model, param_groups, optimizer_factory, comm: Comm, device: torch.device):
+        super().__init__(model, param_groups, optimizer_factory)
+        ids = [device.index] if device.type == "cuda" else None
+        self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=comm.group)
+
+    def __call__(self, *args, **kwargs):
+        return self.ddp(*args, **kwargs)
+
+    def no_sync(self):
+        return self.ddp.no_sync()
+
+
+def build_engine(name: str, model, param_groups, optimizer_factory: Callable, comm: Comm, device: torch.device,
+                 compute_dtype: str = "fp32", bucket_mb: float = 25.0):
+    """The data-parallel engine `name` over `comm` (its contract: ltk/parallel/ddp.py, zero.py)."""
+    if name in ("none", "auto") or comm.size == 1 and name != "torch-ddp":
+        return _Single(model, param_groups, optimizer_factory)
+    if name == "ddp":
+        from ltk.parallel.ddp import DDP
+
+        return DDP(model, param_groups, optimizer_factory, comm, bucket_cap_mb=bucket_mb)
+    if name == "naive-ddp":
+        from ltk.parallel.ddp import NaiveDDP
+
+        return NaiveDDP(model, param_groups, optimizer_factory, comm)
+    if name in ("zero1", "zero2"):
+        from ltk.parallel.zero import ZeroEngine
+
+        return ZeroEngine(model, param_groups, optimizer_factory, comm, stage=int(name[-1]), compute_dtype=compute_dtype)
+    if name == "zero3":
+        from ltk.parallel.zero3 import Zero3Engine
+
+        return Zero3Engine(model, param_groups, optimizer_factory, comm, compute_dtype=compute_dtype)
+    if name == "torch-ddp":
+        return _TorchDDP(model, param_groups, optimizer_factory, comm, device)
+    raise ValueError(f"unknown data-parallel strategy {name!r}; choose one of {', '.join(DP_ENGINES)}")
+
+
+class ParallelRun:
+    """The mesh, the engine and the data split of one rank (see the module docstring)."""
+
+    def __init__(self, model, param_groups_fn: Callable, optimizer_factory: Callable, *, strategy: str = "auto",
+                 tp: int = 1, pp: int = 1, sequence_parallel: bool = False, device: torch.device | None = None,
+                 compute_dtype: str = "fp32", bucket_mb: float = 25.0):
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if pp != 1:
+            raise ValueError("pipeline parallelism runs through ltk/parallel/pipeline.py's trainer, not ParallelRun")
+        if world % tp:
+            raise ValueError(f"--parallel.tp {tp} does not divide the world size {world}")
+        self.mesh = Mesh.build(dp=world // tp, tp=tp, pp=1)
+        self.dp_size, self.dp_rank = self.mesh.dp, self.mesh.coords["dp"]
+        self.tp = tp
+        if strategy == "auto":  # PyTorch's DDP alone; ours with tensor parallelism (it needs our forward)
+            strategy = "none" if self.dp_size == 1 else "ddp" if tp > 1 else "torch-ddp"
+        if strategy == "none" and self.dp_size > 1:
+            raise ValueError(f"strategy 'none' with {self.dp_size} data-parallel ranks would never average their "
+                             "gradients: name an engine (ddp, zero1, ...) or leave it on auto")
+        if tp > 1 and strategy == "torch-ddp":
+            raise ValueError("torch-ddp does not combine with --parallel.tp here: use ddp, naive-ddp, zero1 or zero2")
+        self.strategy = strategy
+        if tp > 1:
+            from ltk.parallel.tp_plan import apply_tensor_parallel
+
+            model = apply_tensor_parallel(model, self.mesh.comm("tp"), sequence_parallel=sequence_parallel)
+        self.model = model
+        self.engine = build_engine(strategy, model, param_groups_fn(model), optimizer_factory, self.mesh.comm("dp"),
+                                   device or torch.device("cpu"), compute_dtype, bucket_mb)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's block of a global micro-batch."""
+        return dp_shard(t, self.dp_rank, self.dp_size) if self.dp_size > 1 else t
+
+    def loss(self, objective, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The objective's loss through the engine; under tensor parallelism the vocab-parallel
+        cross-entropy of ltk/parallel/tp_plan.py (the full logits are never gathered)."""
+        if self.tp > 1:
+            from ltk.parallel.tp_plan import tp_loss
+
+            if objective.name != "causal-lm":
+                raise ValueError(f"tensor parallelism trains the causal LM objective, not {objective.name}")
+            return tp_loss(self.model, x, y)  # our engines act through hooks: the module's forward is theirs
+        return objective.loss(self.engine, x, y, gen)
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """The global gradient norm (clipped to max_norm when finite). Under tensor parallelism a
+        rank holds 1/tp of each split parameter and a full copy of each replicated one (norms,
+        row-parallel biases), so ‖g‖² = Σ_tp-ranks (Σ_split ‖g_p‖² + Σ_replicated ‖g_p‖² / tp)."""
+        if self.tp == 1:
+            return self.engine.clip_grad_norm_(max_norm)
+        from ltk.parallel.tp_plan import split_parameters
+
+        split = split_parameters(self.model)
+        weight = {n: 1.0 if id(p) in split else 1.0 / self.tp for n, p in self.model.named_parameters()}
+        if self.strategy in ("zero1", "zero2"):  # gradients live as averaged fp32 shards of flat buffers
+            self.engine._prepare_grads()
+            grads, weights = [], []
+            for buf in self.engine.buffers:
+                lay = buf.layout
+                w = lay.flatten([torch.full(p.shape, weight[n]) for n, p in zip(lay.names, lay.params)], torch.float32)
+                grads.append(buf.grad32)
+                weights.append(w[lay.lo:lay.hi])
+            reduce = [self.mesh.comm("dp"), self.mesh.comm("tp")]  # shards over dp, splits over tp
+        else:  # every rank holds its averaged per-parameter gradients
+            if hasattr(self.engine, "_grads_ready"):
+                self.engine._grads_ready()
+            named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+            grads = [g for _, g in named]
+            weights = [weight[n] for n, _ in named]
+            reduce = [self.mesh.comm("tp")]
+        sq = torch.zeros((), dtype=torch.float32)
+        for g, w in zip(grads, weights):
+            sq += (g.float().pow(2) * w).sum()
+        for comm in reduce:
+            comm.all_reduce(sq)
+        norm = sq.sqrt().item()
+        if math.isfinite(max_norm):
+            coef = min(1.0, max_norm / (norm + 1e-6))  # as torch.nn.utils.clip_grad_norm_
+            for g in grads:
+                g.mul_(coef)
+        return norm
+
+    def _whole_locally(self) -> bool:
+        """Does this rank hold every parameter, full size, between steps?"""
+        return self.tp == 1 and self.strategy != "zero3"
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The single-process state dict (a collective where parameters are sharded)."""
+        if self.tp > 1:
+            from ltk.parallel.tp_plan import gather_tp_params
+
+            if self.strategy == "zero3":
+                raise ValueError("ZeRO-3 with tensor parallelism is not supported: use zero1/zero2/ddp with --parallel.tp")
+            return self._complete(gather_tp_params(self.model))
+        return self._complete(self.engine.full_state_dict())
+
+    def _complete(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every key of the module's state dict: a tied alias an engine listed once (GPT's
+        lm_head.weight is wte.weight) gets the value of the name it shares storage with."""
+        own = _unwrapped(self.model).state_dict(keep_vars=True)
+        ptr = {}
+        for k, t in own.items():
+            ptr.setdefault(t.untyped_storage().data_ptr(), []).append(k)
+        out = {}
+        for k, t in own.items():
+            if k in sd:
+                out[k] = sd[k].contiguous()
+            else:
+                twin = next((n for n in ptr[t.untyped_storage().data_ptr()] if n in sd), None)
+                if twin is None:
+                    raise KeyError(f"the engine's state dict lacks {k!r}")
+                out[k] = out[twin] if twin in out else sd[twin].contiguous()
+        return out
+
+    def eval_model(self, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        """A single-process model with the current weights, for evaluation and generation: the
+        model itself where it is whole on every rank, else a copy filled from full_state_dict
+        (a collective: every rank must call)."""
+        if self._whole_locally():
+            return _unwrapped(self.model)
+        if not hasattr(self, "_eval_copy"):
+            self._eval_copy = build()
+        weights = self.full_state_dict()
+        own = self._eval_copy.state_dict()
+        self._eval_copy.load_state_dict({k: weights.get(k, own[k]) for k in own}, strict=True)  # tied aliases: kept
+        return self._eval_copy
+
+    def _names(self) -> dict[int, str]:
+        return {id(p): n for n, p in _unwrapped(self.model).named_parameters()}
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        """The single-process optimizer state by parameter name, whatever the engine and the
+        tensor-parallel degree (a collective for ZeRO and tensor parallelism)."""
+        if self.strategy in ("ddp", "naive-ddp"):  # replicated torch optimizer: name its entries
+            sd = by_name_state(self.engine.optimizer, self._names())
+        else:
+            sd = self.engine.optimizer_state_dict()
+        if self.tp > 1:
+            from ltk.parallel.tp_plan import gather_tp_like
+
+            for key in _moment_keys(sd):
+                full = gather_tp_like(self.model, {n: st[key] for n, st in sd["state"].items()})
+                for n, t in full.items():
+                    sd["state"][n][key] = t
+        return sd
+
+    def load_optimizer_state_dict(self, sd: dict[str, Any], build: Callable[[], torch.nn.Module] | None = None) -> None:
+        """Load a state saved by optimizer_state_dict at any world size (under tensor
+        parallelism `build` makes a full single-device model to cut the moments like the weights)."""
+        if self.tp > 1:
+            from ltk.parallel.tp_plan import shard_tp_like
+
+            if build is None:
+                raise ValueError("resuming a tensor-parallel run needs a model builder to shard the optimizer state")
+            sd = {"state": {n: dict(st) for n, st in sd["state"].items()}, "param_groups": sd["param_groups"]}
+            for key in _moment_keys(sd):
+                local = shard_tp_like(build, {n: st[key] for n, st in sd["state"].items()}, self.mesh.comm("tp"),
+                                      getattr(self.model, "sequence_parallel", False))
+                for n, t in local.items():
+                    sd["state"][n][key] = t
+        if self.strategy in ("ddp", "naive-ddp"):
+            load_by_name_state(self.engine.optimizer, self._names(), sd)
+        else:
+            self.engine.load_optimizer_state_dict(sd)
+
+
+def _moment_keys(sd: dict[str, Any]) -> list[str]:
+    """State entries shaped like their parameter (Adam's exp_avg, exp_avg_sq), not step counters."""
+    first = next(iter(sd["state"].values()), {})
+    return sorted(k for k, v in first.items() if torch.is_tensor(v) and v.dim() > 0)

@@ -1,0 +1,280 @@
+"""ZeRO stage 3 (Rajbhandari et al. 2020, "ZeRO", §5.3 P_os+g+p, §7.2.2): parameters, gradients
+and optimizer state all sharded; a unit's full parameters exist only while it computes.
+
+Units. The model is cut into units, each with one flat buffer sharded as in ltk/parallel/zero.py
+(flat = [p_1 | ... | p_k | pad], rank r owns [r·s, (r+1)·s), s = ceil(Ψ_u/N)). Default rule:
+every child of every nn.ModuleList reached from the root without entering another unit (GPT's
+transformer blocks), plus the root unit: all remaining parameters (GPT: wte, wpe, ln_f and the
+head). Tied weights: a parameter belongs to a unit only when every name it has lies inside that
+unit; one tied across units, or between a unit and the root's own modules, belongs to the root
+unit, which stays gathered through the whole forward and the whole backward. GPT's head
+(lm_head.weight IS wte.weight) is one parameter of the root unit: gathered, reduced and stored
+once. Within a unit the parameters are ordered by param group, so this rank's shard meets each
+group in one contiguous piece: the optimizer's group g holds those pieces (views of the fp32
+master shard; a rank whose shards miss a group gets an empty group).
+
+Schedule of one micro-batch (as PyTorch FSDP runs it, Zhao et al. 2023; "full" = storage allocated):
+
+    forward   root: all-gather before the model's forward, free after it (so the root is
+              gathered again for the backward, as the cost model counts); unit u: all-gather in
+              a forward pre-hook (waiting for the prefetch), start the async all-gather of the
+              next unit (the order recorded in the previous forward), free after u's forward
+              (storage resized to 0; the parameters stay views of that storage).
+    backward  a gradient hook on each output of u (and of the model, for the root) fires before
+              u's backward: all-gather u and prefetch the unit before it; when the last gradient
+              of u has been accumulated (post-accumulate-grad hooks), its gradients are
+              flattened and reduce-scattered asynchronously, .grad and the full parameters freed.
+              A callback at the end of the backward waits for the reduce-scatters, adds them to
+              the persistent gradient shards, and reduces any unit some gradient never reached
+              (every unit every backward, so all ranks issue the same collectives). A unit that
+              activation checkpointing recomputes inside its backward is gathered already; its
+              forward hooks then neither record, prefetch nor free.
+
+Payload per micro-batch: every unit gathered twice and reduced once, 2·Ψ̃·p + Ψ̃·g with
+Ψ̃ = Σ_u N·ceil(Ψ_u/N) the padded count (= Ψ when every unit divides by N): exactly
+cost.zero_comm_bytes(Ψ̃, stage=3, m). No all-gather at step: the next forward gathers.
+Mixed precision as in zero.py: full and sharded parameters, gradients and collectives in the
+compute dtype; fp32 master shard (in fp32 the master shard is the parameter shard itself).
+`no_sync()` is a no-op: ZeRO-3 keeps no full gradients, so it reduce-scatters every micro-batch.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+from torch.autograd import Variable
+
+from ltk.parallel.dist import Comm
+from ltk.parallel.zero import FlatLayout, FlatShard, ShardedEngine, normalize_groups
+
+
+def default_units(model: nn.Module) -> list[nn.Module]:
+    """Every child of every ModuleList reachable from the root without entering a unit."""
+    units: list[nn.Module] = []
+
+    def walk(m: nn.Module) -> None:
+        for child in m.children():
+            if isinstance(child, nn.ModuleList):
+                units.extend(child.children())
+            else:
+                walk(child)
+
+    walk(model)
+    return units
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if torch.is_tensor(out):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _tensors(o)]
+    return []
+
+
+class Unit(FlatShard):
+    """A module's parameters as one sharded flat buffer; `full` is allocated only while gathered."""
+
+    def __init__(self, layout: FlatLayout, master, pieces, full, shard, dtype):
+        super().__init__(layout, master, pieces)
+        self.full, self.shard = full, shard  # (N·s,) gathered params, (s,) this rank's params
+        self.grad_shard = torch.zeros(layout.shard, dtype=dtype, device=layout.device)  # Σ over micro-batches
+        self.handle, self.gathered, self.ready, self.reduced = None, False, 0, False
+
+
+class Zero3Engine(ShardedEngine):
+    """ZeRO-3 data parallelism; the engine contract of ltk/parallel/zero.py plus `units`."""
+
+    def __init__(self, model: nn.Module, param_groups, optimizer_factory, comm: Comm, *, units=None,
+                 compute_dtype="fp32", prefetch: bool = True):
+        super().__init__(model, comm, compute_dtype)
+        self.prefetch = prefetch
+        self._group_params, keys = normalize_groups(model, param_groups)
+        group_of = {id(p): g for g, ps in enumerate(self._group_params) for p in ps}
+        mods = default_units(model) if units is None else list(units)
+        mod_name = {id(m): n for n, m in model.named_modules() if m is not model}
+        for m in mods:
+            if id(m) not in mod_name:
+                raise ValueError(f"unit {type(m).__name__} is not a submodule of the model (the root is always a unit)")
+        prefixes = [mod_name[id(m)] + "." for m in mods]
+        if len(set(prefixes)) < len(mods) or any(a != b and a.startswith(b) for a in prefixes for b in prefixes):
+            raise ValueError("units must be distinct and not nested (a unit inside another unit)")
+        owners: dict[int, set] = {}  # parameter -> the units (None: the root) whose names reach it
+        for n, p in model.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(p), set()).add(next((i for i, pre in enumerate(prefixes) if n.startswith(pre)), None))
+        owned = [[p for p in m.parameters() if id(p) in group_of and owners[id(p)] == {i}] for i, m in enumerate(mods)]
+        taken = {id(p) for ps in owned for p in ps}
+        root = [p for p in model.parameters() if id(p) in group_of and id(p) not in taken]
+        opt_groups = [{**k, "params": []} for k in keys]
+        self.units: list[Unit] = []
+        for m, params in list(zip(mods, owned)) + [(model, root)]:
+            if not params:
+                continue
+            params = sorted(params, key=lambda p: group_of[id(p)])  # stable: each group contiguous
+            u = self._make_unit(params, [group_of[id(p)] for p in params], opt_groups)
+            u.module = m
+            self.units.append(u)
+        self.root = self.units[-1] if root else None
+        self.buffers = self.units
+        self.optimizer = optimizer_factory(opt_groups)
+        for u in self.units:
+            for p in u.layout.params:
+                p.register_post_accumulate_grad_hook(partial(self._on_grad, u))
+            if u is not self.root:
+                u.module.register_forward_pre_hook(partial(self._pre_forward, u))
+                u.module.register_forward_hook(partial(self._post_forward, u))
+        model.register_forward_pre_hook(self._root_pre_forward)
+        model.register_forward_hook(self._root_post_forward)
+        self._order: list[Unit] = []  # units in the order this forward ran them
+        self._last_order: list[Unit] = []
+        self._pending: list = []  # (handle, unit, flat grad kept alive, shard out) in flight
+        self._in_backward = False  # between the first pre-backward hook and the end-of-backward callback
+
+    def _make_unit(self, params, groups: list[int], opt_groups: list[dict]) -> Unit:
+        layout = FlatLayout([self.names[id(p)] for p in params], params, self.comm.size, self.comm.rank)
+        full32 = self._broadcast_flat(layout)  # (N·s,) fp32
+        master = full32[layout.lo:layout.hi].clone()
+        shard = master if self.dtype == torch.float32 else master.to(self.dtype)
+        full = torch.empty(layout.padded, dtype=self.dtype, device=layout.device)
+        for p, v in zip(params, layout.views(full)):
+            p.data = v  # views of the unit's storage (p keeps its own version counter)
+        pieces = []  # group g covers [start, end) of the flat vector; the last group takes the padding
+        for i, g in enumerate(sorted(set(groups))):
+            start = layout.offsets[groups.index(g)]
+            end = layout.padded if i == len(set(groups)) - 1 else layout.offsets[groups.index(g) + groups.count(g)]
+            a, b = max(start, layout.lo) - layout.lo, min(end, layout.hi) - layout.lo
+            if a < b:
+                pieces.append((master[a:b], a, b))
+                opt_groups[g]["params"].append(pieces[-1][0])
+        u = Unit(layout, master, pieces, full, shard, self.dtype)
+        self._free(u)
+        return u
+
+    # -- gather / free ----------------------------------------------------------------------------
+    def _unshard(self, u: Unit | None, wait: bool = True) -> None:
+        """Allocate u's full buffer and all-gather the shards into it (async unless wait)."""
+        if u is None:
+            return
+        if not u.gathered and u.handle is None:
+            u.full.untyped_storage().resize_(u.layout.padded * u.full.element_size())
+            u.handle = self.comm.all_gather(u.full, u.shard, async_op=True)
+            u.gathered = u.handle is None  # one rank: copied at once
+        if wait and u.handle is not None:
+            u.handle.wait()
+            u.handle, u.gathered = None, True
+
+    def _free(self, u: Unit) -> None:
+        if u.handle is not None:  # never free storage an all-gather is still writing
+            u.handle.wait()
+            u.handle = None
+        u.full.untyped_storage().resize_(0)
+        u.gathered = False
+
+    def _neighbour(self, u: Unit | None, step: int) -> Unit | None:
+        """The unit `step` places after u in the forward order (the previous forward's while
+        running forward, this forward's in backward); from the root: the first (+) or last (-)."""
+        order = self._last_order or [x for x in self.units if x is not self.root]
+        if not order:
+            return None
+        if u is None or u is self.root:
+            return order[0] if step > 0 else order[-1]
+        i = next((k for k, x in enumerate(order) if x is u), None)
+        return order[i + step] if i is not None and 0 <= i + step < len(order) else None
+
+    # -- forward ------------------------------------------------------------------------------------
+    def _root_pre_forward(self, module, args) -> None:
+        self._order = []
+        self._unshard(self.root)
+        if self.prefetch:
+            self._unshard(self._neighbour(None, +1), wait=False)
+
+    def _pre_forward(self, u: Unit, module, args) -> None:
+        self._unshard(u)
+        if self._in_backward:  # activation checkpointing recomputes u inside its backward
+            return
+        self._order.append(u)
+        if self.prefetch:
+            self._unshard(self._neighbour(u, +1), wait=False)
+
+    def _post_forward(self, u: Unit, module, args, out) -> None:
+        if self._in_backward:  # recomputed: u's backward, which needs the parameters, is next
+            return
+        self._free(u)
+        if torch.is_grad_enabled():
+            for t in _tensors(out):
+                if t.requires_grad:
+                    t.register_hook(partial(self._pre_backward, u))
+
+    def _root_post_forward(self, module, args, out) -> None:
+        self._last_order = list(self._order)
+        for u in self.units:
+            if u.gathered or u.handle is not None:
+                self._free(u)  # the root, and a prefetched unit this forward did not use
+        if torch.is_grad_enabled():
+            for t in _tensors(out):
+                if t.requires_grad:
+                    t.register_hook(partial(self._pre_backward, self.root))
+
+    # -- backward -----------------------------------------------------------------------------------
+    def _pre_backward(self, u: Unit | None, grad) -> None:
+        if not self._in_backward:  # once per backward: finish what the hooks started
+            Variable._execution_engine.queue_callback(self._end_backward)
+            self._in_backward = True
+        if u is not None and u.reduced:
+            return
+        self._unshard(u)
+        if self.prefetch:
+            self._unshard(self._neighbour(u, -1), wait=False)
+
+    def _on_grad(self, u: Unit, p: nn.Parameter) -> None:
+        u.ready += 1
+        if u.ready == len(u.layout.params):
+            self._reduce(u)
+
+    def _reduce(self, u: Unit) -> None:
+        flat = u.layout.flatten([p.grad for p in u.layout.params], self.dtype)  # (N·s,)
+        for p in u.layout.params:
+            p.grad = None
+        out = torch.empty_like(u.grad_shard)
+        self._pending.append((self.comm.reduce_scatter(out, flat, async_op=True), u, flat, out))
+        u.reduced = True
+        self._free(u)
+
+    def _end_backward(self) -> None:
+        for u in self.units:
+            if not u.reduced:
+                self._reduce(u)
+        for handle, u, _, out in self._pending:
+            if handle is not None:
+                handle.wait()
+            u.grad_shard += out
+        for u in self.units:
+            u.ready, u.reduced = 0, False
+        self._pending, self._in_backward = [], False
+
+    # -- step -----------------------------------------------------------------------------------------
+    def _reduced_grad_shards(self) -> list[torch.Tensor]:
+        return [u.grad_shard for u in self.units]
+
+    def step(self) -> None:
+        """Optimizer step on the fp32 master shards; the compute-dtype shard follows. No collective."""
+        self._prepare_grads()
+        self.optimizer.step()
+        for u in self.units:
+            if u.shard is not u.master:
+                u.shard.copy_(u.master)
+
+    def zero_grad(self) -> None:
+        self._zero_master_grads()
+        for u in self.units:
+            u.grad_shard.zero_()
+            for p in u.layout.params:
+                p.grad = None
+
+    def _param_tensors(self):
+        return [u.shard for u in self.units] + [u.full for u in self.units]
+
+    def _grad_tensors(self):
+        return [u.grad_shard for u in self.units]

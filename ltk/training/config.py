@@ -1,0 +1,215 @@
+"""Typed run configuration: one dataclass per component, nested into one `RunConfig`.
+
+    RunConfig
+    ├── model:   models.gpt.GPTConfig     (architecture)
+    ├── data:    DataConfig               (source, cleaning, tokenizer, split)
+    ├── optim:   OptimConfig              (AdamW, schedule, clipping)
+    ├── trainer: TrainerConfig            (steps, batch, device, eval, checkpoints)
+    └── parallel: ParallelConfig          (DDP / ZeRO engine, tensor and pipeline degrees)
+
+Presets are plain Python functions (ltk/training/presets.py) that return a RunConfig; the
+command line overrides any field by its dotted path, e.g. `--trainer.max_steps 200` or
+`--model.n_layer=4`. An unknown field is an error that lists the valid ones: a typo must
+never be silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from ltk.models import get_family
+from ltk.models.gpt import GPTConfig
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it becomes token shards (ltk/training/data.py)."""
+
+    source: str = "embedded"  # "embedded" (stdlib sources), a text file or folder, *.jsonl, *.parquet
+    text_field: str = "text"  # field holding the document in JSONL / Parquet rows
+    tokenizer: str | None = None  # tokenizer.json or HF folder; None = train byte-level BPE here
+    vocab_size: int = 2048  # BPE vocabulary when training the tokenizer (special tokens included)
+    min_chars: int = 64  # documents shorter than this (after cleaning) are dropped
+    val_fraction: float = 0.05  # share of documents held out, chosen by a hash of their text
+    max_bytes: int = 6_000_000  # cap on the embedded corpus (bytes of source files read)
+    cache_dir: str | None = None  # prepared datasets live here; default $LTK_CACHE or ~/.cache/ltk
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (Loshchilov & Hutter 2019) with linear warmup and cosine decay."""
+
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # None: decay over trainer.max_steps
+    weight_decay: float = 0.1  # applied to matrices only (2-D weights); not to biases, norms
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # clip the global gradient norm; 0 disables
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: how many steps, how big, where, and what gets written."""
+
+    max_steps: int = 1000
+    batch_size: int = 8  # sequences per micro-batch, over all data-parallel ranks together
+    seq_len: int = 0  # tokens per sequence; 0 = the model's block_size (no longer than it)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block in backward
+    eval_every: int = 100  # steps between evaluations; 0 = only at the end
+    eval_batches: int = 20  # micro-batches of the validation split per evaluation
+    log_every: int = 10
+    ckpt_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 3  # checkpoints kept in the run folder
+    out_dir: str = "runs/train"
+    progress: bool = True  # tqdm progress bar
+    timeline: bool = True  # multi-process: per-rank compute / exposed comm / idle per step -> timeline.json, .png
+    profile: bool = False  # torch.profiler trace of a few steps, NVML GPU counters, CUDA memory snapshot -> profile/
+    profile_steps: int = 3  # steps the profiler records (after one skipped and one warm-up step)
+
+
+@dataclass
+class ParallelConfig:
+    """How a multi-process run splits the work (ltk/parallel/). The ranks form a pp x dp x tp mesh
+    (dp = world / (tp · pp)); trainer.batch_size x grad_accum is the *global* batch, the same
+    whatever the world size, so runs at different sizes are comparable step by step."""
+
+    strategy: str = "auto"  # data-parallel engine: auto | ddp | naive-ddp | zero1 | zero2 | zero3 | torch-ddp | fsdp2
+    tp: int = 1  # tensor-parallel degree (GPT, Llama)
+    pp: int = 1  # pipeline stages (GPT)
+    sequence_parallel: bool = False  # with tp > 1: norms and dropout on sequence shards
+    schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved)
+    bucket_mb: float = 25.0  # DDP gradient bucket size
+
+
+@dataclass
+class RunConfig:
+    name: str = "gpt-debug"
+    family: str = "gpt"  # gpt | llama | bert | t5 (ltk/models/__init__.py): the type of `model`
+    model: Any = field(default_factory=GPTConfig)  # the family's config dataclass
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        d = dict(d)
+        family = get_family(d.get("family", "gpt"))
+        model = _from_dict(family.config_cls, d.pop("model", {}), "model.")
+        cfg = _from_dict(cls, d, "")
+        cfg.model = model
+        return cfg
+
+
+class ConfigError(ValueError):
+    """A bad preset, field or value; the message names it and lists what is valid."""
+
+
+def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(
+            f"unknown config field(s) {sorted(prefix + u for u in unknown)}; "
+            f"valid fields of {cls.__name__}: {sorted(names)}"
+        )
+    kwargs = {}
+    for name, value in d.items():
+        t = hints[name]
+        if dataclasses.is_dataclass(t):
+            kwargs[name] = _from_dict(t, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _field_paths(obj: Any, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _field_paths(value, f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def _coerce(text: str, t: Any, path: str) -> Any:
+    """Parse a command-line string into the field's declared type."""
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        if text.lower() in ("none", "null"):
+            return None
+        return _coerce(text, args[0], path)
+    try:
+        if t is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if t is int:
+            return int(float(text)) if "e" in text.lower() else int(text)
+        if t is float:
+            return float(text)
+        return text
+    except ValueError:
+        raise ConfigError(f"--{path}: cannot read {text!r} as {getattr(t, '__name__', t)}") from None
+
+
+def apply_override(cfg: RunConfig, path: str, text: str) -> None:
+    """Set the field at dotted `path` (e.g. "trainer.max_steps") from its string form."""
+    parts = path.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise ConfigError(f"unknown config field --{path}; valid fields: " + ", ".join(_field_paths(cfg)))
+        if i < len(parts) - 1:
+            obj = getattr(obj, part)
+    leaf = parts[-1]
+    if dataclasses.is_dataclass(getattr(obj, leaf)):
+        raise ConfigError(f"--{path} is a group; set one of its fields, e.g. --{path}.{dataclasses.fields(getattr(obj, leaf))[0].name}")
+    t = typing.get_type_hints(type(obj))[leaf]
+    setattr(obj, leaf, _coerce(text, t, path))
+
+
+def apply_overrides(cfg: RunConfig, args: list[str]) -> RunConfig:
+    """Apply `--a.b value` / `--a.b=value` pairs from a command line, in order."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected a --section.field override, got {arg!r}")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg} needs a value")
+            value = args[i + 1]
+            i += 2
+        apply_override(cfg, key.replace("-", "_"), value)
+    return cfg

@@ -1,0 +1,110 @@
+"""Pre-training objectives: how a window of tokens becomes a loss, per model family.
+
+    causal LM        (GPT, Llama)   predict token t+1 from tokens ≤ t:  L = CE(model(x), y), y = x shifted
+    masked LM        (BERT)         Devlin et al. 2019 §3.1: 15% of positions chosen; 80% -> [MASK],
+                                    10% -> random, 10% kept; L = CE on the chosen positions only
+    span corruption  (T5)           Raffel et al. 2020 §3.1.4: 15% of tokens in spans of mean length 3
+                                    replaced by sentinels; the decoder writes the dropped spans
+
+Our tokenizers have one special token (end-of-text). The objectives that need more take
+ids above the tokenizer's vocabulary (`extra_tokens`), so the model's vocabulary is the
+tokenizer's plus those: BERT's [MASK] is id V; T5's padding / decoder-start is id V and its
+100 sentinels are V+100 down to V+1 (T5's convention: sentinel i = vocab − 1 − i).
+
+Randomness (which tokens are masked or dropped) comes from a generator seeded by the step,
+the micro-batch and the rank, never from the global RNG: a resumed run draws the same masks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ltk.training.mlm import mask_tokens
+from ltk.training.span_corruption import span_corrupt, t5_sentinel_ids
+
+
+class CausalLM:
+    name, extra_tokens, has_bpb = "causal-lm", 0, True
+
+    def __init__(self, tokenizer_vocab: int, eot_id: int):
+        pass
+
+    def loss(self, model, x, y, gen: torch.Generator) -> torch.Tensor:
+        logits = model(x)  # (B, T, V)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+
+    def eval_sums(self, model, x, y, gen, token_bytes) -> torch.Tensor:
+        """[Σ nats, #targets, Σ nats over targets that stand for bytes, Σ bytes] (evaluate.py)."""
+        logits = model(x)
+        nats = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="none")
+        nbytes = token_bytes[y.view(-1)]
+        return torch.stack([nats.sum().double(), torch.tensor(float(y.numel()), dtype=torch.float64, device=x.device),
+                            nats[nbytes > 0].sum().double(), nbytes.sum().double()])
+
+
+class _Seq2Loss:
+    """Objectives scored only on chosen positions: no bits-per-byte (the prediction task is
+    not "the next byte of the text")."""
+
+    has_bpb = False
+
+    def eval_sums(self, model, x, y, gen, token_bytes) -> torch.Tensor:
+        logits, labels = self.forward(model, x, gen)
+        nats = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), reduction="sum")
+        count = (labels != -100).sum().double()
+        zero = torch.zeros((), dtype=torch.float64, device=x.device)
+        return torch.stack([nats.double(), count, zero, zero])
+
+    def loss(self, model, x, y, gen: torch.Generator) -> torch.Tensor:
+        logits, labels = self.forward(model, x, gen)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100)
+
+
+class MaskedLM(_Seq2Loss):
+    name, extra_tokens = "masked-lm", 1
+
+    def __init__(self, tokenizer_vocab: int, eot_id: int):
+        self.vocab, self.mask_id, self.eot_id = tokenizer_vocab, tokenizer_vocab, eot_id
+
+    def forward(self, model, x, gen):
+        inputs, labels = mask_tokens(x.cpu(), vocab_size=self.vocab + 1, mask_id=self.mask_id,
+                                     special_ids=(self.eot_id,), generator=gen)  # drawn on the CPU generator
+        return model(inputs.to(x.device)), labels.to(x.device)  # (B, T, V), (B, T)
+
+
+class SpanCorruption(_Seq2Loss):
+    name, extra_tokens = "span-corruption", 101
+
+    def __init__(self, tokenizer_vocab: int, eot_id: int):
+        self.pad_id, self.eot_id = tokenizer_vocab, eot_id
+        self.sentinels = t5_sentinel_ids(tokenizer_vocab + self.extra_tokens)
+
+    def batch(self, x: torch.Tensor, gen: torch.Generator):
+        """(B, T) windows -> padded encoder inputs, decoder inputs, their masks and labels."""
+        pairs = [span_corrupt(row.cpu(), sentinel_ids=self.sentinels, eos_id=self.eot_id, generator=gen) for row in x]
+        B, Ti, To = len(pairs), max(len(p[0]) for p in pairs), max(len(p[1]) for p in pairs)
+        enc = torch.full((B, Ti), self.pad_id, dtype=torch.long)
+        labels = torch.full((B, To), -100, dtype=torch.long)
+        dec = torch.full((B, To), self.pad_id, dtype=torch.long)  # starts with pad, as T5
+        enc_mask, dec_mask = torch.zeros(B, Ti, dtype=torch.bool), torch.zeros(B, To, dtype=torch.bool)
+        for i, (inp, tgt) in enumerate(pairs):
+            enc[i, :len(inp)], enc_mask[i, :len(inp)] = inp, True
+            labels[i, :len(tgt)] = tgt
+            dec[i, 1:len(tgt)], dec_mask[i, :len(tgt)] = tgt[:-1], True  # teacher forcing, shifted right
+        return [t.to(x.device) for t in (enc, enc_mask, dec, dec_mask, labels)]
+
+    def forward(self, model, x, gen):
+        enc, enc_mask, dec, dec_mask, labels = self.batch(x, gen)
+        return model(enc, dec, attention_mask=enc_mask, decoder_attention_mask=dec_mask), labels
+
+
+OBJECTIVES = {"gpt": CausalLM, "llama": CausalLM, "bert": MaskedLM, "t5": SpanCorruption}
+
+
+def objective_for(family: str, tokenizer_vocab: int, eot_id: int):
+    return OBJECTIVES[family](tokenizer_vocab, eot_id)
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step, micro-batch, rank)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + micro * 101 + rank) % 2**63)

@@ -1,0 +1,332 @@
+"""The training loop: data -> model -> loss -> gradients -> AdamW, with checkpoints that
+resume exactly.
+
+Launch lines (the `ltk train` entry point calls `Trainer(cfg).fit()`):
+
+    # CPU, the debug model on the embedded corpus (about a minute)
+    ltk train --preset gpt-debug --max-steps 300
+    # one GPU: GPT-2 124M, bf16 autocast, torch.compile, 16 x 1024 tokens x 32 = 0.5M per step
+    ltk train --preset gpt2-124m --device cuda --trainer.compile true --trainer.batch_size 16 --trainer.grad_accum 32
+    # several processes (DDP, torch's engine): 4 GPUs on one node, or 2 CPU processes on gloo
+    torchrun --standalone --nproc_per_node 4 -m ltk.cli train --preset gpt2-124m
+    CUDA_VISIBLE_DEVICES= torchrun --standalone --nproc_per_node 2 -m ltk.cli train --preset gpt-debug
+
+One optimizer step (per rank):
+
+    for each of grad_accum micro-batches:       loss_i = CE(model(x_i), y_i) / grad_accum
+        backward(loss_i)                        grads accumulate: Σ_i ∇loss_i = ∇ mean loss
+    clip the global gradient norm to grad_clip  (Pascanu et al. 2013, §3.2)
+    lr <- schedule(step); AdamW step; zero grads
+
+Exact resume: a checkpoint holds the weights, the optimizer moments, the step, the
+data-loader position and every RNG state, so N steps + resume + N steps reproduces 2N
+uninterrupted steps bit for bit on a CPU (tests/unit/test_trainer.py checks it).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ltk.models import get_family
+from ltk.parallel.pipeline_run import PipelineRun
+from ltk.parallel.strategy import ParallelRun
+from ltk.parallel.timeline import Timeline
+from ltk.training.checkpoint import Checkpoint, restore_model, save_checkpoint
+from ltk.training.config import RunConfig
+from ltk.training.data import prepare_data
+from ltk.training.evaluate import evaluate
+from ltk.training.hardware import peak_flops
+from ltk.training.loader import TokenLoader
+from ltk.training.memory import MemoryProbe
+from ltk.training.objectives import objective_for, step_generator
+from ltk.training.optim import build_optimizer, lr_at, set_lr
+from ltk.training.profiling import RunProfile
+from ltk.training.runtime import capture_host_rng, capture_rng, restore_rng, seed_everything, setup_runtime
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    metrics: dict[str, Any]  # the last logged metrics (loss, val_loss, val_bpb, tokens/s, ...)
+    checkpoint: Path | None
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: Checkpoint | None = None):
+        self.cfg, self.resume = cfg, resume
+        t = cfg.trainer
+        self.rt = setup_runtime(t.device, t.dtype)
+        self.run_dir = Path(t.out_dir)
+        seed_everything(t.seed)
+
+        self.data = self._prepare_data()
+        self.family = get_family(cfg.family)
+        if not isinstance(cfg.model, self.family.config_cls):
+            raise ValueError(f"family {cfg.family!r} needs a {self.family.config_cls.__name__}, "
+                             f"got {type(cfg.model).__name__}")
+        self.objective = objective_for(cfg.family, self.data.vocab_size, self.data.eot_id)
+        m = cfg.model
+        need = self.data.vocab_size + self.objective.extra_tokens  # + [MASK] / sentinels
+        if m.vocab_size == 0:
+            m.vocab_size = need
+        elif need > m.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {self.data.vocab_size} tokens (+{self.objective.extra_tokens} for the "
+                f"{self.objective.name} objective) but model.vocab_size is {m.vocab_size}; "
+                f"set --model.vocab_size {need} or lower --data.vocab_size"
+            )
+        positions = getattr(m, "block_size", None)  # None: relative positions (T5), no limit
+        self.seq_len = t.seq_len or positions or 0
+        if self.seq_len <= 0:
+            raise ValueError(f"set --trainer.seq_len: the {cfg.family} model has no block_size to default to")
+        if positions is not None and self.seq_len > positions:
+            raise ValueError(
+                f"trainer.seq_len={self.seq_len} is larger than the model's positions "
+                f"(model.block_size={positions}); lower --trainer.seq_len or raise --model.block_size"
+            )
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(t, name) <= 0:
+                raise ValueError(f"trainer.{name} must be positive, got {getattr(t, name)}")
+
+        self.model = self.family.model_cls(m).to(self.rt.device)
+        self.model.activation_checkpointing = t.activation_checkpointing
+        # every rank reads the same global batch and trains on its rows (ltk/parallel/strategy.py)
+        self.train_loader = TokenLoader(self.data.train_files, self.seq_len, t.batch_size, seed=t.seed)
+        self.val_loader = TokenLoader(self.data.val_files, self.seq_len, t.batch_size, seed=t.seed)
+        self.token_bytes = torch.as_tensor(self.data.tokenizer.token_byte_lengths(), dtype=torch.long)
+        self.step, self.tokens_seen = 0, 0
+        if resume is not None:
+            restore_model(self.model, resume.model)  # before any wrapping: rank 0's copy is broadcast
+        self.par = self._parallel()
+        self.optimizer = self.par.optimizer
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.dtype == "fp16")
+        if resume is not None:
+            self._load(resume)
+        self.tokens_per_step = t.batch_size * self.seq_len * t.grad_accum  # global: the same at any world size
+        self.flops_per_step = self.family.flops_per_token(m, self.seq_len) * self.tokens_per_step
+        self.peak = peak_flops(self.rt.device, self.rt.dtype)  # None where the device's peak is unknown
+        self.num_params = self.family.num_params(m)
+
+    # -- set-up -------------------------------------------------------------------------
+    def _prepare_data(self):
+        # rank 0 builds the cached dataset; the others wait and then read it
+        if self.rt.world_size > 1 and not self.rt.is_main:
+            dist.barrier()
+        data = prepare_data(self.cfg.data, verbose=self.rt.is_main)
+        if self.rt.world_size > 1 and self.rt.is_main:
+            dist.barrier()
+        return data
+
+    def _parallel(self) -> ParallelRun | PipelineRun:
+        """The engine every step goes through: plain for one process, else the strategy of
+        cfg.parallel over the mesh (PyTorch's DDP when none is named)."""
+        p, t = self.cfg.parallel, self.cfg.trainer
+        wd = self.cfg.optim.weight_decay
+        factory = lambda groups: build_optimizer(groups, self.cfg.optim, self.rt.device.type)  # noqa: E731
+        if p.pp > 1:  # the pipeline runs the whole step: grad_accum micro-batches flow through the stages
+            if self.cfg.family != "gpt" or p.tp > 1 or p.strategy not in ("auto", "ddp", "none"):
+                raise ValueError("pipeline parallelism runs GPT, composed with data parallelism only "
+                                 "(--parallel.pp N, dp = world / N; no --parallel.tp or ZeRO with it)")
+            if self.rt.dtype == "fp16" or t.compile:
+                raise ValueError("pipeline parallelism runs without fp16 loss scaling and without torch.compile")
+            run = PipelineRun(self.model, lambda mod: mod.param_groups(wd), factory, pp=p.pp, schedule=p.schedule,
+                              virtual=p.virtual_stages, micro_batches=t.grad_accum)
+            if t.batch_size % run.dp_size:
+                raise ValueError(f"trainer.batch_size {t.batch_size} does not split over {run.dp_size} data-parallel ranks")
+            return run
+        if self.rt.dtype == "fp16" and (p.strategy not in ("auto", "none", "torch-ddp") or p.tp > 1):
+            raise ValueError("fp16 needs a loss scaler, which only the plain and torch-ddp paths have: use bf16")
+        if p.tp > 1 and self.cfg.family not in ("gpt", "llama"):
+            raise ValueError(f"tensor parallelism has plans for gpt and llama, not {self.cfg.family}")
+        if p.tp > 1 and getattr(self.cfg.model, "dropout", 0.0) > 0:
+            raise ValueError("tensor parallelism runs with --model.dropout 0: the ranks of a tensor-parallel group "
+                             "would draw different dropout masks for the activations they share")
+        if p.tp > 1 and t.compile:
+            raise ValueError("--trainer.compile with tensor parallelism is not supported: drop one")
+        model = torch.compile(self.model) if t.compile and p.strategy in ("auto", "none", "torch-ddp") else self.model
+        run = ParallelRun(model, lambda mod: self.model.param_groups(wd), factory,
+                          strategy=p.strategy, tp=p.tp, sequence_parallel=p.sequence_parallel, device=self.rt.device,
+                          compute_dtype="fp32", bucket_mb=p.bucket_mb)
+        if t.batch_size % run.dp_size:
+            raise ValueError(f"trainer.batch_size {t.batch_size} (the global micro-batch) does not split over "
+                             f"{run.dp_size} data-parallel ranks")
+        return run
+
+    def _load(self, ckpt: Checkpoint) -> None:
+        opt = ckpt.trainer["optimizer"]
+        if "state" in opt and all(isinstance(k, str) for k in opt["state"]):  # by parameter name
+            if isinstance(self.par, PipelineRun):
+                self.par.load_optimizer_state_dict(opt)
+            else:
+                self.par.load_optimizer_state_dict(opt, build=lambda: self.family.model_cls(self.cfg.model))
+        else:  # a torch optimizer state dict (by position), as single-process runs wrote before
+            self.optimizer.load_state_dict(opt)
+        if "scaler" in ckpt.trainer:
+            self.scaler.load_state_dict(ckpt.trainer["scaler"])
+        self.train_loader.load_state_dict(ckpt.state["loader"])  # a global position, the same on every rank
+        self.step, self.tokens_seen = ckpt.state["step"], ckpt.state["tokens_seen"]
+        restore_rng(ckpt.trainer["rng"], ckpt.state["host_rng"])
+
+    # -- one step -----------------------------------------------------------------------
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over grad_accum micro-batches; returns (loss, grad norm)."""
+        t, autocast = self.cfg.trainer, self.rt.autocast()
+        if isinstance(self.par, ParallelRun):
+            self.par.model.train()
+        set_lr(self.optimizer, lr_at(self.step, self.cfg.optim, t.max_steps))
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        if isinstance(self.par, PipelineRun):
+            return self._pipeline_step(clip)
+        total = torch.zeros((), device=self.rt.device)
+        engine = self.par.engine
+        for micro in range(t.grad_accum):
+            x, y = self.train_loader.next_batch()  # the global micro-batch; this rank's rows below
+            x, y = self.par.rows(x).to(self.rt.device, non_blocking=True), self.par.rows(y).to(self.rt.device, non_blocking=True)
+            # data parallel: reduce gradients only after the last micro-batch
+            sync = engine.no_sync() if micro < t.grad_accum - 1 else nullcontext()
+            gen = step_generator(t.seed, self.step, micro, self.par.dp_rank)  # masks/spans for this micro-batch
+            with sync:
+                with autocast():
+                    loss = self.par.loss(self.objective, x, y, gen)
+                self.scaler.scale(loss / t.grad_accum).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = self.par.clip_grad_norm_(clip)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            engine.step()
+        engine.zero_grad()
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        # every tensor-parallel rank of a replica holds the same loss: the world mean is the dp mean
+        loss = self.rt.all_reduce_sum(total / t.grad_accum) / self.rt.world_size
+        return loss.item(), grad_norm
+
+    def _pipeline_step(self, clip: float) -> tuple[float, float]:
+        """Pipeline parallelism: this rank's rows of all grad_accum micro-batches go through the
+        schedule as its m micro-batches (ltk/parallel/pipeline_run.py)."""
+        t = self.cfg.trainer
+        xs, ys = zip(*(self.train_loader.next_batch() for _ in range(t.grad_accum)))
+        x = torch.cat([self.par.rows(b) for b in xs]).to(self.rt.device)  # (grad_accum · B/dp, T)
+        y = torch.cat([self.par.rows(b) for b in ys]).to(self.rt.device)
+        loss = self.par.forward_backward(x, y)  # the global mean, the same on every rank
+        grad_norm = self.par.clip_grad_norm_(clip)
+        self.par.step()
+        self.par.zero_grad()
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return loss, grad_norm
+
+    def evaluate(self) -> dict[str, float]:
+        batches = self.val_loader.eval_batches(self.cfg.trainer.eval_batches)
+        model = self.par.eval_model(lambda: self.family.model_cls(self.cfg.model).to(self.rt.device))
+        mine = [b for i, b in enumerate(batches) if i % self.rt.world_size == self.rt.rank]  # each rank a share
+        return evaluate(model, mine, self.token_bytes, self.rt.device, self.rt.autocast(),
+                        self.rt.all_reduce_sum, objective=self.objective, seed=self.cfg.trainer.seed,
+                        first_index=self.rt.rank, index_step=self.rt.world_size)
+
+    # -- checkpoints --------------------------------------------------------------------
+    def save(self) -> Path | None:
+        weights = self.par.full_state_dict()  # collective: every rank takes part, rank 0 writes
+        optimizer = self.par.optimizer_state_dict()  # by parameter name, any world size resumes it
+        if not self.rt.is_main:
+            return None
+        trainer_state = {"optimizer": optimizer, "rng": capture_rng()}
+        if self.scaler.is_enabled():
+            trainer_state["scaler"] = self.scaler.state_dict()
+        state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "loader": self.train_loader.state_dict(),
+            "host_rng": capture_host_rng(),
+            "config": self.cfg.to_dict(),
+        }
+        return save_checkpoint(
+            self.run_dir, self.step, weights, trainer_state, state,
+            keep_last=self.cfg.trainer.keep_last,
+            extra_files={"tokenizer.json": self.data.path / "tokenizer.json"},
+        )
+
+    # -- the loop -----------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.rt.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def fit(self) -> TrainResult:
+        t = self.cfg.trainer
+        if self.rt.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(self.cfg.to_json())
+            print(
+                f"{self.cfg.family} model: {self.num_params:,} parameters | {self.tokens_per_step:,} tokens/step | "
+                f"device {self.rt.device} ({self.rt.dtype}) x {self.rt.world_size} | run folder {self.run_dir}"
+            )
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not (t.progress and self.rt.is_main), unit="step")
+        last: dict[str, Any] = {}
+        ckpt = None
+        window_t, window_tokens = time.perf_counter(), 0
+        memory = MemoryProbe(self.par, self.rt.device)  # bytes by category, measured on the first step
+        profile = RunProfile(self.run_dir / "profile", self.rt.device, active=t.profile_steps, first_step=self.step,
+                             steps_left=t.max_steps - self.step, enabled=t.profile and self.rt.is_main)
+        # multi-process runs: each step per rank split into compute / exposed comm / idle (ltk/parallel/timeline.py)
+        timeline = Timeline(self.rt.device, enabled=self.rt.world_size > 1 and t.timeline)
+        try:
+            profile.start()  # --profile: torch.profiler over a few steps, NVML over the run (ltk/training/profiling.py)
+            with timeline:
+                while self.step < t.max_steps:
+                    timeline.begin_step(self.step)
+                    with memory:
+                        loss, grad_norm = self.train_step()
+                    timeline.end_step()
+                    window_tokens += self.tokens_per_step
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(f"loss became {loss} at step {self.step}; last checkpoint kept intact")
+                    done = self.step == t.max_steps
+                    do_eval = (t.eval_every > 0 and self.step % t.eval_every == 0) or done
+                    if self.step % t.log_every == 0 or do_eval or self.step == 1:
+                        if self.rt.device.type == "cuda":
+                            torch.cuda.synchronize()
+                        elapsed = time.perf_counter() - window_t
+                        tok_s = window_tokens / max(elapsed, 1e-9)
+                        last = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                                "grad_norm": grad_norm, "tokens": self.tokens_seen, "tokens_per_s": tok_s}
+                        if self.peak:
+                            last["mfu"] = tok_s * self.flops_per_step / self.tokens_per_step / self.peak
+                        if do_eval:
+                            last.update(self.evaluate())
+                        self._log(last)
+                        timeline.flush()  # collective: every rank logs at the same steps
+                        window_t, window_tokens = time.perf_counter(), 0
+                        bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s", "mfu") if k in last})
+                    bar.update(1)
+                    if (t.ckpt_every > 0 and self.step % t.ckpt_every == 0) or done:
+                        ckpt = self.save()
+                    profile.step()
+                timeline.flush()
+                timeline.write(self.run_dir)  # rank 0: timeline.json, timeline.png
+        except KeyboardInterrupt:
+            if self.rt.is_main:
+                print(f"\ninterrupted: saving step {self.step} before exiting")
+            self.save()
+            raise
+        finally:
+            bar.close()
+            profile.close()
+        if self.rt.is_main and last:
+            summary = {"step": self.step, "params": self.num_params, "checkpoint": str(ckpt), **last,
+                       "memory": memory.result, **profile.summary(), **timeline.summary()}
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return TrainResult(self.run_dir, self.step, last, ckpt)
