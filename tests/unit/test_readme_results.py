@@ -14,7 +14,7 @@ from ltk.bench.results import collect, parse_result, result_filename, write_resu
 from ltk.bench.sweep import Skip, SweepRows
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "bench" / "results"
+RESULTS = ROOT / "ltk" / "bench" / "results"
 
 
 def test_readme_results_section_is_what_the_generator_gives():
@@ -153,7 +153,7 @@ def test_an_unparsable_file_is_an_error_naming_it(tmp_path, name, text, why):
 
 
 def test_cli_rewrites_between_the_markers_and_check_reports_staleness(tmp_path, capsys):
-    results = tmp_path / "bench" / "results"
+    results = tmp_path / "ltk" / "bench" / "results"
     results.mkdir(parents=True)
     _bench_file(results, "train-step", "Dev A", "2026-01-05")
     readme = tmp_path / "README.md"
