@@ -154,19 +154,6 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _is_hf_folder(path) -> bool:
-    """A transformers model folder (its config.json names a model type), as opposed to one of
-    our run folders, whose config.json is a run config."""
-    f = path / "config.json"
-    if not f.is_file():
-        return False
-    try:
-        d = json.loads(f.read_text())
-    except ValueError:
-        return False
-    return isinstance(d, dict) and ("architectures" in d or "model_type" in d)
-
-
 def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise SystemExit(f"ltk generate: unexpected arguments {overrides}")
@@ -174,13 +161,14 @@ def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from ltk.models import Llama, from_pretrained, get_family
     from ltk.models.generate import generate
+    from ltk.models.hf.folder import is_hf_folder
     from ltk.training.checkpoint import load_checkpoint, restore_model
     from ltk.training.config import RunConfig
     from ltk.training.runtime import resolve_device
     from ltk.training.tokenizer import Tokenizer
 
     device = resolve_device(args.device)
-    if _is_hf_folder(Path(args.ckpt)):  # a Hugging Face folder: weights + tokenizer.json
+    if is_hf_folder(args.ckpt):  # a Hugging Face folder: weights + tokenizer.json
         model = from_pretrained(args.ckpt)
         if not isinstance(model, (get_family("gpt").model_cls, Llama)):
             raise SystemExit(f"ltk generate: {type(model).__name__} is not a decoder-only model")

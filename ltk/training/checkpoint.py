@@ -16,7 +16,9 @@ previous checkpoint still loads.
 
 Integrity: `load_checkpoint` recomputes every file's hash and compares it with the
 manifest; a mismatch (truncated copy, bit rot, a hand-edited file) is refused with an
-error that names the file, instead of resuming from garbage.
+error that names the file, instead of resuming from garbage. The files themselves are read by
+ltk/models/files.py, so a file that is damaged anyway (bad JSON, a cut safetensors file, a pickle
+holding more than tensors) is refused with its name too, never unpickled beyond tensors.
 """
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from ltk.models.files import BadFileError, load_safetensors, load_tensors_only, read_json
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -158,9 +162,11 @@ def verify_checkpoint(path: Path) -> None:
     if not manifest_path.exists():
         raise CheckpointError(f"{path} has no {MANIFEST}: the save did not finish; refusing to load it")
     try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{manifest_path} is unreadable ({e}); refusing to load {path}") from None
+        files = read_json(manifest_path)["files"]
+    except BadFileError as e:
+        raise CheckpointError(f"{e}; refusing to load {path}") from None
+    except KeyError:
+        raise CheckpointError(f"{manifest_path} lists no files; refusing to load {path}") from None
     for name, meta in files.items():
         f = path / name
         if not f.exists():
@@ -177,9 +183,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load and verify a checkpoint folder (or the newest one of a run folder)."""
     path = resolve_checkpoint(path)
     verify_checkpoint(path)
-    model = load_file(str(path / "model.safetensors"))
-    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-    state = json.loads((path / "state.json").read_text())
+    model = load_safetensors(path / "model.safetensors")
+    trainer = load_tensors_only(path / "trainer.pt")
+    state = read_json(path / "state.json")
     return Checkpoint(path=path, model=model, trainer=trainer, state=state)
 
 

@@ -70,14 +70,13 @@ class FinetuneConfig:
 def load_base(path: str | Path, device: torch.device):
     """(model, tokenizer, family) from one of our run folders / checkpoints or an HF folder."""
     from ltk.models import Llama, from_pretrained, get_family
+    from ltk.models.hf.folder import is_hf_folder
     from ltk.training.checkpoint import load_checkpoint, restore_model
     from ltk.training.config import RunConfig
     from ltk.training.tokenizer import Tokenizer
 
     path = Path(path)
-    cfg_file = path / "config.json"
-    is_hf = cfg_file.is_file() and any(k in json.loads(cfg_file.read_text()) for k in ("architectures", "model_type"))
-    if is_hf:
+    if is_hf_folder(path):
         model = from_pretrained(path)
         family = "llama" if isinstance(model, Llama) else "gpt" if isinstance(model, get_family("gpt").model_cls) else None
         tok_dir = path

@@ -8,8 +8,10 @@ A folder holds config.json and the weights in one of the layouts transformers wr
 
 `architectures` in config.json picks the family and its converter (ltk/models/hf/<family>.py);
 the conversion is strict, so a checkpoint that does not fit is refused with the tensors
-named — never completed with random weights. A tokenizer.json in the same folder is loaded by
-training.tokenizer.Tokenizer.load(path).
+named — never completed with random weights. A damaged file (config.json that is not JSON, a cut
+weights file, an index naming a missing shard) or a pickle holding more than tensors is refused
+with its name (the readers are in ltk/models/files.py). A tokenizer.json in the same folder is
+loaded by training.tokenizer.Tokenizer.load(path).
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ltk.models import bert, gpt, llama, t5
+from ltk.models.files import BadFileError, load_safetensors, load_tensors_only, read_json
 from ltk.models.hf import bert as hf_bert
 from ltk.models.hf import gpt2 as hf_gpt2
 from ltk.models.hf import llama as hf_llama
@@ -40,26 +43,51 @@ _CONVERTER_OF = {gpt.GPT: hf_gpt2, llama.Llama: hf_llama, bert.Bert: hf_bert, t5
 
 def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a folder, whatever the layout (single file, sharded, safetensors or bin)."""
-    for index_name, loader in (("model.safetensors.index.json", load_file),
+    for index_name, loader in (("model.safetensors.index.json", load_safetensors),
                                ("pytorch_model.bin.index.json", _load_bin)):
         index = folder / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             tensors: dict[str, torch.Tensor] = {}
-            for shard in shards:
+            for shard in _shards(index):
                 if not (folder / shard).exists():
                     raise FileNotFoundError(f"{index} names shard {shard}, which is missing")
-                tensors.update(loader(str(folder / shard)))
+                tensors.update(loader(folder / shard))
             return tensors
     if (folder / "model.safetensors").exists():
-        return load_file(str(folder / "model.safetensors"))
+        return load_safetensors(folder / "model.safetensors")
     if (folder / "pytorch_model.bin").exists():
-        return _load_bin(str(folder / "pytorch_model.bin"))
+        return _load_bin(folder / "pytorch_model.bin")
     raise FileNotFoundError(f"{folder} has no model.safetensors, pytorch_model.bin or an index of shards")
 
 
-def _load_bin(path: str) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
+def _shards(index: Path) -> list[str]:
+    """The shard files an index names: plain file names in its folder (a path elsewhere is refused)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+        raise BadFileError(f"{index} has no weight_map of tensor name -> shard file")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise BadFileError(f"{index} names shard {shard!r}, which is not a file of its folder")
+    return shards
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    tensors = load_tensors_only(path)  # tensors only: no code runs
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise BadFileError(f"{path} is not a state dict (tensor name -> tensor)")
+    return tensors
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """A transformers model folder (its config.json names an architecture or model type), as
+    opposed to one of our run folders, whose config.json is a run config. A config.json that is
+    not valid JSON is an error naming it, whichever kind of folder holds it."""
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        return False
+    d = read_json(f, expect=None)
+    return isinstance(d, dict) and ("architectures" in d or "model_type" in d)
 
 
 def from_pretrained(path: str | Path, *, backend: str = "auto") -> torch.nn.Module:
@@ -75,7 +103,7 @@ def read_folder(path: str | Path, *, backend: str = "auto") -> tuple[type, objec
     folder = Path(path)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
-    hf_config = json.loads((folder / "config.json").read_text())
+    hf_config = read_json(folder / "config.json")
     archs = hf_config.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:

@@ -19,9 +19,17 @@ The relative bias table lives once per stack in ours (it is shared by all blocks
 transformers. Old checkpoints also carry an unused decoder.block.0.layer.1.EncDecAttention
 .relative_attention_bias.weight (transformers ignores it on load); it is dropped here too.
 
-Tied or not: transformers ≥ 5 always reports tie_word_embeddings=True and keeps the T5 1.0/1.1
-distinction in `scale_decoder_outputs` (True: tied head with the d^-1/2 rescale); older configs
-say tie_word_embeddings=False for 1.1. `config_from_hf` reads the first present of the two.
+Tied or not, two conventions. Before transformers 5, tie_word_embeddings told T5 1.0 (True: the head
+is the embedding, with the d^-1/2 rescale) from 1.1 (False: a head of its own, no rescale).
+transformers ≥ 5 always writes tie_word_embeddings=True, keeps the 1.0/1.1 distinction in
+`scale_decoder_outputs`, and ties the head to the embedding whenever the file has no
+lm_head.weight (so a 1.1 model that transformers built itself is written without one).
+`config_from_hf` reads scale_decoder_outputs when present, else tie_word_embeddings, and picks our
+tied head (1.0) or untied head (1.1); `state_dict_from_hf` gives an untied head that the file
+leaves out the embedding's values, as transformers does, so the logits agree. (Our untied head is
+then a copy: fine-tuned here it trains apart from the embedding, and transformers loads the two
+back apart.) An untied head with the rescale has no counterpart in our T5 and is refused.
+`config_to_hf` writes both fields, so either generation of transformers reads our folders right.
 """
 from __future__ import annotations
 
@@ -44,7 +52,9 @@ def config_from_hf(hf: dict) -> T5Config:
         raise ValueError(f"dense_act_fn={hf['dense_act_fn']!r} is not supported with gated-gelu: only 'gelu_new'")
     if hf.get("is_decoder", False):
         raise ValueError("is_decoder=True (a decoder-only T5) is not supported")
-    tied = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))
+    tied = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))  # the rescale marks 1.0
+    if not isinstance(tied, bool):
+        raise ValueError(f"scale_decoder_outputs / tie_word_embeddings must be true or false, got {tied!r}")
     n_layer = hf.get("num_layers", 6)
     return T5Config(
         vocab_size=hf["vocab_size"], d_model=hf["d_model"], d_kv=hf["d_kv"], d_ff=hf["d_ff"],
@@ -65,7 +75,8 @@ def config_to_hf(cfg: T5Config) -> dict:
         "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
         "relative_attention_max_distance": cfg.relative_attention_max_distance,
         "dropout_rate": cfg.dropout, "layer_norm_epsilon": cfg.norm_eps, "feed_forward_proj": cfg.feed_forward,
-        "tie_word_embeddings": cfg.tie_embeddings, "is_encoder_decoder": True,
+        "tie_word_embeddings": cfg.tie_embeddings, "scale_decoder_outputs": cfg.tie_embeddings,
+        "is_encoder_decoder": True,
         "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
     }
 
@@ -130,7 +141,8 @@ def _rename(tensors: dict, pairs: list[tuple[str, str]], shapes: dict, side: str
 
 def state_dict_from_hf(tensors: dict, cfg: T5Config) -> dict:
     """transformers' tensors -> ours. The embedding aliases (and lm_head.weight when tied) may be
-    present or absent; when present they must equal shared.weight."""
+    present or absent; when present they must equal shared.weight. An untied head that the file
+    leaves out is the embedding (transformers >= 5 ties it)."""
     tensors = dict(tensors)
     aliases = _EMBED_ALIASES + (("lm_head.weight",) if cfg.tie_embeddings else ())
     if "shared.weight" not in tensors:  # some exports keep only an alias of the embedding
@@ -138,12 +150,16 @@ def state_dict_from_hf(tensors: dict, cfg: T5Config) -> dict:
             if name in tensors:
                 tensors["shared.weight"] = tensors[name]
                 break
+    if not cfg.tie_embeddings and "lm_head.weight" not in tensors and "shared.weight" in tensors:
+        # transformers >= 5 ties the head whenever the file leaves it out (module docstring)
+        tensors["lm_head.weight"] = tensors["shared.weight"].clone()
     for name in aliases:
         if name in tensors:
             alias = tensors.pop(name)
             shared = tensors.get("shared.weight")
             if shared is not None and (alias.shape != shared.shape or not torch.equal(alias, shared)):
-                raise ValueError(f"{name} differs from shared.weight, but the config ties them"
+                raise ValueError(f"{name} differs from shared.weight, but the config ties them (an untied "
+                                 "head with the d^-1/2 rescale is not supported)"
                                  if name == "lm_head.weight" else f"{name} differs from shared.weight")
     for name in _IGNORED:
         tensors.pop(name, None)
