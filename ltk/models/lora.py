@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ltk.kernels.backend import resolve_backend
 from ltk.kernels.lora import lora_linear
 from ltk.kernels.nf4 import NF4Linear
+from ltk.models.files import load_safetensors, read_json
 
 _PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
 
@@ -327,7 +328,7 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     for f in ("adapter_config.json", "adapter_model.safetensors"):
         if not (folder / f).exists():
             raise FileNotFoundError(f"{folder} has no {f}: not a PEFT adapter folder")
-    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg = read_json(folder / "adapter_config.json")  # a bad file is named, with line and column
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"adapter peft_type is {cfg.get('peft_type')!r}; only 'LORA' is supported")
     allowed = {"bias": ("none",), "use_dora": (False, None), "modules_to_save": (None, []),
@@ -337,7 +338,7 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
         raise ValueError(f"adapter settings not supported: {unsupported}")
     names, _ = _hf_names(model)
     ours_of = {t: o for o, t in names.items()}
-    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    tensors = load_safetensors(folder / "adapter_model.safetensors")  # a cut file is named
     key = re.compile(rf"^{re.escape(_PREFIX)}(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
     found: dict[str, dict[str, torch.Tensor]] = {}
     unexpected = []
