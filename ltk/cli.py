@@ -144,7 +144,7 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ValueError(f"unknown model {name!r} for ltk plan; known: {', '.join([*GPT_SIZES, *LLAMA_SIZES])}")
     if cfg.vocab_size == 0:  # the debug sizes take it from the data: plan with the default tokenizer's
         cfg.vocab_size = 2048
-    seq = args.seq_len or min(cfg.block_size, 8192)
+    seq = args.seq_len if args.seq_len is not None else min(cfg.block_size, 8192)
     p = plan(family, cfg, world=args.world, strategy=args.strategy, tp=args.tp, pp=args.pp, batch=args.batch_size,
              seq_len=seq, micro_batches=args.micro_batches, dtype=args.dtype, schedule=args.schedule,
              virtual=args.virtual_stages, sequence_parallel=args.sequence_parallel, recompute=args.recompute,
