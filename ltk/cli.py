@@ -173,12 +173,19 @@ def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
     from ltk.models import Llama, from_pretrained, get_family
-    from ltk.models.generate import generate
+    from ltk.models.generate import check_sampling, generate
     from ltk.training.checkpoint import load_checkpoint, restore_model
     from ltk.training.config import RunConfig
     from ltk.training.runtime import resolve_device
     from ltk.training.tokenizer import Tokenizer
 
+    try:  # argv bytes that are not UTF-8 arrive as lone surrogates (U+DC80..U+DCFF)
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(e.object[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        raise ValueError(f"--prompt is not valid UTF-8 text ({what} at character {e.start})") from None
+    check_sampling(args.max_new_tokens or 0, args.temperature, args.top_k)  # before a model loads
     device = resolve_device(args.device)
     if _is_hf_folder(Path(args.ckpt)):  # a Hugging Face folder: weights + tokenizer.json
         model = from_pretrained(args.ckpt)
@@ -198,12 +205,18 @@ def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
     if not (tok_dir / "tokenizer.json").exists():
         raise SystemExit(f"ltk generate: {tok_dir} has no tokenizer.json")
     tok = Tokenizer.load(tok_dir)
+    new_tokens = min(100, block_size) if args.max_new_tokens is None else args.max_new_tokens
+    check_sampling(new_tokens, args.temperature, args.top_k, context=block_size)
     ids = tok.encode(args.prompt)
-    if not ids:
-        raise SystemExit("ltk generate: the prompt is empty")
+    if not ids:  # every training document follows an end-of-text token: start a new document
+        print("ltk generate: note: the prompt is empty; sampling from the end-of-text token", file=sys.stderr)
+        ids = [tok.eot_id]
+    elif len(ids) > block_size:
+        print(f"ltk generate: warning: the prompt is {len(ids)} tokens; the model sees only the last {block_size}",
+              file=sys.stderr)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = generate(model, idx, args.max_new_tokens, block_size=block_size, temperature=args.temperature,
+    out = generate(model, idx, new_tokens, block_size=block_size, temperature=args.temperature,
                    top_k=args.top_k or None, stop_token=tok.eot_id, generator=gen)
     new = [i for i in out[0, len(ids):].tolist() if i != tok.eot_id]
     print(args.prompt + tok.decode(new))
@@ -281,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("--ckpt", required=True,
                    help="a run folder, one of its checkpoints, or a Hugging Face folder (GPT-2 or Llama)")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--prompt", required=True, help="UTF-8 text; empty = sample a new document")
+    g.add_argument("--max-new-tokens", type=int,
+                   help="at most the model's context (block_size); default 100, or the context if shorter")
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
     g.add_argument("--seed", type=int, default=0)

@@ -3,10 +3,14 @@ writes, and to a multi-process run: each is one line `ltk CMD: error: ...` namin
 the path (exit code 2), before any work is done, never a traceback."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from ltk.cli import main
+from ltk.models.generate import filter_logits, generate
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
@@ -42,3 +46,55 @@ def test_plan_of_a_valid_mesh_has_positive_memory(capsys):
     assert main(["plan", "--preset", "gpt2-124m", "--world", "4", "--pp", "2", "--micro-batches", "2", "--json"]) == 0
     p = json.loads(capsys.readouterr().out)
     assert p["activations"] > 0 and p["total"] > 0
+
+
+# -- ltk generate ---------------------------------------------------------------------------
+@pytest.mark.parametrize("extra, needle", [
+    (["--max-new-tokens", "-1"], "--max-new-tokens -1: must be >= 0"),
+    (["--top-k", "-5"], "--top-k -5: must be >= 0"),
+    (["--temperature", "-0.5"], "--temperature -0.5: must be a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature nan"),
+])
+def test_generate_refuses_sampling_settings_before_loading(extra, needle, tmp_path, capsys):
+    # the checkpoint does not exist: the settings are refused before it would be read
+    _refused(["generate", "--ckpt", str(tmp_path / "none"), "--prompt", "x", *extra], needle, capsys)
+
+
+def test_generate_caps_new_tokens_at_the_models_context(tiny_base, capsys):
+    err = _refused(["generate", "--ckpt", str(tiny_base), "--prompt", "alpha", "--max-new-tokens", "1000000000"],
+                   "--max-new-tokens 1000000000: at most 96", capsys)
+    assert "block_size" in err
+    # no --max-new-tokens: the default (100) is lowered to the 96 positions, not refused
+    assert main(["generate", "--ckpt", str(tiny_base), "--prompt", "alpha", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("alpha")
+
+
+def test_generate_from_an_empty_prompt_samples_a_new_document(tiny_base, capsys):
+    assert main(["generate", "--ckpt", str(tiny_base), "--prompt", "", "--max-new-tokens", "8", "--seed", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "the prompt is empty; sampling from the end-of-text token" in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_generate_refuses_a_prompt_that_is_not_utf8(tmp_path):
+    """Bytes that are not UTF-8 reach Python as lone surrogates; they are named, not a traceback."""
+    proc = subprocess.run([sys.executable, "-m", "ltk.cli", "generate", "--ckpt", str(tmp_path), "--prompt", b"ab\xff"],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "ltk generate: error: --prompt is not valid UTF-8 text (byte 0xff at character 2)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_generate_api_checks_its_arguments():
+    class Uniform(torch.nn.Module):
+        def forward(self, idx):
+            return torch.zeros(*idx.shape, 7)
+
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="--max-new-tokens -2"):
+        generate(Uniform(), idx, -2, block_size=8)
+    with pytest.raises(ValueError, match="--top-k -1"):
+        generate(Uniform(), idx, 1, block_size=8, top_k=-1)
+    logits = torch.randn(2, 7)
+    assert torch.equal(filter_logits(logits, top_k=0), logits)  # 0: no top-k filter, as on the command line
+    assert generate(Uniform(), idx, 4, block_size=8, top_k=0).shape == (1, 7)
