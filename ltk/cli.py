@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--targets", default="", help="comma list of layer-name patterns (default: every block projection)")
     f.add_argument("--compute-dtype", default="fp32", choices=("fp32", "bf16"), help="QLoRA's matmul dtype")
     f.add_argument("--limit", type=int, help="use at most this many examples")
-    f.add_argument("--eval-every", type=int, default=100)
+    f.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (0 = only after the last)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default="auto")
     f.add_argument("--merge", action="store_true", help="also write merged/: full weights with the adapter folded in")

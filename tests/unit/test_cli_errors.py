@@ -23,6 +23,36 @@ def _refused(argv, needle, capsys):
     return err
 
 
+# -- ltk finetune ---------------------------------------------------------------------------
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--steps", "0", "--steps 0: must be >= 1"),
+    ("--batch-size", "0", "--batch-size 0: must be >= 1"),
+    ("--max-len", "1", "--max-len 1: must be >= 2"),
+    ("--eval-every", "-1", "--eval-every -1: must be >= 0"),
+    ("--lora-r", "0", "--lora-r 0: must be >= 1"),
+    ("--lora-alpha", "0", "--lora-alpha 0.0: must be a finite number > 0"),
+    ("--lora-alpha", "nan", "--lora-alpha nan"),
+    ("--lora-dropout", "1", "--lora-dropout 1.0: must be in [0, 1)"),
+    ("--lora-dropout", "-0.1", "--lora-dropout -0.1"),
+    ("--lr", "-0.001", "--lr -0.001: must be a finite number >= 0"),
+    ("--lr", "inf", "--lr inf"),
+    ("--limit", "1", "--limit 1: must be >= 2"),
+])
+def test_finetune_refuses_each_numeric_flag_out_of_range(flag, value, needle, tmp_path, capsys):
+    out = tmp_path / "ft"
+    _refused(["finetune", "--base", str(tmp_path / "base"), "--out", str(out), flag, value], needle, capsys)
+    assert not out.exists()  # refused before anything was written (or the base was read)
+
+
+def test_finetune_eval_every_0_evaluates_only_after_the_last_step(tiny_base, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert main(["finetune", "--base", str(tiny_base), "--out", str(out), "--steps", "3", "--batch-size", "4",
+                 "--max-len", "96", "--limit", "24", "--eval-every", "0", "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert ["val_loss" in r for r in rows] == [False, False, True]
+
+
 # -- ltk plan -------------------------------------------------------------------------------
 @pytest.mark.parametrize("extra, needle", [
     (["--world", "0"], "--world 0: must be >= 1"),
