@@ -31,6 +31,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from ltk.training.config import RunConfig, apply_overrides
     from ltk.training.presets import get_preset
     from ltk.training.trainer import Trainer
+    from ltk.training.writable import writable_dir
 
     if args.nproc is not None and args.nproc < 1:
         raise SystemExit(f"ltk train: --nproc must be >= 1, got {args.nproc}")
@@ -61,6 +62,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
+    writable_dir(cfg.trainer.out_dir, "--out")  # before the data is prepared and the model built
     trainer = Trainer(cfg, resume=ckpt)
     try:
         result = trainer.fit()
@@ -243,6 +245,7 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
     from ltk.bench import BENCHMARKS, get_benchmark, run_benchmark
     from ltk.bench.harness import rows_to_json, rows_to_markdown, write_csv
     from ltk.bench.peaks import measure_peaks
+    from ltk.training.writable import writable_dir, writable_file
 
     if args.bench_cmd == "list":
         for name, b in BENCHMARKS.items():
@@ -250,6 +253,10 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0
     bench = get_benchmark(args.bench_cmd)
     opts = bench.kwargs_from(args)
+    if args.csv:  # before the benchmark runs, not after
+        writable_file(args.csv, "--csv")
+    if args.save_results:
+        writable_dir(args.save_results, "--save-results")
     if args.measure_peaks:
         peaks = measure_peaks(opts.get("device", "auto"))
         # with --json, stdout holds only the rows; the peaks go to stderr

@@ -200,12 +200,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from ltk.training.optim import lr_at, set_lr
     from ltk.training.packing import real_tokens
     from ltk.training.runtime import resolve_device, seed_everything
+    from ltk.training.writable import writable_dir
 
     check_config(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(cfg.out_dir, "--out")
     model, tok, family = load_base(cfg.base, device)
     if cfg.max_len > model.config.block_size:
         raise ValueError(f"--max-len {cfg.max_len} is longer than the base model's {model.config.block_size} positions")

@@ -128,3 +128,41 @@ def test_the_generate_api_checks_its_arguments():
     logits = torch.randn(2, 7)
     assert torch.equal(filter_logits(logits, top_k=0), logits)  # 0: no top-k filter, as on the command line
     assert generate(Uniform(), idx, 4, block_size=8, top_k=0).shape == (1, 7)
+
+
+# -- output folders that cannot be written --------------------------------------------------
+@pytest.fixture
+def blocked(tmp_path):
+    """A path no one can create, root included: a regular file stands where its folder would be."""
+    (tmp_path / "file").write_text("")
+    return tmp_path / "file" / "out"
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--max-steps", "1", "--out", "{}"], "--out"),
+    (["finetune", "--base", "/no/base", "--out", "{}"], "--out"),
+    (["lab", "run", "pretrain", "--quick", "--out", "{}"], "--out"),
+    (["bench", "train-step", "--save-results", "{}"], "--save-results"),
+    (["bench", "train-step", "--csv", "{}/rows.csv"], "--csv"),
+])
+def test_an_unwritable_output_is_named_before_any_work(argv, flag, blocked, capsys):
+    argv = [a.format(blocked) for a in argv]
+    err = _refused(argv, f"{flag} {blocked}", capsys)
+    assert "a file is in the way" in err
+
+
+def test_a_folder_without_write_permission_is_named(tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root writes through permission bits")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        out = ro / "ft"
+        _refused(["finetune", "--base", "/no/base", "--out", str(out)], f"--out {out}: cannot write", capsys)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_a_csv_path_that_is_a_folder_is_named(tmp_path, capsys):
+    _refused(["bench", "train-step", "--csv", str(tmp_path)], f"--csv {tmp_path}: is a folder", capsys)
