@@ -34,7 +34,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from ltk.training.writable import writable_dir
 
     if args.nproc is not None and args.nproc < 1:
-        raise SystemExit(f"ltk train: --nproc must be >= 1, got {args.nproc}")
+        raise ValueError(f"--nproc {args.nproc}: must be >= 1")
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(args.nproc, args.argv)
     ckpt = None
@@ -92,8 +92,9 @@ def _set_parallel(cfg, name: str, world: int) -> None:
 
 def _launch(nproc: int, argv: list[str]) -> int:
     """Re-run this command under torchrun with `nproc` local processes (gloo on a CPU, NCCL on
-    GPUs). Multi-node runs call torchrun directly (see ltk/training/trainer.py)."""
-    import subprocess
+    GPUs); a failure is reported as the ranks' own one-line errors (ltk/training/launch.py).
+    Multi-node runs call torchrun directly (see ltk/training/trainer.py)."""
+    from ltk.training.launch import launch
 
     rest, skip = [], False
     for i, a in enumerate(argv):  # drop --nproc N / --nproc=N: the children must not relaunch
@@ -105,10 +106,7 @@ def _launch(nproc: int, argv: list[str]) -> int:
             continue
         if not a.startswith("--nproc="):
             rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "ltk.cli", *rest]
-    print("launching: " + " ".join(cmd[1:]), file=sys.stderr)
-    return subprocess.run(cmd).returncode
+    return launch(nproc, rest, "train")
 
 
 def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -389,14 +387,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    from ltk.training.launch import report_error  # one line; a rank's goes to its launcher
+
     try:
         return args.func(args, extra)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, CheckpointError and bad input
-        print(f"ltk {args.cmd}: error: {e}", file=sys.stderr)
+        report_error(args.cmd, str(e))
         return 2
     except RuntimeError as e:
         if type(e).__name__ == "CheckpointError":
-            print(f"ltk {args.cmd}: error: {e}", file=sys.stderr)
+            report_error(args.cmd, str(e))
             return 2
         raise
 

@@ -11,6 +11,7 @@ import torch
 
 from ltk.cli import main
 from ltk.models.generate import filter_logits, generate
+from ltk.training.launch import error_lines, report_error
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
@@ -166,3 +167,58 @@ def test_a_folder_without_write_permission_is_named(tmp_path, capsys):
 
 def test_a_csv_path_that_is_a_folder_is_named(tmp_path, capsys):
     _refused(["bench", "train-step", "--csv", str(tmp_path)], f"--csv {tmp_path}: is a folder", capsys)
+
+
+# -- multi-process runs ---------------------------------------------------------------------
+def test_nproc_below_1_is_refused(capsys):
+    _refused(["train", "--nproc", "0"], "--nproc 0: must be >= 1", capsys)
+
+
+def test_a_rank_started_by_hand_names_itself(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("LTK_RANK_ERRORS", raising=False)
+    report_error("train", "bad value")
+    assert capsys.readouterr().err == "ltk train [rank 1]: error: bad value\n"
+
+
+def test_the_launcher_prints_each_distinct_rank_error_once(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LTK_RANK_ERRORS", str(tmp_path))
+    for rank, message in ((0, "same"), (1, "same")):
+        monkeypatch.setenv("RANK", str(rank))
+        report_error("train", message)
+    assert capsys.readouterr().err == ""  # written for the launcher, not printed
+    assert error_lines(tmp_path, "train") == ["ltk train: error: same"]
+    monkeypatch.setenv("RANK", "2")
+    report_error("train", "other")
+    assert error_lines(tmp_path, "train") == ["ltk train [ranks 0, 1]: error: same",
+                                              "ltk train [rank 2]: error: other"]
+
+
+def test_a_bad_setting_in_a_two_process_run_is_one_line(tiny_corpus, tmp_path):
+    """The trainer refuses a global batch of 3 over 2 ranks (on every rank, after the data is
+    prepared): the user sees that line once, and none of torchrun's failure report."""
+    args = ["--data", str(tiny_corpus), "--out", str(tmp_path / "run"), "--max-steps", "2",
+            "--model.vocab_size", "0", "--model.block_size", "32", "--model.n_layer", "1", "--model.n_head", "2",
+            "--model.n_embd", "32", "--data.vocab_size", "300", "--data.min_chars", "16",
+            "--trainer.progress", "false", "--trainer.batch_size", "3"]
+    proc = subprocess.run([sys.executable, "-m", "ltk.cli", "train", "--parallel", "ddp", "--nproc", "2", *args],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("ltk train: error: "), proc.stderr[-3000:]
+    assert "does not split over 2 data-parallel ranks" in lines[0]
+    for wall in ("Traceback", "ChildFailedError", "exitcode"):
+        assert wall not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_crashed_rank_keeps_its_traceback_and_gets_one_line(tmp_path):
+    script = tmp_path / "crash.py"
+    script.write_text("import os\nif os.environ['RANK'] == '1':\n    raise RuntimeError('boom on rank 1')\n")
+    proc = subprocess.run([sys.executable, "-m", "ltk.training.launch", "--standalone", "--nproc_per_node=2",
+                           str(script)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "RuntimeError: boom on rank 1" in proc.stderr  # the rank's own traceback
+    assert "torchrun: rank 1 failed (exit code 1)" in proc.stderr
+    assert "ChildFailedError" not in proc.stderr
