@@ -31,9 +31,10 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from ltk.training.config import RunConfig, apply_overrides
     from ltk.training.presets import get_preset
     from ltk.training.trainer import Trainer
+    from ltk.training.writable import writable_dir
 
     if args.nproc is not None and args.nproc < 1:
-        raise SystemExit(f"ltk train: --nproc must be >= 1, got {args.nproc}")
+        raise ValueError(f"--nproc {args.nproc}: must be >= 1")
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(args.nproc, args.argv)
     ckpt = None
@@ -61,6 +62,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
+    writable_dir(cfg.trainer.out_dir, "--out")  # before the data is prepared and the model built
     trainer = Trainer(cfg, resume=ckpt)
     try:
         result = trainer.fit()
@@ -90,8 +92,9 @@ def _set_parallel(cfg, name: str, world: int) -> None:
 
 def _launch(nproc: int, argv: list[str]) -> int:
     """Re-run this command under torchrun with `nproc` local processes (gloo on a CPU, NCCL on
-    GPUs). Multi-node runs call torchrun directly (see ltk/training/trainer.py)."""
-    import subprocess
+    GPUs); a failure is reported as the ranks' own one-line errors (ltk/training/launch.py).
+    Multi-node runs call torchrun directly (see ltk/training/trainer.py)."""
+    from ltk.training.launch import launch
 
     rest, skip = [], False
     for i, a in enumerate(argv):  # drop --nproc N / --nproc=N: the children must not relaunch
@@ -103,10 +106,7 @@ def _launch(nproc: int, argv: list[str]) -> int:
             continue
         if not a.startswith("--nproc="):
             rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "ltk.cli", *rest]
-    print("launching: " + " ".join(cmd[1:]), file=sys.stderr)
-    return subprocess.run(cmd).returncode
+    return launch(nproc, rest, "train")
 
 
 def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -144,7 +144,7 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ValueError(f"unknown model {name!r} for ltk plan; known: {', '.join([*GPT_SIZES, *LLAMA_SIZES])}")
     if cfg.vocab_size == 0:  # the debug sizes take it from the data: plan with the default tokenizer's
         cfg.vocab_size = 2048
-    seq = args.seq_len or min(cfg.block_size, 8192)
+    seq = args.seq_len if args.seq_len is not None else min(cfg.block_size, 8192)
     p = plan(family, cfg, world=args.world, strategy=args.strategy, tp=args.tp, pp=args.pp, batch=args.batch_size,
              seq_len=seq, micro_batches=args.micro_batches, dtype=args.dtype, schedule=args.schedule,
              virtual=args.virtual_stages, sequence_parallel=args.sequence_parallel, recompute=args.recompute,
@@ -160,13 +160,20 @@ def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
     from ltk.models import Llama, from_pretrained, get_family
-    from ltk.models.generate import generate
+    from ltk.models.generate import check_sampling, generate
     from ltk.models.hf.folder import is_hf_folder
     from ltk.training.checkpoint import load_checkpoint, restore_model
     from ltk.training.config import RunConfig
     from ltk.training.runtime import resolve_device
     from ltk.training.tokenizer import Tokenizer
 
+    try:  # argv bytes that are not UTF-8 arrive as lone surrogates (U+DC80..U+DCFF)
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(e.object[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        raise ValueError(f"--prompt is not valid UTF-8 text ({what} at character {e.start})") from None
+    check_sampling(args.max_new_tokens or 0, args.temperature, args.top_k)  # before a model loads
     device = resolve_device(args.device)
     if is_hf_folder(args.ckpt):  # a Hugging Face folder: weights + tokenizer.json
         model = from_pretrained(args.ckpt)
@@ -186,12 +193,18 @@ def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
     if not (tok_dir / "tokenizer.json").exists():
         raise SystemExit(f"ltk generate: {tok_dir} has no tokenizer.json")
     tok = Tokenizer.load(tok_dir)
+    new_tokens = min(100, block_size) if args.max_new_tokens is None else args.max_new_tokens
+    check_sampling(new_tokens, args.temperature, args.top_k, context=block_size)
     ids = tok.encode(args.prompt)
-    if not ids:
-        raise SystemExit("ltk generate: the prompt is empty")
+    if not ids:  # every training document follows an end-of-text token: start a new document
+        print("ltk generate: note: the prompt is empty; sampling from the end-of-text token", file=sys.stderr)
+        ids = [tok.eot_id]
+    elif len(ids) > block_size:
+        print(f"ltk generate: warning: the prompt is {len(ids)} tokens; the model sees only the last {block_size}",
+              file=sys.stderr)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = generate(model, idx, args.max_new_tokens, block_size=block_size, temperature=args.temperature,
+    out = generate(model, idx, new_tokens, block_size=block_size, temperature=args.temperature,
                    top_k=args.top_k or None, stop_token=tok.eot_id, generator=gen)
     new = [i for i in out[0, len(ids):].tolist() if i != tok.eot_id]
     print(args.prompt + tok.decode(new))
@@ -218,6 +231,7 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
     from ltk.bench import BENCHMARKS, get_benchmark, run_benchmark
     from ltk.bench.harness import rows_to_json, rows_to_markdown, write_csv
     from ltk.bench.peaks import measure_peaks
+    from ltk.training.writable import writable_dir, writable_file
 
     if args.bench_cmd == "list":
         for name, b in BENCHMARKS.items():
@@ -225,6 +239,10 @@ def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0
     bench = get_benchmark(args.bench_cmd)
     opts = bench.kwargs_from(args)
+    if args.csv:  # before the benchmark runs, not after
+        writable_file(args.csv, "--csv")
+    if args.save_results:
+        writable_dir(args.save_results, "--save-results")
     if args.measure_peaks:
         peaks = measure_peaks(opts.get("device", "auto"))
         # with --json, stdout holds only the rows; the peaks go to stderr
@@ -269,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("--ckpt", required=True,
                    help="a run folder, one of its checkpoints, or a Hugging Face folder (GPT-2 or Llama)")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--prompt", required=True, help="UTF-8 text; empty = sample a new document")
+    g.add_argument("--max-new-tokens", type=int,
+                   help="at most the model's context (block_size); default 100, or the context if shorter")
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
     g.add_argument("--seed", type=int, default=0)
@@ -296,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--targets", default="", help="comma list of layer-name patterns (default: every block projection)")
     f.add_argument("--compute-dtype", default="fp32", choices=("fp32", "bf16"), help="QLoRA's matmul dtype")
     f.add_argument("--limit", type=int, help="use at most this many examples")
-    f.add_argument("--eval-every", type=int, default=100)
+    f.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (0 = only after the last)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default="auto")
     f.add_argument("--merge", action="store_true", help="also write merged/: full weights with the adapter folded in")
@@ -356,14 +375,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    from ltk.training.launch import report_error  # one line; a rank's goes to its launcher
+
     try:
         return args.func(args, extra)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, CheckpointError and bad input
-        print(f"ltk {args.cmd}: error: {e}", file=sys.stderr)
+        report_error(args.cmd, str(e))
         return 2
     except RuntimeError as e:
         if type(e).__name__ == "CheckpointError":
-            print(f"ltk {args.cmd}: error: {e}", file=sys.stderr)
+            report_error(args.cmd, str(e))
             return 2
         raise
 

@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from ltk.training.writable import writable_dir
+
 # name -> module that defines `LAB`; imported lazily so `ltk lab list` stays fast
 _LAB_MODULES = {
     "pretrain": "ltk.labs.pretrain",
@@ -51,6 +53,5 @@ def run_lab(name: str, out: str | Path | None = None, quick: bool = False) -> Pa
     if out is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         out = Path("runs") / name / stamp
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(out, "--out")  # before the lab spends its minutes
     return lab.run(out, quick)

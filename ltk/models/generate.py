@@ -21,12 +21,37 @@ Two ways to run the model:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None = None, top_p: float | None = None,
+                   context: int | None = None) -> None:
+    """Refuse sampling settings outside their range, named as `ltk generate`'s flags.
+
+    context: the model's block_size, the cap on max_new_tokens. Beyond it the window the model
+    sees (the last block_size tokens) no longer holds any of the prompt, so further tokens
+    would continue the model's own text rather than answer the prompt; and an unbounded count
+    would run for as long as the number says.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: must be >= 0")
+    if context is not None and max_new_tokens > context:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: at most {context}, the model's context (block_size); "
+                         "past it the prompt has left the window the model sees")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"--temperature {temperature}: must be a finite number >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"--top-k {top_k}: must be >= 0 (0 = no top-k filter)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p {top_p}: must be in (0, 1]")  # no flag: the API only
+
+
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """logits (B, V) -> the same with the tokens outside the top k / the nucleus top_p set to −inf."""
-    if top_k is not None and top_k < logits.size(-1):
+    """logits (B, V) -> the same with the tokens outside the top k / the nucleus top_p set to −inf
+    (top_k None or 0: no top-k filter)."""
+    if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
@@ -59,10 +84,7 @@ def generate(
     later positions repeat that token, and generation ends when every sequence is finished.
     use_cache: None = use a KV cache when the model has one (`new_cache`).
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     if idx.numel() == 0:
         raise ValueError("the prompt is empty: give at least one token")
     stops = set(stop_tokens or ()) | ({stop_token} if stop_token is not None else set())

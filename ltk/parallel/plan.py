@@ -80,6 +80,27 @@ def params_per_rank(s: Shape, tp: int, pp: int) -> int:
     return blocks + max(embed, head)
 
 
+def check_plan(world: int, tp: int, pp: int, batch: int, seq_len: int | None, micro_batches: int, virtual: int,
+               efficiency: float | None) -> None:
+    """Refuse a mesh or batch that no run could have, naming the `ltk plan` flag and its range
+    (a world of 0 would divide by zero, a negative one would print negative memory)."""
+    for flag, value in (("--world", world), ("--tp", tp), ("--pp", pp), ("--batch-size", batch),
+                        ("--seq-len", seq_len), ("--micro-batches", micro_batches), ("--virtual-stages", virtual)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be >= 1")
+    if efficiency is not None and not 0 < efficiency <= 1:  # also refuses NaN
+        raise ValueError(f"--efficiency {efficiency}: must be in (0, 1], a fraction of the peak FLOP/s")
+    if world % (tp * pp):
+        raise ValueError(f"--world {world} is not divisible by --tp x --pp = {tp * pp}")
+    dp = world // (tp * pp)
+    if batch % dp:
+        raise ValueError(f"the global batch of {batch} sequences (--batch-size) does not split over {dp} "
+                         "data-parallel ranks")
+    if pp > 1 and (batch // dp) % micro_batches:
+        raise ValueError(f"the {batch // dp} sequences per data-parallel rank do not split into "
+                         f"--micro-batches {micro_batches}")
+
+
 def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp: int = 1, batch: int = 8,
          seq_len: int | None = None, micro_batches: int = 1, dtype: str = "fp32", schedule: str = "1f1b",
          virtual: int = 1, sequence_parallel: bool = False, recompute: bool = False, flash: bool = True,
@@ -89,11 +110,8 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
     "prediction" (predict below); `efficiency` overrides the simulator's compute efficiency."""
     if strategy not in ENGINES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(ENGINES)} (plus --tp / --pp)")
-    if world % (tp * pp):
-        raise ValueError(f"world {world} is not divisible by tp x pp = {tp * pp}")
+    check_plan(world, tp, pp, batch, seq_len, micro_batches, virtual, efficiency)
     dp = world // (tp * pp)
-    if batch % dp:
-        raise ValueError(f"the global batch of {batch} sequences does not split over {dp} data-parallel ranks")
     stage = ENGINES[strategy] or 0
     s = model_shape(family, cfg)
     T = seq_len or getattr(cfg, "block_size", 1024)

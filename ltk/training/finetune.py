@@ -59,12 +59,34 @@ class FinetuneConfig:
     compute_dtype: str = "fp32"  # fp32 | bf16: what the matmuls of a QLoRA model run in
     val_fraction: float = 0.1
     eval_examples: int = 64
-    eval_every: int = 100
+    eval_every: int = 100  # 0 = evaluate only after the last step
     limit: int | None = None  # use at most this many examples
     seed: int = 0
     device: str = "auto"
     merge: bool = False  # also write merged/ (full weights with the adapter folded in)
     extra: dict = field(default_factory=dict)
+
+
+def check_config(cfg: FinetuneConfig) -> None:
+    """Refuse settings that cannot run, naming the flag and its allowed range, before the base
+    loads or the output folder is made (a bad value should cost a second, not a model load)."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"--method {cfg.method!r}: choose one of {', '.join(METHODS)}")
+    if not cfg.base:
+        raise ValueError("--base is required: one of our run folders / checkpoints, or a Hugging Face folder")
+    lowest = [("--steps", cfg.steps, 1, ""), ("--batch-size", cfg.batch_size, 1, ""), ("--lora-r", cfg.lora_r, 1, ""),
+              ("--max-len", cfg.max_len, 2, " (a prompt token and the token it predicts)"),
+              ("--eval-every", cfg.eval_every, 0, " (0 = only after the last step)"),
+              ("--limit", cfg.limit, 2, " (an example to train on and one to validate with)")]
+    for flag, value, low, why in lowest:
+        if value is not None and value < low:
+            raise ValueError(f"{flag} {value}: must be >= {low}{why}")
+    if not (math.isfinite(cfg.lr) and cfg.lr >= 0):
+        raise ValueError(f"--lr {cfg.lr}: must be a finite number >= 0 (0 = the method's default)")
+    if not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):
+        raise ValueError(f"--lora-alpha {cfg.lora_alpha}: must be a finite number > 0")
+    if not 0.0 <= cfg.lora_dropout < 1.0:  # p = 1 would drop every input of the adapter
+        raise ValueError(f"--lora-dropout {cfg.lora_dropout}: must be in [0, 1)")
 
 
 def load_base(path: str | Path, device: torch.device):
@@ -177,15 +199,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from ltk.training.optim import lr_at, set_lr
     from ltk.training.packing import real_tokens
     from ltk.training.runtime import resolve_device, seed_everything
+    from ltk.training.writable import writable_dir
 
-    if cfg.method not in METHODS:
-        raise ValueError(f"--method {cfg.method!r}: choose one of {', '.join(METHODS)}")
-    if not cfg.base:
-        raise ValueError("--base is required: one of our run folders / checkpoints, or a Hugging Face folder")
+    check_config(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(cfg.out_dir, "--out")
     model, tok, family = load_base(cfg.base, device)
     if cfg.max_len > model.config.block_size:
         raise ValueError(f"--max-len {cfg.max_len} is longer than the base model's {model.config.block_size} positions")
@@ -226,7 +245,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         step_times.append(time.perf_counter() - t)
         last = {"step": step, "loss": loss.item(), "grad_norm": norm.item(), "lr": opt.param_groups[0]["lr"]}
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             last.update(evaluate(model, tok, val, cfg, device, builtin))
         with log.open("a") as f:
             f.write(json.dumps(last) + "\n")
