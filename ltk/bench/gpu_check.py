@@ -136,7 +136,7 @@ def scaling_part(out_dir: Path, quick: bool) -> tuple[dict | None, list[str]]:
     try:
         from ltk.labs import scaling
     except ImportError as e:
-        return None, [f"scaling lab: labs.scaling could not be imported: {type(e).__name__}: {e}"[:300]]
+        return None, [f"scaling lab: ltk.labs.scaling could not be imported: {type(e).__name__}: {e}"[:300]]
     gc.collect()
     torch.cuda.empty_cache()  # hand this process's cached blocks back before the lab's ranks start
     try:

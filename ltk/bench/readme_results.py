@@ -35,7 +35,7 @@ from pathlib import Path
 
 from ltk.bench.results import ResultFile, collect
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: ltk/bench/readme_results.py
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 GROUPS = (  # kind, heading, text when a kind has no file
     ("benchmark", "Benchmarks and runs", "No benchmark result committed yet."),
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ltk.bench.readme_results", description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="exit 1 when README differs from what the generator gives")
     p.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--results", type=Path, default=ROOT / "ltk" / "bench" / "results")
     args = p.parse_args(argv)
     try:
         results = collect(args.results)
