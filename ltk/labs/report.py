@@ -32,7 +32,8 @@ def provenance() -> dict[str, Any]:
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
     else:
-        device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        device = (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                  f"{torch.get_num_threads()} threads)")
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": device,
