@@ -490,4 +490,4 @@ def _explanation(records, fits, sizes, skipped, device, check) -> str:
     return "\n".join(lines)
 
 
-LAB = Lab(name="attention", question=QUESTION, run=run, quick_minutes=0.5)
+LAB = Lab(name="attention", question=QUESTION, run=run, quick_minutes=0.25)

@@ -124,5 +124,5 @@ LAB = Lab(
     name="families",
     question="Same text, same steps: what do GPT, Llama, BERT and T5 cost, and how does each objective's loss fall?",
     run=run,
-    quick_minutes=4.0,
+    quick_minutes=3.0,
 )

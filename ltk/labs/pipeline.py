@@ -185,5 +185,5 @@ LAB = Lab(
     question="How does the pipeline bubble shrink with the micro-batch count for GPipe, 1F1B and interleaved, "
              "measured beside simulated?",
     run=run,
-    quick_minutes=1.5,
+    quick_minutes=1.2,
 )

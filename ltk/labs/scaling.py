@@ -342,5 +342,5 @@ LAB = Lab(
     question="As a step spreads over 1, 2, 4 ranks, how much faster is it per strategy, where does the time go, "
              "and does the calibrated simulator predict it?",
     run=run,
-    quick_minutes=1.5,
+    quick_minutes=1.0,
 )
