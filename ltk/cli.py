@@ -218,7 +218,7 @@ def _lab(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if args.lab_cmd == "list":
         for lab in list_labs():
-            print(f"{lab.name:12s} {lab.question}  (quick: ~{lab.quick_minutes:g} min on a 2-core CPU)")
+            print(f"{lab.name:12s} {lab.question}  (quick: {lab.quick_duration} on a 2-core CPU)")
         return 0
     report = run_lab(args.name, args.out, quick=args.quick)
     print(f"wrote {report}")

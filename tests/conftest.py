@@ -79,6 +79,7 @@ def tiny_base(tiny_corpus, tmp_path_factory):
         name="tiny", model=GPTConfig(vocab_size=0, block_size=96, n_layer=2, n_head=2, n_embd=32, dropout=0.0),
         data=DataConfig(source=str(tiny_corpus), vocab_size=300, min_chars=16, val_fraction=0.1),
         optim=OptimConfig(lr=3e-3, warmup_steps=2),
-        trainer=TrainerConfig(max_steps=4, batch_size=4, eval_every=4, eval_batches=2, out_dir=str(out), progress=False),
+        trainer=TrainerConfig(max_steps=4, batch_size=4, eval_every=4, eval_batches=2, out_dir=str(out),
+                              progress=False),
     )).fit()
     return out

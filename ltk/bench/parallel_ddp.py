@@ -151,8 +151,9 @@ def run_rows(world: int = 2, steps: int = 64, rounds: int = 16, n_layer: int = 4
                  seq_len=seq_len, batch=batch):
         extra = {k: r[k] for k in ("world", "paired_ratio_vs_torch", "all_reduce_calls", "payload_bytes", "num_params",
                                    "threads_per_rank", "load_avg_1m_before")}
-        out.append(Row.stamped("cpu", op="ddp-step", shape=r["shape"], dtype="fp32", mode="step", provider=r["provider"],
-                               median_ms=r["median_ms"], p20_ms=r["p20_ms"], p80_ms=r["p80_ms"], runs=r["steps"],
+        out.append(Row.stamped("cpu", op="ddp-step", shape=r["shape"], dtype="fp32", mode="step",
+                               provider=r["provider"], median_ms=r["median_ms"], p20_ms=r["p20_ms"],
+                               p80_ms=r["p80_ms"], runs=r["steps"],
                                throughput=batch * world * seq_len / r["median_ms"] * 1e3, throughput_unit="tokens/s",
                                speedup=1 / r["ratio_vs_torch"], extra=json.dumps(extra)))
     return out

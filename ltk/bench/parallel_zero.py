@@ -165,7 +165,7 @@ def to_markdown(rows: list[Row]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = json.loads(r.extra)
-        ratio = [f"{v[1]:.2f} ({v[0]})" if e.get(k) else "" for k, v in ((k, e.get(k)) for k in ("vs_fsdp2", "vs_deepspeed"))]
+        ratio = [f"{e[k][1]:.2f} ({e[k][0]})" if e.get(k) else "" for k in ("vs_fsdp2", "vs_deepspeed")]
         m = e.get("memory")
         mem = ([" / ".join(f"{v:,}" for v in m[k].values()) for k in ("measured", "model", "padded")]
                if m else ["", "", ""])
@@ -179,7 +179,8 @@ def to_markdown(rows: list[Row]) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)

@@ -29,8 +29,9 @@ Excluded: the activations. ltk/parallel/cost.py has Korthikanti et al.'s per-lay
 GPT block (4h GeLU MLP, dropout masks), not for a Llama block (SwiGLU, no dropout), and the
 two sides run the same math, so they hold the same activations; with checkpointing, the
 block inputs kept for the recomputation (one (B, T, d) tensor a block on both sides: our
-Llama does the deferred residual add before a checkpointed block) are shown apart. Also excluded: the CUDA allocator's rounding (512-byte blocks), and anything a
-particular trainer adds. Nothing is timed (median ms is 0); `peak MB` holds each component
+Llama does the deferred residual add before a checkpointed block) are shown apart. Also
+excluded: the CUDA allocator's rounding (512-byte blocks), and anything a particular trainer
+adds. Nothing is timed (median ms is 0); `peak MB` holds each component
 in MiB and `extra` the exact bytes.
 
     ltk bench qlora-memory                                 # Llama-2-7B, r = 16, bf16 adapters

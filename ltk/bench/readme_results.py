@@ -35,7 +35,7 @@ from pathlib import Path
 
 from ltk.bench.results import ResultFile, collect
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository: ltk/bench/ -> ltk/ -> root
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: ltk/bench/readme_results.py
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 GROUPS = (  # kind, heading, text when a kind has no file
     ("benchmark", "Benchmarks and runs", "No benchmark result committed yet."),

@@ -69,6 +69,11 @@ def _measured(summary: dict) -> dict[str, float]:
             "activations": m["activations"]}
 
 
+def _share(v: float | None) -> str:
+    """A kind the evaluation did not score is not measured ("n/m"), not 0%."""
+    return "n/m" if v is None else f"{v:.0%}"
+
+
 def _plot(rows: dict[str, dict]):
     import matplotlib.pyplot as plt
 
@@ -79,7 +84,7 @@ def _plot(rows: dict[str, dict]):
         ax.bar(list(rows), vals, bottom=bottom, color=color, label=part)
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.set(ylabel="MiB at the last step", title="Where the memory goes, by method")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, not over them
     fig.tight_layout()
     return fig
 
@@ -106,7 +111,7 @@ def run(out: Path, quick: bool, base: str | None = None) -> Path:
                       f"{me['optimizer'] / mib:.2f} / {pr['optimizer'] / mib:.2f}", f"{me['activations'] / mib:.2f}",
                       round(sm["step_ms_median"], 1),
                       f"{sm['before']['exact_match']:.1%} → {sm['after']['exact_match']:.1%}",
-                      " / ".join(f"{sm['after'].get('exact_match/' + k, 0.0):.0%}" for k in KINDS),
+                      " / ".join(_share(sm["after"].get("exact_match/" + k)) for k in KINDS),
                       f"{sm['before']['val_loss']:.3f} → {sm['after']['val_loss']:.3f}"])
     rep = Report("Lab: full fine-tuning, LoRA and QLoRA", "From the same base, what does each method train, "
                  "where does the memory go, how fast is a step, and how well does it learn the task?",
@@ -141,7 +146,8 @@ base was pre-trained {s['pretrain_steps']} steps for that reason.""")
 
 LAB = Lab(
     name="finetune",
-    question="Full vs LoRA vs QLoRA from the same base: trainable parameters, memory by component, step time, accuracy?",
+    question="Full vs LoRA vs QLoRA from the same base: trainable parameters, memory by component, step time, "
+             "accuracy?",
     run=run,
     quick_minutes=9.0,
 )

@@ -58,7 +58,7 @@ def _plot_losses(metrics: list[dict], baselines: dict, model_final: dict):
     ax2.plot([v[0] for v in val], [v[2] for v in val], "o-", label="GPT val")
     for name, style in (("unigram", ":"), ("bigram", "--")):
         ax2.axhline(baselines[name]["val_bpb"], ls=style, color="gray", label=name)
-    ax2.axhline(model_final["val_bpb"], color="C1", lw=0.8)
+    ax2.axhline(model_final["val_bpb"], color="C1", lw=0.8, label="GPT at the end (re-scored)")
     ax2.set(xlabel="tokens seen", ylabel="bits per byte", title="Validation bits per byte")
     ax2.legend()
     fig.tight_layout()
@@ -89,10 +89,12 @@ def run(out: Path, quick: bool) -> Path:
     rep = Report("Lab: pre-training a GPT on the embedded corpus",
                  "Does a small GPT, trained briefly on the embedded corpus, predict held-out text "
                  "better than unigram and bigram counts (bits per byte)?", command)
+    bigram, unigram = baselines["bigram"], baselines["unigram"]
     rows = [
-        [f"GPT ({num_params(cfg.model):,} params, {result.step} steps)", model_final["val_loss"], model_final["val_bpb"]],
-        [f"bigram (λ={baselines['bigram']['lambda']})", baselines["bigram"]["val_loss"], baselines["bigram"]["val_bpb"]],
-        ["unigram (add-one)", baselines["unigram"]["val_loss"], baselines["unigram"]["val_bpb"]],
+        [f"GPT ({num_params(cfg.model):,} params, {result.step} steps)", model_final["val_loss"],
+         model_final["val_bpb"]],
+        [f"bigram (λ={bigram['lambda']})", bigram["val_loss"], bigram["val_bpb"]],
+        ["unigram (add-one)", unigram["val_loss"], unigram["val_bpb"]],
     ]
     rep.table(["model", "val loss (nats/token)", "val bits/byte"], rows,
               f"Scored on the same {model_final['val_tokens']:,} validation targets.")
@@ -101,7 +103,8 @@ def run(out: Path, quick: bool) -> Path:
         ["corpus", meta["source"]["description"]],
         ["train / val tokens", f"{trainer.data.train_tokens:,} / {trainer.data.val_tokens:,}"],
         ["vocabulary (byte-level BPE)", trainer.data.vocab_size],
-        ["model", f"{cfg.model.n_layer} layers x {cfg.model.n_embd} wide, {cfg.model.n_head} heads, {trainer.seq_len} positions"],
+        ["model", f"{cfg.model.n_layer} layers x {cfg.model.n_embd} wide, {cfg.model.n_head} heads, "
+                  f"{trainer.seq_len} positions"],
         ["tokens trained", result.step * trainer.tokens_per_step],
         ["wall time incl. data preparation (s)", round(train_s, 1)],
         ["throughput (tokens/s, incl. evals)", round(tok_s)],

@@ -32,7 +32,8 @@ def provenance() -> dict[str, Any]:
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
     else:
-        device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        device = (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                  f"{torch.get_num_threads()} threads)")
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": device,
@@ -88,3 +89,22 @@ class Report:
                         "argv": sys.argv, **self.results}, indent=2, default=str)
         )
         return out / "report.md"
+
+
+WALL_TIME = "wall time (s)"  # the key under "## Measured on" and, as wall_s, in results.json
+
+
+def record_wall_time(report_md: str | Path, seconds: float) -> None:
+    """Add a finished lab's wall time to what `Report.write` wrote: a row of the "Measured on"
+    table, which closes report.md, and `wall_s` in results.json beside it. The registry's
+    `quick_minutes` is checked against the reports that record it."""
+    report_md = Path(report_md)
+    text = report_md.read_text()
+    if not text.rstrip("\n").endswith("|"):
+        raise ValueError(f"{report_md}: does not end with the 'Measured on' table")
+    report_md.write_text(text.rstrip("\n") + f"\n| {WALL_TIME} | {seconds:.0f} |\n")
+    results = report_md.with_name("results.json")
+    if results.exists():
+        data = json.loads(results.read_text())
+        data["wall_s"] = seconds
+        results.write_text(json.dumps(data, indent=2, default=str))

@@ -32,7 +32,7 @@ import statistics
 import time
 from pathlib import Path
 
-from ltk.labs.parallelism import lab_config, mesh_for, prepare_lab_data, watch_held_bytes
+from ltk.labs.parallelism import lab_config, mesh_for, plan_strategy, prepare_lab_data, watch_held_bytes
 from ltk.labs.registry import Lab
 from ltk.labs.report import Report
 
@@ -159,12 +159,13 @@ def predict(rows: list[dict], s: dict, calibrations: dict) -> None:
         mm = min(1.0, cal.achieved_flops / alone.achieved_flops / busy)
         bw = min(1.0, cal.bandwidth / alone.bandwidth / busy) if cal.bandwidth and alone.bandwidth else mm
         cluster = replace(calibrated_cluster(cal, w), peak_flops=rate / (g / mm + (1 - g) / bw))
-        st = Strategy(dp=r["dp"], tp=r["tp"], pp=r["pp"], zero=int(r["strategy"][-1]) if r["strategy"].startswith("zero") else 0,
+        zero = int(r["strategy"][-1]) if r["strategy"].startswith("zero") else 0
+        st = Strategy(dp=r["dp"], tp=r["tp"], pp=r["pp"], zero=zero,
                       micro_batches=s["grad_accum"], global_batch=s["batch"] * s["grad_accum"], seq_len=r["seq_len"],
                       dtype="fp32" if s["device"] == "cpu" else "bf16", flash=s["device"] != "cpu")
         p = simulate(m, cluster, st, Calibration(efficiency=1.0, collectives=cal.collectives))
-        states = plan("gpt", m, world=w, strategy=r["strategy"] if r["strategy"] != "auto" else ("ddp" if r["dp"] > 1 else "none"),
-                      tp=r["tp"], pp=r["pp"], batch=st.global_batch if r["pp"] > 1 else s["batch"], seq_len=r["seq_len"],
+        states = plan("gpt", m, world=w, strategy=plan_strategy(r["strategy"], r["dp"]), tp=r["tp"], pp=r["pp"],
+                      batch=st.global_batch if r["pp"] > 1 else s["batch"], seq_len=r["seq_len"],
                       micro_batches=s["grad_accum"], dtype="fp32")  # the largest rank's states: fp32 under autocast too
         r["pred"] = {"step_s": p.step_time, "compute": p.compute, "comm": sum(p.comm_exposed.values()),
                      "idle": p.bubble, "memory": states["params"] + states["grads"] + states["optimizer"],
@@ -214,18 +215,23 @@ with the size), so the fastest calls were used: the link at its best, an optimis
                "a rank blocked in a collective also sleeps and frees its core, which the correction counts "
                "only for a pipeline's bubble")
         out.append(f"""
-On this CPU up to {max(r['world'] for r in multi)} processes share {cores} cores and one memory. The rates each keeps were
-measured with all working at once, and a pipeline rank, which sleeps through its bubble and frees its
-core, counts as competing only m / (m + p − 1) of the step. The largest compute miss left is {r['name']} on
-{r['world']} processes: {r['compute'] * ms:.0f} ms measured, {r['pred']['compute'] * ms:.0f} ms predicted — {why}. On GPUs,
-one per rank, neither the sharing of cores nor the cycles collectives take from compute arise.""")
+On this CPU up to {max(r['world'] for r in multi)} processes share {cores} cores and one memory. The rates
+each keeps were measured with all working at once, and a pipeline rank, which sleeps through its bubble
+and frees its core, counts as competing only m / (m + p − 1) of the step. The largest compute miss left
+is {r['name']} on {r['world']} processes: {r['compute'] * ms:.0f} ms measured, {r['pred']['compute'] * ms:.0f} ms
+predicted — {why}. On GPUs, one per rank, neither the sharing of cores nor the cycles collectives take
+from compute arise.""")
+    of_cores = (f" ({top['core_efficiency']:.0%} of what {cores} cores allow: processes beyond the cores "
+                "time-share them)" if cores else "")
+    on_cores = (" (with gloo on a CPU the collectives run on the cores that compute, so overlap is never free)"
+                if cores else "")
     out.append(f"""
 ## What it shows
 
 At {top['world']} ranks the fastest layout here is {top['name']} ({top['dp']}x{top['tp']}x{top['pp']}) at
-{top['efficiency']:.0%} scaling efficiency{f" ({top['core_efficiency']:.0%} of what {cores} cores allow: processes beyond the cores time-share them)" if cores else ""}.
+{top['efficiency']:.0%} scaling efficiency{of_cores}.
 Data parallelism keeps every rank computing whole layers; its exposed communication is what the
-backward could not hide{" (with gloo on a CPU the collectives run on the cores that compute, so overlap is never free)" if cores else ""}.
+backward could not hide{on_cores}.
 ZeRO-1/2/3 trade memory for traffic: the model states per device fall as the table's last column
 shows, while ZeRO-3 gathers every layer's parameters twice per micro-batch. Tensor parallelism splits
 every matmul into smaller ones and waits on four all-reduces per layer per micro-batch, nothing to hide
@@ -265,11 +271,11 @@ def _plot(rows: list[dict], cores: int | None):
     b.legend(fontsize=7)
     meas, pred = [r["step_s"] * 1e3 for r in rows], [r["pred"]["step_s"] * 1e3 for r in rows]
     for w in worlds:
-        c.scatter([m for m, r in zip(meas, rows) if r["world"] == w], [p for p, r in zip(pred, rows) if r["world"] == w],
-                  label=f"{w} rank{'s' if w > 1 else ''}")
-    c.legend(fontsize=7)
+        c.scatter([m for m, r in zip(meas, rows) if r["world"] == w],
+                  [p for p, r in zip(pred, rows) if r["world"] == w], label=f"{w} rank{'s' if w > 1 else ''}")
     lo, hi = min(meas + pred) * 0.8, max(meas + pred) * 1.2
-    c.plot([lo, hi], [lo, hi], "k--", lw=1)
+    c.plot([lo, hi], [lo, hi], "k--", lw=1, label="simulated = measured")
+    c.legend(fontsize=7)
     c.set(xscale="log", yscale="log", xlabel="measured step ms", ylabel="simulated step ms",
           title="simulator vs measurement")
     fig.tight_layout()
@@ -301,9 +307,10 @@ def run(out: Path, quick: bool) -> Path:
                  "where does the time go, and does the calibrated simulator predict it?",
                  "ltk lab run scaling" + (" --quick" if quick else ""))
     ms, mib = 1e3, 2**20
-    rep.table(["strategy", "ranks", "dp x tp x pp", "tokens/s", "efficiency" + (f" (vs {cores} cores)" if on_cpu else ""),
-               "step ms measured / simulated (error)", "compute ms (meas / sim)", "exposed comm ms (meas / sim)",
-               "idle ms (meas / sim bubble)", "model states MiB/device (meas / sim)"],
+    rep.table(["strategy", "ranks", "dp x tp x pp", "tokens/s",
+               "efficiency" + (f" (vs {cores} cores)" if on_cpu else ""), "step ms measured / simulated (error)",
+               "compute ms (meas / sim)", "exposed comm ms (meas / sim)", "idle ms (meas / sim bubble)",
+               "model states MiB/device (meas / sim)"],
               [[r["name"] if r["world"] > 1 else "single process", r["world"], f"{r['dp']}x{r['tp']}x{r['pp']}",
                 round(r["tokens_per_s"]),
                 f"{r['efficiency']:.0%}" + (f" ({r['core_efficiency']:.0%})" if on_cpu else ""),
@@ -313,7 +320,8 @@ def run(out: Path, quick: bool) -> Path:
                 f"{r['idle'] * ms:.1f} / {r['pred']['idle'] * ms:.1f}",
                 f"{r['memory'] / mib:.2f} / {r['pred']['memory'] / mib:.2f}"] for r in rows],
               f"GPT {s['model']['n_layer']} x {s['model']['n_embd']}, {base['params']:,} parameters, global batch "
-              f"{s['batch']} x {s['grad_accum']} micro-batches x {base['seq_len']} tokens, {'fp32' if on_cpu else 'bf16 autocast'}, "
+              f"{s['batch']} x {s['grad_accum']} micro-batches x {base['seq_len']} tokens, "
+              f"{'fp32' if on_cpu else 'bf16 autocast'}, "
               f"{'CPU processes on gloo, ' + str(cores) + ' cores' if on_cpu else 'one GPU per rank, NCCL'}; "
               f"medians of {s['steps']} steps; compute/comm/idle are means over ranks of the per-rank timeline.")
     rep.plot("scaling", _plot(rows, cores if on_cpu else None), "throughput, time split and simulator vs measurement")
@@ -334,5 +342,5 @@ LAB = Lab(
     question="As a step spreads over 1, 2, 4 ranks, how much faster is it per strategy, where does the time go, "
              "and does the calibrated simulator predict it?",
     run=run,
-    quick_minutes=1.5,
+    quick_minutes=1.0,
 )

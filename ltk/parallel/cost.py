@@ -82,7 +82,8 @@ def model_state_bytes(num_params: int, world: int, stage: int, prec: Precision =
     return {"params": params, "grads": grads, "optimizer": optim}
 
 
-def zero_comm_bytes(num_params: int, stage: int, micro_batches: int = 1, prec: Precision = Precision()) -> dict[str, int]:
+def zero_comm_bytes(num_params: int, stage: int, micro_batches: int = 1,
+                    prec: Precision = Precision()) -> dict[str, int]:
     """Payload bytes per optimizer step, by collective, for DDP (stage 0) and ZeRO-1/2/3."""
     if stage not in ZERO_STAGES:
         raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {stage}")

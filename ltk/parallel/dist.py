@@ -280,7 +280,8 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout_s: float = 120, fak
     if device not in ("cpu", "cuda"):
         raise ValueError(f"spawn: device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and torch.cuda.device_count() < world_size:
-        raise ValueError(f"spawn: {world_size} ranks on CUDA need {world_size} GPUs, {torch.cuda.device_count()} visible")
+        raise ValueError(f"spawn: {world_size} ranks on CUDA need {world_size} GPUs, "
+                         f"{torch.cuda.device_count()} visible")
     backend = "fake" if fake_rank is not None else ("nccl" if device == "cuda" else "gloo")
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, q, timeout_s, backend), daemon=True)
              for r in ranks]
@@ -297,7 +298,8 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout_s: float = 120, fak
             try:
                 rank, status, payload = q.get(timeout=min(left, 1.0))
             except queue_mod.Empty:
-                dead = [(r, p.exitcode) for r, p in zip(ranks, procs) if p.exitcode not in (None, 0) and r not in results]
+                dead = [(r, p.exitcode) for r, p in zip(ranks, procs)
+                        if p.exitcode not in (None, 0) and r not in results]
                 if dead:
                     raise SpawnError(f"rank {dead[0][0]} died with exit code {dead[0][1]}") from None
                 continue

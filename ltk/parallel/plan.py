@@ -130,9 +130,9 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
     m = micro_batches
     breakdown = {"data_parallel": comm}
     if tp > 1:
-        per_micro = cost.tp_comm_bytes(b, T, s.hidden, math.ceil(s.layers / pp), tp, sequence_parallel=sequence_parallel,
-                                       dtype_bytes=prec.param, arch=family, bias=s.block_split_vector > 0,
-                                       positions=s.positions)
+        per_micro = cost.tp_comm_bytes(b, T, s.hidden, math.ceil(s.layers / pp), tp,
+                                       sequence_parallel=sequence_parallel, dtype_bytes=prec.param, arch=family,
+                                       bias=s.block_split_vector > 0, positions=s.positions)
         breakdown["tensor_parallel"] = {op: m * v for op, v in per_micro.items()}
     if pp > 1:
         pp_bytes = cost.pp_comm_bytes(pp, m, b, T, s.hidden, virtual if schedule == "interleaved" else 1,

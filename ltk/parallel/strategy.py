@@ -127,7 +127,8 @@ def build_engine(name: str, model, param_groups, optimizer_factory: Callable, co
     if name in ("zero1", "zero2"):
         from ltk.parallel.zero import ZeroEngine
 
-        return ZeroEngine(model, param_groups, optimizer_factory, comm, stage=int(name[-1]), compute_dtype=compute_dtype)
+        return ZeroEngine(model, param_groups, optimizer_factory, comm, stage=int(name[-1]),
+                          compute_dtype=compute_dtype)
     if name == "zero3":
         from ltk.parallel.zero3 import Zero3Engine
 
@@ -234,7 +235,8 @@ class ParallelRun:
             from ltk.parallel.tp_plan import gather_tp_params
 
             if self.strategy == "zero3":
-                raise ValueError("ZeRO-3 with tensor parallelism is not supported: use zero1/zero2/ddp with --parallel.tp")
+                raise ValueError("ZeRO-3 with tensor parallelism is not supported: "
+                                 "use zero1/zero2/ddp with --parallel.tp")
             return self._complete(gather_tp_params(self.model))
         return self._complete(self.engine.full_state_dict())
 

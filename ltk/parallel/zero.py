@@ -70,7 +70,8 @@ def normalize_groups(model: nn.Module, param_groups) -> tuple[list[list[nn.Param
         ps = list(g["params"])
         for p in ps:
             if id(p) not in owned:
-                raise ValueError(f"param group {i} holds a tensor of shape {tuple(p.shape)} that is not a parameter of the model")
+                raise ValueError(f"param group {i} holds a tensor of shape {tuple(p.shape)} "
+                                 "that is not a parameter of the model")
             if id(p) in seen:
                 raise ValueError(f"a parameter of shape {tuple(p.shape)} appears in two param groups")
             seen.add(id(p))

@@ -52,7 +52,8 @@ def evaluate(
     for i, (x, y) in enumerate(batches):
         x, y = x.to(device), y.to(device)
         with autocast():
-            sums += objective.eval_sums(model, x, y, step_generator(seed, 0, first_index + i * index_step, 0), token_bytes)
+            gen = step_generator(seed, 0, first_index + i * index_step, 0)
+            sums += objective.eval_sums(model, x, y, gen, token_bytes)
     if all_reduce is not None:
         sums = all_reduce(sums)
     if was_training:

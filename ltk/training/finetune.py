@@ -100,7 +100,8 @@ def load_base(path: str | Path, device: torch.device):
     path = Path(path)
     if is_hf_folder(path):
         model = from_pretrained(path)
-        family = "llama" if isinstance(model, Llama) else "gpt" if isinstance(model, get_family("gpt").model_cls) else None
+        family = ("llama" if isinstance(model, Llama)
+                  else "gpt" if isinstance(model, get_family("gpt").model_cls) else None)
         tok_dir = path
     else:
         ckpt = load_checkpoint(path)
@@ -216,7 +217,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     model = prepare_model(model, family, cfg).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.lr or (3e-4 if cfg.method == "full" else 3e-3)
-    optim_cfg = OptimConfig(lr=lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    optim_cfg = OptimConfig(lr=lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+                            grad_clip=cfg.grad_clip)
     opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     model.train()
     stream = batches(train, tok, cfg.batch_size, cfg.max_len, shuffle=True, seed=cfg.seed, packing=cfg.packing)

@@ -183,7 +183,8 @@ class Tokenizer:
 
 def _is_byte_level(backend: tokenizers.Tokenizer) -> bool:
     """GPT-2 style: a ByteLevel decoder (Llama 3 and Qwen wrap the pre-tokenizer in a Sequence)."""
-    return isinstance(backend.decoder, decoders.ByteLevel) or isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel)
+    return (isinstance(backend.decoder, decoders.ByteLevel)
+            or isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel))
 
 
 def _eos_from_config(path: Path) -> str | None:

@@ -26,7 +26,8 @@ def _metrics(run):
 
 def _config(corpus, out, strategy="auto", tp=1, steps=5, grad_accum=1, pp=1, schedule="1f1b", virtual=1):
     cfg = RunConfig(
-        name="tiny", model=GPTConfig(vocab_size=0, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False),
+        name="tiny",
+        model=GPTConfig(vocab_size=0, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False),
         data=DataConfig(source=str(corpus), vocab_size=300, min_chars=16, val_fraction=0.1),
         optim=OptimConfig(lr=3e-3, warmup_steps=2, decay_steps=20),
         trainer=TrainerConfig(max_steps=steps, batch_size=4, eval_every=steps, eval_batches=4, log_every=1,
@@ -76,7 +77,8 @@ def single(tiny_corpus, tmp_path_factory):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_engine_equals_one_process(world, single, tiny_corpus, tmp_path):
-    strategies = ["torch-ddp", "ddp", "naive-ddp", "zero1", "zero2", "zero3"] if world == 2 else ["ddp", "zero2", "zero3"]
+    strategies = (["torch-ddp", "ddp", "naive-ddp", "zero1", "zero2", "zero3"] if world == 2
+                  else ["ddp", "zero2", "zero3"])
     cfgs = [_config(tiny_corpus, tmp_path / s, strategy=s, grad_accum=2) for s in strategies]
     spawn(_train, world, cfgs, timeout_s=TIMEOUT)
     for s in strategies:

@@ -74,7 +74,8 @@ def check(lead, k, n, r, dtype, bias, scale=0.75, seed=0):
         assert out.dtype == dtype and out.shape == ref.shape, name
         budget = 1e-5 if dtype == torch.float32 else 3 * rel_err(bse, ref) + torch.finfo(dtype).eps / 2
         e = rel_err(out, ref)
-        assert math.isfinite(e) and e <= budget, f"{name}: err {e:.2e} > budget {budget:.2e} ({lead}, {k}, {n}, {r}, {dtype})"
+        assert math.isfinite(e) and e <= budget, \
+            f"{name}: err {e:.2e} > budget {budget:.2e} ({lead}, {k}, {n}, {r}, {dtype})"
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,7 +195,8 @@ def test_cost_model():
         u_diff = 2 * m * r * (4 - d)                           # u written and read: fp32 fused, dtype unfused
         assert unfused - fused == 4 * m * n * d - u_diff
         bwd = bytes_moved(m, n, k, r, dtype_bytes=d, mode="bwd")
-        assert bytes_moved(m, n, k, r, dtype_bytes=d, mode="bwd", fused=False) - bwd == 4 * m * k * d - 4 * m * r * (4 - d)
+        unfused_bwd = bytes_moved(m, n, k, r, dtype_bytes=d, mode="bwd", fused=False)
+        assert unfused_bwd - bwd == 4 * m * k * d - 4 * m * r * (4 - d)
     assert 1.9 < bytes_moved(m, n, k, r, fused=False) / bytes_moved(m, n, k, r) < 2.1
     # no bias: N·d fewer bytes
     assert bytes_moved(m, n, k, r) - bytes_moved(m, n, k, r, bias=False) == 2 * n

@@ -39,7 +39,8 @@ def test_each_method_trains_what_it_should_and_writes_its_outputs(tiny_base, tmp
 
 
 def test_jsonl_data_and_the_command_line(tiny_base, tmp_path, capsys):
-    rows = [{"instruction": "Repeat the word.", "input": w, "output": w} for w in ("alpha", "beta", "gamma", "delta")] * 5
+    words = ("alpha", "beta", "gamma", "delta")
+    rows = [{"instruction": "Repeat the word.", "input": w, "output": w} for w in words] * 5
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
     rc = main(["finetune", "--method", "lora", "--base", str(tiny_base), "--data", str(data), "--steps", "2",

@@ -127,5 +127,6 @@ def test_kv_cached_greedy_equals_uncached_and_transformers():
     cache = m.new_cache(2)  # step-by-step logits equal the full forward's
     with torch.no_grad():
         full = m(cached[:, :10])
-        steps = torch.cat([m(cached[:, :6], kv_cache=cache)] + [m(cached[:, i:i + 1], kv_cache=cache) for i in range(6, 10)], 1)
+        steps = torch.cat([m(cached[:, :6], kv_cache=cache)]
+                          + [m(cached[:, i:i + 1], kv_cache=cache) for i in range(6, 10)], 1)
     torch.testing.assert_close(steps, full, rtol=1e-5, atol=1e-5)

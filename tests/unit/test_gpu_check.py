@@ -12,7 +12,8 @@ def test_compare_passes_a_correct_kernel_and_fails_a_wrong_one(monkeypatch):
     x, w, b = torch.randn(5, 33), torch.randn(33), torch.randn(33)
     for t in (x, w, b):
         t.requires_grad_(True)
-    ok = gpu_check._compare("layernorm", "5x33", "fp16", lambda t, be: layer_norm(t[0], t[1], t[2], backend=be), [x, w, b])
+    ok = gpu_check._compare("layernorm", "5x33", "fp16",
+                            lambda t, be: layer_norm(t[0], t[1], t[2], backend=be), [x, w, b])
     assert ok.passed and set(ok.errors) == {"out0", "grad0", "grad1", "grad2"}
 
     def broken(t, be):  # the "triton" side drops the bias: must fail

@@ -14,7 +14,8 @@ tf = pytest.importorskip("transformers")
 def _models():
     torch.manual_seed(0)
     return {
-        "gpt2": (tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=99, n_positions=32, n_embd=32, n_layer=2, n_head=4)), False),
+        "gpt2": (tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=99, n_positions=32, n_embd=32, n_layer=2,
+                                                  n_head=4)), False),
         "llama": (tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64,
                                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                      max_position_embeddings=64)), False),

@@ -96,7 +96,8 @@ def test_alpaca_file_with_and_without_input(tmp_path):
 
 def test_chat_file(tmp_path):
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}, {"messages": msgs[:1] + [msgs[1] | {"content": "Yo"}]}])
+    path = write_jsonl(tmp_path / "c.jsonl",
+                       [{"messages": msgs}, {"messages": msgs[:1] + [msgs[1] | {"content": "Yo"}]}])
     assert load_examples(path) == [Example("### User:\nHi\n\n### Assistant:\n", "Hello"),
                                    Example("### User:\nHi\n\n### Assistant:\n", "Yo")]
 

@@ -175,7 +175,8 @@ def test_peft_adapter_loads_into_ours(hf_llama_folder, tmp_path):
     assert diff < 1e-5, diff
     # our own save of the same adapter uses exactly PEFT's tensor names and values
     save_adapter(ours, tmp_path / "ours")
-    a, b = load_file(str(tmp_path / "peft" / "adapter_model.safetensors")), load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    a = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -208,7 +209,8 @@ def test_partial_targets_and_gpt2_round_trip(tmp_path):
     assert json.loads((tmp_path / "one" / "adapter_config.json").read_text())["target_modules"] == \
         ["model.layers.0.self_attn.q_proj"]
     torch.manual_seed(0)
-    hf = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=99, bos_token_id=0, eos_token_id=0, n_positions=32, n_embd=32, n_layer=2, n_head=4)).eval()
+    hf = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=99, bos_token_id=0, eos_token_id=0, n_positions=32, n_embd=32,
+                                          n_layer=2, n_head=4)).eval()
     hf.save_pretrained(tmp_path / "gpt2")
     gpt = models.from_pretrained(tmp_path / "gpt2", backend="torch")
     apply_lora(gpt, ["c_attn", "mlp.c_proj"], r=4, alpha=8)

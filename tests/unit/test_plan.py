@@ -78,6 +78,7 @@ def test_params_per_rank_equals_the_largest_pipeline_stage(pp):
 def test_activations_follow_korthikanti():
     s, b, h, a = 2048, 1, 4096, 32
     assert cost.activation_bytes_per_layer(s, b, h, a) == s * b * h * (34 + 5 * a * s / h)
-    assert cost.activation_bytes_per_layer(s, b, h, a, tp=8, sequence_parallel=True) == s * b * h * (34 + 5 * a * s / h) / 8
+    assert (cost.activation_bytes_per_layer(s, b, h, a, tp=8, sequence_parallel=True)
+            == s * b * h * (34 + 5 * a * s / h) / 8)
     assert cost.activation_bytes_per_layer(s, b, h, a, flash=True) == s * b * h * 34
     assert cost.activation_bytes_per_layer(s, b, h, a, recompute=True) == 2 * s * b * h

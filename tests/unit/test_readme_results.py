@@ -87,7 +87,8 @@ def test_lab_report_and_its_rules(tmp_path):
     assert rr.Listing("bits/byte", "model")(r) == ["bits/byte: gpt 1.5 · bigram 2.25 · unigram 3"]
     assert rr.Listing("bits/byte", "model", at_last="N")(r) == ["bits/byte at N = 4: bigram 2.25 · unigram 3"]
     assert rr.Range("bits/byte")(r) == ["bits/byte: 1.5 to 3 (median 2.25, 3 rows)"]
-    assert rr.Agree(("state MiB (measured / plan)",))(r) == ["state MiB: measured = plan in 1 of 2 rows (1 not measured)"]
+    assert rr.Agree(("state MiB (measured / plan)",))(r) == \
+        ["state MiB: measured = plan in 1 of 2 rows (1 not measured)"]
     assert rr.Count("N", "4", "rows")(r) == ["N 4: 2 of 3 rows"]
     assert rr.Same("N")(r) == ["N: 2 different values over 3 rows"]
 
@@ -121,7 +122,8 @@ def _bench_file(folder: Path, what: str, device: str, date: str, ms: float = 1.0
     path = folder / f"{what}_{device.lower().replace(' ', '-')}_{date}.md"
     path.write_text(f"# {what} on {device} ({date})\n\n## Command\n\n```\nltk bench {what}\n```\n\n## Rows\n\n"
                     "| op | shape | dtype | mode | provider | median ms [p20, p80] |\n|---|---|---|---|---|---|\n"
-                    f"| s | n=1 | fp32 | step | ours | {ms} [1, 1] |\n| s | n=1 | fp32 | step | transformers | 2 [2, 2] |\n")
+                    f"| s | n=1 | fp32 | step | ours | {ms} [1, 1] |\n"
+                    "| s | n=1 | fp32 | step | transformers | 2 [2, 2] |\n")
     return path
 
 
