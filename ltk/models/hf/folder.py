@@ -121,7 +121,8 @@ def _load_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
     by_storage: dict[int, list[str]] = {}
     for name, t in own.items():
         by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(name)
-    aliases = {n for names in by_storage.values() if any(m in tensors for m in names) for n in names if n not in tensors}
+    aliases = {n for names in by_storage.values() if any(m in tensors for m in names)
+               for n in names if n not in tensors}
     missing = [n for n in own if n not in tensors and n not in aliases]
     unexpected = [n for n in tensors if n not in own]
     if missing or unexpected:

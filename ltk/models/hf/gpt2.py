@@ -76,10 +76,12 @@ def check_tensors(got: dict[str, torch.Tensor], expected: dict[str, tuple[int, .
     """Strict: every expected tensor present with its shape, nothing else."""
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
-    wrong = [f"{k}: {tuple(got[k].shape)} != {expected[k]}" for k in expected if k in got and tuple(got[k].shape) != expected[k]]
+    wrong = [f"{k}: {tuple(got[k].shape)} != {expected[k]}"
+             for k in expected if k in got and tuple(got[k].shape) != expected[k]]
     if missing or unexpected or wrong:
         raise ValueError(f"{where}: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}, shape mismatches {wrong[:8]}")
+                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}, "
+                         f"shape mismatches {wrong[:8]}")
 
 
 def state_dict_from_hf(tensors: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
