@@ -112,10 +112,8 @@ def _launch(nproc: int, argv: list[str], folder) -> int:
     LTK_RUN_FOLDER_HELD that it is taken. torchrun runs in a session of its own and gets each
     signal from here, once (ltk/training/stop.py). Multi-node runs call torchrun directly
     (see ltk/training/trainer.py)."""
-    import subprocess
-
     from ltk.training.run_folder import HELD_ENV
-    from ltk.training.stop import wait_forwarding_signals
+    from ltk.training.stop import run_forwarding_signals
 
     rest, skip = [], False
     for i, a in enumerate(argv):  # drop --nproc N / --nproc=N: the children must not relaunch
@@ -132,7 +130,7 @@ def _launch(nproc: int, argv: list[str], folder) -> int:
     print("launching: " + " ".join(cmd[1:]), file=sys.stderr)
     env = {**os.environ, HELD_ENV: str(folder.path.resolve())}
     fds = (folder.fd,) if folder.fd is not None else ()
-    return wait_forwarding_signals(subprocess.Popen(cmd, env=env, pass_fds=fds, start_new_session=True))
+    return run_forwarding_signals(cmd, env=env, pass_fds=fds)
 
 
 def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:

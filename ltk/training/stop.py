@@ -5,8 +5,9 @@ ahead of the weights; a checkpoint saved then resumes past batches the model nev
 and the run no longer equals an uninterrupted one. So the first SIGINT or SIGTERM only raises a
 flag: the step in flight finishes, the loop saves a checkpoint at that step boundary, and fit()
 raises TrainingStopped (`ltk train` exits 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM). A
-second signal stops at once without saving; the last checkpoint stays intact, because saves are
-atomic (ltk/training/checkpoint.py).
+second Ctrl-C (or any signal after one) stops at once without saving; the last checkpoint stays
+intact, because saves are atomic (ltk/training/checkpoint.py). A SIGTERM after a SIGTERM changes
+nothing: schedulers repeat it, and Slurm signals a worker both directly and through torchrun.
 
 Several processes: every rank must stop after the same step, or those that go on wait forever in
 a collective. After each step the ranks all-reduce (max) their flags, one number next to a whole
@@ -17,7 +18,7 @@ reaches torchrun, not the workers. torchrun then sends that signal once to every
 for them up to --shutdown-timeout (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default; raise it when
 finishing a step and saving takes longer) before it SIGKILLs them; a second signal makes it send
 SIGTERM, the workers' second signal. `ltk train --nproc N` starts torchrun in a session of its
-own too and passes on each signal it gets (`wait_forwarding_signals`), so each Ctrl-C reaches
+own too and passes on each signal it gets (`run_forwarding_signals`), so each Ctrl-C reaches
 every worker once.
 """
 from __future__ import annotations
@@ -47,7 +48,8 @@ class TrainingStopped(KeyboardInterrupt):
 
 class StopOnSignal:
     """While entered (in the main thread), the first SIGINT/SIGTERM sets `signum` for the loop to
-    see at the next step boundary (`agreed`); the second raises KeyboardInterrupt at once."""
+    see at the next step boundary (`agreed`); a second raises KeyboardInterrupt at once, unless
+    both are SIGTERM."""
 
     def __init__(self, rt, announce: bool = True):
         self.rt, self.announce = rt, announce
@@ -66,7 +68,9 @@ class StopOnSignal:
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum:
-            raise KeyboardInterrupt  # the second signal: stop now, without saving
+            if signal.SIGINT in (signum, self.signum):
+                raise KeyboardInterrupt  # the second signal: stop now, without saving
+            return
         self.signum = signum
         if self.announce:  # os.write: a print could land inside another print and raise
             os.write(2, f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
@@ -82,19 +86,24 @@ class StopOnSignal:
         return int(flag.item())
 
 
-def wait_forwarding_signals(proc: subprocess.Popen) -> int:
-    """Wait for `proc` (started in a session of its own), passing on each SIGINT and SIGTERM it
-    would have got from the terminal or a scheduler (a SIGHUP as SIGTERM: save and stop). Returns
-    128 + the first signal passed on if `proc` failed after it, else `proc`'s exit status."""
+def run_forwarding_signals(cmd: list[str], **popen) -> int:
+    """Run `cmd` in a session of its own (so the terminal's signals reach only this process) and pass
+    on each SIGINT and SIGTERM it would have got (a SIGHUP as SIGTERM: save and stop). Returns 128 +
+    the first signal passed on if `cmd` failed after it, else `cmd`'s exit status."""
     got: list[int] = []
+    procs: list[subprocess.Popen] = []
 
     def forward(signum, frame):
         got.append(signum)
-        proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
     old = {s: signal.signal(s, forward) for s in (*SIGNALS, signal.SIGHUP)}
     try:
-        rc = proc.wait()
+        procs.append(subprocess.Popen(cmd, start_new_session=True, **popen))
+        for signum in got:  # those that came while it started
+            procs[0].send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+        rc = procs[0].wait()
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)

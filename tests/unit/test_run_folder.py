@@ -43,6 +43,9 @@ def test_a_fresh_run_into_a_folder_with_a_run_is_refused_and_the_old_run_kept(ti
     err = capsys.readouterr().err
     assert "already holds a run" in err and "step_000003" in err and "Traceback" not in err
     assert f"--resume {run}" in err and "--overwrite" in err
+    assert main(_train_args(tiny_corpus, run, 2, "--nproc", "2")) == 2  # refused before any process starts
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "launching" not in err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"} == before
     assert _ckpts(run) == ["step_000003"] and _steps(run) == [1, 2, 3]
     load_checkpoint(run)
@@ -142,7 +145,7 @@ def test_resuming_an_older_checkpoint_beside_newer_ones_is_refused(tiny_corpus, 
     assert _steps(tmp_path / "fork") == [3] and _ckpts(run) == ["step_000002", "step_000004"]
 
 
-def test_the_first_signal_asks_to_stop_and_the_second_stops_at_once():
+def test_the_first_signal_asks_to_stop_and_a_ctrl_c_after_it_stops_at_once():
     class OneProcess:
         world_size = 1
 
@@ -150,6 +153,8 @@ def test_the_first_signal_asks_to_stop_and_the_second_stops_at_once():
     with StopOnSignal(OneProcess(), announce=False) as stop:
         assert stop.agreed() == 0
         os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.agreed() == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)  # repeated, as schedulers do: still a stop at the step boundary
         assert stop.agreed() == signal.SIGTERM
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
