@@ -1,7 +1,7 @@
 """The run folder: one run writes it at a time, and a new run never mixes into an old one.
 
     runs/x/
-        .lock               held by the process that trains into the folder, for the whole run
+        .lock               while a run holds the folder: locked by it, naming it
         config.json         the run config (rewritten on resume)
         metrics.jsonl       one row per logged step
         checkpoints/step_*  (ltk/training/checkpoint.py)
@@ -16,8 +16,8 @@ stays) once the lock is held.
 Why a lock: two runs writing one folder at the same time delete each other's temporary checkpoint
 folders (every save cleans `.tmp-*`) and interleave their metrics rows. `flock` on an open file
 belongs to the open file, so the kernel drops it when the process ends, however it ends: a crashed
-run never leaves a stale lock. The pid, host and start time written into `.lock` only name the
-holder in the error.
+run leaves its `.lock` file behind but never a stale lock. The pid, host and start time written
+into the file only name the holder in the error.
 
 Why cut metrics.jsonl on resume: a run that crashed after logging step 7 but saving step 5 would,
 resumed, log steps 6 and 7 a second time. Resuming cuts the file back to the checkpoint's step
@@ -64,6 +64,7 @@ class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.fd: int | None = None
+        self._created: list[Path] = []  # the folder and the parents that lock() made, deepest first
 
     def __enter__(self) -> "RunFolder":
         return self
@@ -72,27 +73,50 @@ class RunFolder:
         self.release()
 
     def lock(self) -> "RunFolder":
-        self.path.mkdir(parents=True, exist_ok=True)
-        if fcntl is None:
-            return self
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that has not said which"
-            os.close(fd)
-            raise RunFolderError(f"run folder {self.path} is in use by another run ({holder}); wait for it to "
-                                 "end, or give this run another --out") from None
+            self._created = [p for p in (self.path, *self.path.parents) if not p.exists()]
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = self._open_lock() if fcntl is not None else None
+        except OSError as e:
+            raise RunFolderError(f"cannot use --out {self.path} as a run folder: {e}") from None
+        if fd is None:
+            return self
         os.ftruncate(fd, 0)
         started = time.strftime("%Y-%m-%d %H:%M:%S")
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
         self.fd = fd
         return self
 
+    def _open_lock(self) -> int:
+        while True:
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that has not said which"
+                os.close(fd)
+                raise RunFolderError(f"run folder {self.path} is in use by another run ({holder}); wait for it "
+                                     "to end, or give this run another --out") from None
+            try:  # the file we locked may have been removed by its last holder meanwhile: then lock the new one
+                if os.stat(self.path / LOCK).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # the file stays: removing it would race with a process opening it
-            self.fd = None
+        """Unlock; the lock file goes (removed while still locked, see _open_lock), and so does a
+        folder that this run created and left empty (a run refused or failed before writing)."""
+        if self.fd is None:
+            return
+        (self.path / LOCK).unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+        for folder in self._created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the run wrote into it (or someone else did)
+                break
 
     def describe(self) -> str | None:
         """What run this folder holds, in a few words; None when it holds none."""

@@ -76,6 +76,12 @@ def test_a_held_folder_is_refused_naming_the_holder_and_a_dead_holder_blocks_not
         assert f"pid {os.getpid()} " in (run / ".lock").read_text()
 
 
+def test_a_run_that_wrote_nothing_leaves_nothing_behind(tmp_path):
+    with claim_run_folder(tmp_path / "new" / "run") as folder:
+        assert f"pid {os.getpid()} " in (folder.path / ".lock").read_text()
+    assert list(tmp_path.iterdir()) == []  # a refused or failed run does not litter --out's parents
+
+
 def test_resume_cuts_metrics_back_to_the_checkpoint(tiny_config, tmp_path, monkeypatch):
     """A crash after step 5 was logged but with step 4 the last checkpoint: the resumed run trains
     step 5 again and the log holds it once."""
