@@ -6,6 +6,7 @@
     ltk train --preset gpt-debug --parallel zero3 --nproc 4       # 4 CPU processes, our ZeRO-3
     ltk train --preset gpt-debug --parallel ddp --parallel.tp 2 --nproc 4   # DP 2 x TP 2
     ltk train --resume runs/gpt-debug --trainer.max_steps 600     # continue a run exactly
+    ltk train --preset gpt-debug --overwrite                      # start over in a folder that holds a run
     ltk train --preset gpt-debug --max-steps 20 --profile         # + profile/trace.json (ui.perfetto.dev)
     ltk generate --ckpt runs/gpt-debug --prompt "def main(" --max-new-tokens 80
     ltk finetune --method lora --base runs/gpt-debug --data builtin    # LoRA on the built-in task
