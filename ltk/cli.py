@@ -6,6 +6,7 @@
     ltk train --preset gpt-debug --parallel zero3 --nproc 4       # 4 CPU processes, our ZeRO-3
     ltk train --preset gpt-debug --parallel ddp --parallel.tp 2 --nproc 4   # DP 2 x TP 2
     ltk train --resume runs/gpt-debug --trainer.max_steps 600     # continue a run exactly
+    ltk train --preset gpt-debug --overwrite                      # start over in a folder that holds a run
     ltk train --preset gpt-debug --max-steps 20 --profile         # + profile/trace.json (ui.perfetto.dev)
     ltk generate --ckpt runs/gpt-debug --prompt "def main(" --max-new-tokens 80
     ltk finetune --method lora --base runs/gpt-debug --data builtin    # LoRA on the built-in task
@@ -27,23 +28,26 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from ltk.training.checkpoint import load_checkpoint
+    from contextlib import nullcontext
+
+    from ltk.training.checkpoint import load_checkpoint, read_state
     from ltk.training.config import RunConfig, apply_overrides
     from ltk.training.presets import get_preset
+    from ltk.training.resume import check_resume
+    from ltk.training.run_folder import claim_run_folder
+    from ltk.training.stop import TrainingStopped
     from ltk.training.trainer import Trainer
-    from ltk.training.writable import writable_dir
 
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}: must be >= 1")
-    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch(args.nproc, args.argv)
-    ckpt = None
+    launch = bool(args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ)
+    ckpt_path = state = None
     if args.resume:
         if args.preset:
             raise SystemExit("ltk train: give --preset or --resume, not both (a resumed run keeps its config)")
-        ckpt = load_checkpoint(args.resume)
-        cfg = RunConfig.from_dict(ckpt.state["config"])
-        cfg.trainer.out_dir = str(ckpt.path.parent.parent)  # continue in the same run folder
+        ckpt_path, state = read_state(args.resume)  # the weights are read (and verified) by the trainer's process
+        cfg = RunConfig.from_dict(state["config"])
+        cfg.trainer.out_dir = str(ckpt_path.parent.parent)  # continue in the same run folder
     else:
         cfg = get_preset(args.preset or "gpt-debug")
     if args.data is not None:
@@ -57,17 +61,30 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.profile:
         cfg.trainer.profile = True
     if args.parallel is not None:
-        _set_parallel(cfg, args.parallel, int(os.environ.get("WORLD_SIZE", "1")))
+        _set_parallel(cfg, args.parallel, args.nproc if launch else int(os.environ.get("WORLD_SIZE", "1")))
     apply_overrides(cfg, overrides)
     if args.print_config:
         print(cfg.to_json())
         return 0
-    writable_dir(cfg.trainer.out_dir, "--out")  # before the data is prepared and the model built
-    trainer = Trainer(cfg, resume=ckpt)
-    try:
-        result = trainer.fit()
-    finally:
-        trainer.rt.shutdown()
+    if state is not None:
+        check_resume(cfg, state, ckpt_path)
+    # the launching process claims the run folder (lock, no run mixed in) before any work or rank starts;
+    # ranks started by torchrun directly claim it in Trainer.fit
+    folder = None if "WORLD_SIZE" in os.environ else \
+        claim_run_folder(cfg.trainer.out_dir, resume_from=ckpt_path, overwrite=args.overwrite)
+    with folder or nullcontext():
+        if launch:
+            return _launch(args.nproc, args.argv, folder)
+        trainer = Trainer(cfg, resume=load_checkpoint(ckpt_path) if ckpt_path else None, overwrite=args.overwrite,
+                          folder=folder)
+        try:
+            result = trainer.fit()
+        except TrainingStopped as e:
+            if trainer.rt.is_main:
+                print(f"\n{e}: checkpoint {e.checkpoint}\ncontinue with: ltk train --resume {trainer.run_dir}")
+            return e.exit_code
+        finally:
+            trainer.rt.shutdown()
     m = result.metrics
     if m and trainer.rt.is_main:
         extra = f" | val loss {m['val_loss']:.4f}" if "val_loss" in m else ""
@@ -90,11 +107,15 @@ def _set_parallel(cfg, name: str, world: int) -> None:
         cfg.parallel.strategy = name
 
 
-def _launch(nproc: int, argv: list[str]) -> int:
+def _launch(nproc: int, argv: list[str], folder) -> int:
     """Re-run this command under torchrun with `nproc` local processes (gloo on a CPU, NCCL on
-    GPUs); a failure is reported as the ranks' own one-line errors (ltk/training/launch.py).
-    Multi-node runs call torchrun directly (see ltk/training/trainer.py)."""
+    GPUs), holding the run folder for them: torchrun shares the lock and the ranks learn from
+    LTK_RUN_FOLDER_HELD that it is taken. torchrun runs in a session of its own and gets each
+    signal from here, once (ltk/training/stop.py); a failure is reported as the ranks' own
+    one-line errors (ltk/training/launch.py). Multi-node runs call torchrun directly (see
+    ltk/training/trainer.py)."""
     from ltk.training.launch import launch
+    from ltk.training.run_folder import HELD_ENV
 
     rest, skip = [], False
     for i, a in enumerate(argv):  # drop --nproc N / --nproc=N: the children must not relaunch
@@ -106,7 +127,8 @@ def _launch(nproc: int, argv: list[str]) -> int:
             continue
         if not a.startswith("--nproc="):
             rest.append(a)
-    return launch(nproc, rest, "train")
+    fds = (folder.fd,) if folder.fd is not None else ()
+    return launch(nproc, rest, "train", env={HELD_ENV: str(folder.path.resolve())}, pass_fds=fds)
 
 
 def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -273,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, help="optimizer steps (trainer.max_steps)")
     t.add_argument("--out", help="run folder (trainer.out_dir)")
     t.add_argument("--resume", help="a run folder or checkpoint folder to continue from")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run: delete its config, metrics and checkpoints "
+                   "(once no other run holds the folder)")
     t.add_argument("--device", help="cpu, cuda, cuda:N or auto (trainer.device)")
     t.add_argument("--parallel", choices=PARALLEL_CHOICES,
                    help="parallel strategy (ltk/parallel/): a data-parallel engine, or tp / pp over all ranks; "
@@ -387,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
             report_error(args.cmd, str(e))
             return 2
         raise
+    except KeyboardInterrupt:  # a Ctrl-C outside the training loop, or a second one inside it
+        print(f"ltk {args.cmd}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -189,6 +189,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path=path, model=model, trainer=trainer, state=state)
 
 
+def read_state(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """A checkpoint's folder (or a run folder's newest) and its state.json, without reading the
+    weights: what a launcher needs to check a resume before it starts any process."""
+    path = resolve_checkpoint(path)
+    try:
+        return path, json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'state.json'} is unreadable ({e}); refusing to resume from {path}") from None
+
+
 def restore_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Load saved weights into `model`, strictly: a missing or unexpected tensor, or a shape
     mismatch, is an error that names it. Tied weights (saved once) are re-tied by the

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -61,14 +60,19 @@ def error_lines(folder: str | Path, cmd: str) -> list[str]:
     return lines
 
 
-def launch(nproc: int, argv: list[str], cmd: str = "train") -> int:
-    """Run `ltk <argv>` in `nproc` local processes (gloo on a CPU, NCCL on GPUs); the exit code:
-    0, 2 when the ranks refused their input, else the failed run's."""
+def launch(nproc: int, argv: list[str], cmd: str = "train", env: dict[str, str] | None = None,
+           pass_fds: tuple[int, ...] = ()) -> int:
+    """Run `ltk <argv>` in `nproc` local processes (gloo on a CPU, NCCL on GPUs), with `env` added
+    to the environment and `pass_fds` (the run folder's lock) kept open in torchrun; the exit code:
+    0, 2 when the ranks refused their input, 128 + the signal after a Ctrl-C or SIGTERM (passed
+    on to torchrun once, ltk/training/stop.py), else the failed run's."""
+    from ltk.training.stop import run_forwarding_signals
+
     with tempfile.TemporaryDirectory(prefix="ltk-ranks-") as folder:
         args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "ltk.cli", *argv]
         print("launching: torchrun " + " ".join(args), file=sys.stderr, flush=True)
-        rc = subprocess.run([sys.executable, "-m", "ltk.training.launch", *args],
-                            env={**os.environ, ERRORS_ENV: folder}).returncode
+        rc = run_forwarding_signals([sys.executable, "-m", "ltk.training.launch", *args],
+                                    env={**os.environ, **(env or {}), ERRORS_ENV: folder}, pass_fds=pass_fds)
         if rc == 0:
             return 0
         errors = error_lines(folder, cmd)

@@ -20,7 +20,10 @@ One optimizer step (per rank):
 
 Exact resume: a checkpoint holds the weights, the optimizer moments, the step, the
 data-loader position and every RNG state, so N steps + resume + N steps reproduces 2N
-uninterrupted steps bit for bit on a CPU (tests/unit/test_trainer.py checks it).
+uninterrupted steps bit for bit on a CPU (tests/unit/test_trainer.py checks it). A resume that
+could not be exact is refused (ltk/training/resume.py); Ctrl-C or SIGTERM stops at a step
+boundary and saves there (ltk/training/stop.py); fit() holds the run folder, which never mixes
+two runs (ltk/training/run_folder.py).
 """
 from __future__ import annotations
 
@@ -50,7 +53,10 @@ from ltk.training.memory import MemoryProbe
 from ltk.training.objectives import objective_for, step_generator
 from ltk.training.optim import build_optimizer, lr_at, set_lr
 from ltk.training.profiling import RunProfile
+from ltk.training.resume import check_resume
+from ltk.training.run_folder import RunFolder, claim_for_ranks
 from ltk.training.runtime import capture_host_rng, capture_rng, restore_rng, seed_everything, setup_runtime
+from ltk.training.stop import StopOnSignal, TrainingStopped
 
 
 @dataclass
@@ -62,9 +68,14 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: Checkpoint | None = None):
-        self.cfg, self.resume = cfg, resume
+    """overwrite: a fresh run replaces the run out_dir holds; folder: out_dir as claimed by the caller
+    (the CLI, before building anything), else fit() claims it (ltk/training/run_folder.py)."""
+    def __init__(self, cfg: RunConfig, resume: Checkpoint | None = None, *, overwrite: bool = False,
+                 folder: RunFolder | None = None):
+        self.cfg, self.resume, self.overwrite, self.folder = cfg, resume, overwrite, folder
         t = cfg.trainer
+        if resume is not None:
+            check_resume(cfg, resume.state, resume.path)
         self.rt = setup_runtime(t.device, t.dtype)
         self.run_dir = Path(t.out_dir)
         seed_everything(t.seed)
@@ -266,9 +277,20 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def fit(self) -> TrainResult:
+        """Train to trainer.max_steps, holding the run folder all along (claimed here unless given)."""
+        folder = self.folder or claim_for_ranks(self.run_dir, self.rt, overwrite=self.overwrite,
+                                                resume_from=self.resume.path if self.resume else None)
+        try:
+            return self._fit(folder)
+        finally:
+            if folder is not self.folder:
+                folder.release()
+
+    def _fit(self, folder: RunFolder) -> TrainResult:
         t = self.cfg.trainer
         if self.rt.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.resume is not None:
+                folder.trim_metrics(self.step)  # rows of steps after the checkpoint are trained again
             (self.run_dir / "config.json").write_text(self.cfg.to_json())
             print(
                 f"{self.cfg.family} model: {self.num_params:,} parameters | {self.tokens_per_step:,} tokens/step | "
@@ -283,14 +305,16 @@ class Trainer:
                              steps_left=t.max_steps - self.step, enabled=t.profile and self.rt.is_main)
         # multi-process runs: each step per rank split into compute / exposed comm / idle (ltk/parallel/timeline.py)
         timeline = Timeline(self.rt.device, enabled=self.rt.world_size > 1 and t.timeline)
+        stop, stopping = StopOnSignal(self.rt, announce=self.rt.is_main), 0
         try:
             profile.start()  # --profile: torch.profiler over a few steps, NVML over the run (ltk/training/profiling.py)
-            with timeline:
+            with timeline, stop:
                 while self.step < t.max_steps:
                     timeline.begin_step(self.step)
                     with memory:
                         loss, grad_norm = self.train_step()
                     timeline.end_step()
+                    stopping = stop.agreed()  # a signal: every rank saves after this same step and stops
                     window_tokens += self.tokens_per_step
                     if not math.isfinite(loss):
                         raise FloatingPointError(f"loss became {loss} at step {self.step}; last checkpoint kept intact")
@@ -312,15 +336,16 @@ class Trainer:
                         window_t, window_tokens = time.perf_counter(), 0
                         bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s", "mfu") if k in last})
                     bar.update(1)
-                    if (t.ckpt_every > 0 and self.step % t.ckpt_every == 0) or done:
+                    if (t.ckpt_every > 0 and self.step % t.ckpt_every == 0) or done or stopping:
                         ckpt = self.save()
                     profile.step()
+                    if stopping:
+                        break
                 timeline.flush()
                 timeline.write(self.run_dir)  # rank 0: timeline.json, timeline.png
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a second signal: the last checkpoint saved stays the one to resume
             if self.rt.is_main:
-                print(f"\ninterrupted: saving step {self.step} before exiting")
-            self.save()
+                print(f"\nstopped at once in step {self.step + 1}, nothing saved: the last checkpoint stays intact")
             raise
         finally:
             bar.close()
@@ -329,4 +354,6 @@ class Trainer:
             summary = {"step": self.step, "params": self.num_params, "checkpoint": str(ckpt), **last,
                        "memory": memory.result, **profile.summary(), **timeline.summary()}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if stopping and self.step < t.max_steps:
+            raise TrainingStopped(stopping, self.step, ckpt)
         return TrainResult(self.run_dir, self.step, last, ckpt)

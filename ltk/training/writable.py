@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 
-def _reason(e: OSError) -> str:
+def writable_reason(e: OSError) -> str:
+    """Why `e` stopped a write, in a few words."""
     if isinstance(e, (FileExistsError, NotADirectoryError)):
         return "a file is in the way of the folder"
     return e.strerror or type(e).__name__
@@ -33,7 +34,8 @@ def writable_dir(path: str | os.PathLike, flag: str) -> Path:
     try:
         _probe(path)
     except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot write there ({_reason(e)}); choose a folder you can write") from None
+        raise ValueError(f"{flag} {path}: cannot write there ({writable_reason(e)}); "
+                         "choose a folder you can write") from None
     return path
 
 
@@ -48,5 +50,5 @@ def writable_file(path: str | os.PathLike, flag: str) -> Path:
             with path.open("a"):  # opening to append writes nothing
                 pass
     except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot write the file ({_reason(e)})") from None
+        raise ValueError(f"{flag} {path}: cannot write the file ({writable_reason(e)})") from None
     return path

@@ -1,8 +1,10 @@
 """Faults never hang: a rank that raises, a rank that hangs, a rank that is killed, and a bad
 setting all end the whole group with an error that says what happened, well within the
-timeout."""
+timeout. A Ctrl-C stops every rank after the same step with a checkpoint that resumes exactly,
+and a second run on a folder in use is refused."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,3 +113,106 @@ def _environ(pid: int) -> bytes:
         return b"\n" + Path(f"/proc/{pid}/environ").read_bytes().replace(b"\0", b"\n")
     except OSError:
         return b""
+
+
+def _env():
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+
+def _stop_args(corpus, out, steps, *extra):
+    """_args with a schedule that does not depend on --max-steps, so a run stopped early and resumed
+    to N steps follows the same learning rates as one started for N steps."""
+    return ["train", *_args(corpus, out, steps), "--trainer.batch_size", "4", "--trainer.eval_batches", "2",
+            "--optim.warmup_steps", "2", "--optim.decay_steps", "40", *extra]
+
+
+def _rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _wait_for_rows(proc, run, n, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {n} metrics rows within {timeout} s (exit status {proc.poll()})")
+
+
+def _second_run_is_refused(corpus, run, holder, capsys):
+    """A second run on a folder in use is refused at once, with or without --overwrite, naming the holder."""
+    from ltk.cli import main
+
+    capsys.readouterr()
+    for extra in ([], ["--overwrite"]):
+        assert main(_stop_args(corpus, run, 5, *extra)) == 2
+        err = capsys.readouterr().err
+        assert f"in use by another run (pid {holder} " in err, err
+
+
+def _interrupt(proc, timeout=120):
+    """SIGINT `proc`; its exit status and the step it says it stopped after."""
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=timeout)
+    found = re.search(r"stopped by SIGINT after step (\d+)", out)
+    assert found, out[-2000:] + err[-3000:]
+    return proc.returncode, int(found.group(1))
+
+
+def test_ctrl_c_saves_at_a_step_boundary_and_the_resume_is_exact(tiny_corpus, tmp_path, capsys):
+    """SIGINT a running `ltk train`: it finishes the step, saves, exits 130; resumed, it reproduces an
+    uninterrupted run bit for bit (dropout on, so the RNG states count). Meanwhile a second run on
+    its folder is refused naming its pid, and the first is not disturbed."""
+    from ltk.training.checkpoint import load_checkpoint
+
+    run, full = tmp_path / "run", tmp_path / "full"
+    dropout = ("--model.dropout", "0.1")
+    proc = subprocess.Popen([sys.executable, "-m", "ltk.cli", *_stop_args(tiny_corpus, run, 100000, *dropout)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_rows(proc, run, 3)
+        _second_run_is_refused(tiny_corpus, run, proc.pid, capsys)
+        rc, step = _interrupt(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 130
+    assert load_checkpoint(run).state["step"] == step and [r["step"] for r in _rows(run)] == list(range(1, step + 1))
+    total = str(step + 4)
+    for argv in (["train", "--resume", str(run), "--max-steps", total], _stop_args(tiny_corpus, full, total, *dropout)):
+        done = subprocess.run([sys.executable, "-m", "ltk.cli", *argv], env=_env(), capture_output=True, text=True,
+                              timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+    keys = ("step", "loss", "lr", "grad_norm", "tokens", "val_loss")
+    assert [[r.get(k) for k in keys] for r in _rows(run)] == [[r.get(k) for k in keys] for r in _rows(full)]
+    a, b = load_checkpoint(run).model, load_checkpoint(full).model
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_stops_every_rank_after_the_same_step(tiny_corpus, tmp_path, capsys):
+    """SIGINT the launcher of a 2-process run: every rank finishes the same step, rank 0 saves it, the
+    job exits 130 (no hang, no rank killed). While it ran, the launcher held the folder. Resumed in
+    one process it continues the same batches as an uninterrupted single-process run."""
+    from ltk.cli import main
+    from ltk.training.checkpoint import load_checkpoint
+
+    run, single = tmp_path / "run", tmp_path / "single"
+    proc = subprocess.Popen([sys.executable, "-m", "ltk.cli", *_stop_args(tiny_corpus, run, 100000),
+                             "--parallel", "ddp", "--nproc", "2"],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_rows(proc, run, 2)
+        _second_run_is_refused(tiny_corpus, run, proc.pid, capsys)
+        rc, step = _interrupt(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 130
+    assert load_checkpoint(run).state["step"] == step and [r["step"] for r in _rows(run)] == list(range(1, step + 1))
+    total = str(step + 3)
+    assert main(["train", "--resume", str(run), "--max-steps", total]) == 0
+    assert main(_stop_args(tiny_corpus, single, total)) == 0
+    a, b = _rows(run), _rows(single)
+    assert [r["step"] for r in a] == [r["step"] for r in b] and [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    for ra, rb in zip(a, b):  # the ranks sum gradients in another order: equal to rounding, not bit for bit
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-4), ra["step"]
