@@ -8,7 +8,8 @@ A folder holds config.json and the weights in one of the layouts transformers wr
 
 `architectures` in config.json picks the family and its converter (ltk/models/hf/<family>.py);
 the conversion is strict, so a checkpoint that does not fit is refused with the tensors
-named — never completed with random weights. A tokenizer.json in the same folder is loaded by
+named — never completed with random weights. A config.json whose model could not fit in memory
+(ltk/models/sizing.py) is refused before any tensor is read. A tokenizer.json in the same folder is loaded by
 training.tokenizer.Tokenizer.load(path).
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ltk.models.hf import bert as hf_bert
 from ltk.models.hf import gpt2 as hf_gpt2
 from ltk.models.hf import llama as hf_llama
 from ltk.models.hf import t5 as hf_t5
+from ltk.models.sizing import CHECKPOINT_BYTES, WEIGHT_BYTES, check_fits
 
 # transformers architecture -> (our model class, converter module)
 ARCHITECTURES = {
@@ -65,6 +67,7 @@ def _load_bin(path: str) -> dict[str, torch.Tensor]:
 def from_pretrained(path: str | Path, *, backend: str = "auto") -> torch.nn.Module:
     """A model of ours with the weights of a local transformers folder."""
     model_cls, cfg, tensors = read_folder(path, backend=backend)
+    check_fits(cfg, WEIGHT_BYTES, "cpu", where=f"{Path(path) / 'config.json'}: ")  # beside the loaded tensors
     model = model_cls(cfg)
     _load_strict(model, tensors)
     return model.eval()
@@ -75,14 +78,26 @@ def read_folder(path: str | Path, *, backend: str = "auto") -> tuple[type, objec
     folder = Path(path)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
-    hf_config = json.loads((folder / "config.json").read_text())
+    try:
+        hf_config = json.loads((folder / "config.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
     archs = hf_config.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:
         raise ValueError(f"{folder}: architectures {archs} are not supported; supported: {', '.join(ARCHITECTURES)}")
     model_cls, conv = ARCHITECTURES[arch]
-    cfg = conv.config_from_hf(hf_config)
-    cfg.backend = backend
+    where = f"{folder / 'config.json'}: "
+    try:
+        cfg = conv.config_from_hf(hf_config)
+        cfg.backend = backend
+        cfg.validate()
+    except KeyError as e:
+        raise ValueError(f"{where}missing field {e}") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}{e}") from None
+    # a crafted config (n_layer 1e9) is refused here, before any tensor is read or allocated
+    check_fits(cfg, CHECKPOINT_BYTES, "cpu", what="the checkpoint's tensors, 16-bit at the least", where=where)
     return model_cls, cfg, conv.state_dict_from_hf(load_tensors(folder), cfg)
 
 
