@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from ltk.parallel.strategy import ParallelRun
 from ltk.parallel.timeline import Timeline
 from ltk.training.checkpoint import Checkpoint, restore_model, save_checkpoint
 from ltk.training.config import RunConfig
+from ltk.training.config_check import check_run
 from ltk.training.data import prepare_data
 from ltk.training.evaluate import evaluate
 from ltk.training.hardware import peak_flops
@@ -64,6 +66,8 @@ class TrainResult:
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: Checkpoint | None = None):
         self.cfg, self.resume = cfg, resume
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        check_run(cfg, world=world)  # every value, the layout and the size: before anything is allocated
         t = cfg.trainer
         self.rt = setup_runtime(t.device, t.dtype)
         self.run_dir = Path(t.out_dir)
@@ -71,9 +75,6 @@ class Trainer:
 
         self.data = self._prepare_data()
         self.family = get_family(cfg.family)
-        if not isinstance(cfg.model, self.family.config_cls):
-            raise ValueError(f"family {cfg.family!r} needs a {self.family.config_cls.__name__}, "
-                             f"got {type(cfg.model).__name__}")
         self.objective = objective_for(cfg.family, self.data.vocab_size, self.data.eot_id)
         m = cfg.model
         need = self.data.vocab_size + self.objective.extra_tokens  # + [MASK] / sentinels
@@ -85,18 +86,7 @@ class Trainer:
                 f"{self.objective.name} objective) but model.vocab_size is {m.vocab_size}; "
                 f"set --model.vocab_size {need} or lower --data.vocab_size"
             )
-        positions = getattr(m, "block_size", None)  # None: relative positions (T5), no limit
-        self.seq_len = t.seq_len or positions or 0
-        if self.seq_len <= 0:
-            raise ValueError(f"set --trainer.seq_len: the {cfg.family} model has no block_size to default to")
-        if positions is not None and self.seq_len > positions:
-            raise ValueError(
-                f"trainer.seq_len={self.seq_len} is larger than the model's positions "
-                f"(model.block_size={positions}); lower --trainer.seq_len or raise --model.block_size"
-            )
-        for name in ("max_steps", "batch_size", "grad_accum"):
-            if getattr(t, name) <= 0:
-                raise ValueError(f"trainer.{name} must be positive, got {getattr(t, name)}")
+        self.seq_len = t.seq_len or m.block_size  # check_run: T5 (no block_size) names its seq_len
 
         self.model = self.family.model_cls(m).to(self.rt.device)
         self.model.activation_checkpointing = t.activation_checkpointing
