@@ -73,7 +73,7 @@ class TrainerConfig:
     eval_batches: int = 20  # micro-batches of the validation split per evaluation
     log_every: int = 10
     ckpt_every: int = 0  # steps between checkpoints; 0 = only at the end
-    keep_last: int = 3  # checkpoints kept in the run folder
+    keep_last: int = 3  # checkpoints kept in the run folder; 0 keeps them all
     out_dir: str = "runs/train"
     progress: bool = True  # tqdm progress bar
     timeline: bool = True  # multi-process: per-rank compute / exposed comm / idle per step -> timeline.json, .png

@@ -168,6 +168,7 @@ def test_a_missing_config_file_is_named(tmp_path):
 
 def test_toml_writer_reads_back_awkward_values():
     import math
+
     import tomllib
 
     from ltk.training.config_file import to_toml

@@ -64,11 +64,13 @@ def test_bad_values_are_refused_naming_the_flag(argv, words, capsys):
 
 def test_the_layout_is_checked_before_processes_start(capsys):
     """With --nproc the parent checks the layout and refuses before torchrun starts anything."""
-    assert main(["train", *TRIPWIRE, "--nproc", "2", "--parallel.tp", "3"]) == 2
-    assert "--parallel.tp 3 x --parallel.pp 1 = 3 does not divide the 2 processes" in capsys.readouterr().err
-    assert main(["train", *TRIPWIRE, "--nproc", "2", "--parallel", "ddp", "--trainer.batch_size", "3"]) == 2
-    assert "does not split over 2 data-parallel ranks" in capsys.readouterr().err
-    assert "launching" not in capsys.readouterr().err
+    for argv, needle in [
+        (["--parallel.tp", "3"], "--parallel.tp 3 x --parallel.pp 1 = 3 does not divide the 2 processes"),
+        (["--parallel", "ddp", "--trainer.batch_size", "3"], "does not split over 2 data-parallel ranks"),
+    ]:
+        assert main(["train", *TRIPWIRE, "--nproc", "2", *argv]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "launching" not in err
 
 
 def test_the_trainer_checks_before_it_reads_data(tiny_config, tmp_path):
@@ -175,8 +177,8 @@ def _gpt2_config(**fields) -> dict:
 def test_a_crafted_hugging_face_config_fails_fast_without_allocating(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps(_gpt2_config(n_layer=1e9)))
-    out = _limited("from ltk.models import from_pretrained\n"
-                   "try:\n    from_pretrained('hf')\nexcept ValueError as e:\n    print(e)\n    sys.exit(2)\n", tmp_path)
+    code = "from ltk.models import from_pretrained\ntry:\n    from_pretrained('hf')\n"
+    out = _limited(code + "except ValueError as e:\n    print(e)\n    sys.exit(2)\n", tmp_path)
     assert out.returncode == 2, out.stderr
     assert "config.json" in out.stdout and "too large" in out.stdout and "model.n_layer (1e+09)" in out.stdout
 
