@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from ltk.training.config import ConfigError, RunConfig, apply_overrides
@@ -181,3 +183,40 @@ def test_toml_writer_reads_back_awkward_values():
     want = {k: v for k, v in d.items() if k != "nan"}
     want["n"] = "none"  # TOML has no null; "none" reads back as None into an optional field
     assert back == want
+
+
+@pytest.mark.parametrize("fmt", ["json", "toml"])
+def test_print_config_reads_back_through_config(fmt, tmp_path, capsys):
+    """`ltk train --print-config > c.json && ltk train --config c.json --print-config` prints the same."""
+    from ltk.cli import main
+
+    assert main(["train", "--preset", "llama-debug", "--optim.lr", "1e-3", "--data.tokenizer", "tok.json",
+                 "--print-config", fmt]) == 0
+    first = capsys.readouterr().out
+    f = tmp_path / f"c.{fmt}"
+    f.write_text(first)
+    assert main(["train", "--config", str(f), "--print-config", fmt]) == 0
+    assert capsys.readouterr().out == first
+    assert main(["train", "--config", str(f), "--print-config"]) == 0  # TOML in, JSON out: the same config
+    assert RunConfig.from_dict(json.loads(capsys.readouterr().out)).optim.lr == 1e-3
+
+
+def test_precedence_preset_file_flags_overrides(tmp_path, capsys):
+    from ltk.cli import main
+
+    f = _write(tmp_path / "c.toml", "[trainer]\nmax_steps = 50\nbatch_size = 4\ndevice = \"auto\"\n")
+
+    def resolved(*argv):
+        assert main(["train", "--config", str(f), *argv, "--print-config"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    d = resolved()
+    assert d["trainer"]["max_steps"] == 50 and d["trainer"]["batch_size"] == 4  # the file over the preset
+    assert d["optim"]["warmup_steps"] == 50 and d["name"] == "gpt-debug"  # the rest from the preset
+    d = resolved("--max-steps", "70", "--device", "cpu")
+    assert d["trainer"]["max_steps"] == 70 and d["trainer"]["device"] == "cpu"  # named flags over the file
+    d = resolved("--max-steps", "70", "--trainer.max_steps", "80")
+    assert d["trainer"]["max_steps"] == 80  # dotted overrides over everything
+    assert resolved("--preset", "bert-debug")["family"] == "bert"  # --preset when the file names none
+    with pytest.raises(SystemExit, match="not both"):
+        main(["train", "--config", str(f), "--resume", str(tmp_path)])
