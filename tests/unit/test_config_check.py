@@ -208,3 +208,23 @@ def test_generate_names_a_crafted_hugging_face_folder(tmp_path, capsys):
     assert main(["generate", "--ckpt", str(tmp_path), "--prompt", "x", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "config.json" in err and "lower model.vocab_size" in err
+
+
+def test_on_cuda_the_host_holds_the_built_model_and_the_device_the_state(monkeypatch):
+    """No GPU needed: the CUDA branch's two checks are recorded instead of run."""
+    import ltk.training.config_check as cc
+    import ltk.training.runtime as runtime
+
+    calls = []
+
+    def record(model, per_param, device, **kw):
+        calls.append((per_param, str(device), kw.get("copies", 1)))
+
+    monkeypatch.setattr(cc, "check_fits", record)
+    monkeypatch.setattr(runtime, "resolve_device", lambda name, local_rank=0: torch.device("cuda", local_rank))
+    cfg = get_preset("gpt-debug")
+    cfg.parallel.strategy = "zero2"  # shards gradients and moments over dp = 2 (tp 2)
+    cfg.parallel.tp = 2
+    check_run(cfg, world=4, local=4, warn=False)
+    # host: the whole fp32 model, once per local rank; device: weights / tp + (grads + moments) / (tp x dp)
+    assert calls == [(4, "cpu", 4), (4 / 2 + 12 / 4, "cuda:0", 1)]
