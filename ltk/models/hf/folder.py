@@ -9,8 +9,8 @@ A folder holds config.json and the weights in one of the layouts transformers wr
 `architectures` in config.json picks the family and its converter (ltk/models/hf/<family>.py);
 the conversion is strict, so a checkpoint that does not fit is refused with the tensors
 named — never completed with random weights. A config.json whose model could not fit in memory
-(ltk/models/sizing.py) is refused before any tensor is read. A tokenizer.json in the same folder is loaded by
-training.tokenizer.Tokenizer.load(path).
+(ltk/models/sizing.py) is refused before any tensor is read. A tokenizer.json in the same folder
+is loaded by training.tokenizer.Tokenizer.load(path).
 """
 from __future__ import annotations
 
