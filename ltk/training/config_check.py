@@ -43,6 +43,7 @@ def check_run(cfg: RunConfig, *, world: int | None = None, local: int | None = N
     rank 0). `world` (processes) enables the layout checks, `size` the memory check."""
     _check_fields(cfg)
     check_model(cfg)
+    _check_engines(cfg)
     if world is not None:
         _check_layout(cfg, world)
     if size:
@@ -170,7 +171,37 @@ def _check_device(name: str) -> None:
                           f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
 
 
-# -- layout ---------------------------------------------------------------------------------
+# -- engines and layout ---------------------------------------------------------------------
+def _check_engines(cfg: RunConfig) -> None:
+    """What each engine of ltk/parallel/ can run (the same at any world size)."""
+    p, t = cfg.parallel, cfg.trainer
+    if p.pp > 1:
+        if cfg.family != "gpt" or p.tp > 1 or p.strategy not in ("auto", "ddp", "none"):
+            raise ConfigError("pipeline parallelism (--parallel.pp) runs GPT, composed with data parallelism only "
+                              "(dp = world / pp; no --parallel.tp or ZeRO with it)")
+        if t.dtype == "fp16" or t.compile:
+            raise ConfigError("pipeline parallelism (--parallel.pp) runs without --trainer.dtype fp16 (no loss "
+                              "scaling) and without --trainer.compile")
+        if p.schedule == "interleaved" and t.grad_accum % p.pp:
+            raise ConfigError(f"the interleaved schedule runs micro-batches in groups of pp: --trainer.grad_accum "
+                              f"{t.grad_accum} must be a multiple of --parallel.pp {p.pp}")
+        return
+    if t.dtype == "fp16" and (p.strategy not in ("auto", "none", "torch-ddp") or p.tp > 1):
+        raise ConfigError("--trainer.dtype fp16 needs a loss scaler, which only the plain and torch-ddp paths have: "
+                          "use bf16")
+    if p.tp > 1:
+        if cfg.family not in ("gpt", "llama"):
+            raise ConfigError(f"tensor parallelism (--parallel.tp) has plans for gpt and llama, not {cfg.family}")
+        if getattr(cfg.model, "dropout", 0.0) > 0:
+            raise ConfigError("tensor parallelism runs with --model.dropout 0: the ranks of a tensor-parallel group "
+                              "would draw different dropout masks for the activations they share")
+        if t.compile:
+            raise ConfigError("--trainer.compile with tensor parallelism (--parallel.tp) is not supported: drop one")
+        if p.strategy == "torch-ddp":
+            raise ConfigError("--parallel.strategy torch-ddp does not combine with --parallel.tp: use ddp, "
+                              "naive-ddp, zero1 or zero2")
+
+
 def _check_layout(cfg: RunConfig, world: int) -> None:
     p, t = cfg.parallel, cfg.trainer
     split = p.tp * p.pp

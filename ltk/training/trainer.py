@@ -123,26 +123,13 @@ class Trainer:
         p, t = self.cfg.parallel, self.cfg.trainer
         wd = self.cfg.optim.weight_decay
         factory = lambda groups: build_optimizer(groups, self.cfg.optim, self.rt.device.type)  # noqa: E731
+        # which combinations each engine takes is checked before anything is built (config_check.py)
         if p.pp > 1:  # the pipeline runs the whole step: grad_accum micro-batches flow through the stages
-            if self.cfg.family != "gpt" or p.tp > 1 or p.strategy not in ("auto", "ddp", "none"):
-                raise ValueError("pipeline parallelism runs GPT, composed with data parallelism only "
-                                 "(--parallel.pp N, dp = world / N; no --parallel.tp or ZeRO with it)")
-            if self.rt.dtype == "fp16" or t.compile:
-                raise ValueError("pipeline parallelism runs without fp16 loss scaling and without torch.compile")
             run = PipelineRun(self.model, lambda mod: mod.param_groups(wd), factory, pp=p.pp, schedule=p.schedule,
                               virtual=p.virtual_stages, micro_batches=t.grad_accum)
             if t.batch_size % run.dp_size:
                 raise ValueError(f"trainer.batch_size {t.batch_size} does not split over {run.dp_size} data-parallel ranks")
             return run
-        if self.rt.dtype == "fp16" and (p.strategy not in ("auto", "none", "torch-ddp") or p.tp > 1):
-            raise ValueError("fp16 needs a loss scaler, which only the plain and torch-ddp paths have: use bf16")
-        if p.tp > 1 and self.cfg.family not in ("gpt", "llama"):
-            raise ValueError(f"tensor parallelism has plans for gpt and llama, not {self.cfg.family}")
-        if p.tp > 1 and getattr(self.cfg.model, "dropout", 0.0) > 0:
-            raise ValueError("tensor parallelism runs with --model.dropout 0: the ranks of a tensor-parallel group "
-                             "would draw different dropout masks for the activations they share")
-        if p.tp > 1 and t.compile:
-            raise ValueError("--trainer.compile with tensor parallelism is not supported: drop one")
         model = torch.compile(self.model) if t.compile and p.strategy in ("auto", "none", "torch-ddp") else self.model
         run = ParallelRun(model, lambda mod: self.model.param_groups(wd), factory,
                           strategy=p.strategy, tp=p.tp, sequence_parallel=p.sequence_parallel, device=self.rt.device,
