@@ -7,6 +7,8 @@
     ltk train --preset gpt-debug --parallel ddp --parallel.tp 2 --nproc 4   # DP 2 x TP 2
     ltk train --resume runs/gpt-debug --trainer.max_steps 600     # continue a run exactly
     ltk train --preset gpt-debug --overwrite                      # start over in a folder that holds a run
+    ltk train --config run.toml --max-steps 50                    # a config file (or a run's config.json)
+    ltk train --preset gpt-debug --print-config toml > run.toml   # the resolved config, read back by --config
     ltk train --preset gpt-debug --max-steps 20 --profile         # + profile/trace.json (ui.perfetto.dev)
     ltk generate --ckpt runs/gpt-debug --prompt "def main(" --max-new-tokens 80
     ltk finetune --method lora --base runs/gpt-debug --data builtin    # LoRA on the built-in task
@@ -31,7 +33,9 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from contextlib import nullcontext
 
     from ltk.training.checkpoint import load_checkpoint, read_state
-    from ltk.training.config import RunConfig, apply_overrides
+    from ltk.training.config import apply_overrides
+    from ltk.training.config_check import check_run
+    from ltk.training.config_file import config_from_dict, load_config, to_toml
     from ltk.training.presets import get_preset
     from ltk.training.resume import check_resume
     from ltk.training.run_folder import claim_run_folder
@@ -41,13 +45,16 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc}: must be >= 1")
     launch = bool(args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ)
+    world = args.nproc if launch else int(os.environ.get("WORLD_SIZE", "1"))
     ckpt_path = state = None
     if args.resume:
-        if args.preset:
-            raise SystemExit("ltk train: give --preset or --resume, not both (a resumed run keeps its config)")
+        if args.preset or args.config:
+            raise SystemExit("ltk train: give --preset/--config or --resume, not both (a resumed run keeps its config)")
         ckpt_path, state = read_state(args.resume)  # the weights are read (and verified) by the trainer's process
-        cfg = RunConfig.from_dict(state["config"])
+        cfg = config_from_dict(state["config"], ckpt_path / "state.json")
         cfg.trainer.out_dir = str(ckpt_path.parent.parent)  # continue in the same run folder
+    elif args.config:
+        cfg = load_config(args.config, args.preset)  # the preset < the file
     else:
         cfg = get_preset(args.preset or "gpt-debug")
     if args.data is not None:
@@ -61,13 +68,16 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.profile:
         cfg.trainer.profile = True
     if args.parallel is not None:
-        _set_parallel(cfg, args.parallel, args.nproc if launch else int(os.environ.get("WORLD_SIZE", "1")))
+        _set_parallel(cfg, args.parallel, world)
     apply_overrides(cfg, overrides)
     if args.print_config:
-        print(cfg.to_json())
+        check_run(cfg, size=False, warn=False)
+        print(to_toml(cfg.to_dict()) if args.print_config == "toml" else cfg.to_json() + "\n", end="")
         return 0
     if state is not None:
         check_resume(cfg, state, ckpt_path)
+    if launch:
+        check_run(cfg, world=world, warn=False)  # one clear error before any process starts
     # the launching process claims the run folder (lock, no run mixed in) before any work or rank starts;
     # ranks started by torchrun directly claim it in Trainer.fit
     folder = None if "WORLD_SIZE" in os.environ else \
@@ -99,6 +109,14 @@ PARALLEL_CHOICES = ("ddp", "naive-ddp", "zero1", "zero2", "zero3", "torch-ddp", 
 def _set_parallel(cfg, name: str, world: int) -> None:
     """--parallel NAME: a data-parallel engine over all ranks, or `tp` / `pp` over all ranks.
     Combinations: an engine plus --parallel.tp / --parallel.pp (dp = world / (tp · pp))."""
+    from ltk.training.config import ConfigError, did_you_mean
+
+    if name not in PARALLEL_CHOICES:
+        raise ConfigError(f"--parallel {name!r} is not one of {', '.join(PARALLEL_CHOICES)}"
+                          + did_you_mean(name, PARALLEL_CHOICES))
+    if name in ("tp", "pp") and world == 1:
+        raise ConfigError(f"--parallel {name} splits the model over several processes, but this run has one: "
+                          "add --nproc N (or start it with torchrun)")
     if name == "tp":
         cfg.parallel.tp = world
     elif name == "pp":
@@ -185,7 +203,8 @@ def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
     from ltk.models.generate import check_sampling, generate
     from ltk.models.hf.folder import is_hf_folder
     from ltk.training.checkpoint import load_checkpoint, restore_model
-    from ltk.training.config import RunConfig
+    from ltk.training.config_check import check_weights
+    from ltk.training.config_file import config_from_dict
     from ltk.training.runtime import resolve_device
     from ltk.training.tokenizer import Tokenizer
 
@@ -204,10 +223,11 @@ def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
         block_size, tok_dir = model.config.block_size, Path(args.ckpt)
     else:  # a run folder or one of its checkpoints
         ckpt = load_checkpoint(args.ckpt)
-        cfg = RunConfig.from_dict(ckpt.state["config"])
+        cfg = config_from_dict(ckpt.state["config"], ckpt.path / "state.json")
         if cfg.family not in ("gpt", "llama"):
             raise SystemExit(f"ltk generate: {cfg.family} is not a decoder-only model; "
                              "generate works with gpt and llama checkpoints")
+        check_weights(cfg, ckpt.path / "state.json")  # absurd sizes refused before the model is built
         model = get_family(cfg.family).model_cls(cfg.model)
         restore_model(model, ckpt.model)
         block_size, tok_dir = cfg.model.block_size, ckpt.path
@@ -291,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: ltk train --preset gpt-debug --max-steps 200 --optim.lr 1e-3")
     t.add_argument("--preset", help="gpt-debug (default), llama-debug, bert-debug, t5-debug, "
                    "gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b")
+    t.add_argument("--config", metavar="FILE", help="a .toml or .json run config (a run's config.json, or any "
+                   "subset of the fields) over the preset; flags and --section.field overrides win over it")
     t.add_argument("--data", help="text file or folder, .jsonl or .parquet (default: the embedded corpus)")
     t.add_argument("--max-steps", type=int, help="optimizer steps (trainer.max_steps)")
     t.add_argument("--out", help="run folder (trainer.out_dir)")
@@ -299,14 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over in an --out that holds a run: delete its config, metrics and checkpoints "
                    "(once no other run holds the folder)")
     t.add_argument("--device", help="cpu, cuda, cuda:N or auto (trainer.device)")
-    t.add_argument("--parallel", choices=PARALLEL_CHOICES,
+    t.add_argument("--parallel", metavar="{" + ",".join(PARALLEL_CHOICES) + "}",
                    help="parallel strategy (ltk/parallel/): a data-parallel engine, or tp / pp over all ranks; "
                    "combine with --parallel.tp N / --parallel.pp N")
     t.add_argument("--profile", action="store_true",
                    help="trace a few steps with torch.profiler and sample GPU counters (trainer.profile): "
                    "writes profile/ in the run folder")
     t.add_argument("--nproc", type=int, help="start N local processes (torchrun underneath)")
-    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--print-config", nargs="?", const="json", choices=("json", "toml"),
+                   help="print the resolved config (JSON, or TOML) and exit; --config reads it back")
     t.set_defaults(func=_train)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")

@@ -9,6 +9,7 @@ applied from outside (ltk/parallel/).
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,7 +39,9 @@ FAMILIES: dict[str, Family] = {
 
 def get_family(name: str) -> Family:
     if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; supported: {', '.join(FAMILIES)}")
+        close = difflib.get_close_matches(str(name), FAMILIES, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ";"
+        raise ValueError(f"unknown model family {name!r}{hint} supported: {', '.join(FAMILIES)}")
     return FAMILIES[name]
 
 

@@ -9,12 +9,14 @@
 
 Presets are plain Python functions (ltk/training/presets.py) that return a RunConfig; the
 command line overrides any field by its dotted path, e.g. `--trainer.max_steps 200` or
-`--model.n_layer=4`. An unknown field is an error that lists the valid ones: a typo must
-never be silently ignored.
+`--model.n_layer=4`; a file (ltk/training/config_file.py) sets any subset of the fields. An
+unknown field is an error that suggests the nearest valid one: a typo must never be silently
+ignored. Values are type-checked here; their ranges are checked in ltk/training/config_check.py.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -71,7 +73,7 @@ class TrainerConfig:
     eval_batches: int = 20  # micro-batches of the validation split per evaluation
     log_every: int = 10
     ckpt_every: int = 0  # steps between checkpoints; 0 = only at the end
-    keep_last: int = 3  # checkpoints kept in the run folder
+    keep_last: int = 3  # checkpoints kept in the run folder; 0 keeps them all
     out_dir: str = "runs/train"
     progress: bool = True  # tqdm progress bar
     timeline: bool = True  # multi-process: per-rank compute / exposed comm / idle per step -> timeline.json, .png
@@ -112,35 +114,75 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        d = dict(d)
-        family = get_family(d.get("family", "gpt"))
-        model = _from_dict(family.config_cls, d.pop("model", {}), "model.")
-        cfg = _from_dict(cls, d, "")
-        cfg.model = model
-        return cfg
+        """The config a dict describes; missing fields take the dataclass defaults."""
+        family = d.get("family", "gpt")
+        if not isinstance(family, str):
+            raise ConfigError(f"family: expected a string, got {family!r}")
+        return apply_dict(cls(family=family, model=get_family(family).config_cls()), d)
 
 
 class ConfigError(ValueError):
-    """A bad preset, field or value; the message names it and lists what is valid."""
+    """A bad preset, field or value; the message names it and what is valid."""
 
 
-def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise ConfigError(
-            f"unknown config field(s) {sorted(prefix + u for u in unknown)}; "
-            f"valid fields of {cls.__name__}: {sorted(names)}"
-        )
-    kwargs = {}
+def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
+    """The hint '; did you mean X?' for the closest of `choices` (difflib), or '' when none is."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def apply_dict(cfg: RunConfig, d: dict[str, Any]) -> RunConfig:
+    """Set the fields a (possibly partial) nested dict names, type-checked, in place. A `family`
+    other than the config's starts `model` from that family's defaults."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"expected a table of config sections, got {type(d).__name__}")
+    family = d.get("family", cfg.family)
+    if not isinstance(family, str):
+        raise ConfigError(f"family: expected a string, got {family!r}")
+    fam = get_family(family)
+    if not isinstance(cfg.model, fam.config_cls):
+        cfg.model = fam.config_cls()
+    _merge(cfg, d, "")
+    return cfg
+
+
+def _merge(obj: Any, d: dict[str, Any], prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
     for name, value in d.items():
-        t = hints[name]
-        if dataclasses.is_dataclass(t):
-            kwargs[name] = _from_dict(t, value, f"{prefix}{name}.")
+        if name not in names:
+            hint = did_you_mean(prefix + name, [prefix + n for n in names])
+            section = prefix.rstrip(".") or "the run config"
+            raise ConfigError(f"unknown config field {prefix}{name}"
+                              + (hint or f"; fields of {section}: " + ", ".join(names)))
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name} is a section: expected a table of its fields, got {value!r}")
+            _merge(current, value, f"{prefix}{name}.")
         else:
-            kwargs[name] = value
-    return cls(**kwargs)
+            setattr(obj, name, _typed(value, hints[name], prefix + name))
+
+
+def _typed(value: Any, t: Any, path: str) -> Any:
+    """A value read from a file, checked against the field's declared type. As on the command
+    line, "none" means None for an optional field (TOML has no null), and 5e3 reads as an int."""
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        if value is None or isinstance(value, str) and value.lower() in ("none", "null"):
+            return None
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    if t is bool and isinstance(value, bool):
+        return value
+    if t is int and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, int) or value.is_integer():
+            return int(value)
+    if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if t is str and isinstance(value, str):
+        return value
+    if t not in (bool, int, float, str):
+        return value
+    raise ConfigError(f"{path}: expected {'an' if t is int else 'a'} {t.__name__}, got {value!r}")
 
 
 def _field_paths(obj: Any, prefix: str = "") -> list[str]:
@@ -184,8 +226,10 @@ def apply_override(cfg: RunConfig, path: str, text: str) -> None:
     parts = path.split(".")
     obj: Any = cfg
     for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
-            raise ConfigError(f"unknown config field --{path}; valid fields: " + ", ".join(_field_paths(cfg)))
+        if not dataclasses.is_dataclass(obj):
+            raise ConfigError(f"unknown config field --{path}: {'.'.join(parts[:i])} is a field, not a section")
+        if part not in {f.name for f in dataclasses.fields(obj)}:
+            raise ConfigError(f"unknown config field --{path}{_suggest(cfg, path, parts[:i])}")
         if i < len(parts) - 1:
             obj = getattr(obj, part)
     leaf = parts[-1]
@@ -193,6 +237,29 @@ def apply_override(cfg: RunConfig, path: str, text: str) -> None:
         raise ConfigError(f"--{path} is a group; set one of its fields, e.g. --{path}.{dataclasses.fields(getattr(obj, leaf))[0].name}")
     t = typing.get_type_hints(type(obj))[leaf]
     setattr(obj, leaf, _coerce(text, t, path))
+
+
+def _suggest(cfg: RunConfig, path: str, good: list[str]) -> str:
+    """The nearest field (a misspelt field or section, or a field without its section: --lr);
+    else the fields of the deepest section spelt right, not all 50-odd of them."""
+    paths = _field_paths(cfg)
+    leaf = path.rsplit(".", 1)[-1]
+    same_leaf = [p for p in paths if p.rsplit(".", 1)[-1] == leaf]
+    if len(same_leaf) == 1:
+        return f"; did you mean --{same_leaf[0]}?"
+    section = cfg
+    for part in good:
+        section = getattr(section, part)
+    names = [f.name for f in dataclasses.fields(section)]
+    wrong = path.split(".")[len(good)]
+    close = difflib.get_close_matches(wrong, names, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean --{'.'.join([*good, close[0]])}?"
+    if not good:
+        close = difflib.get_close_matches(path, paths, n=1, cutoff=0.6)
+        if close:
+            return f"; did you mean --{close[0]}?"
+    return f"; fields of {'.'.join(good) or 'the run config'}: " + ", ".join(names)
 
 
 def apply_overrides(cfg: RunConfig, args: list[str]) -> RunConfig:

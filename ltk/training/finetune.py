@@ -94,7 +94,8 @@ def load_base(path: str | Path, device: torch.device):
     from ltk.models import Llama, from_pretrained, get_family
     from ltk.models.hf.folder import is_hf_folder
     from ltk.training.checkpoint import load_checkpoint, restore_model
-    from ltk.training.config import RunConfig
+    from ltk.training.config_check import check_weights
+    from ltk.training.config_file import config_from_dict
     from ltk.training.tokenizer import Tokenizer
 
     path = Path(path)
@@ -105,7 +106,8 @@ def load_base(path: str | Path, device: torch.device):
         tok_dir = path
     else:
         ckpt = load_checkpoint(path)
-        cfg = RunConfig.from_dict(ckpt.state["config"])
+        cfg = config_from_dict(ckpt.state["config"], ckpt.path / "state.json")
+        check_weights(cfg, ckpt.path / "state.json")  # absurd sizes refused before the model is built
         family = cfg.family
         model = get_family(family).model_cls(cfg.model)
         restore_model(model, ckpt.model)

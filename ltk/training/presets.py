@@ -14,7 +14,7 @@ from ltk.models.bert import bert_config
 from ltk.models.gpt import gpt_config
 from ltk.models.llama import llama_config
 from ltk.models.t5 import t5_config
-from ltk.training.config import ConfigError, DataConfig, OptimConfig, RunConfig, TrainerConfig
+from ltk.training.config import ConfigError, DataConfig, OptimConfig, RunConfig, TrainerConfig, did_you_mean
 
 
 def gpt_debug() -> RunConfig:
@@ -84,5 +84,6 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
 
 def get_preset(name: str) -> RunConfig:
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}{did_you_mean(name, PRESETS) or ';'} available presets: "
+                          + ", ".join(PRESETS))
     return PRESETS[name]()

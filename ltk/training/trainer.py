@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from ltk.parallel.strategy import ParallelRun
 from ltk.parallel.timeline import Timeline
 from ltk.training.checkpoint import Checkpoint, restore_model, save_checkpoint
 from ltk.training.config import RunConfig
+from ltk.training.config_check import check_run
 from ltk.training.data import prepare_data
 from ltk.training.evaluate import evaluate
 from ltk.training.hardware import peak_flops
@@ -73,6 +75,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, resume: Checkpoint | None = None, *, overwrite: bool = False,
                  folder: RunFolder | None = None):
         self.cfg, self.resume, self.overwrite, self.folder = cfg, resume, overwrite, folder
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        check_run(cfg, world=world)  # every value, the layout and the size: before anything is allocated
         t = cfg.trainer
         if resume is not None:
             check_resume(cfg, resume.state, resume.path)
@@ -82,9 +86,6 @@ class Trainer:
 
         self.data = self._prepare_data()
         self.family = get_family(cfg.family)
-        if not isinstance(cfg.model, self.family.config_cls):
-            raise ValueError(f"family {cfg.family!r} needs a {self.family.config_cls.__name__}, "
-                             f"got {type(cfg.model).__name__}")
         self.objective = objective_for(cfg.family, self.data.vocab_size, self.data.eot_id)
         m = cfg.model
         need = self.data.vocab_size + self.objective.extra_tokens  # + [MASK] / sentinels
@@ -96,18 +97,7 @@ class Trainer:
                 f"{self.objective.name} objective) but model.vocab_size is {m.vocab_size}; "
                 f"set --model.vocab_size {need} or lower --data.vocab_size"
             )
-        positions = getattr(m, "block_size", None)  # None: relative positions (T5), no limit
-        self.seq_len = t.seq_len or positions or 0
-        if self.seq_len <= 0:
-            raise ValueError(f"set --trainer.seq_len: the {cfg.family} model has no block_size to default to")
-        if positions is not None and self.seq_len > positions:
-            raise ValueError(
-                f"trainer.seq_len={self.seq_len} is larger than the model's positions "
-                f"(model.block_size={positions}); lower --trainer.seq_len or raise --model.block_size"
-            )
-        for name in ("max_steps", "batch_size", "grad_accum"):
-            if getattr(t, name) <= 0:
-                raise ValueError(f"trainer.{name} must be positive, got {getattr(t, name)}")
+        self.seq_len = t.seq_len or m.block_size  # check_run: T5 (no block_size) names its seq_len
 
         self.model = self.family.model_cls(m).to(self.rt.device)
         self.model.activation_checkpointing = t.activation_checkpointing
@@ -144,26 +134,13 @@ class Trainer:
         p, t = self.cfg.parallel, self.cfg.trainer
         wd = self.cfg.optim.weight_decay
         factory = lambda groups: build_optimizer(groups, self.cfg.optim, self.rt.device.type)  # noqa: E731
+        # which combinations each engine takes is checked before anything is built (config_check.py)
         if p.pp > 1:  # the pipeline runs the whole step: grad_accum micro-batches flow through the stages
-            if self.cfg.family != "gpt" or p.tp > 1 or p.strategy not in ("auto", "ddp", "none"):
-                raise ValueError("pipeline parallelism runs GPT, composed with data parallelism only "
-                                 "(--parallel.pp N, dp = world / N; no --parallel.tp or ZeRO with it)")
-            if self.rt.dtype == "fp16" or t.compile:
-                raise ValueError("pipeline parallelism runs without fp16 loss scaling and without torch.compile")
             run = PipelineRun(self.model, lambda mod: mod.param_groups(wd), factory, pp=p.pp, schedule=p.schedule,
                               virtual=p.virtual_stages, micro_batches=t.grad_accum)
             if t.batch_size % run.dp_size:
                 raise ValueError(f"trainer.batch_size {t.batch_size} does not split over {run.dp_size} data-parallel ranks")
             return run
-        if self.rt.dtype == "fp16" and (p.strategy not in ("auto", "none", "torch-ddp") or p.tp > 1):
-            raise ValueError("fp16 needs a loss scaler, which only the plain and torch-ddp paths have: use bf16")
-        if p.tp > 1 and self.cfg.family not in ("gpt", "llama"):
-            raise ValueError(f"tensor parallelism has plans for gpt and llama, not {self.cfg.family}")
-        if p.tp > 1 and getattr(self.cfg.model, "dropout", 0.0) > 0:
-            raise ValueError("tensor parallelism runs with --model.dropout 0: the ranks of a tensor-parallel group "
-                             "would draw different dropout masks for the activations they share")
-        if p.tp > 1 and t.compile:
-            raise ValueError("--trainer.compile with tensor parallelism is not supported: drop one")
         model = torch.compile(self.model) if t.compile and p.strategy in ("auto", "none", "torch-ddp") else self.model
         run = ParallelRun(model, lambda mod: self.model.param_groups(wd), factory,
                           strategy=p.strategy, tp=p.tp, sequence_parallel=p.sequence_parallel, device=self.rt.device,

@@ -10,8 +10,9 @@ A folder holds config.json and the weights in one of the layouts transformers wr
 the conversion is strict, so a checkpoint that does not fit is refused with the tensors
 named — never completed with random weights. A damaged file (config.json that is not JSON, a cut
 weights file, an index naming a missing shard) or a pickle holding more than tensors is refused
-with its name (the readers are in ltk/models/files.py). A tokenizer.json in the same folder is
-loaded by training.tokenizer.Tokenizer.load(path).
+with its name (the readers are in ltk/models/files.py). A config.json whose model could not fit in
+memory (ltk/models/sizing.py) is refused before any tensor is read. A tokenizer.json in the same
+folder is loaded by training.tokenizer.Tokenizer.load(path).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from ltk.models.hf import bert as hf_bert
 from ltk.models.hf import gpt2 as hf_gpt2
 from ltk.models.hf import llama as hf_llama
 from ltk.models.hf import t5 as hf_t5
+from ltk.models.sizing import CHECKPOINT_BYTES, WEIGHT_BYTES, check_fits
 
 # transformers architecture -> (our model class, converter module)
 ARCHITECTURES = {
@@ -93,6 +95,7 @@ def is_hf_folder(path: str | Path) -> bool:
 def from_pretrained(path: str | Path, *, backend: str = "auto") -> torch.nn.Module:
     """A model of ours with the weights of a local transformers folder."""
     model_cls, cfg, tensors = read_folder(path, backend=backend)
+    check_fits(cfg, WEIGHT_BYTES, "cpu", where=f"{Path(path) / 'config.json'}: ")  # beside the loaded tensors
     model = model_cls(cfg)
     _load_strict(model, tensors)
     return model.eval()
@@ -109,8 +112,17 @@ def read_folder(path: str | Path, *, backend: str = "auto") -> tuple[type, objec
     if arch is None:
         raise ValueError(f"{folder}: architectures {archs} are not supported; supported: {', '.join(ARCHITECTURES)}")
     model_cls, conv = ARCHITECTURES[arch]
-    cfg = conv.config_from_hf(hf_config)
-    cfg.backend = backend
+    where = f"{folder / 'config.json'}: "
+    try:
+        cfg = conv.config_from_hf(hf_config)
+        cfg.backend = backend
+        cfg.validate()
+    except KeyError as e:
+        raise ValueError(f"{where}missing field {e}") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}{e}") from None
+    # a crafted config (n_layer 1e9) is refused here, before any tensor is read or allocated
+    check_fits(cfg, CHECKPOINT_BYTES, "cpu", what="the checkpoint's tensors, 16-bit at the least", where=where)
     return model_cls, cfg, conv.state_dict_from_hf(load_tensors(folder), cfg)
 
 
