@@ -194,8 +194,8 @@ def read_state(path: str | Path) -> tuple[Path, dict[str, Any]]:
     weights: what a launcher needs to check a resume before it starts any process."""
     path = resolve_checkpoint(path)
     try:
-        return path, json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as e:
+        return path, read_json(path / "state.json")  # bad JSON: the file, line and column
+    except OSError as e:
         raise CheckpointError(f"{path / 'state.json'} is unreadable ({e}); refusing to resume from {path}") from None
 
 
@@ -214,6 +214,7 @@ def restore_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> N
                   for n in tensors if n in own and tensors[n].shape != own[n].shape]
     if missing or unexpected or mismatched:
         raise CheckpointError(
-            f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}, shape mismatches {mismatched}"
+            f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}, "
+            f"shape mismatches {mismatched}"
         )
     model.load_state_dict({**{n: own[n] for n in aliases}, **tensors}, strict=True)
