@@ -210,7 +210,10 @@ def test_ctrl_c_stops_every_rank_after_the_same_step(tiny_corpus, tmp_path, caps
     assert rc == 130
     assert load_checkpoint(run).state["step"] == step and [r["step"] for r in _rows(run)] == list(range(1, step + 1))
     total = str(step + 3)
-    assert main(["train", "--resume", str(run), "--max-steps", total]) == 0
+    # one process must say so: a ddp run resumed without --nproc is refused rather than silently unreplicated
+    assert main(["train", "--resume", str(run), "--max-steps", total]) == 2
+    assert "--parallel.strategy auto" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--max-steps", total, "--parallel.strategy", "auto"]) == 0
     assert main(_stop_args(tiny_corpus, single, total)) == 0
     a, b = _rows(run), _rows(single)
     assert [r["step"] for r in a] == [r["step"] for r in b] and [r["tokens"] for r in a] == [r["tokens"] for r in b]
