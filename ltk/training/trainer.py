@@ -46,6 +46,7 @@ from ltk.training.data import prepare_data
 from ltk.training.evaluate import evaluate
 from ltk.training.hardware import peak_flops
 from ltk.training.loader import TokenLoader
+from ltk.training.loggers import Loggers, check_sinks, open_loggers
 from ltk.training.memory import MemoryProbe
 from ltk.training.objectives import objective_for, step_generator
 from ltk.training.optim import build_optimizer, lr_at, set_lr
@@ -65,6 +66,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, resume: Checkpoint | None = None):
         self.cfg, self.resume = cfg, resume
         t = cfg.trainer
+        self.sinks = check_sinks(t.log_to)  # an unknown sink or a missing package: an error before any work
+        self.logger = Loggers()  # rank 0 opens the sinks in fit()
         self.rt = setup_runtime(t.device, t.dtype)
         self.run_dir = Path(t.out_dir)
         seed_everything(t.seed)
@@ -261,9 +264,7 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
-        if self.rt.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self.logger.log(record)  # metrics.jsonl and the sinks of trainer.log_to (ltk/training/loggers.py)
 
     def fit(self) -> TrainResult:
         t = self.cfg.trainer
@@ -283,6 +284,8 @@ class Trainer:
                              steps_left=t.max_steps - self.step, enabled=t.profile and self.rt.is_main)
         # multi-process runs: each step per rank split into compute / exposed comm / idle (ltk/parallel/timeline.py)
         timeline = Timeline(self.rt.device, enabled=self.rt.world_size > 1 and t.timeline)
+        if self.rt.is_main:
+            self.logger = open_loggers(self.sinks, self.run_dir, self.cfg.to_dict(), self.cfg.name)
         try:
             profile.start()  # --profile: torch.profiler over a few steps, NVML over the run (ltk/training/profiling.py)
             with timeline:
@@ -325,6 +328,7 @@ class Trainer:
         finally:
             bar.close()
             profile.close()
+            self.logger.close()  # every exit path
         if self.rt.is_main and last:
             summary = {"step": self.step, "params": self.num_params, "checkpoint": str(ckpt), **last,
                        "memory": memory.result, **profile.summary(), **timeline.summary()}
