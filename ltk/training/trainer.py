@@ -51,6 +51,7 @@ from ltk.training.memory import MemoryProbe
 from ltk.training.objectives import objective_for, step_generator
 from ltk.training.optim import build_optimizer, lr_at, set_lr
 from ltk.training.profiling import RunProfile
+from ltk.training.run_plot import plot_run
 from ltk.training.runtime import capture_host_rng, capture_rng, restore_rng, seed_everything, setup_runtime
 
 
@@ -266,6 +267,17 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         self.logger.log(record)  # metrics.jsonl and the sinks of trainer.log_to (ltk/training/loggers.py)
 
+    def _close_logs(self) -> None:
+        """Every exit path: close the sinks, then draw loss.png from the rows logged so far."""
+        try:
+            self.logger.close()
+        finally:
+            if self.rt.is_main:
+                try:
+                    plot_run(self.run_dir)
+                except Exception as e:  # noqa: BLE001 - a failed plot must not hide the run's own error
+                    print(f"warning: could not draw {self.run_dir / 'loss.png'}: {e}")
+
     def fit(self) -> TrainResult:
         t = self.cfg.trainer
         if self.rt.is_main:
@@ -328,7 +340,7 @@ class Trainer:
         finally:
             bar.close()
             profile.close()
-            self.logger.close()  # every exit path
+            self._close_logs()
         if self.rt.is_main and last:
             summary = {"step": self.step, "params": self.num_params, "checkpoint": str(ckpt), **last,
                        "memory": memory.result, **profile.summary(), **timeline.summary()}

@@ -1,4 +1,4 @@
-"""Experiment logging (ltk/training/loggers.py)."""
+"""Experiment logging (ltk/training/loggers.py) and loss.png (ltk/training/run_plot.py)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ import pytest
 
 from ltk.training import loggers as lg
 from ltk.training.config import ConfigError
+from ltk.training.run_plot import loss_figure, plot_run, read_metrics
 from ltk.training.trainer import Trainer
 
 ROWS = [{"step": 1, "loss": 5.5, "lr": 1e-4, "tokens": 64},
@@ -162,21 +163,22 @@ def recorder(monkeypatch):
     return rec
 
 
-def test_training_run_writes_every_sink(tiny_config, tmp_path, recorder):
+def test_training_run_writes_every_sink_and_loss_png(tiny_config, tmp_path, recorder):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
     Trainer(tiny_config(run, max_steps=4, eval_every=2, log_to="tensorboard")).fit()
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # always written
+    rows = read_metrics(run / "metrics.jsonl")  # written though log_to did not name it
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows == recorder.records and recorder.closed
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     assert [e.value for e in acc.Scalars("loss")] == pytest.approx([r["loss"] for r in rows])
+    assert (run / "loss.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
-def test_a_failed_run_closes_its_sinks(tiny_config, tmp_path, recorder, monkeypatch, error):
+def test_a_failed_run_closes_its_sinks_and_still_plots(tiny_config, tmp_path, recorder, monkeypatch, error):
     trainer = Trainer(tiny_config(tmp_path / "run", max_steps=6))
     step = trainer.train_step
 
@@ -189,3 +191,27 @@ def test_a_failed_run_closes_its_sinks(tiny_config, tmp_path, recorder, monkeypa
     with pytest.raises(type(error)):
         trainer.fit()
     assert recorder.closed and [r["step"] for r in recorder.records] == [1, 2, 3]
+    assert (tmp_path / "run" / "loss.png").exists()
+
+
+# --- loss.png ------------------------------------------------------------------------------
+
+def test_loss_figure_has_both_losses_lr_on_a_second_axis_and_a_legend():
+    fig = loss_figure(ROWS, title="tiny")
+    ax, ax_lr = fig.axes
+    assert ax.get_xlabel() == "step" and "loss" in ax.get_ylabel() and ax_lr.get_ylabel() == "learning rate"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["training loss", "validation loss",
+                                                                    "learning rate"]
+    train, val = ax.get_lines()
+    assert list(train.get_xdata()) == [1, 2, 3] and list(val.get_ydata()) == [5.2]
+    assert list(ax_lr.get_lines()[0].get_ydata()) == [1e-4, 2e-4, 3e-4]
+
+
+def test_plot_run_skips_a_cut_line_and_draws_nothing_without_rows(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("")
+    assert plot_run(tmp_path) is None and not (tmp_path / "loss.png").exists()
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS) + '{"step": 4, "lo')  # a crash mid-write
+    assert read_metrics(path) == ROWS
+    png = plot_run(tmp_path)
+    assert png == tmp_path / "loss.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
