@@ -29,10 +29,36 @@ def progress_enabled() -> bool:
 
 
 def progress(iterable: Iterable[T] | None = None, *, desc: str | None = None, total: int | None = None,
-             unit: str = "it", leave: bool = False) -> tqdm:
-    """A tqdm bar on stderr, disabled unless `progress_enabled()`; iterate it or call .update()."""
+             unit: str = "it", leave: bool = False, **kwargs) -> tqdm:
+    """A tqdm bar on stderr, disabled unless `progress_enabled()`; iterate it or call .update().
+    Other keyword arguments go to tqdm."""
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, file=sys.stderr,
-                disable=not progress_enabled(), dynamic_ncols=True)
+                disable=not progress_enabled(), dynamic_ncols=True, **kwargs)
+
+
+class Steps:
+    """One bar over the named steps of a slow job: it says which step runs now and how far the
+    job is (a step that counts its own items draws a second bar under it).
+
+        steps = Steps("data", 4)
+        steps.begin("reading"); ...; steps.begin("cleaning"); ...; steps.close()
+    """
+
+    def __init__(self, desc: str, total: int):
+        self.desc, self.current = desc, None
+        # no rate or ETA: steps differ too much in length for either to mean anything
+        self.bar = progress(total=total, desc=desc, bar_format="{desc}[step {n_fmt}/{total_fmt}, {elapsed}]")
+
+    def begin(self, name: str) -> None:
+        if self.current is not None:
+            self.bar.update(1)
+        self.current = name
+        self.bar.set_description(f"{self.desc}: {name}")
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.bar.update(1)
+        self.bar.close()
 
 
 def ticking(items: Iterable[T], bar: tqdm) -> Iterator[T]:

@@ -51,6 +51,7 @@ from ltk.training.memory import MemoryProbe
 from ltk.training.objectives import objective_for, step_generator
 from ltk.training.optim import build_optimizer, lr_at, set_lr
 from ltk.training.profiling import RunProfile
+from ltk.training.progress import progress_enabled
 from ltk.training.run_plot import plot_run
 from ltk.training.runtime import capture_host_rng, capture_rng, restore_rng, seed_everything, setup_runtime
 
@@ -287,7 +288,8 @@ class Trainer:
                 f"{self.cfg.family} model: {self.num_params:,} parameters | {self.tokens_per_step:,} tokens/step | "
                 f"device {self.rt.device} ({self.rt.dtype}) x {self.rt.world_size} | run folder {self.run_dir}"
             )
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not (t.progress and self.rt.is_main), unit="step")
+        show = t.progress and self.rt.is_main and progress_enabled()  # a terminal, unless LTK_PROGRESS says
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not show, unit="step")
         last: dict[str, Any] = {}
         ckpt = None
         window_t, window_tokens = time.perf_counter(), 0

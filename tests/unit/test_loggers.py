@@ -1,4 +1,5 @@
-"""Experiment logging (ltk/training/loggers.py) and loss.png (ltk/training/run_plot.py)."""
+"""Experiment logging (ltk/training/loggers.py), loss.png (ltk/training/run_plot.py) and the
+progress bars' switch (ltk/training/progress.py)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import pytest
 
 from ltk.training import loggers as lg
 from ltk.training.config import ConfigError
+from ltk.training.progress import progress, progress_enabled
 from ltk.training.run_plot import loss_figure, plot_run, read_metrics
 from ltk.training.trainer import Trainer
 
@@ -215,3 +217,37 @@ def test_plot_run_skips_a_cut_line_and_draws_nothing_without_rows(tmp_path):
     assert read_metrics(path) == ROWS
     png = plot_run(tmp_path)
     assert png == tmp_path / "loss.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- progress bars ---------------------------------------------------------------------------
+
+def test_progress_is_off_without_a_terminal_and_follows_the_env_var(monkeypatch, capsys):
+    monkeypatch.delenv("LTK_PROGRESS", raising=False)
+    assert not sys.stderr.isatty() and not progress_enabled()  # pytest captures stderr: no terminal
+    bar = progress(range(3), desc="quiet")
+    assert bar.disable and list(bar) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("LTK_PROGRESS", "1")
+    assert progress_enabled()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setenv("LTK_PROGRESS", "0")
+    assert not progress_enabled()
+    monkeypatch.delenv("LTK_PROGRESS")
+    assert progress_enabled()
+
+
+def test_data_preparation_writes_no_bar_when_not_a_terminal(tiny_corpus, tmp_path, monkeypatch, capfd):
+    from ltk.training.config import DataConfig
+    from ltk.training.data import prepare_data
+
+    def prepare(cache):
+        prepare_data(DataConfig(source=str(tiny_corpus), vocab_size=280, min_chars=16, cache_dir=str(tmp_path / cache)),
+                     verbose=False)
+        return capfd.readouterr()
+
+    monkeypatch.delenv("LTK_PROGRESS", raising=False)
+    captured = prepare("quiet")
+    assert captured.err == "" and captured.out == ""
+    monkeypatch.setenv("LTK_PROGRESS", "1")  # forced on: the same steps draw their bars
+    captured = prepare("forced")
+    assert "data: reading" in captured.err and "data: encoding train" in captured.err and captured.out == ""
