@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import inspect
 import json
 
@@ -119,6 +120,26 @@ def test_option_defaults_match_run_signature(name):
     params = inspect.signature(b.run).parameters
     for o in b.options:
         assert o.name in params and params[o.name].default == o.default, o.name
+
+
+@pytest.mark.parametrize("module, names", [("attention", bench.ATTENTION_PROVIDERS), ("norms", bench.NORM_PROVIDERS),
+                                           ("nf4", bench.NF4_PROVIDERS), ("lora", bench.LORA_PROVIDERS)])
+def test_help_names_each_sweeps_own_providers(module, names):
+    """The registry spells the providers out so --help imports no benchmark; they must be the module's."""
+    assert importlib.import_module(f"ltk.bench.{module}").PROVIDERS == names
+
+
+def test_registry_imports_a_benchmark_only_when_it_runs():
+    import subprocess
+    import sys
+
+    code = ("import sys; from ltk.bench import BENCHMARKS; assert BENCHMARKS['attention'].description; "
+            "print(sorted(m for m in sys.modules if m.startswith('ltk.bench.') or m == 'torch')); "
+            "BENCHMARKS['qlora-memory'].run; print(sorted(m for m in sys.modules if m.startswith('ltk.bench.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    before, after = out.stdout.splitlines()
+    assert before == "[]" and "'ltk.bench.qlora_memory'" in after and "'ltk.bench.attention'" not in after
+    assert bench.Row is bench.harness.Row  # the re-exported names still resolve
 
 
 def test_options_parse_from_a_command_line():
