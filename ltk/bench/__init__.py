@@ -23,9 +23,10 @@ ltk/bench/peaks.py; the pytest-benchmark suites (`pytest ltk/bench/`) time the s
 
 The registry is data: each benchmark names its `run` as "module:function", imported when it
 runs, so `ltk --help` and `ltk bench NAME --help` import no benchmark and no torch (the
-benchmark modules import torch, Triton and their baselines: seconds of start-up). The provider
-names in the help texts are written out here for the same reason; a test keeps them equal to
-each module's PROVIDERS. The names re-exported below (Row, time_fn, ...) load on first use.
+benchmark modules import torch, Triton and their baselines: seconds of start-up; `ltk bench
+cli-startup` measures it). The provider names in the help texts are written out here for the
+same reason; a test keeps them equal to each module's PROVIDERS. The names re-exported below
+(Row, time_fn, ...) load on first use.
 """
 from __future__ import annotations
 
@@ -249,6 +250,16 @@ BENCHMARKS: dict[str, Benchmark] = {
                 Option("vocab", int, 512, "vocabulary"),
                 Option("seq", int, 64, "tokens per sequence"),
                 Option("batch", int, 8, "sequences per rank"),
+            ),
+        ),
+        Benchmark(
+            "cli-startup",
+            "wall time of `python -m ltk --help` and `ltk train --help` in fresh interpreters, beside "
+            "`python -c pass`; whether each imports torch",
+            "ltk.bench.cli_startup:run",
+            (
+                Option("commands", str, "help,train-help", "comma list of help, train-help, bench-help"),
+                Option("repeats", int, 10, "timed runs per command (median of them)"),
             ),
         ),
     ]

@@ -150,6 +150,19 @@ def test_options_parse_from_a_command_line():
     assert b.kwargs_from(parser.parse_args([])) == {}  # unset flags keep run's defaults
 
 
+# --- cli-startup ------------------------------------------------------------------------------
+
+def test_cli_startup_rows_time_each_command_beside_the_python_floor():
+    rows = run_benchmark("cli-startup", commands="help", repeats=1)
+    assert [(r.op, r.shape, r.provider) for r in rows] == [("cli-startup", "python -c pass", "python"),
+                                                          ("cli-startup", "ltk --help", "ltk")]
+    assert all(r.median_ms > 0 and r.runs == 1 and r.device for r in rows)
+    extra = json.loads(rows[1].extra)
+    assert extra["imports_torch"] is False and "ltk.cli" in extra["ltk_modules"]
+    with pytest.raises(ValueError, match="help, train-help, bench-help"):
+        run_benchmark("cli-startup", commands="help,version")
+
+
 # --- train-step ---------------------------------------------------------------------------
 
 TINY = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
