@@ -6,7 +6,7 @@ The parser is therefore built from data (ltk/bench/__init__.py names each benchm
 without importing it; each command imports its modules inside its handler).
 
 Method: each command runs `repeats` times, each in a fresh interpreter (`sys.executable -m ltk
-...`, the environment of this process), after one untimed run that warms the file cache; the
+...`, importing the same `ltk` as this process), after one untimed run that warms the file cache; the
 wall clock around the subprocess gives median, p20 and p80. One more run under
 `python -X importtime` records whether the command imported torch and how long its imports
 took (the interpreter's own count, less noisy than the wall clock). A `python -c pass` row is
@@ -18,11 +18,17 @@ the floor: what any Python command costs on this machine.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import ltk
 from ltk.bench.harness import Row, Timing
+
+# the folder holding this `ltk` package: the children run there and find it first
+ROOT = Path(ltk.__file__).resolve().parent.parent
 
 COMMANDS = {
     "help": ["--help"],
@@ -31,10 +37,18 @@ COMMANDS = {
 }
 
 
+def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """`argv` in a fresh process that imports this `ltk` (not one installed elsewhere, nor one
+    in whatever folder the benchmark was started from: `-m` searches the working folder first)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return subprocess.run(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": path}, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, timeout=300, **kwargs)
+
+
 def _time_once(argv: list[str]) -> float:
     """Milliseconds of wall time for one run of `argv` in a fresh process."""
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+    proc = _run(argv)
     ms = (time.perf_counter() - t0) * 1e3
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited with {proc.returncode}: {proc.stderr.decode()[-500:]}")
@@ -44,8 +58,7 @@ def _time_once(argv: list[str]) -> float:
 def import_report(args: list[str]) -> dict:
     """One run of `python -X importtime -m ltk ARGS`: whether torch was imported, which of our
     modules were, the total import time (ms) and the top-level import that cost the most."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "ltk", *args], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, timeout=300)
+    proc = _run([sys.executable, "-X", "importtime", "-m", "ltk", *args], text=True)
     names, top = set(), {}  # every module imported; top-level ones -> cumulative microseconds
     for line in proc.stderr.splitlines():
         parts = line.split("|")
@@ -86,7 +99,7 @@ def run(*, commands: str = "help,train-help", repeats: int = 10) -> list[Row]:
             samples.append(_time_once(argv))
             bar.update(1)
         t = Timing.from_samples(samples)
-        extra = {"argv": argv[1:], "python": sys.version.split()[0]}
+        extra = {"argv": argv[1:], "python": sys.version.split()[0], "ltk": str(ROOT)}
         if args is not None:
             extra.update(import_report(args))
         rows.append(Row.stamped("cpu", op="cli-startup", shape=shape, dtype="-", mode="wall", provider=provider,
