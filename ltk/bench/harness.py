@@ -292,7 +292,7 @@ def git_commit() -> str:
                               check=True, timeout=10).stdout.strip()
 
     try:
-        if not (Path(git("rev-parse", "--show-toplevel")) / "bench" / "harness.py").exists():
+        if not (Path(git("rev-parse", "--show-toplevel")) / "ltk" / "bench" / "harness.py").exists():
             return "unknown"
         commit = git("rev-parse", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")

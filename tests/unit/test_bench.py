@@ -82,6 +82,21 @@ def test_environment_names_device_and_versions():
     assert env["cpu_cores"] >= 1 and env["date"]
 
 
+def test_commit_is_read_from_this_checkout():
+    import subprocess
+    from pathlib import Path
+
+    from ltk.bench.harness import git_commit
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("not a git checkout")
+    assert git_commit().removesuffix("-dirty") == head
+
+
 # --- peaks --------------------------------------------------------------------------------
 
 def test_peak_for_matches_datasheet_names():
