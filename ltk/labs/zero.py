@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ltk.labs.registry import Lab
 from ltk.labs.report import Report
+from ltk.training.progress import progress
 
 STAGES = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 
@@ -111,10 +112,14 @@ def run(out: Path, quick: bool) -> Path:
     s = lab_settings(quick)
     strategies = list(STAGES)
     rows = []
+    bar = progress(total=len(s["worlds"]) + len(s["fake_worlds"]), desc="zero lab", unit="world size")
     for world in s["worlds"]:
         rows += [r for per_rank in spawn(_worker, world, s, strategies, timeout_s=1800) for r in per_rank if r["rank"] == 0]
+        bar.update(1)
     for world in s["fake_worlds"]:
         rows += spawn(_worker, world, s, strategies, fake_rank=1, timeout_s=1800)[0]
+        bar.update(1)
+    bar.close()
     mib = 2**20
     table = []
     for r in rows:

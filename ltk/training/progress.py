@@ -29,11 +29,11 @@ def progress_enabled() -> bool:
 
 
 def progress(iterable: Iterable[T] | None = None, *, desc: str | None = None, total: int | None = None,
-             unit: str = "it", leave: bool = False, **kwargs) -> tqdm:
-    """A tqdm bar on stderr, disabled unless `progress_enabled()`; iterate it or call .update().
-    Other keyword arguments go to tqdm."""
+             unit: str = "it", leave: bool = False, active: bool = True, **kwargs) -> tqdm:
+    """A tqdm bar on stderr, disabled unless `active` (e.g. rank 0 only) and `progress_enabled()`;
+    iterate it or call .update(). Other keyword arguments go to tqdm."""
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, file=sys.stderr,
-                disable=not progress_enabled(), dynamic_ncols=True, **kwargs)
+                disable=not (active and progress_enabled()), dynamic_ncols=True, **kwargs)
 
 
 class Steps:
