@@ -20,16 +20,29 @@ Only the options given on the command line reach `run`, so the defaults live in 
 (the `run` function's signature; `Option.default` repeats them for --help, and a test keeps
 the two equal). The timing method, the CSV schema and the peaks are in ltk/bench/harness.py and
 ltk/bench/peaks.py; the pytest-benchmark suites (`pytest ltk/bench/`) time the same steps.
+
+The registry is data: each benchmark names its `run` as "module:function", imported when it
+runs, so `ltk --help` and `ltk bench NAME --help` import no benchmark and no torch (the
+benchmark modules import torch, Triton and their baselines: seconds of start-up; `ltk bench
+cli-startup` measures it). The provider names in the help texts are written out here for the
+same reason; a test keeps them equal to each module's PROVIDERS. The names re-exported below
+(Row, time_fn, ...) load on first use.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from ltk.bench import attention, lora, nf4, norms, parallel_ddp, parallel_zero, qlora_memory, train_step
-from ltk.bench.harness import Row, Timing, environment, read_csv, rows_to_json, rows_to_markdown, time_fn, write_csv
-from ltk.bench.peaks import measure_peaks, peak_for
+if TYPE_CHECKING:
+    from ltk.bench.harness import Row
+
+# the providers each sweep knows, for --help (equal to the module's PROVIDERS; a test checks)
+ATTENTION_PROVIDERS = ("ours", "torch", "sdpa", "torch.compile", "flash-attn")
+NORM_PROVIDERS = ("ours", "torch", "unfused", "torch.compile", "liger")
+NF4_PROVIDERS = ("ours", "ours-reference", "bitsandbytes", "dense", "torch.compile")
+LORA_PROVIDERS = ("ours", "ours-reference", "peft", "torch.compile")
 
 
 @dataclass(frozen=True)
@@ -51,8 +64,13 @@ class Option:
 class Benchmark:
     name: str
     description: str  # one line, shown by `ltk bench --help`
-    run: Callable[..., list[Row]]
+    target: str  # "module:function" of the run function, imported on first use
     options: tuple[Option, ...] = ()
+
+    @property
+    def run(self) -> Callable[..., list[Row]]:
+        module, _, function = self.target.partition(":")
+        return getattr(importlib.import_module(module), function)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Add one flag per option; unset flags stay None and are left out by `kwargs_from`."""
@@ -82,7 +100,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark(
             "train-step",
             "tokens/s of a full training step (fwd, loss, bwd, AdamW): our GPT vs transformers' GPT-2",
-            train_step.run,
+            "ltk.bench.train_step:run",
             (
                 Option("model", str, "gpt", "family: gpt (sized by --preset), or llama, bert, t5 (debug sizes)",
                        ("gpt", "llama", "bert", "t5")),
@@ -104,7 +122,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark(
             "attention",
             "attention TFLOP/s over sequence lengths: ours (Triton) vs eager, SDPA, torch.compile, flash-attn",
-            attention.run,
+            "ltk.bench.attention:run",
             (
                 Option("seq_lens", str, None, "comma list of sequence lengths, e.g. 512,1k,2k "
                        "(default: 512 … 16k on CUDA, 128 … 1024 on a CPU)"),
@@ -116,7 +134,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                 Option("dtype", str, "auto", "auto = bf16 on CUDA, fp32 on a CPU", ("auto", "fp32", "fp16", "bf16")),
                 Option("modes", str, None, "comma list of fwd, bwd, fwd+bwd, or all "
                        "(default: all on CUDA, fwd,fwd+bwd on a CPU)"),
-                Option("providers", str, "all", "comma list of " + ", ".join(attention.PROVIDERS) + ", or all"),
+                Option("providers", str, "all", "comma list of " + ", ".join(ATTENTION_PROVIDERS) + ", or all"),
                 Option("min_time", float, 0.25, "timed seconds per point"),
                 Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
                 Option("seed", int, 0, "seed of the random inputs"),
@@ -128,7 +146,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                 op,
                 f"{label} GB/s over hidden sizes, against the measured copy bandwidth: ours (Triton) vs "
                 "torch, unfused eager, torch.compile, Liger",
-                fn,
+                target,
                 (
                     Option("hidden_sizes", str, None, "comma list of hidden sizes N, e.g. 1k,4k "
                            "(default: 1k … 16k on CUDA, 256,1k,4k on a CPU)"),
@@ -137,7 +155,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                     Option("dtype", str, "auto", "auto = bf16 on CUDA, fp32 on a CPU",
                            ("auto", "fp32", "fp16", "bf16")),
                     Option("modes", str, "all", "comma list of fwd, bwd, fwd+bwd, or all"),
-                    Option("providers", str, "all", "comma list of " + ", ".join(norms.PROVIDERS) + ", or all"),
+                    Option("providers", str, "all", "comma list of " + ", ".join(NORM_PROVIDERS) + ", or all"),
                     Option("min_time", float, 0.25, "timed seconds per point"),
                     Option("copy_mib", int, None, "MiB copied to measure the bandwidth "
                            "(default: 2048 on CUDA, 256 on a CPU)"),
@@ -146,20 +164,20 @@ BENCHMARKS: dict[str, Benchmark] = {
                     Option("plot", str, None, "write a PNG of GB/s against N, one panel per mode, to this path"),
                 ),
             )
-            for op, label, fn in (("layernorm", "LayerNorm", norms.run_layernorm),
-                                  ("rmsnorm", "RMSNorm", norms.run_rmsnorm))
+            for op, label, target in (("layernorm", "LayerNorm", "ltk.bench.norms:run_layernorm"),
+                                      ("rmsnorm", "RMSNorm", "ltk.bench.norms:run_rmsnorm"))
         ],
         Benchmark(
             "nf4",
             "y = x·Wᵀ with W in NF4 (QLoRA's frozen base), TFLOP/s and GB/s over M×N×K: ours (fused Triton "
             "dequant-matmul) vs bitsandbytes' matmul_4bit, the dequantize+F.linear path, dense, torch.compile",
-            nf4.run,
+            "ltk.bench.nf4:run",
             (
                 Option("shapes", str, None, "comma list of M×N×K, e.g. 4096x4096x4096,4096x11008x4096 "
                        "(default: 4096 × 4096², 11008×4096, 4096×11008 on CUDA; 256x1024x1024 on a CPU)"),
                 Option("dtype", str, "auto", "auto = bf16 on CUDA, fp32 on a CPU", ("auto", "fp32", "fp16", "bf16")),
                 Option("modes", str, "all", "comma list of fwd, bwd (dx only: W is frozen), fwd+bwd, or all"),
-                Option("providers", str, "all", "comma list of " + ", ".join(nf4.PROVIDERS) + ", or all"),
+                Option("providers", str, "all", "comma list of " + ", ".join(NF4_PROVIDERS) + ", or all"),
                 Option("min_time", float, 0.25, "timed seconds per point"),
                 Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
                 Option("seed", int, 0, "seed of x and W"),
@@ -169,7 +187,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "lora",
             "LoRA linear y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ forward and backward (dx, dA, dB; W frozen): ours (fused Triton) "
             "vs PEFT, the unfused reference, torch.compile",
-            lora.run,
+            "ltk.bench.lora:run",
             (
                 Option("shapes", str, None, "comma list of M×N×K, e.g. 4096x4096x4096 "
                        "(default: 4096x4096x4096 on CUDA, 256x512x512 on a CPU)"),
@@ -177,7 +195,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                 Option("alpha", float, 32.0, "LoRA alpha; the scale is alpha / r"),
                 Option("dtype", str, "auto", "auto = bf16 on CUDA, fp32 on a CPU", ("auto", "fp32", "fp16", "bf16")),
                 Option("modes", str, "all", "comma list of fwd, bwd, fwd+bwd, or all"),
-                Option("providers", str, "all", "comma list of " + ", ".join(lora.PROVIDERS) + ", or all"),
+                Option("providers", str, "all", "comma list of " + ", ".join(LORA_PROVIDERS) + ", or all"),
                 Option("min_time", float, 0.25, "timed seconds per point"),
                 Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
                 Option("seed", int, 0, "seed of the random inputs"),
@@ -187,7 +205,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "qlora-memory",
             "memory of QLoRA on a Llama-2-7B shape by component (NF4 weights, adapters, AdamW, matmul "
             "transients): ours vs bitsandbytes + PEFT; runs on a CPU",
-            qlora_memory.run,
+            "ltk.bench.qlora_memory:run",
             (
                 Option("n_embd", int, 4096, "model width d (Llama-2-7B: 4096)"),
                 Option("n_layer", int, 32, "transformer blocks"),
@@ -207,7 +225,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark(
             "parallel-ddp",
             "data-parallel step time on gloo CPU processes: our bucketed DDP and naive DDP vs torch DDP",
-            parallel_ddp.run_rows,
+            "ltk.bench.parallel_ddp:run_rows",
             (
                 Option("world", int, 2, "processes"),
                 Option("steps", int, 64, "timed steps per provider"),
@@ -222,7 +240,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark(
             "parallel-zero",
             "ZeRO-1/2/3 step time on gloo CPU processes: ours vs FSDP2 and DeepSpeed (where installed), with memory per rank",
-            parallel_zero.run,
+            "ltk.bench.parallel_zero:run",
             (
                 Option("world", int, 2, "processes"),
                 Option("rounds", int, 3, "rounds over the providers"),
@@ -232,6 +250,16 @@ BENCHMARKS: dict[str, Benchmark] = {
                 Option("vocab", int, 512, "vocabulary"),
                 Option("seq", int, 64, "tokens per sequence"),
                 Option("batch", int, 8, "sequences per rank"),
+            ),
+        ),
+        Benchmark(
+            "cli-startup",
+            "wall time of `python -m ltk --help` and `ltk train --help` in fresh interpreters, beside "
+            "`python -c pass`; whether each imports torch",
+            "ltk.bench.cli_startup:run",
+            (
+                Option("commands", str, "help,train-help", "comma list of help, train-help, bench-help"),
+                Option("repeats", int, 10, "timed runs per command (median of them)"),
             ),
         ),
     ]
@@ -253,6 +281,24 @@ def run_benchmark(name: str, **kwargs) -> list[Row]:
     if unknown:
         raise TypeError(f"benchmark {name!r} has no option(s) {sorted(unknown)}; options: {sorted(known)}")
     return bench.run(**kwargs)
+
+
+# name -> module of the names re-exported from the harness and the peaks, loaded on first use
+_LAZY = {name: "ltk.bench.harness" for name in ("Row", "Timing", "environment", "read_csv", "rows_to_json",
+                                                "rows_to_markdown", "time_fn", "write_csv")}
+_LAZY.update(measure_peaks="ltk.bench.peaks", peak_for="ltk.bench.peaks")
+
+
+def __getattr__(name: str):
+    """`from ltk.bench import Row` and `ltk.bench.attention` without importing them up front."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
 __all__ = [

@@ -66,6 +66,7 @@ from ltk.bench.sweep import (
     release_memory,
 )
 from ltk.training.hardware import peak_flops
+from ltk.training.progress import progress, ticking
 
 PROVIDERS = ("ours", "torch", "sdpa", "torch.compile", "flash-attn")
 BASELINE = "torch"
@@ -218,6 +219,7 @@ def run(*, seq_lens: str | None = None, batch: int | None = None, tokens: int | 
     peak = peak_flops(dev, dtype)
     elem = DTYPES[dtype].itemsize
 
+    bar = progress(total=len(T_list) * len(causals) * len(mode_list) * len(runnable), desc="attention", unit="point")
     for T in T_list:
         B = batch or max(1, (tokens or d.tokens) // T)
         scale = 1.0 / math.sqrt(D)
@@ -227,7 +229,7 @@ def run(*, seq_lens: str | None = None, batch: int | None = None, tokens: int | 
             shape = f"B={B},H={H},T={T},D={D}" + (",causal" if is_causal else "")
             for mode in mode_list:
                 point = f"{shape} {mode}"
-                for p in runnable:
+                for p in ticking(runnable, bar):
                     if p in EAGER:
                         need, free = eager_bytes(B, H, T, T, elem, mode), available_bytes(dev)
                         if free is not None and need > 0.8 * free:
@@ -256,6 +258,7 @@ def run(*, seq_lens: str | None = None, batch: int | None = None, tokens: int | 
                         peak_mem_mb=peak_mb, extra=json.dumps(extra, sort_keys=True)))
         del q, k, v
         release_memory(dev)
+    bar.close()
 
     _speedups(rows)
     for r in rows:  # every row names what did not run in the same sweep

@@ -40,6 +40,7 @@ import torch.nn as nn
 
 from ltk.bench.nf4 import finish, matmul_row, start_sweep
 from ltk.bench.sweep import DTYPES, Skip, SweepRows, kernel_unavailable, measure_point, release_memory
+from ltk.training.progress import progress, ticking
 
 PROVIDERS = ("ours", "ours-reference", "peft", "torch.compile")
 BASELINE = "peft"
@@ -137,13 +138,14 @@ def run(*, shapes: str | None = None, rank: int = 16, alpha: float = 32.0, dtype
         shapes, dtype, modes, providers, device, CPU_SHAPES, CUDA_SHAPES, PROVIDERS, unavailable)
     lora = _lora()  # the cost model (flops, bytes_moved) is shared by every provider
 
+    bar = progress(total=len(shape_list) * len(mode_list) * len(runnable), desc="lora", unit="point")
     for M, N, K in shape_list:
         x, w, a, b = make_inputs(M, N, K, rank, DTYPES[dtype], dev, seed)
         shape = f"M={M},N={N},K={K},r={rank}"
         for mode in mode_list:
             fl = lora.flops(M, N, K, rank, mode=mode)
             nbytes = lora.bytes_moved(M, N, K, rank, dtype_bytes=elem, bias=False, fused=True, mode=mode)
-            for p in runnable:
+            for p in ticking(runnable, bar):
                 result = measure_point(p, partial(build, p, x, w, a, b, alpha), mode, dev, min_time,
                                        baselines=("ours-reference",))
                 if isinstance(result, Skip):
@@ -161,5 +163,6 @@ def run(*, shapes: str | None = None, rank: int = 16, alpha: float = 32.0, dtype
                                        extra))
         del x, w, a, b
         release_memory(dev)
+    bar.close()
 
     return finish(rows, BASELINE, GOAL, "M = 4096, N = K = 4096, r = 16 on a GPU")

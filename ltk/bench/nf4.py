@@ -61,6 +61,7 @@ from ltk.bench.sweep import (
     release_memory,
 )
 from ltk.training.hardware import peak_flops
+from ltk.training.progress import progress, ticking
 
 PROVIDERS = ("ours", "ours-reference", "bitsandbytes", "dense", "torch.compile")
 BASELINE = "bitsandbytes"
@@ -155,6 +156,7 @@ def run(*, shapes: str | None = None, dtype: str = "auto", modes: str = "all", p
         shapes, dtype, modes, providers, device, CPU_SHAPES, CUDA_SHAPES, PROVIDERS, unavailable)
     nf4 = _nf4()  # the cost model (flops, bytes_moved) is shared by every provider
 
+    bar = progress(total=len(shape_list) * len(mode_list) * len(runnable), desc="nf4", unit="point")
     for M, N, K in shape_list:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         x = torch.randn(M, K, generator=gen).to(dev, DTYPES[dtype])
@@ -166,7 +168,7 @@ def run(*, shapes: str | None = None, dtype: str = "auto", modes: str = "all", p
             fl = passes * nf4.flops(M, N, K)
             nbytes = passes * nf4.bytes_moved(M, N, K, dtype_bytes=elem, blocksize=BLOCKSIZE, fused=True)
             out_mb = {"fwd": M * N, "bwd": M * K, "fwd+bwd": M * N + M * K}[mode] * elem / 2**20
-            for p in runnable:
+            for p in ticking(runnable, bar):
                 result = measure_point(p, partial(build, p, x, w, packed, absmax), mode, dev, min_time,
                                        baselines=("ours-reference", "dense"))
                 if isinstance(result, Skip):
@@ -186,6 +188,7 @@ def run(*, shapes: str | None = None, dtype: str = "auto", modes: str = "all", p
                                        extra))
         del x, w, packed, absmax
         release_memory(dev)
+    bar.close()
 
     return finish(rows, BASELINE, GOAL, "M·N ≥ 4096·4096 on a GPU")
 

@@ -59,6 +59,7 @@ from ltk.bench.sweep import (
     print_skipped,
     release_memory,
 )
+from ltk.training.progress import progress, ticking
 
 PROVIDERS = ("ours", "torch", "unfused", "torch.compile", "liger")
 BASELINE = "torch"
@@ -201,6 +202,7 @@ def run_norm(op: str, *, hidden_sizes: str | None = None, rows: int | None = Non
     datasheet = peak_for(env["device"]) if dev.type == "cuda" else None
     name = op + ("+residual" if residual else "")
 
+    bar = progress(total=len(sizes) * len(mode_list) * len(runnable), desc=name, unit="point")
     for N in sizes:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         x, r = (torch.randn(n_rows, N, generator=gen).to(dev, DTYPES[dtype]) for _ in range(2))
@@ -208,7 +210,7 @@ def run_norm(op: str, *, hidden_sizes: str | None = None, rows: int | None = Non
         b = (0.1 * torch.randn(N, generator=gen)).to(dev, DTYPES[dtype]) if op == "layernorm" else None
         shape = f"rows={n_rows},cols={N}"
         for mode in mode_list:
-            for p in runnable:
+            for p in ticking(runnable, bar):
                 result = _measure(p, op, x, r, w, b, eps, residual, mode, dev, min_time)
                 if isinstance(result, Skip):
                     out.skipped.append(Skip(p, f"{shape} {mode}", result.reason))
@@ -233,6 +235,7 @@ def run_norm(op: str, *, hidden_sizes: str | None = None, rows: int | None = Non
                     peak_mem_mb=peak_mb, extra=json.dumps(extra, sort_keys=True)))
         del x, r, w, b
         release_memory(dev)
+    bar.close()
 
     base = {(r.shape, r.mode): r.median_ms for r in out if r.provider == BASELINE}
     for row in out:

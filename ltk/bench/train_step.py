@@ -70,6 +70,7 @@ from ltk.bench.sweep import Skip, SweepRows, failure, parse_choices
 from ltk.models.gpt import GPT, GPTConfig, flops_per_token, gpt_config
 from ltk.models.hf.gpt2 import state_dict_to_hf
 from ltk.training.config import DataConfig, OptimConfig
+from ltk.training.progress import progress
 
 PROVIDERS = ("ours", "ours-compile", "transformers")
 DEFAULT_PROVIDERS = ("ours", "transformers")  # ours-compile on request: its compile is slow on a CPU
@@ -335,10 +336,13 @@ def run(*, model: str = "gpt", preset: str = "gpt-debug", vocab_size: int | None
 
     load_before = environment(dev)["load_avg_1m"]
     timings = {}
+    bar = progress(total=rounds * len(provs), desc="train-step", unit="timing")
     for r in range(rounds):
         for p in provs if r % 2 == 0 else provs[::-1]:  # ABBA: neither always goes first
             t = time_fn(steps[p], device=dev, warmup=min(0.25, min_time / rounds), min_time=min_time / rounds)
             timings[p] = timings[p].merge(t) if p in timings else t
+            bar.update(1)
+    bar.close()
 
     env = environment(dev)
     peak = peak_for(env["device"]) if dev.type == "cuda" and dtype == "bf16" else None

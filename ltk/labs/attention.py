@@ -55,6 +55,7 @@ from ltk.bench.peaks import measure_peaks
 from ltk.bench.sweep import available_bytes, cuda_peak_mb, failure, is_oom, release_memory
 from ltk.labs.registry import Lab
 from ltk.labs.report import Report
+from ltk.training.progress import Steps, progress, ticking
 
 QUESTION = ("How do time and peak memory grow with sequence length for naive attention, SDPA and a tiled "
             "online-softmax attention — and what does the cost model predict?")
@@ -277,11 +278,12 @@ def sweep(sizes: Sizes, device: torch.device, peaks: dict) -> tuple[list[dict], 
     B, H, D, C = sizes.batch, sizes.heads, sizes.head_dim, sizes.chunk
     rss = RssPeak() if device.type == "cpu" else None
     records = []
+    bar = progress(total=len(sizes.seq_lens) * len(fns), desc="attention lab: timing", unit="point")
     for T in sizes.seq_lens:
         gen = torch.Generator().manual_seed(T)
         q, k, v = (torch.randn(B, H, T, D, generator=gen).to(device, dtype) for _ in range(3))
         ref = None
-        for name, f in fns.items():
+        for name, f in ticking(fns.items(), bar):
             rec = {"T": T, "method": name, "predicted_mib": predicted_bytes(name, B, H, T, T, D, C, elem) / 2**20,
                    "predicted_ms": predicted_ms(name, B, H, T, T, D, elem, peaks)}
             free = available_bytes(device)
@@ -314,6 +316,7 @@ def sweep(sizes: Sizes, device: torch.device, peaks: dict) -> tuple[list[dict], 
             release_memory(device)
         del q, k, v, ref
         release_memory(device)
+    bar.close()
     return records, skipped
 
 
@@ -367,10 +370,15 @@ def run(out: Path, quick: bool) -> Path:
     if sizes.dtype == "auto" or device.type == "cpu":
         sizes = replace(sizes, dtype="bf16" if device.type == "cuda" else "fp32")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other processes' load, before ours
+    steps = Steps("attention lab", 3)
+    steps.begin("checking chunked attention against naive")
     check = check_chunked(device)
+    steps.begin("measuring the machine's matmul rate and bandwidth")
     small = dict(copy_mib=64, matmul_n=1024, min_time=0.2) if device.type == "cpu" else {}
     peaks = measure_peaks(device, **small)
+    steps.begin("timing every method at every length")
     records, skipped = sweep(sizes, device, peaks)
+    steps.close()
     fits = slopes(records)
 
     command = "ltk lab run attention" + (" --quick" if quick else "")

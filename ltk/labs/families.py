@@ -29,6 +29,7 @@ from ltk.labs.report import Report
 from ltk.models import get_family
 from ltk.training.config import RunConfig
 from ltk.training.presets import get_preset
+from ltk.training.progress import progress
 from ltk.training.trainer import Trainer
 
 FAMILIES = ("gpt", "llama", "bert", "t5")
@@ -67,7 +68,7 @@ def _plot(curves: dict[str, list[tuple[float, float]]]):
 
 def run(out: Path, quick: bool, families: tuple[str, ...] = FAMILIES) -> Path:
     rows, curves, results = [], {}, {}
-    for family in families:
+    for family in progress(families, desc="families lab", unit="family"):
         cfg = family_config(family, quick)
         cfg.trainer.out_dir = str(out / family)
         t0 = time.perf_counter()

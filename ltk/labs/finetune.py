@@ -25,6 +25,7 @@ from pathlib import Path
 from ltk.labs.registry import Lab
 from ltk.labs.report import Report
 from ltk.training.instruct_task import KINDS
+from ltk.training.progress import progress
 
 METHODS = ("full", "lora", "qlora")
 
@@ -95,7 +96,7 @@ def run(out: Path, quick: bool, base: str | None = None) -> Path:
     s = lab_settings(quick)
     base = base or str(_pretrain(out / "base", s["pretrain_steps"]))
     rows = {}
-    for method in METHODS:
+    for method in progress(METHODS, desc="finetune lab", unit="method"):
         cfg = FinetuneConfig(method=method, base=base, data="builtin", out_dir=str(out / method), steps=s["steps"],
                              batch_size=s["batch"], eval_every=s["steps"], eval_examples=s["eval_examples"],
                              limit=s["limit"], max_len=s["max_len"])

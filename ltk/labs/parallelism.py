@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ltk.labs.registry import Lab
 from ltk.labs.report import Report
+from ltk.training.progress import progress
 
 # name -> (strategy, tp, pp) as fractions of the world ("w" = the whole world)
 STRATEGIES = {
@@ -137,7 +138,7 @@ def _worker(rank: int, world: int, s: dict, names: list[str], data_dir: str) -> 
     from ltk.training.trainer import Trainer
 
     out = []
-    for name in names:
+    for name in progress(names, desc=f"parallelism lab, {world} ranks", unit="strategy", active=rank == 0):
         layout = mesh_for(name, world)
         if layout is None:
             continue

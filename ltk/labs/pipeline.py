@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ltk.labs.registry import Lab
 from ltk.labs.report import Report
+from ltk.training.progress import progress, ticking
 
 SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2))
 
@@ -55,8 +56,9 @@ def _worker(rank: int, world: int, s: dict) -> list[dict]:
     p2p = _p2p_seconds(rank, (s["rows_per_micro"], s["seq"], s["n_embd"]))
     g = torch.Generator().manual_seed(1)
     out = []
+    bar = progress(total=len(SCHEDULES) * len(s["micro"]), desc="pipeline lab", unit="setting", active=rank == 0)
     for name, v in SCHEDULES:
-        for m in s["micro"]:
+        for m in ticking(s["micro"], bar):
             sched = make_schedule(name, world, m, v)
             trainer = PipelineTrainer(model, sched, comms, lr=1e-4)
             tok = torch.randint(0, s["vocab"], (m * s["rows_per_micro"], s["seq"] + 1), generator=g)
@@ -67,6 +69,7 @@ def _worker(rank: int, world: int, s: dict) -> list[dict]:
                 trainer.opt.zero_grad(set_to_none=True)
                 out.append({"schedule": name, "virtual": v, "m": m, "rank": rank, "forward": tm.forward,
                             "backward": tm.backward, "wait": tm.wait, "other": tm.other, "p2p_s": p2p})
+    bar.close()
     return out
 
 

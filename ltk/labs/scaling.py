@@ -35,6 +35,7 @@ from pathlib import Path
 from ltk.labs.parallelism import lab_config, mesh_for, plan_strategy, prepare_lab_data, watch_held_bytes
 from ltk.labs.registry import Lab
 from ltk.labs.report import Report
+from ltk.training.progress import progress
 
 NAMES = ("ddp", "zero1", "zero2", "zero3", "tp", "pp", "dp2xtp2", "pp2xdp2")  # ltk/labs/parallelism.STRATEGIES
 
@@ -58,7 +59,7 @@ def _worker(rank: int, world: int, s: dict, names: list[str], data_dir: str) -> 
     from ltk.training.trainer import Trainer
 
     out = []
-    for name in names:
+    for name in progress(names, desc=f"scaling lab, {world} rank(s)", unit="strategy", active=rank == 0):
         layout = mesh_for(name, world) if world > 1 else ("none", 1, 1)
         if layout is None:
             continue

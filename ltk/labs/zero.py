@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ltk.labs.registry import Lab
 from ltk.labs.report import Report
+from ltk.training.progress import progress
 
 STAGES = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 
@@ -111,11 +112,15 @@ def run(out: Path, quick: bool) -> Path:
     s = lab_settings(quick)
     strategies = list(STAGES)
     rows = []
+    bar = progress(total=len(s["worlds"]) + len(s["fake_worlds"]), desc="zero lab", unit="world size")
     for world in s["worlds"]:
         per_rank = spawn(_worker, world, s, strategies, timeout_s=1800)
         rows += [r for rank_rows in per_rank for r in rank_rows if r["rank"] == 0]
+        bar.update(1)
     for world in s["fake_worlds"]:
         rows += spawn(_worker, world, s, strategies, fake_rank=1, timeout_s=1800)[0]
+        bar.update(1)
+    bar.close()
     mib = 2**20
     table = []
     for r in rows:

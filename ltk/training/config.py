@@ -76,6 +76,7 @@ class TrainerConfig:
     keep_last: int = 3  # checkpoints kept in the run folder; 0 keeps them all
     out_dir: str = "runs/train"
     progress: bool = True  # tqdm progress bar
+    log_to: str = "jsonl"  # comma list of sinks: jsonl (metrics.jsonl, always), tensorboard, wandb (loggers.py)
     timeline: bool = True  # multi-process: per-rank compute / exposed comm / idle per step -> timeline.json, .png
     profile: bool = False  # torch.profiler trace of a few steps, NVML GPU counters, CUDA memory snapshot -> profile/
     profile_steps: int = 3  # steps the profiler records (after one skipped and one warm-up step)

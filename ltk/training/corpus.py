@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ltk.training.progress import progress
+
 if TYPE_CHECKING:
     from ltk.training.config import DataConfig
 
@@ -167,7 +169,8 @@ def _load_embedded(max_bytes: int) -> tuple[list[str], SourceStats]:
     files = embedded_files(max_bytes)
     version = ".".join(map(str, sys.version_info[:3]))
     stats = SourceStats(description=f"embedded: {len(files)} standard library .py files of Python {version}")
-    docs = [_decode(path.read_bytes(), str(path), stats) for path in files]
+    docs = [_decode(path.read_bytes(), str(path), stats)
+            for path in progress(files, desc="data: reading the standard library", unit="file")]
     stats.files = len(files)
     return docs, stats
 
@@ -224,7 +227,7 @@ def _load_text_file(path: Path, stats: SourceStats) -> list[str]:
 def _load_folder(root: Path, field: str, stats: SourceStats) -> list[str]:
     files = _folder_files(root)
     docs = []
-    for path in files:
+    for path in progress(files, desc=f"data: reading {root.name}", unit="file"):
         kind = source_kind(path)
         if kind in _ROW_READERS:
             docs += _ROW_READERS[kind](path, field, stats)

@@ -41,6 +41,7 @@ import tokenizers
 
 from ltk.training.clean import clean_documents
 from ltk.training.corpus import load_documents, source_fingerprint
+from ltk.training.progress import Steps, progress
 from ltk.training.shards import write_shard
 from ltk.training.tokenizer import Tokenizer
 
@@ -196,7 +197,10 @@ def _tokenizer_hash(path: Path) -> str:
 def _build(cfg: DataConfig, out: Path, verbose: bool) -> None:
     """Run every step and write the dataset into the (temporary) folder `out`."""
     start = time.perf_counter()
+    steps = Steps("data", 4)  # on a terminal: which step runs now (the BPE training is silent and slow)
+    steps.begin("reading")
     docs, source = load_documents(cfg)
+    steps.begin("cleaning")
     docs, cleaning = clean_documents(docs, cfg.min_chars)
     if len(docs) < 2:
         raise ValueError(
@@ -205,14 +209,18 @@ def _build(cfg: DataConfig, out: Path, verbose: bool) -> None:
             f"{cleaning.dropped_duplicate} duplicates); need at least 2 to hold out a val split: "
             "add text or lower --data.min_chars")
     train_docs, val_docs = split_documents(docs, cfg.val_fraction)
+    steps.begin(f"training the tokenizer on {len(train_docs):,} documents" if cfg.tokenizer is None
+                else "loading the tokenizer")
     if cfg.tokenizer is None:
         # Trained on train only: merges learned from val text would leak it into the model.
         tokenizer = Tokenizer.train_bpe(train_docs, cfg.vocab_size)
     else:
         tokenizer = Tokenizer.load(cfg.tokenizer)
     tokenizer.save(out / TOKENIZER_FILE)
+    steps.begin("encoding")
     splits = {name: _write_split(tokenizer, split_docs, out, name)
               for name, split_docs in (("train", train_docs), ("val", val_docs))}
+    steps.close()
     meta = {
         "format_version": DATA_FORMAT_VERSION,
         "config": dataclasses.asdict(cfg),
@@ -237,10 +245,14 @@ def _write_split(tokenizer: Tokenizer, docs: list[str], out: Path, name: str) ->
     cross a shard boundary (loader.py), which costs at most one window of context per shard.
     """
     writer = _ShardWriter(out, name, tokenizer.vocab_size, SHARD_TOKENS)
+    bar = progress(total=len(docs), desc=f"data: encoding {name}", unit="doc")
     for start in range(0, len(docs), _ENCODE_DOCS):
-        for ids in tokenizer.encode_batch(docs[start:start + _ENCODE_DOCS]):
+        batch = docs[start:start + _ENCODE_DOCS]
+        for ids in tokenizer.encode_batch(batch):
             ids.append(tokenizer.eot_id)
             writer.add(np.asarray(ids, dtype=np.uint32))
+        bar.update(len(batch))
+    bar.close()
     files = writer.close()
     return {"documents": len(docs), "bytes": sum(len(doc.encode("utf-8")) for doc in docs),
             "tokens": writer.total, "files": files}

@@ -17,7 +17,7 @@ and its end-of-text token (prompt labels are -100); with --packing each step's e
 packed several to a row (ltk/training/packing.py): the same examples and loss in fewer slots.
 Evaluation: exact-match accuracy of greedy answers on the built-in task, validation loss and
 perplexity on any data (padded batches either way). Output folder:
-metrics.jsonl, summary.json, adapter/ (PEFT format, lora and qlora); model/ (full) or, with
+metrics.jsonl, loss.png, summary.json, adapter/ (PEFT format, lora and qlora); model/ (full) or, with
 --merge, merged/ — a Hugging Face folder of the full weights (the adapter folded in).
 """
 from __future__ import annotations
@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from ltk.training.run_plot import plot_run
 
 METHODS = ("full", "lora", "qlora")
 DEFAULT_TARGETS = {"gpt": "c_attn,attn.c_proj,c_fc,mlp.c_proj", "llama": "wq,wk,wv,wo,w1,w2,w3"}
@@ -253,6 +255,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             last.update(evaluate(model, tok, val, cfg, device, builtin))
         with log.open("a") as f:
             f.write(json.dumps(last) + "\n")
+    plot_run(out)  # loss.png: training and validation loss, learning rate
     after = {k: v for k, v in last.items() if k.startswith(("val", "exact_match"))}
     summary = {"method": cfg.method, "family": family, "base": str(cfg.base), "data": cfg.data,
                "params": total_params, "trainable_params": sum(p.numel() for p in trainable),

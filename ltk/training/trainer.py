@@ -51,12 +51,15 @@ from ltk.training.data import prepare_data
 from ltk.training.evaluate import evaluate
 from ltk.training.hardware import peak_flops
 from ltk.training.loader import TokenLoader
+from ltk.training.loggers import Loggers, check_sinks, open_loggers
 from ltk.training.memory import MemoryProbe
 from ltk.training.objectives import objective_for, step_generator
 from ltk.training.optim import build_optimizer, lr_at, set_lr
 from ltk.training.profiling import RunProfile
+from ltk.training.progress import progress_enabled
 from ltk.training.resume import check_resume
 from ltk.training.run_folder import RunFolder, claim_for_ranks
+from ltk.training.run_plot import plot_run
 from ltk.training.runtime import capture_host_rng, capture_rng, restore_rng, seed_everything, setup_runtime
 from ltk.training.stop import StopOnSignal, TrainingStopped
 
@@ -80,6 +83,8 @@ class Trainer:
         t = cfg.trainer
         if resume is not None:
             check_resume(cfg, resume.state, resume.path)
+        self.sinks = check_sinks(t.log_to)  # an unknown sink or a missing package: an error before any work
+        self.logger = Loggers()  # rank 0 opens the sinks in fit()
         self.rt = setup_runtime(t.device, t.dtype)
         self.run_dir = Path(t.out_dir)
         seed_everything(t.seed)
@@ -249,9 +254,18 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
-        if self.rt.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self.logger.log(record)  # metrics.jsonl and the sinks of trainer.log_to (ltk/training/loggers.py)
+
+    def _close_logs(self) -> None:
+        """Every exit path: close the sinks, then draw loss.png from the rows logged so far."""
+        try:
+            self.logger.close()
+        finally:
+            if self.rt.is_main:
+                try:
+                    plot_run(self.run_dir)
+                except Exception as e:  # noqa: BLE001 - a failed plot must not hide the run's own error
+                    print(f"warning: could not draw {self.run_dir / 'loss.png'}: {e}")
 
     def fit(self) -> TrainResult:
         """Train to trainer.max_steps, holding the run folder all along (claimed here unless given)."""
@@ -273,7 +287,8 @@ class Trainer:
                 f"{self.cfg.family} model: {self.num_params:,} parameters | {self.tokens_per_step:,} tokens/step | "
                 f"device {self.rt.device} ({self.rt.dtype}) x {self.rt.world_size} | run folder {self.run_dir}"
             )
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not (t.progress and self.rt.is_main), unit="step")
+        show = t.progress and self.rt.is_main and progress_enabled()  # a terminal, unless LTK_PROGRESS says
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not show, unit="step")
         last: dict[str, Any] = {}
         ckpt = None
         window_t, window_tokens = time.perf_counter(), 0
@@ -283,6 +298,8 @@ class Trainer:
         # multi-process runs: each step per rank split into compute / exposed comm / idle (ltk/parallel/timeline.py)
         timeline = Timeline(self.rt.device, enabled=self.rt.world_size > 1 and t.timeline)
         stop, stopping = StopOnSignal(self.rt, announce=self.rt.is_main), 0
+        if self.rt.is_main:
+            self.logger = open_loggers(self.sinks, self.run_dir, self.cfg.to_dict(), self.cfg.name)
         try:
             profile.start()  # --profile: torch.profiler over a few steps, NVML over the run (ltk/training/profiling.py)
             with timeline, stop:
@@ -327,6 +344,7 @@ class Trainer:
         finally:
             bar.close()
             profile.close()
+            self._close_logs()
         if self.rt.is_main and last:
             summary = {"step": self.step, "params": self.num_params, "checkpoint": str(ckpt), **last,
                        "memory": memory.result, **profile.summary(), **timeline.summary()}

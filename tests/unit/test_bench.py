@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import inspect
 import json
 
@@ -81,6 +82,21 @@ def test_environment_names_device_and_versions():
     assert env["cpu_cores"] >= 1 and env["date"]
 
 
+def test_commit_is_read_from_this_checkout():
+    import subprocess
+    from pathlib import Path
+
+    from ltk.bench.harness import git_commit
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("not a git checkout")
+    assert git_commit().removesuffix("-dirty") == head
+
+
 # --- peaks --------------------------------------------------------------------------------
 
 def test_peak_for_matches_datasheet_names():
@@ -121,12 +137,45 @@ def test_option_defaults_match_run_signature(name):
         assert o.name in params and params[o.name].default == o.default, o.name
 
 
+@pytest.mark.parametrize("module, names", [("attention", bench.ATTENTION_PROVIDERS), ("norms", bench.NORM_PROVIDERS),
+                                           ("nf4", bench.NF4_PROVIDERS), ("lora", bench.LORA_PROVIDERS)])
+def test_help_names_each_sweeps_own_providers(module, names):
+    """The registry spells the providers out so --help imports no benchmark; they must be the module's."""
+    assert importlib.import_module(f"ltk.bench.{module}").PROVIDERS == names
+
+
+def test_registry_imports_a_benchmark_only_when_it_runs():
+    import subprocess
+    import sys
+
+    code = ("import sys; from ltk.bench import BENCHMARKS; assert BENCHMARKS['attention'].description; "
+            "print(sorted(m for m in sys.modules if m.startswith('ltk.bench.') or m == 'torch')); "
+            "BENCHMARKS['qlora-memory'].run; print(sorted(m for m in sys.modules if m.startswith('ltk.bench.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    before, after = out.stdout.splitlines()
+    assert before == "[]" and "'ltk.bench.qlora_memory'" in after and "'ltk.bench.attention'" not in after
+    assert bench.Row is bench.harness.Row  # the re-exported names still resolve
+
+
 def test_options_parse_from_a_command_line():
     b = BENCHMARKS["train-step"]
     assert b.parse_args(["--batch-size", "4", "--min-time", "0.5"]) == {"batch_size": 4, "min_time": 0.5}
     parser = argparse.ArgumentParser()
     b.add_arguments(parser)
     assert b.kwargs_from(parser.parse_args([])) == {}  # unset flags keep run's defaults
+
+
+# --- cli-startup ------------------------------------------------------------------------------
+
+def test_cli_startup_rows_time_each_command_beside_the_python_floor():
+    rows = run_benchmark("cli-startup", commands="help", repeats=1)
+    assert [(r.op, r.shape, r.provider) for r in rows] == [("cli-startup", "python -c pass", "python"),
+                                                          ("cli-startup", "ltk --help", "ltk")]
+    assert all(r.median_ms > 0 and r.runs == 1 and r.device for r in rows)
+    extra = json.loads(rows[1].extra)
+    assert extra["imports_torch"] is False and "ltk.cli" in extra["ltk_modules"]
+    with pytest.raises(ValueError, match="help, train-help, bench-help"):
+        run_benchmark("cli-startup", commands="help,version")
 
 
 # --- train-step ---------------------------------------------------------------------------

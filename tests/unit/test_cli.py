@@ -16,6 +16,19 @@ def test_every_subcommand_has_help(argv, capsys):
     assert "usage: ltk" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["bench", "--help"], ["bench", "attention", "--help"],
+                                  ["lab", "run", "--help"]])
+def test_help_imports_no_torch_and_no_benchmark(argv):
+    """`ltk --help` must answer at once: no torch (seconds of imports), no benchmark module.
+    (How long it takes is measured by `ltk bench cli-startup`, not asserted here.)"""
+    from ltk.bench.cli_startup import import_report
+
+    report = import_report(argv)  # python -X importtime -m ltk ARGV, in a fresh process
+    assert not report["imports_torch"], report["slowest_import"]
+    assert not [m for m in report["ltk_modules"] if m.startswith("ltk.bench.")], report["ltk_modules"]
+    assert "ltk.cli" in report["ltk_modules"]  # the report does see our imports
+
+
 def test_console_script_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "ltk.cli", "lab", "list"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "pretrain" in out.stdout

@@ -25,6 +25,7 @@ def test_each_method_trains_what_it_should_and_writes_its_outputs(tiny_base, tmp
     m = s["memory"]
     # Adam: two moments per trainable element (+ a 4-byte step counter per tensor)
     assert m["gradients"] > 0 and 0 <= m["optimizer_states"] - 2 * m["gradients"] <= 4 * 64 and m["activations"] > 0
+    assert (tmp_path / method / "loss.png").exists()
     if method != "full":
         assert s["trainable_params"] < s["params"] / 4
         assert (tmp_path / method / "adapter" / "adapter_config.json").exists()
