@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune one of our checkpoints or a Hugging Face folder on instruction data.")
     f.add_argument("--method", default="lora", choices=("full", "lora", "qlora"))
     f.add_argument("--base", required=True, help="a run folder / checkpoint of ours, or a Hugging Face folder")
-    f.add_argument("--data", default="builtin", help="builtin (an exactly scored task; builtin:last,lookup for some of its kinds) or a .jsonl (Alpaca or chat rows)")
+    f.add_argument("--data", default="builtin", help="builtin (an exactly scored task; builtin:last,lookup for some "
+                   "of its kinds) or a .jsonl (Alpaca or chat rows)")
     f.add_argument("--out", default="runs/finetune", help="output folder")
     f.add_argument("--steps", type=int, default=300)
     f.add_argument("--batch-size", type=int, default=16)
@@ -372,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="memory per rank and bytes per step of a parallel run (cost model)",
                         description="Predict memory per rank (parameters, gradients, optimizer states, "
                         "activations) and communication per step from ltk/parallel/cost.py.")
-    pl.add_argument("--preset", required=True, help="gpt-debug, gpt2-124m ... gpt2-1.5b, llama-debug, llama-1b, llama-8b")
+    pl.add_argument("--preset", required=True,
+                    help="gpt-debug, gpt2-124m ... gpt2-1.5b, llama-debug, llama-1b, llama-8b")
     pl.add_argument("--world", type=int, required=True, help="number of ranks")
     pl.add_argument("--strategy", default="ddp", help="none, ddp, zero1, zero2, zero3 (the data-parallel engine)")
     pl.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")

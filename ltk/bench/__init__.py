@@ -239,7 +239,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         ),
         Benchmark(
             "parallel-zero",
-            "ZeRO-1/2/3 step time on gloo CPU processes: ours vs FSDP2 and DeepSpeed (where installed), with memory per rank",
+            "ZeRO-1/2/3 step time on gloo CPU processes: ours vs FSDP2 and DeepSpeed (where installed), "
+            "with memory per rank",
             "ltk.bench.parallel_zero:run",
             (
                 Option("world", int, 2, "processes"),

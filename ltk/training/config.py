@@ -235,7 +235,8 @@ def apply_override(cfg: RunConfig, path: str, text: str) -> None:
             obj = getattr(obj, part)
     leaf = parts[-1]
     if dataclasses.is_dataclass(getattr(obj, leaf)):
-        raise ConfigError(f"--{path} is a group; set one of its fields, e.g. --{path}.{dataclasses.fields(getattr(obj, leaf))[0].name}")
+        first = dataclasses.fields(getattr(obj, leaf))[0].name
+        raise ConfigError(f"--{path} is a group; set one of its fields, e.g. --{path}.{first}")
     t = typing.get_type_hints(type(obj))[leaf]
     setattr(obj, leaf, _coerce(text, t, path))
 

@@ -144,7 +144,8 @@ class Trainer:
             run = PipelineRun(self.model, lambda mod: mod.param_groups(wd), factory, pp=p.pp, schedule=p.schedule,
                               virtual=p.virtual_stages, micro_batches=t.grad_accum)
             if t.batch_size % run.dp_size:
-                raise ValueError(f"trainer.batch_size {t.batch_size} does not split over {run.dp_size} data-parallel ranks")
+                raise ValueError(f"trainer.batch_size {t.batch_size} does not split over {run.dp_size} "
+                                 "data-parallel ranks")
             return run
         model = torch.compile(self.model) if t.compile and p.strategy in ("auto", "none", "torch-ddp") else self.model
         run = ParallelRun(model, lambda mod: self.model.param_groups(wd), factory,
@@ -184,7 +185,8 @@ class Trainer:
         engine = self.par.engine
         for micro in range(t.grad_accum):
             x, y = self.train_loader.next_batch()  # the global micro-batch; this rank's rows below
-            x, y = self.par.rows(x).to(self.rt.device, non_blocking=True), self.par.rows(y).to(self.rt.device, non_blocking=True)
+            x = self.par.rows(x).to(self.rt.device, non_blocking=True)
+            y = self.par.rows(y).to(self.rt.device, non_blocking=True)
             # data parallel: reduce gradients only after the last micro-batch
             sync = engine.no_sync() if micro < t.grad_accum - 1 else nullcontext()
             gen = step_generator(t.seed, self.step, micro, self.par.dp_rank)  # masks/spans for this micro-batch
@@ -328,7 +330,8 @@ class Trainer:
                         self._log(last)
                         timeline.flush()  # collective: every rank logs at the same steps
                         window_t, window_tokens = time.perf_counter(), 0
-                        bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s", "mfu") if k in last})
+                        shown = ("loss", "val_loss", "tokens_per_s", "mfu")
+                        bar.set_postfix({k: f"{last[k]:.4g}" for k in shown if k in last})
                     bar.update(1)
                     if (t.ckpt_every > 0 and self.step % t.ckpt_every == 0) or done or stopping:
                         ckpt = self.save()

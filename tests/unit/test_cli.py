@@ -16,7 +16,8 @@ def test_every_subcommand_has_help(argv, capsys):
     assert "usage: ltk" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["bench", "--help"], ["bench", "attention", "--help"],
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["bench", "--help"],
+                                  ["bench", "attention", "--help"],
                                   ["lab", "run", "--help"]])
 def test_help_imports_no_torch_and_no_benchmark(argv):
     """`ltk --help` must answer at once: no torch (seconds of imports), no benchmark module.
