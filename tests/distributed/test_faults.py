@@ -159,6 +159,26 @@ def _interrupt(proc, timeout=120):
     return proc.returncode, int(found.group(1))
 
 
+def _interrupted_run(tiny_corpus, run, argv, rows, capsys) -> int:
+    """Start `ltk <argv>`, wait for `rows` metrics rows, check that a second run on its folder is
+    refused naming it, SIGINT it; it must exit 130 with its checkpoint and metrics at the step it
+    stopped after, which is returned."""
+    from ltk.training.checkpoint import load_checkpoint
+
+    proc = subprocess.Popen([sys.executable, "-m", "ltk.cli", *argv], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_rows(proc, run, rows)
+        _second_run_is_refused(tiny_corpus, run, proc.pid, capsys)
+        rc, step = _interrupt(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 130
+    assert load_checkpoint(run).state["step"] == step and [r["step"] for r in _rows(run)] == list(range(1, step + 1))
+    return step
+
+
 def test_ctrl_c_saves_at_a_step_boundary_and_the_resume_is_exact(tiny_corpus, tmp_path, capsys):
     """SIGINT a running `ltk train`: it finishes the step, saves, exits 130; resumed, it reproduces an
     uninterrupted run bit for bit (dropout on, so the RNG states count). Meanwhile a second run on
@@ -167,17 +187,7 @@ def test_ctrl_c_saves_at_a_step_boundary_and_the_resume_is_exact(tiny_corpus, tm
 
     run, full = tmp_path / "run", tmp_path / "full"
     dropout = ("--model.dropout", "0.1")
-    proc = subprocess.Popen([sys.executable, "-m", "ltk.cli", *_stop_args(tiny_corpus, run, 100000, *dropout)],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for_rows(proc, run, 3)
-        _second_run_is_refused(tiny_corpus, run, proc.pid, capsys)
-        rc, step = _interrupt(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert rc == 130
-    assert load_checkpoint(run).state["step"] == step and [r["step"] for r in _rows(run)] == list(range(1, step + 1))
+    step = _interrupted_run(tiny_corpus, run, [*_stop_args(tiny_corpus, run, 100000, *dropout)], 3, capsys)
     total = str(step + 4)
     for argv in (["train", "--resume", str(run), "--max-steps", total], _stop_args(tiny_corpus, full, total, *dropout)):
         done = subprocess.run([sys.executable, "-m", "ltk.cli", *argv], env=_env(), capture_output=True, text=True,
@@ -194,21 +204,10 @@ def test_ctrl_c_stops_every_rank_after_the_same_step(tiny_corpus, tmp_path, caps
     job exits 130 (no hang, no rank killed). While it ran, the launcher held the folder. Resumed in
     one process it continues the same batches as an uninterrupted single-process run."""
     from ltk.cli import main
-    from ltk.training.checkpoint import load_checkpoint
 
     run, single = tmp_path / "run", tmp_path / "single"
-    proc = subprocess.Popen([sys.executable, "-m", "ltk.cli", *_stop_args(tiny_corpus, run, 100000),
-                             "--parallel", "ddp", "--nproc", "2"],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for_rows(proc, run, 2)
-        _second_run_is_refused(tiny_corpus, run, proc.pid, capsys)
-        rc, step = _interrupt(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert rc == 130
-    assert load_checkpoint(run).state["step"] == step and [r["step"] for r in _rows(run)] == list(range(1, step + 1))
+    argv = [*_stop_args(tiny_corpus, run, 100000), "--parallel", "ddp", "--nproc", "2"]
+    step = _interrupted_run(tiny_corpus, run, argv, 2, capsys)
     total = str(step + 3)
     # one process must say so: a ddp run resumed without --nproc is refused rather than silently unreplicated
     assert main(["train", "--resume", str(run), "--max-steps", total]) == 2
