@@ -48,13 +48,14 @@ from ltk.training.checkpoint import Checkpoint, restore_model, save_checkpoint
 from ltk.training.config import RunConfig
 from ltk.training.config_check import check_run
 from ltk.training.data import prepare_data
+from ltk.training.engine import build_engine
 from ltk.training.evaluate import evaluate
 from ltk.training.hardware import peak_flops
 from ltk.training.loader import TokenLoader
 from ltk.training.loggers import Loggers, check_sinks, open_loggers
 from ltk.training.memory import MemoryProbe
 from ltk.training.objectives import objective_for, step_generator
-from ltk.training.optim import build_optimizer, lr_at, set_lr
+from ltk.training.optim import lr_at, set_lr
 from ltk.training.profiling import RunProfile
 from ltk.training.progress import progress_enabled
 from ltk.training.resume import check_resume
@@ -113,7 +114,7 @@ class Trainer:
         self.step, self.tokens_seen = 0, 0
         if resume is not None:
             restore_model(self.model, resume.model)  # before any wrapping: rank 0's copy is broadcast
-        self.par = self._parallel()
+        self.par = build_engine(self.model, self.cfg, self.rt.device)  # ltk/training/engine.py
         self.optimizer = self.par.optimizer
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.dtype == "fp16")
         if resume is not None:
@@ -132,29 +133,6 @@ class Trainer:
         if self.rt.world_size > 1 and self.rt.is_main:
             dist.barrier()
         return data
-
-    def _parallel(self) -> ParallelRun | PipelineRun:
-        """The engine every step goes through: plain for one process, else the strategy of
-        cfg.parallel over the mesh (PyTorch's DDP when none is named)."""
-        p, t = self.cfg.parallel, self.cfg.trainer
-        wd = self.cfg.optim.weight_decay
-        factory = lambda groups: build_optimizer(groups, self.cfg.optim, self.rt.device.type)  # noqa: E731
-        # which combinations each engine takes is checked before anything is built (config_check.py)
-        if p.pp > 1:  # the pipeline runs the whole step: grad_accum micro-batches flow through the stages
-            run = PipelineRun(self.model, lambda mod: mod.param_groups(wd), factory, pp=p.pp, schedule=p.schedule,
-                              virtual=p.virtual_stages, micro_batches=t.grad_accum)
-            if t.batch_size % run.dp_size:
-                raise ValueError(f"trainer.batch_size {t.batch_size} does not split over {run.dp_size} "
-                                 "data-parallel ranks")
-            return run
-        model = torch.compile(self.model) if t.compile and p.strategy in ("auto", "none", "torch-ddp") else self.model
-        run = ParallelRun(model, lambda mod: self.model.param_groups(wd), factory,
-                          strategy=p.strategy, tp=p.tp, sequence_parallel=p.sequence_parallel, device=self.rt.device,
-                          compute_dtype="fp32", bucket_mb=p.bucket_mb)
-        if t.batch_size % run.dp_size:
-            raise ValueError(f"trainer.batch_size {t.batch_size} (the global micro-batch) does not split over "
-                             f"{run.dp_size} data-parallel ranks")
-        return run
 
     def _load(self, ckpt: Checkpoint) -> None:
         opt = ckpt.trainer["optimizer"]

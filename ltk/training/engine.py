@@ -1,0 +1,36 @@
+"""The engine a training step goes through, chosen from `cfg.parallel`.
+
+One process: the plain model (torch.compile'd where asked). Several: a data-parallel strategy
+(ours from ltk/parallel/, or PyTorch's DDP when none is named) over the mesh, tensor parallelism
+inside it, or a pipeline (ltk/parallel/pipeline_run.py) that runs the whole step itself. Model
+code stays single-device: the engine wraps it from outside (DESIGN.md). Which combinations each
+engine takes is checked before anything is built (ltk/training/config_check.py); what is left
+here is what only the built engine knows: its data-parallel size.
+"""
+from __future__ import annotations
+
+import torch
+
+from ltk.parallel.pipeline_run import PipelineRun
+from ltk.parallel.strategy import ParallelRun
+from ltk.training.config import RunConfig
+from ltk.training.optim import build_optimizer
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> ParallelRun | PipelineRun:
+    """Wrap `model` (already on `device`) in the engine of cfg.parallel, with its AdamW."""
+    p, t = cfg.parallel, cfg.trainer
+    wd = cfg.optim.weight_decay
+    factory = lambda groups: build_optimizer(groups, cfg.optim, device.type)  # noqa: E731
+    if p.pp > 1:  # the pipeline runs the whole step: grad_accum micro-batches flow through the stages
+        run = PipelineRun(model, lambda mod: mod.param_groups(wd), factory, pp=p.pp, schedule=p.schedule,
+                          virtual=p.virtual_stages, micro_batches=t.grad_accum)
+    else:
+        compiled = t.compile and p.strategy in ("auto", "none", "torch-ddp")
+        run = ParallelRun(torch.compile(model) if compiled else model, lambda mod: model.param_groups(wd), factory,
+                          strategy=p.strategy, tp=p.tp, sequence_parallel=p.sequence_parallel, device=device,
+                          compute_dtype="fp32", bucket_mb=p.bucket_mb)
+    if t.batch_size % run.dp_size:
+        raise ValueError(f"trainer.batch_size {t.batch_size} (the global micro-batch) does not split over "
+                         f"{run.dp_size} data-parallel ranks")
+    return run
