@@ -103,7 +103,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-PARALLEL_CHOICES = ("ddp", "naive-ddp", "zero1", "zero2", "zero3", "torch-ddp", "fsdp2", "tp", "pp")
+PARALLEL_CHOICES = ("ddp", "naive-ddp", "zero1", "zero2", "zero3", "torch-ddp", "tp", "pp")
 
 
 def _set_parallel(cfg, name: str, world: int) -> None:

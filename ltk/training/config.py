@@ -88,7 +88,7 @@ class ParallelConfig:
     (dp = world / (tp · pp)); trainer.batch_size x grad_accum is the *global* batch, the same
     whatever the world size, so runs at different sizes are comparable step by step."""
 
-    strategy: str = "auto"  # data-parallel engine: auto | ddp | naive-ddp | zero1 | zero2 | zero3 | torch-ddp | fsdp2
+    strategy: str = "auto"  # data-parallel engine: auto | ddp | naive-ddp | zero1 | zero2 | zero3 | torch-ddp
     tp: int = 1  # tensor-parallel degree (GPT, Llama)
     pp: int = 1  # pipeline stages (GPT)
     sequence_parallel: bool = False  # with tp > 1: norms and dropout on sequence shards

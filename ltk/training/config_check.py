@@ -27,8 +27,7 @@ from ltk.training.config import ConfigError, RunConfig, did_you_mean
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 # engines that shard model states over the dp ranks, and what each shards
-SHARDS = {"zero1": ("moments",), "zero2": ("moments", "grads"), "zero3": ("moments", "grads", "weights"),
-          "fsdp2": ("moments", "grads", "weights")}
+SHARDS = {"zero1": ("moments",), "zero2": ("moments", "grads"), "zero3": ("moments", "grads", "weights")}
 
 
 def strategies() -> tuple[str, ...]:
