@@ -7,6 +7,8 @@ import os
 # Triton kernels run in the interpreter on a CPU; this must be set before they are imported.
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not __import__("torch").cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# loss.png costs every tiny run about a second (matplotlib); the tests of the plot turn it back on
+os.environ.setdefault("LTK_PLOT", "0")
 
 import random
 from pathlib import Path

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ltk.training.run_plot import plot_run
+from ltk.training.run_plot import plot_at_end, plot_run
 
 METHODS = ("full", "lora", "qlora")
 DEFAULT_TARGETS = {"gpt": "c_attn,attn.c_proj,c_fc,mlp.c_proj", "llama": "wq,wk,wv,wo,w1,w2,w3"}
@@ -255,7 +255,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             last.update(evaluate(model, tok, val, cfg, device, builtin))
         with log.open("a") as f:
             f.write(json.dumps(last) + "\n")
-    plot_run(out)  # loss.png: training and validation loss, learning rate
+    if plot_at_end():
+        plot_run(out)  # loss.png: training and validation loss, learning rate
     after = {k: v for k, v in last.items() if k.startswith(("val", "exact_match"))}
     summary = {"method": cfg.method, "family": family, "base": str(cfg.base), "data": cfg.data,
                "params": total_params, "trainable_params": sum(p.numel() for p in trainable),

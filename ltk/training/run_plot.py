@@ -9,9 +9,17 @@ Figure of its own (no pyplot, no display, no global backend switched under a cal
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 PLOT_FILE = "loss.png"
+
+
+def plot_at_end() -> bool:
+    """Whether runs draw loss.png when they end: yes unless LTK_PLOT=0. Drawing costs about a
+    second and a half in a fresh process (importing matplotlib is most of it), which a test suite
+    of a few hundred tiny runs turns into minutes; it sets LTK_PLOT=0 outside the plot's own tests."""
+    return os.environ.get("LTK_PLOT", "1") != "0"
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -60,7 +60,7 @@ from ltk.training.profiling import RunProfile
 from ltk.training.progress import progress_enabled
 from ltk.training.resume import check_resume
 from ltk.training.run_folder import RunFolder, claim_for_ranks
-from ltk.training.run_plot import plot_run
+from ltk.training.run_plot import plot_at_end, plot_run
 from ltk.training.runtime import capture_host_rng, capture_rng, restore_rng, seed_everything, setup_runtime
 from ltk.training.stop import StopOnSignal, TrainingStopped
 
@@ -241,7 +241,7 @@ class Trainer:
         try:
             self.logger.close()
         finally:
-            if self.rt.is_main:
+            if self.rt.is_main and plot_at_end():
                 try:
                     plot_run(self.run_dir)
                 except Exception as e:  # noqa: BLE001 - a failed plot must not hide the run's own error

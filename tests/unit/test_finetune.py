@@ -16,7 +16,8 @@ def _cfg(base, out, method, **kw):
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
-def test_each_method_trains_what_it_should_and_writes_its_outputs(tiny_base, tmp_path, method):
+def test_each_method_trains_what_it_should_and_writes_its_outputs(tiny_base, tmp_path, method, monkeypatch):
+    monkeypatch.setenv("LTK_PLOT", "1")  # off elsewhere in the suite (tests/conftest.py)
     before, _, _ = load_base(tiny_base, torch.device("cpu"))
     s = run_finetune(_cfg(tiny_base, tmp_path / method, method, merge=True))
     if method == "full":

@@ -165,8 +165,9 @@ def recorder(monkeypatch):
     return rec
 
 
-def test_training_run_writes_every_sink_and_loss_png(tiny_config, tmp_path, recorder):
+def test_training_run_writes_every_sink_and_loss_png(tiny_config, tmp_path, recorder, monkeypatch):
     pytest.importorskip("tensorboard")
+    monkeypatch.setenv("LTK_PLOT", "1")  # off elsewhere in the suite (tests/conftest.py)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
@@ -181,6 +182,7 @@ def test_training_run_writes_every_sink_and_loss_png(tiny_config, tmp_path, reco
 
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_a_failed_run_closes_its_sinks_and_still_plots(tiny_config, tmp_path, recorder, monkeypatch, error):
+    monkeypatch.setenv("LTK_PLOT", "1")
     trainer = Trainer(tiny_config(tmp_path / "run", max_steps=6))
     step = trainer.train_step
 
