@@ -1,5 +1,5 @@
 """One setting switches GPT between PyTorch's ops and our Triton kernels (run here by the
-interpreter, fp32): same logits, same gradients, and the same 30-step training curve."""
+interpreter, fp32): same logits, same gradients, and the same 20-step training curve."""
 import json
 
 import pytest
@@ -42,18 +42,18 @@ def _losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_gpt_debug_trains_the_same_30_steps_on_both_backends(tiny_corpus, tmp_path):
+def test_gpt_debug_trains_the_same_20_steps_on_both_backends(tiny_corpus, tmp_path):
     losses = {}
     for backend in ("torch", "triton"):
         cfg = get_preset("gpt-debug")
         cfg.model.backend = backend
         cfg.data.source, cfg.data.vocab_size, cfg.data.min_chars = str(tiny_corpus), 300, 16
         t = cfg.trainer
-        t.max_steps, t.batch_size, t.seq_len, t.eval_every, t.eval_batches = 30, 2, 32, 0, 1
+        t.max_steps, t.batch_size, t.seq_len, t.eval_every, t.eval_batches = 20, 2, 32, 0, 1
         t.log_every, t.progress, t.out_dir = 1, False, str(tmp_path / backend)
         Trainer(cfg).fit()
         losses[backend] = _losses(tmp_path / backend)
-    assert len(losses["torch"]) == 30
+    assert len(losses["torch"]) == 20
     diffs = [abs(a - b) for a, b in zip(losses["torch"], losses["triton"])]
     assert max(diffs) < 1e-4, diffs
     assert losses["torch"][-1] < losses["torch"][0] - 1.0  # it did learn
