@@ -128,17 +128,14 @@ def parse_dtype(dtype: str, device: torch.device) -> str:
 # --- memory -------------------------------------------------------------------------------
 
 def available_bytes(device: torch.device) -> int | None:
-    """Memory a new tensor can still get on `device`: CUDA's free memory, or the kernel's
-    MemAvailable estimate on a CPU (None where it cannot be read)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    """Memory a new tensor can still get on `device` (ltk/models/sizing.py: CUDA's free memory, or
+    the host's available memory within a container's limit); None where it cannot be read."""
+    from ltk.models.sizing import available_bytes as free_bytes
+
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        return free_bytes(device)
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def is_oom(err: BaseException) -> bool:

@@ -20,7 +20,6 @@ against the training FLOPs spent, the axis on which scaling studies compare mode
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from ltk.models import get_family
 from ltk.training.config import RunConfig
 from ltk.training.presets import get_preset
 from ltk.training.progress import progress
+from ltk.training.run_plot import read_metrics
 from ltk.training.trainer import Trainer
 
 FAMILIES = ("gpt", "llama", "bert", "t5")
@@ -76,7 +76,7 @@ def run(out: Path, quick: bool, families: tuple[str, ...] = FAMILIES) -> Path:
         result = trainer.fit()
         seconds = time.perf_counter() - t0
         fpt = get_family(family).flops_per_token(cfg.model, trainer.seq_len)
-        metrics = [json.loads(line) for line in (out / family / "metrics.jsonl").read_text().splitlines()]
+        metrics = read_metrics(out / family / "metrics.jsonl")
         evals = [m for m in metrics if "val_loss" in m]
         curves[family] = [(m["tokens"] * fpt, m["val_loss"]) for m in evals]
         final = evals[-1]

@@ -10,7 +10,6 @@ and plots train and validation loss against tokens seen.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from ltk.models.gpt import num_params
 from ltk.training.config import RunConfig
 from ltk.training.evaluate import evaluate
 from ltk.training.presets import get_preset
+from ltk.training.run_plot import read_metrics
 from ltk.training.shards import read_shard
 from ltk.training.trainer import Trainer
 
@@ -81,7 +81,7 @@ def run(out: Path, quick: bool) -> Path:
     x = torch.cat([b[0] for b in batches]).numpy()
     y = torch.cat([b[1] for b in batches]).numpy()
     baselines = ngrams.score(x, y, trainer.token_bytes.numpy())
-    metrics = [json.loads(line) for line in (Path(cfg.trainer.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(Path(cfg.trainer.out_dir) / "metrics.jsonl")
 
     beats = model_final["val_bpb"] < baselines["bigram"]["val_bpb"]
     meta = trainer.data.meta

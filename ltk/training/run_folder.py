@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from ltk.training.checkpoint import list_checkpoints
+from ltk.training.run_plot import read_metrics
 from ltk.training.writable import writable_reason
 
 try:
@@ -164,18 +165,9 @@ class RunFolder:
                 p.unlink()
 
     def _rows(self) -> list[dict]:
-        """metrics.jsonl's rows; a line cut short by a crash is skipped."""
-        try:
-            lines = (self.path / "metrics.jsonl").read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        rows = []
-        for line in lines:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-        return [r for r in rows if isinstance(r, dict)]
+        """metrics.jsonl's rows; a line cut short by a crash is skipped (run_plot.read_metrics)."""
+        path = self.path / "metrics.jsonl"
+        return read_metrics(path) if path.is_file() else []
 
     def trim_metrics(self, step: int) -> None:
         """Drop the rows logged after `step` (those of steps a resumed run trains again), atomically."""
