@@ -80,6 +80,8 @@ class TrainerConfig:
     timeline: bool = True  # multi-process: per-rank compute / exposed comm / idle per step -> timeline.json, .png
     profile: bool = False  # torch.profiler trace of a few steps, NVML GPU counters, CUDA memory snapshot -> profile/
     profile_steps: int = 3  # steps the profiler records (after one skipped and one warm-up step)
+    memory_trace: bool = False  # sample each rank's memory over the run -> memory/rank{r}.jsonl, memory.png
+    memory_trace_ms: float = 25.0  # milliseconds between memory samples
 
 
 @dataclass

@@ -139,6 +139,7 @@ def _check_fields(cfg: RunConfig) -> None:
     _in_range(cfg, "optim.grad_clip", 0, inf, high_open=True)
     _in_range(cfg, "data.val_fraction", 0, 1, high_open=True)
     _in_range(cfg, "parallel.bucket_mb", 0, inf, low_open=True, high_open=True)
+    _in_range(cfg, "trainer.memory_trace_ms", 1, 60_000)  # below 1 ms the sampler would take a core
     _check_device(cfg.trainer.device)
     _one_of(cfg, "trainer.dtype", DTYPES)
     _one_of(cfg, "parallel.strategy", strategies())

@@ -5,7 +5,7 @@
         config.json         the run config (rewritten on resume)
         metrics.jsonl       one row per logged step
         checkpoints/step_*  (ltk/training/checkpoint.py)
-        summary.json, timeline.json, timeline.png, profile/
+        summary.json, timeline.json, timeline.png, profile/, memory/rank*.jsonl, memory.png
 
 Why refuse a folder that holds a run: a second fresh run into it would write step_000001 beside
 the old step_000003 and append a second step 1 to metrics.jsonl, and `--resume` or `ltk generate`
@@ -49,7 +49,7 @@ except ImportError:  # not POSIX: runs are not locked
 LOCK = ".lock"
 HELD_ENV = "LTK_RUN_FOLDER_HELD"  # set by a launcher that holds the folder for its ranks
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "summary.json", "timeline.json", "timeline.png",
-             "profile")
+             "profile", "memory", "memory.png")
 
 
 class RunFolderError(ValueError):

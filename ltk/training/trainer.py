@@ -54,6 +54,8 @@ from ltk.training.hardware import peak_flops
 from ltk.training.loader import TokenLoader
 from ltk.training.loggers import Loggers, check_sinks, open_loggers
 from ltk.training.memory import MemoryProbe
+from ltk.training.memory_report import memory_report
+from ltk.training.memory_watch import MemoryWatch
 from ltk.training.objectives import objective_for, step_generator
 from ltk.training.optim import lr_at, set_lr
 from ltk.training.profiling import RunProfile
@@ -247,6 +249,15 @@ class Trainer:
                 except Exception as e:  # noqa: BLE001 - a failed plot must not hide the run's own error
                     print(f"warning: could not draw {self.run_dir / 'loss.png'}: {e}")
 
+    def _plot_memory(self, per_rank: dict[str, Any]) -> None:
+        """memory.png: every rank's trace beside the plan and 16Ψ (ltk/training/memory_plot.py)."""
+        from ltk.training.memory_plot import plot_memory
+
+        try:
+            plot_memory(self.run_dir / "memory", self.run_dir / "memory.png", per_rank)
+        except Exception as e:  # noqa: BLE001 - a failed plot must not fail a finished run
+            print(f"warning: could not draw {self.run_dir / 'memory.png'}: {e}")
+
     def fit(self) -> TrainResult:
         """Train to trainer.max_steps, holding the run folder all along (claimed here unless given)."""
         folder = self.folder or claim_for_ranks(self.run_dir, self.rt, overwrite=self.overwrite,
@@ -273,6 +284,9 @@ class Trainer:
         ckpt = None
         window_t, window_tokens = time.perf_counter(), 0
         memory = MemoryProbe(self.par, self.rt.device)  # bytes by category, measured on the first step
+        # each rank's peak per phase (init, train, eval, save); with memory_trace a timeline (memory_watch.py)
+        watch = MemoryWatch(self.rt.device, self.rt.rank, self.run_dir, trace=t.memory_trace,
+                            interval_s=t.memory_trace_ms / 1e3)
         profile = RunProfile(self.run_dir / "profile", self.rt.device, active=t.profile_steps, first_step=self.step,
                              steps_left=t.max_steps - self.step, enabled=t.profile and self.rt.is_main)
         # multi-process runs: each step per rank split into compute / exposed comm / idle (ltk/parallel/timeline.py)
@@ -281,6 +295,7 @@ class Trainer:
         if self.rt.is_main:
             self.logger = open_loggers(self.sinks, self.run_dir, self.cfg.to_dict(), self.cfg.name)
         try:
+            watch.start()  # the end of "init": data, model and engine are built
             profile.start()  # --profile: torch.profiler over a few steps, NVML over the run (ltk/training/profiling.py)
             with timeline, stop:
                 while self.step < t.max_steps:
@@ -304,7 +319,8 @@ class Trainer:
                         if self.peak:
                             last["mfu"] = tok_s * self.flops_per_step / self.tokens_per_step / self.peak
                         if do_eval:
-                            last.update(self.evaluate())
+                            with watch.phase("eval"):
+                                last.update(self.evaluate())
                         self._log(last)
                         timeline.flush()  # collective: every rank logs at the same steps
                         window_t, window_tokens = time.perf_counter(), 0
@@ -312,7 +328,8 @@ class Trainer:
                         bar.set_postfix({k: f"{last[k]:.4g}" for k in shown if k in last})
                     bar.update(1)
                     if (t.ckpt_every > 0 and self.step % t.ckpt_every == 0) or done or stopping:
-                        ckpt = self.save()
+                        with watch.phase("save"):
+                            ckpt = self.save()
                     profile.step()
                     if stopping:
                         break
@@ -323,13 +340,19 @@ class Trainer:
                 print(f"\nstopped at once in step {self.step + 1}, nothing saved: the last checkpoint stays intact")
             raise
         finally:
+            watch.stop()
             bar.close()
             profile.close()
             self._close_logs()
+        ranks = watch.gather(self.rt.world_size)  # collective: every rank's peaks, on rank 0
         if self.rt.is_main and last:
+            per_rank = memory_report(ranks, self.cfg, self.rt.world_size, self.rt.dtype, self.seq_len, self.num_params)
             summary = {"step": self.step, "params": self.num_params, "checkpoint": str(ckpt), **last,
-                       "memory": memory.result, **profile.summary(), **timeline.summary()}
+                       "memory": memory.result, "memory_per_rank": per_rank, **profile.summary(),
+                       **timeline.summary()}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            if t.memory_trace and plot_at_end():
+                self._plot_memory(per_rank)
         if stopping and self.step < t.max_steps:
             raise TrainingStopped(stopping, self.step, ckpt)
         return TrainResult(self.run_dir, self.step, last, ckpt)
