@@ -254,6 +254,31 @@ BENCHMARKS: dict[str, Benchmark] = {
             ),
         ),
         Benchmark(
+            "parallel-memory",
+            "each rank's peak memory per phase (init, train, eval, save) of a sharded `ltk train` run against "
+            "the plan's per-rank total and one full copy of the model states (16Ψ); gloo CPU processes",
+            "ltk.bench.parallel_memory:run",
+            (
+                Option("preset", str, None, "model preset (default: gpt2-350m; gpt-debug with --quick)"),
+                Option("world", int, None, "processes (default: 4; 2 with --quick)"),
+                Option("strategy", str, "zero3", "data-parallel engine (ltk train --parallel)",
+                       ("ddp", "naive-ddp", "zero1", "zero2", "zero3", "torch-ddp")),
+                Option("seq_len", int, None, "tokens per sequence (default: 128; 64 with --quick)"),
+                Option("batch_size", int, 4, "sequences per step, over all ranks"),
+                Option("dtype", str, "fp32", "trainer.dtype", ("fp32", "bf16")),
+                Option("steps", int, 2, "optimizer steps; the last one evaluates and saves"),
+                Option("eval_batches", int, None, "validation batches (default: 2; 1 with --quick)"),
+                Option("out", str, "runs/bench-parallel-memory", "run folder (its traces, JSON result and plot)"),
+                Option("device", str, "cpu", "cpu (gloo) or cuda (one GPU a rank)", ("cpu", "cuda")),
+                Option("quick", bool, False, "gpt-debug on 2 ranks, T=64: the whole path in seconds"),
+                Option("min_free_gb", float, 1.0, "kill the run when the machine's available memory falls below"),
+                Option("timeout_s", float, 3600.0, "kill the run after this many seconds"),
+                Option("interval_ms", float, 25.0, "milliseconds between memory samples"),
+                Option("overrides", str, None, "more `ltk train` --section.field value pairs for the run and its plan, "
+                       "e.g. '--data.source DIR --model.n_layer 2'"),
+            ),
+        ),
+        Benchmark(
             "cli-startup",
             "wall time of `python -m ltk --help` and `ltk train --help` in fresh interpreters, beside "
             "`python -c pass`; whether each imports torch",

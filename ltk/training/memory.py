@@ -14,7 +14,8 @@ ZeRO's accounting (Rajbhandari et al. 2020, arXiv 1910.02054, section 3.1: 2Ψ +
 for mixed-precision Adam, divided by N for the sharded parts) and the activation estimate
 per layer sbh(34 + 5as/h) (Korthikanti et al. 2022, arXiv 2205.05198, section 4.1) are the
 predictions ltk/parallel/cost.py makes; these are the measured figures to set beside them.
-Every run's summary.json carries them under "memory" (rank 0's in a multi-process run).
+Every run's summary.json carries them under "memory" (rank 0's in a multi-process run); every
+rank's peak per phase, beside the plan, is under "memory_per_rank" (ltk/training/memory_watch.py).
 """
 from __future__ import annotations
 
@@ -70,8 +71,9 @@ def memory_by_category(model: torch.nn.Module | Sequence[torch.nn.Module], optim
         activations       `activations_bytes`, measured by the caller (see ActivationPeak)
         total             the sum of the four
         device_peak       on CUDA: torch.cuda.max_memory_allocated, the allocator's high-water
-                          mark since the process started (all of the above plus temporaries
-                          and the allocator's rounding)
+                          mark since its last reset (all of the above plus temporaries and the
+                          allocator's rounding); in a run, MemoryWatch resets it where training
+                          begins, so it covers the first step
 
     `model` may be a list of modules (a pipeline rank's chunks)."""
     if isinstance(activations_bytes, bool) or not isinstance(activations_bytes, int) or activations_bytes < 0:
