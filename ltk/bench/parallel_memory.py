@@ -24,7 +24,10 @@ A watchdog kills the whole process tree when the machine's available memory fall
 second, still give every rank's figures up to then, and the result says where it stopped.
 
     ltk bench parallel-memory --save-results ltk/bench/results     # + .json and .png beside the .md
-    ltk bench parallel-memory --quick                              # gpt-debug on 2 ranks, seconds
+    ltk bench parallel-memory --quick                              # gpt-debug on 2 ranks, < 1 min
+
+--quick checks the path, not the goals: a model of 1M parameters is outweighed by what any
+process's allocator, thread pools and autograd hold (about 100 MB), so its ratios are large.
 """
 from __future__ import annotations
 

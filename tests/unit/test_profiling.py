@@ -244,3 +244,10 @@ def test_a_run_without_profile_still_reports_memory(tiny_config, tmp_path):
     s = json.loads((tmp_path / "plain" / "summary.json").read_text())
     assert s["memory"]["activations"] > 0 and "profile" not in s and "nvml" not in s
     assert not (tmp_path / "plain" / "profile").exists()
+    # every rank's peak per phase beside the plan (one rank here); no trace unless asked for
+    per_rank = s["memory_per_rank"]
+    assert [r["rank"] for r in per_rank["ranks"]] == [0] and per_rank["plan"]["strategy"] == "none"
+    r = per_rank["ranks"][0]
+    assert list(r["phases"]) == ["init", "train", "eval", "save"]
+    assert r["peak"] == max(p["peak"] for p in r["phases"].values()) > r["baseline"] > 0
+    assert per_rank["full_copy"] == 16 * s["params"] and not (tmp_path / "plain" / "memory").exists()
