@@ -109,7 +109,10 @@ def make_real(p: nn.Parameter, value: torch.Tensor) -> None:
         p.data = value
         return
     tag = getattr(p, "_ltk_init", None)
-    torch.utils.swap_tensors(p, nn.Parameter(value, requires_grad=p.requires_grad))
+    # a fresh real parameter first, then .data: p keeps a version counter of its own, not that of
+    # `value`'s storage (an engine gathering into that storage must not look like an in-place edit)
+    torch.utils.swap_tensors(p, nn.Parameter(value.new_empty(0), requires_grad=p.requires_grad))
+    p.data = value
     if tag is not None:
         p._ltk_init = tag
 
