@@ -24,8 +24,10 @@ Schedule of one micro-batch (as PyTorch FSDP runs it, Zhao et al. 2023; "full" =
               u's backward: all-gather u and prefetch the unit before it; when the last gradient
               of u has been accumulated (post-accumulate-grad hooks), its gradients are
               flattened and reduce-scattered asynchronously, .grad and the full parameters freed.
-              A callback at the end of the backward waits for the reduce-scatters, adds them to
-              the persistent gradient shards, and reduces any unit some gradient never reached
+              At most two reduce-scatters are in flight: launching a third waits for the oldest
+              and frees its flat gradient (else a rank would hold every unit's full gradient by
+              the end of backward). A callback at the end of the backward waits for the rest, adds
+              them to the persistent gradient shards, and reduces any unit some gradient never reached
               (every unit every backward, so all ranks issue the same collectives). A unit that
               activation checkpointing recomputes inside its backward is gathered already; its
               forward hooks then neither record, prefetch nor free.
@@ -92,6 +94,9 @@ class Zero3Engine(ShardedEngine):
                  compute_dtype="fp32", prefetch: bool = True, device: torch.device | str | None = None):
         super().__init__(model, comm, compute_dtype)
         self.prefetch = prefetch
+        # reduce-scatters in flight during backward: each keeps a unit's full flat gradient alive, so
+        # waiting for all at the end would hold a whole model's gradients (FSDP limits them the same way)
+        self.max_in_flight = 2
         # where a model built on the meta device (ltk/models/init.py) gets its storage
         self.device = torch.device(device) if device is not None else next(
             (p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
@@ -264,15 +269,21 @@ class Zero3Engine(ShardedEngine):
         self._pending.append((self.comm.reduce_scatter(out, flat, async_op=True), u, flat, out))
         u.reduced = True
         self._free(u)
+        while len(self._pending) > self.max_in_flight:  # each holds a whole unit's flat gradient
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        handle, u, _, out = self._pending.pop(0)
+        if handle is not None:
+            handle.wait()
+        u.grad_shard += out
 
     def _end_backward(self) -> None:
         for u in self.units:
             if not u.reduced:
                 self._reduce(u)
-        for handle, u, _, out in self._pending:
-            if handle is not None:
-                handle.wait()
-            u.grad_shard += out
+        while self._pending:
+            self._finish_oldest()
         for u in self.units:
             u.ready, u.reduced = 0, False
         self._pending, self._in_backward = [], False
