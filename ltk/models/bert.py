@@ -48,6 +48,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ltk.kernels.attention import attention
 from ltk.kernels.backend import BACKENDS, resolve_backend
+from ltk.models.init import draw_init_seed, init_parameters, param_generator
 from ltk.models.norms import LayerNorm
 from ltk.models.param_groups import decay_groups
 from ltk.models.pretrained import Pretrained
@@ -203,6 +204,7 @@ class Bert(Pretrained, nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         cfg.validate()
+        self.init_seed = draw_init_seed()  # before any submodule: the same whether built whole or on meta
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)  # word (token) embeddings
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)  # learned absolute positions
@@ -215,18 +217,21 @@ class Bert(Pretrained, nn.Module):
         self.activation_checkpointing = False
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        if self.head is not None:
-            nn.init.zeros_(self.head.bias)
+        init_parameters(self, self.init_parameter)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, t: torch.Tensor) -> None:
+        """Fill t as parameter `name` starts: Linear and Embedding weights N(0, 0.02²) (Devlin et al.
+        2019, as BERT's TF code), LayerNorm gains 1, every bias 0 (the MLM head's too). A function
+        of (init_seed, name) alone (ltk/models/init.py)."""
+        owner = self.get_submodule(name.rsplit(".", 1)[0])
+        if name.endswith("bias"):
+            t.zero_()
+        elif isinstance(owner, LayerNorm):
+            t.fill_(1.0)
+        else:
+            t.normal_(0.0, 0.02, generator=param_generator(self.init_seed, name, t.device))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -45,6 +45,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ltk.kernels.attention import attention
 from ltk.kernels.backend import BACKENDS, resolve_backend
+from ltk.models.init import draw_init_seed, init_parameters, param_generator
 from ltk.models.kv_cache import KVCache
 from ltk.models.norms import LayerNorm
 from ltk.models.param_groups import decay_groups
@@ -207,6 +208,7 @@ class GPT(Pretrained, nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         cfg.validate()
+        self.init_seed = draw_init_seed()  # before any submodule: the same whether built whole or on meta
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
@@ -218,18 +220,23 @@ class GPT(Pretrained, nn.Module):
         self.activation_checkpointing = False
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=resid_std)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif ".ln_" in name or name.startswith("ln_f"):
-                nn.init.ones_(p)
-            else:  # Linear weights and both embeddings
-                nn.init.normal_(p, mean=0.0, std=0.02)
+        init_parameters(self, self.init_parameter)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, t: torch.Tensor) -> None:
+        """Fill t as parameter `name` starts: N(0, 0.02²), residual projections N(0, (0.02/√(2L))²)
+        (GPT-2, Radford et al. 2019 §2.3), LayerNorm gains 1, biases 0. A function of
+        (init_seed, name) alone, so a shard can be made without the rest (ltk/models/init.py)."""
+        gen = param_generator(self.init_seed, name, t.device)
+        if name.endswith("c_proj.weight"):
+            t.normal_(0.0, 0.02 / math.sqrt(2 * self.config.n_layer), generator=gen)
+        elif name.endswith("bias"):
+            t.zero_()
+        elif ".ln_" in name or name.startswith("ln_f"):
+            t.fill_(1.0)
+        else:  # Linear weights and both embeddings
+            t.normal_(0.0, 0.02, generator=gen)
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for `batch` sequences of up to max_len (default block_size) positions."""

@@ -80,6 +80,7 @@ from torch.utils.checkpoint import checkpoint
 from ltk.kernels.attention import attention
 from ltk.kernels.backend import BACKENDS
 from ltk.models.gpt import check_segments, segment_positions
+from ltk.models.init import draw_init_seed, init_parameters, param_generator
 from ltk.models.kv_cache import KVCache
 from ltk.models.norms import RMSNorm
 from ltk.models.param_groups import decay_groups
@@ -245,6 +246,7 @@ class Llama(Pretrained, nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         cfg.validate()
+        self.init_seed = draw_init_seed()  # before any submodule: the same whether built whole or on meta
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
@@ -255,16 +257,19 @@ class Llama(Pretrained, nn.Module):
         self.activation_checkpointing = False
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith("wo.weight") or name.endswith("w2.weight"):
-                nn.init.normal_(p, mean=0.0, std=resid_std)
-            elif "norm" in name:
-                nn.init.ones_(p)
-            else:  # the other projections, the embedding and the head
-                nn.init.normal_(p, mean=0.0, std=0.02)
+        init_parameters(self, self.init_parameter)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, t: torch.Tensor) -> None:
+        """Fill t as parameter `name` starts (a function of (init_seed, name): ltk/models/init.py)."""
+        gen = param_generator(self.init_seed, name, t.device)
+        if name.endswith("wo.weight") or name.endswith("w2.weight"):
+            t.normal_(0.0, 0.02 / math.sqrt(2 * self.config.n_layer), generator=gen)
+        elif "norm" in name:
+            t.fill_(1.0)
+        else:  # the other projections, the embedding and the head
+            t.normal_(0.0, 0.02, generator=gen)
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for `batch` sequences of up to max_len (default block_size) positions."""

@@ -73,6 +73,7 @@ import torch.nn.functional as F
 
 from ltk.kernels.attention import attention
 from ltk.kernels.backend import BACKENDS, resolve_backend
+from ltk.models.init import draw_init_seed, init_parameters, param_generator
 from ltk.models.norms import RMSNorm
 from ltk.models.param_groups import decay_groups
 from ltk.models.pretrained import Pretrained
@@ -372,6 +373,7 @@ class T5(Pretrained, nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
         cfg.validate()
+        self.init_seed = draw_init_seed()  # before any submodule: the same whether built whole or on meta
         self.config = cfg
         self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = T5Stack(cfg, is_decoder=False)
@@ -379,20 +381,23 @@ class T5(Pretrained, nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Mesh TensorFlow's initialization; the standard deviations are in the module docstring."""
+        init_parameters(self, self.init_parameter)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, t: torch.Tensor) -> None:
+        """Mesh TensorFlow's initialization (standard deviations in the module docstring), as a
+        function of (init_seed, name) alone (ltk/models/init.py)."""
         cfg = self.config
         d, inner = cfg.d_model, cfg.n_head * cfg.d_kv
         std = {"q": (d * cfg.d_kv) ** -0.5, "k": d ** -0.5, "v": d ** -0.5, "o": inner ** -0.5,
                "wi": d ** -0.5, "wi_0": d ** -0.5, "wi_1": d ** -0.5, "wo": cfg.d_ff ** -0.5,
                "relative_bias": d ** -0.5, "shared": 1.0, "lm_head": 1.0}
-        for name, p in self.named_parameters():
-            parts = name.split(".")
-            if "norm" in parts[-2]:
-                nn.init.ones_(p)
-            else:  # the module's own name decides: ...attn.q.weight -> "q"
-                nn.init.normal_(p, mean=0.0, std=std[parts[-2]])
+        parts = name.split(".")
+        if "norm" in parts[-2]:
+            t.fill_(1.0)
+        else:  # the module's own name decides: ...attn.q.weight -> "q"
+            t.normal_(0.0, std[parts[-2]], generator=param_generator(self.init_seed, name, t.device))
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, S) -> encoder output (B, S, d). attention_mask: 1/True at real tokens."""

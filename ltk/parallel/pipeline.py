@@ -54,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ltk.models.gpt import GPT
+from ltk.models.init import make_real
 from ltk.parallel.dist import Comm
 from ltk.parallel.pipeline_sim import simulate
 from ltk.parallel.reference import make_optimizer
@@ -104,12 +105,22 @@ def split_gpt(model: GPT, num_stages: int) -> list[GPTStage]:
     return [GPTStage(model, r, s == 0, s == num_stages - 1) for s, r in enumerate(ranges)]
 
 
-def rank_stages(model: GPT, rank: int, stages: int, virtual: int = 1) -> list[GPTStage]:
-    """The v chunks rank `rank` holds: model stages c·p + rank for c = 0..v-1 (round robin)."""
+def rank_stages(model: GPT, rank: int, stages: int, virtual: int = 1,
+                device: torch.device | str | None = None) -> list[GPTStage]:
+    """The v chunks rank `rank` holds: model stages c·p + rank for c = 0..v-1 (round robin).
+    A model built with its parameters on the meta device (ltk/models/init.py) is never made
+    whole: each chunk's own parameters are initialized here, one at a time, on `device`."""
     S = stages * virtual
     ranges = layer_ranges(model.config.n_layer, S)
-    return [GPTStage(model, ranges[c * stages + rank], c * stages + rank == 0, c * stages + rank == S - 1)
-            for c in range(virtual)]
+    chunks = [GPTStage(model, ranges[c * stages + rank], c * stages + rank == 0, c * stages + rank == S - 1)
+              for c in range(virtual)]
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            if p.is_meta:  # a stage's names are the full model's; the last stage's head starts as W_te
+                t = torch.empty(p.shape, dtype=p.dtype)
+                model.init_parameter("wte.weight" if name == "lm_head.weight" else name, t)
+                make_real(p, t.to(device or "cpu"))
+    return chunks
 
 
 @dataclass
@@ -178,17 +189,19 @@ class PipelineTrainer:
     with data parallelism for the training loop."""
 
     def __init__(self, model: GPT, schedule: Schedule, comms: PipelineComms, lr: float = 1e-2,
-                 optimizer: Callable[[list[GPTStage]], torch.optim.Optimizer] | None = None):
+                 optimizer: Callable[[list[GPTStage]], torch.optim.Optimizer] | None = None,
+                 device: torch.device | str | None = None):
         """`optimizer(chunks)` builds the optimizer over this rank's chunks (default: AdamW of
         parallel.reference.make_optimizer over all their parameters, learning rate `lr`)."""
         validate(schedule)
         if comms.act.size != schedule.stages:
             raise ValueError(f"schedule has {schedule.stages} stages but the pipeline group has {comms.act.size} ranks")
         self.schedule, self.comms, self.rank = schedule, comms, comms.act.rank
-        self.chunks = rank_stages(model, self.rank, schedule.stages, schedule.virtual)
+        self.chunks = rank_stages(model, self.rank, schedule.stages, schedule.virtual, device)
         self.opt = (optimizer(self.chunks) if optimizer is not None
                     else make_optimizer([p for c in self.chunks for p in c.parameters()], lr))
-        self.hidden, self.dtype, self.device = model.config.n_embd, model.wte.weight.dtype, model.wte.weight.device
+        first = next(self.chunks[0].parameters())
+        self.hidden, self.dtype, self.device = model.config.n_embd, first.dtype, first.device
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for c in self.chunks for n, p in c.named_parameters()}

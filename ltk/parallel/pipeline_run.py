@@ -65,7 +65,8 @@ class PipelineRun:
 
     def __init__(self, model: GPT, param_groups_fn: Callable[[nn.Module], list[dict]],
                  optimizer_factory: Callable[[list[dict]], torch.optim.Optimizer], *, pp: int,
-                 schedule: str = "1f1b", virtual: int = 1, micro_batches: int):
+                 schedule: str = "1f1b", virtual: int = 1, micro_batches: int,
+                 device: torch.device | str | None = None):
         if not isinstance(model, GPT):
             raise TypeError(f"pipeline parallelism cuts a models.gpt.GPT into stages, got {type(model).__name__}")
         for name, val in (("pp", pp), ("virtual", virtual), ("micro_batches", micro_batches)):
@@ -97,7 +98,7 @@ class PipelineRun:
         self._group_names = self._full_group_names(model, full_groups, canonical)
         self._group_keys = [{k: v for k, v in g.items() if k != "params"} for g in full_groups]  # weight_decay, ...
         self._keys = list(model.state_dict().keys())
-        self.trainer = PipelineTrainer(model, self.schedule, comms,
+        self.trainer = PipelineTrainer(model, self.schedule, comms, device=device,
                                        optimizer=lambda chunks: self._build_optimizer(chunks, optimizer_factory))
         self.chunks = self.trainer.chunks
         self.optimizer = self.trainer.opt
@@ -251,9 +252,13 @@ class PipelineRun:
                     # clone every tensor, 0-d step counters too: the two copies of W_te read one entry
                     self.optimizer.state[p] = {k: _clone(v) for k, v in sd["state"][name[id(p)]].items()}
 
-    def eval_model(self, build: Callable[[], nn.Module]) -> nn.Module:
-        """A single-process model (build() makes it once, then cached) with the current weights."""
-        if not hasattr(self, "_eval_copy"):
-            self._eval_copy = build()
-        self._eval_copy.load_state_dict(self.full_state_dict(), strict=True)
-        return self._eval_copy
+    def eval_share(self, objective):
+        """Evaluation through the stages themselves (ltk/parallel/sharded_eval.py): each replica
+        scores its share of the batches; the pp ranks of a replica run each batch together."""
+        from ltk.parallel.sharded_eval import EvalShare, pipeline_eval_sums, sum_over
+
+        if objective.name != "causal-lm":
+            raise ValueError(f"pipeline parallelism evaluates the causal LM objective, not {objective.name}")
+        return EvalShare(model=nn.ModuleList(self.chunks), rank=self.dp_rank, size=self.dp_size, lockstep=True,
+                         all_reduce=sum_over(self.dp_comm, self.pp_comm),
+                         eval_sums=lambda model, x, y, gen, token_bytes: pipeline_eval_sums(self, x, y, token_bytes))

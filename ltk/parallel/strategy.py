@@ -24,8 +24,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from ltk.models.init import materialize
 from ltk.parallel.dist import Comm, Mesh
 from ltk.parallel.reference import dp_shard
+from ltk.parallel.sharded_eval import EvalShare, sum_over, tp_eval_sums
 
 DP_ENGINES = ("ddp", "naive-ddp", "zero1", "zero2", "zero3", "torch-ddp")
 
@@ -114,6 +116,8 @@ class _TorchDDP(_Single):
 def build_engine(name: str, model, param_groups, optimizer_factory: Callable, comm: Comm, device: torch.device,
                  compute_dtype: str = "fp32", bucket_mb: float = 25.0):
     """The data-parallel engine `name` over `comm` (its contract: ltk/parallel/ddp.py, zero.py)."""
+    if name != "zero3" or comm.size == 1:  # every other engine holds the whole model: make real what is on meta
+        materialize(model, device)
     if name in ("none", "auto") or comm.size == 1 and name != "torch-ddp":
         return _Single(model, param_groups, optimizer_factory)
     if name == "ddp":
@@ -132,7 +136,8 @@ def build_engine(name: str, model, param_groups, optimizer_factory: Callable, co
     if name == "zero3":
         from ltk.parallel.zero3 import Zero3Engine
 
-        return Zero3Engine(model, param_groups, optimizer_factory, comm, compute_dtype=compute_dtype)
+        return Zero3Engine(model, param_groups, optimizer_factory, comm, compute_dtype=compute_dtype,
+                           device=device)
     if name == "torch-ddp":
         return _TorchDDP(model, param_groups, optimizer_factory, comm, device)
     raise ValueError(f"unknown data-parallel strategy {name!r}; choose one of {', '.join(DP_ENGINES)}")
@@ -258,18 +263,15 @@ class ParallelRun:
                 out[k] = out[twin] if twin in out else sd[twin].contiguous()
         return out
 
-    def eval_model(self, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-        """A single-process model with the current weights, for evaluation and generation: the
-        model itself where it is whole on every rank, else a copy filled from full_state_dict
-        (a collective: every rank must call)."""
-        if self._whole_locally():
-            return _unwrapped(self.model)
-        if not hasattr(self, "_eval_copy"):
-            self._eval_copy = build()
-        weights = self.full_state_dict()
-        own = self._eval_copy.state_dict()
-        self._eval_copy.load_state_dict({k: weights.get(k, own[k]) for k in own}, strict=True)  # tied aliases: kept
-        return self._eval_copy
+    def eval_share(self, objective) -> EvalShare:
+        """How this rank takes part in evaluation, on the model as it is held (never a second
+        copy; ltk/parallel/sharded_eval.py): each data-parallel replica scores its share of the
+        batches; ZeRO-3 gathers unit by unit in forward, tensor parallelism scores from the
+        vocabulary slice of the logits."""
+        dp = self.mesh.comm("dp")
+        return EvalShare(model=_unwrapped(self.model), rank=self.dp_rank, size=self.dp_size,
+                         lockstep=not self._whole_locally(), all_reduce=sum_over(dp),
+                         eval_sums=tp_eval_sums(objective) if self.tp > 1 else None)
 
     def _names(self) -> dict[int, str]:
         return {id(p): n for n, p in _unwrapped(self.model).named_parameters()}

@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ltk.models.init import materialized
 from ltk.parallel.dist import Comm
 
 SEQ_DIM = 1  # activations are (B, T, C)
@@ -211,7 +212,8 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError("pad=True splits a single segment (a vocabulary head)")
         self.comm, self.gather_output, self.sequence_parallel = comm, gather_output, sequence_parallel
         self.input_comm, self.out_features, self.segments = input_comm, out, segments
-        w, b = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+        # a meta parameter (a model built shard by shard, ltk/models/init.py) is made whole here, cut, freed
+        w, b = materialized(linear.weight), None if linear.bias is None else materialized(linear.bias)
         if pad:
             self.vocab_start, local, self.n_valid = vocab_shard(out, comm)
             rows = slice(self.vocab_start, self.vocab_start + self.n_valid)
@@ -253,8 +255,8 @@ class RowParallelLinear(nn.Module):
             raise ValueError(f"input features {linear.in_features} must divide by tp={n}")
         k = linear.in_features // n
         self.comm, self.sequence_parallel, self.in_features = comm, sequence_parallel, linear.in_features
-        self.weight = nn.Parameter(linear.weight.detach()[:, r * k:(r + 1) * k].clone())
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+        self.weight = nn.Parameter(materialized(linear.weight)[:, r * k:(r + 1) * k].clone())
+        self.bias = None if linear.bias is None else nn.Parameter(materialized(linear.bias).clone())
         if self.bias is not None and sequence_parallel:
             sum_grad_over_tp(self.bias, comm)  # added to a sequence shard only
 
@@ -275,7 +277,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.comm, self.sequence_parallel, self.num_embeddings = comm, sequence_parallel, emb.num_embeddings
         self.vocab_start, local, self.n_valid = vocab_shard(emb.num_embeddings, comm)
-        w = emb.weight.detach()[self.vocab_start:self.vocab_start + self.n_valid]
+        w = materialized(emb.weight)[self.vocab_start:self.vocab_start + self.n_valid]
         self.weight = nn.Parameter(_pad_rows(w, local).clone())
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

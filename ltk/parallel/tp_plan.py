@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from ltk.kernels.attention import attention
 from ltk.kernels.backend import resolve_backend
 from ltk.models.gpt import GPT, CausalSelfAttention
+from ltk.models.init import materialize, materialized
 from ltk.models.llama import Attention, Llama, SwiGLU, apply_rope
 from ltk.parallel.dist import Comm, CommStats
 from ltk.parallel.tensor import (
@@ -122,7 +123,7 @@ class _PositionShard(nn.Module):
     def __init__(self, wpe: nn.Embedding, comm: Comm):
         super().__init__()
         self.comm = comm
-        self.weight = nn.Parameter(wpe.weight.detach().clone())  # replicated; grad summed by hook
+        self.weight = nn.Parameter(materialized(wpe.weight).clone())  # replicated; grad summed by hook
         sum_grad_over_tp(self.weight, comm)
 
     def forward(self, pos: torch.Tensor) -> torch.Tensor:
@@ -191,9 +192,10 @@ def _plan_llama(model: Llama, comm: Comm, sp: bool) -> None:
 
 
 def apply_tensor_parallel(model: nn.Module, comm: Comm, sequence_parallel: bool = False) -> nn.Module:
-    """Shard `model` (GPT or Llama, built identically on every rank of `comm`) in place and
-    return it. Its forward then returns this rank's vocab logits (B, T, V_local) — use
-    tp_loss for the loss; parameter names stay those of the single-device model."""
+    """Shard `model` (GPT or Llama, built identically on every rank of `comm`, whole or with its
+    parameters on the meta device: ltk/models/init.py) in place and return it. Its forward then
+    returns this rank's vocab logits (B, T, V_local) — use tp_loss for the loss; parameter names
+    stay those of the single-device model."""
     if getattr(model, "tp_comm", None) is not None:
         raise ValueError("the model is already tensor-parallel")
     if isinstance(model, GPT):
@@ -202,6 +204,7 @@ def apply_tensor_parallel(model: nn.Module, comm: Comm, sequence_parallel: bool 
         _plan_llama(model, comm, sequence_parallel)
     else:
         raise TypeError(f"no tensor-parallel plan for {type(model).__name__}: GPT and Llama have one")
+    materialize(model)  # what the plan replicates (norms, positions), where the model was built on meta
     model.tp_comm, model.sequence_parallel = comm, sequence_parallel
     return model
 

@@ -24,8 +24,10 @@ Schedule of one micro-batch (as PyTorch FSDP runs it, Zhao et al. 2023; "full" =
               u's backward: all-gather u and prefetch the unit before it; when the last gradient
               of u has been accumulated (post-accumulate-grad hooks), its gradients are
               flattened and reduce-scattered asynchronously, .grad and the full parameters freed.
-              A callback at the end of the backward waits for the reduce-scatters, adds them to
-              the persistent gradient shards, and reduces any unit some gradient never reached
+              At most two reduce-scatters are in flight: launching a third waits for the oldest
+              and frees its flat gradient (else a rank would hold every unit's full gradient by
+              the end of backward). A callback at the end of the backward waits for the rest, adds
+              them to the persistent gradient shards, and reduces any unit some gradient never reached
               (every unit every backward, so all ranks issue the same collectives). A unit that
               activation checkpointing recomputes inside its backward is gathered already; its
               forward hooks then neither record, prefetch nor free.
@@ -45,6 +47,7 @@ import torch
 import torch.nn as nn
 from torch.autograd import Variable
 
+from ltk.models.init import make_real, materialized
 from ltk.parallel.dist import Comm
 from ltk.parallel.zero import FlatLayout, FlatShard, ShardedEngine, normalize_groups
 
@@ -88,9 +91,15 @@ class Zero3Engine(ShardedEngine):
     """ZeRO-3 data parallelism; the engine contract of ltk/parallel/zero.py plus `units`."""
 
     def __init__(self, model: nn.Module, param_groups, optimizer_factory, comm: Comm, *, units=None,
-                 compute_dtype="fp32", prefetch: bool = True):
+                 compute_dtype="fp32", prefetch: bool = True, device: torch.device | str | None = None):
         super().__init__(model, comm, compute_dtype)
         self.prefetch = prefetch
+        # reduce-scatters in flight during backward: each keeps a unit's full flat gradient alive, so
+        # waiting for all at the end would hold a whole model's gradients (FSDP limits them the same way)
+        self.max_in_flight = 2
+        # where a model built on the meta device (ltk/models/init.py) gets its storage
+        self.device = torch.device(device) if device is not None else next(
+            (p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
         self._group_params, keys = normalize_groups(model, param_groups)
         group_of = {id(p): g for g, ps in enumerate(self._group_params) for p in ps}
         mods = default_units(model) if units is None else list(units)
@@ -116,6 +125,9 @@ class Zero3Engine(ShardedEngine):
             u = self._make_unit(params, [group_of[id(p)] for p in params], opt_groups)
             u.module = m
             self.units.append(u)
+        for p in model.parameters():  # frozen parameters (no group) are kept whole
+            if p.is_meta:
+                make_real(p, materialized(p, self.device))
         self.root = self.units[-1] if root else None
         self.buffers = self.units
         self.optimizer = optimizer_factory(opt_groups)
@@ -134,12 +146,15 @@ class Zero3Engine(ShardedEngine):
 
     def _make_unit(self, params, groups: list[int], opt_groups: list[dict]) -> Unit:
         layout = FlatLayout([self.names[id(p)] for p in params], params, self.comm.size, self.comm.rank)
-        full32 = self._broadcast_flat(layout)  # (N·s,) fp32
-        master = full32[layout.lo:layout.hi].clone()
+        if any(p.is_meta for p in params):  # deferred init: this rank makes its shard only
+            layout.device = self.device
+            master = self._init_shard(layout)
+        else:
+            master = self._broadcast_flat(layout)[layout.lo:layout.hi].clone()  # (N·s,) fp32 -> (s,)
         shard = master if self.dtype == torch.float32 else master.to(self.dtype)
         full = torch.empty(layout.padded, dtype=self.dtype, device=layout.device)
         for p, v in zip(params, layout.views(full)):
-            p.data = v  # views of the unit's storage (p keeps its own version counter)
+            make_real(p, v)  # views of the unit's storage (p keeps its own version counter)
         pieces = []  # group g covers [start, end) of the flat vector; the last group takes the padding
         for i, g in enumerate(sorted(set(groups))):
             start = layout.offsets[groups.index(g)]
@@ -151,6 +166,19 @@ class Zero3Engine(ShardedEngine):
         u = Unit(layout, master, pieces, full, shard, self.dtype)
         self._free(u)
         return u
+
+    def _init_shard(self, layout: FlatLayout) -> torch.Tensor:
+        """(s,) fp32: this rank's [lo, hi) of the unit's flat vector, made parameter by parameter
+        from each one's initial value (ltk/models/init.py `materialized`: one full parameter at a
+        time, freed at once). No communication: every rank computes the same values."""
+        master = torch.zeros(layout.shard, dtype=torch.float32, device=layout.device)
+        for p, off, n in zip(layout.params, layout.offsets, layout.numels):
+            a, b = max(off, layout.lo), min(off + n, layout.hi)
+            if a < b:
+                full = materialized(p, layout.device).reshape(-1)
+                master[a - layout.lo:b - layout.lo] = full[a - off:b - off]
+                del full
+        return master
 
     # -- gather / free ----------------------------------------------------------------------------
     def _unshard(self, u: Unit | None, wait: bool = True) -> None:
@@ -241,15 +269,21 @@ class Zero3Engine(ShardedEngine):
         self._pending.append((self.comm.reduce_scatter(out, flat, async_op=True), u, flat, out))
         u.reduced = True
         self._free(u)
+        while len(self._pending) > self.max_in_flight:  # each holds a whole unit's flat gradient
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        handle, u, _, out = self._pending.pop(0)
+        if handle is not None:
+            handle.wait()
+        u.grad_shard += out
 
     def _end_backward(self) -> None:
         for u in self.units:
             if not u.reduced:
                 self._reduce(u)
-        for handle, u, _, out in self._pending:
-            if handle is not None:
-                handle.wait()
-            u.grad_shard += out
+        while self._pending:
+            self._finish_oldest()
         for u in self.units:
             u.ready, u.reduced = 0, False
         self._pending, self._in_backward = [], False

@@ -24,7 +24,7 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -
     factory = lambda groups: build_optimizer(groups, cfg.optim, device.type)  # noqa: E731
     if p.pp > 1:  # the pipeline runs the whole step: grad_accum micro-batches flow through the stages
         run = PipelineRun(model, lambda mod: mod.param_groups(wd), factory, pp=p.pp, schedule=p.schedule,
-                          virtual=p.virtual_stages, micro_batches=t.grad_accum)
+                          virtual=p.virtual_stages, micro_batches=t.grad_accum, device=device)
     else:
         compiled = t.compile and p.strategy in ("auto", "none", "torch-ddp")
         run = ParallelRun(torch.compile(model) if compiled else model, lambda mod: model.param_groups(wd), factory,

@@ -32,6 +32,8 @@ def evaluate(
     seed: int = 0,
     first_index: int = 0,
     index_step: int = 1,
+    eval_sums: Callable | None = None,
+    discard: Iterable[tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> dict[str, float]:
     """Return {"val_loss": nats per predicted token, "val_bpb": bits/byte (causal LM only),
     "val_tokens"}.
@@ -41,19 +43,30 @@ def evaluate(
     objective use generators seeded by `seed` and the batch index, so every evaluation scores
     the same task. `all_reduce`, when given, sums the partial sums over data-parallel ranks so
     every rank gets the global figure. A rank that scores batches first_index, first_index +
-    index_step, ... of the full list says so, so its masks are those of one process."""
+    index_step, ... of the full list says so, so its masks are those of one process.
+
+    Sharded models (ltk/parallel/sharded_eval.py): `eval_sums(model, x, y, gen, token_bytes)`
+    replaces the objective's scoring (tensor or pipeline parallelism), and the `discard` batches
+    are run and their result dropped, so that every rank makes as many forward calls (with their
+    collectives) as the rank with the most batches."""
     from ltk.training.objectives import CausalLM, step_generator
 
     objective = objective or CausalLM(0, 0)
     was_training = model.training
     model.eval()
     token_bytes = token_bytes.to(device)
+    score = eval_sums or objective.eval_sums
+    batches = list(batches)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, tokens, nats(bytes>0), bytes
     for i, (x, y) in enumerate(batches):
         x, y = x.to(device), y.to(device)
         with autocast():
             gen = step_generator(seed, 0, first_index + i * index_step, 0)
-            sums += objective.eval_sums(model, x, y, gen, token_bytes)
+            sums += score(model, x, y, gen, token_bytes)
+    for x, y in discard:  # lockstep padding: the collectives run, the result is dropped
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            score(model, x, y, step_generator(seed, 0, first_index, 0), token_bytes)
     if all_reduce is not None:
         sums = all_reduce(sums)
     if was_training:

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ltk.models import get_family
+from ltk.models.init import build_on_meta, materialize, move_buffers
 from ltk.parallel.pipeline_run import PipelineRun
 from ltk.parallel.strategy import ParallelRun
 from ltk.parallel.timeline import Timeline
@@ -107,7 +108,7 @@ class Trainer:
             )
         self.seq_len = t.seq_len or m.block_size  # check_run: T5 (no block_size) names its seq_len
 
-        self.model = self.family.model_cls(m).to(self.rt.device)
+        self.model = self._build_model()
         self.model.activation_checkpointing = t.activation_checkpointing
         # every rank reads the same global batch and trains on its rows (ltk/parallel/strategy.py)
         self.train_loader = TokenLoader(self.data.train_files, self.seq_len, t.batch_size, seed=t.seed)
@@ -115,6 +116,7 @@ class Trainer:
         self.token_bytes = torch.as_tensor(self.data.tokenizer.token_byte_lengths(), dtype=torch.long)
         self.step, self.tokens_seen = 0, 0
         if resume is not None:
+            materialize(self.model, self.rt.device)
             restore_model(self.model, resume.model)  # before any wrapping: rank 0's copy is broadcast
         self.par = build_engine(self.model, self.cfg, self.rt.device)  # ltk/training/engine.py
         self.optimizer = self.par.optimizer
@@ -127,6 +129,19 @@ class Trainer:
         self.num_params = self.family.num_params(m)
 
     # -- set-up -------------------------------------------------------------------------
+    def _build_model(self) -> torch.nn.Module:
+        """The model, whole on this device, or — where the engine shards it (ZeRO-3, tensor and
+        pipeline parallelism) — with its parameters on the meta device, so that each rank only
+        ever makes its own shard (ltk/models/init.py; the engine materializes it). Either way
+        the weights are those of one process with this seed; the global RNG is left as it was."""
+        p = self.cfg.parallel
+        sharded = self.rt.world_size > 1 and (p.strategy == "zero3" or p.tp > 1 or p.pp > 1)
+        build = lambda: self.family.model_cls(self.cfg.model)  # noqa: E731
+        with torch.random.fork_rng(devices=[]):
+            if sharded:
+                return move_buffers(build_on_meta(build), self.rt.device)
+            return build().to(self.rt.device)
+
     def _prepare_data(self):
         # rank 0 builds the cached dataset; the others wait and then read it
         if self.rt.world_size > 1 and not self.rt.is_main:
@@ -205,12 +220,15 @@ class Trainer:
         return loss, grad_norm
 
     def evaluate(self) -> dict[str, float]:
-        batches = self.val_loader.eval_batches(self.cfg.trainer.eval_batches)
-        model = self.par.eval_model(lambda: self.family.model_cls(self.cfg.model).to(self.rt.device))
-        mine = [b for i, b in enumerate(batches) if i % self.rt.world_size == self.rt.rank]  # each rank a share
-        return evaluate(model, mine, self.token_bytes, self.rt.device, self.rt.autocast(),
-                        self.rt.all_reduce_sum, objective=self.objective, seed=self.cfg.trainer.seed,
-                        first_index=self.rt.rank, index_step=self.rt.world_size)
+        """Validation on the model as the engine holds it: sharded models are never gathered
+        whole (ltk/parallel/sharded_eval.py); each data-parallel replica scores a share."""
+        batches = list(self.val_loader.eval_batches(self.cfg.trainer.eval_batches))
+        share = self.par.eval_share(self.objective)
+        mine = [batches[i] for i in share.mine(len(batches))]
+        pad = [batches[0]] * (share.calls(len(batches)) - len(mine))  # lockstep: as many forward calls as any rank
+        return evaluate(share.model, mine, self.token_bytes, self.rt.device, self.rt.autocast(),
+                        share.all_reduce, objective=self.objective, seed=self.cfg.trainer.seed,
+                        first_index=share.rank, index_step=share.size, eval_sums=share.eval_sums, discard=pad)
 
     # -- checkpoints --------------------------------------------------------------------
     def save(self) -> Path | None:
