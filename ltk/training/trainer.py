@@ -56,7 +56,7 @@ from ltk.training.loader import TokenLoader
 from ltk.training.loggers import Loggers, check_sinks, open_loggers
 from ltk.training.memory import MemoryProbe
 from ltk.training.memory_report import memory_report
-from ltk.training.memory_watch import MemoryWatch
+from ltk.training.memory_watch import MemoryWatch, mark_baseline
 from ltk.training.objectives import objective_for, step_generator
 from ltk.training.optim import lr_at, set_lr
 from ltk.training.profiling import RunProfile
@@ -81,6 +81,7 @@ class Trainer:
     (the CLI, before building anything), else fit() claims it (ltk/training/run_folder.py)."""
     def __init__(self, cfg: RunConfig, resume: Checkpoint | None = None, *, overwrite: bool = False,
                  folder: RunFolder | None = None):
+        mark_baseline()  # memory peaks count from here: what the caller held before is not this run's
         self.cfg, self.resume, self.overwrite, self.folder = cfg, resume, overwrite, folder
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         check_run(cfg, world=world)  # every value, the layout and the size: before anything is allocated
