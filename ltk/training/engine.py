@@ -15,21 +15,35 @@ from ltk.parallel.pipeline_run import PipelineRun
 from ltk.parallel.strategy import ParallelRun
 from ltk.training.config import RunConfig
 from ltk.training.optim import build_optimizer
+from ltk.training.runtime import resolve_dtype
+
+
+def compute_dtype(cfg: RunConfig, device: torch.device | None = None) -> str:
+    """The dtype the engines keep parameters and gradients in: bf16 for --trainer.dtype bf16 (an
+    fp32 master in the optimizer, ltk/parallel/mixed.py); fp32 otherwise (fp16 runs fp32 weights
+    under autocast with a loss scaler)."""
+    dtype = cfg.trainer.dtype
+    if dtype == "auto":
+        dtype = resolve_dtype("auto", device or torch.device("cpu"))
+    return "bf16" if dtype == "bf16" else "fp32"
 
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> ParallelRun | PipelineRun:
     """Wrap `model` (already on `device`) in the engine of cfg.parallel, with its AdamW."""
     p, t = cfg.parallel, cfg.trainer
     wd = cfg.optim.weight_decay
+    dtype = compute_dtype(cfg, device)
     factory = lambda groups: build_optimizer(groups, cfg.optim, device.type)  # noqa: E731
     if p.pp > 1:  # the pipeline runs the whole step: grad_accum micro-batches flow through the stages
         run = PipelineRun(model, lambda mod: mod.param_groups(wd), factory, pp=p.pp, schedule=p.schedule,
-                          virtual=p.virtual_stages, micro_batches=t.grad_accum)
+                          virtual=p.virtual_stages, micro_batches=t.grad_accum, compute_dtype=dtype,
+                          reduce_dtype=None if p.reduce_dtype == "auto" else p.reduce_dtype)
     else:
         compiled = t.compile and p.strategy in ("auto", "none", "torch-ddp")
         run = ParallelRun(torch.compile(model) if compiled else model, lambda mod: model.param_groups(wd), factory,
                           strategy=p.strategy, tp=p.tp, sequence_parallel=p.sequence_parallel, device=device,
-                          compute_dtype="fp32", bucket_mb=p.bucket_mb)
+                          compute_dtype=dtype, bucket_mb=p.bucket_mb,
+                          reduce_dtype=None if p.reduce_dtype == "auto" else p.reduce_dtype)
     if t.batch_size % run.dp_size:
         raise ValueError(f"trainer.batch_size {t.batch_size} (the global micro-batch) does not split over "
                          f"{run.dp_size} data-parallel ranks")
