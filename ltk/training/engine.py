@@ -6,6 +6,12 @@ inside it, or a pipeline (ltk/parallel/pipeline_run.py) that runs the whole step
 code stays single-device: the engine wraps it from outside (DESIGN.md). Which combinations each
 engine takes is checked before anything is built (ltk/training/config_check.py); what is left
 here is what only the built engine knows: its data-parallel size.
+
+--trainer.compile: one process and torch's DDP compile the whole model; our data-parallel
+engines (ddp, naive-ddp, zero1/2/3) compile each transformer block in place (`Module.compile`,
+as torchtitan does), so the engines' hooks on the blocks (ZeRO-3's gather and free) and on the
+parameters (gradient buckets, reduce-scatters) still run around compiled code, and parameter
+names do not change. Tensor and pipeline parallelism refuse it (config_check).
 """
 from __future__ import annotations
 
@@ -28,6 +34,21 @@ def compute_dtype(cfg: RunConfig, device: torch.device | None = None) -> str:
     return "bf16" if dtype == "bf16" else "fp32"
 
 
+def compile_blocks(model: torch.nn.Module) -> int:
+    """torch.compile every child of every nn.ModuleList in place (GPT's and Llama's blocks);
+    returns how many. Compilation itself happens at the first call."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.ModuleList):
+            for block in mod:
+                block.compile()
+                n += 1
+    if n == 0:
+        raise ValueError(f"--trainer.compile with a data-parallel engine compiles the blocks of a ModuleList; "
+                         f"{type(model).__name__} has none")
+    return n
+
+
 def build_engine(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> ParallelRun | PipelineRun:
     """Wrap `model` (already on `device`) in the engine of cfg.parallel, with its AdamW."""
     p, t = cfg.parallel, cfg.trainer
@@ -39,8 +60,10 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -
                           virtual=p.virtual_stages, micro_batches=t.grad_accum, compute_dtype=dtype,
                           reduce_dtype=None if p.reduce_dtype == "auto" else p.reduce_dtype)
     else:
-        compiled = t.compile and p.strategy in ("auto", "none", "torch-ddp")
-        run = ParallelRun(torch.compile(model) if compiled else model, lambda mod: model.param_groups(wd), factory,
+        whole = t.compile and p.strategy in ("auto", "none", "torch-ddp")
+        if t.compile and not whole:
+            compile_blocks(model)
+        run = ParallelRun(torch.compile(model) if whole else model, lambda mod: model.param_groups(wd), factory,
                           strategy=p.strategy, tp=p.tp, sequence_parallel=p.sequence_parallel, device=device,
                           compute_dtype=dtype, bucket_mb=p.bucket_mb,
                           reduce_dtype=None if p.reduce_dtype == "auto" else p.reduce_dtype)
