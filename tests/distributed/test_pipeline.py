@@ -347,7 +347,8 @@ def test_activation_checkpointing_recomputes_each_stage_block_with_the_same_grad
         count = [0]
         for c in trainer.chunks:
             for block in c.h.values():
-                block.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))  # recomputation stops early: no post-hook
+                # a pre-hook: the recomputation stops early, after the last tensor it needs (no post-hook)
+                block.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
         trainer.forward_backward(x, y)
         grads.append({n: p.grad.clone() for c in trainer.chunks for n, p in c.named_parameters()})
         calls.append(count[0])
