@@ -188,7 +188,8 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     p = plan(family, cfg, world=args.world, strategy=args.strategy, tp=args.tp, pp=args.pp, batch=args.batch_size,
              seq_len=seq, micro_batches=args.micro_batches, dtype=args.dtype, schedule=args.schedule,
              virtual=args.virtual_stages, sequence_parallel=args.sequence_parallel, recompute=args.recompute,
-             cluster=args.cluster, efficiency=args.efficiency)
+             cluster=args.cluster, efficiency=args.efficiency,
+             reduce_dtype=None if args.reduce_dtype == "auto" else args.reduce_dtype)
     p["preset"], p["seq_len"], p["batch"] = name, seq, args.batch_size
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
     return 0
@@ -375,17 +376,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "activations) and communication per step from ltk/parallel/cost.py.")
     pl.add_argument("--preset", required=True,
                     help="gpt-debug, gpt2-124m ... gpt2-1.5b, llama-debug, llama-1b, llama-8b")
-    pl.add_argument("--world", type=int, required=True, help="number of ranks")
-    pl.add_argument("--strategy", default="ddp", help="none, ddp, zero1, zero2, zero3 (the data-parallel engine)")
-    pl.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
-    pl.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    # each flag also answers to the name `ltk train` gives it (--trainer.dtype, --parallel.tp, ...)
+    pl.add_argument("--world", "--nproc", type=int, required=True, help="number of ranks")
+    pl.add_argument("--strategy", "--parallel.strategy", dest="strategy", default="ddp",
+                    help="none, ddp, zero1, zero2, zero3 (the data-parallel engine)")
+    pl.add_argument("--tp", "--parallel.tp", dest="tp", type=int, default=1, help="tensor-parallel degree")
+    pl.add_argument("--pp", "--parallel.pp", dest="pp", type=int, default=1, help="pipeline stages")
     pl.add_argument("--batch-size", type=int, default=8, help="global batch (sequences per step)")
-    pl.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's, at most 8192)")
+    pl.add_argument("--seq-len", "--trainer.seq_len", dest="seq_len", type=int,
+                    help="tokens per sequence (default: the model's, at most 8192)")
     pl.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step (accumulation / pipeline)")
-    pl.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))
-    pl.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b", "interleaved"))
-    pl.add_argument("--virtual-stages", type=int, default=1)
-    pl.add_argument("--sequence-parallel", action="store_true")
+    pl.add_argument("--dtype", "--trainer.dtype", dest="dtype", default="bf16", choices=("fp32", "bf16", "fp16"))
+    pl.add_argument("--reduce-dtype", "--parallel.reduce_dtype", dest="reduce_dtype", default="auto",
+                    choices=("auto", "fp32", "bf16"), help="dtype of the gradient reduction (auto: the gradients')")
+    pl.add_argument("--schedule", "--parallel.schedule", dest="schedule", default="1f1b",
+                    choices=("gpipe", "1f1b", "interleaved"))
+    pl.add_argument("--virtual-stages", "--parallel.virtual_stages", dest="virtual_stages", type=int, default=1)
+    pl.add_argument("--sequence-parallel", "--parallel.sequence_parallel", dest="sequence_parallel",
+                    action="store_true")
     pl.add_argument("--recompute", action="store_true", help="full activation recomputation")
     pl.add_argument("--cluster", help="predict step time, MFU and tokens/s on a cluster: dgx-a100, dgx-h100, "
                     "h200-node, cpu-gloo or a .json description (ltk/parallel/cluster.py)")

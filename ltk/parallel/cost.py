@@ -51,19 +51,28 @@ ZERO_STAGES = (0, 1, 2, 3)  # 0 = plain data parallel (DDP)
 
 @dataclass(frozen=True)
 class Precision:
-    """Bytes per element of what each rank stores."""
+    """Bytes per element of what each rank stores, and of the gradients it reduces."""
 
     param: int = 4  # the parameters the forward reads
     grad: int = 4
     optim: int = 8  # Adam's m and v in fp32; + 4 for an fp32 master copy under mixed precision
+    reduce: int = 0  # gradient bytes per element in the reduction (0: as stored, `grad`)
+
+    @property
+    def comm_grad(self) -> int:
+        return self.reduce or self.grad
 
     @classmethod
-    def of(cls, dtype: str) -> "Precision":
-        if dtype == "fp32":
-            return cls(4, 4, 8)
-        if dtype in ("bf16", "fp16"):
-            return cls(2, 2, 12)
-        raise ValueError(f"unknown dtype {dtype!r}: choose fp32, bf16 or fp16")
+    def of(cls, dtype: str, reduce_dtype: str | None = None) -> "Precision":
+        """fp32: 4/4/8. bf16/fp16 mixed precision: 2/2/12 (the fp32 master in K). reduce_dtype
+        fp32 reduces (and keeps sharded) gradients in fp32: 4 bytes each on the wire."""
+        sizes = {"fp32": 4, "bf16": 2, "fp16": 2}
+        if dtype not in sizes:
+            raise ValueError(f"unknown dtype {dtype!r}: choose fp32, bf16 or fp16")
+        if reduce_dtype is not None and reduce_dtype not in sizes:
+            raise ValueError(f"unknown reduce dtype {reduce_dtype!r}: choose fp32, bf16 or fp16")
+        reduce = sizes[reduce_dtype] if reduce_dtype is not None and sizes[reduce_dtype] != sizes[dtype] else 0
+        return cls(4, 4, 8, reduce) if dtype == "fp32" else cls(2, 2, 12, reduce)
 
 
 def shard_numel(numel: int, n: int) -> int:
@@ -77,7 +86,7 @@ def model_state_bytes(num_params: int, world: int, stage: int, prec: Precision =
         raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {stage}")
     full, shard = num_params, shard_numel(num_params, world)
     params = (shard if stage == 3 else full) * prec.param
-    grads = (shard if stage >= 2 else full) * prec.grad
+    grads = shard * prec.comm_grad if stage >= 2 else full * prec.grad  # a reduced shard: in the reduce dtype
     optim = (shard if stage >= 1 else full) * prec.optim
     return {"params": params, "grads": grads, "optimizer": optim}
 
@@ -87,7 +96,7 @@ def zero_comm_bytes(num_params: int, stage: int, micro_batches: int = 1,
     """Payload bytes per optimizer step, by collective, for DDP (stage 0) and ZeRO-1/2/3."""
     if stage not in ZERO_STAGES:
         raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {stage}")
-    g, p, m = num_params * prec.grad, num_params * prec.param, micro_batches
+    g, p, m = num_params * prec.comm_grad, num_params * prec.param, micro_batches
     if stage == 0:
         return {"all_reduce": g}
     if stage == 1:

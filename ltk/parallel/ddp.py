@@ -45,6 +45,12 @@ over the ranks that used it, divided by N; all ranks stay in lockstep and nothin
 momentum, unlike one process where a None grad skips it: freeze (requires_grad=False) what should
 not train. Tied weights (GPT's lm_head = wte) appear once in `model.parameters()`; autograd sums
 both uses before the single accumulate, so they need nothing special.
+
+Mixed precision (ltk/parallel/mixed.py): an optimizer factory made by `mixed_factory` casts the
+parameters to bf16 when the engine builds its optimizer (before the buckets are allocated), so
+buckets, gradients and the all-reduce are bf16 (Ψ·2 bytes, cost.zero_comm_bytes) and AdamW
+updates fp32 masters. `reduce_dtype` fp32 reduces an fp32 copy of each bucket instead (Ψ·4
+bytes): the sum over ranks rounds once, and the masters take the fp32 mean as it is.
 """
 from __future__ import annotations
 
@@ -57,6 +63,7 @@ import torch
 from torch.autograd import Variable
 
 from ltk.parallel.dist import Comm
+from ltk.parallel.mixed import MasterOptimizer, as_dtype, clip_
 
 
 def _normalize_groups(param_groups: Iterable, params: list[torch.Tensor]) -> list[dict]:
@@ -86,7 +93,8 @@ def _normalize_groups(param_groups: Iterable, params: list[torch.Tensor]) -> lis
 class _DataParallel:
     """What both engines share: the broadcast at start, the optimizer, clipping, state dicts."""
 
-    def __init__(self, model: torch.nn.Module, param_groups, optimizer_factory: Callable, comm: Comm):
+    def __init__(self, model: torch.nn.Module, param_groups, optimizer_factory: Callable, comm: Comm,
+                 reduce_dtype=None):
         self.module, self.comm = model, comm
         self.params = [p for p in model.parameters() if p.requires_grad]  # unique: a tied weight once
         if not self.params:
@@ -96,7 +104,10 @@ class _DataParallel:
         with torch.no_grad():  # replicas must start equal, whatever each rank's initialization did
             for t in itertools.chain(model.parameters(), model.buffers()):
                 comm.broadcast(t.detach(), src=0)
-        self.optimizer = optimizer_factory(groups)
+        self.optimizer = optimizer_factory(groups)  # a mixed-precision factory casts the parameters here
+        self.mixed = isinstance(self.optimizer, MasterOptimizer)
+        self.reduce_dtype = as_dtype(reduce_dtype) if reduce_dtype is not None else self.params[0].dtype
+        self._reduced: dict[int, torch.Tensor] = {}  # id(param) -> its fp32 mean (reduce_dtype apart)
         self._no_sync = False
 
     def __call__(self, *args, **kwargs):
@@ -121,17 +132,30 @@ class _DataParallel:
         if not max_norm > 0:
             raise ValueError(f"max_norm must be positive (math.inf only measures), got {max_norm}")
         self._grads_ready()
+        if self.mixed:  # on the fp32 master gradients
+            self.prepare_master_grads()
+            return clip_(self.optimizer.masters(), max_norm)
         norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         if math.isfinite(max_norm):
             torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, norm)
         return norm.item()
 
+    def prepare_master_grads(self) -> None:
+        """Mixed precision: the masters' fp32 gradients, from an fp32 reduction where there was one."""
+        self.optimizer.prepare_grads(self._reduced or None)
+
     def step(self) -> None:
         self._grads_ready()
+        if self.mixed:
+            self.prepare_master_grads()
         self.optimizer.step()
+        self._reduced = {}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter by name (a tied weight under its first name), the same on every rank."""
+        """Every parameter by name (a tied weight under its first name), the same on every rank;
+        the fp32 masters under mixed precision."""
+        if self.mixed:
+            return self.optimizer.master_state({id(p): n for n, p in self.module.named_parameters()})
         return {n: p.detach().clone() for n, p in self.module.named_parameters()}
 
     def optimizer_state_dict(self) -> dict:
@@ -148,16 +172,20 @@ class NaiveDDP(_DataParallel):
     whichever comes first), so `no_sync()` changes nothing here: accumulated micro-batch
     gradients are reduced together anyway. A parameter without a gradient reduces zeros."""
 
-    def __init__(self, model, param_groups, optimizer_factory, comm):
-        super().__init__(model, param_groups, optimizer_factory, comm)
+    def __init__(self, model, param_groups, optimizer_factory, comm, reduce_dtype=None):
+        super().__init__(model, param_groups, optimizer_factory, comm, reduce_dtype)
         self._synced = False
 
     def sync_grads(self) -> None:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            p.grad.div_(self.comm.size)  # Σ_r (g_r / N) = mean
-            self.comm.all_reduce(p.grad)
+            g = p.grad if self.reduce_dtype == p.grad.dtype else p.grad.to(self.reduce_dtype)
+            g.div_(self.comm.size)  # Σ_r (g_r / N) = mean
+            self.comm.all_reduce(g)
+            if g is not p.grad:
+                self._reduced[id(p)] = g
+                p.grad.copy_(g)
         self._synced = True
 
     def _grads_ready(self) -> None:
@@ -171,7 +199,9 @@ class NaiveDDP(_DataParallel):
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
-        self._synced = False
+        self._synced, self._reduced = False, {}
+        if self.mixed:
+            self.optimizer.zero_grad()
 
 
 def assign_buckets(params: list[torch.Tensor], cap_bytes: int, first_cap_bytes: int | None = None
@@ -201,11 +231,11 @@ class DDP(_DataParallel):
     """
 
     def __init__(self, model, param_groups, optimizer_factory, comm, bucket_cap_mb: float = 25.0,
-                 first_bucket_mb: float = 1.0):
+                 first_bucket_mb: float = 1.0, reduce_dtype=None):
         if not (bucket_cap_mb > 0 and first_bucket_mb > 0):
             raise ValueError(f"bucket_cap_mb and first_bucket_mb must be positive, got {bucket_cap_mb} and "
                              f"{first_bucket_mb}")
-        super().__init__(model, param_groups, optimizer_factory, comm)
+        super().__init__(model, param_groups, optimizer_factory, comm, reduce_dtype)
         cap = int(bucket_cap_mb * 2**20)
         self.buckets = assign_buckets(self.params[::-1], cap, min(cap, int(first_bucket_mb * 2**20)))
         self.buffers: list[torch.Tensor] = []
@@ -234,6 +264,7 @@ class DDP(_DataParallel):
         self._marked: set[int] = set()
         self._next = 0  # the next bucket to launch: strictly in index order, the same on every rank
         self._handles: list = []
+        self._wide: list = []  # (bucket index, its fp32 copy in flight) under reduce_dtype fp32
         self._in_backward = False
 
     def _adopt(self, p: torch.Tensor) -> None:
@@ -273,6 +304,9 @@ class DDP(_DataParallel):
                 if id(p) not in self._marked:  # unused in this backward: zeros or the no_sync sum
                     self._adopt(p)
             flat = self.buffers[self._next]
+            if flat.dtype != self.reduce_dtype:  # reduce an upcast copy; the masters read it (module docstring)
+                flat = flat.to(self.reduce_dtype)
+                self._wide.append((self._next, flat))
             flat.div_(self.comm.size)  # Σ_r (g_r / N) = mean
             self._handles.append(self.comm.all_reduce(flat, async_op=True))
             self._next += 1
@@ -286,6 +320,12 @@ class DDP(_DataParallel):
         for h in self._handles:
             if h is not None:  # None: a group of one
                 h.wait()
+        for i, wide in self._wide:
+            self.buffers[i].copy_(wide)  # .grad holds the mean too, rounded
+            offset = 0
+            for p in self.buckets[i]:
+                self._reduced[id(p)] = wide[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
         self._reset_round()
 
     def _grads_ready(self) -> None:
@@ -298,6 +338,8 @@ class DDP(_DataParallel):
         self._wait_and_reset()  # only non-empty after a backward that raised
         for flat in self.buffers:
             flat.zero_()
+        if self.mixed:
+            self.optimizer.zero_grad()  # the masters' gradients (and .grad, restored just below)
         for p in self.params:
             p.grad = self._view[id(p)]
-        self._accumulated = False
+        self._accumulated, self._reduced = False, {}

@@ -37,6 +37,12 @@ groups (two FIFO channels per rank pair, matched in order, which schedules.valid
 so a gradient can never be taken for an activation. Per-rank timings (forward, backward,
 waiting for a receive, the rest) give the measured bubble to set beside pipeline_sim's.
 
+Activation checkpointing (the model's `activation_checkpointing` flag, as GPT.forward reads it):
+each block of a stage is run under torch.utils.checkpoint, keeping only its input; the block is
+recomputed inside the stage's backward, B(i, c), so a stage holds one tensor per block per
+micro-batch in flight instead of all its activations. Gradients are unchanged (bitwise: the
+recomputation repeats the same operations).
+
 Numerics. Every schedule here runs a chunk's backwards in micro-batch order 0..m-1, so each
 block's gradient is bitwise the one-process gradient; only the tied weight's is summed in
 another order (Σ_i e_i + Σ_i h_i, embedding and head parts, instead of Σ_i (e_i + h_i)).
@@ -52,6 +58,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ltk.models.gpt import GPT
 from ltk.models.init import make_real
@@ -75,6 +82,7 @@ class GPTStage(nn.Module):
     def __init__(self, model: GPT, layers: range, first: bool, last: bool):
         super().__init__()
         self.first, self.last = first, last
+        self.activation_checkpointing = getattr(model, "activation_checkpointing", False)
         if first:
             self.wte, self.wpe, self.drop = (copy.deepcopy(m) for m in (model.wte, model.wpe, model.drop))
         self.h = nn.ModuleDict({str(i): copy.deepcopy(model.h[i]) for i in layers})
@@ -92,7 +100,11 @@ class GPTStage(nn.Module):
             x = inp
         delta = None
         for block in self.h.values():
-            x, delta = block(x, delta)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = x if delta is None else x + delta  # as GPT.forward: one tensor kept per block
+                x, delta = checkpoint(block, x, None, use_reentrant=False)
+            else:
+                x, delta = block(x, delta)
         if self.last:
             y = self.ln_f(x) if delta is None else self.ln_f(x, delta)[0]
             return self.lm_head(y)  # (b, T, V)
@@ -200,6 +212,7 @@ class PipelineTrainer:
         self.chunks = rank_stages(model, self.rank, schedule.stages, schedule.virtual, device)
         self.opt = (optimizer(self.chunks) if optimizer is not None
                     else make_optimizer([p for c in self.chunks for p in c.parameters()], lr))
+        # the stages' dtype: bf16 once a mixed-precision optimizer has cast them (ltk/parallel/mixed.py)
         first = next(self.chunks[0].parameters())
         self.hidden, self.dtype, self.device = model.config.n_embd, first.dtype, first.device
 

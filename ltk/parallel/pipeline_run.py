@@ -29,6 +29,11 @@ all-reduce of a scalar over the pipeline group. The dp replicas hold equal gradi
 step 2, so every rank gets the same norm and clips the same way (torch's rule, coef =
 min(1, max_norm / (‖g‖ + 1e-6))).
 
+Mixed precision (compute_dtype bf16, ltk/parallel/mixed.py): the stages' parameters are bf16, so
+are the activations and gradients crossing stage boundaries, the tied-weight all-reduce and the
+dp all-reduce (reduce_dtype fp32: that one on an fp32 copy); AdamW updates fp32 masters, and the
+norm is taken and clipped on their fp32 gradients. Checkpoints hold the masters.
+
 Names. The stages keep the full model's parameter names (GPTStage), the tied copy being
 `lm_head.weight`; the single-process name of the tied tensor is `wte.weight`, the name
 GPT.named_parameters gives it. Optimizer groups, state dicts and checkpoints use those names,
@@ -46,6 +51,7 @@ import torch.nn as nn
 
 from ltk.models.gpt import GPT
 from ltk.parallel.dist import Mesh
+from ltk.parallel.mixed import MasterOptimizer, as_dtype, mixed_factory
 from ltk.parallel.pipeline import GPTStage, PipelineComms, PipelineTrainer, StepTimings
 from ltk.parallel.reference import dp_shard
 from ltk.parallel.schedules import make_schedule
@@ -65,8 +71,8 @@ class PipelineRun:
 
     def __init__(self, model: GPT, param_groups_fn: Callable[[nn.Module], list[dict]],
                  optimizer_factory: Callable[[list[dict]], torch.optim.Optimizer], *, pp: int,
-                 schedule: str = "1f1b", virtual: int = 1, micro_batches: int,
-                 device: torch.device | str | None = None):
+                 schedule: str = "1f1b", virtual: int = 1, micro_batches: int, compute_dtype: str = "fp32",
+                 reduce_dtype: str | None = None, device: torch.device | str | None = None):
         if not isinstance(model, GPT):
             raise TypeError(f"pipeline parallelism cuts a models.gpt.GPT into stages, got {type(model).__name__}")
         for name, val in (("pp", pp), ("virtual", virtual), ("micro_batches", micro_batches)):
@@ -98,10 +104,14 @@ class PipelineRun:
         self._group_names = self._full_group_names(model, full_groups, canonical)
         self._group_keys = [{k: v for k, v in g.items() if k != "params"} for g in full_groups]  # weight_decay, ...
         self._keys = list(model.state_dict().keys())
+        factory = mixed_factory(optimizer_factory, compute_dtype)  # casts the stages' parameters
         self.trainer = PipelineTrainer(model, self.schedule, comms, device=device,
-                                       optimizer=lambda chunks: self._build_optimizer(chunks, optimizer_factory))
+                                       optimizer=lambda chunks: self._build_optimizer(chunks, factory))
         self.chunks = self.trainer.chunks
         self.optimizer = self.trainer.opt
+        self.mixed = isinstance(self.optimizer, MasterOptimizer)
+        self.reduce_dtype = as_dtype(reduce_dtype or compute_dtype)
+        self._reduced: dict[int, torch.Tensor] = {}  # id(param) -> fp32 mean gradient (reduce_dtype fp32)
         # (single-process name, parameter, counted in the norm) for every local parameter
         self._params = [(self._alias[n], p, not _is_tied_copy(c, n))
                         for c in self.chunks for n, p in c.named_parameters()]
@@ -163,12 +173,14 @@ class PipelineRun:
                 if p.grad is None:  # a parameter the forward did not reach: a zero gradient
                     p.grad = torch.zeros_like(p)
                 grads.append(p.grad)
-            flat = torch.cat([g.reshape(-1) for g in grads])  # (Ψ_rank,): one bucket
+            flat = torch.cat([g.reshape(-1).to(self.reduce_dtype) for g in grads])  # (Ψ_rank,): one bucket
             self.dp_comm.all_reduce(flat)
             flat.div_(self.dp_size)
             off = 0
-            for g in grads:
+            for (_, p, _), g in zip(self._params, grads):
                 g.copy_(flat[off:off + g.numel()].view_as(g))
+                if flat.dtype != g.dtype:  # the masters take the fp32 mean itself
+                    self._reduced[id(p)] = flat[off:off + g.numel()].view_as(g)
                 off += g.numel()
         total = torch.tensor([loss if loss is not None else 0.0], dtype=torch.float64, device=self.trainer.device)
         self.pp_comm.broadcast(total, src=self.pp_comm.size - 1)  # the last stage's rank of the pipeline
@@ -181,27 +193,42 @@ class PipelineRun:
         """‖g‖ over the whole model (the tied weight once), all-reduced over the pipeline;
         the gradients scaled by min(1, max_norm / (‖g‖ + 1e-6)) when the norm is finite."""
         t0 = time.perf_counter()
+        grads = self._grads()
         sq = torch.zeros((), dtype=torch.float32, device=self.trainer.device)
-        for _, p, counted in self._params:
-            if counted and p.grad is not None:
-                sq += p.grad.float().pow(2).sum()
+        for (_, _, counted), g in zip(self._params, grads):
+            if counted and g is not None:
+                sq += g.float().pow(2).sum()
         self.pp_comm.all_reduce(sq)
         norm = sq.sqrt().item()
         if math.isfinite(max_norm) and math.isfinite(norm):
             coef = min(1.0, max_norm / (norm + 1e-6))  # as torch.nn.utils.clip_grad_norm_
-            for _, p, _ in self._params:
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+            for g in grads:
+                if g is not None:
+                    g.mul_(coef)
         self.last_timings.other += time.perf_counter() - t0
         return norm
 
+    def _grads(self) -> list[torch.Tensor | None]:
+        """The gradients the optimizer steps on, per local parameter: fp32 master ones under mixed precision."""
+        if not self.mixed:
+            return [p.grad for _, p, _ in self._params]
+        self.optimizer.prepare_grads(self._reduced or None)
+        return [self.optimizer.master_of[id(p)].grad for _, p, _ in self._params]
+
+    def _key(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor the optimizer's state is keyed by: the master under mixed precision."""
+        return self.optimizer.master_of[id(p)] if self.mixed else p
+
     def step(self) -> None:
         t0 = time.perf_counter()
+        self._grads()
         self.optimizer.step()
+        self._reduced = {}
         self.last_timings.other += time.perf_counter() - t0
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        self._reduced = {}
 
     # -- single-process views (collectives: every rank calls) ------------------------------
     def _gather(self, local: Any) -> list[Any]:
@@ -213,8 +240,9 @@ class PipelineRun:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """GPT.state_dict() of the current weights, every key (lm_head.weight is wte.weight)."""
-        local = {k: t.detach().clone() for c in self.chunks for k, t in c.state_dict().items()
-                 if not _is_tied_copy(c, k)}
+        masters = {id(p): self._key(p) for _, p, _ in self._params}
+        local = {k: masters.get(id(t), t).detach().clone() for c in self.chunks
+                 for k, t in c.state_dict(keep_vars=True).items() if not _is_tied_copy(c, k)}
         merged: dict[str, torch.Tensor] = {}
         for part in self._gather(local):
             merged.update(part)
@@ -226,8 +254,8 @@ class PipelineRun:
     def optimizer_state_dict(self) -> dict[str, Any]:
         """{"state": {name: {...}}, "param_groups": [{hyper-parameters, "params": [names]}]},
         the form one process with param_groups_fn(model) would give by name."""
-        local = {n: {k: _clone(v) for k, v in self.optimizer.state[p].items()}
-                 for n, p, counted in self._params if counted and p in self.optimizer.state}
+        local = {n: {k: _clone(v) for k, v in self.optimizer.state[self._key(p)].items()}
+                 for n, p, counted in self._params if counted and self._key(p) in self.optimizer.state}
         state: dict[str, dict] = {}
         for part in self._gather(local):
             state.update(part)
@@ -241,7 +269,7 @@ class PipelineRun:
         if len(sd["param_groups"]) != len(self.optimizer.param_groups):
             raise ValueError(f"optimizer state has {len(sd['param_groups'])} param groups, this run has "
                              f"{len(self.optimizer.param_groups)}")
-        name = {id(p): n for n, p, _ in self._params}
+        name = {id(self._key(p)): n for n, p, _ in self._params}
         for i, (g, saved) in enumerate(zip(self.optimizer.param_groups, sd["param_groups"])):
             wrong = sorted({name[id(p)] for p in g["params"]} - set(saved["params"]))
             if wrong:

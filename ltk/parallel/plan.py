@@ -19,6 +19,11 @@ times the layers on a stage and the micro-batches in flight (1 without a pipelin
 Attention is taken to be FlashAttention (our kernels, SDPA): the s² scores are not stored
 (`flash=False` puts Korthikanti's 5·a·s/h term back).
 
+Precision: fp32, or bf16/fp16 mixed precision as every engine runs it (ltk/parallel/mixed.py,
+zero.py): parameters and gradients in 16 bits, collectives on them too, an fp32 master in the
+optimizer's K = 12; `reduce_dtype` fp32 reduces gradients in fp32 (4 bytes per element on the
+data-parallel collectives; the TP and PP collectives carry activations, in the compute dtype).
+
 Communication: the data-parallel collectives of the ZeRO stage (cost.zero_comm_bytes), and
 with tp > 1 the tensor-parallel ones of every micro-batch (cost.tp_comm_bytes), with pp > 1 the
 activations and gradients a stage boundary carries (cost.pp_comm_bytes).
@@ -104,7 +109,7 @@ def check_plan(world: int, tp: int, pp: int, batch: int, seq_len: int | None, mi
 def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp: int = 1, batch: int = 8,
          seq_len: int | None = None, micro_batches: int = 1, dtype: str = "fp32", schedule: str = "1f1b",
          virtual: int = 1, sequence_parallel: bool = False, recompute: bool = False, flash: bool = True,
-         cluster=None, efficiency: float | None = None) -> dict[str, Any]:
+         cluster=None, efficiency: float | None = None, reduce_dtype: str | None = None) -> dict[str, Any]:
     """Bytes per rank and per step for one configuration; keys as `ltk plan --json` prints.
     With `cluster` (a preset name, a JSON path or a parallel.cluster.Cluster) also the key
     "prediction" (predict below); `efficiency` overrides the simulator's compute efficiency."""
@@ -115,7 +120,7 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
     stage = ENGINES[strategy] or 0
     s = model_shape(family, cfg)
     T = seq_len or getattr(cfg, "block_size", 1024)
-    prec = cost.Precision.of(dtype)
+    prec = cost.Precision.of(dtype, reduce_dtype)
     psi = params_per_rank(s, tp, pp)
     states = cost.model_state_bytes(psi, dp, stage, prec)
 
@@ -143,7 +148,7 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
     total = states["params"] + states["grads"] + states["optimizer"] + activations
     out = {
         "family": family, "world": world, "mesh": {"dp": dp, "tp": tp, "pp": pp}, "strategy": strategy,
-        "zero_stage": stage, "dtype": dtype, "num_params_per_rank": psi,
+        "zero_stage": stage, "dtype": dtype, "reduce_dtype": reduce_dtype or dtype, "num_params_per_rank": psi,
         "params": states["params"], "grads": states["grads"], "optimizer": states["optimizer"],
         "activations": activations, "total": total,
         "comm_bytes_per_step": sum(sum(d.values()) for d in breakdown.values()), "comm": breakdown,

@@ -9,6 +9,7 @@ compare against one definition:
     synthetic_batches(...)   fixed random token batches, the *global* batch of every step
     dp_shard(x, r, n)        the rows of a global batch that data-parallel rank r trains on
     train_single(...)        AdamW over the batches in one process; losses + final parameters
+    train_single_mixed(...)  the same in bf16 mixed precision, as N data-parallel ranks compute it
 
 Loss averaging: every data-parallel rank computes the mean loss over its rows; gradients are
 averaged over ranks (all-reduce / N), which equals the gradient of the mean over the global
@@ -81,6 +82,45 @@ def train_single(model: torch.nn.Module, batches, lr: float = 1e-2, micro_batche
         opt.zero_grad(set_to_none=True)
         losses.append(total)
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def train_single_mixed(model: torch.nn.Module, batches, lr: float = 1e-2, dp: int = 1, grad_clip: float = 0.0,
+                       reduce_dtype: torch.dtype = torch.bfloat16) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One process, bf16 mixed precision (ltk/parallel/mixed.py): bf16 parameters, fp32 masters
+    updated by AdamW, the clip norm on fp32 gradients. A 16-bit gradient depends on which rows
+    it was summed over, so the gradient is formed as `dp` data-parallel ranks form it: each
+    rank's rows (dp_shard) give a bf16 gradient, those are summed in rank order in reduce_dtype
+    and divided by dp (the collective's arithmetic at dp = 2, where the sum has one rounding).
+    Returns per-step mean losses and the final fp32 masters by name."""
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    masters = [p.detach().clone().float() for p in params]
+    opt = make_optimizer(masters, lr)
+    with torch.no_grad():
+        for p in params:
+            p.data = p.data.to(torch.bfloat16)
+    losses = []
+    for x, y in batches:
+        total, summed = 0.0, [None] * len(params)
+        for r in range(dp):
+            loss = lm_loss(model, dp_shard(x, r, dp), dp_shard(y, r, dp))
+            loss.backward()
+            total += loss.item() / dp
+            for i, p in enumerate(params):
+                g = p.grad.to(reduce_dtype)
+                summed[i] = g if summed[i] is None else summed[i] + g
+                p.grad = None
+        for m, g in zip(masters, summed):
+            m.grad = g.float() / dp
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(masters, grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, m in zip(params, masters):
+                p.copy_(m)
+        losses.append(total)
+    return losses, {n: m.clone() for n, m in zip(names, masters)}
 
 
 def max_rel_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from ltk.models.init import materialize
 from ltk.parallel.dist import Comm, Mesh
+from ltk.parallel.mixed import MasterOptimizer, as_dtype, clip_, mixed_factory
 from ltk.parallel.reference import dp_shard
 from ltk.parallel.sharded_eval import EvalShare, sum_over, tp_eval_sums
 
@@ -35,6 +36,24 @@ DP_ENGINES = ("ddp", "naive-ddp", "zero1", "zero2", "zero3", "torch-ddp")
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     """The module under torch.compile's wrapper (whose parameter names gain a prefix)."""
     return getattr(model, "_orig_mod", model)
+
+
+def param_names(model: torch.nn.Module, optimizer) -> dict[int, str]:
+    """id -> name of every parameter, and of its fp32 master under mixed precision (the tensor
+    the optimizer holds), so optimizer state is saved and loaded by the parameter's name."""
+    names = {id(p): n for n, p in _unwrapped(model).named_parameters()}
+    if isinstance(optimizer, MasterOptimizer):
+        names.update({id(m): names[id(p)] for p, m in optimizer.pairs if id(p) in names})
+    return names
+
+
+def master_weights(model: torch.nn.Module, optimizer, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict whose parameters are the fp32 masters where the optimizer keeps them (a
+    checkpoint saves the weights the update works on, not their bf16 rounding)."""
+    if not isinstance(optimizer, MasterOptimizer):
+        return sd
+    masters = optimizer.master_state({id(p): n for n, p in _unwrapped(model).named_parameters()})
+    return {k: masters[k] if k in masters else v for k, v in sd.items()}
 
 
 def by_name_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
@@ -69,8 +88,8 @@ class _Single:
 
     def __init__(self, model, param_groups, optimizer_factory):
         self.module = model
-        self.optimizer = optimizer_factory(param_groups)
-        self.names = {id(p): n for n, p in _unwrapped(model).named_parameters()}
+        self.optimizer = optimizer_factory(param_groups)  # mixed precision: casts the model (mixed.py)
+        self.names = param_names(model, self.optimizer)
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -79,6 +98,9 @@ class _Single:
         return contextlib.nullcontext()
 
     def clip_grad_norm_(self, max_norm: float) -> float:
+        if isinstance(self.optimizer, MasterOptimizer):  # on the fp32 master gradients
+            self.optimizer.prepare_grads()
+            return clip_(self.optimizer.masters(), max_norm)
         return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm).item()
 
     def step(self) -> None:
@@ -88,7 +110,11 @@ class _Single:
         self.optimizer.zero_grad(set_to_none=True)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return _unwrapped(self.module).state_dict()  # tied weights stay one tensor under two names
+        sd = _unwrapped(self.module).state_dict()  # tied weights stay one tensor under two names
+        if isinstance(self.optimizer, MasterOptimizer):
+            sd = master_weights(self.module, self.optimizer, sd)
+            sd.update({k: sd[twin] for k, twin in _aliases(_unwrapped(self.module)).items()})
+        return sd
 
     def optimizer_state_dict(self) -> dict:
         return by_name_state(self.optimizer, self.names)
@@ -113,33 +139,51 @@ class _TorchDDP(_Single):
         return self.ddp.no_sync()
 
 
+def _aliases(model: torch.nn.Module) -> dict[str, str]:
+    """state-dict key -> the key it shares storage with first (GPT: lm_head.weight -> wte.weight)."""
+    first, out = {}, {}
+    for k, t in model.state_dict(keep_vars=True).items():
+        twin = first.setdefault(id(t), k)
+        if twin != k:
+            out[k] = twin
+    return out
+
+
 def build_engine(name: str, model, param_groups, optimizer_factory: Callable, comm: Comm, device: torch.device,
-                 compute_dtype: str = "fp32", bucket_mb: float = 25.0):
-    """The data-parallel engine `name` over `comm` (its contract: ltk/parallel/ddp.py, zero.py)."""
+                 compute_dtype: str = "fp32", bucket_mb: float = 25.0, reduce_dtype: str | None = None):
+    """The data-parallel engine `name` over `comm` (its contract: ltk/parallel/ddp.py, zero.py).
+
+    compute_dtype bf16: bf16 parameters and gradients, collectives in reduce_dtype (default: the
+    gradients' dtype), an fp32 master of the weights the optimizer updates (ltk/parallel/mixed.py)."""
+    reduce_dtype = reduce_dtype or compute_dtype
+    replicated = mixed_factory(optimizer_factory, compute_dtype)  # the engines that keep whole weights
     if name != "zero3" or comm.size == 1:  # every other engine holds the whole model: make real what is on meta
         materialize(model, device)
     if name in ("none", "auto") or comm.size == 1 and name != "torch-ddp":
-        return _Single(model, param_groups, optimizer_factory)
+        return _Single(model, param_groups, replicated)
     if name == "ddp":
         from ltk.parallel.ddp import DDP
 
-        return DDP(model, param_groups, optimizer_factory, comm, bucket_cap_mb=bucket_mb)
+        return DDP(model, param_groups, replicated, comm, bucket_cap_mb=bucket_mb, reduce_dtype=reduce_dtype)
     if name == "naive-ddp":
         from ltk.parallel.ddp import NaiveDDP
 
-        return NaiveDDP(model, param_groups, optimizer_factory, comm)
+        return NaiveDDP(model, param_groups, replicated, comm, reduce_dtype=reduce_dtype)
     if name in ("zero1", "zero2"):
         from ltk.parallel.zero import ZeroEngine
 
         return ZeroEngine(model, param_groups, optimizer_factory, comm, stage=int(name[-1]),
-                          compute_dtype=compute_dtype)
+                          compute_dtype=compute_dtype, reduce_dtype=reduce_dtype)
     if name == "zero3":
         from ltk.parallel.zero3 import Zero3Engine
 
         return Zero3Engine(model, param_groups, optimizer_factory, comm, compute_dtype=compute_dtype,
-                           device=device)
+                           reduce_dtype=reduce_dtype, device=device)
     if name == "torch-ddp":
-        return _TorchDDP(model, param_groups, optimizer_factory, comm, device)
+        if as_dtype(reduce_dtype) != as_dtype(compute_dtype):
+            raise ValueError("torch-ddp reduces gradients in their own dtype: --parallel.reduce_dtype needs "
+                             "ddp, naive-ddp or a ZeRO engine")
+        return _TorchDDP(model, param_groups, replicated, comm, device)
     raise ValueError(f"unknown data-parallel strategy {name!r}; choose one of {', '.join(DP_ENGINES)}")
 
 
@@ -148,7 +192,7 @@ class ParallelRun:
 
     def __init__(self, model, param_groups_fn: Callable, optimizer_factory: Callable, *, strategy: str = "auto",
                  tp: int = 1, pp: int = 1, sequence_parallel: bool = False, device: torch.device | None = None,
-                 compute_dtype: str = "fp32", bucket_mb: float = 25.0):
+                 compute_dtype: str = "fp32", bucket_mb: float = 25.0, reduce_dtype: str | None = None):
         world = dist.get_world_size() if dist.is_initialized() else 1
         if pp != 1:
             raise ValueError("pipeline parallelism runs through ltk/parallel/pipeline.py's trainer, not ParallelRun")
@@ -171,7 +215,8 @@ class ParallelRun:
             model = apply_tensor_parallel(model, self.mesh.comm("tp"), sequence_parallel=sequence_parallel)
         self.model = model
         self.engine = build_engine(strategy, model, param_groups_fn(model), optimizer_factory, self.mesh.comm("dp"),
-                                   device or torch.device("cpu"), compute_dtype, bucket_mb)
+                                   device or torch.device("cpu"), compute_dtype, bucket_mb, reduce_dtype)
+        self.compute_dtype = as_dtype(compute_dtype)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -202,7 +247,7 @@ class ParallelRun:
 
         split = split_parameters(self.model)
         weight = {n: 1.0 if id(p) in split else 1.0 / self.tp for n, p in self.model.named_parameters()}
-        if self.strategy in ("zero1", "zero2"):  # gradients live as averaged fp32 shards of flat buffers
+        if self.strategy in ("zero1", "zero2", "zero3"):  # gradients live as averaged fp32 shards of flat buffers
             self.engine._prepare_grads()
             grads, weights = [], []
             for buf in self.engine.buffers:
@@ -214,7 +259,14 @@ class ParallelRun:
         else:  # every rank holds its averaged per-parameter gradients
             if hasattr(self.engine, "_grads_ready"):
                 self.engine._grads_ready()
-            named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+            opt = self.engine.optimizer
+            if isinstance(opt, MasterOptimizer):  # the fp32 master gradients, clipped in place
+                self.engine.prepare_master_grads() if hasattr(self.engine, "prepare_master_grads") \
+                    else opt.prepare_grads()
+                named = [(n, opt.master_of[id(p)].grad) for n, p in self.model.named_parameters()
+                         if opt.master_of[id(p)].grad is not None]
+            else:
+                named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
             grads = [g for _, g in named]
             weights = [weight[n] for n, _ in named]
             reduce = [self.mesh.comm("tp")]
@@ -231,17 +283,19 @@ class ParallelRun:
         return norm
 
     def _whole_locally(self) -> bool:
-        """Does this rank hold every parameter, full size, between steps?"""
+        """Does this rank hold every parameter, full size, between steps? (bf16 under mixed
+        precision: evaluation then runs in the compute dtype, as training does)"""
         return self.tp == 1 and self.strategy != "zero3"
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The single-process state dict (a collective where parameters are sharded)."""
+        """The single-process state dict, fp32 masters under mixed precision (a collective where
+        parameters are sharded). Tensor parallel: this rank's slices, whole over dp (the engine's
+        state dict), then unsharded over tp as each parameter's layer cuts it."""
         if self.tp > 1:
-            from ltk.parallel.tp_plan import gather_tp_params
+            from ltk.parallel.tp_plan import gather_tp_like, gather_tp_params
 
-            if self.strategy == "zero3":
-                raise ValueError("ZeRO-3 with tensor parallelism is not supported: "
-                                 "use zero1/zero2/ddp with --parallel.tp")
+            if self.strategy in ("zero1", "zero2", "zero3") or isinstance(self.engine.optimizer, MasterOptimizer):
+                return self._complete(gather_tp_like(self.model, self.engine.full_state_dict()))
             return self._complete(gather_tp_params(self.model))
         return self._complete(self.engine.full_state_dict())
 
@@ -274,7 +328,7 @@ class ParallelRun:
                          eval_sums=tp_eval_sums(objective) if self.tp > 1 else None)
 
     def _names(self) -> dict[int, str]:
-        return {id(p): n for n, p in _unwrapped(self.model).named_parameters()}
+        return param_names(self.model, self.engine.optimizer)
 
     def optimizer_state_dict(self) -> dict[str, Any]:
         """The single-process optimizer state by parameter name, whatever the engine and the

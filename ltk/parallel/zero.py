@@ -30,6 +30,8 @@ Mixed precision (`compute_dtype` bf16/fp16): the parameters the model reads, the
 both collectives are in the compute dtype (Precision.of: p = g = 2); the optimizer updates the
 fp32 master shard (K = 12 with Adam). No loss scaling here: fp16 without a scaler can underflow.
 In fp32 the master shard is a view of the flat parameters themselves (K = 8: no extra copy).
+`reduce_dtype` fp32 (FSDP2's reduce_dtype): gradients are flattened to fp32 before the
+reduce-scatter (Ψ·4 bytes, cost.Precision.of(dtype, reduce)), and the reduced shard stays fp32.
 
 `no_sync()` is a no-op for both stages: stage 1 only communicates at step(), and stage 2 keeps no
 full gradient to accumulate into, so it reduce-scatters every micro-batch, as the cost model says.
@@ -121,8 +123,9 @@ class ShardedEngine:
     """What ZeRO-1/2/3 share: forward, norm clipping, consolidated state dicts, memory audit.
     Subclasses set self.buffers and implement _reduced_grad_shards, _param_tensors, _grad_tensors."""
 
-    def __init__(self, model: nn.Module, comm: Comm, compute_dtype):
+    def __init__(self, model: nn.Module, comm: Comm, compute_dtype, reduce_dtype=None):
         self.module, self.comm, self.dtype = model, comm, resolve_dtype(compute_dtype)
+        self.reduce_dtype = self.dtype if reduce_dtype is None else resolve_dtype(reduce_dtype)
         self.names = {id(p): n for n, p in model.named_parameters()}  # a tied weight: its first name
         self.buffers: list[FlatShard] = []
         self._grads_prepared = False
@@ -270,10 +273,10 @@ class ZeroEngine(ShardedEngine):
     """ZeRO-1 (stage=1) or ZeRO-2 (stage=2): one flat buffer per param group."""
 
     def __init__(self, model: nn.Module, param_groups, optimizer_factory, comm: Comm, *, stage: int = 1,
-                 compute_dtype="fp32"):
+                 compute_dtype="fp32", reduce_dtype=None):
         if stage not in (1, 2):
             raise ValueError(f"ZeroEngine runs ZeRO stage 1 or 2, got {stage} (stage 3: parallel.zero3.Zero3Engine)")
-        super().__init__(model, comm, compute_dtype)
+        super().__init__(model, comm, compute_dtype, reduce_dtype)
         self.stage = stage
         self._group_params, keys = normalize_groups(model, param_groups)
         self._owner: dict[int, FlatShard] = {}
@@ -294,7 +297,8 @@ class ZeroEngine(ShardedEngine):
                 if stage == 2:
                     p.register_post_accumulate_grad_hook(self._on_grad)
             size = layout.padded if stage == 1 else layout.shard  # full (N·s,) or shard (s,) gradient
-            buf.grad = torch.zeros(size, dtype=self.dtype, device=layout.device)
+            # stage 1's full gradient is what .grad views (the parameters' dtype); stage 2's shard is reduced
+            buf.grad = torch.zeros(size, dtype=self.dtype if stage == 1 else self.reduce_dtype, device=layout.device)
             buf.ready, buf.launched = 0, False
             self.buffers.append(buf)
         masters = iter(b.master for b in self.buffers)
@@ -313,7 +317,7 @@ class ZeroEngine(ShardedEngine):
             self._launch(buf)
 
     def _launch(self, buf: FlatShard) -> None:
-        flat = buf.layout.flatten([p.grad for p in buf.layout.params], self.dtype)  # (N·s,)
+        flat = buf.layout.flatten([p.grad for p in buf.layout.params], self.reduce_dtype)  # (N·s,)
         for p in buf.layout.params:
             p.grad = None  # a rank keeps gradients only as its shard
         out = torch.empty_like(buf.grad)
@@ -341,8 +345,8 @@ class ZeroEngine(ShardedEngine):
                 if p.grad is not None and p.grad.data_ptr() != v.data_ptr():
                     v.copy_(p.grad)  # .grad was replaced (set to None, then a fresh backward)
                 p.grad = v
-            outs.append(torch.empty(buf.layout.shard, dtype=self.dtype, device=buf.grad.device))
-            handles.append(self.comm.reduce_scatter(outs[-1], buf.grad, async_op=True))
+            outs.append(torch.empty(buf.layout.shard, dtype=self.reduce_dtype, device=buf.grad.device))
+            handles.append(self.comm.reduce_scatter(outs[-1], buf.grad.to(self.reduce_dtype), async_op=True))
         for h in handles:
             if h is not None:
                 h.wait()

@@ -36,7 +36,8 @@ Payload per micro-batch: every unit gathered twice and reduced once, 2·Ψ̃·p 
 Ψ̃ = Σ_u N·ceil(Ψ_u/N) the padded count (= Ψ when every unit divides by N): exactly
 cost.zero_comm_bytes(Ψ̃, stage=3, m). No all-gather at step: the next forward gathers.
 Mixed precision as in zero.py: full and sharded parameters, gradients and collectives in the
-compute dtype; fp32 master shard (in fp32 the master shard is the parameter shard itself).
+compute dtype; fp32 master shard (in fp32 the master shard is the parameter shard itself); with
+`reduce_dtype` fp32 the gradients are reduce-scattered, and their shards kept, in fp32.
 `no_sync()` is a no-op: ZeRO-3 keeps no full gradients, so it reduce-scatters every micro-batch.
 """
 from __future__ import annotations
@@ -91,8 +92,9 @@ class Zero3Engine(ShardedEngine):
     """ZeRO-3 data parallelism; the engine contract of ltk/parallel/zero.py plus `units`."""
 
     def __init__(self, model: nn.Module, param_groups, optimizer_factory, comm: Comm, *, units=None,
-                 compute_dtype="fp32", prefetch: bool = True, device: torch.device | str | None = None):
-        super().__init__(model, comm, compute_dtype)
+                 compute_dtype="fp32", prefetch: bool = True, reduce_dtype=None,
+                 device: torch.device | str | None = None):
+        super().__init__(model, comm, compute_dtype, reduce_dtype)
         self.prefetch = prefetch
         # reduce-scatters in flight during backward: each keeps a unit's full flat gradient alive, so
         # waiting for all at the end would hold a whole model's gradients (FSDP limits them the same way)
@@ -163,7 +165,7 @@ class Zero3Engine(ShardedEngine):
             if a < b:
                 pieces.append((master[a:b], a, b))
                 opt_groups[g]["params"].append(pieces[-1][0])
-        u = Unit(layout, master, pieces, full, shard, self.dtype)
+        u = Unit(layout, master, pieces, full, shard, self.reduce_dtype)
         self._free(u)
         return u
 
@@ -262,7 +264,7 @@ class Zero3Engine(ShardedEngine):
             self._reduce(u)
 
     def _reduce(self, u: Unit) -> None:
-        flat = u.layout.flatten([p.grad for p in u.layout.params], self.dtype)  # (N·s,)
+        flat = u.layout.flatten([p.grad for p in u.layout.params], self.reduce_dtype)  # (N·s,)
         for p in u.layout.params:
             p.grad = None
         out = torch.empty_like(u.grad_shard)

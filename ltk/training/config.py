@@ -66,7 +66,7 @@ class TrainerConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (bf16 weights, fp32 master) | fp16
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block in backward
     eval_every: int = 100  # steps between evaluations; 0 = only at the end
@@ -97,6 +97,7 @@ class ParallelConfig:
     schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved)
     bucket_mb: float = 25.0  # DDP gradient bucket size
+    reduce_dtype: str = "auto"  # gradient reduction: auto (the gradients' dtype) | fp32 | bf16
 
 
 @dataclass

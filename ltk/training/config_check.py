@@ -26,6 +26,7 @@ from ltk.training.config import ConfigError, RunConfig, did_you_mean
 
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+REDUCE_DTYPES = ("auto", "fp32", "bf16")
 # engines that shard model states over the dp ranks, and what each shards
 SHARDS = {"zero1": ("moments",), "zero2": ("moments", "grads"), "zero3": ("moments", "grads", "weights")}
 
@@ -143,6 +144,7 @@ def _check_fields(cfg: RunConfig) -> None:
     _check_device(cfg.trainer.device)
     _one_of(cfg, "trainer.dtype", DTYPES)
     _one_of(cfg, "parallel.strategy", strategies())
+    _one_of(cfg, "parallel.reduce_dtype", REDUCE_DTYPES)
     from ltk.parallel.schedules import SCHEDULES
 
     _one_of(cfg, "parallel.schedule", tuple(SCHEDULES))
@@ -175,13 +177,23 @@ def _check_device(name: str) -> None:
 def _check_engines(cfg: RunConfig) -> None:
     """What each engine of ltk/parallel/ can run (the same at any world size)."""
     p, t = cfg.parallel, cfg.trainer
+    if p.reduce_dtype == "bf16" and _dtype(cfg) != "bf16":
+        raise ConfigError(f"--parallel.reduce_dtype bf16 reduces bf16 gradients: it needs --trainer.dtype bf16 "
+                          f"(this run's gradients are fp32: --trainer.dtype {t.dtype} on this machine)")
+    if p.reduce_dtype == "fp32" and t.dtype == "fp16":
+        raise ConfigError("--parallel.reduce_dtype fp32 with --trainer.dtype fp16: fp16 runs keep fp32 gradients "
+                          "(autocast and a loss scaler), which are reduced in fp32 already; drop the flag")
+    if p.reduce_dtype == "fp32" and _dtype(cfg) == "bf16" and p.strategy == "torch-ddp":
+        raise ConfigError("--parallel.reduce_dtype fp32: PyTorch's DDP (torch-ddp) reduces gradients in their own "
+                          "dtype; use --parallel.strategy ddp, naive-ddp or a ZeRO engine")
     if p.pp > 1:
         if cfg.family != "gpt" or p.tp > 1 or p.strategy not in ("auto", "ddp", "none"):
             raise ConfigError("pipeline parallelism (--parallel.pp) runs GPT, composed with data parallelism only "
                               "(dp = world / pp; no --parallel.tp or ZeRO with it)")
         if t.dtype == "fp16" or t.compile:
-            raise ConfigError("pipeline parallelism (--parallel.pp) runs without --trainer.dtype fp16 (no loss "
-                              "scaling) and without --trainer.compile")
+            raise ConfigError("pipeline parallelism (--parallel.pp) runs without --trainer.dtype fp16 (its stages "
+                              "have no loss scaler) and without --trainer.compile (its stages are copies of the "
+                              "model's blocks built after the compile step; not wired)")
         if p.schedule == "interleaved" and t.grad_accum % p.pp:
             raise ConfigError(f"the interleaved schedule runs micro-batches in groups of pp: --trainer.grad_accum "
                               f"{t.grad_accum} must be a multiple of --parallel.pp {p.pp}")
@@ -196,10 +208,21 @@ def _check_engines(cfg: RunConfig) -> None:
             raise ConfigError("tensor parallelism runs with --model.dropout 0: the ranks of a tensor-parallel group "
                               "would draw different dropout masks for the activations they share")
         if t.compile:
-            raise ConfigError("--trainer.compile with tensor parallelism (--parallel.tp) is not supported: drop one")
+            raise ConfigError("--trainer.compile with tensor parallelism (--parallel.tp) is not supported: its layers "
+                              "call counted collectives inside autograd functions (ltk/parallel/tensor.py), which "
+                              "are not written for tracing; drop one")
         if p.strategy == "torch-ddp":
             raise ConfigError("--parallel.strategy torch-ddp does not combine with --parallel.tp: use ddp, "
                               "naive-ddp, zero1 or zero2")
+
+
+def _dtype(cfg: RunConfig) -> str:
+    """--trainer.dtype with auto resolved for this machine (bf16 on a CUDA device that has it)."""
+    if cfg.trainer.dtype != "auto":
+        return cfg.trainer.dtype
+    from ltk.training.runtime import resolve_device, resolve_dtype
+
+    return resolve_dtype("auto", resolve_device(cfg.trainer.device, int(os.environ.get("LOCAL_RANK", "0"))))
 
 
 def _check_layout(cfg: RunConfig, world: int) -> None:
@@ -216,6 +239,9 @@ def _check_layout(cfg: RunConfig, world: int) -> None:
         raise ConfigError(f"--parallel.tp {p.tp} x --parallel.pp {p.pp} = {split} does not divide the {world} "
                           f"processes (--nproc)")
     dp = world // split
+    if p.reduce_dtype == "fp32" and _dtype(cfg) == "bf16" and p.strategy == "auto" and split == 1 and dp > 1:
+        raise ConfigError("--parallel.reduce_dtype fp32: --parallel.strategy auto runs PyTorch's DDP here, which "
+                          "reduces gradients in their own dtype; name --parallel.strategy ddp (ours) or a ZeRO engine")
     if p.strategy == "none" and dp > 1:
         raise ConfigError(f"--parallel.strategy none with {dp} data-parallel ranks would never average their "
                           "gradients: name an engine (ddp, zero1, ...) or leave it on auto")

@@ -1,10 +1,16 @@
 """Where a run executes: device, precision, processes, and the random state to resume.
 
-Mixed precision: on CUDA the default is bf16 autocast — matmuls run on bf16 tensor cores,
-while the parameters, their gradients and the optimizer stay fp32 (Micikevicius et al.
-2018 keep an fp32 master copy for the same reason: small updates vanish in 16 bits).
-bf16 has fp32's exponent range, so no loss scaling is needed; fp16 does need it, and gets
-a GradScaler. On a CPU everything stays fp32 so that runs are bitwise reproducible.
+Mixed precision: on CUDA the default is bf16. bf16 means what `ltk plan` counts: the engines
+keep the parameters and their gradients in bf16 and reduce them in bf16 (or in fp32 with
+--parallel.reduce_dtype fp32), while AdamW updates an fp32 master copy (Micikevicius et al.
+2018: small updates vanish in 16 bits; ltk/parallel/mixed.py, zero.py). The training forward
+therefore runs without autocast: its weights are bf16 already, so its matmuls are too, and the
+activations that cross tensor- and pipeline-parallel collectives are bf16 as the plan assumes;
+the loss takes fp32 logits. Autocast (`Runtime.autocast`) stays for evaluation, whose model may
+be an fp32 copy gathered from the masters. bf16 has fp32's exponent range, so no loss scaling
+is needed; fp16 does need it: fp16 keeps fp32 parameters under fp16 autocast with a GradScaler
+(the plain and torch-ddp paths). bf16 autocast works on a CPU too; the CPU default is fp32 so
+that runs are bitwise reproducible.
 
 Processes: under `torchrun` (WORLD_SIZE > 1) each process joins one process group —
 NCCL on CUDA, gloo on CPU — and trains its own shard of every batch.
@@ -37,6 +43,7 @@ class Runtime:
         return self.rank == 0
 
     def autocast(self) -> Callable[[], Any]:
+        """The context evaluation runs in (fp16: training too; see the module docstring)."""
         if self.dtype == "fp32":
             return nullcontext
         dt = torch.bfloat16 if self.dtype == "bf16" else torch.float16

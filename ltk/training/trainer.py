@@ -170,7 +170,8 @@ class Trainer:
     # -- one step -----------------------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over grad_accum micro-batches; returns (loss, grad norm)."""
-        t, autocast = self.cfg.trainer, self.rt.autocast()
+        # bf16: the engine's parameters are bf16 already, no autocast (ltk/training/runtime.py)
+        t, autocast = self.cfg.trainer, (nullcontext if self.rt.dtype == "bf16" else self.rt.autocast())
         if isinstance(self.par, ParallelRun):
             self.par.model.train()
         set_lr(self.optimizer, lr_at(self.step, self.cfg.optim, t.max_steps))

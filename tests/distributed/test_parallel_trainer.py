@@ -89,10 +89,15 @@ def test_tensor_parallel_and_dp_x_tp_equal_one_process(single, tiny_corpus, tmp_
     cfgs = [_config(tiny_corpus, tmp_path / "tp2", tp=2, grad_accum=2)]
     spawn(_train, 2, cfgs, timeout_s=TIMEOUT)
     cfgs = [_config(tiny_corpus, tmp_path / "dp2tp2", strategy="ddp", tp=2, grad_accum=2),
-            _config(tiny_corpus, tmp_path / "zero1tp2", strategy="zero1", tp=2, grad_accum=2)]
+            _config(tiny_corpus, tmp_path / "zero1tp2", strategy="zero1", tp=2, grad_accum=2),
+            _config(tiny_corpus, tmp_path / "zero3tp2", strategy="zero3", tp=2, grad_accum=2)]
     spawn(_train, 4, cfgs, timeout_s=TIMEOUT)
-    for name in ("tp2", "dp2tp2", "zero1tp2"):
+    for name in ("tp2", "dp2tp2", "zero1tp2", "zero3tp2"):
         _compare(single, tmp_path / name)
+    # ZeRO-3 x TP: the clipped norm is the global one (its gradients live in the units' shards,
+    # not in .grad), and evaluation and the checkpoint gathered the sharded weights (_compare)
+    for a, b in zip(_metrics(single), _metrics(tmp_path / "zero3tp2")):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
 
 
 def _resume(rank, world, cfg, ckpt_dir):
@@ -141,3 +146,4 @@ def test_pipeline_and_pp_x_dp_equal_one_process(single, tiny_corpus, tmp_path):
     spawn(_train, 4, cfgs, timeout_s=TIMEOUT)
     for name in ("pp2", "pp2dp2"):
         _compare(single, tmp_path / name)
+

@@ -332,3 +332,27 @@ def test_torch_pipelining_gives_the_same_losses(run):
         # the same stages, the same tied-weight all-reduce: the same final parameters as ours
         ours = _merged(per_rank, ("ours", "gpipe", m, 1, world))
         assert max_rel_error(_merged(per_rank, ("torch", schedule, m)), ours) <= TOL
+
+
+def test_activation_checkpointing_recomputes_each_stage_block_with_the_same_gradients():
+    """The model's activation_checkpointing flag reaches the stages: every block runs twice per
+    micro-batch (forward, then again in its stage's backward), and the gradients are bitwise
+    those of the stages without it (one process, two chunks of an interleaved schedule)."""
+    x, y = synthetic_batches(1, 4, 16, 96)[0]
+    grads, calls = [], []
+    for ac in (False, True):
+        model = tiny_gpt(n_layer=2)
+        model.activation_checkpointing = ac
+        trainer = PipelineTrainer(model, make_schedule("interleaved", 1, 2, 2), PipelineComms.build([0]))
+        count = [0]
+        for c in trainer.chunks:
+            for block in c.h.values():
+                # a pre-hook: the recomputation stops early, after the last tensor it needs (no post-hook)
+                block.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        trainer.forward_backward(x, y)
+        grads.append({n: p.grad.clone() for c in trainer.chunks for n, p in c.named_parameters()})
+        calls.append(count[0])
+    assert calls == [2 * 2, 2 * 2 * 2]  # 2 blocks x 2 micro-batches, recomputed once under checkpointing
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n

@@ -56,6 +56,13 @@ TRIPWIRE = ["--data", "/no/such/corpus", "--max-steps", "1", "--trainer.progress
     (["--parallel.tp", "2", "--model.dropout", "0.1"], ["--model.dropout 0"]),
     (["--parallel.tp", "2", "--parallel.strategy", "torch-ddp"], ["torch-ddp does not combine with --parallel.tp"]),
     (["--trainer.dtype", "fp16", "--parallel.strategy", "zero1"], ["--trainer.dtype fp16 needs a loss scaler"]),
+    (["--parallel.reduce_dtype", "fp8"], ["--parallel.reduce_dtype 'fp8' is not one of", "fp32"]),
+    (["--parallel.reduce_dtype", "bf16", "--trainer.dtype", "fp32"], ["it needs --trainer.dtype bf16"]),
+    (["--parallel.reduce_dtype", "fp32", "--trainer.dtype", "fp16"], ["fp16 runs keep fp32 gradients"]),
+    (["--parallel.reduce_dtype", "fp32", "--trainer.dtype", "bf16", "--parallel.strategy", "torch-ddp"],
+     ["PyTorch's DDP (torch-ddp) reduces gradients in their own dtype"]),
+    (["--parallel.tp", "2", "--trainer.compile", "true"], ["--trainer.compile with tensor parallelism"]),
+    (["--parallel.pp", "2", "--trainer.compile", "true"], ["without --trainer.compile"]),
     (["--model.n_layer", "0"], ["model.n_layer must be positive"]),
     (["--model.n_head", "5"], ["not divisible by model.n_head=5"]),
     (["--family", "lama"], ["did you mean llama?"]),
@@ -73,6 +80,7 @@ def test_the_layout_is_checked_before_processes_start(capsys):
     for argv, needle in [
         (["--parallel.tp", "3"], "--parallel.tp 3 x --parallel.pp 1 = 3 does not divide the 2 processes"),
         (["--parallel", "ddp", "--trainer.batch_size", "3"], "does not split over 2 data-parallel ranks"),
+        (["--trainer.dtype", "bf16", "--parallel.reduce_dtype", "fp32"], "--parallel.strategy auto runs PyTorch's DDP"),
     ]:
         assert main(["train", *TRIPWIRE, "--nproc", "2", *argv]) == 2
         err = capsys.readouterr().err
@@ -103,6 +111,13 @@ def test_a_valid_layout_passes():
     cfg = get_preset("gpt-debug")
     cfg.parallel.strategy, cfg.parallel.tp = "zero1", 2
     check_run(cfg, world=4, size=False, warn=False)
+    for strategy, tp, pp in (("zero3", 2, 1), ("ddp", 1, 2)):  # once refused or silently degraded
+        cfg.parallel.strategy, cfg.parallel.tp, cfg.parallel.pp = strategy, tp, pp
+        cfg.trainer.dtype, cfg.parallel.reduce_dtype, cfg.trainer.activation_checkpointing = "bf16", "fp32", True
+        check_run(cfg, world=4, size=False, warn=False)
+    cfg.parallel.tp, cfg.parallel.pp, cfg.trainer.compile = 1, 1, True
+    check_run(cfg, world=4, size=False, warn=False)
+    cfg.parallel.strategy = "zero1"
     cfg.parallel.strategy = "zero4"
     with pytest.raises(ConfigError, match="did you mean zero"):
         check_run(cfg, world=4, size=False, warn=False)
@@ -234,3 +249,20 @@ def test_on_cuda_the_host_holds_the_built_model_and_the_device_the_state(monkeyp
     check_run(cfg, world=4, local=4, warn=False)
     # host: the whole fp32 model, once per local rank; device: weights / tp + (grads + moments) / (tp x dp)
     assert calls == [(4, "cpu", 4), (4 / 2 + 12 / 4, "cuda:0", 1)]
+
+
+def test_compile_with_a_data_parallel_engine_compiles_each_block_in_place():
+    """--trainer.compile under ddp/zero: every block compiled in place (the engines' hooks and
+    the parameter names unchanged), not silently dropped. Compilation itself waits for a call."""
+    from ltk.models.gpt import GPT
+    from ltk.training.engine import compile_blocks
+
+    cfg = get_preset("gpt-debug")
+    cfg.model.vocab_size = 300
+    model = GPT(cfg.model)
+    names = [n for n, _ in model.named_parameters()]
+    assert compile_blocks(model) == cfg.model.n_layer
+    assert all(b._compiled_call_impl is not None for b in model.h)
+    assert [n for n, _ in model.named_parameters()] == names
+    with pytest.raises(ValueError, match="has none"):
+        compile_blocks(torch.nn.Linear(2, 2))
