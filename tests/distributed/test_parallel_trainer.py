@@ -3,6 +3,12 @@ trains the same model as one process with the same global batch — same per-ste
 validation loss, same final weights — and its checkpoint (single-process format, optimizer
 state by parameter name) resumes on another world size.
 
+Starting a group costs seconds (every rank imports torch), a tiny run a fraction of that, so
+every run is planned up front (RUNS) and each world size starts once: 1 process (the
+reference), 2 (every 2-rank layout, and the first half of the ZeRO resume), 4 (every 4-rank
+layout, the second half of the ZeRO resume, the first half of the TP resume), then 2 again
+(the second half of the TP resume). The tests below only read the run folders.
+
 The model has no biases: GPT's key bias has an exactly zero gradient (softmax is unchanged by
 adding the same amount to every score of a row), so each rank sees only rounding noise there,
 and Adam — which divides by the gradient's own scale — turns any noise into a full ±lr step.
@@ -17,14 +23,25 @@ from ltk.training.checkpoint import load_checkpoint
 from ltk.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
 from ltk.training.trainer import Trainer
 
-TIMEOUT = 180
+TIMEOUT = 300
+ENGINES = {2: ["torch-ddp", "ddp", "naive-ddp", "zero1", "zero2", "zero3"], 4: ["ddp", "zero2", "zero3"]}
+# name -> (world, config overrides); every run takes 2 micro-batches per step
+RUNS = {
+    **{f"{s}-w{w}": (w, dict(strategy=s)) for w, names in ENGINES.items() for s in names},
+    "tp2": (2, dict(tp=2)),
+    "dp2tp2": (4, dict(strategy="ddp", tp=2)),
+    "zero1tp2": (4, dict(strategy="zero1", tp=2)),
+    "zero3tp2": (4, dict(strategy="zero3", tp=2)),
+    "pp2": (2, dict(pp=2)),
+    "pp2dp2": (4, dict(pp=2, schedule="gpipe")),
+}
 
 
 def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _config(corpus, out, strategy="auto", tp=1, steps=5, grad_accum=1, pp=1, schedule="1f1b", virtual=1):
+def _config(corpus, out, strategy="auto", tp=1, steps=5, grad_accum=2, pp=1, schedule="1f1b", virtual=1):
     cfg = RunConfig(
         name="tiny",
         model=GPTConfig(vocab_size=0, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False),
@@ -38,14 +55,10 @@ def _config(corpus, out, strategy="auto", tp=1, steps=5, grad_accum=1, pp=1, sch
     return cfg
 
 
-def _train(rank, world, cfgs):
-    """Worker: train each config in turn in this group; rank 0 returns the run folders."""
-    out = []
-    for cfg in cfgs:
-        trainer = Trainer(cfg)
-        trainer.fit()
-        out.append(str(trainer.run_dir))
-    return out
+def _train(rank, world, jobs):
+    """Worker: train each (config, checkpoint to resume from or None) in turn in this group."""
+    for cfg, ckpt in jobs:
+        Trainer(cfg, resume=None if ckpt is None else load_checkpoint(ckpt)).fit()
 
 
 def _compare(single, run, tol=1e-5):
@@ -68,82 +81,67 @@ def _same_weights(wa, wb, tol=1e-5):
 
 
 @pytest.fixture(scope="module")
-def single(tiny_corpus, tmp_path_factory):
-    path = tmp_path_factory.mktemp("single")
+def runs(tiny_corpus, tmp_path_factory):
+    """Every run of the module, one group per world size (and one more for the last resume);
+    returns the folders by name: 'single', the RUNS, 'zero-resume', 'tp-resume' and 'tp-saved'
+    (the checkpoint written on dp 2 x tp 2)."""
+    root = tmp_path_factory.mktemp("parallel")
+    cfg = {name: _config(tiny_corpus, root / name, **kw) for name, (_, kw) in RUNS.items()}
     # one process, but spawned like the others: one thread each, so matmuls round alike
-    spawn(_train, 1, [_config(tiny_corpus, path / "run", grad_accum=2)], timeout_s=TIMEOUT)
-    return path / "run"
+    spawn(_train, 1, [(_config(tiny_corpus, root / "single"), None)], timeout_s=TIMEOUT)
+    # ZeRO-2 on 2 ranks for 3 steps, saved; ZeRO-3 on 4 ranks continues it to 5
+    zero_first = _config(tiny_corpus, root / "zero-resume", strategy="zero2")
+    zero_first.trainer.max_steps = 3
+    spawn(_train, 2, [(cfg[n], None) for n, (w, _) in RUNS.items() if w == 2] + [(zero_first, None)],
+          timeout_s=TIMEOUT)
+    zero_ckpt = str(load_checkpoint(root / "zero-resume").path)
+    # dp 2 x tp 2 (ZeRO-1) for 3 steps, saved; tp 2 alone continues it to 5
+    tp_first = _config(tiny_corpus, root / "tp-resume", strategy="zero1", tp=2)
+    tp_first.trainer.max_steps = 3
+    spawn(_train, 4, [(cfg[n], None) for n, (w, _) in RUNS.items() if w == 4]
+          + [(_config(tiny_corpus, root / "zero-resume", strategy="zero3"), zero_ckpt), (tp_first, None)],
+          timeout_s=TIMEOUT)
+    tp_ckpt = str(load_checkpoint(root / "tp-resume").path)
+    spawn(_train, 2, [(_config(tiny_corpus, root / "tp-resume", tp=2), tp_ckpt)], timeout_s=TIMEOUT)
+    return {"tp-saved": tp_ckpt, **{name: root / name for name in [*RUNS, "single", "zero-resume", "tp-resume"]}}
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_every_engine_equals_one_process(world, single, tiny_corpus, tmp_path):
-    strategies = (["torch-ddp", "ddp", "naive-ddp", "zero1", "zero2", "zero3"] if world == 2
-                  else ["ddp", "zero2", "zero3"])
-    cfgs = [_config(tiny_corpus, tmp_path / s, strategy=s, grad_accum=2) for s in strategies]
-    spawn(_train, world, cfgs, timeout_s=TIMEOUT)
-    for s in strategies:
-        _compare(single, tmp_path / s)
+def test_every_engine_equals_one_process(world, runs):
+    for s in ENGINES[world]:
+        _compare(runs["single"], runs[f"{s}-w{world}"])
 
 
-def test_tensor_parallel_and_dp_x_tp_equal_one_process(single, tiny_corpus, tmp_path):
-    cfgs = [_config(tiny_corpus, tmp_path / "tp2", tp=2, grad_accum=2)]
-    spawn(_train, 2, cfgs, timeout_s=TIMEOUT)
-    cfgs = [_config(tiny_corpus, tmp_path / "dp2tp2", strategy="ddp", tp=2, grad_accum=2),
-            _config(tiny_corpus, tmp_path / "zero1tp2", strategy="zero1", tp=2, grad_accum=2),
-            _config(tiny_corpus, tmp_path / "zero3tp2", strategy="zero3", tp=2, grad_accum=2)]
-    spawn(_train, 4, cfgs, timeout_s=TIMEOUT)
+def test_tensor_parallel_and_dp_x_tp_equal_one_process(runs):
     for name in ("tp2", "dp2tp2", "zero1tp2", "zero3tp2"):
-        _compare(single, tmp_path / name)
+        _compare(runs["single"], runs[name])
     # ZeRO-3 x TP: the clipped norm is the global one (its gradients live in the units' shards,
-    # not in .grad), and evaluation and the checkpoint gathered the sharded weights (_compare)
-    for a, b in zip(_metrics(single), _metrics(tmp_path / "zero3tp2")):
+    # not in .grad), and evaluation ran on the sharded model (_compare)
+    for a, b in zip(_metrics(runs["single"]), _metrics(runs["zero3tp2"])):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
 
 
-def _resume(rank, world, cfg, ckpt_dir):
-    from ltk.training.checkpoint import load_checkpoint as load
-
-    trainer = Trainer(cfg, resume=load(ckpt_dir))
-    trainer.fit()
-    return str(trainer.run_dir)
-
-
-def test_zero_checkpoint_resumes_on_another_world_size(single, tiny_corpus, tmp_path):
-    """3 steps of ZeRO-2 on 2 ranks, saved; 2 more of ZeRO-3 on 4 ranks == 5 steps of one process."""
-    first = _config(tiny_corpus, tmp_path / "run", strategy="zero2", grad_accum=2)
-    first.trainer.max_steps = 3
-    spawn(_train, 2, [first], timeout_s=TIMEOUT)
-    ckpt = load_checkpoint(tmp_path / "run")
-    cont = _config(tiny_corpus, tmp_path / "run", strategy="zero3", grad_accum=2)
-    spawn(_resume, 4, cont, str(ckpt.path), timeout_s=TIMEOUT)
-    a, b = _metrics(single), _metrics(tmp_path / "run")
-    by_step = {m["step"]: m for m in b}
-    for m in a:
-        assert by_step[m["step"]]["loss"] == pytest.approx(m["loss"], rel=1e-5, abs=1e-5)
-    _same_weights(load_checkpoint(single).model, load_checkpoint(tmp_path / "run").model)
-
-
-def test_tensor_parallel_checkpoint_resumes_with_another_mesh(single, tiny_corpus, tmp_path):
-    """3 steps on dp 2 x tp 2 (moments gathered from the tp shards into a single-process
-    checkpoint), 2 more on tp 2 alone (moments cut again) == 5 steps of one process."""
-    first = _config(tiny_corpus, tmp_path / "run", strategy="zero1", tp=2, grad_accum=2)
-    first.trainer.max_steps = 3
-    spawn(_train, 4, [first], timeout_s=TIMEOUT)
-    ckpt = load_checkpoint(tmp_path / "run")
-    assert tuple(ckpt.trainer["optimizer"]["state"]["h.0.mlp.c_fc.weight"]["exp_avg"].shape) == (128, 32)  # full size
-    cont = _config(tiny_corpus, tmp_path / "run", tp=2, grad_accum=2)
-    spawn(_resume, 2, cont, str(ckpt.path), timeout_s=TIMEOUT)
-    by_step = {m["step"]: m for m in _metrics(tmp_path / "run")}
+def _resumed_equals_one_process(single, run):
+    by_step = {m["step"]: m for m in _metrics(run)}
     for m in _metrics(single):
         assert by_step[m["step"]]["loss"] == pytest.approx(m["loss"], rel=1e-5, abs=1e-5)
-    _same_weights(load_checkpoint(single).model, load_checkpoint(tmp_path / "run").model)
+    _same_weights(load_checkpoint(single).model, load_checkpoint(run).model)
 
 
-def test_pipeline_and_pp_x_dp_equal_one_process(single, tiny_corpus, tmp_path):
-    cfgs = [_config(tiny_corpus, tmp_path / "pp2", pp=2, grad_accum=2)]
-    spawn(_train, 2, cfgs, timeout_s=TIMEOUT)
-    cfgs = [_config(tiny_corpus, tmp_path / "pp2dp2", pp=2, schedule="gpipe", grad_accum=2)]
-    spawn(_train, 4, cfgs, timeout_s=TIMEOUT)
+def test_zero_checkpoint_resumes_on_another_world_size(runs):
+    """3 steps of ZeRO-2 on 2 ranks, saved; 2 more of ZeRO-3 on 4 ranks == 5 steps of one process."""
+    _resumed_equals_one_process(runs["single"], runs["zero-resume"])
+
+
+def test_tensor_parallel_checkpoint_resumes_with_another_mesh(runs):
+    """3 steps on dp 2 x tp 2 (moments gathered from the tp shards into a single-process
+    checkpoint), 2 more on tp 2 alone (moments cut again) == 5 steps of one process."""
+    ckpt = load_checkpoint(runs["tp-saved"])
+    assert ckpt.state["step"] == 3
+    assert tuple(ckpt.trainer["optimizer"]["state"]["h.0.mlp.c_fc.weight"]["exp_avg"].shape) == (128, 32)  # full size
+    _resumed_equals_one_process(runs["single"], runs["tp-resume"])
+
+
+def test_pipeline_and_pp_x_dp_equal_one_process(runs):
     for name in ("pp2", "pp2dp2"):
-        _compare(single, tmp_path / name)
-
+        _compare(runs["single"], runs[name])
