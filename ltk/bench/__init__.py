@@ -251,6 +251,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                 Option("vocab", int, 512, "vocabulary"),
                 Option("seq", int, 64, "tokens per sequence"),
                 Option("batch", int, 8, "sequences per rank"),
+                Option("dtype", str, "both", "fp32, bf16 (mixed precision in every provider) or both",
+                       ("fp32", "bf16", "both")),
             ),
         ),
         Benchmark(
