@@ -1,28 +1,35 @@
 """Sharded checkpoints (ltk/training/sharded_checkpoint.py): a multi-process run writes one file of
 boxes per rank, and any other layout resumes from it, continuing with the losses of one
-uninterrupted process. Tiny GPT (as tests/distributed/test_parallel_trainer.py: no biases, dropout 0)."""
+uninterrupted process. Tiny GPT as in tests/distributed/test_parallel_trainer.py (no biases,
+dropout 0), with a vocabulary of 301 so that tensor parallelism pads it (to 2 x 151 rows).
+
+Made once by the module fixture: ZeRO-3 on 4 ranks saves step 3; one process (this one) trains 5
+steps uninterrupted and resumes the ZeRO-3 checkpoint; 2 ranks resume it as ZeRO-2, and train
+one run whose steps go tp 2 -> ZeRO-3 -> pp 2 -> ddp, a checkpoint between each."""
 import json
+import shutil
 
 import pytest
 import torch
 
 from ltk.models.gpt import GPTConfig
 from ltk.parallel.dist import spawn
-from ltk.training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from ltk.training.checkpoint import CheckpointError, load_checkpoint
 from ltk.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
 from ltk.training.trainer import Trainer
 
 TIMEOUT = 240
+CHAIN = ((2, "auto", 2, 1), (3, "zero3", 1, 1), (4, "auto", 1, 2), (5, "ddp", 1, 1))  # (to step, strategy, tp, pp)
 
 
 def _config(corpus, out, strategy="auto", steps=5, tp=1, pp=1):
     cfg = RunConfig(
         name="tiny",
-        model=GPTConfig(vocab_size=0, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False),
-        data=DataConfig(source=str(corpus), vocab_size=301, min_chars=16, val_fraction=0.1),
+        model=GPTConfig(vocab_size=301, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False),
+        data=DataConfig(source=str(corpus), vocab_size=300, min_chars=16, val_fraction=0.1),
         optim=OptimConfig(lr=3e-3, warmup_steps=2, decay_steps=20),
         trainer=TrainerConfig(max_steps=steps, batch_size=4, eval_every=0, eval_batches=2, log_every=1,
-                              out_dir=str(out), progress=False, seed=7, grad_accum=2, ckpt_every=0))
+                              out_dir=str(out), progress=False, seed=7, grad_accum=2, ckpt_every=0, keep_last=0))
     cfg.model.backend = "torch"
     cfg.parallel.strategy, cfg.parallel.tp, cfg.parallel.pp = strategy, tp, pp
     return cfg
@@ -34,69 +41,79 @@ def _runs(rank, world, jobs):
         Trainer(cfg, resume=load_checkpoint(ckpt) if ckpt else None).fit()
 
 
+def _fork(src, dst):
+    """A copy of run folder src (checkpoints and metrics) to resume elsewhere."""
+    shutil.copytree(src / "checkpoints", dst / "checkpoints")
+    shutil.copyfile(src / "metrics.jsonl", dst / "metrics.jsonl")
+    return str(dst / "checkpoints" / "step_000003")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded")
+    spawn(_runs, 4, [(_config(tiny_corpus, root / "z3", "zero3", steps=3), None)], timeout_s=TIMEOUT)
+    one = [(_config(tiny_corpus, root / "single"), None),
+           (_config(tiny_corpus, root / "one"), _fork(root / "z3", root / "one"))]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # in this process, one thread as a spawned rank has: matmuls round alike
+    try:
+        _runs(0, 1, one)
+    finally:
+        torch.set_num_threads(threads)
+    two, ckpt = [(_config(tiny_corpus, root / "z2", "zero2"), _fork(root / "z3", root / "z2"))], None
+    for steps, strategy, tp, pp in CHAIN:
+        two.append((_config(tiny_corpus, root / "chain", strategy, steps, tp, pp), ckpt))
+        ckpt = str(root / "chain" / "checkpoints" / f"step_{steps:06d}")
+    spawn(_runs, 2, two, timeout_s=TIMEOUT)
+    return root
+
+
 def _losses(run):
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
-def _same_losses(single, run):
-    a, b = _losses(single), _losses(run)
-    assert set(b) == set(a)
+@pytest.mark.parametrize("run", ["z2", "one", "chain"])
+def test_every_resume_continues_the_uninterrupted_losses(runs, run):
+    """ZeRO-3 at 4 ranks -> ZeRO-2 at 2 and -> 1 process; tp -> ZeRO-3 -> pp -> ddp at 2."""
+    a, b = _losses(runs / "single"), _losses(runs / run)
+    assert sorted(b) == sorted(a) == [1, 2, 3, 4, 5]
     for step, loss in a.items():
         assert b[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), step
 
 
-@pytest.fixture(scope="module")
-def single(tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("single") / "run"
-    spawn(_runs, 1, [(_config(tiny_corpus, out), None)], timeout_s=TIMEOUT)
-    return out
-
-
-def test_zero3_at_4_ranks_resumes_as_zero2_at_2_and_as_one_process(single, tiny_corpus, tmp_path):
-    first = _config(tiny_corpus, tmp_path / "z3", "zero3", steps=3)
-    spawn(_runs, 4, [(first, None)], timeout_s=TIMEOUT)
-    ckpt = list_checkpoints(tmp_path / "z3")[-1]
+def test_each_rank_writes_its_boxes_and_nobody_consolidates(runs):
+    ckpt = runs / "z3" / "checkpoints" / "step_000003"
     assert sorted(p.name for p in ckpt.glob("rank_*")) == [f"rank_{r:05d}.safetensors" for r in range(4)]
-    assert not (ckpt / "model.safetensors").exists()  # nobody consolidated
-    index = json.loads((ckpt / "index.json").read_text())
-    assert len(index["tensors"]["wte.weight"]["kinds"]["exp_avg"]["chunks"]) > 1  # a flat shard, in boxes
-    for run, world in (("z2", 2), ("one", 1)):
-        (tmp_path / run).mkdir()
-        import shutil
-        shutil.copytree(tmp_path / "z3" / "checkpoints", tmp_path / run / "checkpoints")
-        (tmp_path / run / "metrics.jsonl").write_text((tmp_path / "z3" / "metrics.jsonl").read_text())
-        cont = _config(tiny_corpus, tmp_path / run, "zero2" if world == 2 else "auto")
-        spawn(_runs, world, [(cont, str(tmp_path / run / "checkpoints" / ckpt.name))], timeout_s=TIMEOUT)
-        _same_losses(single, tmp_path / run)
-    # single-process readers consolidate the sharded form: the same weights as the resumed run's
-    a, b = load_checkpoint(tmp_path / "one").model, load_checkpoint(single).model
+    assert not (ckpt / "model.safetensors").exists()
+    tensors = json.loads((ckpt / "index.json").read_text())["tensors"]
+    assert set(tensors["wte.weight"]["kinds"]) == {"param", "exp_avg", "exp_avg_sq"}
+    assert len(tensors["wte.weight"]["kinds"]["exp_avg"]["chunks"]) > 1  # a flat shard cut into boxes
+    assert "lm_head.weight" not in tensors  # tied: written once, as wte
+    tp = json.loads((runs / "chain" / "checkpoints" / "step_000002" / "index.json").read_text())["tensors"]
+    qkv = tp["h.0.attn.c_attn.weight"]["kinds"]["param"]["chunks"]
+    assert sorted(c["offsets"][0] for c in qkv) == [0, 16, 32, 48, 64, 80]  # q, k, v: 3 pieces per rank
+    assert sorted((c["offsets"][0], c["sizes"][0]) for c in tp["wte.weight"]["kinds"]["param"]["chunks"]) \
+        == [(0, 151), (151, 150)]  # the padding row of rank 1 is not saved
+    assert len(tp["ln_f.weight"]["kinds"]["param"]["chunks"]) == 1  # replicated: written by one rank
+
+
+def test_single_process_readers_consolidate_the_sharded_form(runs):
+    ckpt = load_checkpoint(runs / "z3")
+    opt = ckpt.trainer["optimizer"]["state"]["h.0.mlp.c_fc.weight"]
+    assert opt["exp_avg"].shape == (128, 32) and float(opt["step"]) == 3
+    a, b = load_checkpoint(runs / "chain").model, load_checkpoint(runs / "single").model
+    assert a.keys() == b.keys()
     for k in a:
         assert ((a[k] - b[k]).norm() / b[k].norm()).item() <= 1e-5, k
-    opt = load_checkpoint(tmp_path / "z3").trainer["optimizer"]
-    assert opt["state"]["h.0.mlp.c_fc.weight"]["exp_avg"].shape == (128, 32)
-    assert float(opt["state"]["h.0.mlp.c_fc.weight"]["step"]) == 3
 
 
-def test_tp_then_zero3_then_pp_then_ddp_at_2_ranks(single, tiny_corpus, tmp_path):
-    """One run, each step range under another layout: tp 2 (fused qkv boxes, padded vocabulary
-    rows left out), ZeRO-3, pp 2 (the tied head's copy read, not written), ddp."""
-    run = tmp_path / "run"
-    jobs, ckpt = [], None
-    for steps, (strategy, tp, pp) in zip((2, 3, 4, 5), (("auto", 2, 1), ("zero3", 1, 1), ("auto", 1, 2),
-                                                      ("ddp", 1, 1))):
-        jobs.append((_config(tiny_corpus, run, strategy, steps, tp, pp), ckpt))
-        ckpt = str(run / "checkpoints" / f"step_{steps:06d}")
-    spawn(_runs, 2, jobs, timeout_s=TIMEOUT)
-    _same_losses(single, run)
-
-
-def test_a_damaged_shard_is_refused_by_name(single, tiny_corpus, tmp_path):
-    spawn(_runs, 2, [(_config(tiny_corpus, tmp_path / "run", "zero2", steps=1), None)], timeout_s=TIMEOUT)
-    ckpt = load_checkpoint(tmp_path / "run")  # the small files verified; shards when read
-    shard = ckpt.path / "rank_00001.safetensors"
+def test_a_damaged_shard_is_refused_by_name(runs, tmp_path):
+    shutil.copytree(runs / "z3" / "checkpoints", tmp_path / "checkpoints")
+    shard = tmp_path / "checkpoints" / "step_000003" / "rank_00002.safetensors"
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"checksum mismatch in .*rank_00001\.safetensors"):
-        load_checkpoint(tmp_path / "run").model
-    assert torch.is_tensor(load_checkpoint(single).model["wte.weight"])
+    ckpt = load_checkpoint(tmp_path)  # the small files are verified at once, each shard before it is read
+    with pytest.raises(CheckpointError, match=r"checksum mismatch in .*rank_00002\.safetensors"):
+        ckpt.model
+    assert torch.is_tensor(load_checkpoint(runs / "z3").model["wte.weight"])
