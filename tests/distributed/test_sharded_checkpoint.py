@@ -5,7 +5,8 @@ dropout 0), with a vocabulary of 301 so that tensor parallelism pads it (to 2 x 
 
 Made once by the module fixture: ZeRO-3 on 4 ranks saves step 3; one process (this one) trains 5
 steps uninterrupted and resumes the ZeRO-3 checkpoint; 2 ranks resume it as ZeRO-2, and train
-one run whose steps go tp 2 -> ZeRO-3 -> pp 2 -> ddp, a checkpoint between each."""
+one run whose steps go tp 2 -> ZeRO-3 -> pp 2 -> ddp, a checkpoint between each, and a GPT with
+biases for one step of ZeRO-3, exported to a Hugging Face folder."""
 import json
 import shutil
 
@@ -64,7 +65,9 @@ def runs(tiny_corpus, tmp_path_factory):
     for steps, strategy, tp, pp in CHAIN:
         two.append((_config(tiny_corpus, root / "chain", strategy, steps, tp, pp), ckpt))
         ckpt = str(root / "chain" / "checkpoints" / f"step_{steps:06d}")
-    spawn(_runs, 2, two, timeout_s=TIMEOUT)
+    gpt2 = _config(tiny_corpus, root / "gpt2", "zero3", steps=1)
+    gpt2.model.bias = True  # transformers' GPT-2 has biases
+    spawn(_runs, 2, two + [(gpt2, None)], timeout_s=TIMEOUT)
     return root
 
 
@@ -117,3 +120,22 @@ def test_a_damaged_shard_is_refused_by_name(runs, tmp_path):
     with pytest.raises(CheckpointError, match=r"checksum mismatch in .*rank_00002\.safetensors"):
         ckpt.model
     assert torch.is_tensor(load_checkpoint(runs / "z3").model["wte.weight"])
+
+
+def test_a_sharded_checkpoint_exports_to_a_folder_transformers_loads(runs, tmp_path):
+    """`ltk export RUN --hf OUT` from a ZeRO-3 checkpoint: GPT2LMHeadModel gives our logits."""
+    from ltk.models.gpt import GPT
+    from ltk.training.checkpoint import restore_model
+    from ltk.training.config_file import config_from_dict
+    from ltk.training.export_hf import export_hf
+
+    tf = pytest.importorskip("transformers")
+    ckpt = load_checkpoint(runs / "gpt2")
+    ours = GPT(config_from_dict(ckpt.state["config"], ckpt.path / "state.json").model).eval()
+    restore_model(ours, ckpt.model)
+    out = export_hf(runs / "gpt2", tmp_path / "hf")
+    assert (out / "tokenizer.json").exists()
+    theirs = tf.GPT2LMHeadModel.from_pretrained(out, local_files_only=True).eval()
+    ids = torch.randint(0, 301, (2, 16))
+    with torch.no_grad():
+        assert (theirs(input_ids=ids).logits - ours(ids)).abs().max().item() <= 1e-5
