@@ -12,6 +12,7 @@
     ltk train --preset gpt-debug --max-steps 20 --profile         # + profile/trace.json (ui.perfetto.dev)
     ltk generate --ckpt runs/gpt-debug --prompt "def main(" --max-new-tokens 80
     ltk finetune --method lora --base runs/gpt-debug --data builtin    # LoRA on the built-in task
+    ltk export runs/gpt-debug --hf hf/gpt-debug                   # a Hugging Face folder (streamed)
     ltk lab list
     ltk lab run pretrain --quick
     ltk bench list
@@ -254,6 +255,16 @@ def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace, overrides: list[str]) -> int:
+    if overrides:
+        raise SystemExit(f"ltk export: unexpected arguments {overrides}")
+    from ltk.training.export_hf import export_hf
+
+    out = export_hf(args.src, args.hf, dtype=args.dtype)
+    print(f"wrote {out}: transformers' from_pretrained (or ltk generate --ckpt) loads it")
+    return 0
+
+
 def _lab(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise SystemExit(f"ltk lab: unexpected arguments {overrides}")
@@ -370,6 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default="auto")
     f.add_argument("--merge", action="store_true", help="also write merged/: full weights with the adapter folded in")
     f.set_defaults(func=_finetune)
+
+    e = sub.add_parser("export", help="a checkpoint (sharded or not) as a Hugging Face folder",
+                       description="Consolidate a run's checkpoint into a Hugging Face model folder on one "
+                       "process, one tensor at a time (never the whole model in memory).")
+    e.add_argument("src", metavar="RUN_OR_CKPT", help="a run folder (its newest checkpoint) or a checkpoint folder")
+    e.add_argument("--hf", required=True, metavar="OUT", help="the Hugging Face folder to write")
+    e.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="dtype of the exported weights")
+    e.set_defaults(func=_export)
 
     pl = sub.add_parser("plan", help="memory per rank and bytes per step of a parallel run (cost model)",
                         description="Predict memory per rank (parameters, gradients, optimizer states, "

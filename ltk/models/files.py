@@ -60,12 +60,13 @@ _REFUSED = re.compile(r"GLOBAL (\S+) was not an allowed global|unsupported GLOBA
 _REASON = re.compile(r"WeightsUnpickler error:\s*(.+)")
 
 
-def load_tensors_only(path: str | Path):
+def load_tensors_only(path: str | Path, *, mmap: bool = False):
     """torch.load(path, weights_only=True) on the CPU: tensors and plain containers only, so no code
     runs. A pickle holding other objects is refused with our own message (never torch's advice to
-    set weights_only=False); a truncated or corrupt file names itself."""
+    set weights_only=False); a truncated or corrupt file names itself. mmap: tensors stay in the
+    file, read page by page as they are used (a slice reads only its own bytes)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         msg = str(e)
         refused = _REFUSED.search(msg)

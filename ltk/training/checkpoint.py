@@ -19,6 +19,10 @@ manifest; a mismatch (truncated copy, bit rot, a hand-edited file) is refused wi
 error that names the file, instead of resuming from garbage. The files themselves are read by
 ltk/models/files.py, so a file that is damaged anyway (bad JSON, a cut safetensors file, a pickle
 holding more than tensors) is refused with its name too, never unpickled beyond tensors.
+
+Multi-process runs write the sharded form instead (ltk/training/sharded_checkpoint.py: one file
+of boxes per rank, index.json, the same manifest and the same atomic rename); `load_checkpoint`
+reads both, and `full_model_state` gives the single-process state dict of either.
 """
 from __future__ import annotations
 
@@ -28,7 +32,6 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +48,30 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or damaged."""
 
 
-@dataclass
 class Checkpoint:
-    path: Path
-    model: dict[str, torch.Tensor]
-    trainer: dict[str, Any]
-    state: dict[str, Any]
+    """A verified checkpoint folder: `state` (state.json), and the single-process `model` weights and
+    `trainer` state (optimizer by parameter name, RNG). A sharded checkpoint reads those two only when
+    asked, consolidating on one process; a training run resumes it box by box instead
+    (`open_reader`, ltk/training/reshard.py)."""
+
+    def __init__(self, path: Path, state: dict[str, Any], model: dict[str, torch.Tensor] | None = None,
+                 trainer: dict[str, Any] | None = None, sharded: bool = False):
+        self.path, self.state, self.sharded = path, state, sharded
+        self._model, self._trainer = model, trainer
+
+    @property
+    def model(self) -> dict[str, torch.Tensor]:
+        if self._model is None:
+            self._model = full_model_state(self.path)
+        return self._model
+
+    @property
+    def trainer(self) -> dict[str, Any]:
+        if self._trainer is None:
+            from ltk.training.sharded_checkpoint import consolidated_trainer_state
+
+            self._trainer = consolidated_trainer_state(self.path)
+        return self._trainer
 
 
 def _sha256(path: Path) -> str:
@@ -99,40 +120,57 @@ def save_checkpoint(
     """Write `run_dir/checkpoints/step_{step:06d}` atomically; keep the newest `keep_last`.
     `extra_files` (name -> source path) are copied in and covered by the manifest too
     (the tokenizer, so a checkpoint folder is enough to generate text)."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by an interrupted save
-        shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    tmp = new_tmp_dir(run_dir, step)  # stale .tmp-* of an interrupted save removed
     try:
         save_file(_unshare(model_state), str(tmp / "model.safetensors"))
         torch.save(trainer_state, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-        files = ["model.safetensors", "trainer.pt", "state.json"]
-        for name, src in (extra_files or {}).items():
-            shutil.copyfile(src, tmp / name)
-            files.append(name)
-        manifest = {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}
-        for f in files:
-            with open(tmp / f, "rb+") as fh:
-                os.fsync(fh.fileno())
-        (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": manifest}, indent=2))
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step: move the old one aside first
-            old = root / f".tmp-old-{final.name}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        _fsync_dir(root)
+        return publish(tmp, run_dir, step, ["model.safetensors", "trainer.pt", "state.json"], extra_files,
+                       keep_last=keep_last)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish(tmp: Path, run_dir: str | Path, step: int, files: list[str], extra_files: dict | None = None,
+            hashed: dict[str, dict] | None = None, *, keep_last: int = 3, fmt: int = 1) -> Path:
+    """Finish a checkpoint written into `tmp`: copy the extra files in, write the manifest (SHA-256
+    and size of `files`, plus `hashed` ones already measured by their writers), fsync, rename
+    to checkpoints/step_{step:06d} (atomic), keep the newest keep_last."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:06d}"
+    files = list(files)
+    for name, src in (extra_files or {}).items():
+        shutil.copyfile(src, tmp / name)
+        files.append(name)
+    manifest = {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}
+    for f in files:
+        with open(tmp / f, "rb+") as fh:
+            os.fsync(fh.fileno())
+    manifest.update(hashed or {})
+    (tmp / MANIFEST).write_text(json.dumps({"format": fmt, "files": manifest}, indent=2))
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step: move the old one aside first
+        old = root / f".tmp-old-{final.name}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def new_tmp_dir(run_dir: str | Path, step: int) -> Path:
+    """The hidden folder a save writes into, next to its final place; stale ones of interrupted
+    saves are removed first."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:06d}-", dir=root))
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -157,36 +195,74 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return ckpts[-1]
 
 
-def verify_checkpoint(path: Path) -> None:
+def read_manifest(path: Path) -> dict[str, dict]:
+    """The manifest's files {name: {sha256, bytes}}; a checkpoint without one did not finish saving."""
     manifest_path = path / MANIFEST
     if not manifest_path.exists():
         raise CheckpointError(f"{path} has no {MANIFEST}: the save did not finish; refusing to load it")
     try:
-        files = read_json(manifest_path)["files"]
+        return read_json(manifest_path)["files"]
     except BadFileError as e:
         raise CheckpointError(f"{e}; refusing to load {path}") from None
     except KeyError:
         raise CheckpointError(f"{manifest_path} lists no files; refusing to load {path}") from None
+
+
+def verify_file(path: Path, name: str, meta: dict) -> None:
+    """One file of a checkpoint against its manifest entry: an error naming the file if it differs."""
+    f = path / name
+    if not f.exists():
+        raise CheckpointError(f"checkpoint {path} is missing {name}")
+    if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+        earlier = [p for p in list_checkpoints(path.parent.parent) if p != path]
+        hint = f"; the previous checkpoint is {earlier[-1]}" if earlier else ""
+        raise CheckpointError(
+            f"checksum mismatch in {f}: the checkpoint is corrupt or truncated; refusing to load it{hint}"
+        )
+
+
+def verify_checkpoint(path: Path, only: set[str] | None = None) -> dict[str, dict]:
+    """Every file of the manifest (or those in `only`) verified; returns the manifest's files."""
+    files = read_manifest(path)
     for name, meta in files.items():
-        f = path / name
-        if not f.exists():
-            raise CheckpointError(f"checkpoint {path} is missing {name}")
-        if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
-            earlier = [p for p in list_checkpoints(path.parent.parent) if p != path]
-            hint = f"; the previous checkpoint is {earlier[-1]}" if earlier else ""
-            raise CheckpointError(
-                f"checksum mismatch in {f}: the checkpoint is corrupt or truncated; refusing to load it{hint}"
-            )
+        if only is None or name in only:
+            verify_file(path, name, meta)
+    return files
+
+
+def is_sharded(path: Path) -> bool:
+    from ltk.training.sharded_checkpoint import INDEX
+
+    return (path / INDEX).exists()
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load and verify a checkpoint folder (or the newest one of a run folder)."""
+    """Load and verify a checkpoint folder (or the newest one of a run folder). A sharded one:
+    its small files now; each shard is verified when it is first read."""
     path = resolve_checkpoint(path)
+    if is_sharded(path):
+        from ltk.training.sharded_checkpoint import INDEX
+
+        verify_checkpoint(path, only={INDEX, "trainer.pt", "state.json"})
+        return Checkpoint(path=path, state=read_json(path / "state.json"), sharded=True)
     verify_checkpoint(path)
     model = load_safetensors(path / "model.safetensors")
     trainer = load_tensors_only(path / "trainer.pt")
     state = read_json(path / "state.json")
     return Checkpoint(path=path, model=model, trainer=trainer, state=state)
+
+
+def full_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The single-process state dict (tied weights under their first name) of a checkpoint of either
+    form, or of a run folder's newest: for single-process consumers (generate, finetune, tests)."""
+    path = resolve_checkpoint(path)
+    if not is_sharded(path):
+        verify_checkpoint(path, only={"model.safetensors"})
+        return load_safetensors(path / "model.safetensors")
+    from ltk.training.sharded_checkpoint import open_reader
+
+    with open_reader(path) as reader:
+        return {name: reader.read(name) for name in reader.names()}
 
 
 def read_state(path: str | Path) -> tuple[Path, dict[str, Any]]:

@@ -41,11 +41,11 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ltk.models import get_family
-from ltk.models.init import build_on_meta, materialize, move_buffers
+from ltk.models.init import build_on_meta, move_buffers
 from ltk.parallel.pipeline_run import PipelineRun
 from ltk.parallel.strategy import ParallelRun
 from ltk.parallel.timeline import Timeline
-from ltk.training.checkpoint import Checkpoint, restore_model, save_checkpoint
+from ltk.training.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from ltk.training.config import RunConfig
 from ltk.training.config_check import check_run
 from ltk.training.data import prepare_data
@@ -61,10 +61,12 @@ from ltk.training.objectives import objective_for, step_generator
 from ltk.training.optim import lr_at, set_lr
 from ltk.training.profiling import RunProfile
 from ltk.training.progress import progress_enabled
+from ltk.training.reshard import load_local_state
 from ltk.training.resume import check_resume
 from ltk.training.run_folder import RunFolder, claim_for_ranks
 from ltk.training.run_plot import plot_at_end, plot_run
 from ltk.training.runtime import capture_host_rng, capture_rng, restore_rng, seed_everything, setup_runtime
+from ltk.training.sharded_checkpoint import open_reader, save_sharded
 from ltk.training.stop import StopOnSignal, TrainingStopped
 
 
@@ -116,9 +118,6 @@ class Trainer:
         self.val_loader = TokenLoader(self.data.val_files, self.seq_len, t.batch_size, seed=t.seed)
         self.token_bytes = torch.as_tensor(self.data.tokenizer.token_byte_lengths(), dtype=torch.long)
         self.step, self.tokens_seen = 0, 0
-        if resume is not None:
-            materialize(self.model, self.rt.device)
-            restore_model(self.model, resume.model)  # before any wrapping: rank 0's copy is broadcast
         self.par = build_engine(self.model, self.cfg, self.rt.device)  # ltk/training/engine.py
         self.optimizer = self.par.optimizer
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.dtype == "fp16")
@@ -153,19 +152,24 @@ class Trainer:
         return data
 
     def _load(self, ckpt: Checkpoint) -> None:
-        opt = ckpt.trainer["optimizer"]
-        if "state" in opt and all(isinstance(k, str) for k in opt["state"]):  # by parameter name
-            if isinstance(self.par, PipelineRun):
-                self.par.load_optimizer_state_dict(opt)
+        """Every rank reads the boxes it holds, whichever layout wrote the checkpoint (sharded or
+        consolidated; ltk/training/reshard.py), then the loader position, step and RNG states."""
+        with open_reader(ckpt.path) as reader:
+            if reader.by_position:  # a torch optimizer state dict by position, as single-process runs wrote before
+                if self.rt.world_size > 1:
+                    raise CheckpointError(f"{ckpt.path} holds its optimizer state by position (an older "
+                                          "single-process run): resume it on one process")
+                load_local_state(self.par, reader, optimizer=False)
+                self.optimizer.load_state_dict(reader.trainer["optimizer"])
             else:
-                self.par.load_optimizer_state_dict(opt, build=lambda: self.family.model_cls(self.cfg.model))
-        else:  # a torch optimizer state dict (by position), as single-process runs wrote before
-            self.optimizer.load_state_dict(opt)
-        if "scaler" in ckpt.trainer:
-            self.scaler.load_state_dict(ckpt.trainer["scaler"])
+                load_local_state(self.par, reader)
+            meta = reader.trainer  # rng, scaler: small
+            if "scaler" in meta:
+                self.scaler.load_state_dict(meta["scaler"])
+            rng = meta["rng"]
         self.train_loader.load_state_dict(ckpt.state["loader"])  # a global position, the same on every rank
         self.step, self.tokens_seen = ckpt.state["step"], ckpt.state["tokens_seen"]
-        restore_rng(ckpt.trainer["rng"], ckpt.state["host_rng"])
+        restore_rng(rng, ckpt.state["host_rng"])
 
     # -- one step -----------------------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
@@ -234,11 +238,11 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------
     def save(self) -> Path | None:
-        weights = self.par.full_state_dict()  # collective: every rank takes part, rank 0 writes
-        optimizer = self.par.optimizer_state_dict()  # by parameter name, any world size resumes it
-        if not self.rt.is_main:
-            return None
-        trainer_state = {"optimizer": optimizer, "rng": capture_rng()}
+        """A checkpoint of this step. Several processes: the sharded form, each rank writing what it
+        holds (ltk/training/sharded_checkpoint.py; a collective). One process: the consolidated form,
+        which every single-process reader and the HF export read directly; one process holds the
+        whole model anyway, so sharding would save nothing."""
+        trainer_state = {"rng": capture_rng()}
         if self.scaler.is_enabled():
             trainer_state["scaler"] = self.scaler.state_dict()
         state = {
@@ -248,11 +252,13 @@ class Trainer:
             "host_rng": capture_host_rng(),
             "config": self.cfg.to_dict(),
         }
-        return save_checkpoint(
-            self.run_dir, self.step, weights, trainer_state, state,
-            keep_last=self.cfg.trainer.keep_last,
-            extra_files={"tokenizer.json": self.data.path / "tokenizer.json"},
-        )
+        extra = {"tokenizer.json": self.data.path / "tokenizer.json"}
+        if self.rt.world_size > 1:
+            return save_sharded(self.par, self.run_dir, self.step, trainer_state, state,
+                                keep_last=self.cfg.trainer.keep_last, extra_files=extra)
+        trainer_state["optimizer"] = self.par.optimizer_state_dict()  # by parameter name
+        return save_checkpoint(self.run_dir, self.step, self.par.full_state_dict(), trainer_state, state,
+                               keep_last=self.cfg.trainer.keep_last, extra_files=extra)
 
     # -- the loop -----------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
