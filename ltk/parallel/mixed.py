@@ -22,6 +22,7 @@ masters): learning-rate schedules and state dicts by name work as with a plain o
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable, Iterable
 
 import torch
@@ -61,6 +62,7 @@ class MasterOptimizer:
         self.inner = factory(master_groups)
         self.master_of = {id(p): m for p, m in self.pairs}
         self._prepared = False
+        self._post_hooks: OrderedDict[int, Callable] = OrderedDict()  # weak-referenceable, as torch's
 
     # the optimizer interface the loop and the state dicts use
     @property
@@ -92,6 +94,17 @@ class MasterOptimizer:
         for p, m in self.pairs:
             p.copy_(m)  # round to the compute dtype
         self._prepared = False
+        for hook in list(self._post_hooks.values()):
+            hook(self, (), {})
+
+    def register_step_post_hook(self, hook: Callable):
+        """torch.optim.Optimizer's hook(optimizer, args, kwargs), run after the whole step (the
+        compute-dtype weights written back); returns a handle with .remove()."""
+        from torch.utils.hooks import RemovableHandle
+
+        handle = RemovableHandle(self._post_hooks)
+        self._post_hooks[handle.id] = hook
+        return handle
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p, m in self.pairs:

@@ -17,6 +17,10 @@ holds, with a view of its own memory for each, whatever the engine:
                                              intersected with the TP boxes
     pipeline (pipeline_run.py)               each stage's parameters whole; GPT's tied copy
                                              of wte on the last stage held, never written
+    mixed precision (mixed.py)               the replicated engines' boxes are held by the
+                                             fp32 master (what the optimizer updates and is
+                                             keyed by); the bf16 parameter is a copy filled
+                                             from it on load (`full_copies`)
 
 A flat range [a, b) of a row-major tensor of shape (d_0, ..., d_k) is a union of at most 2k+1
 boxes, each contiguous in memory: a partial row, full rows, a partial row, recursively,
@@ -180,16 +184,22 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def _masters(optimizer) -> dict[int, torch.Tensor]:
+    """id(parameter) -> its fp32 master under mixed precision (MasterOptimizer), else empty."""
+    return getattr(optimizer, "master_of", {})
+
+
 def local_boxes(run) -> list[Box]:
     """Every box this rank holds (ParallelRun or PipelineRun), in a fixed order."""
     from ltk.parallel.pipeline_run import PipelineRun, _is_tied_copy
 
+    masters = _masters(run.optimizer)
     if isinstance(run, PipelineRun):
         out = []
         for c in run.chunks:
             for n, p in c.named_parameters():
                 write = run.dp_rank == 0 and not _is_tied_copy(c, n)
-                out += _param_boxes(run._alias[n], p, p, {}, 0, write)
+                out += _param_boxes(run._alias[n], p, masters.get(id(p), p), {}, 0, write)
         return out
     model = _unwrapped(run.model)
     place, tp_rank = _placement(model)
@@ -197,7 +207,8 @@ def local_boxes(run) -> list[Box]:
     if isinstance(engine, ShardedEngine):  # ZeRO-1/2/3: FlatShards
         return _flat_boxes(engine, place, tp_rank)
     write_dp = getattr(run, "dp_rank", 0) == 0  # replicas: data-parallel rank 0 writes
-    return [b for n, p in model.named_parameters() for b in _param_boxes(n, p, p, place, tp_rank, write_dp)]
+    return [b for n, p in model.named_parameters()
+            for b in _param_boxes(n, p, masters.get(id(p), p), place, tp_rank, write_dp)]
 
 
 def _flat_boxes(engine, place, tp_rank) -> list[Box]:
@@ -222,12 +233,20 @@ def _flat_boxes(engine, place, tp_rank) -> list[Box]:
 
 def full_copies(run) -> list[tuple[str, torch.Tensor, list]]:
     """Tensors besides the optimizer's that hold whole (TP-local) parameters and must be filled on
-    load: ZeRO-1/2's compute-dtype parameters (views of its flat buffer). (name, tensor, boxes)."""
+    load: ZeRO-1/2's compute-dtype parameters (views of its flat buffer); the bf16 parameters of
+    a replicated engine under mixed precision. (name, tensor, boxes)."""
     from ltk.parallel.pipeline_run import PipelineRun
 
+    masters = _masters(run.optimizer)
     if isinstance(run, PipelineRun):
-        return []
+        return [(run._alias[n], p.data, _param_boxes(run._alias[n], p, p, {}, 0, False))
+                for c in run.chunks for n, p in c.named_parameters() if id(p) in masters]
     engine = run.engine
+    if masters and not isinstance(engine, ShardedEngine):
+        model = _unwrapped(run.model)
+        place, tp_rank = _placement(model)
+        return [(n, p.data, _param_boxes(n, p, p, place, tp_rank, False))
+                for n, p in model.named_parameters() if id(p) in masters]
     if not isinstance(engine, ShardedEngine) or hasattr(engine, "units"):  # ZeRO-3 holds no full copy
         return []
     model = _unwrapped(run.model)
@@ -246,6 +265,7 @@ def group_names(run) -> list[list[str]]:
     if hasattr(engine, "_group_names"):
         return engine._group_names()
     names = {id(p): n for n, p in _unwrapped(run.model).named_parameters()}
+    names.update({id(m): names[id(p)] for p, m in getattr(engine.optimizer, "pairs", []) if id(p) in names})
     return [[names[id(p)] for p in g["params"]] for g in engine.optimizer.param_groups]
 
 

@@ -6,7 +6,8 @@ dropout 0), with a vocabulary of 301 so that tensor parallelism pads it (to 2 x 
 Made once by the module fixture: ZeRO-3 on 4 ranks saves step 3; one process (this one) trains 5
 steps uninterrupted and resumes the ZeRO-3 checkpoint; 2 ranks resume it as ZeRO-2, and train
 one run whose steps go tp 2 -> ZeRO-3 -> pp 2 -> ddp, a checkpoint between each, and a GPT with
-biases for one step of ZeRO-3, exported to a Hugging Face folder."""
+biases for one step of ZeRO-3, exported to a Hugging Face folder; and bf16 mixed precision
+under ddp and pp 2, each 5 steps uninterrupted and 3 + a resume to 5."""
 import json
 import shutil
 
@@ -67,6 +68,12 @@ def runs(tiny_corpus, tmp_path_factory):
         ckpt = str(root / "chain" / "checkpoints" / f"step_{steps:06d}")
     gpt2 = _config(tiny_corpus, root / "gpt2", "zero3", steps=1)
     gpt2.model.bias = True  # transformers' GPT-2 has biases
+    for name, strategy, pp in (("ddp", "ddp", 1), ("pp", "auto", 2)):
+        whole, first, cont = (_config(tiny_corpus, root / f"bf16-{name}{tag}", strategy, steps, pp=pp)
+                              for tag, steps in (("-whole", 5), ("", 3), ("", 5)))
+        for cfg in (whole, first, cont):
+            cfg.trainer.dtype = "bf16"
+        two += [(whole, None), (first, None), (cont, str(root / f"bf16-{name}" / "checkpoints" / "step_000003"))]
     spawn(_runs, 2, two + [(gpt2, None)], timeout_s=TIMEOUT)
     return root
 
@@ -82,6 +89,17 @@ def test_every_resume_continues_the_uninterrupted_losses(runs, run):
     assert sorted(b) == sorted(a) == [1, 2, 3, 4, 5]
     for step, loss in a.items():
         assert b[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), step
+
+
+@pytest.mark.parametrize("engine", ["ddp", "pp"])
+def test_a_bf16_run_resumes_exactly(runs, engine):
+    """Mixed precision: the checkpoint holds the fp32 masters and their moments (not the bf16
+    weights), so 3 steps + a resume to 5 are the 5 uninterrupted steps, loss for loss."""
+    a, b = _losses(runs / f"bf16-{engine}-whole"), _losses(runs / f"bf16-{engine}")
+    assert sorted(b) == sorted(a) == [1, 2, 3, 4, 5]
+    assert b == a
+    index = json.loads((runs / f"bf16-{engine}" / "checkpoints" / "step_000003" / "index.json").read_text())
+    assert index["tensors"]["wte.weight"]["kinds"]["param"]["dtype"] == "float32"
 
 
 def test_each_rank_writes_its_boxes_and_nobody_consolidates(runs):
