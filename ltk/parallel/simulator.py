@@ -40,7 +40,7 @@ from ltk.parallel import cost, pipeline_sim
 from ltk.parallel.calibration import Calibration, calibrated_cluster, measure_calibration  # noqa: F401 (re-exported)
 from ltk.parallel.cluster import Cluster
 from ltk.parallel.collectives import KINDS, best_time, collective_time, fit_alpha_beta  # noqa: F401 (re-exported)
-from ltk.parallel.plan import model_shape, params_per_rank
+from ltk.parallel.plan import gathered_bytes, model_shape, params_per_rank
 from ltk.parallel.schedules import SCHEDULES, make_schedule
 
 DEFAULT_EFFICIENCY = 0.5
@@ -161,7 +161,8 @@ def memory_per_device(cfg, st: Strategy) -> dict[str, int]:
     """Bytes on the largest device: model states by ZeRO stage (cost.model_state_bytes of
     plan.params_per_rank), activations by Korthikanti et al. (cost.activation_bytes_per_layer,
     16-bit accounting, x2 in fp32) for one micro-batch, times the layers of a chunk and the
-    chunks in flight (peak_in_flight), plus the fp32 logits of the last stage: the accounting
+    chunks in flight (peak_in_flight), plus the fp32 logits of the last stage, plus ZeRO-3's
+    gathered units (plan.gathered_bytes): the accounting
     of ltk/parallel/plan.py, with the micro-batch of b = global_batch/(dp·m) sequences."""
     family = _family(cfg)
     shape, prec = model_shape(family, cfg), cost.Precision.of(st.dtype)
@@ -172,7 +173,9 @@ def memory_per_device(cfg, st: Strategy) -> dict[str, int]:
                                             st.activation_checkpointing, st.flash) * scale
     chunk_layers = math.ceil(shape.layers / (st.pp * (st.virtual_stages if st.schedule == "interleaved" else 1)))
     activations = int(layer * chunk_layers * peak_in_flight(st) + b * T * shape.vocab // st.tp * 4)
-    return {**states, "activations": activations, "total": sum(states.values()) + activations}
+    gathered = gathered_bytes(shape, st.tp, prec) if st.zero == 3 and st.dp > 1 else 0  # ZeRO-3's whole units
+    return {**states, "activations": activations, "gathered": gathered,
+            "total": sum(states.values()) + activations + gathered}
 
 
 def _pipeline(st: Strategy, t_f: float, t_b: float, t_msg: float) -> tuple[float, float, str]:

@@ -20,7 +20,7 @@ def test_plan_json_has_the_documented_keys(capsys):
     p = json.loads(capsys.readouterr().out)
     for k in ("params", "grads", "optimizer", "activations", "total", "comm_bytes_per_step"):
         assert isinstance(p[k], int) and p[k] > 0, k
-    assert p["total"] == p["params"] + p["grads"] + p["optimizer"] + p["activations"]
+    assert p["total"] == p["params"] + p["grads"] + p["optimizer"] + p["activations"] + p["gathered"]
     psi = 124_439_808
     assert p["params"] == p["grads"] == math.ceil(psi / 8) * 2 and p["optimizer"] == math.ceil(psi / 8) * 12
 

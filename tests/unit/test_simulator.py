@@ -137,8 +137,8 @@ def test_memory_per_device_is_the_cost_model():
         mem = memory_per_device(cfg, st)
         ref = plan("gpt", cfg, world=8, strategy=("ddp", "zero1", "zero2", "zero3")[zero], batch=16, seq_len=1024,
                    dtype="bf16")
-        assert {k: mem[k] for k in ("params", "grads", "optimizer", "activations", "total")} == \
-               {k: ref[k] for k in ("params", "grads", "optimizer", "activations", "total")}
+        assert {k: mem[k] for k in ("params", "grads", "optimizer", "activations", "gathered", "total")} == \
+               {k: ref[k] for k in ("params", "grads", "optimizer", "activations", "gathered", "total")}
     st = Strategy(dp=2, tp=2, pp=2, zero=1, micro_batches=4, global_batch=16, seq_len=512, sequence_parallel=True)
     ref = plan("gpt", cfg, world=8, strategy="zero1", tp=2, pp=2, micro_batches=4, batch=16, seq_len=512, dtype="bf16",
                sequence_parallel=True)
@@ -148,7 +148,12 @@ def test_memory_per_device_is_the_cost_model():
     psi = gpt.num_params(cfg)
     states = cost.model_state_bytes(psi, 4, 3, cost.Precision.of("bf16"))
     act = 2 * 256 * 2 * 1024 * 24 + 2 * 256 * cfg.vocab_size * 4
-    assert memory_per_device(cfg, st)["total"] == sum(states.values()) + act
+    # ZeRO-3's gathered units in bf16: the root (wte, wpe, ln_f) and two blocks, their gradients
+    # twice the root (gradient + flat copy) and two blocks in flight
+    root, block = cfg.vocab_size * 1024 + 1024 * 1024 + 2 * 1024, 12 * 1024**2 + 13 * 1024
+    gathered = 2 * (root + 2 * block) + 2 * (2 * root + 2 * block)
+    assert memory_per_device(cfg, st)["gathered"] == gathered
+    assert memory_per_device(cfg, st)["total"] == sum(states.values()) + act + gathered
     assert simulate(cfg, C, st).memory == memory_per_device(cfg, st)
 
 
