@@ -100,7 +100,8 @@ def params_per_rank(s: Shape, tp: int, pp: int) -> int:
 def gathered_bytes(s: Shape, tp: int, prec: cost.Precision) -> int:
     """ZeRO-3's working set of whole parameters and gradients (module docstring)."""
     block = s.block_matrix // tp + s.block_split_vector // tp + s.block_whole_vector
-    root = s.vocab * s.hidden // tp + s.positions * s.hidden + s.final_norm + (0 if s.tied else s.vocab * s.hidden // tp)
+    table = s.vocab * s.hidden // tp
+    root = table + s.positions * s.hidden + s.final_norm + (0 if s.tied else table)
     return prec.param * (root + 2 * block) + prec.grad * (2 * root + 2 * block)
 
 
