@@ -128,7 +128,7 @@ def build_engine(name: str, model, param_groups, optimizer_factory: Callable, co
         from ltk.parallel.zero import ZeroEngine
 
         return ZeroEngine(model, param_groups, optimizer_factory, comm, stage=int(name[-1]),
-                          compute_dtype=compute_dtype)
+                          compute_dtype=compute_dtype, bucket_mb=bucket_mb)
     if name == "zero3":
         from ltk.parallel.zero3 import Zero3Engine
 
