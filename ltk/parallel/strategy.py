@@ -231,6 +231,8 @@ class ParallelRun:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-process state dict (a collective where parameters are sharded)."""
+        if hasattr(self.engine, "wait_params"):  # ZeRO-1/2: the step's parameter all-gathers may be in flight
+            self.engine.wait_params()
         if self.tp > 1:
             from ltk.parallel.tp_plan import gather_tp_params
 
@@ -263,6 +265,8 @@ class ParallelRun:
         model itself where it is whole on every rank, else a copy filled from full_state_dict
         (a collective: every rank must call)."""
         if self._whole_locally():
+            if hasattr(self.engine, "wait_params"):  # generation may read weights outside the forward
+                self.engine.wait_params()
             return _unwrapped(self.model)
         if not hasattr(self, "_eval_copy"):
             self._eval_copy = build()
