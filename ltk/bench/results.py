@@ -27,7 +27,9 @@ def result_filename(what: str, device_name: str, date: str) -> str:
 def write_result(folder: str | Path, what: str, rows: list[Row], run_fn, device: str = "auto",
                  command: str | None = None) -> Path:
     """Write one result file into `folder` and return its path. `run_fn` is the benchmark's
-    run function: the first paragraph of its module's docstring is the method."""
+    run function: the first paragraph of its module's docstring is the method. Rows may carry
+    `sections` ({heading: markdown}, written after the rows) and `write_beside(stem)`, which
+    writes files named like the result (stem + ".json", ".png")."""
     env = environment(device)
     module_doc = inspect.getmodule(run_fn).__doc__ or ""
     method = module_doc.strip().split("\n\n")[0:3]
@@ -40,6 +42,8 @@ def write_result(folder: str | Path, what: str, rows: list[Row], run_fn, device:
         f"## Machine\n\n| key | value |\n|---|---|\n{env_rows}\n\n"
         f"## Rows\n\n{rows_to_markdown(rows)}\n"
     )
+    for title, body in getattr(rows, "sections", {}).items():  # a benchmark's own verdicts, after its rows
+        text += f"\n## {title}\n\n{body}\n"
     skipped = getattr(rows, "skipped", None)  # sweeps name the providers that could not run
     if skipped is not None:
         lines = sorted({f"- {s.provider} ({s.point}): {s.reason}" for s in skipped})
@@ -47,6 +51,9 @@ def write_result(folder: str | Path, what: str, rows: list[Row], run_fn, device:
     out = Path(folder) / result_filename(what, env["device"], env["date"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
+    beside = getattr(rows, "write_beside", None)  # e.g. the full result as .json and a plot as .png
+    if beside is not None:
+        beside(out.with_suffix(""))
     return out
 
 
