@@ -290,6 +290,24 @@ BENCHMARKS: dict[str, Benchmark] = {
                 Option("repeats", int, 10, "timed runs per command (median of them)"),
             ),
         ),
+        Benchmark(
+            "zero-overlap",
+            "ZeRO-1/2 with small buckets vs one bucket on gloo CPU processes: step time, exposed "
+            "communication share (per-rank timeline), peak gradient bytes per rank",
+            "ltk.bench.zero_overlap:run",
+            (
+                Option("world", int, 2, "processes"),
+                Option("rounds", int, 4, "rounds over the configurations, order alternating"),
+                Option("steps", int, 4, "timed steps per configuration per round"),
+                Option("n_layer", int, 6, "GPT layers"),
+                Option("n_embd", int, 256, "GPT width"),
+                Option("vocab", int, 512, "vocabulary"),
+                Option("seq", int, 64, "tokens per sequence"),
+                Option("batch", int, 8, "sequences per step, over all ranks"),
+                Option("bucket_mb", float, 2.0, "bucket size of the bucketed configuration"),
+                Option("before", str, None, "git revision: also time ltk/parallel/zero.py as it was there"),
+            ),
+        ),
     ]
 }
 

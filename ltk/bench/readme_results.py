@@ -222,6 +222,7 @@ HEADLINES: dict[str, tuple] = {  # what -> its rules; a what not here gets "see 
     "parallel-ddp-4ranks": (Compare("ddp", "torch-ddp"), Compare("naive", "torch-ddp")),
     "parallel-zero": (Compare("ours-zero3", "fsdp2"), Compare("ours-zero1", "deepspeed-zero1"),
                       Compare("ours-zero2", "deepspeed-zero2"), Compare("ours-zero3", "deepspeed-zero3")),
+    "zero-overlap": (Compare("bucketed", "one-bucket"), Listing("exposed comm", "engine")),
     "cli-startup": (Listing("median ms [p20, p80]", "shape"),),
     "parallel-cli": (Count("exit", "0", "runs"), Same("train loss step 1 -> 30"), Same("val loss")),
     "pretrain-lab": (Listing("val bits/byte", "model"),),

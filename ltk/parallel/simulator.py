@@ -24,9 +24,20 @@ FLOPs / (peak · efficiency); the efficiency is what fraction of the datasheet p
 reach. It comes from a Calibration (measured), or DEFAULT_EFFICIENCY = 0.5 — a plausible
 figure for large bf16 matmuls plus the memory-bound ops between them, *not* a measurement.
 
-Overlap: tensor-parallel collectives sit on the critical path (each layer waits for them);
-DP gradient buckets overlap the last backward, ZeRO-3 gathers overlap the layer before
-(prefetch); pipeline sends are asynchronous and cost only where a stage waits for one.
+Overlap, credited only where ltk/parallel/ overlaps (each line names the code):
+  * tensor parallel: every collective sits on the critical path (each layer waits for it),
+    except the backward f / f̄ of a column-parallel linear that owns it (tensor.py
+    `_ColumnLinear`): its dX all-reduce (reduce-scatter under SP) runs beside the weight-gradient
+    GEMM and hides min(t_collective, t_GEMM). GPT: c_attn, c_fc of every layer and the head;
+    Llama's q/k/v and gate/up share one f, so only its head overlaps (`_tp_hidden`).
+  * DDP (ddp.py): gradient buckets all-reduced during the last micro-batch's backward.
+  * ZeRO-1/2 (zero.py): gradient buckets reduce-scattered during the backward (ZeRO-1: the last
+    micro-batch's, ZeRO-2: every micro-batch's); the parameter all-gather, one call per bucket
+    launched at step(), waited for by the next forward: hidden under it the same way.
+  * ZeRO-3 (zero3.py): a unit's gather prefetched under the previous unit, forward and backward;
+    its reduce-scatter under the rest of the backward.
+  * pipeline: sends are asynchronous and cost only where a stage waits for one; the data-parallel
+    all-reduce of a pipeline (pipeline_run.py) runs after the schedule, one call, all exposed.
 
     MFU = F · tokens per step / (step · peak · devices)      (hfu also counts the recompute)
 """
@@ -144,6 +155,19 @@ def _overlapped(total: float, k: int, window: float) -> float:
     return 0.0 if total <= 0 else max(total / k, total - window * (k - 1) / k)
 
 
+def _tp_hidden(family: str, shape, st: Strategy, t_collective: float, flop_s: float) -> float:
+    """Seconds of tensor-parallel communication one micro-batch hides on one device: each
+    column-parallel linear that owns its f (ltk/parallel/tensor.py `_ColumnLinear`) computes its
+    weight gradient, 2·b·T·(in·out)/tp FLOPs, while its dX collective of t_collective seconds
+    travels, hiding min(t_collective, t_GEMM). GPT: c_attn (3h·h) and c_fc (4h·h) in each of the
+    stage's layers, plus the head (V·h); Llama: the head only. flop_s: seconds per FLOP."""
+    b, T, h = st.micro_batch_size, st.seq_len, shape.hidden
+    gemm = lambda weights: 2 * b * T * weights / st.tp * flop_s  # noqa: E731
+    layers = math.ceil(shape.layers / st.pp) if family == "gpt" else 0
+    per_layer = min(t_collective, gemm(3 * h * h)) + min(t_collective, gemm(4 * h * h))
+    return layers * per_layer + min(t_collective, gemm(shape.vocab * h))
+
+
 def peak_in_flight(st: Strategy) -> int:
     """Chunk-activations rank 0 holds at its peak (ltk/parallel/schedules.py warm-ups): 1 without a
     pipeline, GPipe m, 1F1B min(p, m), interleaved min(2(p-1) + (v-1)·p + 1, v·m)."""
@@ -233,7 +257,13 @@ def simulate(model_cfg, cluster: Cluster, strategy: Strategy, calibration: Calib
             calls[(op, n)] = calls.get((op, n), 0) + 1
     tp_span = _span(st.tp, 1, dpn)
     t_tp = sum(c * best_time(op, n, st.tp, cluster, tp_span, calibration) for (op, n), c in calls.items())
-    t_f, t_b = fwd + t_tp / 2, bwd + t_tp / 2 * (2 if st.activation_checkpointing else 1)  # recompute re-issues
+    hidden = 0.0  # the column-parallel backward's dX collectives under their weight-gradient GEMMs
+    if st.tp > 1:
+        t_dx = best_time("reduce_scatter" if st.sequence_parallel else "all_reduce",
+                         b * T * shape.hidden * prec.param, st.tp, cluster, tp_span, calibration)
+        hidden = _tp_hidden(family, shape, st, t_dx, 1 / (cluster.peak_flops * eff))
+    recompute_tp = 2 if st.activation_checkpointing else 1  # recompute re-issues the forward's
+    t_f, t_b = fwd + t_tp / 2, bwd + t_tp / 2 * recompute_tp - hidden
 
     # pipeline: one (b, T, h) activation per boundary, sent as 1/tp slices (Megatron's scatter/gather,
     # Narayanan et al. 2021 §4.1); the tied embedding's gradient all-reduce between first and last stage
@@ -257,14 +287,17 @@ def simulate(model_cfg, cluster: Cluster, strategy: Strategy, calibration: Calib
         def timed(kind: str, nbytes: float, k: int) -> float:
             return k * best_time(kind, nbytes / k, st.dp, cluster, span, calibration)
 
-        window = t_b / v_eff  # the last backward (the last chunk's, interleaved)
+        window = t_b  # the backward that reduces
         k_g, k_p = max(1, math.ceil(G / st.bucket_bytes)), max(1, math.ceil(P / st.bucket_bytes))
-        if st.zero == 0:
+        if st.pp > 1:  # the pipeline's data parallelism: one all-reduce after the schedule (pipeline_run.py)
+            dp_total = dp_exposed = timed("all_reduce", G, 1)
+        elif st.zero == 0:
             dp_total = timed("all_reduce", G, k_g)
             dp_exposed = _overlapped(dp_total, k_g, window)
-        elif st.zero in (1, 2):  # ZeRO-2 reduce-scatters every micro-batch, each under its backward
+        elif st.zero in (1, 2):  # ZeRO-1: the last micro-batch's backward reduces; ZeRO-2: every one
             times, rs, ag = (1 if st.zero == 1 else m), timed("reduce_scatter", G, k_g), timed("all_gather", P, k_p)
-            dp_total, dp_exposed = times * rs + ag, times * _overlapped(rs, k_g, window) + ag
+            dp_total = times * rs + ag  # the gather: launched at step(), waited for by the next forward
+            dp_exposed = times * _overlapped(rs, k_g, window) + _overlapped(ag, k_p, t_f)
         else:  # ZeRO-3: a layer's gather prefetched under the previous layer, forward and backward
             units = math.ceil(shape.layers / st.pp)
             ag, rs = timed("all_gather", P, units), timed("reduce_scatter", G, units)
@@ -273,12 +306,12 @@ def simulate(model_cfg, cluster: Cluster, strategy: Strategy, calibration: Calib
 
     ideal = m * (t_f + t_b)
     step = ideal + bubble + p2p + tied + dp_exposed
-    tp_time = m * t_tp * (1.5 if st.activation_checkpointing else 1.0)
+    tp_time = m * t_tp * (1.5 if st.activation_checkpointing else 1.0)  # issued; m·hidden of it overlaps
     tokens = st.global_batch * T
     mem = memory_per_device(model_cfg, st)
     return Prediction(
         world=st.world, cluster=cluster.name, strategy=st, step_time=step, compute=m * (fwd + bwd),
-        comm_exposed={"tensor_parallel": tp_time, "pipeline": p2p + tied, "data_parallel": dp_exposed},
+        comm_exposed={"tensor_parallel": tp_time - m * hidden, "pipeline": p2p + tied, "data_parallel": dp_exposed},
         comm_total={"tensor_parallel": tp_time, "pipeline": p2p_issued, "data_parallel": dp_total},
         bubble=bubble, bubble_fraction=bubble / ideal, bubble_source=source,
         mfu=F * tokens / (step * cluster.peak_flops * st.world),

@@ -173,7 +173,7 @@ def build_engine(name: str, model, param_groups, optimizer_factory: Callable, co
         from ltk.parallel.zero import ZeroEngine
 
         return ZeroEngine(model, param_groups, optimizer_factory, comm, stage=int(name[-1]),
-                          compute_dtype=compute_dtype, reduce_dtype=reduce_dtype)
+                          compute_dtype=compute_dtype, reduce_dtype=reduce_dtype, bucket_mb=bucket_mb)
     if name == "zero3":
         from ltk.parallel.zero3 import Zero3Engine
 
@@ -291,6 +291,8 @@ class ParallelRun:
         """The single-process state dict, fp32 masters under mixed precision (a collective where
         parameters are sharded). Tensor parallel: this rank's slices, whole over dp (the engine's
         state dict), then unsharded over tp as each parameter's layer cuts it."""
+        if hasattr(self.engine, "wait_params"):  # ZeRO-1/2: the step's parameter all-gathers may be in flight
+            self.engine.wait_params()
         if self.tp > 1:
             from ltk.parallel.tp_plan import gather_tp_like, gather_tp_params
 
@@ -323,6 +325,8 @@ class ParallelRun:
         batches; ZeRO-3 gathers unit by unit in forward, tensor parallelism scores from the
         vocabulary slice of the logits."""
         dp = self.mesh.comm("dp")
+        if hasattr(self.engine, "wait_params"):  # the forward's pre-hooks wait too; generation reads weights outside it
+            self.engine.wait_params()
         return EvalShare(model=_unwrapped(self.model), rank=self.dp_rank, size=self.dp_size,
                          lockstep=not self._whole_locally(), all_reduce=sum_over(dp),
                          eval_sums=tp_eval_sums(objective) if self.tp > 1 else None)

@@ -142,6 +142,48 @@ class _GatherLastDim(torch.autograd.Function):  # column-parallel gather_output
         return _split_dim(grad, ctx.comm, -1), None  # every rank already has the whole dY
 
 
+class _ColumnLinear(torch.autograd.Function):
+    """f (or f̄) fused with the column-parallel matmul Y = X A_r + b_r, so that the backward can
+    overlap what is independent (Megatron-LM's async tensor-model-parallel all-reduce, Narayanan
+    et al. 2021 §4.3 "communication optimizations"; torch's LinearWithAsyncCommunication):
+
+        dX = dY A_rᵀ           then launch all-reduce(dX) async     (f̄: reduce-scatter along T)
+        dA_r = Xᵀ dY, db_r     computed while dX travels
+        wait                   dX is the sum over ranks
+
+    The same products, in the same formulas as autograd's linear backward (addmm on (B·T, C)
+    views), and the same collective on the same tensor: results are bit-identical to f followed
+    by F.linear. Under f̄ the gathered input (B, T, C) is what is saved, as F.linear would."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, comm, sequence_parallel):
+        x = all_gather_dim(x, comm, SEQ_DIM) if sequence_parallel else x  # f̄: (B, T/n, C) -> (B, T, C)
+        ctx.save_for_backward(x, weight)
+        ctx.comm, ctx.sp, ctx.has_bias = comm, sequence_parallel, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])  # (B·T, out_r)
+        x2 = x.reshape(-1, x.shape[-1])  # (B·T, C)
+        dx = g2.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None  # (B, T, C)
+        if dx is None:  # a frozen input: f would not have run either
+            out, handle = None, None
+        elif ctx.sp:  # f̄'s backward: reduce-scatter along the sequence, this rank's block out
+            front = dx.movedim(SEQ_DIM, 0).contiguous()  # (T, B, C)
+            out = front.new_empty((front.shape[0] // ctx.comm.size,) + front.shape[1:])  # (T/n, B, C)
+            handle = ctx.comm.reduce_scatter(out, front, async_op=True)
+        else:
+            out, handle = dx, ctx.comm.all_reduce(dx, async_op=True)
+        dw = x2.t().mm(g2).t() if ctx.needs_input_grad[1] else None  # (out_r, C), as addmm's backward
+        db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        if handle is not None:
+            handle.wait()
+        dx = out.movedim(0, SEQ_DIM) if ctx.sp and out is not None else out
+        return dx, dw, db, None, None
+
+
 copy_to_tp = _CopyToTP.apply  # f(x, comm)
 reduce_from_tp = _ReduceFromTP.apply  # g(x, comm)
 reduce_scatter_to_sp = _ReduceScatterToSP.apply  # ḡ(x, comm)
@@ -231,9 +273,13 @@ class ColumnParallelLinear(nn.Module):
         self.bias = None if b_r is None else nn.Parameter(b_r.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_comm:
-            x = enter_tp_region(x, self.comm, self.sequence_parallel)
-        y = F.linear(x, self.weight, self.bias)  # (B, T, out_local)
+        if self.input_comm and x.dim() >= 2 and torch.is_grad_enabled():
+            # f / f̄ fused with the matmul: dX's collective overlaps the weight-gradient GEMM
+            y = _ColumnLinear.apply(x, self.weight, self.bias, self.comm, self.sequence_parallel)
+        else:
+            if self.input_comm:
+                x = enter_tp_region(x, self.comm, self.sequence_parallel)
+            y = F.linear(x, self.weight, self.bias)  # (B, T, out_local)
         if not self.gather_output:
             return y
         if len(self.segments) > 1:

@@ -21,7 +21,9 @@ shared by every process (time.monotonic), so the split is exact up to the call o
 across hosts the clocks are aligned at start after a barrier (error: the barrier's skew,
 tens of microseconds on a LAN). A collective started with async_op=True and waited for
 later overlaps the compute in between: only the part of its wait that remains is exposed,
-which is the quantity the simulator predicts (ltk/parallel/simulator.py `comm_exposed`).
+which is the quantity the simulator predicts (ltk/parallel/simulator.py `comm_exposed`). One
+posted in a step and waited for in a later one (ZeRO-1/2's parameter all-gathers, launched at
+step() and waited for by the next forward) counts in the step that waits.
 
 On CUDA the host returns from NCCL calls at once and the *stream* waits, so host timers
 would see nothing: there the blocked intervals are CUDA events recorded on the compute stream
@@ -59,13 +61,19 @@ class _TimedWork:
     """An async collective's handle whose wait() is timed; everything else passes through."""
 
     def __init__(self, work, tl: "Timeline", ev: dict):
-        self._work, self._tl, self._ev = work, tl, ev
+        self._work, self._tl, self._ev, self._step = work, tl, ev, tl._cur
 
     def wait(self, *args, **kwargs):
         a = self._tl._mark()
         out = self._work.wait(*args, **kwargs)
         if "start" not in self._ev:  # a second wait returns at once: the first is the one that blocked
-            self._ev["start"], self._ev["end"] = a, self._tl._mark()
+            ev, cur = self._ev, self._tl._cur
+            if cur is not None and cur is not self._step:  # posted in an earlier step, waited in this one
+                ev = {k: v for k, v in ev.items() if k in ("op", "match", "seq", "post")}
+                cur["events"].append(ev)
+                self._ev["start"] = None  # the posting step keeps no wait of it
+            if cur is not None:
+                ev["start"], ev["end"] = a, self._tl._mark()
         return out
 
     def __getattr__(self, name: str):
@@ -169,7 +177,8 @@ class Timeline:
         for s in self.steps:
             t0 = s["start"]
             sec = lambda ev: t0.elapsed_time(ev) / 1e3  # noqa: E731
-            events = [{**e, "post": None, **({"start": sec(e["start"]), "end": sec(e["end"])} if "start" in e else {})}
+            events = [{**e, "post": None,
+                       **({"start": sec(e["start"]), "end": sec(e["end"])} if e.get("start") is not None else {})}
                       for e in s["events"]]
             out.append({"step": s["step"], "start": 0.0, "end": sec(s["end"]), "events": events})
         return out
@@ -237,7 +246,7 @@ def split_step(step: dict, ready: dict[tuple, float] | None) -> dict[str, Any]:
     """compute / comm / idle seconds of one rank's step (module docstring), comm by op, and the
     blocked intervals as (start, end, kind, op) for plotting. ready=None: no shared clock."""
     lo, hi = step["start"], step["end"]
-    blocked = sorted((max(e["start"], lo), min(e["end"], hi), e) for e in step["events"] if "start" in e)
+    blocked = sorted((max(e["start"], lo), min(e["end"], hi), e) for e in step["events"] if e.get("start") is not None)
     comm, idle, by_op, segments, last = 0.0, 0.0, defaultdict(float), [], lo
     for s, e, ev in blocked:
         s = max(s, last)  # overlapping waits (never expected) count once

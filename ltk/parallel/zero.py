@@ -2,28 +2,48 @@
 the counted collectives of ltk/parallel/dist.py, and the flat-shard machinery ZeRO-3 (zero3.py)
 shares.
 
-Partition. The parameters of one buffer (a param group here, a unit in ZeRO-3) are laid end to
-end in a flat vector of Ψ_b elements, zero-padded to N·s, s = ceil(Ψ_b/N) (cost.shard_numel);
+Partition. The parameters of one buffer (a gradient bucket here, a unit in ZeRO-3) are laid end
+to end in a flat vector of Ψ_b elements, zero-padded to N·s, s = ceil(Ψ_b/N) (cost.shard_numel);
 rank r owns the contiguous shard [r·s, (r+1)·s):
 
     flat = [ p_1 | p_2 | ... | p_k | 0 pad ]        (N·s,)
            [ rank 0 |  rank 1  | ... | rank N-1 ]   s elements each
 
-A rank keeps the fp32 master copy of its shard and the optimizer state for it only. The
-optimizer is built by the caller's factory on the shard tensors, one group per original group
-with its other keys (weight_decay, lr, ...), so `engine.optimizer.param_groups[i]` is group i.
+A rank keeps the fp32 master copy of its shard and the optimizer state for it only. Within a
+buffer the parameters are ordered by param group, so the shard meets each group in one piece
+(`group_pieces`); the optimizer is built by the caller's factory on those pieces, one group per
+original group with its other keys (weight_decay, lr, ...), so `engine.optimizer.param_groups[i]`
+is group i (a rank whose shards miss a group gets an empty group).
 
-    stage 1  grads accumulate in full (Ψ·g, .grad are views of one flat buffer); at step():
-             reduce-scatter the flat grad to the owners (payload Ψ·g), average (/N), update the
-             shard, all-gather the updated parameters (Ψ·p) into the flat parameter buffer.
-    stage 2  every micro-batch, a param group's flat gradient is reduce-scattered as soon as
-             its last gradient of this backward is accumulated (async: it overlaps the rest of
-             the backward; waited for at its end), added to the persistent gradient shard, and
-             the full .grad freed: between backwards a rank holds s·g bytes of gradient.
-             Payload per step: m·Ψ·g reduce-scatter + Ψ·p all-gather (cost.zero_comm_bytes).
+Buckets (DeepSpeed's overlap_comm / reduce_bucket_size; torch DDP's buckets, ltk/parallel/ddp.py):
+the parameters are cut, in reverse registration order (the order backward produces their
+gradients), into buckets of about `bucket_mb` MiB, one flat buffer each. A post-accumulate-grad
+hook counts each bucket's ready gradients; a complete bucket is reduce-scattered asynchronously
+while autograd computes the earlier layers' gradients, strictly in bucket order on every rank
+(collectives match by order). An end-of-backward callback launches what is left (a parameter
+with no gradient sends zeros) and waits for everything, so backward returns with reduced shards.
 
-Padding: collectives move (and unsharded buffers hold) the padded N·s_b elements, so the counted
-bytes equal cost.zero_comm_bytes(Ψ̃), Ψ̃ = Σ_b N·s_b, and `state_bytes()` equals
+    stage 1  gradients accumulate in full (Ψ·g; .grad are views of the buckets). Backwards inside
+             no_sync() only accumulate; the backward outside it (the last micro-batch's, as DDP)
+             reduce-scatters each bucket as it completes into this rank's shard, then zeroes the
+             bucket (a further backward adds only what is new). A step whose last backward ran
+             inside no_sync reduces at the step instead.
+    stage 2  every backward, a complete bucket is flattened (N·s_b,), its full .grad freed and
+             the flat reduce-scattered into the persistent shard (s·g bytes between backwards);
+             at most `max_in_flight` buckets are in flight (the oldest is waited for before
+             another launches), so the peak gradient memory is about Ψ/N·g + the buckets whose
+             gradients are being produced or in flight, not 2Ψ.
+    step     average (/N), the optimizer updates the shards, then all-gather the parameters
+             (Ψ·p), one async call per bucket in forward order. The next forward waits for a
+             bucket in the pre-hook of the first module owning one of its parameters, so the
+             first layers compute while the later layers' parameters arrive; the model's
+             forward hook waits for the rest, and every path that reads parameters or master
+             shards otherwise (state dicts, `wait_params()`) waits first.
+
+Payload per step: reduce-scatter Ψ·g once (stage 1, with no_sync) or m times (stage 2) and one
+all-gather of Ψ·p (cost.zero_comm_bytes). Padding is per bucket: collectives move (and unsharded
+buffers hold) the padded N·s_b elements, so the counted bytes equal cost.zero_comm_bytes(Ψ̃),
+Ψ̃ = Σ_b N·s_b (`padded_numels()`), and `state_bytes()` at rest equals
 Σ_b cost.model_state_bytes(N·s_b, N, stage); both are the formulas at Ψ when every N | Ψ_b.
 
 Mixed precision (`compute_dtype` bf16/fp16): the parameters the model reads, the gradients and
@@ -32,14 +52,13 @@ fp32 master shard (K = 12 with Adam). No loss scaling here: fp16 without a scale
 In fp32 the master shard is a view of the flat parameters themselves (K = 8: no extra copy).
 `reduce_dtype` fp32 (FSDP2's reduce_dtype): gradients are flattened to fp32 before the
 reduce-scatter (Ψ·4 bytes, cost.Precision.of(dtype, reduce)), and the reduced shard stays fp32.
-
-`no_sync()` is a no-op for both stages: stage 1 only communicates at step(), and stage 2 keeps no
-full gradient to accumulate into, so it reduce-scatters every micro-batch, as the cost model says.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+from collections import deque
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -269,109 +288,240 @@ class ShardedEngine:
         return {"params": total(self._param_tensors()), "grads": total(self._grad_tensors()), "optimizer": total(opt)}
 
 
+def zero_buckets(params: list[nn.Parameter], cap_numel: int) -> list[list[nn.Parameter]]:
+    """Greedy in the given order (reverse registration: the order backward produces gradients,
+    as ltk/parallel/ddp.py buckets): a bucket closes once it holds >= cap_numel elements, so a
+    tensor larger than the cap is a bucket alone."""
+    buckets, cur, size = [], [], 0
+    for p in params:
+        cur.append(p)
+        size += p.numel()
+        if size >= cap_numel:
+            buckets.append(cur)
+            cur, size = [], 0
+    return buckets + ([cur] if cur else [])
+
+
+def group_pieces(layout: FlatLayout, groups: list[int], master: torch.Tensor) -> tuple[list, list[int]]:
+    """This rank's pieces of a buffer whose parameters are ordered by param group (groups[i]:
+    the group of layout.params[i]): group g covers [start, end) of the flat vector, the last
+    group also the padding; the piece is its intersection with the shard. Returns
+    ([(master[a:b], a, b)], [group of each piece]); a group the shard misses has no piece."""
+    pieces, owners, order = [], [], sorted(set(groups))
+    for i, g in enumerate(order):
+        start = layout.offsets[groups.index(g)]
+        end = layout.padded if i == len(order) - 1 else layout.offsets[groups.index(g) + groups.count(g)]
+        a, b = max(start, layout.lo) - layout.lo, min(end, layout.hi) - layout.lo
+        if a < b:
+            pieces.append((master[a:b], a, b))
+            owners.append(g)
+    return pieces, owners
+
+
 class ZeroEngine(ShardedEngine):
-    """ZeRO-1 (stage=1) or ZeRO-2 (stage=2): one flat buffer per param group."""
+    """ZeRO-1 (stage=1) or ZeRO-2 (stage=2): one flat buffer per gradient bucket of about
+    `bucket_mb` MiB (in the compute dtype), reduce-scattered from autograd hooks while backward
+    runs (module docstring). ZeRO-2 keeps at most `max_in_flight` buckets' flat gradients alive."""
 
     def __init__(self, model: nn.Module, param_groups, optimizer_factory, comm: Comm, *, stage: int = 1,
-                 compute_dtype="fp32", reduce_dtype=None):
+                 compute_dtype="fp32", reduce_dtype=None, bucket_mb: float = 25.0,
+                 max_in_flight: int = 2):
         if stage not in (1, 2):
             raise ValueError(f"ZeroEngine runs ZeRO stage 1 or 2, got {stage} (stage 3: parallel.zero3.Zero3Engine)")
+        if not bucket_mb > 0 or max_in_flight < 1:
+            raise ValueError(f"bucket_mb must be positive and max_in_flight >= 1, got {bucket_mb} and {max_in_flight}")
         super().__init__(model, comm, compute_dtype, reduce_dtype)
-        self.stage = stage
+        self.stage, self.max_in_flight = stage, max_in_flight
         self._group_params, keys = normalize_groups(model, param_groups)
+        group_of = {id(p): g for g, ps in enumerate(self._group_params) for p in ps}
+        order = [p for p in model.parameters() if id(p) in group_of][::-1]  # unique: a tied weight once
+        cap = max(1, int(bucket_mb * 2**20) // torch.empty((), dtype=self.dtype).element_size())
+        opt_groups = [{**k, "params": []} for k in keys]  # an empty group keeps its (empty) optimizer group
         self._owner: dict[int, FlatShard] = {}
-        self._pending: list = []  # (handle, buffer, flat grad kept alive, shard out) in flight
-        self._callback_queued = False
-        for params in filter(None, self._group_params):  # an empty group keeps its (empty) optimizer group
+        self._view: dict[int, torch.Tensor] = {}  # stage 1: id(param) -> its slot in the bucket's gradient
+        for params in zero_buckets(order, cap):
+            params = sorted(params, key=lambda p: group_of[id(p)])  # stable: each group contiguous
             layout = FlatLayout([self.names[id(p)] for p in params], params, comm.size, comm.rank)
             full = self._broadcast_flat(layout)  # (N·s,) fp32
             flat = full if self.dtype == torch.float32 else full.to(self.dtype)
             master = full[layout.lo:layout.hi]
             if self.dtype != torch.float32:
                 master = master.clone()  # fp32 master; the fp32 case shares the parameters' storage
-            buf = FlatShard(layout, master, [(master, 0, layout.shard)])
-            buf.flat = flat
+            pieces, owners = group_pieces(layout, [group_of[id(p)] for p in params], master)
+            for (t, _, _), g in zip(pieces, owners):
+                opt_groups[g]["params"].append(t)
+            buf = FlatShard(layout, master, pieces)
+            buf.flat, buf.gather, buf.reduced = flat, None, None
             for p, v in zip(params, layout.views(flat)):
                 p.data = v  # the model now reads the flat buffer (p keeps its own version counter)
                 self._owner[id(p)] = buf
-                if stage == 2:
-                    p.register_post_accumulate_grad_hook(self._on_grad)
             size = layout.padded if stage == 1 else layout.shard  # full (N·s,) or shard (s,) gradient
             # stage 1's full gradient is what .grad views (the parameters' dtype); stage 2's shard is reduced
             buf.grad = torch.zeros(size, dtype=self.dtype if stage == 1 else self.reduce_dtype, device=layout.device)
-            buf.ready, buf.launched = 0, False
+            if stage == 1:  # (N·s,) -> one view per parameter, shaped like it
+                self._view.update({id(p): v for p, v in zip(params, layout.views(buf.grad))})
             self.buffers.append(buf)
-        masters = iter(b.master for b in self.buffers)
-        self.optimizer = optimizer_factory([{**k, "params": [next(masters)] if ps else []}
-                                            for k, ps in zip(keys, self._group_params)])
+        self._index = {id(b): i for i, b in enumerate(self.buffers)}
+        self.optimizer = optimizer_factory(opt_groups)
+        self._pending: deque = deque()  # (handle, buffer, flat grad kept alive, shard out), oldest first
+        self._no_sync = self._accumulated = False
+        self._reset_round()
         self.zero_grad()
+        for p in order:
+            p.register_post_accumulate_grad_hook(self._on_grad)
+        for m in model.modules():  # wait for a bucket's parameters before the first module that reads them
+            bufs = {id(self._owner[id(p)]): self._owner[id(p)] for p in m.parameters(recurse=False)
+                    if id(p) in self._owner}
+            if bufs:
+                m.register_forward_pre_hook(partial(self._pre_forward, list(bufs.values())))
+        model.register_forward_hook(lambda *_: self.wait_params())  # nothing in flight past the forward
 
-    # -- stage 2: reduce-scatter during backward -----------------------------------------------
+    # -- gradients: bucketed reduce-scatter during backward ---------------------------------------
+    @contextlib.contextmanager
+    def no_sync(self):
+        """ZeRO-1: backward passes inside accumulate full local gradients without communication;
+        the next backward outside reduce-scatters them. ZeRO-2 keeps no full gradient to
+        accumulate into: it reduce-scatters every backward, so this changes nothing there."""
+        prev, self._no_sync = self._no_sync, self.stage == 1
+        try:
+            yield
+        finally:
+            self._no_sync = prev
+
+    def _reset_round(self) -> None:
+        self._ready = [0] * len(self.buffers)  # gradients ready per bucket in this backward
+        self._marked: set[int] = set()
+        self._next = 0  # the next bucket to launch: strictly in index order, the same on every rank
+        self._in_backward = False
+
+    def _adopt(self, p: nn.Parameter) -> None:
+        """Stage 1: make p.grad its view of the bucket again (after it was replaced or set to None)."""
+        view = self._view[id(p)]
+        if p.grad is not None and p.grad.data_ptr() == view.data_ptr():
+            return
+        view.zero_() if p.grad is None else view.copy_(p.grad)
+        p.grad = view
+
     def _on_grad(self, p: nn.Parameter) -> None:
-        if not self._callback_queued:  # once per backward: finish what the hooks started
+        """Post-accumulate hook: p.grad is final for this backward."""
+        if self.stage == 1:
+            self._adopt(p)
+            if self._no_sync:
+                self._accumulated = True
+                return
+        if id(p) in self._marked:
+            raise RuntimeError(f"parameter {self.names[id(p)]!r} got its gradient twice in one backward "
+                               "(reentrant activation checkpointing? use use_reentrant=False)")
+        if not self._in_backward:  # once per backward: finish what the hooks started
             Variable._execution_engine.queue_callback(self._end_backward)
-            self._callback_queued = True
-        buf = self._owner[id(p)]
-        buf.ready += 1
-        if buf.ready == len(buf.layout.params):
-            self._launch(buf)
+            self._in_backward = True
+        self._marked.add(id(p))
+        self._ready[self._index[id(self._owner[id(p)])]] += 1
+        self._launch(force=False)
 
-    def _launch(self, buf: FlatShard) -> None:
-        flat = buf.layout.flatten([p.grad for p in buf.layout.params], self.reduce_dtype)  # (N·s,)
-        for p in buf.layout.params:
-            p.grad = None  # a rank keeps gradients only as its shard
-        out = torch.empty_like(buf.grad)
-        self._pending.append((self.comm.reduce_scatter(out, flat, async_op=True), buf, flat, out))
-        buf.launched = True
+    def _launch(self, force: bool) -> None:
+        """Reduce-scatter the next buckets in order while they are complete (all, with force)."""
+        while self._next < len(self.buffers):
+            buf = self.buffers[self._next]
+            if not force and self._ready[self._next] < len(buf.layout.params):
+                return
+            if self.stage == 1:
+                for p in buf.layout.params:
+                    self._adopt(p)  # unused in this backward: zeros, or what no_sync accumulated
+                flat = buf.grad.to(self.reduce_dtype)  # (N·s,): the full gradients, in place unless reduced in fp32
+            else:
+                flat = buf.layout.flatten([p.grad for p in buf.layout.params], self.reduce_dtype)  # (N·s,)
+                for p in buf.layout.params:
+                    p.grad = None  # a rank keeps gradients only as its shard
+            out = torch.empty(buf.layout.shard, dtype=self.reduce_dtype, device=flat.device)
+            self._pending.append((self.comm.reduce_scatter(out, flat, async_op=True), buf, flat, out))
+            self._next += 1
+            self._drain(self.max_in_flight if self.stage == 2 else None)
 
-    def _end_backward(self) -> None:
-        for buf in self.buffers:  # every buffer every backward, so all ranks issue the same calls
-            if not buf.launched:
-                self._launch(buf)
-        for handle, buf, _, out in self._pending:
+    def _drain(self, keep: int | None) -> None:
+        """Finish reduce-scatters in flight, oldest first: every one already done, then more
+        (blocking) until at most `keep` remain (keep=None: only the done ones)."""
+        while self._pending:
+            handle, buf, _, out = self._pending[0]
+            if handle is not None and not handle.is_completed() and (keep is None or len(self._pending) <= keep):
+                return
             if handle is not None:
                 handle.wait()
-            buf.grad += out
-            buf.ready, buf.launched = 0, False
-        self._pending, self._callback_queued = [], False
+            self._pending.popleft()
+            if self.stage == 2:
+                buf.grad += out  # the persistent shard sums the micro-batches
+            else:
+                buf.reduced = out if buf.reduced is None else buf.reduced.add_(out)
+                buf.grad.zero_()  # reduced: a later backward must not send these gradients again
 
-    # -- step -----------------------------------------------------------------------------------
+    def _end_backward(self) -> None:
+        self._launch(force=True)  # every bucket every backward, so all ranks issue the same calls
+        self._drain(0)
+        self._reset_round()
+        self._accumulated = False
+
     def _reduced_grad_shards(self) -> list[torch.Tensor]:
-        if self.stage == 2:
-            return [b.grad for b in self.buffers]
-        outs, handles = [], []
+        if self.stage == 1 and (self._accumulated or any(b.reduced is None for b in self.buffers)):
+            self._launch(force=True)  # the last backward ran inside no_sync (or none ran): reduce now
+            self._drain(0)
+            self._reset_round()
+            self._accumulated = False
+        return [b.grad if self.stage == 2 else b.reduced for b in self.buffers]
+
+    # -- parameters: all-gather after the step, waited for by the next forward ----------------------
+    def _wait_gather(self, buf: FlatShard) -> None:
+        if buf.gather is not None:
+            buf.gather[0].wait()
+            buf.gather = None
+
+    def _pre_forward(self, bufs: list[FlatShard], module, args) -> None:
+        for buf in bufs:
+            self._wait_gather(buf)
+
+    def wait_params(self) -> None:
+        """Finish the parameter all-gathers step() started. The forward waits for each bucket
+        before the first module that reads it; anything else that reads parameters or master
+        shards (state dicts, checkpoints, evaluation outside the model's forward) calls this."""
         for buf in self.buffers:
-            for p, v in zip(buf.layout.params, buf.layout.views(buf.grad)):
-                if p.grad is not None and p.grad.data_ptr() != v.data_ptr():
-                    v.copy_(p.grad)  # .grad was replaced (set to None, then a fresh backward)
-                p.grad = v
-            outs.append(torch.empty(buf.layout.shard, dtype=self.reduce_dtype, device=buf.grad.device))
-            handles.append(self.comm.reduce_scatter(outs[-1], buf.grad.to(self.reduce_dtype), async_op=True))
-        for h in handles:
-            if h is not None:
-                h.wait()
-        return outs
+            self._wait_gather(buf)
 
     def step(self) -> None:
-        """Optimizer step on the shards, then all-gather the updated parameters (Ψ·p)."""
+        """Optimizer step on the shards, then all-gather the updated parameters (Ψ·p), async: one
+        call per bucket in forward order (the last bucket holds the first layers), each waited
+        for in the next forward's pre-hook of the first module that reads it."""
+        self.wait_params()  # a step with no forward since the last: its gathers still write the masters
         self._prepare_grads()
         self.optimizer.step()
-        handles = [self.comm.all_gather(b.flat, b.master.to(self.dtype, copy=True), async_op=True)
-                   for b in self.buffers]
-        for h in handles:
-            if h is not None:
-                h.wait()
+        for buf in reversed(self.buffers):
+            src = buf.master.to(self.dtype, copy=True)  # (s,): the all-gather reads it while we go on
+            handle = self.comm.all_gather(buf.flat, src, async_op=True)
+            buf.gather = None if handle is None else (handle, src)
 
     def zero_grad(self) -> None:
+        self._drain(0)  # only non-empty after a backward that raised
+        self._reset_round()
         self._zero_master_grads()
+        self._accumulated = False
         for buf in self.buffers:
             buf.grad.zero_()
-            views = buf.layout.views(buf.grad) if self.stage == 1 else [None] * len(buf.layout.params)
-            for p, v in zip(buf.layout.params, views):
-                p.grad = v  # stage 1: autograd accumulates into these views in place
+            buf.reduced = None
+            for p in buf.layout.params:
+                p.grad = self._view.get(id(p))  # stage 1: autograd accumulates into these views in place
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        self.wait_params()
+        return super().full_state_dict()
+
+    def optimizer_state_dict(self) -> dict:
+        self.wait_params()
+        return super().optimizer_state_dict()
+
+    def load_optimizer_state_dict(self, sd: dict) -> None:
+        self.wait_params()
+        super().load_optimizer_state_dict(sd)
 
     def _param_tensors(self):
         return [b.flat for b in self.buffers]
 
     def _grad_tensors(self):
-        return [b.grad for b in self.buffers]
+        return [b.grad for b in self.buffers] + [b.reduced for b in self.buffers if b.reduced is not None]

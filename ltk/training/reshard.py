@@ -61,6 +61,9 @@ def load_local_state(run, reader, *, optimizer: bool = True) -> None:
     """Fill this rank's parameters (and, with `optimizer`, its optimizer state and param groups)
     from `reader`, whatever layout wrote it (see the module docstring)."""
     _check_names(run, reader)
+    engine = getattr(run, "engine", None)
+    if hasattr(engine, "wait_params"):  # ZeRO-1/2: an all-gather in flight would overwrite what we load
+        engine.wait_params()
     boxes = local_boxes(run)
     for b in boxes:
         if reader.shape(b.name) != b.shape:

@@ -132,6 +132,30 @@ def test_an_empty_flush_keeps_the_last_window_to_plot():
     assert Timeline("cpu", enabled=False).flush() is None
 
 
+def test_a_wait_counts_in_the_step_that_waits():
+    """An async collective posted in step 0 (ZeRO-1/2's parameter all-gather at step()) and
+    waited for in step 1 (the next forward) is exposed in step 1, not in step 0."""
+    from ltk.parallel.timeline import Timeline
+
+    class Work:
+        def wait(self):
+            time.sleep(0.03)
+
+    tl = Timeline("cpu")
+    with tl:
+        tl.begin_step(0)
+        h = tl.call("all_gather", (0,), Work, True, None, None)
+        tl.end_step()
+        tl.begin_step(1)
+        h.wait()
+        h.wait()  # a second wait returns at once: nothing more is recorded
+        tl.end_step()
+        first, second = tl.flush()
+    assert first["comm"] == 0.0 and "all_gather" not in first["comm_by_op"]
+    assert second["comm_by_op"]["all_gather"] >= 0.029  # the sleep inside wait()
+    assert sum(e["op"] == "all_gather" for e in tl.last_window[0][1]["events"]) == 1
+
+
 class _FakeEvent:
     """Stands in for torch.cuda.Event on a CPU: record() notes the host time."""
 

@@ -191,6 +191,41 @@ def test_megatron_runs_are_predicted_within_a_band():
     assert one_t.strategy().dp == 6 and one_t.tflops_per_gpu / 312 == pytest.approx(0.52, abs=0.005)
 
 
+def test_overlap_is_credited_only_where_the_code_overlaps():
+    """ZeRO-1/2: k gradient buckets under the backward that reduces, the parameter all-gather
+    under the next forward (zero.py); a pipeline's data parallelism: one exposed all-reduce
+    (pipeline_run.py); TP: only the column-parallel dX collectives, each under its weight GEMM."""
+    cfg, c = gpt.gpt_config("gpt2-124m"), dgx_a100(2)
+    flop_s = 1 / (c.peak_flops * simulator.DEFAULT_EFFICIENCY)
+    for zero, m in ((1, 2), (2, 2)):
+        st = Strategy(dp=16, zero=zero, micro_batches=m, global_batch=32, seq_len=1024, bucket_bytes=2**24)
+        p = simulate(cfg, c, st)
+        psi, span = simulator.params_per_rank(simulator.model_shape("gpt", cfg), 1, 1), 2
+        k = math.ceil(psi * 2 / 2**24)
+        rs = k * simulator.best_time("reduce_scatter", psi * 2 / k, 16, c, span)
+        ag = k * simulator.best_time("all_gather", psi * 2 / k, 16, c, span)
+        t_f = p.compute / m / 3
+        times = 1 if zero == 1 else m
+        assert p.comm_total["data_parallel"] == pytest.approx(times * rs + ag, rel=1e-12)
+        want = times * simulator._overlapped(rs, k, 2 * t_f) + simulator._overlapped(ag, k, t_f)
+        assert p.comm_exposed["data_parallel"] == pytest.approx(want, rel=1e-12)
+        assert 0 < p.comm_exposed["data_parallel"] < p.comm_total["data_parallel"]
+    pp = simulate(cfg, c, Strategy(dp=4, pp=2, micro_batches=4, global_batch=16, seq_len=1024))
+    assert pp.comm_exposed["data_parallel"] == pp.comm_total["data_parallel"] > 0
+    for family, model_cfg, layers in (("gpt", cfg, cfg.n_layer), ("llama", llama.llama_config("llama-1b"), 0)):
+        for sp in (False, True):
+            st = Strategy(tp=4, global_batch=2, seq_len=1024, sequence_parallel=sp)
+            p, shape = simulate(model_cfg, c, st), simulator.model_shape(family, model_cfg)
+            op = "reduce_scatter" if sp else "all_reduce"
+            t_dx = simulator.best_time(op, 2 * 1024 * shape.hidden * 2, 4, c, 1)
+            gemm = [2 * 2 * 1024 * w / 4 * flop_s for w in [3 * shape.hidden ** 2, 4 * shape.hidden ** 2] * layers
+                    + [shape.vocab * shape.hidden]]
+            hidden = sum(min(t_dx, g) for g in gemm)
+            assert 0 < hidden <= (len(gemm)) * t_dx
+            assert p.comm_exposed["tensor_parallel"] == pytest.approx(p.comm_total["tensor_parallel"] - hidden)
+            assert p.step_time == pytest.approx(p.compute + sum(p.comm_exposed.values()) + p.bubble)
+
+
 def test_calibration_replaces_the_datasheet():
     cfg = gpt.gpt_config("gpt2-124m")
     F = gpt.flops_per_token(cfg, 1024)
