@@ -102,7 +102,7 @@ def test_a_multi_process_training_run_writes_its_timeline(tiny_corpus, tmp_path)
 
     cfgs = [_config(tiny_corpus, tmp_path / "ddp", "ddp", steps=4),
             _config(tiny_corpus, tmp_path / "pp", pp=2, steps=4, grad_accum=2)]
-    spawn(_train, 2, cfgs, timeout_s=180)
+    spawn(_train, 2, [(cfg, None) for cfg in cfgs], timeout_s=180)  # (config, checkpoint to resume)
     for name in ("ddp", "pp"):
         run = tmp_path / name
         doc = json.loads((run / "timeline.json").read_text())

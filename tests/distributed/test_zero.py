@@ -213,9 +213,10 @@ def _one_thread():
 
 
 @functools.lru_cache(maxsize=None)
-def _reference(n_steps, lr=LR, mb=1, clip=0.0, overfit=False):
-    """train_single on the uneven model (cached: several tests share each run)."""
-    return train_single(tiny_gpt(**UNEVEN), OVERFIT if overfit else BATCHES[:n_steps], lr, mb, clip)
+def _reference(n_steps, lr=LR, mb=1, clip=0.0, overfit=False, dp=1):
+    """train_single on the uneven model (cached: several tests share each run); dp: the gradient
+    summed in the order of dp ranks (train_single's docstring)."""
+    return train_single(tiny_gpt(**UNEVEN), OVERFIT if overfit else BATCHES[:n_steps], lr, mb, clip, dp=dp)
 
 
 @functools.lru_cache(maxsize=None)
@@ -248,7 +249,7 @@ WORLDS, STAGES = (2, 4), (1, 2, 3)
 @pytest.mark.parametrize("world", WORLDS)
 def test_losses_and_params_equal_single_process(runs, world, stage, variant):
     mb, clip = VARIANTS[variant]
-    ref_losses, ref_params = _reference(STEPS, LR, mb, clip)
+    ref_losses, ref_params = _reference(STEPS, LR, mb, clip, dp=world)
     got = runs[world][0]["parity"][stage, variant]
     assert _rel(got["losses"], ref_losses) < 1e-5
     assert max_rel_error({k: _torch(got["params"][k]) for k in ref_params}, ref_params) < 1e-5
