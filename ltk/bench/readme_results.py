@@ -76,6 +76,7 @@ class Compare:
     op: str | None = None
     shape: str | None = None
     section: str | None = None
+    dtype: str | None = None
 
     def __call__(self, r: ResultFile) -> list[str]:
         col = {"time": "median ms [p20, p80]", "memory": "peak MB"}[self.metric]
@@ -87,7 +88,8 @@ class Compare:
         keys = [k for k in ("op", "shape", "dtype", "mode") if k in t.header]
         varying = [k for k in keys if len({x[k] for x in t.records()}) > 1]  # what names a point
         recs = [{**x, "provider": x["provider"].split(" (")[0]} for x in t.records()
-                if (self.op is None or x["op"] == self.op) and (self.shape is None or x.get("shape") == self.shape)]
+                if (self.op is None or x["op"] == self.op) and (self.shape is None or x.get("shape") == self.shape)
+                and (self.dtype is None or x.get("dtype") == self.dtype)]
         reasons = {p: next((why for q, why in r.skipped if q == p), None) for p in (self.ours, self.base)
                    if not any(x["provider"] == p for x in recs)}
         if reasons:  # one of the two did not run: say why, where the file says
@@ -220,8 +222,10 @@ HEADLINES: dict[str, tuple] = {  # what -> its rules; a what not here gets "see 
     "train-step-zoo": (Compare("ours", "transformers"),),
     "parallel-ddp": (Compare("ddp", "torch-ddp"), Compare("naive", "torch-ddp")),
     "parallel-ddp-4ranks": (Compare("ddp", "torch-ddp"), Compare("naive", "torch-ddp")),
-    "parallel-zero": (Compare("ours-zero3", "fsdp2"), Compare("ours-zero1", "deepspeed-zero1"),
-                      Compare("ours-zero2", "deepspeed-zero2"), Compare("ours-zero3", "deepspeed-zero3")),
+    "parallel-zero": tuple(Compare(ours, base, dtype=dt) for dt in ("fp32", "bf16")
+                           for ours, base in (("ours-zero3", "fsdp2"), ("ours-zero1", "deepspeed-zero1"),
+                                              ("ours-zero2", "deepspeed-zero2"), ("ours-zero3", "deepspeed-zero3"))),
+    "parallel-memory": (Listing("x plan (goal <= 1.25)", "phase"), Listing("x 16Ψ (goal < 1)", "phase")),
     "zero-overlap": (Compare("bucketed", "one-bucket"), Listing("exposed comm", "engine")),
     "cli-startup": (Listing("median ms [p20, p80]", "shape"),),
     "parallel-cli": (Count("exit", "0", "runs"), Same("train loss step 1 -> 30"), Same("val loss")),
