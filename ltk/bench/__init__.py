@@ -281,6 +281,19 @@ BENCHMARKS: dict[str, Benchmark] = {
             ),
         ),
         Benchmark(
+            "kernel-static",
+            "every Triton kernel (ours, Liger's, a matmul floor) compiled for sm_90a and sm_80 on this CPU: "
+            "registers, spills, shared memory, CTAs/SM, the inner loop's SASS mix, an issue-bound ceiling",
+            "ltk.bench.kernel_static:run",
+            (
+                Option("kernels", str, None, "comma list of kernel-name prefixes, e.g. nf4,attention.fwd "
+                       "(default: all)"),
+                Option("archs", str, "sm_90a,sm_80", "comma list of compile targets: sm_90a (H100), sm_80 (A100)"),
+                Option("dtypes", str, "fp16,bf16", "comma list of fp16, bf16"),
+                Option("jobs", int, 2, "compiles run in this many processes"),
+            ),
+        ),
+        Benchmark(
             "cli-startup",
             "wall time of `python -m ltk --help` and `ltk train --help` in fresh interpreters, beside "
             "`python -c pass`; whether each imports torch",

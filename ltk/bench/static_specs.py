@@ -1,0 +1,268 @@
+"""What `ltk bench kernel-static` compiles: one `Spec` per kernel launch, ours, Liger-Kernel's and a floor.
+
+A spec names the kernel ("module:attribute": a `@triton.jit` function, or the `triton.autotune` /
+`triton.heuristics` object wrapping one), the dtype of each pointer ("T" is the dtype being
+compiled, fp16 or bf16), the compile-time constants at a representative shape, and its candidate
+configs. Where the kernel is autotuned the candidates are the autotuner's own `.configs`,
+pruned by its `early_config_prune` as a launch at that shape would prune them; otherwise the
+launcher's fixed config. Arguments not named are i32 (sizes, strides); `floats` are fp32
+scalars; pointers, and the arguments in `aligned`, are specialized as multiples of 16, as a
+launch with contiguous tensors specializes them; arguments in `ones` (unit strides) become the
+constant 1, as Triton specializes an integer argument equal to 1. Constants the kernel does not take are
+dropped, so a spec keeps compiling while a kernel gains or loses flags: when kernels/ changes,
+this list is the one place to update.
+
+`unit` says what one iteration of the kernel's innermost loop (or one program, for a kernel
+without a loop) works on, and `units(constexprs, num_warps)` how many of them: the report
+divides the loop's instructions × threads by it ("instructions per score per thread",
+"per element"). None means the count is per thread per iteration (a GEMM's k-step).
+
+The floor is the Triton tutorial's matmul (`_floor_matmul_kernel` below, "Matrix
+Multiplication", triton-lang.org tutorial 03, with its grouped tile order): a k-loop that only
+loads two tiles and multiplies them, at the tiles NF4 and LoRA use; any instruction a fused
+kernel spends above it is the price of its fusion.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ltk.kernels.backend import HAS_TRITON
+
+
+@dataclass(frozen=True)
+class Candidate:
+    kwargs: dict
+    num_warps: int
+    num_stages: int
+
+    @property
+    def label(self) -> str:
+        tiles = "×".join(str(v) for k, v in self.kwargs.items() if k.startswith("BLOCK") and k != "BLOCK_D")
+        if "ROWS" in self.kwargs:
+            tiles = f"{self.kwargs['ROWS']}×{tiles}"
+        return f"{tiles + ' ' if tiles else ''}w{self.num_warps} s{self.num_stages}"
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str  # e.g. "attention.fwd causal"
+    provider: str  # ours | liger | floor
+    kernel: str  # "module:attribute"
+    shape: str  # the representative shape, in words
+    pointers: dict
+    constexprs: Callable[[str], dict]  # dtype name -> constants
+    unit: str = "k-step"
+    units: Callable[[dict, int], float] | None = None
+    candidates: Callable[[str], list[Candidate]] | None = None  # None: the autotuner's, pruned
+    floats: tuple = ()
+    aligned: tuple = ()
+    ones: tuple = ()  # integer arguments equal to 1 at the launch (unit strides): Triton makes them constants
+    warps_stages: tuple = (4, 3)  # Triton's launch defaults, for a kernel launched without a config
+    extra: dict = field(default_factory=dict)
+
+
+def _fixed(*cands: Candidate) -> Callable[[str], list[Candidate]]:
+    return lambda dtype: list(cands)
+
+
+def _tile_units(*names: str):
+    """Units per iteration = the product of the named constants (a (BLOCK_M, BLOCK_N) score tile)."""
+    def f(c, warps):
+        out = 1
+        for n in names:
+            out *= c[n]
+        return out
+    return f
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _floor_matmul_kernel(A, B, C, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             GROUP_M: tl.constexpr):
+        """C = A · B, the tutorial's kernel: grouped program order, masked K tail, fp32 accumulator."""
+        pid = tl.program_id(0)
+        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % size_m
+        pid_n = (pid % group) // size_m
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M     # (BLOCK_M,), wrapped: no mask on loads
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N     # (BLOCK_N,)
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = A + rm[:, None] * stride_am + rk[None, :] * stride_ak
+        b_ptrs = B + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = tl.load(a_ptrs, mask=rk[None, :] < K - k * BLOCK_K, other=0.0)
+            b = tl.load(b_ptrs, mask=rk[:, None] < K - k * BLOCK_K, other=0.0)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(C + cm[:, None] * stride_cm + cn[None, :] * stride_cn, acc.to(C.dtype.element_ty),
+                 mask=(cm[:, None] < M) & (cn[None, :] < N))
+
+
+def _attention_specs() -> list[Spec]:
+    """Forward (causal; with a bias; with segment ids), dK/dV and dQ at D = 128, T = S = 4096."""
+    ptrs = dict(Q="T", K="T", V="T", O="T", DO="T", DQ="T", DK="T", DV="T", LSE="fp32", DELTA="fp32", DS="fp32",
+                BIAS="fp32", KPM="u8", SEGQ="i32", SEGK="i32")
+    strides = tuple(f"stride_{a}{b}" for a in "qkvo" for b in "bht") + ("stride_kb", "stride_ks", "stride_vs",
+                                                                        "stride_bb", "stride_bh", "stride_bt")
+
+    def flags(bias=False, seg=False, **more):
+        return lambda dtype: dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_BIAS=bias, HAS_KPM=False,
+                                  HAS_SEG=seg, EVEN_M=True, EVEN_N=True, FP32_DOTS=False, DOT_PRECISION=None,
+                                  T_BUCKET=4096, S_BUCKET=4096, **more)
+    shape = "B·H=32, T=S=4096, D=128"
+    common = dict(provider="ours", pointers=ptrs, floats=("qk_scale", "sm_scale"), aligned=strides, unit="score",
+                  units=_tile_units("BLOCK_M", "BLOCK_N"))
+    mod = "ltk.kernels.attention:"
+    return [
+        Spec("attention.fwd causal", kernel=mod + "_attn_fwd_tuned", shape=shape, constexprs=flags(), **common),
+        Spec("attention.fwd causal+bias", kernel=mod + "_attn_fwd_tuned", shape=shape + ", fp32 bias",
+             constexprs=flags(bias=True), **common),
+        Spec("attention.fwd causal+segments", kernel=mod + "_attn_fwd_tuned", shape=shape + ", segment ids",
+             constexprs=flags(seg=True), **common),
+        Spec("attention.bwd dkdv causal", kernel=mod + "_attn_bwd_dkdv_tuned", shape=shape, constexprs=flags(),
+             **common),
+        Spec("attention.bwd dq causal", kernel=mod + "_attn_bwd_dq_tuned", shape=shape,
+             constexprs=flags(STORE_DS=False), **common),
+    ]
+
+
+def _gemm_like_specs() -> list[Spec]:
+    """NF4 dequant-matmul (forward y = x·Wᵀ, backward dx = dy·W) and the fused LoRA GEMM at their
+    launchers' tiles, M = N = K = 4096 (blocksize 64, rank 16), and the floor at those tiles and at
+    the tutorial's large H100 tile."""
+    import ltk.kernels.lora_triton as lt
+    import ltk.kernels.nf4_triton as nt
+
+    nf4 = getattr(nt, "_GPU_TILES", (64, 64, 64))
+    tiles = dict(BLOCK_M=nf4[0], BLOCK_N=nf4[1], BLOCK_K=nf4[2])
+    nf4_ptrs = dict(X="T", Y="T", DY="T", DX="T", PACKED="u8", ABSMAX="fp32", CODE="fp32", OUT="T")
+    nf4_consts = lambda dtype: dict(FP32_DOTS=False, DOT_PRECISION=None, BLOCKSIZE=64)  # noqa: E731
+    nf4_cands = _fixed(Candidate(tiles, 4, 3))
+    lo = getattr(lt, "_GPU_TILES", (64, 64, 64))
+    lora_tiles = dict(BLOCK_M=lo[0], BLOCK_O=lo[1], BLOCK_L=lo[2])
+    lora_ptrs = dict(X="T", P="T", V="fp32", Q="T", BIAS="T", C="T", OUT="fp32")
+    shape = "M=N=K=4096"
+    floor_ptrs = dict(A="T", B="T", C="T")
+    floor_aligned = ("stride_am", "stride_bk", "stride_cm", "M", "N", "K")
+
+    def floor(bm, bn, bk, w, s):
+        return Spec(f"floor.matmul {bm}x{bn}x{bk}", "floor", "ltk.bench.static_specs:_floor_matmul_kernel", shape,
+                    floor_ptrs, lambda dtype: dict(GROUP_M=8),
+                    candidates=_fixed(Candidate(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w, s)),
+                    aligned=floor_aligned, ones=("stride_ak", "stride_bn", "stride_cn"))
+    return [
+        Spec("nf4.matmul_fwd", "ours", "ltk.kernels.nf4_triton:_matmul_fwd_kernel", shape + ", blocksize 64",
+             nf4_ptrs, nf4_consts, candidates=nf4_cands, aligned=("M", "N", "K")),
+        Spec("nf4.matmul_bwd", "ours", "ltk.kernels.nf4_triton:_matmul_bwd_kernel", shape + ", blocksize 64",
+             nf4_ptrs, nf4_consts, unit="n-step", candidates=nf4_cands, aligned=("M", "N", "K")),
+        Spec("lora.gemm_lowrank", "ours", "ltk.kernels.lora_triton:_gemm_lowrank_kernel", shape + ", r=16, bias",
+             lora_ptrs, lambda dtype: dict(HAS_BIAS=True, BLOCK_R=16, FP32_DOTS=False, DOT_PRECISION=None,
+                                           EPI_PRECISION="tf32"),
+             candidates=_fixed(Candidate(lora_tiles, 4, 3)), floats=("scale",),
+             aligned=("M", "O", "L", "R", "stride_po", "stride_qo"), ones=("stride_pl", "stride_qr")),
+        Spec("lora.skinny", "ours", "ltk.kernels.lora_triton:_skinny_kernel", shape + ", r=16",
+             lora_ptrs, lambda dtype: dict(BLOCK_R=16, FP32_DOTS=False, DOT_PRECISION=None),
+             candidates=_fixed(Candidate(dict(BLOCK_M=getattr(lt, "_GPU_SKINNY_BLOCK_M", 32), BLOCK_L=lo[2]), 4, 3)),
+             unit="l-step", aligned=("M", "L", "R", "stride_pr"), ones=("stride_pl",)),
+        floor(*nf4, 4, 3),
+        floor(128, 128, 64, 8, 3),
+    ]
+
+
+def _norm_specs() -> list[Spec]:
+    """LayerNorm and RMSNorm, forward and backward, ours and Liger's, at 4096 rows × 4096."""
+    import ltk.kernels.layernorm as ln
+    import ltk.kernels.rmsnorm as rn
+
+    m, n = 4096, 4096
+    shape = f"{m}×{n}"
+    out = []
+    for op, mod in (("layernorm", ln), ("rmsnorm", rn)):
+        prefix = "_layer_norm" if op == "layernorm" else "_rms_norm"
+        launch = getattr(mod, "_launch_config", ln._launch_config)
+        for bwd in (False, True):
+            block_n, rows, warps = launch(m, n, backward=bwd)
+            consts = dict(HAS_RESIDUAL=False, HAS_BIAS=True, HAS_DH=False)
+            out.append(Spec(f"{op}.{'bwd' if bwd else 'fwd'}", "ours",
+                            f"{mod.__name__}:{prefix}_{'bwd' if bwd else 'fwd'}_kernel", shape,
+                            dict(X="T", R="T", W="T", B="fp32" if op == "layernorm" else "T", Y="T", H="T",
+                                 DY="T", DH="T", DX="T", MEAN="fp32", RSTD="fp32", DW_PART="fp32",
+                                 DB_PART="fp32"),
+                            lambda dtype, c=consts: dict(c), unit="element", units=_tile_units("ROWS", "BLOCK_N"),
+                            candidates=_fixed(Candidate(dict(ROWS=rows, BLOCK_N=block_n), warps, 3)), floats=("eps",),
+                            aligned=("M", "N")))
+    return out
+
+
+def _liger_specs() -> list[Spec]:
+    """Liger-Kernel's RMSNorm, LayerNorm, SwiGLU, RoPE and cross-entropy kernels as its launchers
+    configure them (liger_kernel.ops.utils.calculate_settings: BLOCK_SIZE = next power of two of the
+    row, 4/8/16/32 warps), at 4096 × 4096 for the norms, an 11008-wide SwiGLU row, Llama-2-7B's RoPE
+    (32 heads × 128) and a 32000-word vocabulary for cross-entropy (32 warps, Liger's H100 setting)."""
+    try:
+        from liger_kernel.ops.utils import calculate_settings
+    except ImportError:
+        return []
+
+    def spec(name, kernel, shape, ptrs, consts, n_elems, warps, floats=(), aligned=(), ones=()):
+        c = consts("bf16")
+        tile = {"BLOCK_SIZE": c["BLOCK_SIZE"]} if "BLOCK_SIZE" in c else {}
+        return Spec(name, "liger", "liger_kernel.ops." + kernel, shape, ptrs, lambda dtype: consts(dtype),
+                    unit="element", units=lambda c, w: n_elems, candidates=_fixed(Candidate(tile, warps, 3)),
+                    floats=floats, aligned=aligned, ones=ones)
+    block, warps = calculate_settings(4096)
+    dt = {"fp16": tl.float16, "bf16": tl.bfloat16} if HAS_TRITON else {}
+    norm_ptrs = dict(Y_ptr="T", X_ptr="T", W_ptr="T", B_ptr="T", RSTD_ptr="fp32", Mean_ptr="fp32", dY_ptr="T",
+                     dX_ptr="T", DX_ptr="T", DY_ptr="T", dW_ptr="fp32", DW_ptr="fp32", DB_ptr="fp32")
+    strides = ("Y_row_stride", "X_row_stride", "stride_x", "stride_dx", "stride_dy", "dY_row_stride",
+               "dX_row_stride", "n_cols")
+    sw_block, sw_warps = calculate_settings(11008)
+    ce_block = min(65536 // 2, triton.next_power_of_2(32000)) if HAS_TRITON else 0
+    return [
+        spec("rmsnorm.fwd", "rms_norm:_rms_norm_forward_kernel", "4096×4096", norm_ptrs,
+             lambda d: dict(casting_mode=0, elementwise_affine=True, BLOCK_SIZE=block), block, warps,
+             ("eps", "offset"), strides),
+        spec("rmsnorm.bwd", "rms_norm:_rms_norm_backward_kernel", "4096×4096", norm_ptrs,
+             lambda d: dict(X_dtype=dt[d], casting_mode=0, elementwise_affine=True, BLOCK_SIZE=block,
+                            COMPUTE_DW=True), block, warps, ("offset",), strides),
+        spec("layernorm.fwd", "layer_norm:_layer_norm_forward_kernel", "4096×4096", norm_ptrs,
+             lambda d: dict(BLOCK_SIZE=block), block, warps, ("eps",), strides),
+        spec("layernorm.bwd", "layer_norm:_layer_norm_backward_kernel", "4096×4096", norm_ptrs,
+             lambda d: dict(rows_per_program=32, BLOCK_SIZE=block, COMPUTE_DW=True, COMPUTE_DB=True), block,
+             warps, (), strides),
+        spec("swiglu.fwd", "swiglu:_swiglu_forward_kernel", "4096×11008", dict(a_ptr="T", b_ptr="T", c_ptr="T"),
+             lambda d: dict(n_cols=11008, BLOCK_SIZE=sw_block), 11008, sw_warps, ("gate_multiplier",), ("stride",)),
+        spec("swiglu.bwd", "swiglu:_swiglu_backward_kernel", "4096×11008",
+             dict(dc_ptr="T", a_ptr="T", b_ptr="T"),
+             lambda d: dict(n_cols=11008, BLOCK_SIZE=sw_block), 11008, sw_warps, ("gate_multiplier",), ("stride",)),
+        spec("rope.fwd", "rope:_triton_rope", "B·T=4096, 32+32 heads × 128",
+             dict(q_ptr="T", k_ptr="T", cos="T", sin="T"),
+             lambda d: dict(bs=1, cos_bs=1, n_qh=32, n_kh=32, hd=128, pad_n_qh=32, pad_n_kh=32, pad_hd=128,
+                            pad_rd=128, rd=128, BLOCK_SIZE=32, BACKWARD_PASS=False), 64 * 128, 4, (),
+             ("q_row_stride", "k_row_stride", "cos_row_stride", "sin_row_stride")),
+        spec("cross_entropy.fwd+bwd", "cross_entropy:liger_cross_entropy_kernel", "4096 rows × V=32000",
+             dict(X_ptr="T", Y_ptr="i64", weight_ptr="fp32", loss_ptr="fp32", z_loss_ptr="fp32",
+                  token_accuracy_ptr="fp32", predicted_tokens_ptr="i64"),
+             lambda d: dict(lse_square_scale=0.0, label_smoothing=0.0, reduction="mean", RETURN_Z_LOSS=False,
+                            RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False, BLOCK_SIZE=ce_block,
+                            HAS_WEIGHT=False, HAS_SOFTCAPPING=False, HAS_GRADIENTS=True),
+             ce_block, 32, ("sum_non_ignore_weight", "weight_sum", "softcap"), ("X_stride", "n_cols"),
+             ("Y_stride", "loss_stride")),
+    ]
+
+
+def all_specs() -> list[Spec]:
+    """Every spec: ours (attention, NF4, LoRA, norms), the matmul floor, Liger's (when installed)."""
+    return _attention_specs() + _gemm_like_specs() + _norm_specs() + _liger_specs()
