@@ -3,14 +3,16 @@ for real against its float64 reference in fp16 and bf16 — outputs and every gr
 (2) times the kernel benchmarks against PyTorch, torch.compile, flash-attn, Liger and
 bitsandbytes where installed, (3) trains GPT-2 124M for a few dozen steps (bf16 autocast) as
 our GPT eager, our GPT torch.compile'd and transformers' GPT-2, reporting tokens/s and MFU for
-each, and (4) with two GPUs or more, runs the scaling lab (ltk/labs/scaling.py) and shows its first
-table; then prints one table and writes one markdown report with the device, driver, versions
-and commit, each part's wall seconds against the 8-minute budget (## Time), and every part
-or provider that did not run with its reason (## Skipped).
+each, (4) times each autotune candidate of our kernels beside the static ceiling of the
+kernel-static report (ltk/bench/candidate_timing.py), and (5) with two GPUs or more, runs the
+scaling lab (ltk/labs/scaling.py) and shows its first table; then prints one table and writes
+one markdown report with the device, driver, versions and commit, each part's wall seconds
+against the 8-minute budget (## Time), and every part or provider that did not run with its reason (## Skipped).
 
     python -m ltk.bench.gpu_check                       # everything, about 5-8 minutes on an H100/H200
     python -m ltk.bench.gpu_check --only correctness    # the numerics alone, about a minute
     python -m ltk.bench.gpu_check --only train-step     # the GPT-2 124M step alone, about 2-3 minutes
+    python -m ltk.bench.gpu_check --only candidates     # every autotune candidate timed, beside its ceiling
     python -m ltk.bench.gpu_check --out ltk/bench/results   # where the report goes
 
 The CPU test suite checks the kernels through Triton's interpreter, which cannot check
@@ -84,6 +86,18 @@ def benchmark_plan(quick: bool) -> list[PlanEntry]:
 
 
 CORRECTNESS_BUDGET_S = 60.0
+CANDIDATES_BUDGET_S = 120.0  # about 25 candidates: a compile and a 0.1 s timing each
+
+
+def candidate_part(device: torch.device) -> tuple[list[str], list[str]]:
+    """(the measured-beside-static table's lines, skipped); a failure of the whole part is a skip."""
+    try:
+        from ltk.bench.candidate_timing import time_candidates
+
+        return time_candidates(device)
+    except Exception as e:
+        traceback.print_exc()
+        return [], [f"candidate timing: failed: {type(e).__name__}: {e}"[:300]]
 
 
 def benchmarks(device: torch.device, quick: bool, times: dict[str, float] | None = None,
@@ -231,7 +245,7 @@ def time_table(times: dict[str, float], budgets: dict[str, float | None], total_
 
 def report(info: dict, checks: list[Check], rows: list, skipped: list[str], *,
            times: dict[str, float] | None = None, budgets: dict[str, float | None] | None = None,
-           total_s: float | None = None, scaling: dict | None = None) -> str:
+           total_s: float | None = None, scaling: dict | None = None, candidates: list[str] | None = None) -> str:
     from ltk.bench.harness import rows_to_markdown
 
     lines = [f"# GPU check on {info['device']} ({info['date'][:10]})", "",
@@ -257,6 +271,10 @@ def report(info: dict, checks: list[Check], rows: list, skipped: list[str], *,
         lines += ["", "## Train step: ours eager, ours torch.compile'd, transformers", ""] + train_step_table(step_rows)
     if other:
         lines += ["", "## Benchmarks", "", rows_to_markdown(other)]
+    if candidates:
+        lines += ["", "## Autotune candidates: measured beside the static ceiling (bf16)", "",
+                  "ceiling, regs, spills: the newest kernel-static report (sm_90a); the backward kernels are "
+                  "timed as the whole backward pass with the candidate pinned.", ""] + candidates
     if scaling:
         lines += ["", f"## Scaling lab ({scaling['gpus']} GPUs{', quick preset' if scaling.get('quick') else ''})", "",
                   f"Report: `{scaling['report']}`", ""] + ([scaling["table"]] if scaling.get("table") else [])
@@ -268,7 +286,7 @@ def report(info: dict, checks: list[Check], rows: list, skipped: list[str], *,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ltk.bench.gpu_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=["correctness", "benchmarks", "train-step", "scaling"],
+    p.add_argument("--only", choices=["correctness", "benchmarks", "train-step", "candidates", "scaling"],
                    help="run one part only (benchmarks = the kernel benchmarks and the train step)")
     p.add_argument("--quick", action="store_true", help="a shorter benchmark sweep")
     p.add_argument("--out", default="ltk/bench/results", help="folder for the markdown report and CSV")
@@ -284,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, float] = {}
     budgets: dict[str, float | None] = {"correctness": CORRECTNESS_BUDGET_S}
     budgets.update({e.label: e.budget_s for e in benchmark_plan(args.quick)})
+    budgets["candidate timing"] = CANDIDATES_BUDGET_S
     budgets["scaling lab"] = None
     skipped: list[str] = []
 
@@ -308,6 +327,14 @@ def main(argv: list[str] | None = None) -> int:
             not_run("kernel benchmarks")
     else:
         not_run("benchmarks and train step")
+    candidate_lines: list[str] = []
+    if args.only in (None, "candidates"):
+        t0 = time.perf_counter()
+        candidate_lines, skipped_candidates = candidate_part(device)
+        skipped += skipped_candidates
+        times["candidate timing"] = time.perf_counter() - t0
+    else:
+        not_run("candidate timing")
     scaling = None
     if args.only in (None, "scaling"):
         t0 = time.perf_counter()
@@ -320,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         not_run("scaling lab")
     text = report(info, checks, rows, skipped, times=times, budgets=budgets,
-                  total_s=time.perf_counter() - start, scaling=scaling)
+                  total_s=time.perf_counter() - start, scaling=scaling, candidates=candidate_lines)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

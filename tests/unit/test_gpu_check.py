@@ -253,12 +253,17 @@ def test_main_writes_one_report_naming_every_part_that_did_not_run(monkeypatch, 
         return [], ["train-step: transformers at *: not installed"]
 
     monkeypatch.setattr(gpu_check, "benchmarks", fake_benchmarks)
+    monkeypatch.setattr(gpu_check, "candidate_part", lambda device: (
+        ["| kernel | candidate |", "|---|---|", "| nf4.matmul_fwd | 64×64×64 w4 s3 |"],
+        ["candidate timing: lora.skinny: no builder"]))
     assert gpu_check.main(["--out", str(tmp_path)]) == 0
     text = (tmp_path / "gpu-check_fake-gpu_2026-01-02.md").read_text()
+    assert "## Autotune candidates" in text and "| nf4.matmul_fwd | 64×64×64 w4 s3 |" in text
+    assert "- candidate timing: lora.skinny: no builder" in text
     assert "1/1 pass" in text and "| correctness |" in text and "| train-step | 2 | 150 |" in text
     assert "- scaling lab: needs at least 2 GPUs, found 1" in text and "- train-step: transformers" in text
     assert gpu_check.main(["--out", str(tmp_path), "--only", "train-step"]) == 0
     text = (tmp_path / "gpu-check_fake-gpu_2026-01-02.md").read_text()
-    for part in ("correctness", "kernel benchmarks", "scaling lab"):
+    for part in ("correctness", "kernel benchmarks", "candidate timing", "scaling lab"):
         assert f"- {part}: not run (--only train-step)" in text
     assert "## Kernels" not in text and "| correctness |" not in text
