@@ -23,8 +23,8 @@ against float64 is at most 4x the error PyTorch's own op makes in the same preci
 a small floor. Nothing is skipped silently: every skipped provider or check is listed.
 
 Time: each part has an estimate (PlanEntry.budget_s, CORRECTNESS_BUDGET_S) whose sum stays
-under BUDGET_S = 480 s; the report puts the measured seconds beside them. The scaling lab is
-outside that budget: it runs only on a machine with several GPUs.
+under BUDGET_S = 480 s; the report puts the measured seconds beside them. The scaling lab
+(several GPUs only) and the candidate timing (a compile per candidate) are outside that budget.
 """
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def benchmark_plan(quick: bool) -> list[PlanEntry]:
 
 
 CORRECTNESS_BUDGET_S = 60.0
-CANDIDATES_BUDGET_S = 120.0  # about 25 candidates: a compile and a 0.1 s timing each
+# The candidate timing compiles every candidate (about 25, seconds each) and times each for
+# ~0.1 s: a few minutes, outside the 8-minute budget like the scaling lab (`--only candidates`).
 
 
 def candidate_part(device: torch.device) -> tuple[list[str], list[str]]:
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, float] = {}
     budgets: dict[str, float | None] = {"correctness": CORRECTNESS_BUDGET_S}
     budgets.update({e.label: e.budget_s for e in benchmark_plan(args.quick)})
-    budgets["candidate timing"] = CANDIDATES_BUDGET_S
+    budgets["candidate timing"] = None
     budgets["scaling lab"] = None
     skipped: list[str] = []
 
