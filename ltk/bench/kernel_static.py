@@ -99,7 +99,7 @@ def _unwrap(obj):
     from triton.runtime.jit import JITFunction
 
     tuner = None
-    while not isinstance(obj, JITFunction):
+    while not isinstance(obj, JITFunction) and hasattr(obj, "fn"):  # the interpreter's ends in a plain function
         if isinstance(obj, Autotuner) and tuner is None:
             tuner = obj
         obj = obj.fn

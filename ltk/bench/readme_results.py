@@ -142,6 +142,23 @@ class Listing:
 
 
 @dataclass(frozen=True)
+class Spills:
+    """How many rows of the first table with a spills column spill (a cell other than "0/0"),
+    naming their kernels: the kernel-static report's headline (its full table is README's
+    "Kernels, statically")."""
+
+    column: str = "spills st/ld B"
+
+    def __call__(self, r: ResultFile) -> list[str]:
+        t = r.table_with(self.column, "kernel")
+        if t is None or not t.rows:
+            return []
+        bad = [x for x in t.records() if x[self.column] != "0/0"]
+        names = ", ".join(dict.fromkeys(x["kernel"] for x in bad))
+        return [f"{len(bad)} of {len(t.rows)} compiles in '{t.section}' spill" + (f": {names}" if names else "")]
+
+
+@dataclass(frozen=True)
 class Range:
     """The smallest, the (lower) median and the largest cell of a numeric column, as written."""
 
@@ -228,7 +245,7 @@ HEADLINES: dict[str, tuple] = {  # what -> its rules; a what not here gets "see 
     "parallel-memory": (Listing("x plan (goal <= 1.25)", "phase"), Listing("x 16Ψ (goal < 1)", "phase")),
     "zero-overlap": (Compare("bucketed", "one-bucket"), Listing("exposed comm", "engine")),
     "cli-startup": (Listing("median ms [p20, p80]", "shape"),),
-    "kernel-static": (Listing("ceiling", "kernel"),),
+    "kernel-static": (Spills(),),
     "parallel-cli": (Count("exit", "0", "runs"), Same("train loss step 1 -> 30"), Same("val loss")),
     "pretrain-lab": (Listing("val bits/byte", "model"),),
     "families-lab": (Listing("train FLOPs/token", "family"),),

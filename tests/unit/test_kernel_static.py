@@ -102,6 +102,7 @@ def _toolchain() -> str | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_toolchain() is not None, reason=str(_toolchain()))
 def test_a_real_compile_is_read(tmp_path):
     """The tutorial matmul at 64×64×64 for sm_80 (the quickest of the report's compiles): ptxas's
@@ -116,3 +117,17 @@ def test_a_real_compile_is_read(tmp_path):
     assert "Kernels, statically (sm_80, fp16)" in rows.sections
     rows.write_beside(tmp_path / "r")
     assert (tmp_path / "r.csv").read_text().count("\n") == 2  # header + one row
+
+
+def test_readme_static_block_comes_from_the_newest_report():
+    """README's "Kernels, statically" table is the committed report's sm_90a/bf16 table, columns chosen."""
+    from ltk.bench import readme_results as rr
+    from ltk.bench.results import collect
+
+    results = collect(rr.ROOT / "ltk" / "bench" / "results")
+    block = rr.static_block(results, rr.ROOT)
+    assert block.startswith(rr.STATIC_BEGIN) and block.endswith(rr.STATIC_END)
+    assert "| kernel | provider | candidate | regs |" in block and "| nf4.matmul_fwd | ours |" in block
+    assert "No kernel-static report" in rr.static_block([r for r in results if r.what != "kernel-static"], rr.ROOT)
+    readme = (rr.ROOT / "README.md").read_text(encoding="utf-8")
+    assert block in readme  # regenerate with: python -m ltk.bench.readme_results
