@@ -19,10 +19,12 @@ on H100 (989 TFLOP/s = 132 SMs × 4096 FLOP × 1.83 GHz), 512 on A100 (312 TFLOP
 1.41 GHz); TF32 at half that. For one warp's pass over the loop body, tensor time = its MMA FLOPs
 (HGMMA: a quarter of the warpgroup's m·n·k product; HMMA: the warp's) / the scheduler's rate, and
 issue time = the body's instruction count (every instruction, MMAs included, takes one slot).
+The special-function unit (MUFU: exp2, rcp) serves a scheduler at 4 lanes per clock, so each
+warp-wide MUFU instruction occupies it for 8 clocks (16 results/clock/SM on H100 and A100).
 Since the tensor cores run while other instructions issue, an iteration takes at least
-max(tensor, issue) clocks, and
+max(tensor, issue, 8·mufu) clocks, and
 
-    ceiling = tensor / max(tensor, issue)        (1.0: the loop can keep the tensor cores busy)
+    ceiling = tensor / max(tensor, issue, 8·mufu)        (1.0: the loop can keep the tensor cores busy)
 
 It ignores latency, dependencies, memory bandwidth and occupancy, so it is an upper bound: a
 kernel below 1 cannot reach the peak whatever else goes right. mma.sync (HMMA) on H100 runs
@@ -77,12 +79,15 @@ def resident_ctas(gpu: GPU, regs: int, smem: int, num_warps: int) -> tuple[int, 
     return limits[which], which
 
 
-def issue_ceiling(gpu: GPU, tensor_flops_per_warp: float, instructions: int) -> float | None:
-    """tensor / max(tensor, issue) clocks per warp iteration; None without tensor-core work."""
+MUFU_CLOCKS = 8  # a warp-wide MUFU instruction on a scheduler's 4-lane special-function unit
+
+
+def issue_ceiling(gpu: GPU, tensor_flops_per_warp: float, instructions: int, mufu: int = 0) -> float | None:
+    """tensor / max(tensor, issue, 8·mufu) clocks per warp iteration; None without tensor-core work."""
     if tensor_flops_per_warp <= 0 or instructions <= 0:
         return None
     tensor = tensor_flops_per_warp / (gpu.tensor_flops_per_clk_sm / 4)
-    return tensor / max(tensor, instructions)
+    return tensor / max(tensor, instructions, MUFU_CLOCKS * mufu)
 
 
 # ---- compiling (in worker processes: the interpreter off, a fresh cache so ptxas runs and logs) ----
@@ -198,7 +203,7 @@ def _compile(spec, cand, dtype: str, arch: str) -> dict:
     return dict(regs=usage["regs"], spill_stores=usage.get("spill_stores", 0),
                 spill_loads=usage.get("spill_loads", 0), smem=k.metadata.shared, ctas_per_sm=ctas,
                 occupancy_limit=limit, loop="yes" if loop else "none (whole kernel)", mix=mix,
-                tensor_flops_per_warp=flops, ceiling=issue_ceiling(gpu, flops, mix["total"]),
+                tensor_flops_per_warp=flops, ceiling=issue_ceiling(gpu, flops, mix["total"], mix["mufu"]),
                 per_unit=mix["total"] * 32 * cand.num_warps / units, compile_s=seconds, sass_total=len(insts),
                 div64_calls=sum(i.base == "CALL" and "div" in i.callee for i in sass.body(insts, loop)))
 

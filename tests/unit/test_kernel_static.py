@@ -86,6 +86,7 @@ def test_ptxas_log_and_the_models():
     assert ks.issue_ceiling(h100, 4 * 2 * 64 * 64 * 16 / 4, 1732) == pytest.approx(128 / 1732)
     assert ks.issue_ceiling(h100, 4 * 2 * 64 * 64 * 16 / 4, 100) == 1.0
     assert ks.issue_ceiling(h100, 0.0, 100) is None
+    assert ks.issue_ceiling(h100, 4 * 2 * 64 * 64 * 16 / 4, 100, mufu=32) == pytest.approx(128 / 256)  # exp2-bound
 
 
 def _toolchain() -> str | None:
