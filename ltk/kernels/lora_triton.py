@@ -145,7 +145,6 @@ if HAS_TRITON:
         tl.store(C + rm.to(tl.int64)[:, None] * O + ro[None, :], acc.to(C.dtype.element_ty),
                  mask=m_ok[:, None] & o_ok[None, :])
 
-
     _EVEN = {"EVEN_L": lambda a: a["L"] % a["BLOCK_L"] == 0}
     _gemm_lowrank_h = triton.heuristics(_EVEN)(_gemm_lowrank_kernel)
 
