@@ -66,18 +66,21 @@ and bias may also be fp32 under fp16/bf16 activations. The backend is chosen by
 """
 from __future__ import annotations
 
-import contextlib
-import math
-from functools import lru_cache
-
 import torch
 import torch.nn.functional as F
 
-from ltk.kernels.backend import HAS_TRITON, check_float, check_same_device, output_buffer, resolve_backend
-
-MAX_WIDTH = 65536      # widest row the triton backend holds in one block (the torch backend takes any)
-_TILE = 4096           # elements one program handles when rows are short (ROWS × BLOCK_N)
-_INTERPRETER_PROGRAMS = 4  # backward programs under the interpreter (programs run one after another)
+from ltk.kernels.backend import HAS_TRITON
+from ltk.kernels.norm_common import (
+    MAX_WIDTH,  # noqa: F401  (the widest row, part of this op's interface)
+    as_dtype,
+    as_rows,
+    bwd_programs,
+    check_mode,
+    check_norm_inputs,
+    launch_config,
+    on_device,
+)
+from ltk.kernels.poison import output_allocator
 
 # ---------------------------------------------------------------------------------------
 # 2. Triton kernels
@@ -176,137 +179,8 @@ if HAS_TRITON:
             tl.store(DB_PART + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
 
 
-# ---------------------------------------------------------------------------------------
-# Launch configuration (shared with ltk/kernels/rmsnorm.py)
-# ---------------------------------------------------------------------------------------
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _launch_config(n_rows: int, n_cols: int, *, backward: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_N, ROWS, num_warps) for an (n_rows, n_cols) input.
-
-    BLOCK_N covers the whole row; ROWS packs short rows so that a program handles ~_TILE
-    elements (never more rows than the input has). num_warps (GPU only; the interpreter
-    ignores it) depends on the tile of ROWS × BLOCK_N elements:
-
-    forward   one warp per 1024 elements, 4 to 32: a 16384-wide row gets 16 warps, each
-              thread holding 32 values of x (~90-120 registers, no spills).
-    backward  the fp32 dw (and db) accumulators stay in registers across the whole loop, so
-              the register file (64K 32-bit registers per SM) is what limits: 4 warps up to
-              2048 elements, 8 at 4096, 16 at 8192 (~90-130 registers), 8 again at 16384,
-              where a row only fits with 255 registers a thread (no spills in bf16/fp16
-              with same-dtype weights; the residual and fp32-weight variants spill a few
-              hundred bytes a thread), and 32 beyond, where spilling cannot be avoided.
-    (Register counts from ptxas for sm_90 with Triton 3.9: retune on new hardware.)"""
-    block_n = _next_pow2(n_cols)
-    rows = min(max(1, _TILE // block_n), _next_pow2(max(n_rows, 1)))
-    tile = rows * block_n
-    if not backward:
-        num_warps = min(32, max(4, tile // 1024))
-    elif tile <= 2048:
-        num_warps = 4
-    elif tile <= 4096:
-        num_warps = 8
-    elif tile <= 8192:
-        num_warps = 16
-    elif tile <= 16384:
-        num_warps = 8  # 255 registers a thread: the only way the row and accumulators fit
-    else:
-        num_warps = 32
-    return block_n, rows, num_warps
-
-
-@lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _bwd_programs(n_rows: int, n_cols: int, device: torch.device) -> int:
-    """How many programs the backward launches (= rows of the dw partial buffer).
-
-    One per SM at least. More only where they can be resident together (registers
-    permitting: up to 4 per SM for tiles of ≤ 2048 elements, 2 at 4096, 1 from 8192 on) and
-    where each still gets ≥ 32 rows: the partials cost 8 bytes per column per program
-    (written, then read by torch's sum), under ~4% of the 6 bytes per element of x, dy, dx
-    (bf16) at 32 rows a program. Never more programs than row tiles, so that every partial
-    row is written."""
-    block_n, rows, _ = _launch_config(n_rows, n_cols, backward=True)
-    n_tiles = math.ceil(n_rows / rows)
-    if device.type != "cuda":  # the interpreter runs programs one after another
-        return max(1, min(n_tiles, _INTERPRETER_PROGRAMS))
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    per_sm = max(1, min(4, 8192 // (rows * block_n)))
-    return max(1, min(n_tiles, max(sms, min(per_sm * sms, math.ceil(n_rows / 32)))))
-
-
-def _on_device(t: torch.Tensor):
-    """Launch on t's GPU, whichever one is current (a no-op on a CPU)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-# Fill every output with NaN before launch (tests, the GPU check), so an element a kernel
-# forgets to write fails the comparison instead of passing with stale memory.
-POISON_OUTPUTS = False
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    return output_buffer(shape, dtype, device, POISON_OUTPUTS)  # read at call time: tests flip the flag
-
-
-# ---------------------------------------------------------------------------------------
-# Input checks (shared with ltk/kernels/rmsnorm.py)
-# ---------------------------------------------------------------------------------------
-_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _check_norm_inputs(x, residual, weight, bias, eps, backend: str) -> str:
-    """Validate the arguments of a norm and return the concrete backend.
-
-    x: (..., N) float; residual: x's shape, any float dtype (h = x + residual takes the
-    promoted dtype, as torch's add does: a bf16 branch added to an fp32 residual stream gives
-    an fp32 h, and y in fp32); weight (and bias): (N,), in the dtype of the normalized
-    tensor or float32 (fp32 master weights with fp16/bf16 activations); bias has weight's
-    dtype. float64 only on the torch backend."""
-    check_float("x", x, _TORCH_DTYPES)
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dim (..., N); got a 0-d tensor")
-    backend = resolve_backend(backend, x)
-    allowed = _TRITON_DTYPES if backend == "triton" else _TORCH_DTYPES
-    check_float("x", x, allowed)
-    n, dtype = x.shape[-1], x.dtype
-    if residual is not None:
-        check_float("residual", residual, allowed)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual has shape {tuple(residual.shape)}, x has {tuple(x.shape)}: they must match")
-        dtype = torch.promote_types(x.dtype, residual.dtype)
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None and name == "bias":
-            continue
-        check_float(name, t, _TORCH_DTYPES)
-        if t.shape != (n,):
-            raise ValueError(f"{name} must have shape ({n},) to match x's last dim; got {tuple(t.shape)}")
-        if t.dtype not in (dtype, torch.float32):
-            raise TypeError(f"{name} has dtype {t.dtype}; it must be that of the normalized tensor ({dtype}) "
-                            "or torch.float32")
-    if bias is not None and bias.dtype != weight.dtype:
-        raise TypeError(f"bias has dtype {bias.dtype}, weight has {weight.dtype}: they must match")
-    check_same_device(x=x, residual=residual, weight=weight, bias=bias)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number ≥ 0, got {eps!r}")
-    if backend == "triton" and n > MAX_WIDTH:
-        raise ValueError(f"x's last dim is {n}; the triton backend handles up to {MAX_WIDTH} (use backend='torch')")
-    return backend
-
-
-def _as_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)
-
-
-def _as_rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    """(..., N) -> (M, N) contiguous (a view when possible, else a copy)."""
-    return None if t is None else t.reshape(-1, t.shape[-1]).contiguous()
+POISON_OUTPUTS = False             # NaN-filled outputs (tests, the GPU check): see ltk/kernels/poison.py
+_empty = output_allocator(__name__)
 
 
 # ---------------------------------------------------------------------------------------
@@ -339,7 +213,7 @@ def _layer_norm_fwd(x, residual, weight, bias, eps):
     mean = _empty((m,), torch.float32, x.device)
     rstd = _empty((m,), torch.float32, x.device)
     if m > 0:
-        block_n, rows, num_warps = _launch_config(m, n)
+        block_n, rows, num_warps = launch_config(m, n)
         _layer_norm_fwd_kernel[(triton.cdiv(m, rows),)](
             x, residual if residual is not None else x, weight, bias if bias is not None else weight,
             y, h if h is not None else y, mean, rstd, m, n, eps,
@@ -353,8 +227,8 @@ def _layer_norm_bwd(x, weight, bias, mean, rstd, dy, dh):
     """Launch the backward; returns dx (with dh added when given), dw, db (or None)."""
     m, n = x.shape
     dx = _empty((m, n), x.dtype, x.device)
-    block_n, rows, num_warps = _launch_config(m, n, backward=True)
-    programs = _bwd_programs(m, n, x.device) if m > 0 else 0
+    block_n, rows, num_warps = launch_config(m, n, backward=True)
+    programs = bwd_programs(m, n, x.device) if m > 0 else 0
     dw_part = _empty((programs, n), torch.float32, x.device)
     db_part = _empty((programs, n), torch.float32, x.device) if bias is not None else None
     if m > 0:
@@ -375,11 +249,11 @@ class LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps):
-        shape, x2 = x.shape, _as_rows(x)                         # (M, N)
+        shape, x2 = x.shape, as_rows(x)                         # (M, N)
         weight = weight.contiguous()                             # the kernels index it as w[col]
         bias = bias.contiguous() if bias is not None else None
-        with _on_device(x):
-            y, h, mean, rstd = _layer_norm_fwd(x2, _as_rows(residual), weight, bias, eps)
+        with on_device(x):
+            y, h, mean, rstd = _layer_norm_fwd(x2, as_rows(residual), weight, bias, eps)
         ctx.shape, ctx.has_residual = shape, residual is not None
         ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
         ctx.set_materialize_grads(False)
@@ -395,14 +269,14 @@ class LayerNormFunction(torch.autograd.Function):
             dw = torch.zeros_like(weight)
             db = torch.zeros_like(bias) if bias is not None else None
         else:
-            with _on_device(xin):
-                dx, dw, db = _layer_norm_bwd(xin, weight, bias, mean, rstd, _as_rows(dy), _as_rows(dh))
+            with on_device(xin):
+                dx, dw, db = _layer_norm_bwd(xin, weight, bias, mean, rstd, as_rows(dy), as_rows(dh))
             dx = dx.view(ctx.shape)
         # h = x + residual: x and residual receive the same gradient, as from torch's own add
         # (the very same tensor; autograd copies it where a leaf would otherwise alias the other)
         if not ctx.has_residual:
             return dx, None, dw, db, None
-        return _as_dtype(dx, ctx.dtypes[0]), _as_dtype(dx, ctx.dtypes[1]), dw, db, None
+        return as_dtype(dx, ctx.dtypes[0]), as_dtype(dx, ctx.dtypes[1]), dw, db, None
 
 
 def _torch_layer_norm(h, weight, bias, eps):
@@ -416,7 +290,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                backend: str = "auto") -> torch.Tensor:
     """LayerNorm over the last dim of x (..., N) with weight (N,) and bias (N,) or None.
     Returns a tensor of x's shape and dtype. See the module docstring for the math."""
-    backend = _check_norm_inputs(x, None, weight, bias, eps, backend)
+    backend = check_norm_inputs(x, None, weight, bias, eps, backend)
     if backend == "torch":
         return _torch_layer_norm(x, weight, bias, eps)
     return LayerNormFunction.apply(x, None, weight, bias, float(eps))
@@ -428,7 +302,7 @@ def layer_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     """(y, h) with h = x + residual (the new residual stream) and y = LayerNorm(h).
     Gradients from both y and h flow back to x and residual. h and y take the dtype of
     x + residual (torch's type promotion: bf16 + fp32 -> fp32)."""
-    backend = _check_norm_inputs(x, residual, weight, bias, eps, backend)
+    backend = check_norm_inputs(x, residual, weight, bias, eps, backend)
     if backend == "torch":
         h = x + residual
         return _torch_layer_norm(h, weight, bias, eps), h
@@ -438,20 +312,12 @@ def layer_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
 # ---------------------------------------------------------------------------------------
 # 5. Cost model
 # ---------------------------------------------------------------------------------------
-_MODES = ("fwd", "bwd", "fwd+bwd")
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-
-
 def flops(rows: int, cols: int, *, mode: str = "fwd", residual: bool = False) -> int:
     """Floating-point operations, counted per element (the per-row sqrt/divide are negligible):
     forward 7 (sum for μ; subtract; square and sum for σ²; times rstd; times w; plus b),
     backward 13 (recompute x̂: 2; g = dy·w: 1; Σg and Σg·x̂: 3; dx: 4; dw and db: 3);
     the residual adds 1 each way (x + residual; dh + dx)."""
-    _check_mode(mode)
+    check_mode(mode)
     per = {"fwd": 7, "bwd": 13, "fwd+bwd": 20}[mode]
     if residual:
         per += {"fwd": 1, "bwd": 1, "fwd+bwd": 2}[mode]
@@ -466,7 +332,7 @@ def bytes_moved(rows: int, cols: int, *, dtype_bytes: int = 2, mode: str = "fwd"
     forward   read x (+ residual), w, b; write y (+ h), mean, rstd
     backward  read x (h for the residual variant), dy (+ dh), w, mean, rstd; write dx, dw, db
     (the dw/db partial buffer is implementation overhead, not counted)."""
-    _check_mode(mode)
+    check_mode(mode)
     act = rows * cols * dtype_bytes       # one activation tensor
     vec = cols * dtype_bytes              # one (N,) parameter vector
     stats = rows * 8

@@ -12,22 +12,34 @@ forward and g = dy · B (M, r):
     dB = s · dyᵀ · u                 (N, r)    reuses u: x · Aᵀ is never recomputed
     db = Σ_rows dy                   (N,)      only if the bias requires grad
 
-What the triton backend fuses (ltk/kernels/lora_triton.py):
-  forward   u = x · Aᵀ by a small Triton kernel (fp32 out, saved for backward); then ONE
-            kernel computes each (BLOCK_M, BLOCK_N) tile of x · Wᵀ and, in its epilogue,
-            adds s · u_tile · B_tileᵀ and the bias before its single store of y.
-  backward  g = dy · B by the same small kernel (fp32); then ONE kernel computes each tile
-            of dy · W and adds s · g_tile · A_tile in its epilogue (dx stored once);
-            dA = s · gᵀx and dB = s · dyᵀu are torch matmuls (r-sized outputs), with g and
-            u rounded to the input dtype for them.
+What the triton backend runs (ltk/kernels/lora_triton.py):
+  forward   u = x · Aᵀ by a small Triton kernel (fp32 out, saved for backward); then y by
+            one of two routes (below): ONE Triton kernel that computes each tile of x · Wᵀ and
+            adds s · u_tile · B_tileᵀ and the bias in its epilogue before its single store of
+            y ("fused"), or cuBLAS: t = s·u·Bᵀ (+ b) written, then y = t + x · Wᵀ by a GEMM
+            that reads t in its epilogue (beta = 1, in place) ("cublas").
+  backward  g = dy · B by the same small kernel (fp32); then dx = dy · W + s · g · A by the
+            same two routes; dA = s · gᵀx and dB = s · dyᵀu are torch matmuls (r-sized
+            outputs), with g and u rounded to the input dtype for them.
 
-The I/O argument (`bytes_moved`): the unfused chain F.linear(x, W, b) + s·((x·Aᵀ)·Bᵀ)
-writes the (M, N) LoRA term and the (M, N) base output, reads both back and writes the sum:
-4·M·N extra elements of traffic in the forward (4·M·K for dx in the backward) on top of the
-same GEMM reads. At M = N = K = 4096 in bf16 that is 134 MB a layer forward against the
-~134 MB the fused forward moves in all: the unfused forward moves twice the bytes. The
-FLOPs are the same either way (`flops`): the low-rank term adds 2·M·r·(K + N), a fraction
-r·(K + N)/(N·K) of the main GEMM (0.4% at r = 8, N = K = 4096).
+Which route: the cost model `fused_is_faster`. Both do the same FLOPs; they differ in
+  * tiles: the GEMM's speed is set by its tile, 2·BM·BN / ((BM + BN)·d) FLOP per operand
+    byte of a k-step: the fused kernel autotunes over 128×256 and 256×128 tiles (85 FLOP/B
+    in bf16, what cuBLAS runs at large sizes) down to 64×128 (43), with grouped tile order so
+    that CTAs resident together share weight tiles in L2. cuBLAS still has the edge in
+    scheduling (TMA, warp specialization, split-K for small grids): assumed 10% (TC_EFFICIENCY;
+    the GPU check measures it), and a grid of fewer 128×256 tiles than SMs leaves SMs idle;
+  * bytes of the low-rank term: the cublas route writes t (M·O·d) and the GEMM reads it back,
+    2·M·O·d more than fused. Against a compute-bound GEMM that is d·F / (BW·L) of its time:
+    590 / L on an H100 in bf16 (F/BW = 295 FLOP/B), 14% at L = 4096, 5% at L = 11008.
+So the fused kernel wins where the saved bytes outweigh cuBLAS's edge: on an H100 in bf16,
+compute-bound shapes with a full grid and L < 5,300 (x·Wᵀ of Llama-7B's q/k/v/o and up
+projections at 2,048+ tokens), and cuBLAS wins for deep reductions (the down projection, L =
+11,008), for small M (a grid under one wave; the memory-bound GEMM streams W, and t's 2·M·O·d
+are ≤ 2M/L of that) and for fp32 (IEEE dots run on the FMA units, where cuBLAS's SGEMM is far
+ahead of Triton's). Under the interpreter the fused kernel always runs: checking it is the
+interpreter's job. `ROUTE` forces one.
+
 """
 from __future__ import annotations
 
@@ -36,10 +48,15 @@ import torch.nn.functional as F
 
 from ltk.kernels import lora_triton
 from ltk.kernels.backend import check_float, check_same_device, resolve_backend
+from ltk.training.hardware import Peak, peak_for
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TORCH_DTYPES = _TRITON_DTYPES + (torch.float64,)
 _MODES = ("fwd", "bwd", "fwd+bwd")
+H100_SXM = Peak("NVIDIA H100 SXM", 989.4, 3350.0)   # the cost model's default machine
+TC_EFFICIENCY = 0.9    # our tensor-core tiles against cuBLAS (assumed: calibrate with the GPU check)
+FMA_EFFICIENCY = 0.5   # Triton's IEEE fp32 dot (FMA units) against cuBLAS's SGEMM (assumed)
+FP32_RATE = 1 / 15     # fp32 FMA rate / bf16 tensor-core rate (H100 SXM datasheet: 67 vs 989 TFLOP/s)
 
 
 # ---------------------------------------------------------------------------------------
@@ -90,6 +107,35 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scale, backend: str) -> str:
 # ---------------------------------------------------------------------------------------
 # Autograd function and public API
 # ---------------------------------------------------------------------------------------
+# Which GEMM serves a product: "auto" (the cost model `fused_is_faster` on a GPU; always the
+# fused kernel under the interpreter, whose job is to check it), "fused" or "cublas" (forced:
+# tests, benchmarks).
+ROUTE = "auto"
+
+
+def _route(m: int, o: int, l_: int, x: torch.Tensor) -> str:
+    """The route of the (M, O) = (M, L) · (L, O) product plus its low-rank term."""
+    if ROUTE not in ("auto", "fused", "cublas"):
+        raise ValueError(f"lora.ROUTE must be 'auto', 'fused' or 'cublas', got {ROUTE!r}")
+    if ROUTE != "auto":
+        return ROUTE
+    if not x.is_cuda:
+        return "fused"
+    peak = peak_for(torch.cuda.get_device_name(x.device)) or H100_SXM
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    fast = fused_is_faster(m, o, l_, dtype_bytes=x.element_size(), fp32=x.dtype == torch.float32, peak=peak, sms=sms)
+    return "fused" if fast else "cublas"
+
+
+def _gemm_then_add(x2, pt, v, qt, bias, scale: float) -> torch.Tensor:
+    """x2 (M, L) · pt (L, O) + scale · v · qt (+ bias) by cuBLAS: the low-rank term t (M, O)
+    first (v fp32 (M, r) scaled, then rounded to the dtype), then t += x2 · pt in place,
+    added in cuBLAS's epilogue (beta = 1)."""
+    vs = (v * scale).to(x2.dtype)                             # (M, r)
+    t = torch.mm(vs, qt) if bias is None else torch.addmm(bias, vs, qt)  # (M, O)
+    return t.addmm_(x2, pt)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ with the Triton kernels; x (..., K) is seen as (M, K) rows.
     Saves x, W, A, B and u = x·Aᵀ (fp32, (M, r)) for the backward."""
@@ -101,7 +147,10 @@ class LoRALinearFunction(torch.autograd.Function):
         weight, lora_A, lora_B = weight.contiguous(), lora_A.contiguous(), lora_B.contiguous()
         bias = bias.contiguous() if bias is not None else None
         u = lora_triton.skinny_triton(x2, lora_A)                # (M, r) fp32 = x·Aᵀ
-        y = lora_triton.lora_fwd_triton(x2, weight, bias, u, lora_B, scale)  # (M, N)
+        if _route(x2.shape[0], weight.shape[0], k, x2) == "fused":
+            y = lora_triton.lora_fwd_triton(x2, weight, bias, u, lora_B, scale)  # (M, N)
+        else:
+            y = _gemm_then_add(x2, weight.t(), u, lora_B.t(), bias, scale)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, u)
         ctx.scale, ctx.x_shape, ctx.has_bias = scale, shape, bias is not None
         return y.view(*shape[:-1], weight.shape[0])
@@ -115,7 +164,11 @@ class LoRALinearFunction(torch.autograd.Function):
         dx = dw = db = da = dbb = None
         g = lora_triton.skinny_triton(dy2, lora_B, transpose=True) if (need_x or need_a) else None  # (M, r) fp32
         if need_x:
-            dx = lora_triton.lora_dx_triton(dy2, weight, g, lora_A, s).view(ctx.x_shape)
+            if _route(dy2.shape[0], weight.shape[1], n, dy2) == "fused":
+                dx = lora_triton.lora_dx_triton(dy2, weight, g, lora_A, s)
+            else:
+                dx = _gemm_then_add(dy2, weight, g, lora_A, None, s)
+            dx = dx.view(ctx.x_shape)
         if need_a:
             da = s * (g.to(x2.dtype).t() @ x2)                  # (r, M)·(M, K) -> (r, K)
         if need_bb:
@@ -182,3 +235,28 @@ def bytes_moved(M: int, N: int, K: int, r: int, *, dtype_bytes: int = 2, bias: b
     if not fused:
         bwd += 4 * dx_
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def fused_is_faster(M: int, O: int, L: int, *, dtype_bytes: int = 2, fp32: bool = False, peak: Peak = H100_SXM,
+                    sms: int = 132, efficiency: float | None = None) -> bool:
+    """Whether the fused kernel beats cuBLAS + an added low-rank term for C (M, O) = X (M, L) ·
+    Pᵀ + s·V·Qᵀ (the forward: O = N, L = K; dx: O = K, L = N). The model, in the docstring
+    at the top of this file, by its terms:
+
+        t_gemm  = max(2·M·O·L / F, (M·L + O·L + M·O)·d / BW)        the roofline of the GEMM
+        fused   = t_gemm / (e · min(1, tiles / SMs))               tiles of 128 × 256
+        cublas  = t_gemm + 2·M·O·d / BW                            t written, read back (beta = 1)
+
+    F: the dense rate (bf16/fp16 tensor cores, or fp32 FMA = F_bf16 · FP32_RATE), BW: HBM
+    bandwidth, d: bytes an element, e: our tiles' efficiency against cuBLAS's (TC_EFFICIENCY,
+    FMA_EFFICIENCY for fp32), tiles / SMs: a grid smaller than the machine leaves SMs idle
+    (cuBLAS splits K for those shapes; we do not)."""
+    rate = peak.bf16_tflops * 1e12 * (FP32_RATE if fp32 else 1.0)
+    bw = peak.hbm_gbps * 1e9
+    d = dtype_bytes
+    t_gemm = max(2 * M * O * L / rate, (M * L + O * L + M * O) * d / bw)
+    e = efficiency if efficiency is not None else (FMA_EFFICIENCY if fp32 else TC_EFFICIENCY)
+    tiles = -(-M // 128) * -(-O // 256)
+    fused = t_gemm / (e * min(1.0, tiles / sms))
+    cublas = t_gemm + 2 * M * O * d / bw
+    return fused < cublas

@@ -34,24 +34,25 @@ so its results can differ from these by an ulp.)
 
 The kernels follow the design of ltk/kernels/layernorm.py (whole rows in registers, ROWS ×
 BLOCK_N tiles for short rows, a persistent backward writing (programs, N) fp32 partials of
-dw that torch sums: deterministic, no atomics) and share its launch heuristics and input
-checks. Inputs that are not contiguous are copied with `.contiguous()` first.
+dw that torch sums: deterministic, no atomics); the launch heuristics and input checks both
+use are in ltk/kernels/norm_common.py. Inputs that are not contiguous are copied with `.contiguous()` first.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ltk.kernels.backend import HAS_TRITON, output_buffer
-from ltk.kernels.layernorm import (
-    _as_dtype,
-    _as_rows,
-    _bwd_programs,
-    _check_mode,
-    _check_norm_inputs,
-    _launch_config,
-    _on_device,
+from ltk.kernels.backend import HAS_TRITON
+from ltk.kernels.norm_common import (
+    as_dtype,
+    as_rows,
+    bwd_programs,
+    check_mode,
+    check_norm_inputs,
+    launch_config,
+    on_device,
 )
+from ltk.kernels.poison import output_allocator
 
 # ---------------------------------------------------------------------------------------
 # 2. Triton kernels
@@ -130,13 +131,8 @@ if HAS_TRITON:
         tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
 
 
-# Fill every output with NaN before launch (tests, the GPU check), so an element a kernel
-# forgets to write fails the comparison instead of passing with stale memory.
-POISON_OUTPUTS = False
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    return output_buffer(shape, dtype, device, POISON_OUTPUTS)  # read at call time: tests flip the flag
+POISON_OUTPUTS = False             # NaN-filled outputs (tests, the GPU check): see ltk/kernels/poison.py
+_empty = output_allocator(__name__)
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,7 +161,7 @@ def _rms_norm_fwd(x, residual, weight, eps):
     h = _empty((m, n), dtype, x.device) if residual is not None else None
     rstd = _empty((m,), torch.float32, x.device)
     if m > 0:
-        block_n, rows, num_warps = _launch_config(m, n)
+        block_n, rows, num_warps = launch_config(m, n)
         _rms_norm_fwd_kernel[(triton.cdiv(m, rows),)](
             x, residual if residual is not None else x, weight, y, h if h is not None else y, rstd,
             m, n, eps, HAS_RESIDUAL=residual is not None, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
@@ -177,8 +173,8 @@ def _rms_norm_bwd(x, weight, rstd, dy, dh):
     """Launch the backward; returns dx (with dh added when given) and dw."""
     m, n = x.shape
     dx = _empty((m, n), x.dtype, x.device)
-    block_n, rows, num_warps = _launch_config(m, n, backward=True)
-    programs = _bwd_programs(m, n, x.device) if m > 0 else 0
+    block_n, rows, num_warps = launch_config(m, n, backward=True)
+    programs = bwd_programs(m, n, x.device) if m > 0 else 0
     dw_part = _empty((programs, n), torch.float32, x.device)
     if m > 0:
         _rms_norm_bwd_kernel[(programs,)](
@@ -194,10 +190,10 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, eps):
-        shape, x2 = x.shape, _as_rows(x)                         # (M, N)
+        shape, x2 = x.shape, as_rows(x)                         # (M, N)
         weight = weight.contiguous()                             # the kernels index it as w[col]
-        with _on_device(x):
-            y, h, rstd = _rms_norm_fwd(x2, _as_rows(residual), weight, eps)
+        with on_device(x):
+            y, h, rstd = _rms_norm_fwd(x2, as_rows(residual), weight, eps)
         ctx.shape, ctx.has_residual = shape, residual is not None
         ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
         ctx.set_materialize_grads(False)
@@ -210,13 +206,13 @@ class RMSNormFunction(torch.autograd.Function):
         if dy is None:  # only h was used: nothing flows through the norm
             dx, dw = dh, torch.zeros_like(weight)
         else:
-            with _on_device(xin):
-                dx, dw = _rms_norm_bwd(xin, weight, rstd, _as_rows(dy), _as_rows(dh))
+            with on_device(xin):
+                dx, dw = _rms_norm_bwd(xin, weight, rstd, as_rows(dy), as_rows(dh))
             dx = dx.view(ctx.shape)
         # h = x + residual: both receive the same gradient, as from torch's own add
         if not ctx.has_residual:
             return dx, None, dw, None
-        return _as_dtype(dx, ctx.dtypes[0]), _as_dtype(dx, ctx.dtypes[1]), dw, None
+        return as_dtype(dx, ctx.dtypes[0]), as_dtype(dx, ctx.dtypes[1]), dw, None
 
 
 def _torch_rms_norm(h, weight, eps):
@@ -230,7 +226,7 @@ def _torch_rms_norm(h, weight, eps):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
     """RMSNorm over the last dim of x (..., N) with weight (N,). Returns a tensor of x's
     shape and dtype. See the module docstring for the math."""
-    backend = _check_norm_inputs(x, None, weight, None, eps, backend)
+    backend = check_norm_inputs(x, None, weight, None, eps, backend)
     if backend == "torch":
         return _torch_rms_norm(x, weight, eps)
     return RMSNormFunction.apply(x, None, weight, float(eps))
@@ -241,7 +237,7 @@ def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
     """(y, h) with h = x + residual (the new residual stream) and y = RMSNorm(h).
     Gradients from both y and h flow back to x and residual. h and y take the dtype of
     x + residual (torch's type promotion: bf16 + fp32 -> fp32)."""
-    backend = _check_norm_inputs(x, residual, weight, None, eps, backend)
+    backend = check_norm_inputs(x, residual, weight, None, eps, backend)
     if backend == "torch":
         h = x + residual
         return _torch_rms_norm(h, weight, eps), h
@@ -255,7 +251,7 @@ def flops(rows: int, cols: int, *, mode: str = "fwd", residual: bool = False) ->
     """Floating-point operations per element (per-row sqrt/divide neglected): forward 4
     (square and sum; times rstd; times w), backward 9 (x̂: 1; g = dy·w: 1; Σg·x̂: 2; dx: 3;
     dw: 2); the residual adds 1 each way (x + residual; dh + dx)."""
-    _check_mode(mode)
+    check_mode(mode)
     per = {"fwd": 4, "bwd": 9, "fwd+bwd": 13}[mode]
     if residual:
         per += {"fwd": 1, "bwd": 1, "fwd+bwd": 2}[mode]
@@ -270,7 +266,7 @@ def bytes_moved(rows: int, cols: int, *, dtype_bytes: int = 2, mode: str = "fwd"
     forward   read x (+ residual), w; write y (+ h), rstd
     backward  read x (h for the residual variant), dy (+ dh), w, rstd; write dx, dw
     (the dw partial buffer is implementation overhead, not counted)."""
-    _check_mode(mode)
+    check_mode(mode)
     act = rows * cols * dtype_bytes       # one activation tensor
     vec = cols * dtype_bytes              # the (N,) weight
     stats = rows * 4

@@ -18,18 +18,18 @@ fails.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from compile_check import compile_in_subprocess
+from compile_check import compile_in_subprocess, poison_outputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ltk.kernels.layernorm as ln
+import ltk.kernels.norm_common as nc
 from ltk.kernels.layernorm import bytes_moved, flops, layer_norm, layer_norm_reference, layer_norm_residual
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,15 +51,9 @@ def err(out: torch.Tensor, ref: torch.Tensor, scale: float = 0.0) -> float:
     return diff / scale if scale > 0 else diff
 
 
-@contextlib.contextmanager
 def poisoned(module):
     """Every buffer the kernels write starts as NaN."""
-    real = module._empty
-    module._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
-    try:
-        yield
-    finally:
-        module._empty = real
+    return poison_outputs(module)
 
 
 def make_inputs(shape, dtype, *, bias=True, residual=False, weight_dtype=None, seed=0):
@@ -311,7 +305,7 @@ def test_triton_refuses_float64_and_too_wide_rows():
     with pytest.raises(TypeError, match="x"):
         layer_norm(x, w, b, backend="triton")
     assert layer_norm(x, w, b, backend="torch").dtype == torch.float64   # the torch backend takes it
-    n = ln.MAX_WIDTH + 1
+    n = nc.MAX_WIDTH + 1
     with pytest.raises(ValueError, match="backend='torch'"):
         layer_norm(torch.randn(1, n, device=DEVICE), torch.ones(n, device=DEVICE), None, backend="triton")
 
@@ -327,22 +321,22 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 def test_launch_configuration(monkeypatch):
     """Whole rows in one block; short rows packed; the GPU backward grid a few programs per SM."""
-    for m, n in [(1, 1), (3, 7), (4096, 768), (4096, 8192), (4096, 16384), (2, ln.MAX_WIDTH)]:
+    for m, n in [(1, 1), (3, 7), (4096, 768), (4096, 8192), (4096, 16384), (2, nc.MAX_WIDTH)]:
         for backward in (False, True):
-            block_n, rows, warps = ln._launch_config(m, n, backward=backward)
+            block_n, rows, warps = nc.launch_config(m, n, backward=backward)
             assert block_n >= n and block_n & (block_n - 1) == 0 and block_n < 2 * n + 1
-            assert rows * block_n <= max(ln._TILE, block_n) and rows <= max(1, 2 * m)
+            assert rows * block_n <= max(nc.TILE, block_n) and rows <= max(1, 2 * m)
             assert warps in (4, 8, 16, 32)
-    assert ln._launch_config(4096, 128)[1] == 32                  # 32 rows of 128 a program
-    monkeypatch.setattr(ln, "_sm_count", lambda index: 132)
+    assert nc.launch_config(4096, 128)[1] == 32                  # 32 rows of 128 a program
+    monkeypatch.setattr(nc, "sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
     for m, n in [(4096, 16384), (4096, 8192), (65536, 768), (8, 4096)]:
-        p = ln._bwd_programs(m, n, cuda)
-        _, rows, _ = ln._launch_config(m, n, backward=True)
+        p = nc.bwd_programs(m, n, cuda)
+        _, rows, _ = nc.launch_config(m, n, backward=True)
         assert 1 <= p <= min(4 * 132, -(-m // rows))              # never an idle program
         assert p >= min(132, -(-m // rows))                       # every SM busy when there is work
-    assert ln._bwd_programs(4096, 16384, cuda) == 132             # ~31 rows each, partials ~4% extra
-    assert ln._bwd_programs(10, 10, torch.device("cpu")) == 1
+    assert nc.bwd_programs(4096, 16384, cuda) == 132             # ~31 rows each, partials ~4% extra
+    assert nc.bwd_programs(10, 10, torch.device("cpu")) == 1
 
 
 # ----------------------------------------------------------------------------- cost model
@@ -395,12 +389,12 @@ def _compile_all():
         sys.exit(3)
     for dtype, (m, n) in [("bf16", (4096, 16384)), ("fp16", (4096, 768)), ("fp32", (3, 1000))]:
         t = "*" + dtype
-        block_n, rows, warps = ln._launch_config(m, n)
+        block_n, rows, warps = nc.launch_config(m, n)
         sig = dict(X=t, R=t, W="*fp32", B="*fp32", Y=t, H=t, MEAN="*fp32", RSTD="*fp32", M="i32", N="i32",
                    eps="fp32", HAS_RESIDUAL="constexpr", HAS_BIAS="constexpr", ROWS="constexpr", BLOCK_N="constexpr")
         _compile_for_sm90(ln._layer_norm_fwd_kernel, sig, dict(HAS_RESIDUAL=True, HAS_BIAS=True, ROWS=rows,
                                                                BLOCK_N=block_n, _ALIGNED=n % 16 == 0), warps)
-        block_n, rows, warps = ln._launch_config(m, n, backward=True)
+        block_n, rows, warps = nc.launch_config(m, n, backward=True)
         sig = dict(X=t, W=t, MEAN="*fp32", RSTD="*fp32", DY=t, DH=t, DX=t, DW_PART="*fp32", DB_PART="*fp32",
                    M="i32", N="i32", HAS_DH="constexpr", HAS_BIAS="constexpr", ROWS="constexpr", BLOCK_N="constexpr")
         for on in (True, False):

@@ -18,9 +18,17 @@ import pytest
 import torch
 from compile_check import compile_in_subprocess, poison_outputs
 
+import ltk.kernels.lora as lora_mod
 import ltk.kernels.lora_triton as lt
 from ltk.kernels.backend import interpreter_on
-from ltk.kernels.lora import LoRALinearFunction, bytes_moved, flops, lora_linear, lora_linear_reference
+from ltk.kernels.lora import (
+    LoRALinearFunction,
+    bytes_moved,
+    flops,
+    fused_is_faster,
+    lora_linear,
+    lora_linear_reference,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 triton_ok = pytest.mark.skipif(DEVICE == "cpu" and not interpreter_on(),
@@ -205,17 +213,74 @@ def test_cost_model():
 
 
 # ---------------------------------------------------------------------------------------
+# The two routes: fused kernel or cuBLAS + low-rank term, chosen by the cost model
+# ---------------------------------------------------------------------------------------
+@triton_ok
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_cublas_route_matches_float64_reference(monkeypatch, dtype, bias):
+    monkeypatch.setattr(lora_mod, "ROUTE", "cublas")
+    check((3, 5), 40, 33, 4, dtype, bias)
+    check((9,), 24, 17, 20, dtype, bias, scale=-0.5, seed=2)   # r > the fused kernel's rank step
+
+
+def test_route_cost_model():
+    # bf16 on an H100 SXM (the default machine): fused where the saved 2·M·O·d bytes beat
+    # cuBLAS's assumed 10% edge, d·F/(BW·L) > 1/0.9 − 1, i.e. L < ~5,300 with a full grid
+    assert fused_is_faster(4096, 4096, 4096)                    # Llama-7B q/k/v/o
+    assert fused_is_faster(4096, 11008, 4096)                   # up projection (L = 4096)
+    assert not fused_is_faster(4096, 4096, 11008)               # down projection: L deep
+    assert fused_is_faster(4096, 4096, 5000) and not fused_is_faster(4096, 4096, 6000)
+    assert not fused_is_faster(64, 4096, 4096)                  # decode-like: a grid under one wave
+    assert not fused_is_faster(4096, 4096, 4096, dtype_bytes=4, fp32=True)  # FMA dots: cuBLAS
+    assert fused_is_faster(4096, 4096, 11008, efficiency=1.0)  # as fast as cuBLAS: always fused
+    # the backward's dx is the same decision with O = K, L = N
+    assert fused_is_faster(4096, 11008, 4096) != fused_is_faster(4096, 4096, 11008)
+
+
+def test_route_must_be_known(monkeypatch):
+    monkeypatch.setattr(lora_mod, "ROUTE", "cuda")
+    x, w, b, a, bb, _ = make_inputs((5,), 16, 8, 2, torch.float32)
+    with pytest.raises(ValueError, match="ROUTE"):
+        lora_mod._route(5, 8, 16, x)
+
+
+# ---------------------------------------------------------------------------------------
 # Compiled for a GPU (any machine) and run on one (CUDA only)
 # ---------------------------------------------------------------------------------------
 def test_kernels_compile_for_a_gpu(tmp_path):
     """The interpreter is lax about types and shapes, the compiler is not: compile both
-    kernels, as the launchers configure them, down to a cubin for sm_90."""
+    kernels, as the launchers configure them, down to a cubin for sm_90a, every autotune
+    candidate of the GEMM, and find no register spills."""
     compile_in_subprocess(__file__, tmp_path)
+
+
+def _gemm_source(lt_, triton_dtype: str, which: str, tile, has_bias: bool):
+    """The GEMM as a launch specializes it: the unit strides constant (fwd: P = W and Q = B
+    along L and R; dx: Wᵀ and Aᵀ along O), pointers and the other sizes and strides divisible
+    by 16 (as at 4096-wide layers)."""
+    from triton.compiler import ASTSource
+
+    names = lt_._gemm_lowrank_kernel.arg_names
+    t = "*" + triton_dtype
+    sig = {n: "i32" if n in ("M", "O", "L", "R", "M_BUCKET") or n.startswith("stride") else "constexpr" for n in names}
+    sig.update(X=t, P=t, V="*fp32", Q=t, BIAS=t, C=t, scale="fp32")
+    bm, bo, bl = tile[:3]
+    fp32 = triton_dtype == "fp32"
+    ce = dict(HAS_BIAS=has_bias, EVEN_L=True, BLOCK_M=bm, BLOCK_O=bo, BLOCK_L=bl, BLOCK_R=lt_.RANK_STEP,
+              GROUP_M=lt_.GROUP_M, FP32_DOTS=False, DOT_PRECISION="ieee" if fp32 else None,
+              EPI_PRECISION="ieee" if fp32 else "tf32")
+    ones = ("stride_pl", "stride_qr") if which == "fwd" else ("stride_po", "stride_qo")
+    for n in ones:
+        sig[n], ce[n] = "constexpr", 1
+    div16 = [n for n in ("X", "P", "V", "Q", "BIAS", "C", "O", "L", "stride_po", "stride_pl", "stride_qo", "stride_qr")
+             if n not in ones]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    return ASTSource(fn=lt_._gemm_lowrank_kernel, signature=sig, constexprs=ce, attrs=attrs)
 
 
 def _compile_all():
     try:  # the compiler's Python API moves between Triton versions
-        import triton
         from triton.backends import backends
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -223,27 +288,32 @@ def _compile_all():
     except (ImportError, AssertionError) as e:
         print(f"cannot drive this Triton's NVIDIA compiler directly: {e!r}")
         sys.exit(3)
-    target = GPUTarget("cuda", 90, 32)
-    bm, bo, bl = lt._GPU_TILES
-    for dtype, prec, epi in (("bf16", None, "tf32"), ("fp16", None, "tf32"), ("fp32", "ieee", "ieee")):
-        t = "*" + dtype
-        for r in (1, 16, 64):
+    from compile_check import compile_with_usage
+
+    target = GPUTarget("cuda", 90, 32)  # sm_90a
+    for dtype, prec, torch_dtype in (("bf16", None, torch.bfloat16), ("fp32", "ieee", torch.float32)):
+        for unit in ("stride_pl", "stride_pr"):  # u = x·Aᵀ reads A along L; g = dy·B reads B along r
+            t = "*" + dtype
             sig = dict(X=t, P=t, OUT="*fp32", M="i32", L="i32", R="i32", stride_pr="i32", stride_pl="i32",
                        BLOCK_M="constexpr", BLOCK_L="constexpr", BLOCK_R="constexpr", FP32_DOTS="constexpr",
                        DOT_PRECISION="constexpr")
-            ce = dict(BLOCK_M=lt._GPU_SKINNY_BLOCK_M, BLOCK_L=bl, BLOCK_R=lt.block_r(r), FP32_DOTS=False,
-                      DOT_PRECISION=prec)
-            triton.compile(ASTSource(fn=lt._skinny_kernel, signature=sig, constexprs=ce), target=target)
-            for has_bias in (True, False):
-                sig = dict(X=t, P=t, V="*fp32", Q=t, BIAS=t, C=t, M="i32", O="i32", L="i32", R="i32", scale="fp32",
-                           stride_po="i32", stride_pl="i32", stride_qo="i32", stride_qr="i32",
-                           HAS_BIAS="constexpr", BLOCK_M="constexpr", BLOCK_O="constexpr", BLOCK_L="constexpr",
-                           BLOCK_R="constexpr", FP32_DOTS="constexpr", DOT_PRECISION="constexpr",
-                           EPI_PRECISION="constexpr")
-                ce = dict(HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_O=bo, BLOCK_L=bl, BLOCK_R=lt.block_r(r),
-                          FP32_DOTS=False, DOT_PRECISION=prec, EPI_PRECISION=epi)
-                k = triton.compile(ASTSource(fn=lt._gemm_lowrank_kernel, signature=sig, constexprs=ce), target=target)
-                assert k.metadata.shared <= 228 * 1024, k.metadata.shared
+            sig[unit] = "constexpr"
+            ce = {unit: 1, "BLOCK_M": lt.SKINNY_BLOCK_M, "BLOCK_L": lt.SKINNY_BLOCK_L[torch_dtype],
+                  "BLOCK_R": lt.block_r(lt.MAX_RANK), "FP32_DOTS": False, "DOT_PRECISION": prec}
+            names = lt._skinny_kernel.arg_names
+            attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("X", "P", "OUT", "L")}
+            _, use = compile_with_usage(ASTSource(fn=lt._skinny_kernel, signature=sig, constexprs=ce, attrs=attrs),
+                                        target)
+            assert use["spill_bytes"] == 0, ("skinny", dtype, unit, use)
+    # every candidate, forward (bias) and dx (no bias) specializations; fp16 compiles as bf16
+    # does (the same HGMMA shapes), so one fp16 candidate checks that dtype's path
+    cases = [("bf16", which, tile) for tile in lt.TC_TILES for which in ("fwd", "dx")]
+    cases += [("fp16", "fwd", lt.TC_TILES[0])] + [("fp32", which, lt.FP32_TILE) for which in ("fwd", "dx")]
+    for dtype, which, tile in cases:
+        src = _gemm_source(lt, dtype, which, tile, has_bias=which == "fwd")
+        k, use = compile_with_usage(src, target, dict(num_warps=tile[3], num_stages=tile[4]))
+        assert use["spill_bytes"] == 0, (dtype, which, tile, use)
+        assert k.metadata.shared <= 164 * 1024, (dtype, which, tile, k.metadata.shared)  # fits sm_80 too
 
 
 @gpu_only

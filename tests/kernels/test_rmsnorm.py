@@ -18,19 +18,19 @@ fails.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from compile_check import compile_in_subprocess
+from compile_check import compile_in_subprocess, poison_outputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import ltk.kernels.norm_common as nc
 import ltk.kernels.rmsnorm as rn
-from ltk.kernels.layernorm import MAX_WIDTH
+from ltk.kernels.norm_common import MAX_WIDTH
 from ltk.kernels.rmsnorm import bytes_moved, flops, rms_norm, rms_norm_reference, rms_norm_residual
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,15 +52,9 @@ def err(out: torch.Tensor, ref: torch.Tensor, scale: float = 0.0) -> float:
     return diff / scale if scale > 0 else diff
 
 
-@contextlib.contextmanager
 def poisoned(module):
     """Every buffer the kernels write starts as NaN."""
-    real = module._empty
-    module._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
-    try:
-        yield
-    finally:
-        module._empty = real
+    return poison_outputs(module)
 
 
 def make_inputs(shape, dtype, *, residual=False, weight_dtype=None, seed=0):
@@ -356,12 +350,12 @@ def _compile_all():
         sys.exit(3)
     for dtype, (m, n) in [("bf16", (4096, 16384)), ("fp16", (4096, 8192)), ("fp32", (3, 1000))]:
         t = "*" + dtype
-        block_n, rows, warps = rn._launch_config(m, n)
+        block_n, rows, warps = nc.launch_config(m, n)
         sig = dict(X=t, R=t, W=t, Y=t, H=t, RSTD="*fp32", M="i32", N="i32", eps="fp32",
                    HAS_RESIDUAL="constexpr", ROWS="constexpr", BLOCK_N="constexpr")
         _compile_for_sm90(rn._rms_norm_fwd_kernel, sig, dict(HAS_RESIDUAL=True, ROWS=rows, BLOCK_N=block_n,
                                                              _ALIGNED=n % 16 == 0), warps)
-        block_n, rows, warps = rn._launch_config(m, n, backward=True)
+        block_n, rows, warps = nc.launch_config(m, n, backward=True)
         sig = dict(X=t, W="*fp32", RSTD="*fp32", DY=t, DH=t, DX=t, DW_PART="*fp32", M="i32", N="i32",
                    HAS_DH="constexpr", ROWS="constexpr", BLOCK_N="constexpr")
         for on in (True, False):
