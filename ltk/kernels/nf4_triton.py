@@ -55,9 +55,9 @@ INTERPRETER_CONFIG = (16, 32, 32, "regs")
 # kernel streams W, so wide BLOCK_N·BLOCK_K tiles and deep pipelining); 64 and 128 are
 # the prefill tiles up to nf4.FUSED_MAX_M, above which nf4.py dequantizes and calls cuBLAS.
 GPU_CONFIGS = (
-    (16, 64, 128, 4, 4, "regs"), (16, 64, 128, 4, 4, "l1"), (16, 128, 64, 4, 4, "regs"),
-    (64, 64, 64, 4, 4, "regs"), (64, 64, 64, 4, 4, "l1"), (64, 128, 64, 8, 3, "regs"),
-    (128, 64, 64, 8, 3, "regs"),
+    (16, 64, 128, 4, 4, "regs"), (16, 128, 64, 4, 4, "regs"), (16, 64, 64, 4, 4, "regs"),
+    (64, 64, 64, 4, 4, "regs"), (64, 64, 64, 4, 4, "l1"),
+    (128, 64, 64, 8, 3, "regs"), (128, 64, 64, 8, 3, "l1"), (64, 128, 64, 8, 3, "regs"),
 )
 # fp32 inputs: IEEE fp32 dots on the FMA units, not the tensor cores: one modest tile, no
 # tuning (fp32 is the exact path, fp16/bf16 the fast one)
@@ -75,7 +75,7 @@ def is_pow2(v: int) -> bool:
 def row_aligned(k: int, blocksize: int, block_k: int) -> bool:
     """Whether the rows path reads W (see the module docstring)."""
     return (k % blocksize == 0 and k % block_k == 0 and is_pow2(blocksize) and is_pow2(block_k)
-            and block_k >= 2)
+            and block_k >= 16)
 
 
 def m_bucket(m: int) -> int:
