@@ -55,13 +55,18 @@ INTERPRETER_CONFIG = (16, 32, 32, "regs")
 # kernel streams W, so wide BLOCK_N·BLOCK_K tiles and deep pipelining); 64 and 128 are
 # the prefill tiles up to nf4.FUSED_MAX_M, above which nf4.py dequantizes and calls cuBLAS.
 GPU_CONFIGS = (
-    (16, 64, 128, 4, 4, "regs"), (16, 128, 64, 4, 4, "regs"), (16, 64, 64, 4, 4, "regs"),
+    (16, 64, 128, 4, 3, "regs"), (16, 128, 64, 4, 4, "regs"),
     (64, 64, 64, 4, 4, "regs"), (64, 64, 64, 4, 4, "l1"),
     (128, 64, 64, 8, 3, "regs"), (128, 64, 64, 8, 3, "l1"), (64, 128, 64, 8, 3, "regs"),
 )
+# the dx kernel: the same but the decode tile with BLOCK_K 128, which spills 8 bytes there
+BWD_CONFIGS = tuple(c for c in GPU_CONFIGS if c[:3] != (16, 64, 128))
 # fp32 inputs: IEEE fp32 dots on the FMA units, not the tensor cores: one modest tile, no
 # tuning (fp32 is the exact path, fp16/bf16 the fast one)
 FP32_CONFIG = (32, 32, 32, 4, 2, "regs")
+# W not row-aligned (odd K, K not a multiple of a power-of-two blocksize or of 64): the flat
+# path, whose per-element gathers spill at the tuned tiles; this one tile, no tuning
+FLAT_CONFIG = FP32_CONFIG
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -214,29 +219,33 @@ if HAS_TRITON:
     _ALIGNED = {"ROW_ALIGNED": lambda a: row_aligned(a["K"], a["BLOCKSIZE"], a["BLOCK_K"])}
     _KEY = ["M_BUCKET", "N", "K", "BLOCKSIZE"]  # and the tensors' dtypes, which the autotuner adds
 
-    def gpu_configs() -> list:
-        """The fp16/bf16 autotune candidates as triton.Config (all of them; pruned by M per launch)."""
+    def gpu_configs(configs=GPU_CONFIGS) -> list:
+        """fp16/bf16 autotune candidates as triton.Config (all of them; pruned by M per launch)."""
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "LUT": lut}, num_warps=w, num_stages=s)
-                for m, n, k, w, s, lut in GPU_CONFIGS]
+                for m, n, k, w, s, lut in configs]
 
     def _prune_by_m(configs, named_args, **kwargs):
-        """Decode (M ≤ 16) takes the BLOCK_M 16 tiles, anything longer the tall ones up to M."""
-        mb = named_args["M_BUCKET"]
-        keep = [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == (mb <= 16) and c.kwargs["BLOCK_M"] <= max(64, mb)]
-        return keep or configs
+        """Decode (M ≤ 16) takes the BLOCK_M 16 tiles, anything longer the tall ones up to M;
+        only tiles whose BLOCK_K reads W by rows."""
+        mb, k, bs = named_args["M_BUCKET"], named_args["K"], kwargs.get("BLOCKSIZE", named_args.get("BLOCKSIZE"))
+        keep = [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == (mb <= 16) and c.kwargs["BLOCK_M"] <= max(64, mb)
+                and row_aligned(k, bs, c.kwargs["BLOCK_K"])]
+        return keep or [c for c in configs if c.kwargs["BLOCK_K"] == 64]
 
     _fwd_h = triton.heuristics(_ALIGNED)(_matmul_fwd_kernel)
     _bwd_h = triton.heuristics(_ALIGNED)(_matmul_bwd_kernel)
-    _fwd_tuned = triton.autotune(gpu_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_by_m})(_fwd_h)
-    _bwd_tuned = triton.autotune(gpu_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_by_m})(_bwd_h)
+    _PRUNE = {"early_config_prune": _prune_by_m}
+    _fwd_tuned = triton.autotune(gpu_configs(), key=_KEY, prune_configs_by=_PRUNE)(_fwd_h)
+    _bwd_tuned = triton.autotune(gpu_configs(BWD_CONFIGS), key=_KEY, prune_configs_by=_PRUNE)(_bwd_h)
 
 
-def _launch(tuned, plain, grid_of, dtype, *args):
-    """Fixed tiles under the interpreter and for fp32 inputs, the autotuner otherwise.
-    grid_of(BLOCK_M, BLOCK_N, BLOCK_K) -> the launch grid."""
-    if interpreter_on() or dtype == torch.float32:
-        bm, bn, bk, lut = INTERPRETER_CONFIG if interpreter_on() else FP32_CONFIG[:3] + FP32_CONFIG[5:]
-        opts = {} if interpreter_on() else dict(num_warps=FP32_CONFIG[3], num_stages=FP32_CONFIG[4])
+def _launch(tuned, plain, grid_of, dtype, k, blocksize, *args):
+    """Fixed tiles under the interpreter, for fp32 inputs and for the flat path; the
+    autotuner otherwise. grid_of(BLOCK_M, BLOCK_N, BLOCK_K) -> the launch grid."""
+    fixed = FP32_CONFIG if dtype == torch.float32 else FLAT_CONFIG
+    if interpreter_on() or dtype == torch.float32 or not row_aligned(k, blocksize, 64):
+        bm, bn, bk, lut = INTERPRETER_CONFIG if interpreter_on() else fixed[:3] + fixed[5:]
+        opts = {} if interpreter_on() else dict(num_warps=fixed[3], num_stages=fixed[4])
         plain[grid_of(bm, bn, bk)](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LUT=lut,
                                    FP32_DOTS=interpreter_on(), DOT_PRECISION="ieee" if dtype == torch.float32 else None,
                                    **opts)
@@ -259,7 +268,7 @@ def matmul_fwd_triton(x2, packed, absmax, code, n: int, blocksize: int) -> torch
     m, k = x2.shape
     y = _empty((m, n), x2.dtype, x2.device)
     if m and n:
-        _launch(_fwd_tuned, _fwd_h, lambda bm, bn, bk: (triton.cdiv(m, bm), triton.cdiv(n, bn)), x2.dtype,
+        _launch(_fwd_tuned, _fwd_h, lambda bm, bn, bk: (triton.cdiv(m, bm), triton.cdiv(n, bn)), x2.dtype, k, blocksize,
                 x2, packed, absmax, code, y, m, n, k, m_bucket(m), blocksize)
     return y
 
@@ -270,5 +279,5 @@ def matmul_bwd_triton(dy2, packed, absmax, code, k: int, blocksize: int) -> torc
     dx = _empty((m, k), dy2.dtype, dy2.device)
     if m and k:
         _launch(_bwd_tuned, _bwd_h, lambda bm, bn, bk: (triton.cdiv(m, bm), triton.cdiv(k, bk)), dy2.dtype,
-                dy2, packed, absmax, code, dx, m, n, k, m_bucket(m), blocksize)
+                k, blocksize, dy2, packed, absmax, code, dx, m, n, k, m_bucket(m), blocksize)
     return dx

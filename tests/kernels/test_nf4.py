@@ -426,10 +426,10 @@ def _compile_all():
         assert spills in (0, None), f"{fn.__name__} {consts} num_warps={warps}: {spills} bytes of spills"
 
     fwd, bwd = nt._matmul_fwd_kernel, nt._matmul_bwd_kernel
-    runs = [(c, "bf16", None, True) for c in nt.GPU_CONFIGS]
-    runs += [(nt.FP32_CONFIG, "fp32", "ieee", True), (nt.GPU_CONFIGS[0], "fp16", None, False)]  # flat path
-    for (bm, bn, bk, warps, stages, lut), dtype, prec, rows in runs:
-        for fn in (fwd, bwd):
-            build(fn, dtype, dict(BLOCKSIZE=64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LUT=lut, ROW_ALIGNED=rows,
-                                  FP32_DOTS=False, DOT_PRECISION=prec), warps, stages, aligned=rows)
+    runs = [(fn, c, "bf16", None, True) for fn, cs in ((fwd, nt.GPU_CONFIGS), (bwd, nt.BWD_CONFIGS)) for c in cs]
+    for fn in (fwd, bwd):
+        runs += [(fn, nt.FP32_CONFIG, "fp32", "ieee", True), (fn, nt.FLAT_CONFIG, "fp16", None, False)]  # flat path
+    for fn, (bm, bn, bk, warps, stages, lut), dtype, prec, rows in runs:
+        build(fn, dtype, dict(BLOCKSIZE=64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LUT=lut, ROW_ALIGNED=rows,
+                              FP32_DOTS=False, DOT_PRECISION=prec), warps, stages, aligned=rows)
     build(nt._dequant_kernel, "bf16", dict(BLOCKSIZE=64, BLOCK=nt._DEQUANT_BLOCK), 4, 3)
