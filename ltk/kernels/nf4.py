@@ -33,9 +33,31 @@ Rounding and ties are those of bitsandbytes' CPU implementation (0.50):
     table[idx] = the first code whose upper midpoint is not below −1 + 2·idx/65535. A block
     whose scale is 0 stores codes 0.
 
-Matmul: y = x · Wᵀ with W (N, K) in NF4. The fused Triton kernel (ltk/kernels/nf4_triton.py)
-dequantizes each tile of W in registers and never writes W; backward dx = dy · W likewise.
-The reference path dequantizes W to x's dtype and calls F.linear.
+Matmul: y = x · Wᵀ with W (N, K) in NF4; the reference path dequantizes W to x's dtype and
+calls F.linear. The triton backend picks one of two paths by M (rows of x; `fused_path`):
+
+  fused    M ≤ FUSED_MAX_M: the Triton kernel (ltk/kernels/nf4_triton.py) dequantizes each
+           tile of W in registers and never writes W; backward dx = dy · W likewise.
+  unfused  M > FUSED_MAX_M: the Triton dequantize kernel writes W in x's dtype, then cuBLAS
+           (F.linear; dy @ W in the backward, which dequantizes again instead of keeping W).
+
+Cost model (section 5, per weight, d bytes a compute element, blocksize 64):
+  bytes  fused 0.5625 (4 bits + an fp32 absmax a block); unfused 0.5625 + 2d more (the
+         dequantize pass writes W, the GEMM reads it): 4.56 in bf16, 8× the fused traffic.
+  FLOPs  2·M a weight either way; the fused kernel re-dequantizes W for every BLOCK_M rows,
+         and its dequantize (≈ 14 instructions a weight in the select-tree form, a pipe that
+         also issues the tensor-core work) caps it at a fraction e_f of the tensor-core peak P,
+         where cuBLAS reaches e_c.
+Time (BW the memory bandwidth), large M, both compute-bound:
+    fused    2·M·N·K / (e_f·P)
+    unfused  2·M·N·K / (e_c·P) + (0.5625 + d)·N·K / BW
+so the fused kernel wins while M < M* = (0.5625 + d)·P / (2·BW·(1/e_f − 1/e_c)) (`crossover_m`).
+On an H100 SXM (P = 989 TFLOP/s bf16 dense, BW = 3.35 TB/s: P/BW ≈ 295 FLOP/byte), e_c ≈ 0.75
+and e_f ≈ 0.35 (the issue-bound ceiling of the 128×64×64 tile: 360 SASS a k-step per warp,
+4 HGMMA, sm_90a), M* ≈ 250: FUSED_MAX_M = 256. Below it, at decode (M ≤ 16), the fused
+kernel is issue-bound near 30% of the bandwidth (≈ 1,100 SASS per 64×128 k-step and warp)
+and still moves 8× fewer bytes: ≈ 2.4× faster than dequantize + GEMV by this model.
+Measured times replace these constants when a GPU runs `python -m bench.gpu_check`.
 """
 from __future__ import annotations
 
@@ -244,7 +266,11 @@ class NF4MatmulFunction(torch.autograd.Function):
     def forward(ctx, x, packed, shape, blocksize, absmax_of, *stats):
         n, k = shape
         x2 = x.reshape(-1, k).contiguous()                      # (M, K)
-        y = nf4_triton.matmul_fwd_triton(x2, packed, absmax_of(*stats), _code("nf4", x.device), n, blocksize)
+        absmax, code = absmax_of(*stats), _code("nf4", x.device)
+        if fused_path(x2.shape[0]):
+            y = nf4_triton.matmul_fwd_triton(x2, packed, absmax, code, n, blocksize)
+        else:
+            y = F.linear(x2, nf4_triton.dequantize_triton(packed, absmax, code, n * k, blocksize, x.dtype).view(n, k))
         ctx.save_for_backward(packed, *stats)
         ctx.shape, ctx.blocksize, ctx.x_shape, ctx.absmax_of = shape, blocksize, x.shape, absmax_of
         return y.view(*x.shape[:-1], n)
@@ -254,8 +280,11 @@ class NF4MatmulFunction(torch.autograd.Function):
         packed, *stats = ctx.saved_tensors
         n, k = ctx.shape
         dy2 = dy.reshape(-1, n).contiguous()                    # (M, N)
-        dx = nf4_triton.matmul_bwd_triton(dy2, packed, ctx.absmax_of(*stats), _code("nf4", dy.device), k,
-                                          ctx.blocksize)
+        absmax, code = ctx.absmax_of(*stats), _code("nf4", dy.device)
+        if fused_path(dy2.shape[0]):
+            dx = nf4_triton.matmul_bwd_triton(dy2, packed, absmax, code, k, ctx.blocksize)
+        else:
+            dx = dy2 @ nf4_triton.dequantize_triton(packed, absmax, code, n * k, ctx.blocksize, dy.dtype).view(n, k)
         return (dx.view(ctx.x_shape), None, None, None, None, *[None] * len(stats))
 
 
@@ -368,3 +397,30 @@ def bytes_moved(M: int, N: int, K: int, *, dtype_bytes: int = 2, blocksize: int 
     w_q = (N * K + 1) // 2 + 4 * (-(-N * K // blocksize))
     io = (M * K + M * N) * dtype_bytes
     return io + w_q + (0 if fused else 2 * N * K * dtype_bytes)
+
+
+# Hardware constants of the dispatch (H100 SXM, bf16 dense; see the module docstring)
+PEAK_FLOPS = 989e12
+BANDWIDTH = 3.35e12
+FUSED_EFFICIENCY = 0.35     # e_f: issue-bound ceiling of the fused kernel's prefill tile, sm_90a SASS
+CUBLAS_EFFICIENCY = 0.75    # e_c
+
+
+def crossover_m(e_fused: float = FUSED_EFFICIENCY, e_cublas: float = CUBLAS_EFFICIENCY, *,
+                peak_flops: float = PEAK_FLOPS, bandwidth: float = BANDWIDTH, dtype_bytes: int = 2,
+                blocksize: int = 64) -> float:
+    """M* = (q + d)·P / (2·BW·(1/e_f − 1/e_c)), q = 0.5 + 4/blocksize bytes a stored weight:
+    the M above which dequantize + cuBLAS beats the fused kernel (module docstring). Infinite
+    when the fused kernel is as efficient as cuBLAS."""
+    gap = 1 / e_fused - 1 / e_cublas
+    extra = 0.5 + 4 / blocksize + dtype_bytes                   # unfused dequantize pass, bytes a weight
+    return math.inf if gap <= 0 else extra * peak_flops / (2 * bandwidth * gap)
+
+
+FUSED_MAX_M = 256  # crossover_m() ≈ 250 with the constants above, rounded to a tile multiple
+
+
+def fused_path(m: int) -> bool:
+    """The triton backend's choice for x with m rows: the fused kernel (True) or dequantize +
+    cuBLAS (False)."""
+    return m <= FUSED_MAX_M

@@ -10,23 +10,30 @@ torch's own F.linear in that dtype on the same inputs + half an ulp of the dtype
 from __future__ import annotations
 
 import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from compile_check import poison_outputs
+from compile_check import compile_in_subprocess, poison_outputs
 
+import ltk.kernels.nf4 as nf4_mod
 import ltk.kernels.nf4_triton as nt
-from ltk.kernels.backend import interpreter_on
+from ltk.kernels.backend import HAS_TRITON, interpreter_on
 from ltk.kernels.nf4 import (
     NF4_CODE,
     NF4Linear,
     bytes_moved,
+    crossover_m,
     dequantize_absmax,
     dequantize_nf4,
     dynamic_code,
     flops,
+    fused_path,
     nf4_bits_per_param,
     nf4_code_from_quantiles,
     nf4_matmul,
@@ -231,6 +238,73 @@ def test_double_quant_matmul_rebuilds_absmax_and_saves_only_stored_tensors():
         nf4_matmul_dq(x, p, codes.float(), scales, offset, (n, k), backend="triton")
 
 
+def check_matmul(m, n, k, dtype, blocksize=64, seed=0):
+    """y and dx of nf4_matmul(backend="triton") against the float64 reference, as above."""
+    g = torch.Generator().manual_seed(seed)
+    p, a = quantize_nf4(weight((n, k), seed=seed + 1), blocksize)
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE).requires_grad_()
+    dy = torch.randn(m, n, generator=g).to(dtype).to(DEVICE)
+    w64 = dequantize_nf4(p, a, (n, k), blocksize, torch.float64 if dtype == torch.float32 else dtype).double()
+    with poisoned():
+        y = nf4_matmul(x, p, a, (n, k), blocksize, backend="triton")
+        y.backward(dy)
+    for out, ref in ((y, F.linear(x.detach().double(), w64)), (x.grad, dy.double() @ w64)):
+        tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+        assert rel_err(out, ref) <= tol, (m, n, k, dtype, blocksize)
+
+
+@triton_ok
+@pytest.mark.parametrize("lut", ["regs", "l1"])
+@pytest.mark.parametrize("n,k,blocksize", [(40, 128, 32), (40, 96, 128), (33, 128, 128), (9, 96, 96), (7, 37, 64)])
+def test_both_read_paths_and_code_lookups(monkeypatch, lut, n, k, blocksize):
+    """The rows path (K a multiple of blocksize and of BLOCK_K: with BLOCK_K 64, two absmax a
+    tile row at blocksize 32 and one for two k-steps at 128) and the flat path (K = 96 with
+    BLOCK_K 64, a blocksize of 96, odd K), each with the code as a select tree and as a table."""
+    if DEVICE != "cpu":
+        pytest.skip("the interpreter's fixed tiles; a GPU autotunes")
+    monkeypatch.setattr(nt, "INTERPRETER_CONFIG", (16, 32, 64, lut))
+    assert nt.row_aligned(k, blocksize, 64) == (k % 64 == 0 and blocksize in (32, 128))
+    check_matmul(5, n, k, torch.float32, blocksize)
+
+
+@triton_ok
+def test_large_m_dequantizes_then_calls_the_gemm(monkeypatch):
+    """Above FUSED_MAX_M the triton backend writes W with the dequantize kernel and calls
+    F.linear (dy @ W in the backward): same results within the same budgets."""
+    assert fused_path(nf4_mod.FUSED_MAX_M) and not fused_path(nf4_mod.FUSED_MAX_M + 1)
+    monkeypatch.setattr(nf4_mod, "FUSED_MAX_M", 2)
+    calls = []
+    monkeypatch.setattr(nt, "matmul_fwd_triton", lambda *a: calls.append(a))  # must not run
+    for dtype in (torch.float32, torch.float16):
+        check_matmul(3, 40, 96, dtype)
+    assert calls == []
+
+
+def test_crossover_follows_the_cost_model():
+    m_star = crossover_m()
+    assert 200 < m_star < 300 and abs(m_star - nf4_mod.FUSED_MAX_M) / m_star < 0.1
+    # by hand: (0.5625 + 2) bytes · P / (2 · BW · (1/e_f - 1/e_c))
+    assert m_star == pytest.approx(2.5625 * 989e12 / (2 * 3.35e12 * (1 / 0.35 - 1 / 0.75)))
+    assert crossover_m(0.5) > m_star > crossover_m(0.2)     # a faster fused kernel wins longer
+    assert crossover_m(0.75, 0.75) == math.inf
+    assert crossover_m(bandwidth=2 * 3.35e12) == pytest.approx(m_star / 2)  # more bandwidth: the write costs less
+
+
+@pytest.mark.skipif(not HAS_TRITON or DEVICE != "cpu" or not interpreter_on(),
+                    reason="drives the GPU launch path through the interpreter")
+def test_gpu_launch_path_autotunes_and_matches(monkeypatch):
+    """The launch code a GPU takes for fp16 (autotuner, pruning by M, grid lambdas,
+    ROW_ALIGNED from the chosen BLOCK_K), run by the interpreter with a stub timer."""
+    monkeypatch.setattr(nt, "interpreter_on", lambda: False)
+    for tuned in (nt._fwd_tuned, nt._bwd_tuned):
+        monkeypatch.setattr(tuned, "_do_bench", lambda call, quantiles=None: (call(), [1.0, 1.0, 1.0])[1])
+        monkeypatch.setattr(tuned, "cache", {})
+    check_matmul(5, 70, 128, torch.float16)
+    assert all(len(t.cache) == 1 for t in (nt._fwd_tuned, nt._bwd_tuned))
+    best = nt._fwd_tuned.cache[next(iter(nt._fwd_tuned.cache))]
+    assert best.kwargs["BLOCK_M"] == 16  # decode-sized M prunes to the decode tiles
+
+
 def test_torch_backend_matmul_is_dequantize_then_linear():
     p, a = quantize_nf4(weight((96, 128)))
     x = torch.randn(3, 128, device=DEVICE, requires_grad=True)
@@ -300,3 +374,62 @@ def test_bad_input():
         quantize_nf4(torch.zeros(4, dtype=torch.int32))
     with pytest.raises(ValueError, match="backend"):
         nf4_matmul(torch.randn(2, 64), p, a, (8, 64), backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------
+# Compiled for a GPU (any machine): every autotune candidate, no spills
+# ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_kernels_compile_for_a_gpu(tmp_path):
+    """Every autotune candidate of both matmul kernels (bf16), the fp32 tile, the flat path
+    and the dequantize kernel compile for sm_90a, and none spills registers (read from the
+    cubin with the cuobjdump that Triton's wheel ships, where it does)."""
+    compile_in_subprocess(__file__, tmp_path)
+
+
+def _spill_bytes(cubin: bytes, tmp: str) -> int | None:
+    """STACK + LOCAL bytes of the kernel (ptxas puts spills there), or None without cuobjdump."""
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    path = os.path.join(tmp, "k.cubin")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    return sum(int(v) for v in re.findall(r"(?:STACK|LOCAL):(\d+)", usage))
+
+
+def _compile_all():
+    try:  # the compiler's Python API moves between Triton versions
+        import tempfile
+
+        import triton
+        from triton.backends import backends
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        assert "nvidia" in backends
+    except (ImportError, AssertionError) as e:
+        print(f"cannot drive this Triton's NVIDIA compiler directly: {e!r}")
+        sys.exit(3)
+    tmp = tempfile.mkdtemp()
+
+    def build(fn, dtype, consts, warps, stages, aligned=True):
+        io = dict(X=dtype, Y=dtype, DY=dtype, DX=dtype, OUT=dtype, PACKED="u8", ABSMAX="fp32", CODE="fp32")
+        sig = {a: "constexpr" if a in consts else "*" + io[a] if a in io else "i32" for a in fn.arg_names}
+        # what a launch on contiguous tensors with K, N multiples of 16 specializes on
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                 if aligned and (a in io or a in ("N", "K"))}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+        spills = _spill_bytes(k.asm["cubin"], tmp)
+        assert spills in (0, None), f"{fn.__name__} {consts} num_warps={warps}: {spills} bytes of spills"
+
+    fwd, bwd = nt._matmul_fwd_kernel, nt._matmul_bwd_kernel
+    runs = [(fn, c, "bf16", None, True) for fn, cs in ((fwd, nt.GPU_CONFIGS), (bwd, nt.BWD_CONFIGS)) for c in cs]
+    for fn in (fwd, bwd):
+        runs += [(fn, nt.FP32_CONFIG, "fp32", "ieee", True), (fn, nt.FLAT_CONFIG, "fp16", None, False)]  # flat path
+    for fn, (bm, bn, bk, warps, stages, lut), dtype, prec, rows in runs:
+        build(fn, dtype, dict(BLOCKSIZE=64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LUT=lut, ROW_ALIGNED=rows,
+                              FP32_DOTS=False, DOT_PRECISION=prec), warps, stages, aligned=rows)
+    build(nt._dequant_kernel, "bf16", dict(BLOCKSIZE=64, BLOCK=nt._DEQUANT_BLOCK), 4, 3)
