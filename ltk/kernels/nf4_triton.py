@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import torch
 
-from ltk.kernels.backend import HAS_TRITON, interpreter_on, output_buffer
+from ltk.kernels.backend import HAS_TRITON, interpreter_on
+from ltk.kernels.poison import output_allocator
 
 # Fill every output with NaN before launch (tests), so an element a kernel forgets to write
 # fails the comparison instead of passing with stale memory.
@@ -69,8 +70,7 @@ FP32_CONFIG = (32, 32, 32, 4, 2, "regs")
 FLAT_CONFIG = FP32_CONFIG
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
-    return output_buffer(shape, dtype, device, POISON_OUTPUTS)  # read at call time: tests flip the flag
+_empty = output_allocator(__name__)  # NaN-filled outputs while POISON_OUTPUTS is set (tests)
 
 
 def is_pow2(v: int) -> bool:
