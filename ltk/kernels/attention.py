@@ -123,7 +123,6 @@ if HAS_TRITON:
     from ltk.kernels.attention_triton import (  # noqa: F401
         _FP32_BLOCKS,
         _GPU_BLOCKS,
-        _GPU_BLOCKS_BIAS,
         _attn_bwd_dkdv,
         _attn_bwd_dkdv_h,
         _attn_bwd_dkdv_tuned,
@@ -357,8 +356,9 @@ class _LaunchArgs:
             FP32_DOTS=self.interp, DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # None: the default
         )
         # autotune key: the sequence lengths rounded up to a power of two, so that a new
-        # length (generation, a ragged batch) does not re-run the tuning each time
-        self.buckets = (triton.next_power_of_2(T), triton.next_power_of_2(self.S))
+        # length (generation, a ragged batch) does not re-run the tuning each time; + 1 when
+        # the length is ragged (not a multiple of 128), whose candidates differ (`variant`)
+        self.buckets = tuple(triton.next_power_of_2(n) + (n % 128 != 0) for n in (T, self.S))
 
     def launch(self, which, tuned, plain, rows, heads, *args, **extra):
         """Grid (blocks, heads, B): the blocks of `rows` ('T' or 'S') on the fast axis, so that

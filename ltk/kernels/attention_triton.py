@@ -44,7 +44,6 @@ from __future__ import annotations
 
 from ltk.kernels.backend import HAS_TRITON
 
-
 if HAS_TRITON:
     import triton
     import triton.language as tl
@@ -507,47 +506,68 @@ if HAS_TRITON:
     # out and the loads need no row masks (the common training case, T = S = 2^k).
     _EVEN = {"EVEN_M": lambda a: a["T"] % a["BLOCK_M"] == 0, "EVEN_N": lambda a: a["S"] % a["BLOCK_N"] == 0}
 
-    # GPU candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) by head-dim class (BLOCK_D up
-    # to 64, 128, 256). Every candidate is compiled for sm_90a by the tests and spills no
-    # register. Autotuned once per head dim, flags, dtype and power-of-two bucket of the
-    # sequence lengths. The forward and dQ keep a tall query block (its fp32 accumulator in
-    # registers, K/V streaming through shared memory); dK/dV keeps two fp32 (BLOCK_N, D)
-    # accumulators, so its key block shrinks as D grows.
+    # GPU candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) by variant and head-dim class
+    # (BLOCK_D up to 64, 128, 256). Every candidate is compiled for sm_90a by the tests
+    # (tests/kernels/test_attention*.py `_compile_all`) and spills no register in the worst
+    # flags of its variant:
+    #   plain   no bias, padding or segment ids, T and S multiples of 128: no tile is masked
+    #           but the causal diagonal, so the largest tiles fit (the training path);
+    #   masked  key padding or segment ids, or ragged lengths: the masks' predicates and
+    #           index tiles take registers, so the tiles are smaller;
+    #   bias    a (BLOCK_M, BLOCK_N) bias tile more (and dS stored by dQ): smaller still.
+    # The forward and dQ keep a tall query block (its fp32 accumulator in registers, K/V
+    # streaming through shared memory); dK/dV keeps two fp32 (BLOCK_N, D) accumulators, so
+    # its key block shrinks as D grows. Autotuned once per head dim, flags, dtype and bucket
+    # of the sequence lengths (the bucket says whether a length is ragged).
     _GPU_BLOCKS = {
-        "fwd": {64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-                128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
-                256: [(64, 64, 8, 2), (64, 32, 4, 2)]},
-        "dkdv": {64: [(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 2)],
-                 128: [(32, 128, 8, 2), (32, 64, 8, 3), (32, 32, 4, 3)],
-                 256: [(32, 32, 8, 2), (16, 32, 8, 2)]},
-        "dq": {64: [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
-               128: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2)],
-               256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2)]},
+        "plain": {
+            "fwd": {64: [(128, 64, 4, 3), (128, 128, 8, 3)], 128: [(128, 64, 8, 3), (128, 128, 8, 2)],
+                    256: [(64, 32, 4, 2)]},
+            "dkdv": {64: [(64, 64, 4, 3), (32, 64, 4, 3)], 128: [(32, 64, 8, 3), (32, 32, 4, 3)],
+                     256: [(16, 32, 8, 2)]},
+            "dq": {64: [(128, 64, 8, 2), (64, 64, 4, 3)], 128: [(128, 64, 8, 2), (64, 64, 8, 3)],
+                   256: [(32, 32, 4, 2)]},
+        },
+        "masked": {
+            "fwd": {64: [(128, 64, 8, 3), (64, 64, 4, 3)], 128: [(128, 64, 8, 3), (64, 64, 4, 3)],
+                    256: [(32, 32, 4, 2)]},
+            "dkdv": {64: [(32, 64, 4, 3), (32, 32, 4, 3)], 128: [(32, 32, 4, 3)], 256: [(16, 32, 8, 2)]},
+            "dq": {64: [(128, 64, 8, 2), (64, 64, 4, 3)], 128: [(128, 32, 8, 2), (64, 32, 4, 2)],
+                   256: [(32, 32, 4, 2)]},
+        },
+        "bias": {
+            "fwd": {64: [(128, 64, 8, 3)], 128: [(64, 64, 4, 2)], 256: [(32, 32, 4, 2)]},
+            "dkdv": {64: [(32, 32, 4, 3)], 128: [(32, 32, 4, 2)], 256: [(16, 32, 8, 2)]},
+            "dq": {64: [(64, 32, 4, 2)], 128: [(64, 32, 4, 2)], 256: [(32, 32, 4, 2)]},
+        },
     }
-    # With a bias each program also holds a (BLOCK_M, BLOCK_N) fp32 bias tile: smaller tiles
-    _GPU_BLOCKS_BIAS = _GPU_BLOCKS
     # fp32 inputs: IEEE fp32 dots run on the FMA units, not the tensor cores, and large tiles
     # only make the unrolled code slow to compile: one modest tile, no tuning (fp32 is the
     # exact path, bf16/fp16 the fast one)
     _FP32_BLOCKS = {64: (32, 32, 4, 2), 128: (32, 32, 4, 2), 256: (32, 32, 4, 1)}
 
-    def _gpu_configs(kernel: str, block_d: int | None = None, fp32: bool = False, bias: bool = False):
-        """The candidates of one kernel for one head-dim class, dtype and bias flag; with no
+    def variant(has_bias: bool, has_kpm: bool, has_seg: bool, T: int, S: int) -> str:
+        """Which candidate table a launch draws from (see `_GPU_BLOCKS`)."""
+        if has_bias:
+            return "bias"
+        return "masked" if has_kpm or has_seg or T % 128 or S % 128 else "plain"
+
+    def _gpu_configs(kernel: str, block_d: int | None = None, fp32: bool = False, kind: str = "plain"):
+        """The candidates of one kernel for one head-dim class, dtype and variant; with no
         block_d, all of them (the autotuner's list, pruned at each launch by `_pruner`)."""
         if block_d is None:
-            blocks = [b for table in (_GPU_BLOCKS, _GPU_BLOCKS_BIAS) for bs in table[kernel].values() for b in bs]
+            blocks = [b for table in _GPU_BLOCKS.values() for bs in table[kernel].values() for b in bs]
             blocks += list(_FP32_BLOCKS.values())
         else:
             d_class = min(d for d in (64, 128, 256) if d >= block_d)
-            table = _GPU_BLOCKS_BIAS if bias else _GPU_BLOCKS
-            blocks = [_FP32_BLOCKS[d_class]] if fp32 else table[kernel][d_class]
+            blocks = [_FP32_BLOCKS[d_class]] if fp32 else _GPU_BLOCKS[kind][kernel][d_class]
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
                 for m, n, w, st in dict.fromkeys(blocks)]
 
     def _pruner(kernel: str):
         def prune(configs, named_args, **kwargs):
-            keep = {str(c) for c in _gpu_configs(kernel, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"] == "ieee",
-                                                 kwargs["HAS_BIAS"])}
+            kind = variant(kwargs["HAS_BIAS"], kwargs["HAS_KPM"], kwargs["HAS_SEG"], named_args["T"], named_args["S"])
+            keep = {str(c) for c in _gpu_configs(kernel, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"] == "ieee", kind)}
             return [c for c in configs if str(c) in keep]
         return {"early_config_prune": prune}
 
