@@ -508,8 +508,9 @@ if HAS_TRITON:
 
     # GPU candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) by variant and head-dim class
     # (BLOCK_D up to 64, 128, 256). Every candidate is compiled for sm_90a by the tests
-    # (tests/kernels/test_attention*.py `_compile_all`) and spills no register in the worst
-    # flags of its variant:
+    # (tests/kernels/test_attention*.py `_compile_all`) in the worst flags of its variant;
+    # the plain table spills nothing; the masked table spills 16-24 bytes in dK/dV at D=128
+    # and dQ at D=256, the bias table 16-376 bytes (known gaps, xfail(strict) in the tests):
     #   plain   no bias, padding or segment ids, T and S multiples of 128: no tile is masked
     #           but the causal diagonal, so the largest tiles fit (the training path);
     #   masked  key padding or segment ids, or ragged lengths: the masks' predicates and
@@ -529,8 +530,7 @@ if HAS_TRITON:
                    256: [(32, 32, 4, 2)]},
         },
         "masked": {
-            "fwd": {64: [(128, 64, 8, 3), (64, 64, 4, 3)], 128: [(128, 64, 8, 3), (64, 64, 4, 3)],
-                    256: [(32, 32, 4, 2)]},
+            "fwd": {64: [(128, 64, 8, 3), (64, 64, 4, 3)], 128: [(128, 64, 8, 3)], 256: [(32, 32, 4, 2)]},
             "dkdv": {64: [(32, 64, 4, 3), (32, 32, 4, 3)], 128: [(32, 32, 4, 3)], 256: [(16, 32, 8, 2)]},
             "dq": {64: [(128, 64, 8, 2), (64, 64, 4, 3)], 128: [(128, 32, 8, 2), (64, 32, 4, 2)],
                    256: [(32, 32, 4, 2)]},
