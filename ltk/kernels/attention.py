@@ -29,8 +29,9 @@ Document masking (packed sequences): with segment ids seg_q (B, T) and seg_k (B,
 so several examples concatenated in one row attend only within themselves: with causality,
 a block-diagonal of lower triangles (Krell et al. 2021, "Efficient Sequence Packing without
 Cross-contamination", arXiv 2107.02027; flash-attn's varlen kernels get the same from
-cumulative sequence lengths). The kernels compare the ids tile by tile and skip the tiles in
-which no query shares a segment with any key (see `_fwd_blocks`).
+cumulative sequence lengths). The launcher computes for each query the range of keys that
+share its segment (`_segment_ranges`); each block of the kernels loops only over the union of
+its rows' ranges, and masks id by id inside it.
 
 Backward, given dO (Dao 2023, section 2.2 / Algorithm 2):
 
@@ -77,6 +78,10 @@ below). Its intensity, ~T·S·D / ((T + S)·D), grows with the sequence length (
 FLOP/byte for T = S in bf16, 2048 at 4k): the kernel is bound by the tensor cores, and its
 speed is measured as a fraction of their peak. The price is recomputing S and P in the
 backward (5 matmuls instead of 4 there), cheap next to the memory it saves.
+
+The kernels themselves, their grid order, address arithmetic and launch configs are in
+ltk/kernels/attention_triton.py; this file holds the API, the references, the argument
+checks, the autograd function and the launch code.
 """
 from __future__ import annotations
 
@@ -85,7 +90,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ltk.kernels.backend import HAS_TRITON, check_float, check_same_device, interpreter_on, resolve_backend
+from ltk.kernels.backend import (
+    HAS_TRITON,
+    check_float,
+    check_same_device,
+    interpreter_on,
+    output_buffer,
+    resolve_backend,
+)
 
 __all__ = ["attention", "attention_reference", "flops", "bytes_moved"]
 
@@ -106,473 +118,23 @@ POISON_OUTPUTS: bool | None = None
 
 if HAS_TRITON:
     import triton
-    import triton.language as tl
 
-    @triton.jit
-    def _load_rows(base, rows, cols, stride_row, n_rows, HEAD_DIM: tl.constexpr,
-                   CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
-        """Load a (len(rows), BLOCK_D) tile of a (n_rows, HEAD_DIM) matrix whose last dim has
-        stride 1; masks only where a constexpr says the tile may stick out (zeros there)."""
-        ptrs = base + rows[:, None] * stride_row + cols[None, :]
-        if CHECK_ROWS and CHECK_COLS:
-            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), other=0.0)
-        elif CHECK_ROWS:
-            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
-        elif CHECK_COLS:
-            x = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
-        else:
-            x = tl.load(ptrs)
-        return x
-
-    @triton.jit
-    def _store_rows(base, x, rows, cols, stride_row, n_rows, HEAD_DIM: tl.constexpr,
-                    CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
-        ptrs = base + rows[:, None] * stride_row + cols[None, :]
-        x = x.to(base.dtype.element_ty)
-        if CHECK_ROWS and CHECK_COLS:
-            tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))
-        elif CHECK_ROWS:
-            tl.store(ptrs, x, mask=rows[:, None] < n_rows)
-        elif CHECK_COLS:
-            tl.store(ptrs, x, mask=cols[None, :] < HEAD_DIM)
-        else:
-            tl.store(ptrs, x)
-
-    @triton.jit
-    def _scores(s, q_idx, k_idx, bias_base, kpm_base, same, stride_bt, stride_bs, T, S, causal_offset,
-                CAUSAL_STEP: tl.constexpr, CHECK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr):
-        """Finish a tile of scores in log2 units: s = (scale·q·k)·log2e on entry; adds
-        bias·log2e and sets −inf where the key may not be attended. q_idx / k_idx are the
-        query / key indices broadcast to the tile's layout: (M,1)/(1,N) for an S tile,
-        (1,M)/(N,1) for an Sᵀ tile, so the same code serves both; `same` (HAS_SEG) is the
-        tile of seg_q[i] == seg_k[j] in that layout."""
-        if HAS_SEG:  # document masking: a key of another segment is never attended
-            s = tl.where(same, s, float("-inf"))
-        if HAS_BIAS:
-            # int64: a (T, S) bias plane can pass 2^31 elements at long sequence lengths
-            b = tl.load(bias_base + q_idx.to(tl.int64) * stride_bt + k_idx * stride_bs,
-                        mask=(q_idx < T) & (k_idx < S), other=0.0)
-            s += b.to(tl.float32) * 1.4426950408889634  # bias · log2(e)
-        if HAS_KPM:  # key padding: one byte per key, nonzero = may be attended
-            keep = tl.load(kpm_base + k_idx, mask=k_idx < S, other=0) != 0
-            s = tl.where(keep, s, float("-inf"))
-        if CHECK_N:  # the last key block sticks out past S
-            s = tl.where(k_idx < S, s, float("-inf"))
-        if CAUSAL_STEP:  # bottom-right causal: key j visible to query i iff j <= i + (S - T)
-            s = tl.where(k_idx <= q_idx + causal_offset, s, float("-inf"))
-        return s
-
-    @triton.jit
-    def _any(same):
-        """Whether any element of a boolean tile is set: the tile has a query and a key of one
-        segment, so it must be computed."""
-        return tl.max(same.to(tl.int32)) > 0
-
-    @triton.jit
-    def _fwd_blocks(acc, l_i, m_i, q, offs_m, seg_q, k_base, v_base, bias_base, kpm_base, segk_base,
-                    stride_ks, stride_vs, stride_bt, stride_bs, T, S, qk_scale, lo, hi,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CAUSAL_STEP: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, FP32_DOTS: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-        """Online softmax over the key blocks [lo, hi) for one block of queries (the inner
-        loop of FlashAttention-2's Algorithm 1): m, l and acc as in the module docstring.
-
-        With segment ids (HAS_SEG), a tile in which no query shares a segment with any key
-        is skipped before its loads: all its scores would be −inf, so it would add exactly
-        nothing (p = 0, alpha = 1). In a row packed with n examples of similar length that is
-        all but ~1/n of the causal tiles, plus the tiles that straddle a boundary; a skipped
-        tile still costs BLOCK_N id loads and an (M, N) comparison, ~1/D of its matmul work.
-        The same test skips tiles in the two backward loops."""
-        offs_d = tl.arange(0, BLOCK_D)
-        for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            if HAS_SEG:
-                seg_k = tl.load(segk_base + offs_n, mask=offs_n < S, other=-1)
-                same = seg_q[:, None] == seg_k[None, :]  # (M, N)
-                visit = _any(same)
-            else:  # a constant: the loop stays free of branches
-                same = offs_n
-                visit = True
-            if visit:
-                k = _load_rows(k_base, offs_n, offs_d, stride_ks, S, HEAD_DIM, not EVEN_N, BLOCK_D != HEAD_DIM)
-                v = _load_rows(v_base, offs_n, offs_d, stride_vs, S, HEAD_DIM, not EVEN_N, BLOCK_D != HEAD_DIM)
-                if FP32_DOTS:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N), log2 units
-                s = _scores(s, offs_m[:, None], offs_n[None, :], bias_base, kpm_base, same, stride_bt, stride_bs,
-                            T, S, S - T, CAUSAL_STEP, not EVEN_N, HAS_BIAS, HAS_KPM, HAS_SEG)
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                # a row that has seen only masked keys keeps m = −inf: shift by 0 there, not by
-                # −inf (−inf − (−inf) would be NaN); its p and alpha are then exactly 0
-                m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp2(s - m_shift[:, None])
-                alpha = tl.exp2(m_i - m_shift)  # rescales what was accumulated under the old max
-                l_i = l_i * alpha + tl.sum(p, 1)
-                # P goes into the PV product in the input dtype (tensor cores on a GPU); under the
-                # interpreter the same rounding is applied, then the dot runs in fp32
-                p_in = p.to(v_base.dtype.element_ty)
-                if FP32_DOTS:
-                    p_in = p_in.to(tl.float32)
-                acc = tl.dot(p_in, v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-                m_i = m_new
-        return acc, l_i, m_i
-
-    @triton.jit
-    def _attn_fwd(Q, K, V, O, LSE, BIAS, KPM, SEGQ, SEGK,
-                  stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks,
-                  stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_ot,
-                  stride_bb, stride_bh, stride_bt, stride_bs, stride_mb, stride_sqb, stride_skb,
-                  H, T, S, GROUP, qk_scale, T_BUCKET, S_BUCKET,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-                  FP32_DOTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """One program: BLOCK_M queries of one (batch, head). Writes O and the base-2 LSE."""
-        bh = tl.program_id(0)
-        b = bh // H
-        h = bh % H
-        # the blocks with the most keys to visit (last rows, causal) start first
-        start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        b64 = b.to(tl.int64)
-        h64 = h.to(tl.int64)
-        hk64 = (h // GROUP).to(tl.int64)  # the key/value head this query head reads
-        q_base = Q + b64 * stride_qb + h64 * stride_qh
-        k_base = K + b64 * stride_kb + hk64 * stride_kh
-        v_base = V + b64 * stride_vb + hk64 * stride_vh
-        bias_base = BIAS + b64 * stride_bb + h64 * stride_bh
-        kpm_base = KPM + b64 * stride_mb
-        segk_base = SEGK + b64 * stride_skb
-        seg_q = offs_m  # the queries' segment ids (HAS_SEG), loaded once
-        if HAS_SEG:
-            seg_q = tl.load(SEGQ + b64 * stride_sqb + offs_m, mask=offs_m < T, other=-1)
-
-        q = _load_rows(q_base, offs_m, offs_d, stride_qt, T, HEAD_DIM, not EVEN_M, BLOCK_D != HEAD_DIM)
-        if FP32_DOTS:
-            q = q.to(tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        if CAUSAL:
-            # keys >= start_m + BLOCK_M + (S - T) are masked for every row: never visited.
-            # keys < n_full are visible to every row of the block: no causal mask there.
-            n_end = tl.maximum(tl.minimum(S, start_m + BLOCK_M + S - T), 0)
-            n_full = tl.maximum(start_m + 1 + S - T, 0) // BLOCK_N * BLOCK_N
-            n_full = tl.minimum(n_full, n_end)
-            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, offs_m, seg_q, k_base, v_base, bias_base, kpm_base,
-                                        segk_base, stride_ks, stride_vs, stride_bt, stride_bs, T, S, qk_scale,
-                                        0, n_full, HEAD_DIM, BLOCK_D, BLOCK_N, False, EVEN_N,
-                                        HAS_BIAS, HAS_KPM, HAS_SEG, FP32_DOTS, DOT_PRECISION)
-            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, offs_m, seg_q, k_base, v_base, bias_base, kpm_base,
-                                        segk_base, stride_ks, stride_vs, stride_bt, stride_bs, T, S, qk_scale,
-                                        n_full, n_end, HEAD_DIM, BLOCK_D, BLOCK_N, True, EVEN_N,
-                                        HAS_BIAS, HAS_KPM, HAS_SEG, FP32_DOTS, DOT_PRECISION)
-        else:
-            acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, offs_m, seg_q, k_base, v_base, bias_base, kpm_base,
-                                        segk_base, stride_ks, stride_vs, stride_bt, stride_bs, T, S, qk_scale,
-                                        0, S, HEAD_DIM, BLOCK_D, BLOCK_N, False, EVEN_N,
-                                        HAS_BIAS, HAS_KPM, HAS_SEG, FP32_DOTS, DOT_PRECISION)
-        # rows that saw no key: l = 0 -> O = 0 and LSE = +inf, so that the backward's
-        # P = 2^(S - LSE) is exactly 0 there
-        dead = l_i == 0.0
-        o = acc / tl.where(dead, 1.0, l_i)[:, None]
-        lse = tl.where(dead, float("inf"), m_i + tl.log2(tl.where(dead, 1.0, l_i)))
-        _store_rows(O + b64 * stride_ob + h64 * stride_oh, o, offs_m, offs_d, stride_ot, T, HEAD_DIM,
-                    not EVEN_M, BLOCK_D != HEAD_DIM)
-        lse_ptrs = LSE + bh.to(tl.int64) * T + offs_m
-        if EVEN_M:
-            tl.store(lse_ptrs, lse)
-        else:
-            tl.store(lse_ptrs, lse, mask=offs_m < T)
-
-    @triton.jit
-    def _attn_bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, stride_doh,
-                             stride_dot, H, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_M: tl.constexpr):
-        """D_i = rowsum(dO ∘ O)_i, in fp32 (the D of the backward equations)."""
-        bh = tl.program_id(0)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_ot, T, HEAD_DIM, True, True)
-        do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dot, T, HEAD_DIM, True, True)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
-
-    @triton.jit
-    def _dkdv_blocks(dk, dv, k, v, offs_n, seg_k, q_base, do_base, lse_base, delta_base, bias_base, kpm_base,
-                     segq_base, stride_qt, stride_dot, stride_bt, stride_bs, T, S, qk_scale, lo, hi,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                     CAUSAL_STEP: tl.constexpr, EVEN_M: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, FP32_DOTS: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
-        """Accumulate dV += Pᵀ dO and dK += dSᵀ Q (without the scale) over the query
-        blocks [lo, hi). Works on the transposed tile Sᵀ (keys × queries), so that no
-        operand needs a transpose for the two accumulating products. A tile with no query of
-        these keys' segments is skipped (HAS_SEG, as in `_fwd_blocks`)."""
-        offs_d = tl.arange(0, BLOCK_D)
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            if HAS_SEG:
-                seg_q = tl.load(segq_base + offs_m, mask=offs_m < T, other=-1)
-                same = seg_q[None, :] == seg_k[:, None]  # (N, M)
-                visit = _any(same)
-            else:  # a constant: the loop stays free of branches
-                same = offs_m
-                visit = True
-            if visit:
-                q = _load_rows(q_base, offs_m, offs_d, stride_qt, T, HEAD_DIM, not EVEN_M, BLOCK_D != HEAD_DIM)
-                do = _load_rows(do_base, offs_m, offs_d, stride_dot, T, HEAD_DIM, not EVEN_M, BLOCK_D != HEAD_DIM)
-                if EVEN_M:
-                    lse = tl.load(lse_base + offs_m)
-                    delta = tl.load(delta_base + offs_m)
-                else:  # rows past T: LSE = +inf makes their P exactly 0
-                    lse = tl.load(lse_base + offs_m, mask=offs_m < T, other=float("inf"))
-                    delta = tl.load(delta_base + offs_m, mask=offs_m < T, other=0.0)
-                if FP32_DOTS:
-                    q = q.to(tl.float32)
-                    do = do.to(tl.float32)
-                s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (N, M)
-                # keys past S need no mask here: they only touch rows of dK/dV that are not stored
-                s_t = _scores(s_t, offs_m[None, :], offs_n[:, None], bias_base, kpm_base, same, stride_bt,
-                              stride_bs, T, S, S - T, CAUSAL_STEP, False, HAS_BIAS, HAS_KPM, HAS_SEG)
-                p_t = tl.exp2(s_t - lse[None, :])  # Pᵀ recomputed from the saved LSE
-                p_in = p_t.to(do_base.dtype.element_ty)
-                if FP32_DOTS:
-                    p_in = p_in.to(tl.float32)
-                dv = tl.dot(p_in, do, dv, input_precision=DOT_PRECISION)  # dV += Pᵀ dO
-                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # dPᵀ = V dOᵀ
-                ds_t = p_t * (dp_t - delta[None, :])  # dSᵀ = Pᵀ ∘ (dPᵀ − D)
-                ds_in = ds_t.to(q_base.dtype.element_ty)
-                if FP32_DOTS:
-                    ds_in = ds_in.to(tl.float32)
-                dk = tl.dot(ds_in, q, dk, input_precision=DOT_PRECISION)  # dK += dSᵀ Q
-        return dk, dv
-
-    @triton.jit
-    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, KPM, SEGQ, SEGK,
-                       stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks,
-                       stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dot,
-                       stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
-                       stride_bb, stride_bh, stride_bt, stride_bs, stride_mb, stride_sqb, stride_skb,
-                       H, H_KV, T, S, GROUP, qk_scale, sm_scale, T_BUCKET, S_BUCKET,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, EVEN_M: tl.constexpr,
-                       EVEN_N: tl.constexpr, FP32_DOTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """One program: BLOCK_N keys of one (batch, key/value head); loops over the GROUP
-        query heads that share it and over their query blocks, so dK and dV of the shared
-        head are complete sums when stored (no atomics)."""
-        bh = tl.program_id(0)
-        b64 = (bh // H_KV).to(tl.int64)
-        hk64 = (bh % H_KV).to(tl.int64)
-        start_n = tl.program_id(1) * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        k = _load_rows(K + b64 * stride_kb + hk64 * stride_kh, offs_n, offs_d, stride_ks, S, HEAD_DIM,
-                       not EVEN_N, BLOCK_D != HEAD_DIM)
-        v = _load_rows(V + b64 * stride_vb + hk64 * stride_vh, offs_n, offs_d, stride_vs, S, HEAD_DIM,
-                       not EVEN_N, BLOCK_D != HEAD_DIM)
-        if FP32_DOTS:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        segq_base = SEGQ + b64 * stride_sqb
-        seg_k = offs_n  # the keys' segment ids (HAS_SEG), loaded once
-        if HAS_SEG:
-            seg_k = tl.load(SEGK + b64 * stride_skb + offs_n, mask=offs_n < S, other=-1)
-        if CAUSAL:
-            # queries < start_n − (S − T) see none of these keys: skipped. Queries from m_full
-            # on see all of them: no causal mask there.
-            m_lo = tl.maximum(start_n - (S - T), 0) // BLOCK_M * BLOCK_M
-            m_full = tl.maximum(start_n + BLOCK_N - 1 - (S - T), m_lo)
-            m_full = tl.minimum((m_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M, (T + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
-        for g in range(GROUP):
-            h64 = hk64 * GROUP + g  # a query head reading this key/value head
-            q_base = Q + b64 * stride_qb + h64 * stride_qh
-            do_base = DO + b64 * stride_dob + h64 * stride_doh
-            lse_base = LSE + (b64 * H + h64) * T
-            delta_base = DELTA + (b64 * H + h64) * T
-            bias_base = BIAS + b64 * stride_bb + h64 * stride_bh
-            kpm_base = KPM + b64 * stride_mb
-            if CAUSAL:
-                dk, dv = _dkdv_blocks(dk, dv, k, v, offs_n, seg_k, q_base, do_base, lse_base, delta_base,
-                                      bias_base, kpm_base, segq_base, stride_qt, stride_dot, stride_bt, stride_bs,
-                                      T, S, qk_scale, m_lo, m_full, HEAD_DIM, BLOCK_D, BLOCK_M, True, EVEN_M,
-                                      HAS_BIAS, HAS_KPM, HAS_SEG, FP32_DOTS, DOT_PRECISION)
-                dk, dv = _dkdv_blocks(dk, dv, k, v, offs_n, seg_k, q_base, do_base, lse_base, delta_base,
-                                      bias_base, kpm_base, segq_base, stride_qt, stride_dot, stride_bt, stride_bs,
-                                      T, S, qk_scale, m_full, T, HEAD_DIM, BLOCK_D, BLOCK_M, False, EVEN_M,
-                                      HAS_BIAS, HAS_KPM, HAS_SEG, FP32_DOTS, DOT_PRECISION)
-            else:
-                dk, dv = _dkdv_blocks(dk, dv, k, v, offs_n, seg_k, q_base, do_base, lse_base, delta_base,
-                                      bias_base, kpm_base, segq_base, stride_qt, stride_dot, stride_bt, stride_bs,
-                                      T, S, qk_scale, 0, T, HEAD_DIM, BLOCK_D, BLOCK_M, False, EVEN_M,
-                                      HAS_BIAS, HAS_KPM, HAS_SEG, FP32_DOTS, DOT_PRECISION)
-        _store_rows(DK + b64 * stride_dkb + hk64 * stride_dkh, dk * sm_scale, offs_n, offs_d, stride_dks, S,
-                    HEAD_DIM, not EVEN_N, BLOCK_D != HEAD_DIM)
-        _store_rows(DV + b64 * stride_dvb + hk64 * stride_dvh, dv, offs_n, offs_d, stride_dvs, S,
-                    HEAD_DIM, not EVEN_N, BLOCK_D != HEAD_DIM)
-
-    @triton.jit
-    def _dq_blocks(dq, q, do, lse, delta, offs_m, seg_q, k_base, v_base, bias_base, kpm_base, segk_base, ds_base,
-                   stride_ks, stride_vs, stride_bt, stride_bs, stride_dst, T, S, qk_scale, lo, hi,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL_STEP: tl.constexpr, EVEN_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, STORE_DS: tl.constexpr,
-                   FP32_DOTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """Accumulate dQ += dS K (without the scale) over the key blocks [lo, hi); write dS
-        itself when the bias needs its gradient. A tile with no key of these queries'
-        segments is skipped (HAS_SEG, as in `_fwd_blocks`; its dS stays the buffer's 0)."""
-        offs_d = tl.arange(0, BLOCK_D)
-        for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            if HAS_SEG:
-                seg_k = tl.load(segk_base + offs_n, mask=offs_n < S, other=-1)
-                same = seg_q[:, None] == seg_k[None, :]  # (M, N)
-                visit = _any(same)
-            else:  # a constant: the loop stays free of branches
-                same = offs_n
-                visit = True
-            if visit:
-                k = _load_rows(k_base, offs_n, offs_d, stride_ks, S, HEAD_DIM, not EVEN_N, BLOCK_D != HEAD_DIM)
-                v = _load_rows(v_base, offs_n, offs_d, stride_vs, S, HEAD_DIM, not EVEN_N, BLOCK_D != HEAD_DIM)
-                if FP32_DOTS:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N)
-                s = _scores(s, offs_m[:, None], offs_n[None, :], bias_base, kpm_base, same, stride_bt, stride_bs,
-                            T, S, S - T, CAUSAL_STEP, not EVEN_N, HAS_BIAS, HAS_KPM, HAS_SEG)
-                p = tl.exp2(s - lse[:, None])
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # dP = dO Vᵀ
-                ds = p * (dp - delta[:, None])  # dS = P ∘ (dP − D)
-                if STORE_DS:
-                    tl.store(ds_base + offs_m[:, None].to(tl.int64) * stride_dst + offs_n[None, :], ds,
-                             mask=(offs_m[:, None] < T) & (offs_n[None, :] < S))
-                ds_in = ds.to(k_base.dtype.element_ty)
-                if FP32_DOTS:
-                    ds_in = ds_in.to(tl.float32)
-                dq = tl.dot(ds_in, k, dq, input_precision=DOT_PRECISION)  # dQ += dS K
-        return dq
-
-    @triton.jit
-    def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, BIAS, KPM, SEGQ, SEGK, DS,
-                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks,
-                     stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dot,
-                     stride_dqb, stride_dqh, stride_dqt,
-                     stride_bb, stride_bh, stride_bt, stride_bs, stride_mb, stride_sqb, stride_skb,
-                     H, T, S, GROUP, qk_scale, sm_scale, T_BUCKET, S_BUCKET,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_KPM: tl.constexpr, HAS_SEG: tl.constexpr, STORE_DS: tl.constexpr, EVEN_M: tl.constexpr,
-                     EVEN_N: tl.constexpr, FP32_DOTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """One program: BLOCK_M queries of one (batch, head); the same key-block loop
-        bounds as the forward. DS (when STORE_DS) is a contiguous fp32 (B, H, T, S) buffer."""
-        bh = tl.program_id(0)
-        b64 = (bh // H).to(tl.int64)
-        h64 = (bh % H).to(tl.int64)
-        hk64 = h64 // GROUP
-        start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, offs_m, offs_d, stride_qt, T, HEAD_DIM,
-                       not EVEN_M, BLOCK_D != HEAD_DIM)
-        do = _load_rows(DO + b64 * stride_dob + h64 * stride_doh, offs_m, offs_d, stride_dot, T, HEAD_DIM,
-                        not EVEN_M, BLOCK_D != HEAD_DIM)
-        lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("inf"))
-        delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
-        if FP32_DOTS:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        k_base = K + b64 * stride_kb + hk64 * stride_kh
-        v_base = V + b64 * stride_vb + hk64 * stride_vh
-        bias_base = BIAS + b64 * stride_bb + h64 * stride_bh
-        kpm_base = KPM + b64 * stride_mb
-        segk_base = SEGK + b64 * stride_skb
-        seg_q = offs_m  # the queries' segment ids (HAS_SEG), loaded once
-        if HAS_SEG:
-            seg_q = tl.load(SEGQ + b64 * stride_sqb + offs_m, mask=offs_m < T, other=-1)
-        ds_base = DS + bh.to(tl.int64) * T * S
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        if CAUSAL:
-            n_end = tl.maximum(tl.minimum(S, start_m + BLOCK_M + S - T), 0)
-            n_full = tl.minimum(tl.maximum(start_m + 1 + S - T, 0) // BLOCK_N * BLOCK_N, n_end)
-            dq = _dq_blocks(dq, q, do, lse, delta, offs_m, seg_q, k_base, v_base, bias_base, kpm_base, segk_base,
-                            ds_base, stride_ks, stride_vs, stride_bt, stride_bs, S, T, S, qk_scale, 0, n_full,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, False, EVEN_N, HAS_BIAS, HAS_KPM, HAS_SEG, STORE_DS,
-                            FP32_DOTS, DOT_PRECISION)
-            dq = _dq_blocks(dq, q, do, lse, delta, offs_m, seg_q, k_base, v_base, bias_base, kpm_base, segk_base,
-                            ds_base, stride_ks, stride_vs, stride_bt, stride_bs, S, T, S, qk_scale, n_full, n_end,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, True, EVEN_N, HAS_BIAS, HAS_KPM, HAS_SEG, STORE_DS,
-                            FP32_DOTS, DOT_PRECISION)
-        else:
-            dq = _dq_blocks(dq, q, do, lse, delta, offs_m, seg_q, k_base, v_base, bias_base, kpm_base, segk_base,
-                            ds_base, stride_ks, stride_vs, stride_bt, stride_bs, S, T, S, qk_scale, 0, S,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, False, EVEN_N, HAS_BIAS, HAS_KPM, HAS_SEG, STORE_DS,
-                            FP32_DOTS, DOT_PRECISION)
-        _store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh, dq * sm_scale, offs_m, offs_d, stride_dqt, T,
-                    HEAD_DIM, not EVEN_M, BLOCK_D != HEAD_DIM)
-
-    # --- launch configurations ------------------------------------------------------------
-    # EVEN_M / EVEN_N: the sequence lengths are multiples of the block, so no tile sticks
-    # out and the loads need no row masks (the common training case, T = S = 2^k).
-    _EVEN = {"EVEN_M": lambda a: a["T"] % a["BLOCK_M"] == 0, "EVEN_N": lambda a: a["S"] % a["BLOCK_N"] == 0}
-
-    # GPU candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) by head-dim class (BLOCK_D up
-    # to 64, 128, 256), each compiled for sm_90 and checked to spill no registers and to fit
-    # Hopper's shared memory. Autotuned once per head dim, flags, dtype and power-of-two
-    # bucket of the sequence lengths. The forward and dQ keep a tall query block (its fp32
-    # accumulator in registers, K/V streaming through shared memory); dK/dV keeps two fp32
-    # (BLOCK_N, D) accumulators, so its key block shrinks as D grows.
-    _GPU_BLOCKS = {
-        "fwd": {64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-                128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
-                256: [(64, 64, 8, 2), (64, 32, 4, 2)]},
-        "dkdv": {64: [(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 2)],
-                 128: [(32, 128, 8, 2), (32, 64, 8, 3), (32, 32, 4, 3)],
-                 256: [(32, 32, 8, 2), (16, 32, 8, 2)]},
-        "dq": {64: [(128, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
-               128: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2)],
-               256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2)]},
-    }
-    # fp32 inputs: IEEE fp32 dots run on the FMA units, not the tensor cores, and large tiles
-    # only make the unrolled code slow to compile: one modest tile, no tuning (fp32 is the
-    # exact path, bf16/fp16 the fast one)
-    _FP32_BLOCKS = {64: (32, 32, 4, 2), 128: (32, 32, 4, 2), 256: (32, 32, 4, 1)}
-
-    def _gpu_configs(kernel: str, block_d: int | None = None, fp32: bool = False):
-        """The candidates of one kernel for one head-dim class and dtype; with no block_d,
-        all of them (the autotuner's list, pruned at each launch by `_pruner`)."""
-        if block_d is None:
-            blocks = [b for bs in _GPU_BLOCKS[kernel].values() for b in bs] + list(_FP32_BLOCKS.values())
-        else:
-            d_class = min(d for d in (64, 128, 256) if d >= block_d)
-            blocks = [_FP32_BLOCKS[d_class]] if fp32 else _GPU_BLOCKS[kernel][d_class]
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                for m, n, w, st in dict.fromkeys(blocks)]
-
-    def _pruner(kernel: str):
-        def prune(configs, named_args, **kwargs):
-            keep = {str(c) for c in _gpu_configs(kernel, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"] == "ieee")}
-            return [c for c in configs if str(c) in keep]
-        return {"early_config_prune": prune}
-
-    _KEY = ["HEAD_DIM", "CAUSAL", "HAS_BIAS", "HAS_KPM", "HAS_SEG", "T_BUCKET", "S_BUCKET"]
-
-    _attn_fwd_h = triton.heuristics(_EVEN)(_attn_fwd)
-    _attn_bwd_dkdv_h = triton.heuristics(_EVEN)(_attn_bwd_dkdv)
-    _attn_bwd_dq_h = triton.heuristics(_EVEN)(_attn_bwd_dq)
-    _attn_fwd_tuned = triton.autotune(_gpu_configs("fwd"), key=_KEY, prune_configs_by=_pruner("fwd"))(_attn_fwd_h)
-    _attn_bwd_dkdv_tuned = triton.autotune(_gpu_configs("dkdv"), key=_KEY,
-                                           prune_configs_by=_pruner("dkdv"))(_attn_bwd_dkdv_h)
-    _attn_bwd_dq_tuned = triton.autotune(_gpu_configs("dq"), key=_KEY + ["STORE_DS"],
-                                         prune_configs_by=_pruner("dq"))(_attn_bwd_dq_h)
+    # the kernels and their GPU launch configs (ltk/kernels/attention_triton.py), importable from here
+    from ltk.kernels.attention_triton import (  # noqa: F401
+        _FP32_BLOCKS,
+        _GPU_BLOCKS,
+        _attn_bwd_dkdv,
+        _attn_bwd_dkdv_h,
+        _attn_bwd_dkdv_tuned,
+        _attn_bwd_dq,
+        _attn_bwd_dq_h,
+        _attn_bwd_dq_tuned,
+        _attn_bwd_preprocess,
+        _attn_fwd,
+        _attn_fwd_h,
+        _attn_fwd_tuned,
+        _gpu_configs,
+    )
 
 
 def _segment_pair(segment_ids, segment_ids_k):
@@ -732,15 +294,39 @@ def _poison() -> bool:
 
 
 def _new(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    dtype = like.dtype if dtype is None else dtype
-    if _poison():
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+    return output_buffer(shape, like.dtype if dtype is None else dtype, like.device, _poison())
 
 
 def _last_dim_unit(t: torch.Tensor) -> torch.Tensor:
     """The kernels take any strides except along the head dim, which must be 1."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _segment_ranges(seg_q: torch.Tensor, seg_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loop bounds segment ids allow: for each query i, [lo, hi) holding every key j with
+    seg_k[j] == seg_q[i], as a contiguous int32 (B, 2, T) (lo then hi); for each key, the
+    same over the queries, (B, 2, S). No partner: [n, 0), an empty range. The kernels reduce
+    these over a block to its loop bounds; on packed rows (contiguous runs of ids) the
+    bounds are exact, with any ids they are safe (the tiles inside are still masked id by id).
+
+    Computed with a sort over the B·(T + S) ids (each row's ids ranked to 0..T+S−1), then a
+    scatter of the first and last positions per rank: O((T + S) log(T + S)) per row."""
+    B, T = seg_q.shape
+    S = seg_k.shape[1]
+    ids = torch.cat([seg_q, seg_k], dim=1).long()  # (B, T + S)
+    ordered, order = ids.sort(dim=1)
+    first_of_run = torch.ones_like(ordered, dtype=torch.bool)
+    first_of_run[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    rank = torch.empty_like(order).scatter_(1, order, first_of_run.long().cumsum(1) - 1)  # (B, T + S)
+    rank_q, rank_k = rank[:, :T], rank[:, T:]
+
+    def spans(rank_pos: torch.Tensor, rank_ask: torch.Tensor, n: int) -> torch.Tensor:
+        pos = torch.arange(n, device=ids.device).expand(B, n)
+        lo = torch.full((B, T + S), n, device=ids.device).scatter_reduce(1, rank_pos, pos, "amin")
+        hi = torch.full((B, T + S), -1, device=ids.device).scatter_reduce(1, rank_pos, pos, "amax") + 1
+        return torch.stack([lo.gather(1, rank_ask), hi.gather(1, rank_ask)], dim=1).to(torch.int32).contiguous()
+
+    return spans(rank_k, rank_q, S), spans(rank_q, rank_k, T)
 
 
 class _LaunchArgs:
@@ -756,11 +342,13 @@ class _LaunchArgs:
         self.qk_scale = scale * LOG2E
         self.bias = q if bias is None else bias.expand(B, H, T, self.S)  # stride 0 on broadcast dims
         self.bias_strides = (0, 0, 0, 0) if bias is None else self.bias.stride()
+        # contiguous (B, S) bytes, nonzero = may be attended
         self.kpm = q if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
-        self.kpm_stride = 0 if key_padding_mask is None else self.kpm.stride(0)
-        seg_q, seg_k = (q, q) if segments is None else (s.contiguous() for s in segments)
-        self.seg = (seg_q, seg_k)  # (B, T) and (B, S) ids, read with unit stride along the sequence
-        self.seg_strides = (0, 0) if segments is None else (seg_q.stride(0), seg_k.stride(0))
+        if segments is None:
+            self.seg = (q, q, q, q)
+        else:  # (B, T) and (B, S) ids, contiguous; then the (B, 2, T) and (B, 2, S) loop ranges
+            seg_q, seg_k = (s.contiguous() for s in segments)
+            self.seg = (seg_q, seg_k, *_segment_ranges(seg_q, seg_k))
         self.interp = interpreter_on()
         self.meta = dict(
             HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=bool(causal),
@@ -768,29 +356,32 @@ class _LaunchArgs:
             FP32_DOTS=self.interp, DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,  # None: the default
         )
         # autotune key: the sequence lengths rounded up to a power of two, so that a new
-        # length (generation, a ragged batch) does not re-run the tuning each time
-        self.buckets = (triton.next_power_of_2(T), triton.next_power_of_2(self.S))
+        # length (generation, a ragged batch) does not re-run the tuning each time; + 1 when
+        # the length is ragged (not a multiple of 128), whose candidates differ (`variant`)
+        self.buckets = tuple(triton.next_power_of_2(n) + (n % 128 != 0) for n in (T, self.S))
 
-    def launch(self, which, tuned, plain, rows, n_programs_0, *args, **extra):
-        """rows: 'T' or 'S', the length the grid's second axis tiles."""
+    def launch(self, which, tuned, plain, rows, heads, *args, **extra):
+        """Grid (blocks, heads, B): the blocks of `rows` ('T' or 'S') on the fast axis, so that
+        programs resident together read the same head's K/V (or Q/dO) through L2."""
         n = self.T if rows == "T" else self.S
         if self.interp:
             bm, bn = INTERPRETER_BLOCKS[which]
             block = bm if rows == "T" else bn
-            plain[(n_programs_0, triton.cdiv(n, block))](*args, *self.buckets, BLOCK_M=bm, BLOCK_N=bn,
+            plain[(triton.cdiv(n, block), heads, self.B)](*args, *self.buckets, BLOCK_M=bm, BLOCK_N=bn,
                                                            **self.meta, **extra)
         else:
             key = "BLOCK_M" if rows == "T" else "BLOCK_N"
-            tuned[lambda m: (n_programs_0, triton.cdiv(n, m[key]))](*args, *self.buckets, **self.meta, **extra)
+            tuned[lambda m: (triton.cdiv(n, m[key]), heads, self.B)](*args, *self.buckets, **self.meta, **extra)
 
 
 def _forward_triton(q, k, v, a: _LaunchArgs):
     B, H, T, D, S = a.B, a.H, a.T, a.D, a.S
     o = _new((B, H, T, D), q)
     lse = _new((B, H, T), q, torch.float32)
-    a.launch("fwd", _attn_fwd_tuned, _attn_fwd_h, "T", B * H,
-             q, k, v, o, lse, a.bias, a.kpm, *a.seg, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-             *o.stride()[:3], *a.bias_strides, a.kpm_stride, *a.seg_strides, H, T, S, a.group, a.qk_scale)
+    seg_q, seg_k, ranges_q, _ = a.seg
+    a.launch("fwd", _attn_fwd_tuned, _attn_fwd_h, "T", H,
+             q, k, v, o, lse, a.bias, a.kpm, seg_q, seg_k, ranges_q, *q.stride()[:3], *k.stride()[:3],
+             *v.stride()[:3], *o.stride()[:3], *a.bias_strides, H, T, S, a.group, a.qk_scale)
     return o, lse
 
 
@@ -798,25 +389,25 @@ def _backward_triton(q, k, v, o, lse, do, a: _LaunchArgs, need_dq, need_dkdv, ne
     B, H, T, D, S, H_kv = a.B, a.H, a.T, a.D, a.S, a.H_kv
     do = _last_dim_unit(do)
     delta = _new((B, H, T), q, torch.float32)
-    block_d = a.meta["BLOCK_D"]
-    _attn_bwd_preprocess[(B * H, triton.cdiv(T, 64))](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T,
-                                                      HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=64)
+    _attn_bwd_preprocess[(triton.cdiv(T, 64), H, B)](o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T,
+                                                     HEAD_DIM=D, BLOCK_D=a.meta["BLOCK_D"], BLOCK_M=64)
+    seg_q, seg_k, ranges_q, ranges_k = a.seg
     dq = dk = dv = ds = None
     if need_dkdv:
         dk, dv = _new(k.shape, k), _new(v.shape, v)
-        a.launch("dkdv", _attn_bwd_dkdv_tuned, _attn_bwd_dkdv_h, "S", B * H_kv,
-                 q, k, v, do, lse, delta, dk, dv, a.bias, a.kpm, *a.seg, *q.stride()[:3], *k.stride()[:3],
-                 *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *a.bias_strides,
-                 a.kpm_stride, *a.seg_strides, H, H_kv, T, S, a.group, a.qk_scale, a.scale)
+        a.launch("dkdv", _attn_bwd_dkdv_tuned, _attn_bwd_dkdv_h, "S", H_kv,
+                 q, k, v, do, lse, delta, dk, dv, a.bias, a.kpm, seg_q, seg_k, ranges_k, *q.stride()[:3],
+                 *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+                 *a.bias_strides, H, T, S, a.group, a.qk_scale, a.scale)
     if need_dq or need_dbias:
         dq = _new(q.shape, q)
         # dS for the bias gradient: zeros, since the causal loop never visits the blocks
         # where dS is 0 anyway; fp32, (B, H, T, S) — the one O(T·S) buffer, only when asked
         ds = torch.zeros((B, H, T, S), dtype=torch.float32, device=q.device) if need_dbias else delta
-        a.launch("dq", _attn_bwd_dq_tuned, _attn_bwd_dq_h, "T", B * H,
-                 q, k, v, do, lse, delta, dq, a.bias, a.kpm, *a.seg, ds, *q.stride()[:3], *k.stride()[:3],
-                 *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], *a.bias_strides, a.kpm_stride,
-                 *a.seg_strides, H, T, S, a.group, a.qk_scale, a.scale, STORE_DS=need_dbias)
+        a.launch("dq", _attn_bwd_dq_tuned, _attn_bwd_dq_h, "T", H,
+                 q, k, v, do, lse, delta, dq, a.bias, a.kpm, seg_q, seg_k, ranges_q, ds, *q.stride()[:3],
+                 *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], *a.bias_strides,
+                 H, T, S, a.group, a.qk_scale, a.scale, STORE_DS=need_dbias)
     return dq, dk, dv, (ds if need_dbias else None)
 
 
@@ -824,6 +415,11 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, key_padding_mask, seg_q, seg_k, causal, scale):
         q, k, v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
+        # the kernels fold the scale into the max-subtract, which needs scale >= 0:
+        # scale · q·k = (−scale) · q·(−k), and dK flips back in the backward
+        ctx.flip = scale < 0
+        if ctx.flip:
+            k, scale = -k, -scale
         segments = None if seg_q is None else (seg_q, seg_k)
         a = _LaunchArgs(q, k, bias, key_padding_mask, causal, scale, segments)
         o, lse = _forward_triton(q, k, v, a)
@@ -839,6 +435,8 @@ class _FlashAttention(torch.autograd.Function):
         a = _LaunchArgs(q, k, bias, key_padding_mask, ctx.causal, ctx.scale, segments)
         need = ctx.needs_input_grad
         dq, dk, dv, ds = _backward_triton(q, k, v, o, lse, do, a, need[0], need[1] or need[2], need[3])
+        if ctx.flip and dk is not None:
+            dk = -dk
         dbias = ds.sum_to_size(bias.shape).to(bias.dtype) if ds is not None else None
         return dq, dk, dv, dbias, None, None, None, None, None
 
@@ -863,8 +461,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=Non
                       keys carry the same ids (so T must equal S) unless
     segment_ids_k     int32/int64 (B, S) gives the keys' own ids (e.g. a cache of keys).
                       Any id values work (padding may take one of its own, e.g. -1), and ids
-                      need not form contiguous runs; packed rows do, and then most tiles hold
-                      no query-key pair of one segment, which the triton kernels skip.
+                      need not form contiguous runs; packed rows do, and then the triton
+                      kernels visit only the tiles that hold a query-key pair of one segment.
     backend           "auto" (triton on CUDA, torch elsewhere), "torch" (PyTorch's SDPA; also
                       float64), "triton" (our kernels; fp16, bf16, fp32).
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
+from compile_check import compile_in_subprocess
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -333,65 +334,105 @@ def test_bytes_moved_counts_each_tensor_once():
 
 
 # ------------------------------------------------------------------- compiled kernels
-def compile_for_gpu(cc, dtype, D, causal, bias, kpm, even, config_index=0):
-    """Compile the four kernels for CUDA compute capability `cc` (no GPU needed), with the
-    first (or `config_index`-th) GPU launch config of each. Run without the interpreter."""
+def compile_kernel(fn, consts, num_warps, num_stages, dtype, cc=90):
+    """Compile one kernel for CUDA compute capability `cc` (90: sm_90a) without a GPU, as a
+    launch with contiguous inputs specializes it: pointers and row strides divisible by 16,
+    the bias's unit key stride a constant (Triton makes an integer argument equal to 1 one)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
+    ptr = dict(LSE="fp32", DELTA="fp32", DS="fp32", BIAS="fp32", KPM="u8", SEGQ="i32", SEGK="i32", SEGR="i32")
+    consts = {n: v for n, v in {"stride_bs": 1, **consts}.items() if n in fn.arg_names}
+    ints = ("H", "T", "S", "GROUP", "T_BUCKET", "S_BUCKET")
+    sig = {n: "constexpr" if n in consts else "i32" if n in ints or n.startswith("stride_") else
+           "fp32" if n in ("qk_scale", "sm_scale") else "*" + ptr.get(n, dtype) for n in fn.arg_names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+               if sig[n][0] == "*" or n.startswith("stride_") and sig[n] == "i32"}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps,
+                                                                              num_stages=num_stages))
+
+
+def stack_bytes(kernel) -> int:
+    """The compiled kernel's stack frame (cuobjdump -res-usage), where spilled registers go;
+    what CUDA reports as its local memory size (Triton's n_spills) once loaded on a GPU."""
+    import tempfile
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"STACK:(\d+)", out).group(1))
+
+
+def compile_candidates(kind, flags, dtype="bf16"):
+    """Compile every GPU candidate of `kind` (attention_triton's plain / masked / bias table)
+    for every kernel and head-dim class with `flags`; return the ones that spill."""
     A = attn_mod
-    block_d = max(16, triton.next_power_of_2(D))
-    flags = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=causal, HAS_BIAS=bias, HAS_KPM=kpm, HAS_SEG=False, EVEN_M=even,
-                 EVEN_N=even, FP32_DOTS=False, DOT_PRECISION="ieee" if dtype == "fp32" else None)
-    ptr = dict(Q=dtype, K=dtype, V=dtype, O=dtype, DO=dtype, DQ=dtype, DK=dtype, DV=dtype, LSE="fp32",
-               DELTA="fp32", DS="fp32", BIAS="fp32" if bias else dtype, KPM="u8" if kpm else dtype)
-    fp32 = dtype == "fp32"
-    plan = [(A._attn_fwd, A._gpu_configs("fwd", block_d, fp32), {}),
-            (A._attn_bwd_dkdv, A._gpu_configs("dkdv", block_d, fp32), {}),
-            (A._attn_bwd_dq, A._gpu_configs("dq", block_d, fp32), {"STORE_DS": bias}),
-            (A._attn_bwd_preprocess, None, {"HEAD_DIM": D, "BLOCK_D": block_d, "BLOCK_M": 64})]
-    compiled = []
-    for fn, configs, extra in plan:
-        if configs is None:
-            consts, opts = extra, dict(num_warps=4)
-        else:
-            c = configs[config_index]
-            consts = {**flags, **c.kwargs, **extra}
-            opts = dict(num_warps=c.num_warps, num_stages=c.num_stages)
-        consts = {n: v for n, v in consts.items() if n in fn.arg_names}
-        sig = {n: "constexpr" if n in consts else "*" + ptr[n] if n in ptr else
-               "fp32" if n in ("qk_scale", "sm_scale") else "i32" for n in fn.arg_names}
-        # what a launch with 16-byte aligned pointers and strides (contiguous inputs) specializes on
-        aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                   if sig[n][0] == "*" or n.startswith("stride_") and n not in ("stride_bs", "stride_mb")}
-        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned)
-        compiled.append(triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts))
-    return compiled
+    spills = []
+    for name, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq)):
+        for d in (64, 128, 256):
+            for c in A._gpu_configs(name, d, kind=kind):
+                consts = dict(HEAD_DIM=d, BLOCK_D=d, FP32_DOTS=False, DOT_PRECISION=None, **flags, **c.kwargs)
+                k = compile_kernel(fn, consts, c.num_warps, c.num_stages, dtype)
+                if stack_bytes(k):
+                    spills.append(f"{name} {kind} D={d} {c}: {stack_bytes(k)} bytes of stack")
+    return spills
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_kernels_compile_for_gpus_ahead_of_time():
-    """Compile each kernel for Hopper (sm_90) and Ampere (sm_80) without a GPU, in a fresh
-    process without the interpreter: what only the compiler sees (dot shapes and dtypes,
-    constexpr branches, types of the pointer arithmetic) fails here, not first on a GPU."""
-    code = textwrap.dedent("""
-        import sys
-        sys.path.insert(0, sys.argv[1])
-        import test_attention as t
-        cc, dtype, D, causal, bias, kpm, even = eval(sys.argv[2])
-        t.compile_for_gpu(cc, dtype, D, causal, bias, kpm, even)
-        print("compiled")
-    """)
-    variants = [(90, "bf16", 128, True, False, False, True),  # the training path: causal, T = S = 2^k
-                (80, "fp16", 96, False, True, True, False),  # masks, bias, ragged lengths, padded head dim
-                (90, "fp32", 64, True, True, False, False)]  # fp32 inputs: IEEE fp32 dots
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = [subprocess.Popen([sys.executable, "-c", code, os.path.dirname(__file__), repr(v)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in variants]
-    for v, p in zip(variants, procs):  # one process each: compiles run in parallel
-        out, err = p.communicate(timeout=600)
-        assert p.returncode == 0 and "compiled" in out, f"{v}: {err[-3000:]}"
+def test_every_candidate_compiles_for_gpus_without_spills(tmp_path, monkeypatch):
+    """Compile each kernel without a GPU, in a fresh process without the interpreter: what
+    only the compiler sees (dot shapes and dtypes, constexpr branches, types of the pointer
+    arithmetic) fails here, not first on a GPU; and every autotune candidate of the plain
+    table compiles for sm_90a with no spilled register."""
+    monkeypatch.setenv("LTK_ATTENTION_TABLE", "plain")
+    compile_in_subprocess(__file__, tmp_path)
+
+
+# Known gap: with a bias, key padding, ragged lengths and the stored dS, the kernels keep more
+# than 255 registers live even at 32×32 tiles (16-1000 bytes of stack); not the tile size
+# alone. strict: once they fit, this fails and the marker goes.
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.xfail(strict=True, reason="the bias variants still spill on sm_90a")
+def test_every_bias_candidate_compiles_without_spills(tmp_path, monkeypatch):
+    monkeypatch.setenv("LTK_ATTENTION_TABLE", "bias")
+    compile_in_subprocess(__file__, tmp_path)
+
+
+def _compile_all():
+    try:  # the compiler's Python API moves between Triton versions
+        from triton.backends import backends
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+        assert "nvidia" in backends
+    except (ImportError, AssertionError) as e:
+        print(f"cannot drive this Triton's NVIDIA compiler directly: {e!r}")
+        sys.exit(3)
+    causal = dict(CAUSAL=True, HAS_KPM=False, HAS_SEG=False)
+    if os.environ.get("LTK_ATTENTION_TABLE") == "bias":
+        spills = compile_candidates("bias", dict(causal, HAS_BIAS=True, HAS_KPM=True, EVEN_M=False, EVEN_N=False,
+                                                 STORE_DS=True), dtype="fp16")
+        assert not spills, "\n".join(spills)
+        return
+    spills = compile_candidates("plain", dict(causal, HAS_BIAS=False, EVEN_M=True, EVEN_N=True, STORE_DS=False))
+    assert not spills, "\n".join(spills)
+    A = attn_mod
+    # Ampere, a padded head dim (96 in a 128 block), ragged lengths; fp32's IEEE dots; the preprocess
+    ragged = dict(HEAD_DIM=96, BLOCK_D=128, CAUSAL=False, HAS_BIAS=True, HAS_KPM=True, HAS_SEG=False,
+                  EVEN_M=False, EVEN_N=False, STORE_DS=True)
+    for name, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq)):
+        c = A._gpu_configs(name, 128, kind="bias")[0]
+        compile_kernel(fn, dict(ragged, FP32_DOTS=False, DOT_PRECISION=None, **c.kwargs), c.num_warps,
+                       c.num_stages, "fp16", cc=80)
+        c = A._gpu_configs(name, 64, fp32=True)[0]
+        compile_kernel(fn, dict(ragged, HEAD_DIM=64, BLOCK_D=64, CAUSAL=True, FP32_DOTS=False, DOT_PRECISION="ieee",
+                                **c.kwargs), c.num_warps, c.num_stages, "fp32")
+    compile_kernel(A._attn_bwd_preprocess, dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64), 4, 1, "bf16")
 
 
 @gpu

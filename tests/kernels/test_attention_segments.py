@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
+from compile_check import compile_in_subprocess
 
 from ltk.kernels.attention import attention, attention_reference
 from ltk.kernels.backend import HAS_TRITON, interpreter_on
@@ -166,32 +164,31 @@ def test_bad_segment_ids_are_named(backend):
         attention(q, q, q, segment_ids_k=seg, backend=backend)
 
 
+# Known gap: with key padding, segment ids and ragged lengths, dK/dV at D = 128 and dQ at
+# D = 256 keep more than 255 registers live even at 32×32 tiles (16-24 bytes of stack).
+# strict: once every candidate fits, this fails and the marker goes.
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_segment_kernels_compile_for_a_gpu_ahead_of_time():
-    """The tile-skipping branch is a runtime `if` inside the key/query loops, which only the
-    compiler sees: compile forward, dK/dV and dQ with segment ids for Hopper (bf16, int32
-    ids) in a fresh process without the interpreter."""
-    code = textwrap.dedent("""
-        import importlib
-        import triton
-        from triton.backends.compiler import GPUTarget
-        A = importlib.import_module("ltk.kernels.attention")  # the module, not the function kernels exports
+@pytest.mark.xfail(strict=True, reason="masked dK/dV (D=128) and dQ (D=256) still spill on sm_90a")
+def test_segment_kernels_compile_for_a_gpu_without_spills(tmp_path):
+    """Segment ids change the loop bounds and add an id comparison per tile, which only the
+    compiler sees in full: compile forward, dK/dV and dQ with segment ids, key padding and
+    ragged lengths for Hopper (bf16, int32 ids) in a fresh process without the interpreter,
+    every candidate of the masked table, and check that none spills a register."""
+    compile_in_subprocess(__file__, tmp_path)
 
-        flags = dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_BIAS=False, HAS_KPM=False, HAS_SEG=True,
-                     EVEN_M=True, EVEN_N=True, FP32_DOTS=False, DOT_PRECISION=None, STORE_DS=False)
-        ptr = dict(Q="bf16", K="bf16", V="bf16", O="bf16", DO="bf16", DQ="bf16", DK="bf16", DV="bf16",
-                   BIAS="bf16", KPM="u8", SEGQ="i32", SEGK="i32", LSE="fp32", DELTA="fp32", DS="fp32")
-        for fn, kind in ((A._attn_fwd, "fwd"), (A._attn_bwd_dkdv, "dkdv"), (A._attn_bwd_dq, "dq")):
-            c = A._gpu_configs(kind, 128)[0]
-            consts = {n: v for n, v in {**flags, **c.kwargs}.items() if n in fn.arg_names}
-            sig = {n: "constexpr" if n in consts else "*" + ptr[n] if n in ptr else
-                   "fp32" if n in ("qk_scale", "sm_scale") else "i32" for n in fn.arg_names}
-            src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
-            triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=c.num_warps, num_stages=c.num_stages))
-        print("compiled")
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0 and "compiled" in p.stdout, p.stderr[-3000:]
+
+def _compile_all():
+    try:  # the compiler's Python API moves between Triton versions
+        from triton.backends import backends
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+        assert "nvidia" in backends
+    except (ImportError, AssertionError) as e:
+        print(f"cannot drive this Triton's NVIDIA compiler directly: {e!r}")
+        sys.exit(3)
+    from test_attention import compile_candidates
+
+    spills = compile_candidates("masked", dict(CAUSAL=True, HAS_BIAS=False, HAS_KPM=True, HAS_SEG=True,
+                                               EVEN_M=False, EVEN_N=False, STORE_DS=False))
+    assert not spills, "\n".join(spills)
