@@ -95,9 +95,9 @@ from ltk.kernels.backend import (
     check_float,
     check_same_device,
     interpreter_on,
-    output_buffer,
     resolve_backend,
 )
+from ltk.kernels.poison import output_allocator, poisoning
 
 __all__ = ["attention", "attention_reference", "flops", "bytes_moved"]
 
@@ -114,6 +114,7 @@ INTERPRETER_BLOCKS = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}  # (BLO
 # Fill outputs with NaN before the kernels run, so that an element a kernel forgot to write
 # cannot pass a test. None: on when the interpreter runs (tests), off on a GPU (speed).
 POISON_OUTPUTS: bool | None = None
+_empty = output_allocator(__name__)
 
 
 if HAS_TRITON:
@@ -290,11 +291,11 @@ def _attention_torch(q, k, v, causal, scale, key_padding_mask, bias, segments=No
 
 
 def _poison() -> bool:
-    return interpreter_on() if POISON_OUTPUTS is None else POISON_OUTPUTS
+    return poisoning(__name__)
 
 
 def _new(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    return output_buffer(shape, like.dtype if dtype is None else dtype, like.device, _poison())
+    return _empty(shape, like.dtype if dtype is None else dtype, like.device)
 
 
 def _last_dim_unit(t: torch.Tensor) -> torch.Tensor:
