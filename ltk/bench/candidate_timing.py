@@ -8,7 +8,8 @@ with a builder in BUILDERS is run through its public op at the spec's shape in b
 kernel is autotuned, the autotuner is pinned to one candidate at a time (its `configs` replaced,
 its cache cleared), so every candidate is compiled and timed in turn; a kernel with one config is
 timed once. The backward kernels (attention dK/dV, dQ; NF4's dx) are timed as the whole backward
-pass with the candidate pinned, the others as the op's forward. Measured: median ms
+pass with the candidate pinned (LoRA's dx GEMM too), the others as the op's forward (NF4's flat
+specs at K = 4095, the path a K that is not row-aligned takes). Measured: median ms
 (triton.testing.do_bench, L2 flushed), TFLOP/s and % of the device's datasheet bf16 peak; the
 static ceiling and registers come from the newest committed kernel-static CSV (sm_90a, bf16).
 A spec without a builder, or one that fails, is listed as skipped with its reason.
@@ -47,23 +48,32 @@ def _attention(which: str, dev) -> tuple[Callable[[], object], float]:
 def _nf4(which: str, dev):
     from ltk.kernels.nf4 import nf4_matmul, quantize_nf4
 
-    w = torch.randn(MNK, MNK, device=dev, dtype=torch.bfloat16)
+    k = MNK - 1 if "flat" in which else MNK  # the flat path: K not row-aligned, as the spec says
+    bwd = ".matmul_bwd" in which
+    w = torch.randn(MNK, k, device=dev, dtype=torch.bfloat16)
     packed, absmax = quantize_nf4(w)
-    x = torch.randn(MNK, MNK, device=dev, dtype=torch.bfloat16, requires_grad=which.endswith("bwd"))
-    if which.endswith("bwd"):
+    x = torch.randn(MNK, k, device=dev, dtype=torch.bfloat16, requires_grad=bwd)
+    if bwd:
         y = nf4_matmul(x, packed, absmax, w.shape, backend="triton")
         dy = torch.randn_like(y)
-        return (lambda: torch.autograd.grad(y, x, dy, retain_graph=True)), 2.0 * MNK ** 3
-    return (lambda: nf4_matmul(x, packed, absmax, w.shape, backend="triton")), 2.0 * MNK ** 3
+        return (lambda: torch.autograd.grad(y, x, dy, retain_graph=True)), 2.0 * MNK * MNK * k
+    return (lambda: nf4_matmul(x, packed, absmax, w.shape, backend="triton")), 2.0 * MNK * MNK * k
 
 
 def _lora(which: str, dev):
     from ltk.kernels.lora import lora_linear
 
-    x, w = (torch.randn(MNK, MNK, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    dx = which.endswith(" dx")  # the dx GEMM: timed as the backward pass
+    x = torch.randn(MNK, MNK, device=dev, dtype=torch.bfloat16, requires_grad=dx)
+    w = torch.randn(MNK, MNK, device=dev, dtype=torch.bfloat16)
     a, b = (torch.randn(*s, device=dev, dtype=torch.bfloat16) for s in ((16, MNK), (MNK, 16)))
     bias = torch.randn(MNK, device=dev, dtype=torch.bfloat16)
-    return (lambda: lora_linear(x, w, bias, a, b, 2.0, backend="triton")), 2.0 * MNK ** 3 + 4.0 * MNK * MNK * 16
+    flops = 2.0 * MNK ** 3 + 4.0 * MNK * MNK * 16
+    if dx:
+        y = lora_linear(x, w, None, a, b, 2.0, backend="triton")
+        dy = torch.randn_like(y)
+        return (lambda: torch.autograd.grad(y, x, dy, retain_graph=True)), flops
+    return (lambda: lora_linear(x, w, bias, a, b, 2.0, backend="triton")), flops
 
 
 BUILDERS = {"attention.": _attention, "nf4.matmul": _nf4, "lora.gemm_lowrank": _lora}

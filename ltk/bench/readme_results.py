@@ -246,6 +246,7 @@ HEADLINES: dict[str, tuple] = {  # what -> its rules; a what not here gets "see 
     "zero-overlap": (Compare("bucketed", "one-bucket"), Listing("exposed comm", "engine")),
     "cli-startup": (Listing("median ms [p20, p80]", "shape"),),
     "kernel-static": (Spills(),),
+    "kernel-static-before": (Spills(),),  # the report before the kernel rewrites, kept to compare
     "parallel-cli": (Count("exit", "0", "runs"), Same("train loss step 1 -> 30"), Same("val loss")),
     "pretrain-lab": (Listing("val bits/byte", "model"),),
     "families-lab": (Listing("train FLOPs/token", "family"),),

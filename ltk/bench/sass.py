@@ -14,10 +14,12 @@ Loops are found from backward branches: a branch at address b to a target t ≤ 
 whose body is [t, b] (the compiler lays a loop out as its body followed by the branch back).
 Self-branches (`BRA` to itself, the padding after EXIT) are no loops. A loop is innermost when
 no other loop lies strictly inside it; of the innermost loops the hottest is the one with the
-most tensor-core instructions, ties broken by the most instructions (the main k-loop or key
-loop of a GEMM or attention kernel carries the MMAs; in a kernel without MMAs, the longest
-loop). Counts are static: each instruction of the body once, whichever way its forward
-branches (masks, 64-bit division's slow path) go at run time.
+most tensor-core instructions (the main k-loop or key loop of a GEMM or attention kernel
+carries the MMAs), ties broken by the fewest instructions (causal attention peels a masked
+copy of its key loop for the diagonal blocks, run once a program; the unmasked copy runs for
+the others); in a kernel without MMAs, the longest loop. Counts are static: each instruction
+of the body once, whichever way its forward branches (masks, 64-bit division's slow path) go
+at run time.
 """
 from __future__ import annotations
 
@@ -124,15 +126,19 @@ def body(insts: list[Inst], loop: tuple[int, int] | None) -> list[Inst]:
 
 
 def hottest_innermost_loop(insts: list[Inst]) -> tuple[int, int] | None:
-    """The innermost loop with the most tensor-core instructions, then the most instructions;
-    None when the code has no loop (norms, elementwise kernels: one pass, no loop)."""
+    """The innermost loop with the most tensor-core instructions; among those, the shortest
+    (a kernel that peels a masked copy of its loop, as causal attention does for the diagonal
+    key blocks, runs that copy once a program and the lean unmasked one for all the other
+    blocks); without tensor-core instructions, the longest. None when the code has no loop
+    (norms, elementwise kernels: one pass, no loop)."""
     inner = innermost(loops(insts))
     if not inner:
         return None
 
     def heat(loop):
         b = body(insts, loop)
-        return sum(i.base in TENSOR for i in b), len(b)
+        tensor = sum(i.base in TENSOR for i in b)
+        return tensor, -len(b) if tensor else len(b)
     return max(inner, key=heat)
 
 

@@ -41,7 +41,8 @@ class Candidate:
         tiles = "×".join(str(v) for k, v in self.kwargs.items() if k.startswith("BLOCK") and k != "BLOCK_D")
         if "ROWS" in self.kwargs:
             tiles = f"{self.kwargs['ROWS']}×{tiles}"
-        return f"{tiles + ' ' if tiles else ''}w{self.num_warps} s{self.num_stages}"
+        flags = [str(v) for k, v in self.kwargs.items() if not k.startswith("BLOCK") and k != "ROWS"]  # e.g. LUT
+        return " ".join([tiles] * bool(tiles) + flags + [f"w{self.num_warps} s{self.num_stages}"])
 
 
 @dataclass(frozen=True)
@@ -111,92 +112,129 @@ if HAS_TRITON:
 
 
 def _attention_specs() -> list[Spec]:
-    """Forward (causal; with a bias; with segment ids), dK/dV and dQ at D = 128, T = S = 4096."""
+    """Forward (causal; with a bias; with segment ids), dK/dV and dQ in the same three variants, and
+    the backward's preprocess, at D = 128, T = S = 4096. Each variant compiles its own candidate
+    table (attention_triton._gpu_configs: "plain" for causal, "bias", "masked" for segment ids), as
+    a launch with those flags would draw from it."""
+    import ltk.kernels.attention_triton as at
+
     ptrs = dict(Q="T", K="T", V="T", O="T", DO="T", DQ="T", DK="T", DV="T", LSE="fp32", DELTA="fp32", DS="fp32",
-                BIAS="fp32", KPM="u8", SEGQ="i32", SEGK="i32")
-    strides = tuple(f"stride_{a}{b}" for a in "qkvo" for b in "bht") + ("stride_kb", "stride_ks", "stride_vs",
-                                                                        "stride_bb", "stride_bh", "stride_bt")
+                BIAS="fp32", KPM="u8", SEGQ="i32", SEGK="i32", SEGR="i32")
+    # every row stride of the contiguous (B, H, T, D) tensors and the (B, H, T, S) bias: multiples of 16
+    strides = tuple(f"stride_{a}{b}" for a in ("q", "k", "v", "o", "do", "dq", "dk", "dv", "b") for b in "bhts")
+    strides = tuple(s for s in strides if s != "stride_bs")
 
     def flags(bias=False, seg=False, **more):
         return lambda dtype: dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_BIAS=bias, HAS_KPM=False,
                                   HAS_SEG=seg, EVEN_M=True, EVEN_N=True, FP32_DOTS=False, DOT_PRECISION=None,
-                                  T_BUCKET=4096, S_BUCKET=4096, **more)
+                                  **more)
+
+    def table(kernel, kind):
+        return lambda dtype: [Candidate(dict(c.kwargs), c.num_warps, c.num_stages)
+                              for c in at._gpu_configs(kernel, 128, kind=kind)]
     shape = "B·H=32, T=S=4096, D=128"
-    common = dict(provider="ours", pointers=ptrs, floats=("qk_scale", "sm_scale"), aligned=strides, unit="score",
-                  units=_tile_units("BLOCK_M", "BLOCK_N"))
-    mod = "ltk.kernels.attention:"
-    return [
-        Spec("attention.fwd causal", kernel=mod + "_attn_fwd_tuned", shape=shape, constexprs=flags(), **common),
-        Spec("attention.fwd causal+bias", kernel=mod + "_attn_fwd_tuned", shape=shape + ", fp32 bias",
-             constexprs=flags(bias=True), **common),
-        Spec("attention.fwd causal+segments", kernel=mod + "_attn_fwd_tuned", shape=shape + ", segment ids",
-             constexprs=flags(seg=True), **common),
-        Spec("attention.bwd dkdv causal", kernel=mod + "_attn_bwd_dkdv_tuned", shape=shape, constexprs=flags(),
-             **common),
-        Spec("attention.bwd dq causal", kernel=mod + "_attn_bwd_dq_tuned", shape=shape,
-             constexprs=flags(STORE_DS=False), **common),
-    ]
+    common = dict(provider="ours", pointers=ptrs, floats=("qk_scale", "sm_scale"), aligned=strides,
+                  ones=("stride_bs",), unit="score", units=_tile_units("BLOCK_M", "BLOCK_N"))
+    mod = "ltk.kernels.attention_triton:"
+    out = []
+    for kernel, name, attr, more in (("fwd", "fwd", "_attn_fwd_tuned", {}),
+                                     ("dkdv", "bwd dkdv", "_attn_bwd_dkdv_tuned", {}),
+                                     ("dq", "bwd dq", "_attn_bwd_dq_tuned", dict(STORE_DS=False))):
+        for variant, kind, what, bias, seg in (("causal", "plain", "", False, False),
+                                               ("causal+bias", "bias", ", fp32 bias", True, False),
+                                               ("causal+segments", "masked", ", segment ids", False, True)):
+            extra = dict(more, STORE_DS=True) if bias and kernel == "dq" else more  # dQ stores dS for dbias
+            out.append(Spec(f"attention.{name} {variant}", kernel=mod + attr, shape=shape + what,
+                            constexprs=flags(bias=bias, seg=seg, **extra), candidates=table(kernel, kind), **common))
+    out.append(Spec("attention.bwd preprocess", "ours", mod + "_attn_bwd_preprocess", shape, ptrs,
+                    lambda dtype: dict(HEAD_DIM=128, BLOCK_D=128), unit="element",
+                    units=_tile_units("BLOCK_M", "BLOCK_D"), candidates=_fixed(Candidate(dict(BLOCK_M=64), 4, 3)),
+                    aligned=strides))
+    return out
 
 
 def _gemm_like_specs() -> list[Spec]:
-    """NF4 dequant-matmul (forward y = x·Wᵀ, backward dx = dy·W) and the fused LoRA GEMM at their
-    launchers' tiles, M = N = K = 4096 (blocksize 64, rank 16), and the floor at those tiles and at
-    the tutorial's large H100 tile."""
+    """NF4 dequant-matmul (forward y = x·Wᵀ, backward dx = dy·W: every autotune candidate, and the
+    flat path's fixed tile for W that is not row-aligned) and its dequantize kernel; the fused LoRA
+    GEMM as forward (y = x·Wᵀ + s·u·Bᵀ + b) and dx (dy·W + s·g·A, W and A read transposed by
+    strides), every candidate, and its skinny u = x·Aᵀ / g = dy·B kernel; M = N = K = 4096
+    (NF4: M up to 256, where the fused kernel runs; blocksize 64; rank 16); the floor at every tile NF4 and LoRA use."""
     import ltk.kernels.lora_triton as lt
     import ltk.kernels.nf4_triton as nt
 
-    nf4 = getattr(nt, "_GPU_TILES", (64, 64, 64))
-    tiles = dict(BLOCK_M=nf4[0], BLOCK_N=nf4[1], BLOCK_K=nf4[2])
+    def nf4_cands(configs):
+        return _fixed(*(Candidate(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, LUT=lut), w, s)
+                        for m, n, k, w, s, lut in configs))
     nf4_ptrs = dict(X="T", Y="T", DY="T", DX="T", PACKED="u8", ABSMAX="fp32", CODE="fp32", OUT="T")
-    nf4_consts = lambda dtype: dict(FP32_DOTS=False, DOT_PRECISION=None, BLOCKSIZE=64)  # noqa: E731
-    nf4_cands = _fixed(Candidate(tiles, 4, 3))
-    lo = getattr(lt, "_GPU_TILES", (64, 64, 64))
-    lora_tiles = dict(BLOCK_M=lo[0], BLOCK_O=lo[1], BLOCK_L=lo[2])
+
+    def nf4_consts(rows: bool):
+        return lambda dtype: dict(FP32_DOTS=False, DOT_PRECISION=None, BLOCKSIZE=64, ROW_ALIGNED=rows)
     lora_ptrs = dict(X="T", P="T", V="fp32", Q="T", BIAS="T", C="T", OUT="fp32")
+    lora_cands = _fixed(*(Candidate(dict(BLOCK_M=m, BLOCK_O=o, BLOCK_L=k), w, s) for m, o, k, w, s in lt.TC_TILES))
+
+    def lora_consts(bias: bool):
+        return lambda dtype: dict(HAS_BIAS=bias, EVEN_L=True, BLOCK_R=lt.RANK_STEP, GROUP_M=lt.GROUP_M,
+                                  FP32_DOTS=False, DOT_PRECISION=None, EPI_PRECISION="tf32")
+    skinny = lambda dtype: [Candidate(dict(BLOCK_M=lt.SKINNY_BLOCK_M, BLOCK_L=64), 4, 3)]  # noqa: E731
+    skinny_consts = lambda dtype: dict(BLOCK_R=16, FP32_DOTS=False, DOT_PRECISION=None)  # noqa: E731
     shape = "M=N=K=4096"
     floor_ptrs = dict(A="T", B="T", C="T")
     floor_aligned = ("stride_am", "stride_bk", "stride_cm", "M", "N", "K")
+    # the floor: one spec per tile (BLOCK_M, BLOCK_N, BLOCK_K), its candidates the (warps, stages) used
+    tiles: dict[tuple, list] = {}
+    for m, n, k, w, s, _ in nt.GPU_CONFIGS:
+        tiles.setdefault((m, n, k), []).append((w, s))
+    for m, o, k, w, s in lt.TC_TILES:
+        tiles.setdefault((m, o, k), []).append((w, s))
 
-    def floor(bm, bn, bk, w, s):
+    def floor(bm, bn, bk, ws):
+        cands = [Candidate(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w, s) for w, s in dict.fromkeys(ws)]
         return Spec(f"floor.matmul {bm}x{bn}x{bk}", "floor", "ltk.bench.static_specs:_floor_matmul_kernel", shape,
-                    floor_ptrs, lambda dtype: dict(GROUP_M=8),
-                    candidates=_fixed(Candidate(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w, s)),
+                    floor_ptrs, lambda dtype: dict(GROUP_M=8), candidates=_fixed(*cands),
                     aligned=floor_aligned, ones=("stride_ak", "stride_bn", "stride_cn"))
+    nf4 = "ltk.kernels.nf4_triton:"
+    # the fused kernel runs at M ≤ nf4.FUSED_MAX_M (dequantize + cuBLAS above); M does not change its code
+    nf4_shape = "M ≤ 256, N=K=4096, blocksize 64"
+    lora = "ltk.kernels.lora_triton:"
     return [
-        Spec("nf4.matmul_fwd", "ours", "ltk.kernels.nf4_triton:_matmul_fwd_kernel", shape + ", blocksize 64",
-             nf4_ptrs, nf4_consts, candidates=nf4_cands, aligned=("M", "N", "K")),
-        Spec("nf4.matmul_bwd", "ours", "ltk.kernels.nf4_triton:_matmul_bwd_kernel", shape + ", blocksize 64",
-             nf4_ptrs, nf4_consts, unit="n-step", candidates=nf4_cands, aligned=("M", "N", "K")),
-        Spec("lora.gemm_lowrank", "ours", "ltk.kernels.lora_triton:_gemm_lowrank_kernel", shape + ", r=16, bias",
-             lora_ptrs, lambda dtype: dict(HAS_BIAS=True, BLOCK_R=16, FP32_DOTS=False, DOT_PRECISION=None,
-                                           EPI_PRECISION="tf32"),
-             candidates=_fixed(Candidate(lora_tiles, 4, 3)), floats=("scale",),
-             aligned=("M", "O", "L", "R", "stride_po", "stride_qo"), ones=("stride_pl", "stride_qr")),
-        Spec("lora.skinny", "ours", "ltk.kernels.lora_triton:_skinny_kernel", shape + ", r=16",
-             lora_ptrs, lambda dtype: dict(BLOCK_R=16, FP32_DOTS=False, DOT_PRECISION=None),
-             candidates=_fixed(Candidate(dict(BLOCK_M=getattr(lt, "_GPU_SKINNY_BLOCK_M", 32), BLOCK_L=lo[2]), 4, 3)),
-             unit="l-step", aligned=("M", "L", "R", "stride_pr"), ones=("stride_pl",)),
-        floor(*nf4, 4, 3),
-        floor(128, 128, 64, 8, 3),
-    ]
+        Spec("nf4.matmul_fwd", "ours", nf4 + "_fwd_tuned", nf4_shape, nf4_ptrs, nf4_consts(True),
+             candidates=nf4_cands(nt.GPU_CONFIGS), aligned=("M", "N", "K")),
+        Spec("nf4.matmul_bwd", "ours", nf4 + "_bwd_tuned", nf4_shape, nf4_ptrs, nf4_consts(True),
+             unit="n-step", candidates=nf4_cands(nt.BWD_CONFIGS), aligned=("M", "N", "K")),
+        Spec("nf4.matmul_fwd flat", "ours", nf4 + "_matmul_fwd_kernel", "M=N=4096, K=4095 (not row-aligned)",
+             nf4_ptrs, nf4_consts(False), candidates=nf4_cands([nt.FLAT_CONFIG])),
+        Spec("nf4.matmul_bwd flat", "ours", nf4 + "_matmul_bwd_kernel", "M=N=4096, K=4095 (not row-aligned)",
+             nf4_ptrs, nf4_consts(False), unit="n-step", candidates=nf4_cands([nt.FLAT_CONFIG])),
+        Spec("nf4.dequant", "ours", nf4 + "_dequant_kernel", "4096×4096 weights, blocksize 64", nf4_ptrs,
+             lambda dtype: dict(BLOCKSIZE=64, BLOCK=nt._DEQUANT_BLOCK), unit="element",
+             units=_tile_units("BLOCK"), candidates=_fixed(Candidate({}, 4, 3)), aligned=("numel",)),
+        Spec("lora.gemm_lowrank fwd", "ours", lora + "_gemm_lowrank_tuned", shape + ", r=16, bias", lora_ptrs,
+             lora_consts(True), candidates=lora_cands, floats=("scale",),
+             aligned=("M", "O", "L", "R", "M_BUCKET", "stride_po", "stride_qo"), ones=("stride_pl", "stride_qr")),
+        Spec("lora.gemm_lowrank dx", "ours", lora + "_gemm_lowrank_tuned", shape + ", r=16", lora_ptrs,
+             lora_consts(False), candidates=lora_cands, floats=("scale",),
+             aligned=("M", "O", "L", "R", "M_BUCKET", "stride_pl", "stride_qr"), ones=("stride_po", "stride_qo")),
+        Spec("lora.skinny u=x·Aᵀ", "ours", lora + "_skinny_kernel", shape + ", r=16", lora_ptrs, skinny_consts,
+             candidates=skinny, unit="l-step", aligned=("M", "L", "R", "stride_pr"), ones=("stride_pl",)),
+        Spec("lora.skinny g=dy·B", "ours", lora + "_skinny_kernel", shape + ", r=16", lora_ptrs, skinny_consts,
+             candidates=skinny, unit="l-step", aligned=("M", "L", "R", "stride_pl"), ones=("stride_pr",)),
+    ] + [floor(*t, ws) for t, ws in tiles.items()]
 
 
 def _norm_specs() -> list[Spec]:
     """LayerNorm and RMSNorm, forward and backward, ours and Liger's, at 4096 rows × 4096."""
-    import ltk.kernels.layernorm as ln
-    import ltk.kernels.rmsnorm as rn
+    from ltk.kernels.norm_common import launch_config
 
     m, n = 4096, 4096
     shape = f"{m}×{n}"
     out = []
-    for op, mod in (("layernorm", ln), ("rmsnorm", rn)):
+    for op, module in (("layernorm", "ltk.kernels.layernorm"), ("rmsnorm", "ltk.kernels.rmsnorm")):
         prefix = "_layer_norm" if op == "layernorm" else "_rms_norm"
-        launch = getattr(mod, "_launch_config", ln._launch_config)
         for bwd in (False, True):
-            block_n, rows, warps = launch(m, n, backward=bwd)
+            block_n, rows, warps = launch_config(m, n, backward=bwd)
             consts = dict(HAS_RESIDUAL=False, HAS_BIAS=True, HAS_DH=False)
             out.append(Spec(f"{op}.{'bwd' if bwd else 'fwd'}", "ours",
-                            f"{mod.__name__}:{prefix}_{'bwd' if bwd else 'fwd'}_kernel", shape,
+                            f"{module}:{prefix}_{'bwd' if bwd else 'fwd'}_kernel", shape,
                             dict(X="T", R="T", W="T", B="fp32" if op == "layernorm" else "T", Y="T", H="T",
                                  DY="T", DH="T", DX="T", MEAN="fp32", RSTD="fp32", DW_PART="fp32",
                                  DB_PART="fp32"),

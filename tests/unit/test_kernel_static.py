@@ -61,6 +61,24 @@ def test_loops_innermost_and_hottest_from_backward_branches():
     assert sass.tensor_flops_per_warp(insts, (0x20, 0x90)) == 2 * (2 * 64 * 128 * 16 / 4)
 
 
+def test_of_two_loops_with_the_same_mmas_the_lean_one_is_hottest():
+    """Causal attention's key loop twice: the unmasked copy (run for most key blocks) and the
+    masked diagonal copy (once a program, longer): the report reads the unmasked one."""
+    insts = sass.parse_sass("""
+        /*0000*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0010*/                   MUFU.EX2 R8, R8 ;
+        /*0020*/              @P0 BRA `(.L_x_0) ;
+        /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0040*/                   ISETP.GE.AND P1, PT, R3, R4, PT ;
+        /*0050*/                   FSEL R8, R8, -INF , P1 ;
+        /*0060*/                   MUFU.EX2 R8, R8 ;
+        /*0070*/              @P2 BRA `(.L_x_1) ;
+        /*0080*/                   EXIT ;
+""".replace("`(.L_x_0)", "0x0").replace("`(.L_x_1)", "0x30"))
+    assert sass.innermost(sass.loops(insts)) == [(0x0, 0x20), (0x30, 0x70)]
+    assert sass.hottest_innermost_loop(insts) == (0x0, 0x20)
+
+
 def test_cuobjdump_hex_targets_and_mma_sync_shapes():
     insts = sass.parse_sass(CUOBJDUMP)
     assert sass.hottest_innermost_loop(insts) == (0x10, 0x50)
