@@ -6,8 +6,9 @@ make 4 micro-batches of 2 rows (m per pipeline x dp pipelines), with AdamW in tw
 The model has no biases: a key bias has an exactly-zero true gradient (softmax removes it), and
 Adam turns the rounding noise there into ±lr steps, which any change of summation order would
 show (tests/distributed/test_pipeline.py, test_key_bias_has_no_gradient). The single-process
-reference also runs in a spawned process: spawned ranks compute on one thread, and a matmul
-split over two threads rounds differently.
+reference runs here on one thread, as the spawned ranks do: a matmul split over two threads
+rounds differently (one thread in this process gives bit for bit what a spawned process gives,
+without the seconds a spawn costs).
 """
 from __future__ import annotations
 
@@ -128,7 +129,12 @@ def _worker(rank: int, world: int, resume: tuple | None) -> dict:
 
 @pytest.fixture(scope="module")
 def runs():
-    ref = spawn(_single, 1, timeout_s=60)[0]
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = _single(0, 1)
+    finally:
+        torch.set_num_threads(old)
     four = spawn(_worker, 4, None, timeout_s=120)
     saved = four[0][RESUME_FROM[0]]["saved"]
     two = spawn(_worker, 2, saved, timeout_s=120)

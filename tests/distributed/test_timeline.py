@@ -76,9 +76,36 @@ def _late_rank_worker(rank: int, world: int, folder: str) -> dict:
     return {"rows": rows}
 
 
+def _two_ranks(rank: int, world: int, folder: str, cfgs) -> dict:
+    """Both 2-process checks in one group (a spawn costs seconds of torch imports per rank):
+    the late rank first, then `ltk train` for each (config, None) job."""
+    from tests.distributed.test_parallel_trainer import _train
+
+    res = _late_rank_worker(rank, world, folder)
+    _train(rank, world, cfgs)
+    return res
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tiny_corpus, tmp_path_factory):
+    """One spawn of 2 processes: the late-rank timeline (in `late/`) and two training runs,
+    data parallel (`ddp/`) and a 2-stage pipeline (`pp/`)."""
+    from tests.distributed.test_parallel_trainer import _config
+
+    root = tmp_path_factory.mktemp("timeline")
+    (root / "late").mkdir()
+    cfgs = [_config(tiny_corpus, root / "ddp", "ddp", steps=4),
+            _config(tiny_corpus, root / "pp", pp=2, steps=4, grad_accum=2)]
+    return root, spawn(_two_ranks, 2, str(root / "late"), [(c, None) for c in cfgs], timeout_s=240)
+
+
 @pytest.mark.parametrize("world", [2, 4])
-def test_a_late_rank_shows_as_idle_on_the_others(world, tmp_path):
-    res = spawn(_late_rank_worker, world, str(tmp_path), timeout_s=90)
+def test_a_late_rank_shows_as_idle_on_the_others(world, tmp_path, request):
+    if world == 2:  # run in the module's 2-process group
+        root, res = request.getfixturevalue("two_rank_runs")
+        folder = root / "late"
+    else:
+        res, folder = spawn(_late_rank_worker, world, str(tmp_path), timeout_s=90), tmp_path
     rows = res[0]["rows"]
     assert all(r["rows"] is None for r in res[1:])  # gathered to rank 0 only
     assert sorted({(r["step"], r["rank"]) for r in rows}) == [(s, k) for s in range(3) for k in range(world)]
@@ -90,21 +117,17 @@ def test_a_late_rank_shows_as_idle_on_the_others(world, tmp_path):
             assert r["compute"] >= 0.1 and r["idle"] < 0.03, r
         else:
             assert r["idle"] >= 0.05, r  # most of the 80 ms the last rank computed
-    assert (tmp_path / "timeline.json").exists() and (tmp_path / "timeline.png").stat().st_size > 1000
+    assert (folder / "timeline.json").exists() and (folder / "timeline.png").stat().st_size > 1000
 
 
-def test_a_multi_process_training_run_writes_its_timeline(tiny_corpus, tmp_path):
+def test_a_multi_process_training_run_writes_its_timeline(two_rank_runs):
     """`ltk train` on 2 processes: timeline.json (every step x rank), timeline.png and the
     per-rank split in summary.json, for data parallelism and for a pipeline."""
     import json
 
-    from tests.distributed.test_parallel_trainer import _config, _train
-
-    cfgs = [_config(tiny_corpus, tmp_path / "ddp", "ddp", steps=4),
-            _config(tiny_corpus, tmp_path / "pp", pp=2, steps=4, grad_accum=2)]
-    spawn(_train, 2, [(cfg, None) for cfg in cfgs], timeout_s=180)  # (config, checkpoint to resume)
+    root = two_rank_runs[0]
     for name in ("ddp", "pp"):
-        run = tmp_path / name
+        run = root / name
         doc = json.loads((run / "timeline.json").read_text())
         assert doc["world"] == 2 and doc["clock"] == "host-monotonic"
         assert sorted((r["step"], r["rank"]) for r in doc["steps"]) == [(s, k) for s in range(4) for k in range(2)]
@@ -113,9 +136,9 @@ def test_a_multi_process_training_run_writes_its_timeline(tiny_corpus, tmp_path)
         assert (run / "timeline.png").stat().st_size > 1000
         summary = json.loads((run / "summary.json").read_text())
         assert [m["rank"] for m in summary["timeline"]["per_rank"]] == [0, 1]
-    ddp = json.loads((tmp_path / "ddp" / "timeline.json").read_text())["steps"]
+    ddp = json.loads((root / "ddp" / "timeline.json").read_text())["steps"]
     assert all("all_reduce" in r["comm_by_op"] for r in ddp)  # the gradient buckets and the loss
-    pp = json.loads((tmp_path / "pp" / "timeline.json").read_text())["steps"]
+    pp = json.loads((root / "pp" / "timeline.json").read_text())["steps"]
     assert sum(r["idle"] for r in pp if r["rank"] == 1) > 0  # the last stage waits for the first forward
 
 
