@@ -80,8 +80,9 @@ def _worker(rank: int, world: int, s: dict, strategies: list[str]) -> list[dict]
         loss = F.cross_entropy(engine(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
         engine.step()
-        if strategy != "zero1":  # stage 1 keeps its full gradient buffer allocated (zeroed) by design
-            engine.zero_grad()
+        # between steps: stage 1 keeps its full gradient buffer allocated (zeroed) by design; the
+        # reduced shard it holds from the backward to zero_grad is transient, like ZeRO-2's buckets
+        engine.zero_grad()
         held = _held_bytes(engine, strategy)
         pred = model_state_bytes(psi, world, STAGES[strategy])
         out.append({"strategy": strategy, "world": world, "rank": rank, "psi": psi, "measured": held,
