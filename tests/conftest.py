@@ -9,11 +9,6 @@ if not os.environ.get("CUDA_VISIBLE_DEVICES") and not __import__("torch").cuda.i
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # loss.png costs every tiny run about a second (matplotlib); the tests of the plot turn it back on
 os.environ.setdefault("LTK_PLOT", "0")
-# Several test workers (pytest-xdist) share the cores: torch's intra-op threads split them, so
-# OpenMP threads do not spin against another worker's (a 3x slowdown of the matmul-heavy tests)
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1:
-    __import__("torch").set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 import random
 from pathlib import Path
@@ -22,6 +17,14 @@ import pytest
 
 from ltk.models.gpt import GPTConfig
 from ltk.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
+
+# Several test workers (pytest-xdist) share the cores: torch's intra-op threads split them, so
+# OpenMP threads do not spin against another worker's (a 3x slowdown of the matmul-heavy tests)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 @pytest.fixture(scope="session", autouse=True)
