@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import pytest
 
@@ -98,7 +99,14 @@ def test_wandb_writes_an_offline_run_with_the_config(tmp_path, monkeypatch):
     log.close()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    data = b"".join(f.read_bytes() for f in runs[0].glob("run-*.wandb"))
+    # wandb's service process writes the file; on a busy machine its last records can land a
+    # moment after finish() returns, so read until they are there (or 60 s have passed)
+    deadline = time.monotonic() + 60
+    while True:
+        data = b"".join(f.read_bytes() for f in runs[0].glob("run-*.wandb"))
+        if b"val_loss" in data and b"max_steps" in data or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert b"val_loss" in data and b"max_steps" in data  # the history and the run config
 
 
