@@ -26,6 +26,20 @@ import pytest
 from ltk.kernels.poison import poison_outputs  # noqa: F401  (the tests' one poisoning helper)
 
 
+def require_nvidia_compiler():
+    """(GPUTarget, ASTSource) of this Triton's NVIDIA compiler, for a `_compile_all()`; where its
+    Python API cannot be driven directly, say why and exit with code 3 (a skip, below)."""
+    try:  # the compiler's Python API moves between Triton versions
+        from triton.backends import backends
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        assert "nvidia" in backends
+    except (ImportError, AssertionError) as e:
+        print(f"cannot drive this Triton's NVIDIA compiler directly: {e!r}")
+        sys.exit(3)
+    return GPUTarget, ASTSource
+
+
 def compile_in_subprocess(test_file: str, tmp_path: Path) -> None:
     pytest.importorskip("triton")
     path = Path(test_file)
