@@ -92,9 +92,9 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _tree(pid: int) -> list[int]:
-    """pid and all its descendants (torchrun runs in a session of its own: a process group
-    would miss it)."""
+def process_tree(pid: int) -> list[int]:
+    """pid, then all its descendants, read from /proc (torchrun runs in a session of its own: a
+    process group would miss it)."""
     kids, out, todo = _children(), [], [pid]
     while todo:
         p = todo.pop()
@@ -111,7 +111,7 @@ def _rss(pid: int) -> int:
 
 
 def _kill_tree(pid: int) -> None:
-    for p in reversed(_tree(pid)):
+    for p in reversed(process_tree(pid)):
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
@@ -130,7 +130,7 @@ def run_watched(cmd: list[str], env: dict[str, str], min_free: float, timeout_s:
     while proc.poll() is None:
         free = available_bytes("cpu")
         low = min(low, free)
-        tree_peak = max(tree_peak, sum(_rss(p) for p in _tree(proc.pid)))
+        tree_peak = max(tree_peak, sum(_rss(p) for p in process_tree(proc.pid)))
         if free < min_free:
             aborted = (f"killed: the machine's available memory fell to {free / GIB:.2f} GiB "
                        f"(--min-free-gb {min_free / GIB:g})")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ltk.bench.parallel_memory import process_tree
 from ltk.parallel.dist import Comm, SpawnError, spawn
 
 
@@ -59,24 +60,6 @@ def test_a_bad_setting_fails_on_every_rank_with_its_name(tiny_corpus, tmp_path):
     assert "does not split over 2 data-parallel ranks" in proc.stderr
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (read from /proc: no extra package needed)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks through /proc (Linux)")
 def test_a_killed_rank_ends_the_run_and_keeps_the_last_checkpoint(tiny_corpus, tmp_path):
     """SIGKILL one rank of a 2-process run mid-training: the launcher ends the job (no hang),
@@ -93,7 +76,7 @@ def test_a_killed_rank_ends_the_run_and_keeps_the_last_checkpoint(tiny_corpus, t
         while not list(out.glob("checkpoints/step_*")) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert list(out.glob("checkpoints/step_*")), "no checkpoint was written within 120 s"
-        ranks = [p for p in _descendants(proc.pid)
+        ranks = [p for p in process_tree(proc.pid)[1:]
                  if b"ltk.cli" in Path(f"/proc/{p}/cmdline").read_bytes() and b"\nRANK=1\n" in _environ(p)]
         assert ranks, "rank 1 not found"
         os.kill(ranks[0], signal.SIGKILL)
