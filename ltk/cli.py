@@ -104,7 +104,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-PARALLEL_CHOICES = ("ddp", "naive-ddp", "zero1", "zero2", "zero3", "torch-ddp", "tp", "pp")
+PARALLEL_CHOICES = ("ddp", "naive-ddp", "zero1", "zero2", "zero3", "torch-ddp", "fsdp2", "torch-tp", "tp", "pp")
 
 
 def _set_parallel(cfg, name: str, world: int) -> None:
@@ -115,14 +115,14 @@ def _set_parallel(cfg, name: str, world: int) -> None:
     if name not in PARALLEL_CHOICES:
         raise ConfigError(f"--parallel {name!r} is not one of {', '.join(PARALLEL_CHOICES)}"
                           + did_you_mean(name, PARALLEL_CHOICES))
-    if name in ("tp", "pp") and world == 1:
+    if name in ("tp", "pp", "torch-tp") and world == 1:
         raise ConfigError(f"--parallel {name} splits the model over several processes, but this run has one: "
                           "add --nproc N (or start it with torchrun)")
-    if name == "tp":
+    if name in ("tp", "torch-tp"):
         cfg.parallel.tp = world
     elif name == "pp":
         cfg.parallel.pp = world
-    else:
+    if name not in ("tp", "pp"):
         cfg.parallel.strategy = name
 
 

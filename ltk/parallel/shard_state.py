@@ -15,6 +15,13 @@ holds, with a view of its own memory for each, whatever the engine:
                                              parameter, then into boxes (`range_boxes`)
     ZeRO over tensor parallelism             the flat range of the TP-local tensor, boxes
                                              intersected with the TP boxes
+    fsdp2, torch-tp, fsdp2 x tp (fsdp2.py)   each DTensor parameter: its local shard, the box
+                                             DTensor places at (local shape, global offset);
+                                             holder = the parameter, view = its to_local();
+                                             AdamW's moments are DTensors placed alike; GPT's
+                                             head-major qkv rows mapped back to single-process
+                                             rows (torch_tp.single_rows); a placement Replicate
+                                             on a mesh dim is written where that coordinate is 0
     pipeline (pipeline_run.py)               each stage's parameters whole; GPT's tied copy
                                              of wte on the last stage held, never written
     mixed precision (mixed.py)               the replicated engines' boxes are held by the
@@ -42,6 +49,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from ltk.parallel.zero import ShardedEngine
 
@@ -61,6 +69,8 @@ class Box:
     copies: list = field(default_factory=list)  # (tensor, index) other tensors holding the same values
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, DTensor):  # the holder's local shard: what this rank's memory holds
+            t = t.to_local()
         flat, inner = self.index
         v = t.reshape(-1)[flat[0]:flat[1]].view(flat[2]) if flat is not None else t
         return v[inner]
@@ -204,11 +214,39 @@ def local_boxes(run) -> list[Box]:
     model = _unwrapped(run.model)
     place, tp_rank = _placement(model)
     engine = run.engine
+    if getattr(run, "dtensor", False):  # fsdp2 / torch-tp: DTensor parameters
+        engine.reshard()  # the sharded parameters registered, not gathered copies
+        return dtensor_boxes(model, run.dp_rank == 0 and run.mesh.coords["tp"] == 0)
     if isinstance(engine, ShardedEngine):  # ZeRO-1/2/3: FlatShards
         return _flat_boxes(engine, place, tp_rank)
     write_dp = getattr(run, "dp_rank", 0) == 0  # replicas: data-parallel rank 0 writes
     return [b for n, p in model.named_parameters()
             for b in _param_boxes(n, p, masters.get(id(p), p), place, tp_rank, write_dp)]
+
+
+def dtensor_boxes(model: nn.Module, first_rank: bool) -> list[Box]:
+    """The boxes of a model whose parameters are DTensors (or plain replicated tensors, written
+    where first_rank): the local shard at its global offset, in single-process rows."""
+    from ltk.parallel.fsdp2 import local_part
+    from ltk.parallel.torch_tp import single_rows
+
+    out = []
+    for name, p in model.named_parameters():
+        shape, offset = local_part(p)
+        if math.prod(shape) == 0:  # an uneven split left this rank no rows
+            continue
+        write = first_rank
+        if isinstance(p, DTensor):
+            coord = p.device_mesh.get_coordinate()
+            write = all(c == 0 for c, pl in zip(coord, p.placements) if pl.is_replicate())
+        if not shape:
+            out.append(Box(name, (), (), (), p, (None, ()), write))
+            continue
+        rest = (slice(None),) * (len(shape) - 1)
+        for start, row, n in single_rows(model, name, offset[0], offset[0] + shape[0]):
+            out.append(Box(name, tuple(p.shape), (row,) + offset[1:], (n,) + shape[1:], p,
+                           (None, (slice(start, start + n),) + rest), write))
+    return out
 
 
 def _flat_boxes(engine, place, tp_rank) -> list[Box]:

@@ -3,8 +3,11 @@ stays the same loop whatever the strategy (ltk/training/trainer.py calls this, n
 
     strategy     the data-parallel engine over the dp axis of the mesh:
                  ddp (bucketed, overlapped), naive-ddp, zero1, zero2, zero3 (ltk/parallel/),
-                 torch-ddp (PyTorch's DistributedDataParallel), or none
-    tp           tensor-parallel degree (ltk/parallel/tp_plan.py: GPT and Llama)
+                 torch-ddp (PyTorch's DistributedDataParallel), or none; or one of PyTorch's
+                 DTensor engines (ltk/parallel/fsdp2.py): fsdp2 (fully_shard over dp, with
+                 DTensor TP when tp > 1), torch-tp (DTensor TP over every rank)
+    tp           tensor-parallel degree (ltk/parallel/tp_plan.py: GPT and Llama; under the
+                 DTensor engines ltk/parallel/torch_tp.py)
 
 The global batch is the same whatever the world size: every rank reads the same global
 micro-batch and trains on its data-parallel block of rows (ltk/parallel/reference.py `dp_shard`),
@@ -30,7 +33,8 @@ from ltk.parallel.mixed import MasterOptimizer, as_dtype, clip_, mixed_factory
 from ltk.parallel.reference import dp_shard
 from ltk.parallel.sharded_eval import EvalShare, sum_over, tp_eval_sums
 
-DP_ENGINES = ("ddp", "naive-ddp", "zero1", "zero2", "zero3", "torch-ddp")
+DP_ENGINES = ("ddp", "naive-ddp", "zero1", "zero2", "zero3", "torch-ddp", "fsdp2", "torch-tp")
+TORCH_ENGINES = ("fsdp2", "torch-tp")  # DTensor parameters: ltk/parallel/fsdp2.py
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
@@ -192,7 +196,8 @@ class ParallelRun:
 
     def __init__(self, model, param_groups_fn: Callable, optimizer_factory: Callable, *, strategy: str = "auto",
                  tp: int = 1, pp: int = 1, sequence_parallel: bool = False, device: torch.device | None = None,
-                 compute_dtype: str = "fp32", bucket_mb: float = 25.0, reduce_dtype: str | None = None):
+                 compute_dtype: str = "fp32", bucket_mb: float = 25.0, reduce_dtype: str | None = None,
+                 reshard_after_forward: bool = True):
         world = dist.get_world_size() if dist.is_initialized() else 1
         if pp != 1:
             raise ValueError("pipeline parallelism runs through ltk/parallel/pipeline.py's trainer, not ParallelRun")
@@ -209,6 +214,19 @@ class ParallelRun:
         if tp > 1 and strategy == "torch-ddp":
             raise ValueError("torch-ddp does not combine with --parallel.tp here: use ddp, naive-ddp, zero1 or zero2")
         self.strategy = strategy
+        self.dtensor = strategy in TORCH_ENGINES
+        self.compute_dtype = as_dtype(compute_dtype)
+        if self.dtensor:
+            from ltk.parallel.fsdp2 import build_torch_engine
+
+            if sequence_parallel:
+                raise ValueError(f"{strategy} has no sequence parallelism (ltk/parallel/torch_tp.py): use --parallel tp")
+            self.engine = build_torch_engine(model, param_groups_fn, optimizer_factory, strategy=strategy,
+                                             dp=self.dp_size, tp=tp, device=device or torch.device("cpu"),
+                                             compute_dtype=compute_dtype, reduce_dtype=reduce_dtype,
+                                             reshard_after_forward=reshard_after_forward)
+            self.model = model
+            return
         if tp > 1:
             from ltk.parallel.tp_plan import apply_tensor_parallel
 
@@ -216,7 +234,6 @@ class ParallelRun:
         self.model = model
         self.engine = build_engine(strategy, model, param_groups_fn(model), optimizer_factory, self.mesh.comm("dp"),
                                    device or torch.device("cpu"), compute_dtype, bucket_mb, reduce_dtype)
-        self.compute_dtype = as_dtype(compute_dtype)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -241,7 +258,7 @@ class ParallelRun:
         """The global gradient norm (clipped to max_norm when finite). Under tensor parallelism a
         rank holds 1/tp of each split parameter and a full copy of each replicated one (norms,
         row-parallel biases), so ‖g‖² = Σ_tp-ranks (Σ_split ‖g_p‖² + Σ_replicated ‖g_p‖² / tp)."""
-        if self.tp == 1:
+        if self.tp == 1 or self.dtensor:
             return self.engine.clip_grad_norm_(max_norm)
         from ltk.parallel.tp_plan import split_parameters
 
@@ -285,7 +302,7 @@ class ParallelRun:
     def _whole_locally(self) -> bool:
         """Does this rank hold every parameter, full size, between steps? (bf16 under mixed
         precision: evaluation then runs in the compute dtype, as training does)"""
-        return self.tp == 1 and self.strategy != "zero3"
+        return self.tp == 1 and self.strategy not in ("zero3", "fsdp2")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-process state dict, fp32 masters under mixed precision (a collective where
@@ -293,7 +310,7 @@ class ParallelRun:
         state dict), then unsharded over tp as each parameter's layer cuts it."""
         if hasattr(self.engine, "wait_params"):  # ZeRO-1/2: the step's parameter all-gathers may be in flight
             self.engine.wait_params()
-        if self.tp > 1:
+        if self.tp > 1 and not self.dtensor:
             from ltk.parallel.tp_plan import gather_tp_like, gather_tp_params
 
             if self.strategy in ("zero1", "zero2", "zero3") or isinstance(self.engine.optimizer, MasterOptimizer):
@@ -341,7 +358,7 @@ class ParallelRun:
             sd = by_name_state(self.engine.optimizer, self._names())
         else:
             sd = self.engine.optimizer_state_dict()
-        if self.tp > 1:
+        if self.tp > 1 and not self.dtensor:
             from ltk.parallel.tp_plan import gather_tp_like
 
             for key in _moment_keys(sd):
@@ -353,7 +370,7 @@ class ParallelRun:
     def load_optimizer_state_dict(self, sd: dict[str, Any], build: Callable[[], torch.nn.Module] | None = None) -> None:
         """Load a state saved by optimizer_state_dict at any world size (under tensor
         parallelism `build` makes a full single-device model to cut the moments like the weights)."""
-        if self.tp > 1:
+        if self.tp > 1 and not self.dtensor:
             from ltk.parallel.tp_plan import shard_tp_like
 
             if build is None:

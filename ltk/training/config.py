@@ -90,7 +90,9 @@ class ParallelConfig:
     (dp = world / (tp · pp)); trainer.batch_size x grad_accum is the *global* batch, the same
     whatever the world size, so runs at different sizes are comparable step by step."""
 
-    strategy: str = "auto"  # data-parallel engine: auto | ddp | naive-ddp | zero1 | zero2 | zero3 | torch-ddp
+    # data-parallel engine: auto | ddp | naive-ddp | zero1 | zero2 | zero3 | torch-ddp, or PyTorch's DTensor
+    # engines fsdp2 (fully_shard; with tp > 1 over DTensor TP) | torch-tp (DTensor TP over every rank)
+    strategy: str = "auto"
     tp: int = 1  # tensor-parallel degree (GPT, Llama)
     pp: int = 1  # pipeline stages (GPT)
     sequence_parallel: bool = False  # with tp > 1: norms and dropout on sequence shards
@@ -98,6 +100,7 @@ class ParallelConfig:
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved)
     bucket_mb: float = 25.0  # DDP gradient bucket size
     reduce_dtype: str = "auto"  # gradient reduction: auto (the gradients' dtype) | fp32 | bf16
+    reshard_after_forward: bool = True  # fsdp2: free gathered blocks after forward (ZeRO-3) or keep them (ZeRO-2)
 
 
 @dataclass

@@ -28,7 +28,9 @@ DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 REDUCE_DTYPES = ("auto", "fp32", "bf16")
 # engines that shard model states over the dp ranks, and what each shards
-SHARDS = {"zero1": ("moments",), "zero2": ("moments", "grads"), "zero3": ("moments", "grads", "weights")}
+SHARDS = {"zero1": ("moments",), "zero2": ("moments", "grads"), "zero3": ("moments", "grads", "weights"),
+          "fsdp2": ("moments", "grads", "weights")}
+TORCH_ENGINES = ("fsdp2", "torch-tp")  # PyTorch's DTensor engines (ltk/parallel/fsdp2.py, torch_tp.py)
 
 
 def strategies() -> tuple[str, ...]:
@@ -186,6 +188,8 @@ def _check_engines(cfg: RunConfig) -> None:
     if p.reduce_dtype == "fp32" and _dtype(cfg) == "bf16" and p.strategy == "torch-ddp":
         raise ConfigError("--parallel.reduce_dtype fp32: PyTorch's DDP (torch-ddp) reduces gradients in their own "
                           "dtype; use --parallel.strategy ddp, naive-ddp or a ZeRO engine")
+    if p.strategy in TORCH_ENGINES:
+        _check_torch_engine(cfg)
     if p.pp > 1:
         if cfg.family != "gpt" or p.tp > 1 or p.strategy not in ("auto", "ddp", "none"):
             raise ConfigError("pipeline parallelism (--parallel.pp) runs GPT, composed with data parallelism only "
@@ -216,6 +220,33 @@ def _check_engines(cfg: RunConfig) -> None:
                               "naive-ddp, zero1 or zero2")
 
 
+def _check_torch_engine(cfg: RunConfig) -> None:
+    """What PyTorch's DTensor engines are wired for here (ltk/parallel/fsdp2.py), each refusal
+    naming the nearest run that works."""
+    p, t, name = cfg.parallel, cfg.trainer, cfg.parallel.strategy
+    if p.pp > 1:
+        raise ConfigError(f"--parallel {name} with --parallel.pp: pipeline parallelism runs our engine "
+                          "(ltk/parallel/pipeline_run.py) with ddp over dp; use --parallel ddp --parallel.pp N")
+    if t.compile:
+        raise ConfigError(f"--trainer.compile with --parallel {name} is not wired (the blocks would be compiled "
+                          "under fully_shard's hooks and DTensor's dispatch, untested here); drop --trainer.compile "
+                          "or use --parallel zero3, which compiles block by block")
+    if p.sequence_parallel:
+        raise ConfigError(f"--parallel {name} has no sequence parallelism (the fused residual norms take two inputs, "
+                          "torch's SequenceParallel one: ltk/parallel/torch_tp.py); use our tensor parallelism: "
+                          "--parallel ddp --parallel.tp N --parallel.sequence_parallel true")
+    if (name == "torch-tp" or p.tp > 1) and cfg.family not in ("gpt", "llama"):
+        raise ConfigError(f"DTensor tensor parallelism (--parallel {name}"
+                          f"{' --parallel.tp' if name == 'fsdp2' else ''}) has plans for gpt and llama, not "
+                          f"{cfg.family}; --parallel fsdp2 alone shards any family")
+    if name == "torch-tp" and _dtype(cfg) == "bf16":
+        raise ConfigError("--parallel torch-tp trains in fp32 (no fp32 master copy of DTensor parameters without "
+                          "FSDP2's mixed precision); for bf16 use --parallel fsdp2 --parallel.tp N")
+    if name == "torch-tp" and p.tp == 1:
+        raise ConfigError("--parallel.strategy torch-tp splits layers over --parallel.tp ranks, but tp is 1: "
+                          "`ltk train --parallel torch-tp --nproc N` sets tp = N; or name --parallel.tp N")
+
+
 def _dtype(cfg: RunConfig) -> str:
     """--trainer.dtype with auto resolved for this machine (bf16 on a CUDA device that has it)."""
     if cfg.trainer.dtype != "auto":
@@ -239,6 +270,10 @@ def _check_layout(cfg: RunConfig, world: int) -> None:
         raise ConfigError(f"--parallel.tp {p.tp} x --parallel.pp {p.pp} = {split} does not divide the {world} "
                           f"processes (--nproc)")
     dp = world // split
+    if p.strategy == "torch-tp" and dp > 1:
+        raise ConfigError(f"--parallel torch-tp runs tensor parallelism over every rank, but --parallel.tp {p.tp} "
+                          f"leaves {dp} data-parallel ranks: use --parallel fsdp2 --parallel.tp {p.tp} (FSDP2 over "
+                          f"dp x DTensor TP), or --parallel.tp {world}")
     if p.reduce_dtype == "fp32" and _dtype(cfg) == "bf16" and p.strategy == "auto" and split == 1 and dp > 1:
         raise ConfigError("--parallel.reduce_dtype fp32: --parallel.strategy auto runs PyTorch's DDP here, which "
                           "reduces gradients in their own dtype; name --parallel.strategy ddp (ours) or a ZeRO engine")

@@ -66,7 +66,8 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -
         run = ParallelRun(torch.compile(model) if whole else model, lambda mod: model.param_groups(wd), factory,
                           strategy=p.strategy, tp=p.tp, sequence_parallel=p.sequence_parallel, device=device,
                           compute_dtype=dtype, bucket_mb=p.bucket_mb,
-                          reduce_dtype=None if p.reduce_dtype == "auto" else p.reduce_dtype)
+                          reduce_dtype=None if p.reduce_dtype == "auto" else p.reduce_dtype,
+                          reshard_after_forward=p.reshard_after_forward)
     if t.batch_size % run.dp_size:
         raise ValueError(f"trainer.batch_size {t.batch_size} (the global micro-batch) does not split over "
                          f"{run.dp_size} data-parallel ranks")

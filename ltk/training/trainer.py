@@ -135,7 +135,7 @@ class Trainer:
         ever makes its own shard (ltk/models/init.py; the engine materializes it). Either way
         the weights are those of one process with this seed; the global RNG is left as it was."""
         p = self.cfg.parallel
-        sharded = self.rt.world_size > 1 and (p.strategy == "zero3" or p.tp > 1 or p.pp > 1)
+        sharded = self.rt.world_size > 1 and (p.strategy in ("zero3", "fsdp2") or p.tp > 1 or p.pp > 1)
         build = lambda: self.family.model_cls(self.cfg.model)  # noqa: E731
         with torch.random.fork_rng(devices=[]):
             if sharded:
