@@ -216,7 +216,7 @@ def local_boxes(run) -> list[Box]:
     engine = run.engine
     if getattr(run, "dtensor", False):  # fsdp2 / torch-tp: DTensor parameters
         engine.reshard()  # the sharded parameters registered, not gathered copies
-        return dtensor_boxes(model, run.dp_rank == 0 and run.mesh.coords["tp"] == 0)
+        return dtensor_boxes(model, run.mesh.coords)
     if isinstance(engine, ShardedEngine):  # ZeRO-1/2/3: FlatShards
         return _flat_boxes(engine, place, tp_rank)
     write_dp = getattr(run, "dp_rank", 0) == 0  # replicas: data-parallel rank 0 writes
@@ -224,9 +224,11 @@ def local_boxes(run) -> list[Box]:
             for b in _param_boxes(n, p, masters.get(id(p), p), place, tp_rank, write_dp)]
 
 
-def dtensor_boxes(model: nn.Module, first_rank: bool) -> list[Box]:
-    """The boxes of a model whose parameters are DTensors (or plain replicated tensors, written
-    where first_rank): the local shard at its global offset, in single-process rows."""
+def dtensor_boxes(model: nn.Module, coords: dict[str, int]) -> list[Box]:
+    """The boxes of a model whose parameters are DTensors (or plain tensors, replicated): the
+    local shard at its global offset, in single-process rows. Written by the rank whose
+    coordinate (coords: "dp", "tp") is 0 on every mesh dim the parameter does not shard —
+    dims of its mesh placed Replicate, and dims its mesh lacks (fsdp2 x tp: a norm on dp only)."""
     from ltk.parallel.fsdp2 import local_part
     from ltk.parallel.torch_tp import single_rows
 
@@ -235,10 +237,11 @@ def dtensor_boxes(model: nn.Module, first_rank: bool) -> list[Box]:
         shape, offset = local_part(p)
         if math.prod(shape) == 0:  # an uneven split left this rank no rows
             continue
-        write = first_rank
+        sharded = set()
         if isinstance(p, DTensor):
-            coord = p.device_mesh.get_coordinate()
-            write = all(c == 0 for c, pl in zip(coord, p.placements) if pl.is_replicate())
+            dims = p.device_mesh.mesh_dim_names or ()
+            sharded = {d for d, pl in zip(dims, p.placements) if not pl.is_replicate()}
+        write = all(c == 0 for d, c in coords.items() if d not in sharded and d in ("dp", "tp"))
         if not shape:
             out.append(Box(name, (), (), (), p, (None, ()), write))
             continue

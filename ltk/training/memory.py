@@ -25,6 +25,8 @@ import torch
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
+    if hasattr(t, "trigger_wait"):  # an AsyncCollectiveTensor (DTensor TP's reduced outputs): its result
+        t = t.trigger_wait()
     return t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this rank's shard
 
 
