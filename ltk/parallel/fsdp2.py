@@ -36,6 +36,7 @@ them, which is what sharded checkpoints read (ltk/parallel/shard_state.py `dtens
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -67,6 +68,10 @@ def shard_model(model: nn.Module, dp_mesh, *, compute_dtype: str, reduce_dtype: 
     """fully_shard every block, then the root (embeddings, final norm, head), over dp_mesh."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # FSDP2 warns that a block returns a view (DTensor TP's to_local outputs, the head's logits): an
+    # in-place op on it would skip the pre-backward hook. Our models only add out of place (the
+    # residual adds are fused into the next norm, ltk/models/norms.py), so the warning says nothing here
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mp = MixedPrecisionPolicy()
     if as_dtype(compute_dtype) != torch.float32:
         mp = MixedPrecisionPolicy(param_dtype=as_dtype(compute_dtype), reduce_dtype=as_dtype(reduce_dtype))

@@ -220,7 +220,8 @@ class ParallelRun:
             from ltk.parallel.fsdp2 import build_torch_engine
 
             if sequence_parallel:
-                raise ValueError(f"{strategy} has no sequence parallelism (ltk/parallel/torch_tp.py): use --parallel tp")
+                raise ValueError(f"{strategy} has no sequence parallelism (ltk/parallel/torch_tp.py): use ours, "
+                                 "--parallel ddp --parallel.tp N")
             self.engine = build_torch_engine(model, param_groups_fn, optimizer_factory, strategy=strategy,
                                              dp=self.dp_size, tp=tp, device=device or torch.device("cpu"),
                                              compute_dtype=compute_dtype, reduce_dtype=reduce_dtype,
