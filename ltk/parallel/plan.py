@@ -31,6 +31,19 @@ flat gradients are in flight:
 For gpt2-350m on 4 ranks in fp32 this is 0.83 GB against 1.42 GB of sharded states: at a small
 world size a ZeRO-3 rank's peak is dominated by the units it gathers, not by its shards.
 
+fsdp2 (PyTorch's fully_shard, ltk/parallel/fsdp2.py) shards the same states as ZeRO-3 (the same
+params/grads/optimizer bytes and collectives) and gathers by its own rules (`fsdp2_gathered_bytes`):
+the root (embeddings, final norm, head) stays gathered from its forward to its backward
+(reshard_after_forward false on the root, as torchtitan), the computing block and the one
+prefetched, plus the flat all-gather buffer of the block in flight, which FSDP2 copies out into the
+parameters; gradients: the root's whole, the block computing its gradient and the flat copy of the
+one being reduce-scattered:
+
+    gathered(fsdp2) = p·(root + 3·block) + g·(root + 2·block)
+
+torch-tp (DTensor TP over every rank, ltk/parallel/torch_tp.py) holds what our tensor parallelism
+holds (the same split, no data parallelism: dp must be 1; with dp use fsdp2 --tp).
+
 Precision: fp32, or bf16/fp16 mixed precision as every engine runs it (ltk/parallel/mixed.py,
 zero.py): parameters and gradients in 16 bits, collectives on them too, an fp32 master in the
 optimizer's K = 12; `reduce_dtype` fp32 reduces gradients in fp32 (4 bytes per element on the
@@ -54,7 +67,9 @@ from typing import Any
 
 from ltk.parallel import cost
 
-ENGINES = {"none": None, "ddp": 0, "naive-ddp": 0, "torch-ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp2": 3}
+# engine -> the ZeRO stage whose states it shards (fsdp2: ZeRO-3's; torch-tp: none, tp over every rank)
+ENGINES = {"none": None, "ddp": 0, "naive-ddp": 0, "torch-ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp2": 3,
+           "torch-tp": 0}
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,14 @@ def gathered_bytes(s: Shape, tp: int, prec: cost.Precision) -> int:
     return prec.param * (root + 2 * block) + prec.grad * (2 * root + 2 * block)
 
 
+def fsdp2_gathered_bytes(s: Shape, tp: int, prec: cost.Precision) -> int:
+    """FSDP2's working set of whole parameters and gradients (module docstring)."""
+    block = s.block_matrix // tp + s.block_split_vector // tp + s.block_whole_vector
+    table = s.vocab * s.hidden // tp
+    root = table + s.positions * s.hidden + s.final_norm + (0 if s.tied else table)
+    return prec.param * (root + 3 * block) + prec.grad * (root + 2 * block)
+
+
 def check_plan(world: int, tp: int, pp: int, batch: int, seq_len: int | None, micro_batches: int, virtual: int,
                efficiency: float | None) -> None:
     """Refuse a mesh or batch that no run could have, naming the `ltk plan` flag and its range
@@ -137,6 +160,9 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(ENGINES)} (plus --tp / --pp)")
     check_plan(world, tp, pp, batch, seq_len, micro_batches, virtual, efficiency)
     dp = world // (tp * pp)
+    if strategy == "torch-tp" and (dp > 1 or pp > 1):
+        raise ValueError(f"torch-tp runs tensor parallelism over every rank (--tp {world}); with {dp} data-parallel "
+                         f"ranks plan --strategy fsdp2 --tp {tp}")
     stage = ENGINES[strategy] or 0
     s = model_shape(family, cfg)
     T = seq_len or getattr(cfg, "block_size", 1024)
@@ -165,7 +191,9 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
         sends, tied = pp_bytes["per_rank_send"], pp_bytes["per_rank_all_reduce"]
         r = max(range(pp), key=lambda i: sends[i] + tied[i])  # the busiest stage: boundaries + tied weight
         breakdown["pipeline"] = {"send": sends[r], **({"all_reduce": tied[r]} if tied[r] else {})}
-    gathered = gathered_bytes(s, tp, prec) if stage == 3 and dp > 1 else 0
+    gathered = 0
+    if stage == 3 and dp > 1:
+        gathered = (fsdp2_gathered_bytes if strategy == "fsdp2" else gathered_bytes)(s, tp, prec)
     total = states["params"] + states["grads"] + states["optimizer"] + activations + gathered
     out = {
         "family": family, "world": world, "mesh": {"dp": dp, "tp": tp, "pp": pp}, "strategy": strategy,

@@ -133,3 +133,40 @@ def test_fsdp2_x_tensor_parallel_equals_one_process(runs, tiny_corpus, tmp_path)
     spawn(_train, 4, [(_config(tiny_corpus, tmp_path / "fsdp2-tp2", "fsdp2", tp=2), None)], timeout_s=TIMEOUT)
     assert _max_loss_gap(runs["single"], tmp_path / "fsdp2-tp2") <= 1e-5
     _same_weights(load_checkpoint(runs["single"]).model, load_checkpoint(tmp_path / "fsdp2-tp2").model)
+
+
+# -- refusals, before any process starts (no group: cheap) -----------------------------------------
+@pytest.mark.parametrize("change, world, words", [
+    (dict(strategy="torch-tp", tp=2), 4, ["leaves 2 data-parallel ranks", "--parallel fsdp2 --parallel.tp 2"]),
+    (dict(strategy="torch-tp"), 2, ["tp is 1", "--parallel torch-tp --nproc N"]),
+    (dict(strategy="fsdp2"), 1, ["needs several processes", "--nproc N"]),
+    (dict(strategy="fsdp2", pp=2), 4, ["--parallel fsdp2 with --parallel.pp", "--parallel ddp --parallel.pp N"]),
+    (dict(strategy="fsdp2", tp=2, sequence_parallel=True), 4, ["no sequence parallelism",
+                                                               "--parallel.sequence_parallel true"]),
+    (dict(strategy="torch-tp", tp=2, dtype="bf16"), 2, ["trains in fp32", "--parallel fsdp2 --parallel.tp N"]),
+    (dict(strategy="fsdp2", compile=True), 2, ["--trainer.compile", "--parallel zero3"]),
+    (dict(strategy="torch-tp", tp=2, family="bert"), 2, ["plans for gpt and llama", "fsdp2 alone"]),
+])
+def test_unsupported_combinations_are_refused_with_the_nearest_choice(change, world, words):
+    from ltk.training.config import ConfigError
+    from ltk.training.config_check import check_run
+    from ltk.training.presets import get_preset
+
+    cfg = get_preset("bert-debug" if change.pop("family", None) == "bert" else "gpt-debug")
+    cfg.trainer.dtype = change.pop("dtype", "fp32")
+    cfg.trainer.compile = change.pop("compile", False)
+    for k, v in change.items():
+        setattr(cfg.parallel, k, v)
+    with pytest.raises(ConfigError) as e:
+        check_run(cfg, world=world, size=False, warn=False)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_supported_layouts_pass_the_checks():
+    from ltk.training.config_check import check_run
+    from ltk.training.presets import get_preset
+
+    for strategy, tp, world, dtype in (("fsdp2", 1, 2, "bf16"), ("fsdp2", 2, 4, "bf16"), ("torch-tp", 2, 2, "fp32")):
+        cfg = get_preset("gpt-debug")
+        cfg.parallel.strategy, cfg.parallel.tp, cfg.trainer.dtype = strategy, tp, dtype
+        check_run(cfg, world=world, size=False, warn=False)
