@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ltk.models.gpt import GPT, GPTConfig
+from ltk.models.llama import LlamaConfig
 from ltk.parallel.dist import spawn
 from ltk.training.checkpoint import load_checkpoint, restore_model
 from ltk.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
@@ -21,9 +22,10 @@ from ltk.training.trainer import Trainer
 
 TIMEOUT = 300
 STEPS, HALF = 20, 10
+LLAMA_STEPS = 6  # Llama under torch-tp: its own head split (local head counts), a shorter run
 
 
-def _config(corpus, out, strategy="auto", tp=1, steps=STEPS):
+def _config(corpus, out, strategy="auto", tp=1, steps=STEPS, family="gpt"):
     cfg = RunConfig(
         name="tiny",
         model=GPTConfig(vocab_size=0, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False),
@@ -31,6 +33,9 @@ def _config(corpus, out, strategy="auto", tp=1, steps=STEPS):
         optim=OptimConfig(lr=3e-3, warmup_steps=2, decay_steps=STEPS),
         trainer=TrainerConfig(max_steps=steps, batch_size=4, eval_every=STEPS, eval_batches=4, log_every=1,
                               out_dir=str(out), progress=False, seed=7, grad_accum=2, ckpt_every=HALF))
+    if family == "llama":  # GQA: 4 query heads over 2 key/value heads, split 2 and 1 per rank
+        cfg.family, cfg.model = "llama", LlamaConfig(vocab_size=0, block_size=32, n_layer=2, n_head=4, n_kv_head=2,
+                                                     n_embd=32, intermediate_size=64, rope_theta=10000.0)
     cfg.model.backend = "torch"
     cfg.parallel.strategy, cfg.parallel.tp = strategy, tp
     return cfg
@@ -46,9 +51,9 @@ def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _max_loss_gap(single, run) -> float:
+def _max_loss_gap(single, run, steps=STEPS) -> float:
     a, b = _metrics(single), _metrics(run)
-    assert [m["step"] for m in a] == [m["step"] for m in b] and len(a) == STEPS
+    assert [m["step"] for m in a] == [m["step"] for m in b] and len(a) == steps
     assert b[-1]["val_loss"] == pytest.approx(a[-1]["val_loss"], rel=1e-5, abs=1e-5)
     return max(abs(ma["loss"] - mb["loss"]) for ma, mb in zip(a, b))
 
@@ -64,16 +69,20 @@ def _same_weights(wa, wb, tol=1e-5):
 @pytest.fixture(scope="module")
 def runs(tiny_corpus, tmp_path_factory):
     """'single' (one process), 'fsdp2' and 'torch-tp' (2 ranks, 20 steps, checkpoints at 10 and 20);
+    'single-llama' and 'torch-tp-llama' (6 steps);
     from fsdp2's step-10 checkpoint, in new folders: 'fsdp2-resume' (10 more of fsdp2) and
     'fsdp2-to-one' (10 more on one process, in this process); 'zero3-to-fsdp2' (10 steps of our
     ZeRO-3, then 10 of fsdp2)."""
     root = tmp_path_factory.mktemp("engines")
     run = {name: root / name for name in ("single", "fsdp2", "torch-tp", "fsdp2-resume", "zero3-to-fsdp2",
-                                          "fsdp2-to-one")}
+                                          "fsdp2-to-one", "single-llama", "torch-tp-llama")}
     half = run["fsdp2"] / "checkpoints" / f"step_{HALF:06d}"
-    spawn(_train, 1, [(_config(tiny_corpus, run["single"]), None)], timeout_s=TIMEOUT)
+    llama = dict(steps=LLAMA_STEPS, family="llama")
+    spawn(_train, 1, [(_config(tiny_corpus, run["single"]), None),
+                      (_config(tiny_corpus, run["single-llama"], **llama), None)], timeout_s=TIMEOUT)
     jobs = [(_config(tiny_corpus, run["fsdp2"], "fsdp2"), None),
             (_config(tiny_corpus, run["torch-tp"], "torch-tp", tp=2), None),
+            (_config(tiny_corpus, run["torch-tp-llama"], "torch-tp", tp=2, **llama), None),
             (_config(tiny_corpus, run["fsdp2-resume"], "fsdp2"), half),
             (_config(tiny_corpus, run["zero3-to-fsdp2"], "zero3", steps=HALF), None),
             (_config(tiny_corpus, run["zero3-to-fsdp2"], "fsdp2"), run["zero3-to-fsdp2"])]
@@ -87,6 +96,8 @@ def test_fsdp2_and_torch_tp_equal_one_process(runs):
     assert all(g <= 1e-5 for g in gaps.values()), gaps
     for e in gaps:
         _same_weights(load_checkpoint(runs["single"]).model, load_checkpoint(runs[e]).model)
+    assert _max_loss_gap(runs["single-llama"], runs["torch-tp-llama"], LLAMA_STEPS) <= 1e-5
+    _same_weights(load_checkpoint(runs["single-llama"]).model, load_checkpoint(runs["torch-tp-llama"]).model)
 
 
 def test_fsdp2_resume_is_exact(runs):
@@ -114,16 +125,30 @@ def test_checkpoints_cross_engines(runs, name):
 
 def test_fsdp2_checkpoint_loads_for_generation(runs):
     """`ltk generate`'s path: the sharded checkpoint's tensors restored into a model built from its
-    config, equal to the one-process weights, and sampling runs."""
+    config equal the one-process weights, and it samples."""
+    from ltk.training.config_file import config_from_dict
+
     ckpt = load_checkpoint(runs["fsdp2"])
-    cfg = GPTConfig(**{k: v for k, v in ckpt.state["config"]["model"].items()})
-    model = GPT(cfg)
+    model = GPT(config_from_dict(ckpt.state["config"], ckpt.path / "state.json").model).eval()
     restore_model(model, ckpt.model)
     single = load_checkpoint(runs["single"]).model
     _same_weights(single, {k: v for k, v in model.state_dict().items() if k in single})
     assert model.lm_head.weight is model.wte.weight
     with torch.no_grad():
-        assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, cfg.vocab_size)
+        assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, model.config.vocab_size)
+
+
+def test_torch_tp_checkpoint_exports_to_hugging_face(runs, tmp_path):
+    """`ltk export --hf` from a torch-tp checkpoint (Llama: GPT-2's export needs biases, this
+    model has none) writes the one-process tensors."""
+    from safetensors.torch import load_file
+
+    from ltk.training.export_hf import export_hf
+
+    hf = load_file(export_hf(runs["torch-tp-llama"], tmp_path / "hf") / "model.safetensors")
+    single = load_checkpoint(runs["single-llama"]).model
+    _same_weights({"e": single["tok_embeddings.weight"], "g": single["layers.1.mlp.w1.weight"]},
+                  {"e": hf["model.embed_tokens.weight"], "g": hf["model.layers.1.mlp.gate_proj.weight"]})
 
 
 @pytest.mark.exhaustive
