@@ -31,7 +31,17 @@ and each shard is cut from the parameter's full initial value, computed one para
 from its per-name generator — so the weights are exactly those of one process with this seed.
 
 AdamW (ltk/training/optim.py) runs on the DTensor parameters: its moments are DTensors placed like
-them, which is what sharded checkpoints read (ltk/parallel/shard_state.py `dtensor_boxes`).
+them. Where plain and DTensor parameters mix (torch-tp's replicated norms) or DTensors live on two
+meshes (fsdp2 x tp), the optimizer runs its per-parameter loop (foreach off): same update.
+
+Checkpoints. torch.distributed.checkpoint (DCP) saves each rank's DTensor shards with their
+(offsets, sizes) and reshards on load. Our sharded format (ltk/training/sharded_checkpoint.py) is
+that box model in our own files, and these engines write it too: each rank's box of a parameter is
+its DTensor's local shard (shard_state.dtensor_boxes). One format for every engine beats DCP's
+files here: a run saved by fsdp2 resumes under our ZeRO-3, on one process or under torch-tp, and
+the other way round, at any world size, and `ltk generate` / `ltk export --hf` read it without a
+converter (DCP's files would need dcp_to_torch_save first, and our engines could not resume them).
+Resume is exact: N steps + resume + N == 2N bit for bit on a CPU.
 """
 from __future__ import annotations
 
