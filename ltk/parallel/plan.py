@@ -54,7 +54,8 @@ from typing import Any
 
 from ltk.parallel import cost
 
-ENGINES = {"none": None, "ddp": 0, "naive-ddp": 0, "torch-ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp2": 3}
+ENGINES = {"none": None, "ddp": 0, "naive-ddp": 0, "torch-ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp2": 3,
+           "deepspeed-zero1": 1, "deepspeed-zero2": 2, "deepspeed-zero3": 3}  # DeepSpeed: the same partitions
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 REDUCE_DTYPES = ("auto", "fp32", "bf16")
 # engines that shard model states over the dp ranks, and what each shards
 SHARDS = {"zero1": ("moments",), "zero2": ("moments", "grads"), "zero3": ("moments", "grads", "weights")}
+SHARDS.update({f"deepspeed-{k}": v for k, v in SHARDS.items()})  # DeepSpeed's stages shard the same state
 
 
 def strategies() -> tuple[str, ...]:
@@ -198,6 +199,8 @@ def _check_engines(cfg: RunConfig) -> None:
             raise ConfigError(f"the interleaved schedule runs micro-batches in groups of pp: --trainer.grad_accum "
                               f"{t.grad_accum} must be a multiple of --parallel.pp {p.pp}")
         return
+    if p.strategy.startswith("deepspeed-"):
+        _check_deepspeed(cfg)
     if t.dtype == "fp16" and (p.strategy not in ("auto", "none", "torch-ddp") or p.tp > 1):
         raise ConfigError("--trainer.dtype fp16 needs a loss scaler, which only the plain and torch-ddp paths have: "
                           "use bf16")
@@ -214,6 +217,30 @@ def _check_engines(cfg: RunConfig) -> None:
         if p.strategy == "torch-ddp":
             raise ConfigError("--parallel.strategy torch-ddp does not combine with --parallel.tp: use ddp, "
                               "naive-ddp, zero1 or zero2")
+
+
+def _check_deepspeed(cfg: RunConfig) -> None:
+    """DeepSpeed (ltk/parallel/deepspeed_engine.py) runs data parallelism over every rank, with our
+    AdamW as its client optimizer; what it does not take here is refused before any process."""
+    import importlib.util
+
+    p, t = cfg.parallel, cfg.trainer
+    if importlib.util.find_spec("deepspeed") is None:
+        from ltk.parallel.deepspeed_engine import INSTALL
+
+        raise ConfigError(f"--parallel.strategy {p.strategy} needs DeepSpeed, which is not installed: {INSTALL}; "
+                          f"or run our engine of the same stage, --parallel.strategy {p.strategy[10:]}")
+    if p.tp > 1 or p.pp > 1:
+        raise ConfigError(f"--parallel.strategy {p.strategy} runs over every rank (DeepSpeed's own tensor and "
+                          f"pipeline parallelism are not wired here): drop --parallel.tp/--parallel.pp, or use "
+                          f"--parallel.strategy {p.strategy[10:]} --parallel.tp N (ours) or fsdp2 with tp")
+    if t.dtype == "fp16":
+        raise ConfigError(f"--parallel.strategy {p.strategy} with --trainer.dtype fp16: DeepSpeed's fp16 loss "
+                          "scaler is not wired to the loop's; use --trainer.dtype bf16 (or fp32)")
+    if t.compile:
+        raise ConfigError(f"--trainer.compile with --parallel.strategy {p.strategy}: DeepSpeed's hooks on every "
+                          "parameter break torch.compile's graphs; drop --trainer.compile, or use our "
+                          f"--parallel.strategy {p.strategy[10:]}, which compiles each block")
 
 
 def _dtype(cfg: RunConfig) -> str:

@@ -15,6 +15,8 @@ names do not change. Tensor and pipeline parallelism refuse it (config_check).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ltk.parallel.pipeline_run import PipelineRun
@@ -66,7 +68,9 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -
         run = ParallelRun(torch.compile(model) if whole else model, lambda mod: model.param_groups(wd), factory,
                           strategy=p.strategy, tp=p.tp, sequence_parallel=p.sequence_parallel, device=device,
                           compute_dtype=dtype, bucket_mb=p.bucket_mb,
-                          reduce_dtype=None if p.reduce_dtype == "auto" else p.reduce_dtype)
+                          reduce_dtype=None if p.reduce_dtype == "auto" else p.reduce_dtype,
+                          batch_size=t.batch_size,
+                          grad_clip=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
     if t.batch_size % run.dp_size:
         raise ValueError(f"trainer.batch_size {t.batch_size} (the global micro-batch) does not split over "
                          f"{run.dp_size} data-parallel ranks")
