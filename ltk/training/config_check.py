@@ -149,6 +149,7 @@ def _check_fields(cfg: RunConfig) -> None:
     from ltk.parallel.schedules import SCHEDULES
 
     _one_of(cfg, "parallel.schedule", tuple(SCHEDULES))
+    _one_of(cfg, "parallel.pp_engine", ("ltk", "torch"))
     if not cfg.trainer.out_dir:
         raise ConfigError("--trainer.out_dir is empty: name a run folder")
     positions = getattr(cfg.model, "block_size", None)  # None: relative positions (T5), no limit
@@ -187,6 +188,9 @@ def _check_engines(cfg: RunConfig) -> None:
     if p.reduce_dtype == "fp32" and _dtype(cfg) == "bf16" and p.strategy == "torch-ddp":
         raise ConfigError("--parallel.reduce_dtype fp32: PyTorch's DDP (torch-ddp) reduces gradients in their own "
                           "dtype; use --parallel.strategy ddp, naive-ddp or a ZeRO engine")
+    if p.pp_engine != "ltk" and p.pp == 1:
+        raise ConfigError(f"--parallel.pp_engine {p.pp_engine} chooses the pipeline executor: it needs "
+                          "--parallel.pp > 1 (or --parallel torch-pp)")
     if p.pp > 1:
         if cfg.family != "gpt" or p.tp > 1 or p.strategy not in ("auto", "ddp", "none"):
             raise ConfigError("pipeline parallelism (--parallel.pp) runs GPT, composed with data parallelism only "

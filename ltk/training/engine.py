@@ -60,7 +60,8 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -
     if p.pp > 1:  # the pipeline runs the whole step: grad_accum micro-batches flow through the stages
         run = PipelineRun(model, lambda mod: mod.param_groups(wd), factory, pp=p.pp, schedule=p.schedule,
                           virtual=p.virtual_stages, micro_batches=t.grad_accum, compute_dtype=dtype,
-                          reduce_dtype=None if p.reduce_dtype == "auto" else p.reduce_dtype, device=device)
+                          reduce_dtype=None if p.reduce_dtype == "auto" else p.reduce_dtype, device=device,
+                          engine=p.pp_engine)
     else:
         whole = t.compile and p.strategy in ("auto", "none", "torch-ddp")
         if t.compile and not whole:
