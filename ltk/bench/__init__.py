@@ -268,6 +268,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                 Option("n_embd", int, 128, "GPT width"),
                 Option("seq", int, 64, "tokens per sequence"),
                 Option("batch", int, 8, "sequences per micro-batch (global; 2 micro-batches per step)"),
+                Option("device", str, "cpu", "cpu (gloo processes) or cuda (one process per GPU, NCCL)",
+                       ("cpu", "cuda")),
             ),
         ),
         Benchmark(

@@ -54,7 +54,8 @@ class Rows(list):
     sections: dict[str, str] = {}
 
 
-def _config(cache: Path, out: Path, world: int, overrides: dict, n_layer: int, n_embd: int, seq: int, batch: int):
+def _config(cache: Path, out: Path, world: int, overrides: dict, n_layer: int, n_embd: int, seq: int, batch: int,
+            device: str = "cpu"):
     from ltk.models.gpt import GPTConfig
     from ltk.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
 
@@ -65,7 +66,7 @@ def _config(cache: Path, out: Path, world: int, overrides: dict, n_layer: int, n
         data=DataConfig(vocab_size=512, max_bytes=400_000, cache_dir=str(cache)),  # the embedded corpus
         optim=OptimConfig(lr=1e-3, warmup_steps=2),
         trainer=TrainerConfig(max_steps=10 ** 6, batch_size=batch, grad_accum=2, out_dir=str(out), progress=False,
-                              seed=0, ckpt_every=0, dtype="fp32", timeline=False))
+                              seed=0, ckpt_every=0, dtype="fp32", timeline=False, device=device))
     cfg.model.backend = "torch"
     for k, v in overrides.items():
         setattr(cfg.parallel, k, world if v == 0 and k in ("tp", "pp") else v)
@@ -109,7 +110,8 @@ def _worker(rank, world, cache, root, names, kwargs, rounds, steps):
     from ltk.training.memory import run_memory
     from ltk.training.trainer import Trainer
 
-    torch.set_num_threads(1)
+    if kwargs["device"] == "cpu":
+        torch.set_num_threads(1)
     trainers, notes = {}, {}
     for name, overrides in names:
         try:
@@ -124,7 +126,7 @@ def _worker(rank, world, cache, root, names, kwargs, rounds, steps):
         for n in order if r % 2 == 0 else order[::-1]:
             for _ in range(steps):
                 t0 = time.perf_counter()
-                trainers[n].train_step()
+                trainers[n].train_step()  # its loss .item() waits for the GPU
                 samples[n].append((time.perf_counter() - t0) * 1e3)
     out = {}
     for n, t in trainers.items():
@@ -134,16 +136,19 @@ def _worker(rank, world, cache, root, names, kwargs, rounds, steps):
 
 
 def run(world: int = 2, rounds: int = 3, steps: int = 4, n_layer: int = 4, n_embd: int = 128, seq: int = 64,
-        batch: int = 8) -> Rows:
-    """Rows per provider (ours and production), grouped by strategy; ratios ours/theirs in extra."""
+        batch: int = 8, device: str = "cpu") -> Rows:
+    """Rows per provider (ours and production), grouped by strategy; ratios ours/theirs in extra.
+    device "cuda": one process per GPU on NCCL (python -m ltk.bench.gpu_check --only engines)."""
     from ltk.parallel.dist import spawn
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    kwargs = dict(n_layer=n_layer, n_embd=n_embd, seq=seq, batch=batch)
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    os.environ.setdefault("DS_ACCELERATOR", device)
+    kwargs = dict(n_layer=n_layer, n_embd=n_embd, seq=seq, batch=batch, device=device)
     providers = list(dict.fromkeys(p for _, ours, theirs in PAIRS for p in (ours[0], theirs[0])))
     overrides = {n: o for _, ours, theirs in PAIRS for n, o in (ours, theirs)}
     with tempfile.TemporaryDirectory(prefix="ltk-engines-") as tmp:
         res = spawn(_worker, world, str(Path(tmp) / "cache"), tmp, [(n, overrides[n]) for n in providers], kwargs,
-                    rounds, steps, timeout_s=3600)
+                    rounds, steps, timeout_s=3600, device=device)
     per_rank = [r["results"] for r in res]
     notes = res[0]["notes"]
     load = os.getloadavg()[0]
@@ -159,7 +164,7 @@ def run(world: int = 2, rounds: int = 3, steps: int = 4, n_layer: int = 4, n_emb
             state = max(sum(r[name]["state"][k] for k in ("parameters", "gradients", "optimizer_states"))
                         for r in per_rank)
             sent = max(r[name]["bytes"] for r in per_rank)
-            rows.append(Row.stamped("cpu", op=strategy, shape=shape, dtype="fp32", mode=f"world={world}",
+            rows.append(Row.stamped(device, op=strategy, shape=shape, dtype="fp32", mode=f"world={world}",
                                     provider=name, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
                                     runs=t.runs, throughput=2 * batch * seq / t.median_ms * 1e3,
                                     throughput_unit="tokens/s",
@@ -176,7 +181,8 @@ def run(world: int = 2, rounds: int = 3, steps: int = 4, n_layer: int = 4, n_emb
             missing = [n for n in (ours, theirs) if n not in per_rank[0]]
             lines.append(f"| {strategy} | {ours} | {theirs} | not run: "
                          + "; ".join(f"{n}: {notes.get(n, 'not built')}" for n in missing) + " | | | |")
-    lines.append(f"\n{shape}, {world} gloo ranks x 1 thread, fp32 · load avg {load:.2f} · ratios below 1: ours "
+    ranks = f"{world} gloo ranks x 1 thread" if device == "cpu" else f"{world} GPUs on NCCL"
+    lines.append(f"\n{shape}, {ranks}, fp32 · load avg {load:.2f} · ratios below 1: ours "
                  "is faster")
     rows.sections = {f"Ours vs production, {world} processes": "\n".join(lines)}
     return rows
