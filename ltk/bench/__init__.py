@@ -256,6 +256,23 @@ BENCHMARKS: dict[str, Benchmark] = {
             ),
         ),
         Benchmark(
+            "parallel-engines",
+            "each of our engines beside the production one of the same strategy (torch DDP, DeepSpeed, FSDP2, "
+            "DTensor TP, torch pipelining) in the same training loop: step time, state bytes and bytes moved per rank",
+            "ltk.bench.parallel_engines:run",
+            (
+                Option("world", int, 2, "processes"),
+                Option("rounds", int, 3, "rounds over the providers, order alternating"),
+                Option("steps", int, 4, "timed steps per provider per round"),
+                Option("n_layer", int, 4, "GPT layers"),
+                Option("n_embd", int, 128, "GPT width"),
+                Option("seq", int, 64, "tokens per sequence"),
+                Option("batch", int, 8, "sequences per micro-batch (global; 2 micro-batches per step)"),
+                Option("device", str, "cpu", "cpu (gloo processes) or cuda (one process per GPU, NCCL)",
+                       ("cpu", "cuda")),
+            ),
+        ),
+        Benchmark(
             "parallel-memory",
             "each rank's peak memory per phase (init, train, eval, save) of a sharded `ltk train` run against "
             "the plan's per-rank total and one full copy of the model states (16Ψ); gloo CPU processes",

@@ -13,6 +13,7 @@ against the 8-minute budget (## Time), and every part or provider that did not r
     python -m ltk.bench.gpu_check --only correctness    # the numerics alone, about a minute
     python -m ltk.bench.gpu_check --only train-step     # the GPT-2 124M step alone, about 2-3 minutes
     python -m ltk.bench.gpu_check --only candidates     # every autotune candidate timed, beside its ceiling
+    python -m ltk.bench.gpu_check --only engines        # 2+ GPUs: our parallel engines vs production ones
     python -m ltk.bench.gpu_check --out ltk/bench/results   # where the report goes
 
 The CPU test suite checks the kernels through Triton's interpreter, which cannot check
@@ -165,6 +166,22 @@ def scaling_part(out_dir: Path, quick: bool) -> tuple[dict | None, list[str]]:
     return result, ([] if table else [f"scaling lab: its report {path} has no table to show"])
 
 
+def engines_part(world: int) -> tuple[str | None, list[str]]:
+    """With two GPUs or more: `ltk bench parallel-engines --device cuda` over min(GPUs, 4) ranks —
+    each of our engines beside the production one, on NCCL; returns (its table, skipped)."""
+    n = torch.cuda.device_count()
+    if n < 2:
+        return None, [f"parallel engines: need at least 2 GPUs, found {n}"]
+    try:
+        from ltk.bench.parallel_engines import run
+
+        rows = run(world=min(world, n), device="cuda", n_layer=12, n_embd=768, seq=1024, batch=8)
+    except Exception as e:
+        traceback.print_exc()
+        return None, [f"parallel engines: failed: {type(e).__name__}: {e}"[:300]]
+    return "\n\n".join(rows.sections.values()), []
+
+
 def first_table(markdown: str) -> str:
     """The first Markdown table (header, separator, rows) of a text; "" when there is none."""
     lines, table = markdown.splitlines(), []
@@ -287,7 +304,7 @@ def report(info: dict, checks: list[Check], rows: list, skipped: list[str], *,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ltk.bench.gpu_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=["correctness", "benchmarks", "train-step", "candidates", "scaling"],
+    p.add_argument("--only", choices=["correctness", "benchmarks", "train-step", "candidates", "scaling", "engines"],
                    help="run one part only (benchmarks = the kernel benchmarks and the train step)")
     p.add_argument("--quick", action="store_true", help="a shorter benchmark sweep")
     p.add_argument("--out", default="ltk/bench/results", help="folder for the markdown report and CSV")
@@ -347,8 +364,20 @@ def main(argv: list[str] | None = None) -> int:
             times["scaling lab"] = time.perf_counter() - t0
     else:
         not_run("scaling lab")
+    engines = None
+    if args.only in (None, "engines"):
+        t0 = time.perf_counter()
+        engines, skipped_engines = engines_part(4)
+        skipped += skipped_engines
+        if info["gpus"] >= 2:
+            times["parallel engines"] = time.perf_counter() - t0
+    else:
+        not_run("parallel engines")
+    budgets["parallel engines"] = None
     text = report(info, checks, rows, skipped, times=times, budgets=budgets,
                   total_s=time.perf_counter() - start, scaling=scaling, candidates=candidate_lines)
+    if engines:
+        text += "\n\n## Our engines vs production ones (GPUs)\n\n" + engines + "\n"
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

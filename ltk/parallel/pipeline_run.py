@@ -34,6 +34,10 @@ are the activations and gradients crossing stage boundaries, the tied-weight all
 dp all-reduce (reduce_dtype fp32: that one on an fp32 copy); AdamW updates fp32 masters, and the
 norm is taken and clipped on their fp32 gradients. Checkpoints hold the masters.
 
+Executors. `engine="ltk"` runs the schedule with the lab's executor (pipeline.py); "torch" runs
+the same stages under torch.distributed.pipelining's schedules (torch_pipeline.py,
+`--parallel torch-pp`): everything on this page holds for both.
+
 Names. The stages keep the full model's parameter names (GPTStage), the tied copy being
 `lm_head.weight`; the single-process name of the tied tensor is `wte.weight`, the name
 GPT.named_parameters gives it. Optimizer groups, state dicts and checkpoints use those names,
@@ -72,7 +76,7 @@ class PipelineRun:
     def __init__(self, model: GPT, param_groups_fn: Callable[[nn.Module], list[dict]],
                  optimizer_factory: Callable[[list[dict]], torch.optim.Optimizer], *, pp: int,
                  schedule: str = "1f1b", virtual: int = 1, micro_batches: int, compute_dtype: str = "fp32",
-                 reduce_dtype: str | None = None, device: torch.device | str | None = None):
+                 reduce_dtype: str | None = None, device: torch.device | str | None = None, engine: str = "ltk"):
         if not isinstance(model, GPT):
             raise TypeError(f"pipeline parallelism cuts a models.gpt.GPT into stages, got {type(model).__name__}")
         for name, val in (("pp", pp), ("virtual", virtual), ("micro_batches", micro_batches)):
@@ -105,8 +109,15 @@ class PipelineRun:
         self._group_keys = [{k: v for k, v in g.items() if k != "params"} for g in full_groups]  # weight_decay, ...
         self._keys = list(model.state_dict().keys())
         factory = mixed_factory(optimizer_factory, compute_dtype)  # casts the stages' parameters
-        self.trainer = PipelineTrainer(model, self.schedule, comms, device=device,
-                                       optimizer=lambda chunks: self._build_optimizer(chunks, factory))
+        if engine not in ("ltk", "torch"):
+            raise ValueError(f"pipeline engine must be 'ltk' (pipeline.py) or 'torch' (torch_pipeline.py), "
+                             f"got {engine!r}")
+        if engine == "torch":  # torch.distributed.pipelining runs the same stages
+            from ltk.parallel.torch_pipeline import TorchPipelineTrainer as executor
+        else:
+            executor = PipelineTrainer
+        self.trainer = executor(model, self.schedule, comms, device=device,
+                                optimizer=lambda chunks: self._build_optimizer(chunks, factory))
         self.chunks = self.trainer.chunks
         self.optimizer = self.trainer.opt
         self.mixed = isinstance(self.optimizer, MasterOptimizer)

@@ -67,9 +67,10 @@ from typing import Any
 
 from ltk.parallel import cost
 
-# engine -> the ZeRO stage whose states it shards (fsdp2: ZeRO-3's; torch-tp: none, tp over every rank)
+# engine -> the ZeRO stage whose states it shards (fsdp2: ZeRO-3's; torch-tp: none, tp over every rank;
+# DeepSpeed's stages: the same partitions as ours)
 ENGINES = {"none": None, "ddp": 0, "naive-ddp": 0, "torch-ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp2": 3,
-           "torch-tp": 0}
+           "torch-tp": 0, "deepspeed-zero1": 1, "deepspeed-zero2": 2, "deepspeed-zero3": 3}
 
 
 @dataclass(frozen=True)

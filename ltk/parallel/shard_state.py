@@ -13,6 +13,8 @@ holds, with a view of its own memory for each, whatever the engine:
                                              [r·k, (r+1)·k); everything else replicated
     ZeRO-1/2/3 (zero.py, zero3.py)           the flat range [lo, hi) of the buffer, cut per
                                              parameter, then into boxes (`range_boxes`)
+    DeepSpeed (deepspeed_engine.py)          a snapshot: every parameter whole in fp32, read
+                                             through DeepSpeed's fragment API; dp rank 0 writes
     ZeRO over tensor parallelism             the flat range of the TP-local tensor, boxes
                                              intersected with the TP boxes
     fsdp2, torch-tp, fsdp2 x tp (fsdp2.py)   each DTensor parameter: its local shard, the box
@@ -203,6 +205,9 @@ def local_boxes(run) -> list[Box]:
     """Every box this rank holds (ParallelRun or PipelineRun), in a fixed order."""
     from ltk.parallel.pipeline_run import PipelineRun, _is_tied_copy
 
+    snap = getattr(run, "snapshot", None)
+    if snap is not None:  # DeepSpeed, seen through whole fp32 tensors (ltk/parallel/deepspeed_engine.py)
+        return [b for n, h in zip(snap.names, snap.holders) for b in _param_boxes(n, h, h, {}, 0, run.dp_rank == 0)]
     masters = _masters(run.optimizer)
     if isinstance(run, PipelineRun):
         out = []
@@ -278,6 +283,8 @@ def full_copies(run) -> list[tuple[str, torch.Tensor, list]]:
     a replicated engine under mixed precision. (name, tensor, boxes)."""
     from ltk.parallel.pipeline_run import PipelineRun
 
+    if getattr(run, "snapshot", None) is not None:  # the snapshot's tensors are the only copies
+        return []
     masters = _masters(run.optimizer)
     if isinstance(run, PipelineRun):
         return [(run._alias[n], p.data, _param_boxes(run._alias[n], p, p, {}, 0, False))
@@ -302,6 +309,10 @@ def group_names(run) -> list[list[str]]:
 
     if isinstance(run, PipelineRun):
         return [list(g) for g in run._group_names]
+    snap = getattr(run, "snapshot", None)
+    if snap is not None:
+        names = {id(h): n for n, h in zip(snap.names, snap.holders)}
+        return [[names[id(h)] for h in g["params"]] for g in snap.param_groups]
     engine = run.engine
     if hasattr(engine, "_group_names"):
         return engine._group_names()

@@ -33,7 +33,8 @@ from ltk.parallel.mixed import MasterOptimizer, as_dtype, clip_, mixed_factory
 from ltk.parallel.reference import dp_shard
 from ltk.parallel.sharded_eval import EvalShare, sum_over, tp_eval_sums
 
-DP_ENGINES = ("ddp", "naive-ddp", "zero1", "zero2", "zero3", "torch-ddp", "fsdp2", "torch-tp")
+DP_ENGINES = ("ddp", "naive-ddp", "zero1", "zero2", "zero3", "torch-ddp", "fsdp2", "torch-tp",
+              "deepspeed-zero1", "deepspeed-zero2", "deepspeed-zero3")
 TORCH_ENGINES = ("fsdp2", "torch-tp")  # DTensor parameters: ltk/parallel/fsdp2.py
 
 
@@ -154,11 +155,14 @@ def _aliases(model: torch.nn.Module) -> dict[str, str]:
 
 
 def build_engine(name: str, model, param_groups, optimizer_factory: Callable, comm: Comm, device: torch.device,
-                 compute_dtype: str = "fp32", bucket_mb: float = 25.0, reduce_dtype: str | None = None):
+                 compute_dtype: str = "fp32", bucket_mb: float = 25.0, reduce_dtype: str | None = None,
+                 micro_batch: int = 1, grad_clip: float = math.inf):
     """The data-parallel engine `name` over `comm` (its contract: ltk/parallel/ddp.py, zero.py).
 
     compute_dtype bf16: bf16 parameters and gradients, collectives in reduce_dtype (default: the
-    gradients' dtype), an fp32 master of the weights the optimizer updates (ltk/parallel/mixed.py)."""
+    gradients' dtype), an fp32 master of the weights the optimizer updates (ltk/parallel/mixed.py).
+    micro_batch (rows per rank) and grad_clip configure DeepSpeed, which owns both
+    (ltk/parallel/deepspeed_engine.py)."""
     reduce_dtype = reduce_dtype or compute_dtype
     replicated = mixed_factory(optimizer_factory, compute_dtype)  # the engines that keep whole weights
     if name != "zero3" or comm.size == 1:  # every other engine holds the whole model: make real what is on meta
@@ -188,6 +192,14 @@ def build_engine(name: str, model, param_groups, optimizer_factory: Callable, co
             raise ValueError("torch-ddp reduces gradients in their own dtype: --parallel.reduce_dtype needs "
                              "ddp, naive-ddp or a ZeRO engine")
         return _TorchDDP(model, param_groups, replicated, comm, device)
+    if name.startswith("deepspeed-zero"):
+        from ltk.parallel.deepspeed_engine import STAGES, DeepSpeedZero
+
+        if comm.size != (dist.get_world_size() if dist.is_initialized() else 1):
+            raise ValueError(f"{name} runs over every rank: it does not combine with --parallel.tp")
+        return DeepSpeedZero(model, param_groups, optimizer_factory, stage=STAGES[name], micro_batch=micro_batch,
+                             grad_clip=grad_clip, compute_dtype=compute_dtype,
+                             reduce_dtype=None if reduce_dtype == compute_dtype else reduce_dtype, device=device)
     raise ValueError(f"unknown data-parallel strategy {name!r}; choose one of {', '.join(DP_ENGINES)}")
 
 
@@ -197,7 +209,7 @@ class ParallelRun:
     def __init__(self, model, param_groups_fn: Callable, optimizer_factory: Callable, *, strategy: str = "auto",
                  tp: int = 1, pp: int = 1, sequence_parallel: bool = False, device: torch.device | None = None,
                  compute_dtype: str = "fp32", bucket_mb: float = 25.0, reduce_dtype: str | None = None,
-                 reshard_after_forward: bool = True):
+                 reshard_after_forward: bool = True, batch_size: int | None = None, grad_clip: float = math.inf):
         world = dist.get_world_size() if dist.is_initialized() else 1
         if pp != 1:
             raise ValueError("pipeline parallelism runs through ltk/parallel/pipeline.py's trainer, not ParallelRun")
@@ -234,7 +246,9 @@ class ParallelRun:
             model = apply_tensor_parallel(model, self.mesh.comm("tp"), sequence_parallel=sequence_parallel)
         self.model = model
         self.engine = build_engine(strategy, model, param_groups_fn(model), optimizer_factory, self.mesh.comm("dp"),
-                                   device or torch.device("cpu"), compute_dtype, bucket_mb, reduce_dtype)
+                                   device or torch.device("cpu"), compute_dtype, bucket_mb, reduce_dtype,
+                                   micro_batch=max(1, (batch_size or self.dp_size) // self.dp_size),
+                                   grad_clip=grad_clip)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -303,7 +317,7 @@ class ParallelRun:
     def _whole_locally(self) -> bool:
         """Does this rank hold every parameter, full size, between steps? (bf16 under mixed
         precision: evaluation then runs in the compute dtype, as training does)"""
-        return self.tp == 1 and self.strategy not in ("zero3", "fsdp2")
+        return self.tp == 1 and self.strategy not in ("zero3", "fsdp2", "deepspeed-zero3")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-process state dict, fp32 masters under mixed precision (a collective where
@@ -348,6 +362,16 @@ class ParallelRun:
         return EvalShare(model=_unwrapped(self.model), rank=self.dp_rank, size=self.dp_size,
                          lockstep=not self._whole_locally(), all_reduce=sum_over(dp),
                          eval_sums=tp_eval_sums(objective) if self.tp > 1 else None)
+
+    def checkpoint_view(self):
+        """What a checkpoint writes and reads: this run, or — where the engine keeps its state in
+        its own structures (DeepSpeed) — a snapshot of it as whole tensors (collective)."""
+        snapshot = getattr(self.engine, "snapshot", None)
+        if snapshot is None:
+            return self
+        from ltk.parallel.deepspeed_engine import SnapshotRun
+
+        return SnapshotRun(self, snapshot())
 
     def _names(self) -> dict[int, str]:
         return param_names(self.model, self.engine.optimizer)

@@ -98,6 +98,7 @@ class ParallelConfig:
     sequence_parallel: bool = False  # with tp > 1: norms and dropout on sequence shards
     schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b | interleaved
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved)
+    pp_engine: str = "ltk"  # pipeline executor: ltk (ltk/parallel/pipeline.py) | torch (torch.distributed.pipelining)
     bucket_mb: float = 25.0  # DDP gradient bucket size
     reduce_dtype: str = "auto"  # gradient reduction: auto (the gradients' dtype) | fp32 | bf16
     reshard_after_forward: bool = True  # fsdp2: free gathered blocks after forward (ZeRO-3) or keep them (ZeRO-2)

@@ -30,6 +30,7 @@ REDUCE_DTYPES = ("auto", "fp32", "bf16")
 # engines that shard model states over the dp ranks, and what each shards
 SHARDS = {"zero1": ("moments",), "zero2": ("moments", "grads"), "zero3": ("moments", "grads", "weights"),
           "fsdp2": ("moments", "grads", "weights")}
+SHARDS.update({f"deepspeed-zero{s}": SHARDS[f"zero{s}"] for s in (1, 2, 3)})  # DeepSpeed's stages shard the same
 TORCH_ENGINES = ("fsdp2", "torch-tp")  # PyTorch's DTensor engines (ltk/parallel/fsdp2.py, torch_tp.py)
 
 
@@ -150,6 +151,7 @@ def _check_fields(cfg: RunConfig) -> None:
     from ltk.parallel.schedules import SCHEDULES
 
     _one_of(cfg, "parallel.schedule", tuple(SCHEDULES))
+    _one_of(cfg, "parallel.pp_engine", ("ltk", "torch"))
     if not cfg.trainer.out_dir:
         raise ConfigError("--trainer.out_dir is empty: name a run folder")
     positions = getattr(cfg.model, "block_size", None)  # None: relative positions (T5), no limit
@@ -190,6 +192,9 @@ def _check_engines(cfg: RunConfig) -> None:
                           "dtype; use --parallel.strategy ddp, naive-ddp or a ZeRO engine")
     if p.strategy in TORCH_ENGINES:
         _check_torch_engine(cfg)
+    if p.pp_engine != "ltk" and p.pp == 1:
+        raise ConfigError(f"--parallel.pp_engine {p.pp_engine} chooses the pipeline executor: it needs "
+                          "--parallel.pp > 1 (or --parallel torch-pp)")
     if p.pp > 1:
         if cfg.family != "gpt" or p.tp > 1 or p.strategy not in ("auto", "ddp", "none"):
             raise ConfigError("pipeline parallelism (--parallel.pp) runs GPT, composed with data parallelism only "
@@ -202,6 +207,8 @@ def _check_engines(cfg: RunConfig) -> None:
             raise ConfigError(f"the interleaved schedule runs micro-batches in groups of pp: --trainer.grad_accum "
                               f"{t.grad_accum} must be a multiple of --parallel.pp {p.pp}")
         return
+    if p.strategy.startswith("deepspeed-"):
+        _check_deepspeed(cfg)
     if t.dtype == "fp16" and (p.strategy not in ("auto", "none", "torch-ddp") or p.tp > 1):
         raise ConfigError("--trainer.dtype fp16 needs a loss scaler, which only the plain and torch-ddp paths have: "
                           "use bf16")
@@ -245,6 +252,30 @@ def _check_torch_engine(cfg: RunConfig) -> None:
     if name == "torch-tp" and p.tp == 1:
         raise ConfigError("--parallel.strategy torch-tp splits layers over --parallel.tp ranks, but tp is 1: "
                           "`ltk train --parallel torch-tp --nproc N` sets tp = N; or name --parallel.tp N")
+
+
+def _check_deepspeed(cfg: RunConfig) -> None:
+    """DeepSpeed (ltk/parallel/deepspeed_engine.py) runs data parallelism over every rank, with our
+    AdamW as its client optimizer; what it does not take here is refused before any process."""
+    import importlib.util
+
+    p, t = cfg.parallel, cfg.trainer
+    if importlib.util.find_spec("deepspeed") is None:
+        from ltk.parallel.deepspeed_engine import INSTALL
+
+        raise ConfigError(f"--parallel.strategy {p.strategy} needs DeepSpeed, which is not installed: {INSTALL}; "
+                          f"or run our engine of the same stage, --parallel.strategy {p.strategy[10:]}")
+    if p.tp > 1 or p.pp > 1:
+        raise ConfigError(f"--parallel.strategy {p.strategy} runs over every rank (DeepSpeed's own tensor and "
+                          f"pipeline parallelism are not wired here): drop --parallel.tp/--parallel.pp, or use "
+                          f"--parallel.strategy {p.strategy[10:]} --parallel.tp N (ours) or fsdp2 with tp")
+    if t.dtype == "fp16":
+        raise ConfigError(f"--parallel.strategy {p.strategy} with --trainer.dtype fp16: DeepSpeed's fp16 loss "
+                          "scaler is not wired to the loop's; use --trainer.dtype bf16 (or fp32)")
+    if t.compile:
+        raise ConfigError(f"--trainer.compile with --parallel.strategy {p.strategy}: DeepSpeed's hooks on every "
+                          "parameter break torch.compile's graphs; drop --trainer.compile, or use our "
+                          f"--parallel.strategy {p.strategy[10:]}, which compiles each block")
 
 
 def _dtype(cfg: RunConfig) -> str:

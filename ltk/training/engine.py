@@ -15,6 +15,8 @@ names do not change. Tensor and pipeline parallelism refuse it (config_check).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ltk.parallel.pipeline_run import PipelineRun
@@ -58,7 +60,8 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -
     if p.pp > 1:  # the pipeline runs the whole step: grad_accum micro-batches flow through the stages
         run = PipelineRun(model, lambda mod: mod.param_groups(wd), factory, pp=p.pp, schedule=p.schedule,
                           virtual=p.virtual_stages, micro_batches=t.grad_accum, compute_dtype=dtype,
-                          reduce_dtype=None if p.reduce_dtype == "auto" else p.reduce_dtype, device=device)
+                          reduce_dtype=None if p.reduce_dtype == "auto" else p.reduce_dtype, device=device,
+                          engine=p.pp_engine)
     else:
         whole = t.compile and p.strategy in ("auto", "none", "torch-ddp")
         if t.compile and not whole:
@@ -67,7 +70,8 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -
                           strategy=p.strategy, tp=p.tp, sequence_parallel=p.sequence_parallel, device=device,
                           compute_dtype=dtype, bucket_mb=p.bucket_mb,
                           reduce_dtype=None if p.reduce_dtype == "auto" else p.reduce_dtype,
-                          reshard_after_forward=p.reshard_after_forward)
+                          reshard_after_forward=p.reshard_after_forward, batch_size=t.batch_size,
+                          grad_clip=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
     if t.batch_size % run.dp_size:
         raise ValueError(f"trainer.batch_size {t.batch_size} (the global micro-batch) does not split over "
                          f"{run.dp_size} data-parallel ranks")

@@ -216,7 +216,9 @@ class MemoryProbe:
         if self.result is not None:
             return self
         if self._handle is None:
-            self._handle = self.run.optimizer.register_step_post_hook(self._measure)
+            # the torch optimizer that steps: DeepSpeed's wrapper steps ours inside (deepspeed_engine.py)
+            stepping = getattr(getattr(self.run, "engine", None), "inner", None) or self.run.optimizer
+            self._handle = stepping.register_step_post_hook(self._measure)
         if self._first:
             mods = self.run.chunks if hasattr(self.run, "chunks") else self.run.model
             self._acts = ActivationPeak(mods).__enter__()

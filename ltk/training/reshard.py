@@ -59,7 +59,17 @@ def _step_value(v: Any, holder: torch.Tensor, group: dict) -> Any:
 @torch.no_grad()
 def load_local_state(run, reader, *, optimizer: bool = True) -> None:
     """Fill this rank's parameters (and, with `optimizer`, its optimizer state and param groups)
-    from `reader`, whatever layout wrote it (see the module docstring)."""
+    from `reader`, whatever layout wrote it (see the module docstring). An engine that keeps its
+    state in its own structures (DeepSpeed) is loaded through a snapshot, then given it back."""
+    view = run.checkpoint_view() if hasattr(run, "checkpoint_view") else run
+    if view is not run:
+        _load_into(view, reader, optimizer)
+        view.restore()
+        return
+    _load_into(run, reader, optimizer)
+
+
+def _load_into(run, reader, optimizer: bool) -> None:
     _check_names(run, reader)
     engine = getattr(run, "engine", None)
     if hasattr(engine, "wait_params"):  # ZeRO-1/2: an all-gather in flight would overwrite what we load

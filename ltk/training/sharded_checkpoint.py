@@ -98,6 +98,7 @@ def save_sharded(run, run_dir: str | Path, step: int, trainer_state: dict[str, A
     state.json and the manifest, and renames the folder into place. Returns its path on rank 0,
     None elsewhere; a failure on any rank raises CheckpointError on every rank."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    run = run.checkpoint_view() if hasattr(run, "checkpoint_view") else run  # DeepSpeed: a snapshot (collective)
     box: list[Any] = [None]
     if rank == 0:
         box = [str(new_tmp_dir(run_dir, step))]

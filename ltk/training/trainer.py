@@ -194,7 +194,8 @@ class Trainer:
             with sync:
                 with autocast():
                     loss = self.par.loss(self.objective, x, y, gen)
-                self.scaler.scale(loss / t.grad_accum).backward()
+                scaled = self.scaler.scale(loss / t.grad_accum)
+                engine.backward(scaled) if hasattr(engine, "backward") else scaled.backward()  # DeepSpeed: its own
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         grad_norm = self.par.clip_grad_norm_(clip)
@@ -204,6 +205,8 @@ class Trainer:
         else:
             engine.step()
         engine.zero_grad()
+        if grad_norm is None:  # an engine that clips inside its step (DeepSpeed) knows the norm after it
+            grad_norm = engine.grad_norm()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         # every tensor-parallel rank of a replica holds the same loss: the world mean is the dp mean
