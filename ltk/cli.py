@@ -104,25 +104,31 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-PARALLEL_CHOICES = ("ddp", "naive-ddp", "zero1", "zero2", "zero3", "torch-ddp", "fsdp2", "torch-tp", "tp", "pp")
+# ours (ltk/parallel/, to learn from) | PyTorch's and DeepSpeed's production engines (to run at scale)
+PARALLEL_CHOICES = ("ddp", "naive-ddp", "zero1", "zero2", "zero3", "tp", "pp",
+                    "torch-ddp", "fsdp2", "torch-tp", "torch-pp",
+                    "deepspeed-zero1", "deepspeed-zero2", "deepspeed-zero3")
 
 
 def _set_parallel(cfg, name: str, world: int) -> None:
-    """--parallel NAME: a data-parallel engine over all ranks, or `tp` / `pp` over all ranks.
+    """--parallel NAME: a data-parallel engine over all ranks, or `tp` / `pp` (ours) and `torch-tp` /
+    `torch-pp` (PyTorch's DTensor TP, torch.distributed.pipelining) over all ranks.
     Combinations: an engine plus --parallel.tp / --parallel.pp (dp = world / (tp · pp))."""
     from ltk.training.config import ConfigError, did_you_mean
 
     if name not in PARALLEL_CHOICES:
         raise ConfigError(f"--parallel {name!r} is not one of {', '.join(PARALLEL_CHOICES)}"
                           + did_you_mean(name, PARALLEL_CHOICES))
-    if name in ("tp", "pp", "torch-tp") and world == 1:
+    if name in ("tp", "pp", "torch-tp", "torch-pp") and world == 1:
         raise ConfigError(f"--parallel {name} splits the model over several processes, but this run has one: "
                           "add --nproc N (or start it with torchrun)")
     if name in ("tp", "torch-tp"):
         cfg.parallel.tp = world
-    elif name == "pp":
+    elif name in ("pp", "torch-pp"):
         cfg.parallel.pp = world
-    if name not in ("tp", "pp"):
+        if name == "torch-pp":
+            cfg.parallel.pp_engine = "torch"
+    if name not in ("tp", "pp", "torch-pp"):
         cfg.parallel.strategy = name
 
 
@@ -334,8 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(once no other run holds the folder)")
     t.add_argument("--device", help="cpu, cuda, cuda:N or auto (trainer.device)")
     t.add_argument("--parallel", metavar="{" + ",".join(PARALLEL_CHOICES) + "}",
-                   help="parallel strategy (ltk/parallel/): a data-parallel engine, or tp / pp over all ranks; "
-                   "combine with --parallel.tp N / --parallel.pp N")
+                   help="parallel strategy: one of ours (ltk/parallel/, written to learn from) or a production "
+                   "engine (torch-ddp, fsdp2, torch-tp, torch-pp, deepspeed-zero1/2/3); a data-parallel engine, or "
+                   "tp / pp / torch-tp / torch-pp over all ranks; combine with --parallel.tp N / --parallel.pp N")
     t.add_argument("--profile", action="store_true",
                    help="trace a few steps with torch.profiler and sample GPU counters (trainer.profile): "
                    "writes profile/ in the run folder")
