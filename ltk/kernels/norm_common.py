@@ -21,6 +21,10 @@ from ltk.kernels.backend import check_float, check_same_device, resolve_backend
 MAX_WIDTH = 65536      # widest row the triton backend holds in one block (the torch backend takes any)
 TILE = 4096            # elements one program handles when rows are short (ROWS × BLOCK_N)
 INTERPRETER_PROGRAMS = 4  # backward programs under the interpreter (programs run one after another)
+# The backward keeps a tile's x and dy live across its row reduction, beside w and the dw (db)
+# accumulators, up to this many elements a tile (ROWS × BLOCK_N); wider tiles read the row a
+# second time (from the caches) instead: see launch_config for the registers.
+ONE_PASS_TILE = 8192
 
 
 def next_pow2(n: int) -> int:

@@ -44,6 +44,9 @@ import torch.nn.functional as F
 
 from ltk.kernels.backend import HAS_TRITON
 from ltk.kernels.norm_common import (
+    ONE_PASS_TILE as _ONE_PASS_TILE,
+)
+from ltk.kernels.norm_common import (
     as_dtype,
     as_rows,
     bwd_programs,
@@ -60,6 +63,8 @@ from ltk.kernels.poison import output_allocator
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    ONE_PASS_TILE = tl.constexpr(_ONE_PASS_TILE)  # a global a kernel reads: a constexpr
 
     @triton.jit
     def _rms_norm_fwd_kernel(
@@ -95,34 +100,45 @@ if HAS_TRITON:
         HAS_DH: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """Program `pid` of P handles row tiles pid, pid + P, ...: it writes dx for them and
-        row `pid` of the (P, N) partial sums of dw."""
+        row `pid` of the (P, N) partial sums of dw.
+
+        Per tile, with x̂ = x · rstd (rstd saved by the forward) and g = dy ∘ w:
+            c  = mean(g ∘ x̂)              one reduction over the row
+            dx = rstd · (g − x̂ · c)
+            dw_acc += dy ∘ x̂               fp32, in registers across the tiles
+        One pass (tiles up to ONE_PASS_TILE elements): w is loaded once before the loop and
+        x, dy once per tile, live across the reduction. Wider tiles would not fit the
+        register file beside the accumulator: they load x, dy, w again after the reduction
+        (a second read of the row, served by the L1/L2 caches)."""
         pid = tl.program_id(0)
         n_programs = tl.num_programs(0)
         cols = tl.arange(0, BLOCK_N)
         col_ok = cols < N
         dw_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # lives in registers for the whole loop
+        inv_n = 1.0 / N  # once, not a division per tile
+        if ROWS * BLOCK_N <= ONE_PASS_TILE:
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]  # (1, BLOCK_N), once
 
         for tile in range(pid, tl.cdiv(M, ROWS), n_programs):
             rows = tile * ROWS + tl.arange(0, ROWS)
             row_ok = rows < M
             mask = row_ok[:, None] & col_ok[None, :]
             offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-
-            # Phase 1: the row mean of the dx formula, mean(g ∘ x̂).
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)[:, None]               # (ROWS, 1)
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-            mean_gx = tl.sum(dy * w[None, :] * x * rstd[:, None], axis=1) / N
-
-            # Phase 2: dx and this tile's share of dw. Loading x, dy, w again (from the L1/L2
-            # caches: the row was just read) keeps the registers for the dw accumulator; see
-            # the LayerNorm backward.
-            x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            dy = tl.load(DY + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-            xhat = x * rstd[:, None]
-            dx = (dy * w[None, :] - xhat * mean_gx[:, None]) * rstd[:, None]
+            if ROWS * BLOCK_N > ONE_PASS_TILE:
+                w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            xhat = x * rstd       # padding: x = 0, dy = 0, so it adds nothing to c or dw
+            g = dy * w
+            c = tl.sum(g * xhat, axis=1)[:, None] * inv_n                             # (ROWS, 1)
+            if ROWS * BLOCK_N > ONE_PASS_TILE:  # the second read of the row (from the caches)
+                x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                dy = tl.load(DY + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                xhat = x * rstd
+                g = dy * w
+            dx = (g - xhat * c) * rstd
             if HAS_DH:  # residual variant: the gradient reaching h from outside joins here
                 dx += tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
