@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from ltk.kernels.backend import HAS_TRITON
 from ltk.kernels.norm_common import (
     MAX_WIDTH,  # noqa: F401  (the widest row, part of this op's interface)
+    ONE_PASS_TILE,
     as_dtype,
     as_rows,
     bwd_programs,
@@ -88,6 +89,8 @@ from ltk.kernels.poison import output_allocator
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    _ONE_PASS_TILE = tl.constexpr(ONE_PASS_TILE)  # a global a kernel reads must be a constexpr
 
     @triton.jit
     def _layer_norm_fwd_kernel(
@@ -132,41 +135,49 @@ if HAS_TRITON:
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """Program `pid` of P handles row tiles pid, pid + P, pid + 2P, ...: it writes dx for
-        them and row `pid` of the (P, N) partial sums of dw (and db)."""
+        them and row `pid` of the (P, N) partial sums of dw (and db).
+
+        Per tile, with x̂ = (x − μ) · rstd (μ, rstd saved by the forward) and g = dy ∘ w:
+            c1 = mean(g ∘ x̂),  c2 = mean(g)      two reductions over the row
+            dx = rstd · (g − c2 − x̂ · c1)
+            dw_acc += dy ∘ x̂,  db_acc += dy       fp32, in registers across the tiles
+        One pass (tiles up to ONE_PASS_TILE elements): w is loaded once before the loop and
+        x, dy once per tile, live across the reductions. Wider tiles would not fit the
+        register file beside the two accumulators: they load x, dy, w again after the
+        reductions (a second read of the row, served by the L1/L2 caches)."""
         pid = tl.program_id(0)
         n_programs = tl.num_programs(0)
         cols = tl.arange(0, BLOCK_N)
         col_ok = cols < N
         dw_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # lives in registers for the whole loop
         db_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        inv_n = 1.0 / N  # once, not a division per tile
+        if ROWS * BLOCK_N <= _ONE_PASS_TILE:
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]  # (1, BLOCK_N), once
 
         for tile in range(pid, tl.cdiv(M, ROWS), n_programs):
             rows = tile * ROWS + tl.arange(0, ROWS)
             row_ok = rows < M
             mask = row_ok[:, None] & col_ok[None, :]
             offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-
-            # Phase 1: the two row means of the dx formula, mean(g) and mean(g ∘ x̂).
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)[:, None]               # (ROWS, 1)
+            mean_rstd = tl.load(MEAN + rows, mask=row_ok, other=0.0)[:, None] * rstd   # x̂ = x·rstd − μ·rstd: one FMA
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-            g = dy * w[None, :]
-            mean_g = tl.sum(g, axis=1) / N
-            mean_gx = tl.sum(g * xhat, axis=1) / N
-
-            # Phase 2: dx and this tile's share of dw, db. x, dy and w are loaded again rather
-            # than kept live across the reductions: the row was just read, so the second read
-            # is served by the L1/L2 caches (HBM traffic is unchanged), and the registers go to
-            # the dw/db accumulators: that is what lets a 16384-wide row run without spilling.
-            x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            dy = tl.load(DY + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            w = tl.load(W + cols, mask=col_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-            g = dy * w[None, :]
-            dx = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
+            if ROWS * BLOCK_N > _ONE_PASS_TILE:
+                w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            # padding: x̂ = −μ·rstd there, but dy = w = 0, so g = 0 and nothing reaches c1, c2, dw, db
+            xhat = x * rstd - mean_rstd
+            g = dy * w
+            c1 = tl.sum(g * xhat, axis=1)[:, None] * inv_n                            # (ROWS, 1)
+            c2 = tl.sum(g, axis=1)[:, None] * inv_n
+            if ROWS * BLOCK_N > _ONE_PASS_TILE:  # the second read of the row (from the caches)
+                x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                dy = tl.load(DY + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                w = tl.load(W + cols, mask=col_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)[None, :]
+                xhat = x * rstd - mean_rstd
+                g = dy * w
+            dx = g * rstd - (xhat * (c1 * rstd) + c2 * rstd)  # rstd·(g − c2 − x̂·c1) in two FMAs an element
             if HAS_DH:  # residual variant: the gradient reaching h from outside joins here
                 dx += tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)

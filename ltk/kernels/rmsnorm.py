@@ -44,9 +44,7 @@ import torch.nn.functional as F
 
 from ltk.kernels.backend import HAS_TRITON
 from ltk.kernels.norm_common import (
-    ONE_PASS_TILE as _ONE_PASS_TILE,
-)
-from ltk.kernels.norm_common import (
+    ONE_PASS_TILE,
     as_dtype,
     as_rows,
     bwd_programs,
@@ -64,7 +62,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    ONE_PASS_TILE = tl.constexpr(_ONE_PASS_TILE)  # a global a kernel reads: a constexpr
+    _ONE_PASS_TILE = tl.constexpr(ONE_PASS_TILE)  # a global a kernel reads must be a constexpr
 
     @triton.jit
     def _rms_norm_fwd_kernel(
@@ -116,7 +114,7 @@ if HAS_TRITON:
         col_ok = cols < N
         dw_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # lives in registers for the whole loop
         inv_n = 1.0 / N  # once, not a division per tile
-        if ROWS * BLOCK_N <= ONE_PASS_TILE:
+        if ROWS * BLOCK_N <= _ONE_PASS_TILE:
             w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]  # (1, BLOCK_N), once
 
         for tile in range(pid, tl.cdiv(M, ROWS), n_programs):
@@ -127,12 +125,12 @@ if HAS_TRITON:
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)[:, None]               # (ROWS, 1)
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-            if ROWS * BLOCK_N > ONE_PASS_TILE:
+            if ROWS * BLOCK_N > _ONE_PASS_TILE:
                 w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             xhat = x * rstd       # padding: x = 0, dy = 0, so it adds nothing to c or dw
             g = dy * w
             c = tl.sum(g * xhat, axis=1)[:, None] * inv_n                             # (ROWS, 1)
-            if ROWS * BLOCK_N > ONE_PASS_TILE:  # the second read of the row (from the caches)
+            if ROWS * BLOCK_N > _ONE_PASS_TILE:  # the second read of the row (from the caches)
                 x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
                 dy = tl.load(DY + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
                 w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
