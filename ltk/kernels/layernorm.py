@@ -169,6 +169,9 @@ if HAS_TRITON:
             # padding: x̂ = −μ·rstd there, but dy = w = 0, so g = 0 and nothing reaches c1, c2, dw, db
             xhat = x * rstd - mean_rstd
             g = dy * w
+            dw_acc += dy * xhat  # before the reductions: dy is then dead, fewer values live across them
+            if HAS_BIAS:
+                db_acc += dy
             c1 = tl.sum(g * xhat, axis=1)[:, None] * inv_n                            # (ROWS, 1)
             c2 = tl.sum(g, axis=1)[:, None] * inv_n
             if ROWS * BLOCK_N > _ONE_PASS_TILE:  # the second read of the row (from the caches)
@@ -181,9 +184,6 @@ if HAS_TRITON:
             if HAS_DH:  # residual variant: the gradient reaching h from outside joins here
                 dx += tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-            dw_acc += dy * xhat
-            if HAS_BIAS:
-                db_acc += dy
 
         tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
         if HAS_BIAS:

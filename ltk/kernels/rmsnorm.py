@@ -129,6 +129,7 @@ if HAS_TRITON:
                 w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             xhat = x * rstd       # padding: x = 0, dy = 0, so it adds nothing to c or dw
             g = dy * w
+            dw_acc += dy * xhat  # before the reduction: dy is then dead, fewer values live across it
             c = tl.sum(g * xhat, axis=1)[:, None] * inv_n                             # (ROWS, 1)
             if ROWS * BLOCK_N > _ONE_PASS_TILE:  # the second read of the row (from the caches)
                 x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
@@ -140,7 +141,6 @@ if HAS_TRITON:
             if HAS_DH:  # residual variant: the gradient reaching h from outside joins here
                 dx += tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-            dw_acc += dy * xhat
 
         tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
 
