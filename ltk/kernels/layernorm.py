@@ -155,15 +155,17 @@ if HAS_TRITON:
         if ROWS * BLOCK_N <= _ONE_PASS_TILE:
             w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]  # (1, BLOCK_N), once
 
+        local = tl.arange(0, ROWS)[:, None] * N + cols[None, :]  # (ROWS, BLOCK_N) offsets in a tile: < 2**31
+
         for tile in range(pid, tl.cdiv(M, ROWS), n_programs):
             rows = tile * ROWS + tl.arange(0, ROWS)
             row_ok = rows < M
             mask = row_ok[:, None] & col_ok[None, :]
-            offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+            start = (tile * ROWS).to(tl.int64) * N  # the tile's first element: M·N may pass 2**31
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)[:, None]               # (ROWS, 1)
             mean_rstd = tl.load(MEAN + rows, mask=row_ok, other=0.0)[:, None] * rstd   # x̂ = x·rstd − μ·rstd: one FMA
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + start + local, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + start + local, mask=mask, other=0.0).to(tl.float32)
             if ROWS * BLOCK_N > _ONE_PASS_TILE:
                 w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             # padding: x̂ = −μ·rstd there, but dy = w = 0, so g = 0 and nothing reaches c1, c2, dw, db
@@ -175,15 +177,15 @@ if HAS_TRITON:
             c1 = tl.sum(g * xhat, axis=1)[:, None] * inv_n                            # (ROWS, 1)
             c2 = tl.sum(g, axis=1)[:, None] * inv_n
             if ROWS * BLOCK_N > _ONE_PASS_TILE:  # the second read of the row (from the caches)
-                x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                dy = tl.load(DY + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                x = tl.load(X + start + local, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                dy = tl.load(DY + start + local, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
                 w = tl.load(W + cols, mask=col_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)[None, :]
                 xhat = x * rstd - mean_rstd
                 g = dy * w
             dx = g * rstd - (xhat * (c1 * rstd) + c2 * rstd)  # rstd·(g − c2 − x̂·c1) in two FMAs an element
             if HAS_DH:  # residual variant: the gradient reaching h from outside joins here
-                dx += tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+                dx += tl.load(DH + start + local, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + start + local, dx.to(DX.dtype.element_ty), mask=mask)
 
         tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
         if HAS_BIAS:

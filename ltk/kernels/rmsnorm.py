@@ -117,14 +117,16 @@ if HAS_TRITON:
         if ROWS * BLOCK_N <= _ONE_PASS_TILE:
             w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]  # (1, BLOCK_N), once
 
+        local = tl.arange(0, ROWS)[:, None] * N + cols[None, :]  # (ROWS, BLOCK_N) offsets in a tile: < 2**31
+
         for tile in range(pid, tl.cdiv(M, ROWS), n_programs):
             rows = tile * ROWS + tl.arange(0, ROWS)
             row_ok = rows < M
             mask = row_ok[:, None] & col_ok[None, :]
-            offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+            start = (tile * ROWS).to(tl.int64) * N  # the tile's first element: M·N may pass 2**31
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)[:, None]               # (ROWS, 1)
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + start + local, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + start + local, mask=mask, other=0.0).to(tl.float32)
             if ROWS * BLOCK_N > _ONE_PASS_TILE:
                 w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             xhat = x * rstd       # padding: x = 0, dy = 0, so it adds nothing to c or dw
@@ -132,15 +134,15 @@ if HAS_TRITON:
             dw_acc += dy * xhat  # before the reduction: dy is then dead, fewer values live across it
             c = tl.sum(g * xhat, axis=1)[:, None] * inv_n                             # (ROWS, 1)
             if ROWS * BLOCK_N > _ONE_PASS_TILE:  # the second read of the row (from the caches)
-                x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                dy = tl.load(DY + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                x = tl.load(X + start + local, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                dy = tl.load(DY + start + local, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
                 w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
                 xhat = x * rstd
                 g = dy * w
             dx = (g - xhat * c) * rstd
             if HAS_DH:  # residual variant: the gradient reaching h from outside joins here
-                dx += tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+                dx += tl.load(DH + start + local, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + start + local, dx.to(DX.dtype.element_ty), mask=mask)
 
         tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
 
