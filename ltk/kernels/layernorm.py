@@ -152,7 +152,9 @@ if HAS_TRITON:
         dw_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # lives in registers for the whole loop
         db_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         inv_n = 1.0 / N  # once, not a division per tile
-        if ROWS * BLOCK_N <= _ONE_PASS_TILE:
+        REREAD: tl.constexpr = ROWS * BLOCK_N > _ONE_PASS_TILE
+        W_IN_LOOP: tl.constexpr = REREAD or HAS_DH
+        if not W_IN_LOOP:
             w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]  # (1, BLOCK_N), once
 
         local = tl.arange(0, ROWS)[:, None] * N + cols[None, :]  # (ROWS, BLOCK_N) offsets in a tile: < 2**31
@@ -166,7 +168,7 @@ if HAS_TRITON:
             mean_rstd = tl.load(MEAN + rows, mask=row_ok, other=0.0)[:, None] * rstd   # x̂ = x·rstd − μ·rstd: one FMA
             x = tl.load(X + start + local, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + start + local, mask=mask, other=0.0).to(tl.float32)
-            if ROWS * BLOCK_N > _ONE_PASS_TILE:
+            if W_IN_LOOP:
                 w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             # padding: x̂ = −μ·rstd there, but dy = w = 0, so g = 0 and nothing reaches c1, c2, dw, db
             xhat = x * rstd - mean_rstd
@@ -176,7 +178,7 @@ if HAS_TRITON:
                 db_acc += dy
             c1 = tl.sum(g * xhat, axis=1)[:, None] * inv_n                            # (ROWS, 1)
             c2 = tl.sum(g, axis=1)[:, None] * inv_n
-            if ROWS * BLOCK_N > _ONE_PASS_TILE:  # the second read of the row (from the caches)
+            if REREAD:  # the second read of the row (from the caches)
                 x = tl.load(X + start + local, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
                 dy = tl.load(DY + start + local, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
                 w = tl.load(W + cols, mask=col_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)[None, :]

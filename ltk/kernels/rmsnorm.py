@@ -114,7 +114,9 @@ if HAS_TRITON:
         col_ok = cols < N
         dw_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # lives in registers for the whole loop
         inv_n = 1.0 / N  # once, not a division per tile
-        if ROWS * BLOCK_N <= _ONE_PASS_TILE:
+        REREAD: tl.constexpr = ROWS * BLOCK_N > _ONE_PASS_TILE
+        W_IN_LOOP: tl.constexpr = REREAD or HAS_DH
+        if not W_IN_LOOP:
             w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]  # (1, BLOCK_N), once
 
         local = tl.arange(0, ROWS)[:, None] * N + cols[None, :]  # (ROWS, BLOCK_N) offsets in a tile: < 2**31
@@ -127,13 +129,13 @@ if HAS_TRITON:
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)[:, None]               # (ROWS, 1)
             x = tl.load(X + start + local, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + start + local, mask=mask, other=0.0).to(tl.float32)
-            if ROWS * BLOCK_N > _ONE_PASS_TILE:
+            if W_IN_LOOP:
                 w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             xhat = x * rstd       # padding: x = 0, dy = 0, so it adds nothing to c or dw
             g = dy * w
             dw_acc += dy * xhat  # before the reduction: dy is then dead, fewer values live across it
             c = tl.sum(g * xhat, axis=1)[:, None] * inv_n                             # (ROWS, 1)
-            if ROWS * BLOCK_N > _ONE_PASS_TILE:  # the second read of the row (from the caches)
+            if REREAD:  # the second read of the row (from the caches)
                 x = tl.load(X + start + local, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
                 dy = tl.load(DY + start + local, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
                 w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
