@@ -33,8 +33,9 @@ dtype. (Hugging Face's Llama RMSNorm rounds x̂ to the input dtype before multip
 so its results can differ from these by an ulp.)
 
 The kernels follow the design of ltk/kernels/layernorm.py (whole rows in registers, ROWS ×
-BLOCK_N tiles for short rows, a persistent backward writing (programs, N) fp32 partials of
-dw that torch sums: deterministic, no atomics); the launch heuristics and input checks both
+BLOCK_N tiles for short rows, a persistent backward that reads each tile once and writes
+(programs, N) fp32 partials of dw that torch sums: deterministic, no atomics; CHUNK-wide
+walks for rows too wide for the registers); the launch heuristics and input checks both
 use are in ltk/kernels/norm_common.py. Inputs that are not contiguous are copied with `.contiguous()` first.
 """
 from __future__ import annotations
