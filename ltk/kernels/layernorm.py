@@ -59,7 +59,7 @@ Design of the kernels (one row = one (N,) slice, held whole in registers):
     reductions and w is read once before the loop (Liger-Kernel's design, ~17 SASS an
     element on sm_90 in bf16 against its ~20: the report of `ltk bench kernel-static`).
     Wider rows are walked in CHUNK-wide pieces (norm_common): read twice, the second time
-    from the L1/L2 caches, with the partials accumulated in memory, so no width spills.
+    from the L1/L2 caches, with the partials accumulated in memory: no spills in the loops.
 
 Inputs that are not contiguous are copied with `.contiguous()` first (correct; one extra
 pass). Output dtype = input dtype (for the residual variant, that of x + residual); weight

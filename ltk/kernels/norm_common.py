@@ -44,9 +44,11 @@ def launch_config(n_rows: int, n_cols: int, *, backward: bool = False) -> tuple[
               thread holding 32 values of x (~90-120 registers, no spills).
     backward  one pass (tiles up to ONE_PASS_TILE): x, dy, w and the fp32 dw (and db)
               accumulators stay in registers, 16 values of each a thread: 4 warps up to
-              2048 elements, 8 at 4096, 16 at 8192 (~75-110 registers, no spills, in
-              every variant: fp16/bf16/fp32, fp32 weights, residual). Wider rows are walked
-              in CHUNK-wide pieces: 8 warps, 16 values a thread again.
+              2048 elements, 8 at 4096, 16 at 8192 (~75-128 registers). Wider rows are
+              walked in CHUNK-wide pieces: 8 warps, 16 values a thread again. No spills in
+              any loop, any variant (fp16/bf16/fp32, fp32 weights, residual, widths 768 to
+              65536); in a few fp32-weight or residual variants ptxas keeps 8-16 bytes a
+              thread in local memory outside the loops, to stay at 64 or 80 registers.
     (Register counts from ptxas for sm_90 with Triton 3.9: retune on new hardware.)"""
     block_n = next_pow2(n_cols)
     rows = min(max(1, TILE // block_n), next_pow2(max(n_rows, 1)))
