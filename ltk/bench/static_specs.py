@@ -222,7 +222,8 @@ def _gemm_like_specs() -> list[Spec]:
 
 
 def _norm_specs() -> list[Spec]:
-    """LayerNorm and RMSNorm, forward and backward, ours and Liger's, at 4096 rows × 4096."""
+    """LayerNorm and RMSNorm, forward and backward, ours and Liger's, at 4096 rows × 4096; ours also
+    in the residual variant (h = x + residual; the backward adds dh), which Liger does not fuse."""
     from ltk.kernels.norm_common import launch_config
 
     m, n = 4096, 4096
@@ -230,10 +231,10 @@ def _norm_specs() -> list[Spec]:
     out = []
     for op, module in (("layernorm", "ltk.kernels.layernorm"), ("rmsnorm", "ltk.kernels.rmsnorm")):
         prefix = "_layer_norm" if op == "layernorm" else "_rms_norm"
-        for bwd in (False, True):
+        for bwd, residual in ((False, False), (True, False), (False, True), (True, True)):
             block_n, rows, warps = launch_config(m, n, backward=bwd)
-            consts = dict(HAS_RESIDUAL=False, HAS_BIAS=True, HAS_DH=False)
-            out.append(Spec(f"{op}.{'bwd' if bwd else 'fwd'}", "ours",
+            consts = dict(HAS_RESIDUAL=residual, HAS_BIAS=True, HAS_DH=residual)
+            out.append(Spec(f"{op}.{'bwd' if bwd else 'fwd'}{' residual' if residual else ''}", "ours",
                             f"{module}:{prefix}_{'bwd' if bwd else 'fwd'}_kernel", shape,
                             dict(X="T", R="T", W="T", B="fp32" if op == "layernorm" else "T", Y="T", H="T",
                                  DY="T", DH="T", DX="T", MEAN="fp32", RSTD="fp32", DW_PART="fp32",

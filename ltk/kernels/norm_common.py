@@ -21,6 +21,12 @@ from ltk.kernels.backend import check_float, check_same_device, resolve_backend
 MAX_WIDTH = 65536      # widest row the triton backend holds in one block (the torch backend takes any)
 TILE = 4096            # elements one program handles when rows are short (ROWS × BLOCK_N)
 INTERPRETER_PROGRAMS = 4  # backward programs under the interpreter (programs run one after another)
+# The backward holds a tile of up to ONE_PASS_TILE elements (ROWS × BLOCK_N) in registers: x and
+# dy, live across the row reductions, beside w and the fp32 dw (db) accumulators. Wider rows are
+# walked in CHUNK-wide pieces, read twice (the second time from the caches), with dw (db)
+# accumulated in the program's row of the partial buffer instead of registers.
+ONE_PASS_TILE = 8192
+CHUNK = 4096
 
 
 def next_pow2(n: int) -> int:
@@ -36,12 +42,13 @@ def launch_config(n_rows: int, n_cols: int, *, backward: bool = False) -> tuple[
 
     forward   one warp per 1024 elements, 4 to 32: a 16384-wide row gets 16 warps, each
               thread holding 32 values of x (~90-120 registers, no spills).
-    backward  the fp32 dw (and db) accumulators stay in registers across the whole loop, so
-              the register file (64K 32-bit registers per SM) is what limits: 4 warps up to
-              2048 elements, 8 at 4096, 16 at 8192 (~90-130 registers), 8 again at 16384,
-              where a row only fits with 255 registers a thread (no spills in bf16/fp16
-              with same-dtype weights; the residual and fp32-weight variants spill a few
-              hundred bytes a thread), and 32 beyond, where spilling cannot be avoided.
+    backward  one pass (tiles up to ONE_PASS_TILE): x, dy, w and the fp32 dw (and db)
+              accumulators stay in registers, 16 values of each a thread: 4 warps up to
+              2048 elements, 8 at 4096, 16 at 8192 (~75-128 registers). Wider rows are
+              walked in CHUNK-wide pieces: 8 warps, 16 values a thread again. No spills in
+              any loop, any variant (fp16/bf16/fp32, fp32 weights, residual, widths 768 to
+              65536); in a few fp32-weight or residual variants ptxas keeps 8-16 bytes a
+              thread in local memory outside the loops, to stay at 64 or 80 registers.
     (Register counts from ptxas for sm_90 with Triton 3.9: retune on new hardware.)"""
     block_n = next_pow2(n_cols)
     rows = min(max(1, TILE // block_n), next_pow2(max(n_rows, 1)))
@@ -52,12 +59,10 @@ def launch_config(n_rows: int, n_cols: int, *, backward: bool = False) -> tuple[
         num_warps = 4
     elif tile <= 4096:
         num_warps = 8
-    elif tile <= 8192:
+    elif tile <= ONE_PASS_TILE:
         num_warps = 16
-    elif tile <= 16384:
-        num_warps = 8  # 255 registers a thread: the only way the row and accumulators fit
     else:
-        num_warps = 32
+        num_warps = CHUNK // 512  # the chunked walk: 16 values a thread
     return block_n, rows, num_warps
 
 

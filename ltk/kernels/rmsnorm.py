@@ -33,8 +33,9 @@ dtype. (Hugging Face's Llama RMSNorm rounds x̂ to the input dtype before multip
 so its results can differ from these by an ulp.)
 
 The kernels follow the design of ltk/kernels/layernorm.py (whole rows in registers, ROWS ×
-BLOCK_N tiles for short rows, a persistent backward writing (programs, N) fp32 partials of
-dw that torch sums: deterministic, no atomics); the launch heuristics and input checks both
+BLOCK_N tiles for short rows, a persistent backward that reads each tile once and writes
+(programs, N) fp32 partials of dw that torch sums: deterministic, no atomics; CHUNK-wide
+walks for rows too wide for the registers); the launch heuristics and input checks both
 use are in ltk/kernels/norm_common.py. Inputs that are not contiguous are copied with `.contiguous()` first.
 """
 from __future__ import annotations
@@ -44,6 +45,8 @@ import torch.nn.functional as F
 
 from ltk.kernels.backend import HAS_TRITON
 from ltk.kernels.norm_common import (
+    CHUNK,
+    ONE_PASS_TILE,
     as_dtype,
     as_rows,
     bwd_programs,
@@ -60,6 +63,9 @@ from ltk.kernels.poison import output_allocator
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    _ONE_PASS_TILE = tl.constexpr(ONE_PASS_TILE)  # globals a kernel reads must be constexprs
+    _CHUNK = tl.constexpr(CHUNK)
 
     @triton.jit
     def _rms_norm_fwd_kernel(
@@ -95,40 +101,90 @@ if HAS_TRITON:
         HAS_DH: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """Program `pid` of P handles row tiles pid, pid + P, ...: it writes dx for them and
-        row `pid` of the (P, N) partial sums of dw."""
+        row `pid` of the (P, N) partial sums of dw. Per tile, with x̂ = x · rstd (rstd saved
+        by the forward) and g = dy ∘ w:
+
+            c  = mean(g ∘ x̂)              one reduction over the row
+            dx = rstd · (g − x̂ · c)        an FFMA and an FMUL an element
+            dw_part += dy ∘ x̂              fp32
+
+        Tiles of up to ONE_PASS_TILE elements take one pass: x and dy are read once and stay
+        in registers across the reduction, w is read once before the loop, and dw_part is a
+        register accumulator written once at the end. Wider rows (BLOCK_N > ONE_PASS_TILE)
+        would not fit the register file: `_rms_bwd_chunked` walks them in CHUNK-wide pieces."""
+        if ROWS * BLOCK_N > _ONE_PASS_TILE:
+            _rms_bwd_chunked(X, W, RSTD, DY, DH, DX, DW_PART, M, N, HAS_DH)
+        else:
+            _rms_bwd_one_pass(X, W, RSTD, DY, DH, DX, DW_PART, M, N, HAS_DH, ROWS, BLOCK_N)
+
+    @triton.jit
+    def _rms_bwd_one_pass(X, W, RSTD, DY, DH, DX, DW_PART, M, N,
+                          HAS_DH: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
         pid = tl.program_id(0)
-        n_programs = tl.num_programs(0)
         cols = tl.arange(0, BLOCK_N)
         col_ok = cols < N
+        local = tl.arange(0, ROWS)[:, None] * N + cols[None, :]  # (ROWS, BLOCK_N) offsets within a tile
+        inv_n = 1.0 / N  # once, not a division per tile
         dw_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # lives in registers for the whole loop
+        if not HAS_DH:
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]  # (1, BLOCK_N), once
 
-        for tile in range(pid, tl.cdiv(M, ROWS), n_programs):
+        for tile in range(pid, tl.cdiv(M, ROWS), tl.num_programs(0)):
             rows = tile * ROWS + tl.arange(0, ROWS)
             row_ok = rows < M
             mask = row_ok[:, None] & col_ok[None, :]
-            offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-
-            # Phase 1: the row mean of the dx formula, mean(g ∘ x̂).
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-            mean_gx = tl.sum(dy * w[None, :] * x * rstd[:, None], axis=1) / N
-
-            # Phase 2: dx and this tile's share of dw. Loading x, dy, w again (from the L1/L2
-            # caches: the row was just read) keeps the registers for the dw accumulator; see
-            # the LayerNorm backward.
-            x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            dy = tl.load(DY + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-            xhat = x * rstd[:, None]
-            dx = (dy * w[None, :] - xhat * mean_gx[:, None]) * rstd[:, None]
+            start = tl.cast(tile * ROWS, tl.int64) * N  # the tile's first element: M·N may pass 2**31
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)[:, None]               # (ROWS, 1)
+            x = tl.load(X + start + local, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + start + local, mask=mask, other=0.0).to(tl.float32)
+            if HAS_DH:  # w read per tile (from the caches): its registers go to dh's, no spills
+                w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            xhat = x * rstd       # padding: x = 0, dy = 0, so it adds nothing to c or dw
+            g = dy * w
+            dw_acc += dy * xhat   # before the reduction: dy is then dead, fewer values live across it
+            c = tl.sum(g * xhat, axis=1)[:, None] * inv_n                             # (ROWS, 1)
+            dx = (g - xhat * c) * rstd
             if HAS_DH:  # residual variant: the gradient reaching h from outside joins here
-                dx += tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-            dw_acc += dy * xhat
+                dx += tl.load(DH + start + local, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + start + local, dx.to(DX.dtype.element_ty), mask=mask)
 
         tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+
+    @triton.jit
+    def _rms_bwd_chunked(X, W, RSTD, DY, DH, DX, DW_PART, M, N, HAS_DH: tl.constexpr):
+        """Rows wider than ONE_PASS_TILE, one row at a time in CHUNK-wide pieces: a first walk
+        sums g ∘ x̂, a second reads x, dy, w again (from the L1/L2 caches: the row was just
+        read) for dx, and adds dy ∘ x̂ to the program's row of DW_PART in memory (written on
+        the program's first row, read and written after; it stays in the caches)."""
+        pid = tl.program_id(0)
+        cols = tl.arange(0, _CHUNK)
+        inv_n = 1.0 / N
+        dw_row = DW_PART + pid * N
+        for row in range(pid, M, tl.num_programs(0)):
+            start = tl.cast(row, tl.int64) * N  # M·N may pass 2**31
+            rstd = tl.load(RSTD + row)
+            acc = tl.zeros((_CHUNK,), dtype=tl.float32)
+            for c0 in range(0, N, _CHUNK):
+                ok = c0 + cols < N
+                x = tl.load(X + start + c0 + cols, mask=ok, other=0.0).to(tl.float32)
+                dy = tl.load(DY + start + c0 + cols, mask=ok, other=0.0).to(tl.float32)
+                w = tl.load(W + c0 + cols, mask=ok, other=0.0).to(tl.float32)
+                acc += dy * w * x
+            c_rstd = tl.sum(acc, axis=0) * inv_n * rstd * rstd  # c·rstd, with c = mean(g ∘ x̂) = rstd·mean(g ∘ x)
+            for c0 in range(0, N, _CHUNK):
+                ok = c0 + cols < N
+                x = tl.load(X + start + c0 + cols, mask=ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                dy = tl.load(DY + start + c0 + cols, mask=ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                w = tl.load(W + c0 + cols, mask=ok, other=0.0).to(tl.float32)
+                xhat = x * rstd
+                dx = dy * w * rstd - xhat * c_rstd
+                if HAS_DH:
+                    dx += tl.load(DH + start + c0 + cols, mask=ok, other=0.0).to(tl.float32)
+                tl.store(DX + start + c0 + cols, dx.to(DX.dtype.element_ty), mask=ok)
+                later = tl.full((_CHUNK,), row, tl.int32) > pid  # false on the first row: the partial starts at 0
+                dw = tl.load(dw_row + c0 + cols, mask=ok & later, other=0.0)
+                tl.store(dw_row + c0 + cols, dw + dy * xhat, mask=ok)
+            tl.debug_barrier()  # the next row's read of dw_row sees this row's writes
 
 
 POISON_OUTPUTS = False             # NaN-filled outputs (tests, the GPU check): see ltk/kernels/poison.py
