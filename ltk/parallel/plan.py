@@ -41,6 +41,14 @@ one being reduce-scattered:
 
     gathered(fsdp2) = p·(root + 3·block) + g·(root + 2·block)
 
+DeepSpeed's stages (ltk/parallel/deepspeed_engine.py) shard what ours shard, with one difference
+the plan adds: DeepSpeed's optimizer always works on a flat fp32 *copy* of its partition
+(`single_partition_of_fp32_groups`, stage 3's `fp32_partitioned_groups_flat`), even when the
+model itself is fp32, where ours updates the shard in place — 4Ψ/N more optimizer bytes in fp32
+runs (under bf16 both hold that fp32 master, counted in K = 12). Its communication buckets
+(reduce_bucket_size, allgather_bucket_size, stage 3's prefetch and live-parameter limits) are
+left out: they are capped by its config, not by the model.
+
 torch-tp (DTensor TP over every rank, ltk/parallel/torch_tp.py) holds what our tensor parallelism
 holds (the same split, no data parallelism: dp must be 1; with dp use fsdp2 --tp).
 
@@ -195,6 +203,8 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
     gathered = 0
     if stage == 3 and dp > 1:
         gathered = (fsdp2_gathered_bytes if strategy == "fsdp2" else gathered_bytes)(s, tp, prec)
+    if strategy.startswith("deepspeed-") and dtype == "fp32":  # its fp32 copy of the partition (docstring)
+        states = {**states, "optimizer": states["optimizer"] + 4 * math.ceil(psi / dp)}
     total = states["params"] + states["grads"] + states["optimizer"] + activations + gathered
     out = {
         "family": family, "world": world, "mesh": {"dp": dp, "tp": tp, "pp": pp}, "strategy": strategy,

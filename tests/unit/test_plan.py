@@ -82,3 +82,16 @@ def test_activations_follow_korthikanti():
             == s * b * h * (34 + 5 * a * s / h) / 8)
     assert cost.activation_bytes_per_layer(s, b, h, a, flash=True) == s * b * h * 34
     assert cost.activation_bytes_per_layer(s, b, h, a, recompute=True) == 2 * s * b * h
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_adds_its_fp32_partition_copy_in_fp32_only(stage):
+    """DeepSpeed shards what our stage shards, plus its optimizer's flat fp32 copy of the
+    partition (4Ψ/N) when the model is fp32; under bf16 both hold that master already."""
+    cfg = GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64)
+    for dtype, extra in (("fp32", 4), ("bf16", 0)):
+        ours = plan("gpt", cfg, world=4, strategy=f"zero{stage}", dtype=dtype)
+        ds = plan("gpt", cfg, world=4, strategy=f"deepspeed-zero{stage}", dtype=dtype)
+        assert ds["optimizer"] - ours["optimizer"] == extra * math.ceil(ours["num_params_per_rank"] / 4)
+        assert (ds["params"], ds["grads"], ds["comm_bytes_per_step"]) == \
+            (ours["params"], ours["grads"], ours["comm_bytes_per_step"])
