@@ -15,8 +15,12 @@ For each, on `world` gloo CPU processes (one thread each):
                   step; providers run in `rounds` interleaved rounds, the order reversed every
                   other round, so load and warm-up hit all alike (rank 0's wall clock: the ranks
                   wait for each other in the collectives)
-    state bytes   this rank's parameters, gradients and optimizer state after a step
-                  (ltk/training/memory.py run_memory: the largest rank)
+    peak MiB      the largest rank's peak resident memory above its baseline over building the
+                  engine and 3 steps, each provider in a process group of its own (the kernel's
+                  high-water mark VmHWM, reset after the imports and the data; on GPUs the
+                  allocator's peak): what an engine costs, its private buffers included, which
+                  no count of module and optimizer tensors would see (torch DDP's reducer
+                  buckets, FSDP2's all-gather buffers, DeepSpeed's partitions)
     bytes/step    what the rank handed to its collectives in one step: the inputs of every
                   collective and send it issued (c10d and functional-collective ops, read at the
                   dispatcher with a TorchDispatchMode), summed — the same counter for every
@@ -107,7 +111,6 @@ def _sent_bytes(step) -> int:
 
 
 def _worker(rank, world, cache, root, names, kwargs, rounds, steps):
-    from ltk.training.memory import run_memory
     from ltk.training.trainer import Trainer
 
     if kwargs["device"] == "cpu":
@@ -130,9 +133,35 @@ def _worker(rank, world, cache, root, names, kwargs, rounds, steps):
                 samples[n].append((time.perf_counter() - t0) * 1e3)
     out = {}
     for n, t in trainers.items():
-        out[n] = {"ms": samples[n], "bytes": _sent_bytes(t.train_step),
-                  "state": run_memory(t.par, 0)}
+        out[n] = {"ms": samples[n], "bytes": _sent_bytes(t.train_step)}
     return {"results": out, "notes": notes}
+
+
+def _peak_worker(rank, world, cache, root, name, overrides, kwargs):
+    """One provider alone: its peak memory above the baseline over build + 3 steps (docstring)."""
+    from ltk.training.memory_watch import peak_rss_bytes, reset_peak_rss, rss_bytes
+    from ltk.training.trainer import Trainer
+
+    if kwargs["device"] == "cpu":
+        torch.set_num_threads(1)
+    if name.startswith("deepspeed-"):
+        import deepspeed  # noqa: F401 - its import is not the engine's training memory
+    cfg = _config(Path(cache), Path(root) / f"peak-{name}-r{rank}", world, overrides, **kwargs)
+    from ltk.training.data import prepare_data
+
+    prepare_data(cfg.data, verbose=False)  # built (or read) before the baseline, as every provider does
+    cuda = kwargs["device"] == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        reset_peak_rss()
+        base = rss_bytes()
+    t = Trainer(cfg)
+    for _ in range(3):
+        t.train_step()
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
+    return peak - base
 
 
 def run(world: int = 2, rounds: int = 3, steps: int = 4, n_layer: int = 4, n_embd: int = 128, seq: int = 64,
@@ -149,33 +178,37 @@ def run(world: int = 2, rounds: int = 3, steps: int = 4, n_layer: int = 4, n_emb
     with tempfile.TemporaryDirectory(prefix="ltk-engines-") as tmp:
         res = spawn(_worker, world, str(Path(tmp) / "cache"), tmp, [(n, overrides[n]) for n in providers], kwargs,
                     rounds, steps, timeout_s=3600, device=device)
+        peaks = {}
+        for n in providers:  # each alone, so one engine's buffers never count against another
+            if n in res[0]["results"]:
+                peaks[n] = max(spawn(_peak_worker, world, str(Path(tmp) / "cache"), tmp, n, overrides[n], kwargs,
+                                     timeout_s=1800, device=device))
     per_rank = [r["results"] for r in res]
     notes = res[0]["notes"]
     load = os.getloadavg()[0]
     shape = f"L={n_layer},d={n_embd},T={seq},B={batch}x2"
     rows = Rows()
-    lines = ["| strategy | ours | production | step ms ours / theirs | ours/theirs | state bytes/rank ours / theirs "
+    lines = ["| strategy | ours | production | step ms ours / theirs | ours/theirs | peak MiB/rank ours / theirs "
              "| sent bytes/step/rank ours / theirs |", "|---|---|---|---|---|---|---|"]
     for strategy, (ours, _), (theirs, _) in PAIRS:
         for name in (ours, theirs):
             if name not in per_rank[0] or any(r.provider == name and r.op == strategy for r in rows):
                 continue
             t = Timing.from_samples(per_rank[0][name]["ms"])
-            state = max(sum(r[name]["state"][k] for k in ("parameters", "gradients", "optimizer_states"))
-                        for r in per_rank)
             sent = max(r[name]["bytes"] for r in per_rank)
             rows.append(Row.stamped(device, op=strategy, shape=shape, dtype="fp32", mode=f"world={world}",
                                     provider=name, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
                                     runs=t.runs, throughput=2 * batch * seq / t.median_ms * 1e3,
                                     throughput_unit="tokens/s",
-                                    extra=json.dumps({"state_bytes": state, "sent_bytes": sent,
+                                    extra=json.dumps({"peak_bytes": peaks[name], "sent_bytes": sent,
                                                       "world": world, "load_avg_1m": load,
                                                       "ours": name == ours})))
         if ours in per_rank[0] and theirs in per_rank[0]:
             a, b = (next(r for r in rows if r.provider == n) for n in (ours, theirs))
             ea, eb = json.loads(a.extra), json.loads(b.extra)
             lines.append(f"| {strategy} | {ours} | {theirs} | {a.median_ms:.1f} / {b.median_ms:.1f} "
-                         f"| {a.median_ms / b.median_ms:.2f} | {ea['state_bytes']:,} / {eb['state_bytes']:,} "
+                         f"| {a.median_ms / b.median_ms:.2f} "
+                         f"| {ea['peak_bytes'] / 2**20:.1f} / {eb['peak_bytes'] / 2**20:.1f} "
                          f"| {ea['sent_bytes']:,} / {eb['sent_bytes']:,} |")
         else:
             missing = [n for n in (ours, theirs) if n not in per_rank[0]]
