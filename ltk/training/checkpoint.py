@@ -195,6 +195,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return ckpts[-1]
 
 
+def newest_valid_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of a run folder whose every file matches its manifest (SHA-256 and size),
+    or None; and the newer ones skipped, each with the reason. What `--resume auto` continues from:
+    a torn or corrupt newest checkpoint falls back to the one before. Every file is hashed (the
+    shards of a sharded one too), so that a damaged shard falls back here rather than failing the
+    load; a file that vanishes while it is read (set aside by another rank) counts as damaged."""
+    skipped = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+            return path, skipped
+        except (CheckpointError, OSError) as e:
+            skipped.append((path, str(e)))
+        except (KeyError, TypeError) as e:  # an entry of the manifest without its sha256 or bytes
+            skipped.append((path, f"{path / MANIFEST} is malformed ({e!r})"))
+    return None, skipped
+
+
 def read_manifest(path: Path) -> dict[str, dict]:
     """The manifest's files {name: {sha256, bytes}}; a checkpoint without one did not finish saving."""
     manifest_path = path / MANIFEST
