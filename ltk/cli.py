@@ -154,7 +154,7 @@ def _launch(rdzv, argv: list[str], folder, out_dir: str) -> int:
 
     fds = (folder.fd,) if folder is not None and folder.fd is not None else ()
     return launch(rdzv.torchrun_args(out_dir), rank_argv(argv), "train",
-                  env={HELD_ENV: str(Path(out_dir).resolve())}, pass_fds=fds)
+                  env={**rdzv.env(), HELD_ENV: str(Path(out_dir).resolve())}, pass_fds=fds)
 
 
 def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -19,7 +19,12 @@ instead). --rdzv-id, by default derived from the run folder, keeps two jobs on o
 --max-restarts K (torchrun's): a failed worker makes the agent stop the node's other workers and
 start them all again, up to K times, with the same argv and environment. With `--resume auto`
 they continue from the newest valid checkpoint (ltk/training/resume.py); without it they would
-start again from step 0, so K > 0 requires it.
+start again from step 0, so K > 0 requires it. With K > 0 the launcher also sets
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (unless it is set): by default (torch 2.13) the restarted
+workers share the agent's rendezvous store with the first ones, without a prefix per attempt, and
+gloo's rank 0 then reads the address of the *dead* rank 1 from it and fails to connect (seen
+here; pytorch/pytorch#135712 reports the same for NCCL). With it set, each attempt's rank 0
+hosts a fresh store.
 
 --dist-timeout S: the process group's collective timeout (torch's defaults: 30 min on gloo,
 10 min on NCCL), passed to the ranks in LTK_DIST_TIMEOUT (ltk/training/runtime.py). A rank that
@@ -86,6 +91,12 @@ class Rendezvous:
                                  "(node 0 claims the run folder; under Slurm: --node-rank $SLURM_NODEID)")
         if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"--node-rank {self.node_rank}: must be in 0..{self.nnodes - 1} (--nnodes {self.nnodes})")
+
+    def env(self) -> dict[str, str]:
+        """What torchrun's environment needs besides ours (see the module docstring)."""
+        if not self.max_restarts:
+            return {}
+        return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")}
 
     @property
     def world(self) -> int:

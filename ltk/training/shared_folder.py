@@ -62,21 +62,23 @@ def check_shared_folder(path: str | Path, rt, resume_from: Path | None) -> None:
         problem = f"cannot read rank 0's token in it ({type(e).__name__}: {e.strerror or e})"
     if problem is None and fcntl is not None and not (path / LOCK).exists():
         problem = "sees it, but no launcher holds it (no .lock): start exactly one node with --node-rank 0"
-    mine = {"rank": rt.rank, "host": socket.gethostname(), "problem": problem,
+    mine = {"rank": rt.rank, "host": socket.gethostname(), "problem": problem, "path": str(path),
             "resume": resume_from.name if resume_from is not None else None}
     everyone: list = [None] * rt.world_size
     dist.all_gather_object(everyone, mine)
     if rt.is_main:  # every rank has read it: the all_gather is past
         (path / TOKEN).unlink(missing_ok=True)
     blind = [m for m in everyone if m["problem"]]
-    if blind:
-        who = "; ".join(f"rank {m['rank']} on {m['host']} {m['problem']}" for m in blind)
+    if blind:  # the same words on every rank: rank 0's folder, and where another rank's --out differs
+        root = everyone[0]["path"]
+        who = "; ".join(f"rank {m['rank']} on {m['host']}" + (f" (its --out: {m['path']})" if m["path"] != root else "")
+                        + f" {m['problem']}" for m in blind)
         raise RunFolderError(
-            f"run folder {path} is not shared by every rank: {who}. Checkpoints and metrics assume one "
+            f"run folder {root} is not shared by every rank: {who}. Checkpoints and metrics assume one "
             "filesystem seen by every node at the same path (NFS, Lustre, GPFS, ...): give every node the "
             "same --out on it")
     resumes = sorted({str(m["resume"]) for m in everyone})
     if len(resumes) > 1:
         by = "; ".join(f"rank {m['rank']} on {m['host']}: {m['resume'] or 'fresh start'}" for m in everyone)
-        raise RunFolderError(f"the ranks would resume {path} from different checkpoints ({by}): the nodes see "
-                             "different files; check that the filesystem is shared and not cached per node")
+        raise RunFolderError(f"the ranks would resume {everyone[0]['path']} from different checkpoints ({by}): the "
+                             "nodes see different files; check that the filesystem is shared and not cached per node")
