@@ -86,15 +86,15 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         check_run(cfg, size=False, warn=False)
         print(to_toml(cfg.to_dict()) if args.print_config == "toml" else cfg.to_json() + "\n", end="")
         return 0
+    # the launching process (node 0's, on several nodes) claims the run folder (lock, no run mixed in)
+    # before any work or rank starts; ranks started by torchrun directly claim it in Trainer.fit
+    claims = "WORLD_SIZE" not in os.environ and (not launch or rdzv.claims_folder)
     if auto:  # the newest valid checkpoint of --out, checked against this config; none: a fresh start
-        ckpt_path, state = auto_resume(cfg)
+        ckpt_path, state = auto_resume(cfg, deep=claims)  # every file hashed once, by the claiming process
     elif state is not None:
         check_resume(cfg, state, ckpt_path)
     if launch:
         check_run(cfg, world=world, warn=False)  # one clear error before any process starts
-    # the launching process (node 0's, on several nodes) claims the run folder (lock, no run mixed in)
-    # before any work or rank starts; ranks started by torchrun directly claim it in Trainer.fit
-    claims = "WORLD_SIZE" not in os.environ and (not launch or rdzv.claims_folder)
     folder = claim_run_folder(cfg.trainer.out_dir, resume_from=ckpt_path, overwrite=args.overwrite,
                               auto=auto) if claims else None
     with folder or nullcontext():

@@ -195,16 +195,28 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return ckpts[-1]
 
 
-def newest_valid_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest checkpoint of a run folder whose every file matches its manifest (SHA-256 and size),
-    or None; and the newer ones skipped, each with the reason. What `--resume auto` continues from:
-    a torn or corrupt newest checkpoint falls back to the one before. Every file is hashed (the
-    shards of a sharded one too), so that a damaged shard falls back here rather than failing the
-    load; a file that vanishes while it is read (set aside by another rank) counts as damaged."""
+QUICK_HASH_BYTES = 16 << 20  # newest_valid_checkpoint(deep=False) hashes files up to this size
+
+
+def newest_valid_checkpoint(run_dir: str | Path, deep: bool = True) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of a run folder that matches its manifest, or None; and the newer ones
+    skipped, each with the reason. What `--resume auto` continues from: a torn or corrupt newest
+    checkpoint falls back to the one before. `deep`: every file hashed (SHA-256), what the process
+    that claims the run folder does once per start; else every file's size, and the hash of those
+    up to QUICK_HASH_BYTES (state, index, optimizer scalars, tokenizer): what each rank does, so that
+    N ranks do not each hash every shard of a large checkpoint (a rank hashes the shards it reads
+    anyway, ltk/training/sharded_checkpoint.py). A file that vanishes while it is read (set aside by
+    another process) counts as damaged."""
     skipped = []
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            verify_checkpoint(path)
+            files = read_manifest(path)
+            for name, meta in files.items():
+                if deep or meta["bytes"] <= QUICK_HASH_BYTES:
+                    verify_file(path, name, meta)
+                elif (path / name).stat().st_size != meta["bytes"]:
+                    raise CheckpointError(f"{path / name} is {(path / name).stat().st_size} bytes, its manifest "
+                                          f"says {meta['bytes']}: the checkpoint is truncated")
             return path, skipped
         except (CheckpointError, OSError) as e:
             skipped.append((path, str(e)))

@@ -92,13 +92,15 @@ def check_same_model(cfg, state: dict[str, Any], ckpt: Path) -> None:
                 "a new run in another --out")
 
 
-def auto_resume(cfg) -> tuple[Path | None, dict[str, Any] | None]:
+def auto_resume(cfg, deep: bool = True) -> tuple[Path | None, dict[str, Any] | None]:
     """`--resume auto`: the newest valid checkpoint of cfg.trainer.out_dir and its state.json, checked
     against `cfg` (check_resume, check_same_model); (None, None) when there is none: a fresh start.
-    Each skipped checkpoint is named on stderr (by the launcher, or by rank 0 of the ranks)."""
+    `deep`: every file hashed (the process that claims the folder), else sizes and small files (each
+    rank; ltk/training/checkpoint.py, newest_valid_checkpoint). Each skipped checkpoint is named on
+    stderr (by the launcher, or by rank 0 of the ranks)."""
     from ltk.training.checkpoint import newest_valid_checkpoint, read_state
 
-    found, skipped = newest_valid_checkpoint(cfg.trainer.out_dir)
+    found, skipped = newest_valid_checkpoint(cfg.trainer.out_dir, deep=deep)
     loud = os.environ.get("RANK", "0") == "0"
     for path, why in skipped if loud else ():
         print(f"ltk train: warning: --resume auto skips {path}: {why}", file=sys.stderr, flush=True)
