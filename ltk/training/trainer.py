@@ -10,6 +10,9 @@ Launch lines (the `ltk train` entry point calls `Trainer(cfg).fit()`):
     # several processes (DDP, torch's engine): 4 GPUs on one node, or 2 CPU processes on gloo
     torchrun --standalone --nproc_per_node 4 -m ltk.cli train --preset gpt2-124m
     CUDA_VISIBLE_DEVICES= torchrun --standalone --nproc_per_node 2 -m ltk.cli train --preset gpt-debug
+    # several nodes: the same command on each, restarts continuing from the newest checkpoint (docs/multi-node.md)
+    ltk train --preset gpt2-124m --nproc 8 --nnodes 2 --node-rank R --rdzv-endpoint node0:29400 --resume auto \
+        --max-restarts 3
 
 One optimizer step (per rank):
 
