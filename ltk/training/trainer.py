@@ -325,7 +325,7 @@ class Trainer:
         # multi-process runs: each step per rank split into compute / exposed comm / idle (ltk/parallel/timeline.py)
         timeline = Timeline(self.rt.device, enabled=self.rt.world_size > 1 and t.timeline)
         stop, stopping = StopOnSignal(self.rt, announce=self.rt.is_main), 0
-        fault = Fault.from_env(self.rt.rank)  # LTK_FAULT: the restart tests' crash (ltk/training/faults.py)
+        fault = Fault.from_env(self.rt.local_rank)  # LTK_FAULT: the restart tests' crash (ltk/training/faults.py)
         if self.rt.is_main:
             self.logger = open_loggers(self.sinks, self.run_dir, self.cfg.to_dict(), self.cfg.name)
         try:

@@ -1,7 +1,8 @@
 """Runs beyond one launcher: two "nodes" on one machine (two `ltk train --nnodes 2` launches meeting
-in a c10d rendezvous on localhost) train what one node with the same world size trains; a rank
-killed mid-run under `--max-restarts 1 --resume auto` is restarted with its group and the run ends
-with the very parameters of one never interrupted; every rank checks that it sees the run folder.
+in a c10d rendezvous on localhost) train what one node with the same world size trains, through a
+restart of both nodes; on one node too, a rank killed mid-run under `--max-restarts 1 --resume auto`
+is restarted with its group and the run ends with the very parameters of one never interrupted;
+every rank checks that it sees the run folder.
 All on CPU processes (gloo), each launch under a timeout; one uninterrupted 2-process run serves
 as the reference of both launch tests."""
 import json
@@ -64,12 +65,19 @@ def one_node(tiny_corpus, tmp_path_factory):
     return out
 
 
-def test_two_nodes_train_what_one_node_trains(tiny_corpus, tmp_path, one_node):
-    """Node 1 is started first, so it joins the rendezvous first and holds global rank 0: the folder is
-    still claimed by the launcher of --node-rank 0, and every rank sees it (the shared-folder check)."""
+def test_two_nodes_train_what_one_node_trains_through_a_restart(tiny_corpus, tmp_path, one_node):
+    """Two launches with --nnodes 2 --nproc 1 meet in a c10d rendezvous on localhost. Node 1 is started
+    first, so it joins first and may hold global rank 0: the folder is still claimed by the launcher of
+    --node-rank 0, and every rank sees it (the shared-folder check). Node 1's rank SIGKILLs itself after
+    step 5 (LTK_FAULT in node 1's environment only, first attempt only): its agent restarts it and
+    rejoins, node 0's restarts too, and the group continues from step 4. The run ends with the one-node
+    run's losses and weights, bit for bit; the first attempt provably got past step 4 (one restart
+    allowed, and it continued from there), so the run without a restart works too."""
     out, endpoint = tmp_path / "run", f"127.0.0.1:{_free_port()}"
     nodes = [subprocess.Popen(_argv(tiny_corpus, out, "--nproc", "1", "--nnodes", "2", "--node-rank", str(r),
-                                    "--rdzv-endpoint", endpoint), env=_env(), stdout=subprocess.PIPE,
+                                    "--rdzv-endpoint", endpoint, "--resume", "auto", "--max-restarts", "1",
+                                    "--dist-timeout", "60"),
+                              env=_env(**({"LTK_FAULT": "kill:0:5"} if r == 1 else {})), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in (1, 0)]
     try:
         ends = [p.communicate(timeout=TIMEOUT) for p in nodes]
@@ -79,16 +87,18 @@ def test_two_nodes_train_what_one_node_trains(tiny_corpus, tmp_path, one_node):
                 p.kill()
     for p, (_, err) in zip(nodes, ends):
         assert p.returncode == 0, err[-3000:]
-    assert "--rdzv-backend=c10d" in ends[0][1]
+    err = ends[0][1] + ends[1][1]
+    assert "--rdzv-backend=c10d" in err
+    assert err.count("continuing from") == 1 and "step_000004 (step 4)" in err, err[-3000:]  # the restarted rank 0
     assert _rows(out) == _rows(one_node) and len(_rows(out)) == STEPS  # the same losses, bit for bit
     assert _same_params(out, one_node)
     assert not (out / ".lock").exists() and not (out / ".ltk-shared-check").exists()  # released, cleaned
 
 
 def test_a_killed_rank_restarts_and_the_run_continues_exactly(tiny_corpus, tmp_path, one_node):
-    """Rank 1 SIGKILLs itself after training step 5 (LTK_FAULT, first attempt only): torchrun stops rank 0
-    and starts both again; --resume auto finds step 4, metrics.jsonl is cut back to it, and steps 5..8
-    train again. The run ends where the uninterrupted one does, bit for bit."""
+    """One node, 2 processes: rank 1 SIGKILLs itself after training step 5 (LTK_FAULT, first attempt
+    only); torchrun stops rank 0 and starts both again; --resume auto finds step 4, metrics.jsonl is
+    cut back to it, and steps 5..8 train again. The run ends where the uninterrupted one does, bit for bit."""
     out = tmp_path / "run"
     done = _run(_argv(tiny_corpus, out, "--nproc", "2", "--resume", "auto", "--max-restarts", "1",
                       "--dist-timeout", "60"), LTK_FAULT="kill:1:5")
