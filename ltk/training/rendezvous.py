@@ -12,9 +12,10 @@ local rank); in c10d the rendezvous hands them out in the order the nodes join, 
 lives in the launcher on HOST. Both name --node-rank: the launcher with node rank 0 is the one
 that claims the run folder (ltk/training/run_folder.py). c10d is the one for restarts across
 nodes: when one node's agent restarts its workers (--max-restarts), it rejoins the rendezvous and
-the others see a node waiting and restart theirs, so the whole group starts again together; a
-static rendezvous has no such signal (the other nodes' workers fail on their next collective
-instead). --rdzv-id, by default derived from the run folder, keeps two jobs on one endpoint apart.
+the others see a node waiting and restart theirs, so the whole group starts again together. A
+static rendezvous has no such signal, and a restart of two static "nodes" hung here (the
+restarted ranks never met): --max-restarts with --master-addr on several nodes is refused.
+--rdzv-id, by default derived from the run folder, keeps two jobs on one endpoint apart.
 
 --max-restarts K (torchrun's): a failed worker makes the agent stop the node's other workers and
 start them all again, up to K times, with the same argv and environment. With `--resume auto`
@@ -83,6 +84,10 @@ class Rendezvous:
         if self.rdzv_id is not None and not self.rdzv_endpoint:
             raise ValueError("--rdzv-id goes with --rdzv-endpoint (c10d rendezvous)")
         if self.nnodes > 1:
+            if self.max_restarts and self.master_addr:
+                raise ValueError(f"--max-restarts {self.max_restarts} with --master-addr: a static rendezvous cannot "
+                                 "restart a group of several nodes (the restarted ranks wait for each other forever); "
+                                 "use the c10d rendezvous, --rdzv-endpoint HOST:PORT, instead")
             if not (self.master_addr or self.rdzv_endpoint):
                 raise ValueError(f"--nnodes {self.nnodes}: name where the nodes meet, --master-addr HOST (and "
                                  "--master-port) or --rdzv-endpoint HOST:PORT, the same on every node")

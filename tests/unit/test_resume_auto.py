@@ -69,6 +69,8 @@ def test_resume_auto_starts_fresh_continues_and_skips_a_corrupt_checkpoint(tiny_
     (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h"], "--node-rank 2: must be in 0..1"),
     (["--master-addr", "h", "--rdzv-endpoint", "h:1"], "not both"),
     (["--rdzv-id", "x"], "--rdzv-id goes with --rdzv-endpoint"),
+    (["--nnodes", "2", "--node-rank", "0", "--master-addr", "h", "--resume", "auto", "--max-restarts", "1"],
+     "use the c10d rendezvous"),
     (["--dist-timeout", "0"], "--dist-timeout 0.0: must be > 0"),
 ])
 def test_launcher_flags_are_checked_before_anything_starts(argv, needle, tmp_path, capsys):
