@@ -6,6 +6,9 @@
     ltk train --preset gpt-debug --parallel zero3 --nproc 4       # 4 CPU processes, our ZeRO-3
     ltk train --preset gpt-debug --parallel ddp --parallel.tp 2 --nproc 4   # DP 2 x TP 2
     ltk train --resume runs/gpt-debug --trainer.max_steps 600     # continue a run exactly
+    ltk train --preset gpt-debug --resume auto --nproc 2 --parallel ddp --max-restarts 3   # restarts continue
+    ltk train --preset gpt2-124m --nproc 8 --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29400 --resume auto
+                                                                  # one per node (docs/multi-node.md)
     ltk train --preset gpt-debug --overwrite                      # start over in a folder that holds a run
     ltk train --config run.toml --max-steps 50                    # a config file (or a run's config.json)
     ltk train --preset gpt-debug --print-config toml > run.toml   # the resolved config, read back by --config
@@ -38,19 +41,27 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from ltk.training.config_check import check_run
     from ltk.training.config_file import config_from_dict, load_config, to_toml
     from ltk.training.presets import get_preset
-    from ltk.training.resume import check_resume
+    from ltk.training.rendezvous import DIST_TIMEOUT_ENV, Rendezvous
+    from ltk.training.resume import auto_resume, check_resume
     from ltk.training.run_folder import claim_run_folder
     from ltk.training.stop import TrainingStopped
     from ltk.training.trainer import Trainer
 
-    if args.nproc is not None and args.nproc < 1:
-        raise ValueError(f"--nproc {args.nproc}: must be >= 1")
-    launch = bool(args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ)
-    world = args.nproc if launch else int(os.environ.get("WORLD_SIZE", "1"))
+    rdzv = Rendezvous.from_args(args)  # --nproc, --nnodes ...: checked before anything starts
+    launch = rdzv.launches and "WORLD_SIZE" not in os.environ
+    world = rdzv.world if launch else int(os.environ.get("WORLD_SIZE", "1"))
+    if args.dist_timeout is not None:
+        if args.dist_timeout <= 0:
+            raise ValueError(f"--dist-timeout {args.dist_timeout}: must be > 0 seconds")
+        os.environ[DIST_TIMEOUT_ENV] = str(args.dist_timeout)  # this process's ranks inherit it
+    auto = args.resume == "auto"
+    if auto and args.overwrite:
+        raise ValueError("--resume auto continues the run in --out, --overwrite deletes it: give one")
     ckpt_path = state = None
-    if args.resume:
+    if args.resume and not auto:
         if args.preset or args.config:
-            raise SystemExit("ltk train: give --preset/--config or --resume, not both (a resumed run keeps its config)")
+            raise SystemExit("ltk train: give --preset/--config or --resume, not both (a resumed run keeps its "
+                             "config; --resume auto takes them)")
         ckpt_path, state = read_state(args.resume)  # the weights are read (and verified) by the trainer's process
         cfg = config_from_dict(state["config"], ckpt_path / "state.json")
         cfg.trainer.out_dir = str(ckpt_path.parent.parent)  # continue in the same run folder
@@ -75,19 +86,22 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         check_run(cfg, size=False, warn=False)
         print(to_toml(cfg.to_dict()) if args.print_config == "toml" else cfg.to_json() + "\n", end="")
         return 0
-    if state is not None:
+    # the launching process (node 0's, on several nodes) claims the run folder (lock, no run mixed in)
+    # before any work or rank starts; ranks started by torchrun directly claim it in Trainer.fit
+    claims = "WORLD_SIZE" not in os.environ and (not launch or rdzv.claims_folder)
+    if auto:  # the newest valid checkpoint of --out, checked against this config; none: a fresh start
+        ckpt_path, state = auto_resume(cfg, deep=claims)  # every file hashed once, by the claiming process
+    elif state is not None:
         check_resume(cfg, state, ckpt_path)
     if launch:
         check_run(cfg, world=world, warn=False)  # one clear error before any process starts
-    # the launching process claims the run folder (lock, no run mixed in) before any work or rank starts;
-    # ranks started by torchrun directly claim it in Trainer.fit
-    folder = None if "WORLD_SIZE" in os.environ else \
-        claim_run_folder(cfg.trainer.out_dir, resume_from=ckpt_path, overwrite=args.overwrite)
+    folder = claim_run_folder(cfg.trainer.out_dir, resume_from=ckpt_path, overwrite=args.overwrite,
+                              auto=auto) if claims else None
     with folder or nullcontext():
         if launch:
-            return _launch(args.nproc, args.argv, folder)
+            return _launch(rdzv, args.argv, folder, cfg.trainer.out_dir)
         trainer = Trainer(cfg, resume=load_checkpoint(ckpt_path) if ckpt_path else None, overwrite=args.overwrite,
-                          folder=folder)
+                          folder=folder, auto=auto)
         try:
             result = trainer.fit()
         except TrainingStopped as e:
@@ -132,28 +146,21 @@ def _set_parallel(cfg, name: str, world: int) -> None:
         cfg.parallel.strategy = name
 
 
-def _launch(nproc: int, argv: list[str], folder) -> int:
-    """Re-run this command under torchrun with `nproc` local processes (gloo on a CPU, NCCL on
-    GPUs), holding the run folder for them: torchrun shares the lock and the ranks learn from
-    LTK_RUN_FOLDER_HELD that it is taken. torchrun runs in a session of its own and gets each
-    signal from here, once (ltk/training/stop.py); a failure is reported as the ranks' own
-    one-line errors (ltk/training/launch.py). Multi-node runs call torchrun directly (see
-    ltk/training/trainer.py)."""
+def _launch(rdzv, argv: list[str], folder, out_dir: str) -> int:
+    """Re-run this command under torchrun with rdzv.nproc local processes (gloo on a CPU, NCCL on
+    GPUs), alone or in a rendezvous of several nodes (ltk/training/rendezvous.py), holding the run
+    folder for them: torchrun shares the lock and the ranks learn from LTK_RUN_FOLDER_HELD that it
+    is taken (on nodes other than 0, `folder` is None: node 0's launcher holds it for the job).
+    torchrun runs in a session of its own and gets each signal from here, once
+    (ltk/training/stop.py); a failure is reported as the ranks' own one-line errors
+    (ltk/training/launch.py)."""
     from ltk.training.launch import launch
+    from ltk.training.rendezvous import rank_argv
     from ltk.training.run_folder import HELD_ENV
 
-    rest, skip = [], False
-    for i, a in enumerate(argv):  # drop --nproc N / --nproc=N: the children must not relaunch
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if not a.startswith("--nproc="):
-            rest.append(a)
-    fds = (folder.fd,) if folder.fd is not None else ()
-    return launch(nproc, rest, "train", env={HELD_ENV: str(folder.path.resolve())}, pass_fds=fds)
+    fds = (folder.fd,) if folder is not None and folder.fd is not None else ()
+    return launch(rdzv.torchrun_args(out_dir), rank_argv(argv), "train",
+                  env={**rdzv.env(), HELD_ENV: str(Path(out_dir).resolve())}, pass_fds=fds)
 
 
 def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -334,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="text file or folder, .jsonl or .parquet (default: the embedded corpus)")
     t.add_argument("--max-steps", type=int, help="optimizer steps (trainer.max_steps)")
     t.add_argument("--out", help="run folder (trainer.out_dir)")
-    t.add_argument("--resume", help="a run folder or checkpoint folder to continue from")
+    t.add_argument("--resume", help="a run folder or checkpoint folder to continue from; `auto`: the newest valid "
+                   "checkpoint of --out if there is one (with --preset/--config/flags, which must match it), "
+                   "else a fresh start: what restarts and requeues run")
     t.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds a run: delete its config, metrics and checkpoints "
                    "(once no other run holds the folder)")
@@ -346,7 +355,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--profile", action="store_true",
                    help="trace a few steps with torch.profiler and sample GPU counters (trainer.profile): "
                    "writes profile/ in the run folder")
-    t.add_argument("--nproc", type=int, help="start N local processes (torchrun underneath)")
+    t.add_argument("--nproc", type=int, help="start N local processes (torchrun underneath); per node with --nnodes")
+    t.add_argument("--nnodes", type=int, default=1, help="nodes in the run: run the same command on each "
+                   "with its --node-rank and the same --master-addr or --rdzv-endpoint (docs/multi-node.md)")
+    t.add_argument("--node-rank", type=int, help="this node's rank, 0..nnodes-1 (node 0 claims the run folder)")
+    t.add_argument("--master-addr", metavar="HOST", help="static rendezvous: the host of node 0")
+    t.add_argument("--master-port", type=int, metavar="PORT", help="static rendezvous: its port (default 29500)")
+    t.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="c10d rendezvous (restarts across nodes): where the nodes meet")
+    t.add_argument("--rdzv-id", help="c10d rendezvous: the job's id (default: from --out)")
+    t.add_argument("--max-restarts", type=int, default=0, help="restart the ranks up to K times when one fails "
+                   "(torchrun's); needs --resume auto, which continues from the newest checkpoint")
+    t.add_argument("--dist-timeout", type=float, metavar="SECONDS", help="collective timeout of the process group "
+                   "(default: torch's, 30 min on gloo, 10 min on NCCL): a hung rank fails the group after it")
     t.add_argument("--print-config", nargs="?", const="json", choices=("json", "toml"),
                    help="print the resolved config (JSON, or TOML) and exit; --config reads it back")
     t.set_defaults(func=_train)

@@ -195,6 +195,36 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return ckpts[-1]
 
 
+QUICK_HASH_BYTES = 16 << 20  # newest_valid_checkpoint(deep=False) hashes files up to this size
+
+
+def newest_valid_checkpoint(run_dir: str | Path, deep: bool = True) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of a run folder that matches its manifest, or None; and the newer ones
+    skipped, each with the reason. What `--resume auto` continues from: a torn or corrupt newest
+    checkpoint falls back to the one before. `deep`: every file hashed (SHA-256), what the process
+    that claims the run folder does once per start; else every file's size, and the hash of those
+    up to QUICK_HASH_BYTES (state, index, optimizer scalars, tokenizer): what each rank does, so that
+    N ranks do not each hash every shard of a large checkpoint (a rank hashes the shards it reads
+    anyway, ltk/training/sharded_checkpoint.py). A file that vanishes while it is read (set aside by
+    another process) counts as damaged."""
+    skipped = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            files = read_manifest(path)
+            for name, meta in files.items():
+                if deep or meta["bytes"] <= QUICK_HASH_BYTES:
+                    verify_file(path, name, meta)
+                elif (path / name).stat().st_size != meta["bytes"]:
+                    raise CheckpointError(f"{path / name} is {(path / name).stat().st_size} bytes, its manifest "
+                                          f"says {meta['bytes']}: the checkpoint is truncated")
+            return path, skipped
+        except (CheckpointError, OSError) as e:
+            skipped.append((path, str(e)))
+        except (KeyError, TypeError) as e:  # an entry of the manifest without its sha256 or bytes
+            skipped.append((path, f"{path / MANIFEST} is malformed ({e!r})"))
+    return None, skipped
+
+
 def read_manifest(path: Path) -> dict[str, dict]:
     """The manifest's files {name: {sha256, bytes}}; a checkpoint without one did not finish saving."""
     manifest_path = path / MANIFEST

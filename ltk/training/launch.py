@@ -60,16 +60,18 @@ def error_lines(folder: str | Path, cmd: str) -> list[str]:
     return lines
 
 
-def launch(nproc: int, argv: list[str], cmd: str = "train", env: dict[str, str] | None = None,
+def launch(nproc: int | list[str], argv: list[str], cmd: str = "train", env: dict[str, str] | None = None,
            pass_fds: tuple[int, ...] = ()) -> int:
-    """Run `ltk <argv>` in `nproc` local processes (gloo on a CPU, NCCL on GPUs), with `env` added
-    to the environment and `pass_fds` (the run folder's lock) kept open in torchrun; the exit code:
-    0, 2 when the ranks refused their input, 128 + the signal after a Ctrl-C or SIGTERM (passed
-    on to torchrun once, ltk/training/stop.py), else the failed run's."""
+    """Run `ltk <argv>` in `nproc` local processes (gloo on a CPU, NCCL on GPUs), or under the torchrun
+    arguments `nproc` is instead (a rendezvous of several nodes, restarts: ltk/training/rendezvous.py),
+    with `env` added to the environment and `pass_fds` (the run folder's lock) kept open in torchrun;
+    the exit code: 0, 2 when the ranks refused their input, 128 + the signal after a Ctrl-C or SIGTERM
+    (passed on to torchrun once, ltk/training/stop.py), else the failed run's."""
     from ltk.training.stop import run_forwarding_signals
 
+    torchrun = nproc if isinstance(nproc, list) else ["--standalone", f"--nproc_per_node={nproc}"]
     with tempfile.TemporaryDirectory(prefix="ltk-ranks-") as folder:
-        args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "ltk.cli", *argv]
+        args = [*torchrun, "-m", "ltk.cli", *argv]
         print("launching: torchrun " + " ".join(args), file=sys.stderr, flush=True)
         rc = run_forwarding_signals([sys.executable, "-m", "ltk.training.launch", *args],
                                     env={**os.environ, **(env or {}), ERRORS_ENV: folder}, pass_fds=pass_fds)

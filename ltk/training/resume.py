@@ -12,9 +12,20 @@ the parallel layout (the loader's position is global, ltk/training/loader.py), b
 
 Each is refused with the flag, the checkpoint's value and the new one. A --max-steps at or below
 the checkpoint's step would train nothing (and still rewrite config.json): refused too.
+
+`--resume auto` (`auto_resume`) builds the config from --preset / --config / flags as a fresh run
+does, and continues the run folder's newest *valid* checkpoint if there is one (a torn or corrupt
+newer one is skipped with a warning: ltk/training/checkpoint.py, newest_valid_checkpoint), else
+starts fresh. So the same command line serves the first start, a `torchrun --max-restarts`
+restart and a Slurm requeue. That config was not read from the checkpoint, so besides the fields
+above it must describe the same model (family and every model.* field; a vocab_size of 0 is
+the one the data gives, resolved alike): a model of another shape is refused here, by name, not
+by a load error later.
 """
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +72,46 @@ def check_resume(cfg, state: dict[str, Any], ckpt: Path) -> None:
                 f"--{path} is {now!r} but the checkpoint {ckpt} was trained with {old!r}: {why}, so the resumed "
                 f"run would not continue it exactly; resume with --{path} {old}, or start a new run in another "
                 "--out to change it")
+
+
+def check_same_model(cfg, state: dict[str, Any], ckpt: Path) -> None:
+    """`--resume auto`: the config (from the preset, file and flags) must describe the checkpoint's model."""
+    saved = type(cfg).from_dict(state["config"]).to_dict()
+    new = cfg.to_dict()
+    if saved["family"] != new["family"]:
+        raise ResumeError(f"--resume auto: the config trains a {new['family']} model but the checkpoint {ckpt} "
+                          f"holds a {saved['family']} one; give the preset or --config that run used, or another --out")
+    for name, now in new["model"].items():
+        old = saved["model"].get(name)
+        if name == "vocab_size" and now == 0:  # 0: taken from the data, which EXACT already pins
+            continue
+        if old != now:
+            raise ResumeError(
+                f"--model.{name} is {now!r} but the checkpoint {ckpt} was trained with {old!r}: --resume auto "
+                f"continues that run, so the model must be the same; resume with --model.{name} {old}, or start "
+                "a new run in another --out")
+
+
+def auto_resume(cfg, deep: bool = True) -> tuple[Path | None, dict[str, Any] | None]:
+    """`--resume auto`: the newest valid checkpoint of cfg.trainer.out_dir and its state.json, checked
+    against `cfg` (check_resume, check_same_model); (None, None) when there is none: a fresh start.
+    `deep`: every file hashed (the process that claims the folder), else sizes and small files (each
+    rank; ltk/training/checkpoint.py, newest_valid_checkpoint). Each skipped checkpoint is named on
+    stderr (by the launcher, or by rank 0 of the ranks)."""
+    from ltk.training.checkpoint import newest_valid_checkpoint, read_state
+
+    found, skipped = newest_valid_checkpoint(cfg.trainer.out_dir, deep=deep)
+    loud = os.environ.get("RANK", "0") == "0"
+    for path, why in skipped if loud else ():
+        print(f"ltk train: warning: --resume auto skips {path}: {why}", file=sys.stderr, flush=True)
+    if found is None:
+        if loud:
+            print(f"ltk train: --resume auto: no valid checkpoint in {cfg.trainer.out_dir}: starting fresh",
+                  file=sys.stderr, flush=True)
+        return None, None
+    path, state = read_state(found)
+    check_same_model(cfg, state, path)
+    check_resume(cfg, state, path)
+    if loud:
+        print(f"ltk train: --resume auto: continuing from {path} (step {state['step']})", file=sys.stderr, flush=True)
+    return path, state

@@ -26,7 +26,21 @@ resumed, log steps 6 and 7 a second time. Resuming cuts the file back to the che
 Several processes: `ltk train --nproc N` claims the folder in the launching process before torchrun
 starts, shares the lock with torchrun and names the folder in LTK_RUN_FOLDER_HELD for the ranks;
 started by torchrun directly, rank 0 claims it and tells every rank the outcome, so all raise
-the same error.
+the same error. A torchrun restart (--max-restarts) starts the ranks again with the same
+environment: they find the folder held for them, as the first ones did.
+
+Several nodes: only the launcher with --node-rank 0 claims the folder; the others name it held.
+One lock per job is what the lock means (one run writes the folder), and one lock taken from
+several hosts would not work: the second node would find it taken, and flock on a shared
+filesystem is only as good as the filesystem's emulation of it (NFS maps it to byte-range locks,
+Lustre mounted with localflock keeps it per host). What the other nodes do check, with every
+rank, is that they see the same folder and its lock (ltk/training/shared_folder.py).
+
+`--resume auto` (ltk/training/resume.py): checkpoints newer than the one it continues are those
+it found damaged; the claim moves each aside to checkpoints/.corrupt-step_N (kept to be looked
+at, ignored by every reader), so that no reader picks it and no history mixes. Finding no
+checkpoint at all, it starts fresh in the folder even if the folder holds a run's files (a run
+that crashed before its first save: metrics.jsonl is then cut back to nothing).
 """
 from __future__ import annotations
 
@@ -34,10 +48,11 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 
-from ltk.training.checkpoint import list_checkpoints
+from ltk.training.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
 from ltk.training.run_plot import read_metrics
 from ltk.training.writable import writable_reason
 
@@ -133,10 +148,38 @@ class RunFolder:
         parts += [n for n in present if n not in ("checkpoints", "metrics.jsonl")]
         return ", ".join(p for p in parts if p) or ", ".join(present)
 
-    def check(self, resume_from: Path | None, overwrite: bool) -> None:
+    def set_aside_after(self, resume_from: Path | None) -> None:
+        """`--resume auto`: move each checkpoint newer than `resume_from` (all, if None) to
+        checkpoints/.corrupt-<name>; each must fail verification, since auto continues the newest
+        valid one (a valid one here is another history: refused). Call with the lock held."""
+        after = _step(resume_from) if resume_from is not None else -1
+        for ckpt in list_checkpoints(self.path):
+            if _step(ckpt) <= after:
+                continue
+            try:
+                verify_checkpoint(ckpt)
+            except (CheckpointError, OSError, KeyError, TypeError):
+                aside = ckpt.with_name(f".corrupt-{ckpt.name}")
+                shutil.rmtree(aside, ignore_errors=True)
+                ckpt.rename(aside)
+                print(f"ltk train: warning: moved the damaged {ckpt.name} aside to {aside} (delete it when looked at)",
+                      file=sys.stderr, flush=True)
+                continue
+            raise RunFolderError(f"{self.path} holds {ckpt.name}, a valid checkpoint after the one --resume auto "
+                                 f"continues ({resume_from}): another run wrote it meanwhile; resume again")
+
+    def check(self, resume_from: Path | None, overwrite: bool, auto: bool = False) -> None:
         """May this run write here? Resuming in the checkpoint's own folder: yes, unless that folder
         holds later checkpoints (two histories would mix). Anything else is a fresh start: the folder
-        must hold no run, or `overwrite` deletes the old one. Call with the lock held."""
+        must hold no run, or `overwrite` deletes the old one. `auto` (--resume auto): damaged later
+        checkpoints are moved aside first, and a fresh start may reuse a folder that holds no valid
+        checkpoint. Call with the lock held."""
+        if auto:
+            if overwrite:
+                raise RunFolderError("--resume auto continues the run in --out, --overwrite deletes it: give one")
+            self.set_aside_after(resume_from)
+            if resume_from is None:
+                return  # the files of a run that never saved: rewritten; metrics cut back by the trainer
         own = resume_from is not None and resume_from.parent.name == "checkpoints" and \
             resume_from.parent.parent.resolve() == self.path.resolve()
         if own:
@@ -183,29 +226,36 @@ class RunFolder:
         os.replace(tmp, path)
 
 
-def claim_run_folder(path: str | Path, *, resume_from: Path | None = None, overwrite: bool = False) -> RunFolder:
+def claim_run_folder(path: str | Path, *, resume_from: Path | None = None, overwrite: bool = False,
+                     auto: bool = False) -> RunFolder:
     """Lock `path` and check that this run may write it (RunFolder.check); the lock is held until
     `release()` (or the end of a `with` block)."""
     folder = RunFolder(path).lock()
     try:
-        folder.check(resume_from, overwrite)
+        folder.check(resume_from, overwrite, auto)
     except BaseException:
         folder.release()
         raise
     return folder
 
 
-def claim_for_ranks(path: str | Path, rt, *, resume_from: Path | None, overwrite: bool) -> RunFolder:
+def claim_for_ranks(path: str | Path, rt, *, resume_from: Path | None, overwrite: bool,
+                    auto: bool = False) -> RunFolder:
     """claim_run_folder on rank 0, its outcome raised on every rank (a collective in multi-process
-    runs). Nothing to claim where the launcher holds the folder (HELD_ENV); the others get a
-    RunFolder without the lock."""
+    runs). Nothing to claim where the launcher holds the folder (HELD_ENV; rank 0 still moves aside
+    what --resume auto skipped); the others get a RunFolder without the lock. Then, with several
+    processes, every rank checks that it sees the folder rank 0 writes (shared_folder.py)."""
+    from ltk.training.shared_folder import check_shared_folder
+
     folder = RunFolder(path)
-    if os.environ.get(HELD_ENV) == str(folder.path.resolve()):
-        return folder
+    held = os.environ.get(HELD_ENV) == str(folder.path.resolve())
     error = None
     if rt.is_main:
         try:
-            folder = claim_run_folder(path, resume_from=resume_from, overwrite=overwrite)
+            if not held:
+                folder = claim_run_folder(path, resume_from=resume_from, overwrite=overwrite, auto=auto)
+            elif auto:
+                folder.set_aside_after(resume_from)
         except (RunFolderError, OSError) as e:
             error = str(e)
     if rt.world_size > 1:
@@ -216,4 +266,10 @@ def claim_for_ranks(path: str | Path, rt, *, resume_from: Path | None, overwrite
         error = box[0]
     if error:
         raise RunFolderError(error)
+    try:
+        check_shared_folder(folder.path, rt, resume_from)
+    except BaseException:
+        if folder.fd is not None:
+            folder.release()
+        raise
     return folder

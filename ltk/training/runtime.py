@@ -97,8 +97,10 @@ def setup_runtime(device: str, dtype: str) -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     owns = world > 1 and not dist.is_initialized()
-    if owns:
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    if owns:  # the collective timeout: --dist-timeout, else torch's default (ltk/training/rendezvous.py)
+        from ltk.training.rendezvous import dist_timeout
+
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=dist_timeout())
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 tensor cores

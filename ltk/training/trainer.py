@@ -10,6 +10,9 @@ Launch lines (the `ltk train` entry point calls `Trainer(cfg).fit()`):
     # several processes (DDP, torch's engine): 4 GPUs on one node, or 2 CPU processes on gloo
     torchrun --standalone --nproc_per_node 4 -m ltk.cli train --preset gpt2-124m
     CUDA_VISIBLE_DEVICES= torchrun --standalone --nproc_per_node 2 -m ltk.cli train --preset gpt-debug
+    # several nodes: the same command on each, restarts continuing from the newest checkpoint (docs/multi-node.md)
+    ltk train --preset gpt2-124m --nproc 8 --nnodes 2 --node-rank R --rdzv-endpoint node0:29400 --resume auto \
+        --max-restarts 3
 
 One optimizer step (per rank):
 
@@ -51,6 +54,7 @@ from ltk.training.config_check import check_run
 from ltk.training.data import prepare_data
 from ltk.training.engine import build_engine
 from ltk.training.evaluate import evaluate
+from ltk.training.faults import Fault
 from ltk.training.hardware import peak_flops
 from ltk.training.loader import TokenLoader
 from ltk.training.loggers import Loggers, check_sinks, open_loggers
@@ -80,11 +84,13 @@ class TrainResult:
 
 class Trainer:
     """overwrite: a fresh run replaces the run out_dir holds; folder: out_dir as claimed by the caller
-    (the CLI, before building anything), else fit() claims it (ltk/training/run_folder.py)."""
+    (the CLI, before building anything), else fit() claims it (ltk/training/run_folder.py); auto:
+    started by `--resume auto` (`resume` is what it found, or None: a fresh start in a folder that
+    may hold the rows of an attempt that never saved)."""
     def __init__(self, cfg: RunConfig, resume: Checkpoint | None = None, *, overwrite: bool = False,
-                 folder: RunFolder | None = None):
+                 folder: RunFolder | None = None, auto: bool = False):
         mark_baseline()  # memory peaks count from here: what the caller held before is not this run's
-        self.cfg, self.resume, self.overwrite, self.folder = cfg, resume, overwrite, folder
+        self.cfg, self.resume, self.overwrite, self.folder, self.auto = cfg, resume, overwrite, folder, auto
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         check_run(cfg, world=world)  # every value, the layout and the size: before anything is allocated
         t = cfg.trainer
@@ -290,7 +296,8 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to trainer.max_steps, holding the run folder all along (claimed here unless given)."""
         folder = self.folder or claim_for_ranks(self.run_dir, self.rt, overwrite=self.overwrite,
-                                                resume_from=self.resume.path if self.resume else None)
+                                                resume_from=self.resume.path if self.resume else None,
+                                                auto=self.auto)
         try:
             return self._fit(folder)
         finally:
@@ -300,7 +307,7 @@ class Trainer:
     def _fit(self, folder: RunFolder) -> TrainResult:
         t = self.cfg.trainer
         if self.rt.is_main:
-            if self.resume is not None:
+            if self.resume is not None or self.auto:
                 folder.trim_metrics(self.step)  # rows of steps after the checkpoint are trained again
             (self.run_dir / "config.json").write_text(self.cfg.to_json())
             print(
@@ -321,6 +328,7 @@ class Trainer:
         # multi-process runs: each step per rank split into compute / exposed comm / idle (ltk/parallel/timeline.py)
         timeline = Timeline(self.rt.device, enabled=self.rt.world_size > 1 and t.timeline)
         stop, stopping = StopOnSignal(self.rt, announce=self.rt.is_main), 0
+        fault = Fault.from_env(self.rt.local_rank)  # LTK_FAULT: the restart tests' crash (ltk/training/faults.py)
         if self.rt.is_main:
             self.logger = open_loggers(self.sinks, self.run_dir, self.cfg.to_dict(), self.cfg.name)
         try:
@@ -332,6 +340,8 @@ class Trainer:
                     with memory:
                         loss, grad_norm = self.train_step()
                     timeline.end_step()
+                    if fault:
+                        fault.after_step(self.step)
                     stopping = stop.agreed()  # a signal: every rank saves after this same step and stops
                     window_tokens += self.tokens_per_step
                     if not math.isfinite(loss):
