@@ -242,6 +242,11 @@ HEADLINES: dict[str, tuple] = {  # what -> its rules; a what not here gets "see 
     "parallel-zero": tuple(Compare(ours, base, dtype=dt) for dt in ("fp32", "bf16")
                            for ours, base in (("ours-zero3", "fsdp2"), ("ours-zero1", "deepspeed-zero1"),
                                               ("ours-zero2", "deepspeed-zero2"), ("ours-zero3", "deepspeed-zero3"))),
+    "parallel-engines": (ENGINE_PAIRS := tuple(Compare(ours, base, op=op) for op, ours, base in (
+        ("data parallel", "ddp", "torch-ddp"), ("ZeRO-1", "zero1", "deepspeed-zero1"),
+        ("ZeRO-2", "zero2", "deepspeed-zero2"), ("ZeRO-3", "zero3", "fsdp2"), ("ZeRO-3", "zero3", "deepspeed-zero3"),
+        ("tensor parallel", "tp", "torch-tp"), ("pipeline", "pp", "torch-pp")))),
+    "parallel-engines-4ranks": ENGINE_PAIRS,
     "parallel-memory": (Listing("x plan (goal <= 1.25)", "phase"), Listing("x 16Ψ (goal < 1)", "phase")),
     "zero-overlap": (Compare("bucketed", "one-bucket"), Listing("exposed comm", "engine")),
     "cli-startup": (Listing("median ms [p20, p80]", "shape"),),
