@@ -267,7 +267,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                 Option("n_layer", int, 4, "GPT layers"),
                 Option("n_embd", int, 128, "GPT width"),
                 Option("seq", int, 64, "tokens per sequence"),
-                Option("batch", int, 8, "sequences per micro-batch (global; 2 micro-batches per step)"),
+                Option("batch", int, 8, "sequences per micro-batch (global; max(2, world) micro-batches per step: "
+                       "torch's pipeline needs one per stage)"),
                 Option("device", str, "cpu", "cpu (gloo processes) or cuda (one process per GPU, NCCL)",
                        ("cpu", "cuda")),
             ),

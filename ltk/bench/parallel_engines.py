@@ -9,7 +9,8 @@ driven by the same training loop (`Trainer.train_step`, one config, one flag cha
     tensor parallel      tp = world                    torch-tp (DTensor parallelize_module)
     pipeline             pp = world, 1F1B              torch-pp (torch.distributed.pipelining)
 
-For each, on `world` gloo CPU processes (one thread each):
+For each, on `world` gloo CPU processes (one thread each), max(2, world) micro-batches per step
+(torch.distributed.pipelining needs one per stage):
 
     step ms       median [p20, p80] of `steps` timed optimizer steps per round, after a warm-up
                   step; providers run in `rounds` interleaved rounds, the order reversed every
@@ -69,8 +70,8 @@ def _config(cache: Path, out: Path, world: int, overrides: dict, n_layer: int, n
                         dropout=0.0, bias=False),
         data=DataConfig(vocab_size=512, max_bytes=400_000, cache_dir=str(cache)),  # the embedded corpus
         optim=OptimConfig(lr=1e-3, warmup_steps=2),
-        trainer=TrainerConfig(max_steps=10 ** 6, batch_size=batch, grad_accum=2, out_dir=str(out), progress=False,
-                              seed=0, ckpt_every=0, dtype="fp32", timeline=False, device=device))
+        trainer=TrainerConfig(max_steps=10 ** 6, batch_size=batch, grad_accum=max(2, world), out_dir=str(out),
+                              progress=False, seed=0, ckpt_every=0, dtype="fp32", timeline=False, device=device))
     cfg.model.backend = "torch"
     for k, v in overrides.items():
         setattr(cfg.parallel, k, world if v == 0 and k in ("tp", "pp") else v)
@@ -186,7 +187,7 @@ def run(world: int = 2, rounds: int = 3, steps: int = 4, n_layer: int = 4, n_emb
     per_rank = [r["results"] for r in res]
     notes = res[0]["notes"]
     load = os.getloadavg()[0]
-    shape = f"L={n_layer},d={n_embd},T={seq},B={batch}x2"
+    shape = f"L={n_layer},d={n_embd},T={seq},B={batch}x{max(2, world)}"
     rows = Rows()
     lines = ["| strategy | ours | production | step ms ours / theirs | ours/theirs | peak MiB/rank ours / theirs "
              "| sent bytes/step/rank ours / theirs |", "|---|---|---|---|---|---|---|"]
@@ -198,7 +199,7 @@ def run(world: int = 2, rounds: int = 3, steps: int = 4, n_layer: int = 4, n_emb
             sent = max(r[name]["bytes"] for r in per_rank)
             rows.append(Row.stamped(device, op=strategy, shape=shape, dtype="fp32", mode=f"world={world}",
                                     provider=name, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
-                                    runs=t.runs, throughput=2 * batch * seq / t.median_ms * 1e3,
+                                    runs=t.runs, throughput=max(2, world) * batch * seq / t.median_ms * 1e3,
                                     throughput_unit="tokens/s",
                                     extra=json.dumps({"peak_bytes": peaks[name], "sent_bytes": sent,
                                                       "world": world, "load_avg_1m": load,

@@ -203,6 +203,10 @@ def _check_engines(cfg: RunConfig) -> None:
             raise ConfigError("pipeline parallelism (--parallel.pp) runs without --trainer.dtype fp16 (its stages "
                               "have no loss scaler) and without --trainer.compile (its stages are copies of the "
                               "model's blocks built after the compile step; not wired)")
+        if p.pp_engine == "torch" and t.grad_accum < p.pp:
+            raise ConfigError(f"--parallel.pp_engine torch (torch.distributed.pipelining) needs at least as many "
+                              f"micro-batches as stages: --trainer.grad_accum {t.grad_accum} < --parallel.pp {p.pp}; "
+                              f"raise --trainer.grad_accum to {p.pp}, or use the lab's executor, which runs any m")
         if p.schedule == "interleaved" and t.grad_accum % p.pp:
             raise ConfigError(f"the interleaved schedule runs micro-batches in groups of pp: --trainer.grad_accum "
                               f"{t.grad_accum} must be a multiple of --parallel.pp {p.pp}")

@@ -84,3 +84,9 @@ def test_torch_pipeline_checkpoints_resume_under_either_executor(runs):
 def test_torch_engine_needs_a_pipeline(tiny_corpus, tmp_path):
     with pytest.raises(ConfigError, match="needs --parallel.pp > 1"):
         check_run(_config(tiny_corpus, tmp_path / "x", 1, "torch"), world=2, size=False, warn=False)
+
+
+def test_torch_engine_needs_a_micro_batch_per_stage(tiny_corpus, tmp_path):
+    cfg = _config(tiny_corpus, tmp_path / "x", 4, "torch")  # grad_accum 2 < 4 stages
+    with pytest.raises(ConfigError, match="needs at least as many micro-batches as stages"):
+        check_run(cfg, world=4, size=False, warn=False)
