@@ -29,6 +29,13 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def device_arch() -> int:
+    """The current CUDA device's compute capability as one number (9.0 -> 90, 8.0 -> 80): what
+    the autotuners' pruners read to pick a kernel's per-architecture candidate list."""
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """Turn "auto" into a concrete backend for input `x`, and refuse a combination that
     cannot run with an error that says what to do instead."""

@@ -366,23 +366,25 @@ def stack_bytes(kernel) -> int:
     return int(re.search(r"STACK:(\d+)", out).group(1))
 
 
-def compile_candidates(kind, flags, dtype="bf16", every_dim=None):
+def compile_candidates(kind, flags, dtype="bf16", every_dim=None, cc=None):
     """Compile the GPU candidates of `kind` (attention_triton's plain / masked / bias table) for
-    every kernel with `flags`; return the ones that spill. Every candidate at head dim 128 and
-    the first at 64 and 256; all of them at every head dim with every_dim (default: the
+    compute capability `cc` (90: sm_90a, 80: sm_80; default: the environment's LTK_ATTENTION_CC,
+    else 90), every kernel with `flags`; return the ones that spill. Every candidate at head dim
+    128 and the first at 64 and 256; all of them at every head dim with every_dim (default: the
     environment's LTK_ATTENTION_DIMS=all, which the exhaustive tests set)."""
     A = attn_mod
     if every_dim is None:
         every_dim = os.environ.get("LTK_ATTENTION_DIMS") == "all"
+    cc = cc or int(os.environ.get("LTK_ATTENTION_CC", "90"))
     spills = []
     for name, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq)):
         for d in (64, 128, 256):
-            configs = A._gpu_configs(name, d, kind=kind)
+            configs = A._gpu_configs(name, d, kind=kind, arch=cc)
             for c in configs if every_dim or d == 128 else configs[:1]:
                 consts = dict(HEAD_DIM=d, BLOCK_D=d, FP32_DOTS=False, DOT_PRECISION=None, **flags, **c.kwargs)
-                k = compile_kernel(fn, consts, c.num_warps, c.num_stages, dtype)
+                k = compile_kernel(fn, consts, c.num_warps, c.num_stages, dtype, cc=cc)
                 if stack_bytes(k):
-                    spills.append(f"{name} {kind} D={d} {c}: {stack_bytes(k)} bytes of stack")
+                    spills.append(f"{name} {kind} D={d} sm_{cc} {c}: {stack_bytes(k)} bytes of stack")
     return spills
 
 
