@@ -113,19 +113,21 @@ if HAS_TRITON:
         # rows past M and O are wrapped onto real ones (read, never stored), so the loop's
         # loads need no row masks: only the ragged last k-step is masked, and only if L is
         x_ptrs = X + (rm % M).to(tl.int64)[:, None] * L + rl[None, :]                  # (BLOCK_M, BLOCK_L)
-        p_ptrs = P + (ro % O).to(tl.int64)[:, None] * stride_po + rl[None, :].to(tl.int64) * stride_pl
+        # Pᵀ's (BLOCK_L, BLOCK_O) tile addressed as such (not a (BLOCK_O, BLOCK_L) tile transposed after
+        # the load): for dx, where O is P's unit stride, the loads then run along the unit stride
+        p_ptrs = P + rl.to(tl.int64)[:, None] * stride_pl + (ro % O).to(tl.int64)[None, :] * stride_po
         acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
         for l0 in range(0, L, BLOCK_L):                             # the main GEMM
             if EVEN_L:
                 x = tl.load(x_ptrs)
-                p = tl.load(p_ptrs)                                 # (BLOCK_O, BLOCK_L)
+                p = tl.load(p_ptrs)                                 # (BLOCK_L, BLOCK_O)
             else:
                 x = tl.load(x_ptrs, mask=rl[None, :] < L - l0, other=0.0)
-                p = tl.load(p_ptrs, mask=rl[None, :] < L - l0, other=0.0)
+                p = tl.load(p_ptrs, mask=rl[:, None] < L - l0, other=0.0)
             if FP32_DOTS:
                 x = x.to(tl.float32)
                 p = p.to(tl.float32)
-            acc = tl.dot(x, tl.trans(p), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(x, p, acc, input_precision=DOT_PRECISION)
             x_ptrs += BLOCK_L
             p_ptrs += BLOCK_L * stride_pl
         # epilogue: the low-rank term, (BLOCK_M, r) · (r, BLOCK_O) in BLOCK_R-wide steps of r into
