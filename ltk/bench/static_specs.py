@@ -178,7 +178,8 @@ def _gemm_like_specs() -> list[Spec]:
     def nf4_consts(rows: bool):
         return lambda dtype: dict(FP32_DOTS=False, DOT_PRECISION=None, BLOCKSIZE=64, ROW_ALIGNED=rows)
     lora_ptrs = dict(X="T", P="T", V="fp32", Q="T", BIAS="T", C="T", OUT="fp32")
-    lora_cands = _fixed(*(Candidate(dict(BLOCK_M=m, BLOCK_O=o, BLOCK_L=k), w, s) for m, o, k, w, s in lt.TC_TILES))
+    def lora_cands(dtype, arch):
+        return [Candidate(dict(BLOCK_M=m, BLOCK_O=o, BLOCK_L=k), w, s) for m, o, k, w, s in lt.arch_tiles(_cc(arch))]
 
     def lora_consts(bias: bool):
         return lambda dtype: dict(HAS_BIAS=bias, EVEN_L=True, BLOCK_R=lt.RANK_STEP, GROUP_M=lt.GROUP_M,

@@ -295,7 +295,7 @@ def _compile_all():
     target = GPUTarget("cuda", cc, 32)  # sm_90a by default
     if cc != 90:  # another architecture: every GEMM candidate, both specializations
         for which in ("fwd", "dx"):
-            for tile in lt.TC_TILES:
+            for tile in lt.arch_tiles(cc):
                 _, use = compile_with_usage(_gemm_source(lt, "bf16", which, tile, has_bias=which == "fwd"), target,
                                             dict(num_warps=tile[3], num_stages=tile[4]))
                 assert use["spill_bytes"] == 0, (cc, which, tile, use)
@@ -316,7 +316,7 @@ def _compile_all():
             assert use["spill_bytes"] == 0, ("skinny", dtype, unit, use)
     # every candidate, forward (bias) and dx (no bias) specializations; fp16 compiles as bf16
     # does (the same HGMMA shapes), so one fp16 candidate checks that dtype's path
-    cases = [("bf16", which, tile) for tile in lt.TC_TILES for which in ("fwd", "dx")]
+    cases = [("bf16", which, tile) for tile in lt.arch_tiles(90) for which in ("fwd", "dx")]
     cases += [("fp16", "fwd", lt.TC_TILES[0])] + [("fp32", which, lt.FP32_TILE) for which in ("fwd", "dx")]
     for dtype, which, tile in cases:
         src = _gemm_source(lt, dtype, which, tile, has_bias=which == "fwd")
