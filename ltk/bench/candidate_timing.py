@@ -120,7 +120,8 @@ def time_candidates(device: torch.device, time_fn=None) -> tuple[list[str], list
         _, tuner = _unwrap(_resolve(spec.kernel))
         original = list(tuner.configs) if tuner is not None else None
         try:
-            for cand in candidates(spec, "bf16"):
+            arch = "sm_90a" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm_80"  # its candidate list
+            for cand in candidates(spec, "bf16", arch):
                 if tuner is not None:
                     tuner.configs = [c for c in original if dict(c.kwargs) == cand.kwargs
                                      and c.num_warps == cand.num_warps and c.num_stages == cand.num_stages]

@@ -125,13 +125,14 @@ def _specs():
     return all_specs()
 
 
-def candidates(spec, dtype: str):
-    """The spec's candidates: its own list, or the autotuner's configs pruned as a launch would."""
+def candidates(spec, dtype: str, arch: str = "sm_90a"):
+    """The spec's candidates for target `arch`: its own (per-arch) list, or the autotuner's configs
+    pruned as a launch would."""
     from ltk.bench.static_specs import Candidate
 
     fn, tuner = _unwrap(_resolve(spec.kernel))
     if spec.candidates is not None:
-        return spec.candidates(dtype)
+        return spec.candidates(dtype, arch)
     if tuner is None:
         return [Candidate({}, *spec.warps_stages)]
     configs = list(tuner.configs)
@@ -145,7 +146,7 @@ def compile_one(job: tuple[int, int, str, str]) -> dict:
     """Compile spec `i`'s candidate `j` in `dtype` for `arch`; its resources and loop mix, or an error."""
     i, j, dtype, arch = job
     spec = _specs()[i]
-    cand = candidates(spec, dtype)[j]
+    cand = candidates(spec, dtype, arch)[j]
     out = dict(spec=i, candidate=cand.label, dtype=dtype, arch=arch, num_warps=cand.num_warps,
                num_stages=cand.num_stages)
     try:
@@ -270,7 +271,7 @@ def run(kernels: str | None = None, archs: str = "sm_90a,sm_80", dtypes: str = "
     if not chosen:
         raise ValueError(f"no kernel matches {kernels!r}; known: {', '.join(s.name for s in specs)}")
     work = [(i, j, d, a) for i in chosen for d in dtype_list for a in arch_list
-            for j in range(len(candidates(specs[i], d)))]
+            for j in range(len(candidates(specs[i], d, a)))]
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"  # the workers inherit it and import triton with it
     try:

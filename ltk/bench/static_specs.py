@@ -55,7 +55,9 @@ class Spec:
     constexprs: Callable[[str], dict]  # dtype name -> constants
     unit: str = "k-step"
     units: Callable[[dict, int], float] | None = None
-    candidates: Callable[[str], list[Candidate]] | None = None  # None: the autotuner's, pruned
+    # (dtype, arch) -> the candidates compiled for that target (the kernel module's per-arch list);
+    # None: the autotuner's, pruned
+    candidates: Callable[[str, str], list[Candidate]] | None = None
     floats: tuple = ()
     aligned: tuple = ()
     ones: tuple = ()  # integer arguments equal to 1 at the launch (unit strides): Triton makes them constants
@@ -63,8 +65,13 @@ class Spec:
     extra: dict = field(default_factory=dict)
 
 
-def _fixed(*cands: Candidate) -> Callable[[str], list[Candidate]]:
-    return lambda dtype: list(cands)
+def _fixed(*cands: Candidate) -> Callable[[str, str], list[Candidate]]:
+    return lambda dtype, arch: list(cands)
+
+
+def _cc(arch: str) -> int:
+    """The compute capability of a target name: "sm_90a" -> 90, "sm_80" -> 80."""
+    return int(arch[3:5])
 
 
 def _tile_units(*names: str):
@@ -130,8 +137,8 @@ def _attention_specs() -> list[Spec]:
                                   **more)
 
     def table(kernel, kind):
-        return lambda dtype: [Candidate(dict(c.kwargs), c.num_warps, c.num_stages)
-                              for c in at._gpu_configs(kernel, 128, kind=kind)]
+        return lambda dtype, arch: [Candidate(dict(c.kwargs), c.num_warps, c.num_stages)
+                                    for c in at._gpu_configs(kernel, 128, kind=kind, arch=_cc(arch))]
     shape = "B·H=32, T=S=4096, D=128"
     common = dict(provider="ours", pointers=ptrs, floats=("qk_scale", "sm_scale"), aligned=strides,
                   ones=("stride_bs",), unit="score", units=_tile_units("BLOCK_M", "BLOCK_N"))
@@ -162,20 +169,22 @@ def _gemm_like_specs() -> list[Spec]:
     import ltk.kernels.lora_triton as lt
     import ltk.kernels.nf4_triton as nt
 
-    def nf4_cands(configs):
-        return _fixed(*(Candidate(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, LUT=lut), w, s)
-                        for m, n, k, w, s, lut in configs))
+    def nf4_cands(configs, per_arch=True):
+        return lambda dtype, arch: [Candidate(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, LUT=lut), w, s)
+                                    for m, n, k, w, s, lut in (nt.arch_configs(_cc(arch), configs)
+                                                               if per_arch else configs)]
     nf4_ptrs = dict(X="T", Y="T", DY="T", DX="T", PACKED="u8", ABSMAX="fp32", CODE="fp32", OUT="T")
 
     def nf4_consts(rows: bool):
         return lambda dtype: dict(FP32_DOTS=False, DOT_PRECISION=None, BLOCKSIZE=64, ROW_ALIGNED=rows)
     lora_ptrs = dict(X="T", P="T", V="fp32", Q="T", BIAS="T", C="T", OUT="fp32")
-    lora_cands = _fixed(*(Candidate(dict(BLOCK_M=m, BLOCK_O=o, BLOCK_L=k), w, s) for m, o, k, w, s in lt.TC_TILES))
+    def lora_cands(dtype, arch):
+        return [Candidate(dict(BLOCK_M=m, BLOCK_O=o, BLOCK_L=k), w, s) for m, o, k, w, s in lt.arch_tiles(_cc(arch))]
 
     def lora_consts(bias: bool):
         return lambda dtype: dict(HAS_BIAS=bias, EVEN_L=True, BLOCK_R=lt.RANK_STEP, GROUP_M=lt.GROUP_M,
                                   FP32_DOTS=False, DOT_PRECISION=None, EPI_PRECISION="tf32")
-    skinny = lambda dtype: [Candidate(dict(BLOCK_M=lt.SKINNY_BLOCK_M, BLOCK_L=64), 4, 3)]  # noqa: E731
+    skinny = lambda dtype, arch: [Candidate(dict(BLOCK_M=lt.SKINNY_BLOCK_M, BLOCK_L=64), 4, 3)]  # noqa: E731
     skinny_consts = lambda dtype: dict(BLOCK_R=16, FP32_DOTS=False, DOT_PRECISION=None)  # noqa: E731
     shape = "M=N=K=4096"
     floor_ptrs = dict(A="T", B="T", C="T")
@@ -202,9 +211,9 @@ def _gemm_like_specs() -> list[Spec]:
         Spec("nf4.matmul_bwd", "ours", nf4 + "_bwd_tuned", nf4_shape, nf4_ptrs, nf4_consts(True),
              unit="n-step", candidates=nf4_cands(nt.BWD_CONFIGS), aligned=("M", "N", "K")),
         Spec("nf4.matmul_fwd flat", "ours", nf4 + "_matmul_fwd_kernel", "M=N=4096, K=4095 (not row-aligned)",
-             nf4_ptrs, nf4_consts(False), candidates=nf4_cands([nt.FLAT_CONFIG])),
+             nf4_ptrs, nf4_consts(False), candidates=nf4_cands([nt.FLAT_CONFIG], per_arch=False)),
         Spec("nf4.matmul_bwd flat", "ours", nf4 + "_matmul_bwd_kernel", "M=N=4096, K=4095 (not row-aligned)",
-             nf4_ptrs, nf4_consts(False), unit="n-step", candidates=nf4_cands([nt.FLAT_CONFIG])),
+             nf4_ptrs, nf4_consts(False), unit="n-step", candidates=nf4_cands([nt.FLAT_CONFIG], per_arch=False)),
         Spec("nf4.dequant", "ours", nf4 + "_dequant_kernel", "4096×4096 weights, blocksize 64", nf4_ptrs,
              lambda dtype: dict(BLOCKSIZE=64, BLOCK=nt._DEQUANT_BLOCK), unit="element",
              units=_tile_units("BLOCK"), candidates=_fixed(Candidate({}, 4, 3)), aligned=("numel",)),

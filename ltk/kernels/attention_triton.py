@@ -42,7 +42,7 @@ first, and stores cast to the output's dtype.
 """
 from __future__ import annotations
 
-from ltk.kernels.backend import HAS_TRITON
+from ltk.kernels.backend import HAS_TRITON, device_arch
 
 if HAS_TRITON:
     import triton
@@ -507,10 +507,10 @@ if HAS_TRITON:
     _EVEN = {"EVEN_M": lambda a: a["T"] % a["BLOCK_M"] == 0, "EVEN_N": lambda a: a["S"] % a["BLOCK_N"] == 0}
 
     # GPU candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) by variant and head-dim class
-    # (BLOCK_D up to 64, 128, 256). Every candidate is compiled for sm_90a by the tests
-    # (tests/kernels/test_attention*.py `_compile_all`) in the worst flags of its variant;
-    # the plain table spills nothing; the masked table spills 16-24 bytes in dK/dV at D=128
-    # and dQ at D=256, the bias table 16-376 bytes (known gaps, xfail(strict) in the tests):
+    # (BLOCK_D up to 64, 128, 256), for Hopper (sm_90); `_AMPERE` replaces some for sm_8x.
+    # Every candidate of both lists compiles without a spilled register in the worst flags of
+    # its variant (tests/kernels/test_attention*.py compile them for sm_90a, and for sm_80 in
+    # the exhaustive sweep; `ltk bench kernel-static` reports both at D=128):
     #   plain   no bias, padding or segment ids, T and S multiples of 128: no tile is masked
     #           but the causal diagonal, so the largest tiles fit (the training path);
     #   masked  key padding or segment ids, or ragged lengths: the masks' predicates and
@@ -518,8 +518,12 @@ if HAS_TRITON:
     #   bias    a (BLOCK_M, BLOCK_N) bias tile more (and dS stored by dQ): smaller still.
     # The forward and dQ keep a tall query block (its fp32 accumulator in registers, K/V
     # streaming through shared memory); dK/dV keeps two fp32 (BLOCK_N, D) accumulators, so
-    # its key block shrinks as D grows. Autotuned once per head dim, flags, dtype and bucket
-    # of the sequence lengths (the bucket says whether a length is ragged).
+    # its key block shrinks as D grows. Where a 4-warp tile ran out of registers, the fix is
+    # the same tile on 8 warps (half the accumulator per thread), a taller query block on 8
+    # warps, or one stage fewer (the prefetched tiles' addresses and predicates are live
+    # across the loop body): noted at each entry with what the old candidate spilled (sm_90a,
+    # worst flags: key padding, ragged lengths, fp16, dS stored). Autotuned once per head dim,
+    # flags, dtype and bucket of the sequence lengths (the bucket says whether a length is ragged).
     _GPU_BLOCKS = {
         "plain": {
             "fwd": {64: [(128, 64, 4, 3), (128, 128, 8, 3)], 128: [(128, 64, 8, 3), (128, 128, 8, 2)],
@@ -531,20 +535,44 @@ if HAS_TRITON:
         },
         "masked": {
             "fwd": {64: [(128, 64, 8, 3), (64, 64, 4, 3)], 128: [(128, 64, 8, 3)], 256: [(32, 32, 4, 2)]},
-            "dkdv": {64: [(32, 64, 4, 3), (32, 32, 4, 3)], 128: [(32, 32, 4, 3)], 256: [(16, 32, 8, 2)]},
+            # D=128: 32×32 w4 s3 spilled 16 B (148 B with segment ids alone); 64 queries on 8 warps
+            # fit in 236 registers, at 36 SASS per score (was 40)
+            "dkdv": {64: [(32, 64, 4, 3), (32, 32, 4, 3)], 128: [(64, 32, 8, 2)], 256: [(16, 32, 8, 2)]},
+            # D=256: 32×32 w4 s2 spilled 24 B
             "dq": {64: [(128, 64, 8, 2), (64, 64, 4, 3)], 128: [(128, 32, 8, 2), (64, 32, 4, 2)],
-                   256: [(32, 32, 4, 2)]},
+                   256: [(32, 32, 4, 1), (32, 32, 8, 2)]},
         },
         "bias": {
-            "fwd": {64: [(128, 64, 8, 3)], 128: [(64, 64, 4, 2)], 256: [(32, 32, 4, 2)]},
-            "dkdv": {64: [(32, 32, 4, 3)], 128: [(32, 32, 4, 2)], 256: [(16, 32, 8, 2)]},
-            "dq": {64: [(64, 32, 4, 2)], 128: [(64, 32, 4, 2)], 256: [(32, 32, 4, 2)]},
+            # D=128: 64×64 w4 s2 spilled 376 B; D=256: 32×32 w4 s2 spilled 16 B
+            "fwd": {64: [(128, 64, 8, 3)], 128: [(64, 32, 4, 2), (64, 64, 8, 2)], 256: [(64, 32, 8, 2)]},
+            # D=64: 32×32 w4 s3 spilled 48 B; D=128: 32×32 w4 s2 spilled 256 B
+            "dkdv": {64: [(32, 32, 4, 2)], 128: [(32, 32, 4, 1), (32, 32, 8, 2)], 256: [(16, 32, 8, 2)]},
+            # D=128: 64×32 w4 s2 spilled 160 B; D=256: 32×32 w4 s2 spilled 112 B
+            "dq": {64: [(64, 32, 4, 2)], 128: [(32, 32, 4, 2), (64, 32, 8, 2)], 256: [(32, 32, 8, 2)]},
         },
+    }
+    # Ampere (sm_80, and the sm_8x parts Triton compiles the same way): mma.sync, no wgmma, so
+    # operands and accumulators take other registers; the entries of `_GPU_BLOCKS` that spill
+    # there, replaced (stack bytes of the old candidate, sm_80, worst flags of the variant):
+    # (variant, kernel, head-dim class) -> candidates
+    _AMPERE = {
+        ("plain", "fwd", 128): [(128, 64, 8, 3)],  # 128×128 w8 s2: 80 B; the 128×64 tile covers it
+        ("masked", "fwd", 128): [(64, 64, 4, 3)],  # 128×64 w8 s3: 8 B
+        ("masked", "fwd", 256): [(32, 32, 4, 1), (32, 32, 8, 2)],  # 32×32 w4 s2: 8 B
+        ("masked", "dkdv", 64): [(32, 32, 4, 3)],  # 32×64 w4 s3: 240 B (on 8 warps still 400)
+        ("masked", "dq", 64): [(128, 32, 8, 2), (64, 32, 4, 2)],  # 128×64 w8 s2: 56 B, 64×64 w4 s3: 64 B
+        ("masked", "dq", 128): [(64, 32, 4, 2)],  # 128×32 w8 s2: 32 B
+        ("bias", "fwd", 128): [(64, 64, 8, 2), (32, 32, 4, 2)],  # 64×32 w4 s2: 8 B
+        ("bias", "dkdv", 64): [(32, 32, 4, 1)],  # 32×32 w4 s2: 8 B
+        ("bias", "dkdv", 128): [(32, 32, 4, 1)],  # 32×32 w8 s2: 8 B
+        ("bias", "dkdv", 256): [(16, 32, 8, 1)],  # 16×32 w8 s2: 8 B
+        ("bias", "dq", 64): [(64, 32, 4, 1), (32, 32, 4, 2)],  # 64×32 w4 s2: 16 B
     }
     # fp32 inputs: IEEE fp32 dots run on the FMA units, not the tensor cores, and large tiles
     # only make the unrolled code slow to compile: one modest tile, no tuning (fp32 is the
     # exact path, bf16/fp16 the fast one)
     _FP32_BLOCKS = {64: (32, 32, 4, 2), 128: (32, 32, 4, 2), 256: (32, 32, 4, 1)}
+    ARCHS = (90, 80)  # a list each: sm_90 and later take Hopper's, sm_8x Ampere's
 
     def variant(has_bias: bool, has_kpm: bool, has_seg: bool, T: int, S: int) -> str:
         """Which candidate table a launch draws from (see `_GPU_BLOCKS`)."""
@@ -552,22 +580,34 @@ if HAS_TRITON:
             return "bias"
         return "masked" if has_kpm or has_seg or T % 128 or S % 128 else "plain"
 
-    def _gpu_configs(kernel: str, block_d: int | None = None, fp32: bool = False, kind: str = "plain"):
-        """The candidates of one kernel for one head-dim class, dtype and variant; with no
-        block_d, all of them (the autotuner's list, pruned at each launch by `_pruner`)."""
+    def gpu_blocks(arch: int, kind: str, kernel: str, d_class: int) -> list:
+        """The (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for compute capability
+        `arch` (90: Hopper, 80: Ampere; see `ARCHS`): the one place that says which tiles run where,
+        read by the pruner at launch, the compile tests and the static report."""
+        if arch < 90:
+            return _AMPERE.get((kind, kernel, d_class), _GPU_BLOCKS[kind][kernel][d_class])
+        return _GPU_BLOCKS[kind][kernel][d_class]
+
+    def _gpu_configs(kernel: str, block_d: int | None = None, fp32: bool = False, kind: str = "plain",
+                     arch: int = 90):
+        """The candidates of one kernel for one head-dim class, dtype, variant and architecture;
+        with no block_d, those of every class, variant and architecture (the autotuner's list,
+        pruned at each launch by `_pruner`)."""
         if block_d is None:
-            blocks = [b for table in _GPU_BLOCKS.values() for bs in table[kernel].values() for b in bs]
+            blocks = [b for a in ARCHS for k in _GPU_BLOCKS for d in (64, 128, 256)
+                      for b in gpu_blocks(a, k, kernel, d)]
             blocks += list(_FP32_BLOCKS.values())
         else:
             d_class = min(d for d in (64, 128, 256) if d >= block_d)
-            blocks = [_FP32_BLOCKS[d_class]] if fp32 else _GPU_BLOCKS[kind][kernel][d_class]
+            blocks = [_FP32_BLOCKS[d_class]] if fp32 else gpu_blocks(arch, kind, kernel, d_class)
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
                 for m, n, w, st in dict.fromkeys(blocks)]
 
     def _pruner(kernel: str):
         def prune(configs, named_args, **kwargs):
             kind = variant(kwargs["HAS_BIAS"], kwargs["HAS_KPM"], kwargs["HAS_SEG"], named_args["T"], named_args["S"])
-            keep = {str(c) for c in _gpu_configs(kernel, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"] == "ieee", kind)}
+            keep = {str(c) for c in _gpu_configs(kernel, kwargs["BLOCK_D"], kwargs["DOT_PRECISION"] == "ieee", kind,
+                                                 device_arch())}
             return [c for c in configs if str(c) in keep]
         return {"early_config_prune": prune}
 

@@ -29,6 +29,16 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def device_arch() -> int:
+    """The current CUDA device's compute capability as one number (9.0 -> 90, 8.0 -> 80): what
+    the autotuners' pruners read to pick a kernel's per-architecture candidate list. Without a
+    CUDA device (the interpreter running the GPU launch path, in tests) Hopper's: 90."""
+    if not torch.cuda.is_available():
+        return 90
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """Turn "auto" into a concrete backend for input `x`, and refuse a combination that
     cannot run with an error that says what to do instead."""

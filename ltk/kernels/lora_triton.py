@@ -27,8 +27,10 @@ divisible by 16), the inner loop, one k-step of BLOCK_L = 64:
   before dx    64×64       4      144        4 HGMMA.64x64x16  32                   910
   now    fwd   128×256     8      124        4 HGMMA.64x256x16 85                 4,228  (3.2×)
   now    dx    128×256     8      103        4 HGMMA.64x256x16 85                 5,090  (5.6×)
-both with cp.async loads; no candidate spills (tests/kernels/test_lora_kernel.py compiles
-every one for sm_90a).
+both with cp.async loads; no candidate of an architecture's list (`arch_tiles`) spills on sm_90a
+or sm_80 (tests/kernels/test_lora_kernel.py compiles every one; sm_80 in its exhaustive test).
+W is addressed as Pᵀ's (BLOCK_L, BLOCK_O) tile: loaded as a (BLOCK_O, BLOCK_L) tile and
+transposed, dx (W's unit stride along O) spilled 0.1-21 KB per thread on sm_80.
 
 Arithmetic: the main GEMM runs in the input dtype with fp32 accumulation (IEEE fp32 dots for
 fp32 inputs, not TF32). u and g are kept in fp32 (M·r·4 bytes: negligible) so the low-rank
@@ -41,7 +43,7 @@ from __future__ import annotations
 
 import torch
 
-from ltk.kernels.backend import HAS_TRITON, interpreter_on
+from ltk.kernels.backend import HAS_TRITON, device_arch, interpreter_on
 from ltk.kernels.poison import output_allocator
 
 POISON_OUTPUTS = False             # NaN-filled outputs (tests): see ltk/kernels/poison.py
@@ -49,10 +51,21 @@ _empty = output_allocator(__name__)
 # GPU candidates of the GEMM, (BLOCK_M, BLOCK_O, BLOCK_L, num_warps, num_stages), fp16/bf16:
 # FLOP per operand byte of a k-step, 2·BM·BO / ((BM + BO)·2): 85 at 128×256 and 256×128 (what
 # cuBLAS runs at large sizes), 64 at 128×128, 43 at 64×128 (more CTAs when M·O is small).
-# Each fits sm_80's 164 KiB of shared memory and compiles for sm_90a without spills
-# (tests/kernels/test_lora_kernel.py compiles every one).
+# Each fits sm_80's 164 KiB of shared memory and compiles for sm_90a and sm_80 without spills
+# (tests/kernels/test_lora_kernel.py compiles every one; `arch_tiles` is each architecture's list).
 TC_TILES = ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
             (64, 128, 64, 4, 4))
+# Ampere (sm_8x): mma.sync's fragments take more registers; with M not a multiple of 16 (the
+# epilogue's row masks) 256×128 w8 spills 208 B (fwd) / 388 B (dx) at 255 registers, and
+# 128×128 w4 228 B in dx: dropped there; 128×256 w8 keeps the 85 FLOP per operand byte
+AMPERE_DROP = {(256, 128, 64, 8, 3), (128, 128, 64, 4, 4)}
+ARCHS = (90, 80)  # compute capabilities with a list each: sm_90 and later take TC_TILES, sm_8x Ampere's
+
+
+def arch_tiles(arch: int) -> tuple:
+    """The fp16/bf16 GEMM candidates for compute capability `arch` (90, 80): the one list the
+    pruner at launch, the compile tests and the static report all read."""
+    return TC_TILES if arch >= 90 else tuple(t for t in TC_TILES if t not in AMPERE_DROP)
 # fp32 inputs: IEEE fp32 dots run on the FMA units, not the tensor cores (the cost model in
 # lora.py sends fp32 to cuBLAS on a GPU): one modest tile, no tuning
 FP32_TILE = (64, 64, 32, 4, 3)
@@ -113,19 +126,21 @@ if HAS_TRITON:
         # rows past M and O are wrapped onto real ones (read, never stored), so the loop's
         # loads need no row masks: only the ragged last k-step is masked, and only if L is
         x_ptrs = X + (rm % M).to(tl.int64)[:, None] * L + rl[None, :]                  # (BLOCK_M, BLOCK_L)
-        p_ptrs = P + (ro % O).to(tl.int64)[:, None] * stride_po + rl[None, :].to(tl.int64) * stride_pl
+        # Pᵀ's (BLOCK_L, BLOCK_O) tile addressed as such (not a (BLOCK_O, BLOCK_L) tile transposed after
+        # the load): for dx, where O is P's unit stride, the loads then run along the unit stride
+        p_ptrs = P + rl.to(tl.int64)[:, None] * stride_pl + (ro % O).to(tl.int64)[None, :] * stride_po
         acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
         for l0 in range(0, L, BLOCK_L):                             # the main GEMM
             if EVEN_L:
                 x = tl.load(x_ptrs)
-                p = tl.load(p_ptrs)                                 # (BLOCK_O, BLOCK_L)
+                p = tl.load(p_ptrs)                                 # (BLOCK_L, BLOCK_O)
             else:
                 x = tl.load(x_ptrs, mask=rl[None, :] < L - l0, other=0.0)
-                p = tl.load(p_ptrs, mask=rl[None, :] < L - l0, other=0.0)
+                p = tl.load(p_ptrs, mask=rl[:, None] < L - l0, other=0.0)
             if FP32_DOTS:
                 x = x.to(tl.float32)
                 p = p.to(tl.float32)
-            acc = tl.dot(x, tl.trans(p), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(x, p, acc, input_precision=DOT_PRECISION)
             x_ptrs += BLOCK_L
             p_ptrs += BLOCK_L * stride_pl
         # epilogue: the low-rank term, (BLOCK_M, r) · (r, BLOCK_O) in BLOCK_R-wide steps of r into
@@ -148,15 +163,15 @@ if HAS_TRITON:
     _EVEN = {"EVEN_L": lambda a: a["L"] % a["BLOCK_L"] == 0}
     _gemm_lowrank_h = triton.heuristics(_EVEN)(_gemm_lowrank_kernel)
 
-    def _gpu_configs(fp32: bool | None = None) -> list:
-        """The candidates for fp16/bf16 inputs (fp32=False), fp32 inputs (True) or both (None:
-        the autotuner's list, pruned at each launch by `_prune`)."""
-        tiles = {False: TC_TILES, True: (FP32_TILE,), None: TC_TILES + (FP32_TILE,)}[fp32]
+    def _gpu_configs(fp32: bool | None = None, arch: int = 90) -> list:
+        """The candidates for fp16/bf16 inputs (fp32=False) on compute capability `arch`, fp32
+        inputs (True) or all of them (None: the autotuner's list, pruned at each launch by `_prune`)."""
+        tiles = {False: arch_tiles(arch), True: (FP32_TILE,), None: TC_TILES + (FP32_TILE,)}[fp32]
         return [triton.Config({"BLOCK_M": m, "BLOCK_O": o, "BLOCK_L": k}, num_warps=w, num_stages=st)
                 for m, o, k, w, st in tiles]
 
     def _prune(configs, named_args, **kwargs):
-        keep = {str(c) for c in _gpu_configs(kwargs["DOT_PRECISION"] == "ieee")}
+        keep = {str(c) for c in _gpu_configs(kwargs["DOT_PRECISION"] == "ieee", device_arch())}
         return [c for c in configs if str(c) in keep]
 
     _gemm_lowrank_tuned = triton.autotune(_gpu_configs(), key=["M_BUCKET", "O", "L", "HAS_BIAS", "DOT_PRECISION"],

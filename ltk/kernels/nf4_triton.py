@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from ltk.kernels.backend import HAS_TRITON, interpreter_on
+from ltk.kernels.backend import HAS_TRITON, device_arch, interpreter_on
 from ltk.kernels.poison import output_allocator
 
 # Fill every output with NaN before launch (tests), so an element a kernel forgets to write
@@ -62,6 +62,19 @@ GPU_CONFIGS = (
 )
 # the dx kernel: the same but the decode tile with BLOCK_K 128, which spills 8 bytes there
 BWD_CONFIGS = tuple(c for c in GPU_CONFIGS if c[:3] != (16, 64, 128))
+# Ampere (sm_8x): the candidates above that spill there, replaced. 128×64×64 w8 s3 with the
+# select-tree code: ptxas keeps 2 CTAs of 256 threads (128 registers) and spills 8 B; with
+# one stage less it takes 174 registers, no spill, and the same loop (1,285 SASS a k-step)
+AMPERE_REPLACE = {(128, 64, 64, 8, 3, "regs"): (128, 64, 64, 8, 2, "regs")}
+ARCHS = (90, 80)  # compute capabilities with a list each: sm_90 and later take GPU_CONFIGS, sm_8x Ampere's
+
+
+def arch_configs(arch: int, configs=GPU_CONFIGS) -> tuple:
+    """`configs` (GPU_CONFIGS or BWD_CONFIGS) as compiled for compute capability `arch` (90, 80):
+    the one list the pruner at launch, the compile tests and the static report all read."""
+    if arch >= 90:
+        return tuple(configs)
+    return tuple(dict.fromkeys(AMPERE_REPLACE.get(c, c) for c in configs))
 # fp32 inputs: IEEE fp32 dots on the FMA units, not the tensor cores: one modest tile, no
 # tuning (fp32 is the exact path, fp16/bf16 the fast one)
 FP32_CONFIG = (32, 32, 32, 4, 2, "regs")
@@ -219,14 +232,18 @@ if HAS_TRITON:
     _ALIGNED = {"ROW_ALIGNED": lambda a: row_aligned(a["K"], a["BLOCKSIZE"], a["BLOCK_K"])}
     _KEY = ["M_BUCKET", "N", "K", "BLOCKSIZE"]  # and the tensors' dtypes, which the autotuner adds
 
-    def gpu_configs(configs=GPU_CONFIGS) -> list:
-        """fp16/bf16 autotune candidates as triton.Config (all of them; pruned by M per launch)."""
+    def gpu_configs(configs=GPU_CONFIGS, arch: int | None = None) -> list:
+        """fp16/bf16 autotune candidates as triton.Config: those of compute capability `arch`, or
+        with None those of every architecture (the autotuner's list; pruned by arch and M per launch)."""
+        tiles = arch_configs(arch, configs) if arch else [c for a in ARCHS for c in arch_configs(a, configs)]
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "LUT": lut}, num_warps=w, num_stages=s)
-                for m, n, k, w, s, lut in configs]
+                for m, n, k, w, s, lut in dict.fromkeys(tiles)]
 
     def _prune_by_m(configs, named_args, **kwargs):
-        """Decode (M ≤ 16) takes the BLOCK_M 16 tiles, anything longer the tall ones up to M;
-        only tiles whose BLOCK_K reads W by rows."""
+        """This device's candidates (`arch_configs`); of those, decode (M ≤ 16) takes the BLOCK_M
+        16 tiles, anything longer the tall ones up to M; only tiles whose BLOCK_K reads W by rows."""
+        ours = {str(c) for c in gpu_configs(GPU_CONFIGS, device_arch())}
+        configs = [c for c in configs if str(c) in ours]
         mb, k, bs = named_args["M_BUCKET"], named_args["K"], kwargs.get("BLOCKSIZE", named_args.get("BLOCKSIZE"))
         keep = [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == (mb <= 16) and c.kwargs["BLOCK_M"] <= max(64, mb)
                 and row_aligned(k, bs, c.kwargs["BLOCK_K"])]

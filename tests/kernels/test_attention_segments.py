@@ -164,18 +164,17 @@ def test_bad_segment_ids_are_named(backend):
         attention(q, q, q, segment_ids_k=seg, backend=backend)
 
 
-# Known gap: with key padding, segment ids and ragged lengths, dK/dV at D = 128 and dQ at
-# D = 256 keep more than 255 registers live even at 32×32 tiles (16-24 bytes of stack).
-# strict: once every candidate fits, this fails and the marker goes.
 @pytest.mark.exhaustive
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.xfail(strict=True, reason="masked dK/dV (D=128) and dQ (D=256) still spill on sm_90a")
-def test_segment_kernels_compile_for_a_gpu_without_spills(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cc", ["90", "80"])
+def test_segment_kernels_compile_for_a_gpu_without_spills(tmp_path, monkeypatch, cc):
     """Segment ids change the loop bounds and add an id comparison per tile, which only the
     compiler sees in full: compile forward, dK/dV and dQ with segment ids, key padding and
-    ragged lengths for Hopper (bf16, int32 ids) in a fresh process without the interpreter,
-    every candidate of the masked table, and check that none spills a register."""
+    ragged lengths for Hopper and Ampere (bf16, int32 ids; each its own list) in a fresh process
+    without the interpreter, every candidate of the masked table at every head dim, and check
+    that none spills a register."""
     monkeypatch.setenv("LTK_SEGMENTS_EVERY_CANDIDATE", "1")
+    monkeypatch.setenv("LTK_ATTENTION_CC", cc)
     compile_in_subprocess(__file__, tmp_path)
 
 

@@ -12,6 +12,7 @@ kernels write starts as NaN.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -254,6 +255,13 @@ def test_kernels_compile_for_a_gpu(tmp_path):
     compile_in_subprocess(__file__, tmp_path)
 
 
+@pytest.mark.exhaustive
+def test_kernels_compile_for_sm80_without_spills(tmp_path, monkeypatch):
+    """The same for Ampere (sm_80), every candidate of the GEMM in both specializations."""
+    monkeypatch.setenv("LTK_COMPILE_CC", "80")
+    compile_in_subprocess(__file__, tmp_path)
+
+
 def _gemm_source(lt_, triton_dtype: str, which: str, tile, has_bias: bool):
     """The GEMM as a launch specializes it: the unit strides constant (fwd: P = W and Q = B
     along L and R; dx: Wᵀ and Aᵀ along O), pointers and the other sizes and strides divisible
@@ -283,7 +291,15 @@ def _compile_all():
 
     GPUTarget, ASTSource = require_nvidia_compiler()
 
-    target = GPUTarget("cuda", 90, 32)  # sm_90a
+    cc = int(os.environ.get("LTK_COMPILE_CC", "90"))
+    target = GPUTarget("cuda", cc, 32)  # sm_90a by default
+    if cc != 90:  # another architecture: every GEMM candidate, both specializations
+        for which in ("fwd", "dx"):
+            for tile in lt.arch_tiles(cc):
+                _, use = compile_with_usage(_gemm_source(lt, "bf16", which, tile, has_bias=which == "fwd"), target,
+                                            dict(num_warps=tile[3], num_stages=tile[4]))
+                assert use["spill_bytes"] == 0, (cc, which, tile, use)
+        return
     for dtype, prec, torch_dtype in (("bf16", None, torch.bfloat16), ("fp32", "ieee", torch.float32)):
         for unit in ("stride_pl", "stride_pr"):  # u = x·Aᵀ reads A along L; g = dy·B reads B along r
             t = "*" + dtype
@@ -300,7 +316,7 @@ def _compile_all():
             assert use["spill_bytes"] == 0, ("skinny", dtype, unit, use)
     # every candidate, forward (bias) and dx (no bias) specializations; fp16 compiles as bf16
     # does (the same HGMMA shapes), so one fp16 candidate checks that dtype's path
-    cases = [("bf16", which, tile) for tile in lt.TC_TILES for which in ("fwd", "dx")]
+    cases = [("bf16", which, tile) for tile in lt.arch_tiles(90) for which in ("fwd", "dx")]
     cases += [("fp16", "fwd", lt.TC_TILES[0])] + [("fp32", which, lt.FP32_TILE) for which in ("fwd", "dx")]
     for dtype, which, tile in cases:
         src = _gemm_source(lt, dtype, which, tile, has_bias=which == "fwd")

@@ -386,6 +386,13 @@ def test_kernels_compile_for_a_gpu(tmp_path):
     compile_in_subprocess(__file__, tmp_path)
 
 
+@pytest.mark.exhaustive
+def test_kernels_compile_for_sm80_without_spills(tmp_path, monkeypatch):
+    """The same for Ampere (sm_80), with its own candidate list (nf4_triton.arch_configs(80))."""
+    monkeypatch.setenv("LTK_COMPILE_CC", "80")
+    compile_in_subprocess(__file__, tmp_path)
+
+
 def _spill_bytes(cubin: bytes, tmp: str) -> int | None:
     """STACK + LOCAL bytes of the kernel (ptxas puts spills there), or None without cuobjdump."""
     import triton
@@ -415,12 +422,14 @@ def _compile_all():
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
                  if aligned and (a in io or a in ("N", "K"))}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+                           target=GPUTarget("cuda", cc, 32), options=dict(num_warps=warps, num_stages=stages))
         spills = _spill_bytes(k.asm["cubin"], tmp)
         assert spills in (0, None), f"{fn.__name__} {consts} num_warps={warps}: {spills} bytes of spills"
 
     fwd, bwd = nt._matmul_fwd_kernel, nt._matmul_bwd_kernel
-    runs = [(fn, c, "bf16", None, True) for fn, cs in ((fwd, nt.GPU_CONFIGS), (bwd, nt.BWD_CONFIGS)) for c in cs]
+    cc = int(os.environ.get("LTK_COMPILE_CC", "90"))  # sm_90a by default; each architecture its own list
+    runs = [(fn, c, "bf16", None, True) for fn, cs in ((fwd, nt.GPU_CONFIGS), (bwd, nt.BWD_CONFIGS))
+            for c in nt.arch_configs(cc, cs)]
     for fn in (fwd, bwd):
         runs += [(fn, nt.FP32_CONFIG, "fp32", "ieee", True), (fn, nt.FLAT_CONFIG, "fp16", None, False)]  # flat path
     for fn, (bm, bn, bk, warps, stages, lut), dtype, prec, rows in runs:
