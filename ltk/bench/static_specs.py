@@ -119,10 +119,11 @@ if HAS_TRITON:
 
 
 def _attention_specs() -> list[Spec]:
-    """Forward (causal; with a bias; with segment ids), dK/dV and dQ in the same three variants, and
-    the backward's preprocess, at D = 128, T = S = 4096. Each variant compiles its own candidate
-    table (attention_triton._gpu_configs: "plain" for causal, "bias", "masked" for segment ids), as
-    a launch with those flags would draw from it."""
+    """Forward (causal; with a bias; with a bias and key padding; with segment ids), dK/dV and dQ in
+    the same four variants, and the backward's preprocess, at D = 128, T = S = 4096. Each variant
+    compiles its own candidate table (attention_triton._gpu_configs: "plain" for causal, "bias",
+    "bias-masked" for a bias with key padding, "masked" for segment ids), as a launch with those
+    flags would draw from it (attention_triton.variant)."""
     import ltk.kernels.attention_triton as at
 
     ptrs = dict(Q="T", K="T", V="T", O="T", DO="T", DQ="T", DK="T", DV="T", LSE="fp32", DELTA="fp32", DS="fp32",
@@ -131,8 +132,8 @@ def _attention_specs() -> list[Spec]:
     strides = tuple(f"stride_{a}{b}" for a in ("q", "k", "v", "o", "do", "dq", "dk", "dv", "b") for b in "bhts")
     strides = tuple(s for s in strides if s != "stride_bs")
 
-    def flags(bias=False, seg=False, **more):
-        return lambda dtype: dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_BIAS=bias, HAS_KPM=False,
+    def flags(bias=False, seg=False, kpm=False, **more):
+        return lambda dtype: dict(HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_BIAS=bias, HAS_KPM=kpm,
                                   HAS_SEG=seg, EVEN_M=True, EVEN_N=True, FP32_DOTS=False, DOT_PRECISION=None,
                                   **more)
 
@@ -147,12 +148,15 @@ def _attention_specs() -> list[Spec]:
     for kernel, name, attr, more in (("fwd", "fwd", "_attn_fwd_tuned", {}),
                                      ("dkdv", "bwd dkdv", "_attn_bwd_dkdv_tuned", {}),
                                      ("dq", "bwd dq", "_attn_bwd_dq_tuned", dict(STORE_DS=False))):
-        for variant, kind, what, bias, seg in (("causal", "plain", "", False, False),
-                                               ("causal+bias", "bias", ", fp32 bias", True, False),
-                                               ("causal+segments", "masked", ", segment ids", False, True)):
+        for variant, kind, what, bias, seg, kpm in (
+                ("causal", "plain", "", False, False, False),
+                ("causal+bias", "bias", ", fp32 bias", True, False, False),
+                ("causal+bias+padding", "bias-masked", ", fp32 bias, key padding", True, False, True),
+                ("causal+segments", "masked", ", segment ids", False, True, False)):
             extra = dict(more, STORE_DS=True) if bias and kernel == "dq" else more  # dQ stores dS for dbias
             out.append(Spec(f"attention.{name} {variant}", kernel=mod + attr, shape=shape + what,
-                            constexprs=flags(bias=bias, seg=seg, **extra), candidates=table(kernel, kind), **common))
+                            constexprs=flags(bias=bias, seg=seg, kpm=kpm, **extra), candidates=table(kernel, kind),
+                            **common))
     out.append(Spec("attention.bwd preprocess", "ours", mod + "_attn_bwd_preprocess", shape, ptrs,
                     lambda dtype: dict(HEAD_DIM=128, BLOCK_D=128), unit="element",
                     units=_tile_units("BLOCK_M", "BLOCK_D"), candidates=_fixed(Candidate(dict(BLOCK_M=64), 4, 3)),

@@ -515,14 +515,19 @@ if HAS_TRITON:
     #           but the causal diagonal, so the largest tiles fit (the training path);
     #   masked  key padding or segment ids, or ragged lengths: the masks' predicates and
     #           index tiles take registers, so the tiles are smaller;
-    #   bias    a (BLOCK_M, BLOCK_N) bias tile more (and dS stored by dQ): smaller still.
+    #   bias    a (BLOCK_M, BLOCK_N) bias tile more (and dS stored by dQ), even lengths and no
+    #           key padding or segment ids: the bias alone, smaller tiles than plain;
+    #   bias-masked  the bias with key padding, segment ids or ragged lengths: the bias tile
+    #           and the masks' registers together, the smallest tiles (the bias tiles that
+    #           fit alone spilled here: 64×64 forward 376 B, 64×32 dQ 160 B at D=128).
     # The forward and dQ keep a tall query block (its fp32 accumulator in registers, K/V
     # streaming through shared memory); dK/dV keeps two fp32 (BLOCK_N, D) accumulators, so
     # its key block shrinks as D grows. Where a 4-warp tile ran out of registers, the fix is
     # the same tile on 8 warps (half the accumulator per thread), a taller query block on 8
     # warps, or one stage fewer (the prefetched tiles' addresses and predicates are live
     # across the loop body): noted at each entry with what the old candidate spilled (sm_90a,
-    # worst flags: key padding, ragged lengths, fp16, dS stored). Autotuned once per head dim,
+    # fp16, dS stored, the worst flags of the variant: key padding and ragged lengths but in
+    # plain and bias). Autotuned once per head dim,
     # flags, dtype and bucket of the sequence lengths (the bucket says whether a length is ragged).
     _GPU_BLOCKS = {
         "plain": {
@@ -543,6 +548,12 @@ if HAS_TRITON:
                    256: [(32, 32, 4, 1), (32, 32, 8, 2)]},
         },
         "bias": {
+            "fwd": {64: [(128, 64, 8, 3)], 128: [(64, 64, 4, 2), (64, 64, 8, 2)], 256: [(32, 32, 4, 2)]},
+            # D=128: 32×32 w4 s2 spilled 16 B (fp16, even lengths too): the bias-masked tiles
+            "dkdv": {64: [(32, 32, 4, 3)], 128: [(32, 32, 4, 1), (32, 32, 8, 2)], 256: [(16, 32, 8, 2)]},
+            "dq": {64: [(64, 32, 4, 2)], 128: [(64, 32, 4, 2), (64, 32, 8, 2)], 256: [(32, 32, 4, 2)]},
+        },
+        "bias-masked": {
             # D=128: 64×64 w4 s2 spilled 376 B; D=256: 32×32 w4 s2 spilled 16 B
             "fwd": {64: [(128, 64, 8, 3)], 128: [(64, 32, 4, 2), (64, 64, 8, 2)], 256: [(64, 32, 8, 2)]},
             # D=64: 32×32 w4 s3 spilled 48 B; D=128: 32×32 w4 s2 spilled 256 B
@@ -562,11 +573,11 @@ if HAS_TRITON:
         ("masked", "dkdv", 64): [(32, 32, 4, 3)],  # 32×64 w4 s3: 240 B (on 8 warps still 400)
         ("masked", "dq", 64): [(128, 32, 8, 2), (64, 32, 4, 2)],  # 128×64 w8 s2: 56 B, 64×64 w4 s3: 64 B
         ("masked", "dq", 128): [(64, 32, 4, 2)],  # 128×32 w8 s2: 32 B
-        ("bias", "fwd", 128): [(64, 64, 8, 2), (32, 32, 4, 2)],  # 64×32 w4 s2: 8 B
-        ("bias", "dkdv", 64): [(32, 32, 4, 1)],  # 32×32 w4 s2: 8 B
-        ("bias", "dkdv", 128): [(32, 32, 4, 1)],  # 32×32 w8 s2: 8 B
-        ("bias", "dkdv", 256): [(16, 32, 8, 1)],  # 16×32 w8 s2: 8 B
-        ("bias", "dq", 64): [(64, 32, 4, 1), (32, 32, 4, 2)],  # 64×32 w4 s2: 16 B
+        ("bias-masked", "fwd", 128): [(64, 64, 8, 2), (32, 32, 4, 2)],  # 64×32 w4 s2: 8 B
+        ("bias-masked", "dkdv", 64): [(32, 32, 4, 1)],  # 32×32 w4 s2: 8 B
+        ("bias-masked", "dkdv", 128): [(32, 32, 4, 1)],  # 32×32 w8 s2: 8 B
+        ("bias-masked", "dkdv", 256): [(16, 32, 8, 1)],  # 16×32 w8 s2: 8 B
+        ("bias-masked", "dq", 64): [(64, 32, 4, 1), (32, 32, 4, 2)],  # 64×32 w4 s2: 16 B
     }
     # fp32 inputs: IEEE fp32 dots run on the FMA units, not the tensor cores, and large tiles
     # only make the unrolled code slow to compile: one modest tile, no tuning (fp32 is the
@@ -575,10 +586,14 @@ if HAS_TRITON:
     ARCHS = (90, 80)  # a list each: sm_90 and later take Hopper's, sm_8x Ampere's
 
     def variant(has_bias: bool, has_kpm: bool, has_seg: bool, T: int, S: int) -> str:
-        """Which candidate table a launch draws from (see `_GPU_BLOCKS`)."""
+        """Which candidate table a launch draws from (see `_GPU_BLOCKS`): the flags the launch
+        already has (a mask, segment ids) and whether a length is ragged (not a multiple of 128,
+        the largest block; a multiple of it is a multiple of every block, so EVEN_M and EVEN_N
+        hold for every candidate)."""
+        masked = has_kpm or has_seg or T % 128 or S % 128
         if has_bias:
-            return "bias"
-        return "masked" if has_kpm or has_seg or T % 128 or S % 128 else "plain"
+            return "bias-masked" if masked else "bias"
+        return "masked" if masked else "plain"
 
     def gpu_blocks(arch: int, kind: str, kernel: str, d_class: int) -> list:
         """The (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for compute capability

@@ -388,6 +388,20 @@ def compile_candidates(kind, flags, dtype="bf16", every_dim=None, cc=None):
     return spills
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_a_launch_draws_the_table_its_flags_allow():
+    """The bias keeps its larger tiles only where nothing else masks a tile: key padding,
+    segment ids or a ragged length (not a multiple of 128) send it to the bias-masked table,
+    whose candidates are the ones compiled spill-free with those masks."""
+    from ltk.kernels.attention_triton import variant
+
+    assert variant(True, False, False, 256, 4096) == "bias"
+    assert [variant(True, *a) for a in ((True, False, 256, 256), (False, True, 256, 256), (False, False, 200, 256),
+                                        (False, False, 256, 130))] == ["bias-masked"] * 4
+    assert variant(False, False, False, 128, 256) == "plain"
+    assert variant(False, True, False, 128, 256) == variant(False, False, False, 128, 100) == "masked"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_every_candidate_compiles_for_gpus_without_spills(tmp_path, monkeypatch):
@@ -408,19 +422,22 @@ def test_every_candidate_at_every_head_dim_compiles_without_spills(tmp_path, mon
     compile_in_subprocess(__file__, tmp_path)
 
 
-# With a bias, key padding, ragged lengths and the stored dS (the bias variant's worst flags),
-# at every head dim.
+# The two bias tables at every head dim, each in the worst flags of its own variant (the stored
+# dS, fp16): "bias" with even lengths and no key padding, "bias-masked" with key padding and
+# ragged lengths (`BIAS_FLAGS`).
 @pytest.mark.exhaustive
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_every_bias_candidate_compiles_without_spills(tmp_path, monkeypatch):
-    monkeypatch.setenv("LTK_ATTENTION_TABLE", "bias")
+@pytest.mark.parametrize("table", ["bias", "bias-masked"])
+def test_every_bias_candidate_compiles_without_spills(tmp_path, monkeypatch, table):
+    monkeypatch.setenv("LTK_ATTENTION_TABLE", table)
+    monkeypatch.setenv("LTK_ATTENTION_DIMS", "all")
     compile_in_subprocess(__file__, tmp_path)
 
 
-# Ampere's lists (attention_triton.gpu_blocks(80, ...)): the plain and bias tables at every head dim, sm_80
+# Ampere's lists (attention_triton.gpu_blocks(80, ...)): the plain and both bias tables at every head dim, sm_80
 @pytest.mark.exhaustive
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.parametrize("table", ["plain", "bias"])
+@pytest.mark.parametrize("table", ["plain", "bias", "bias-masked"])
 def test_every_candidate_compiles_for_sm80_without_spills(tmp_path, monkeypatch, table):
     monkeypatch.setenv("LTK_ATTENTION_TABLE", table)
     monkeypatch.setenv("LTK_ATTENTION_DIMS", "all")
@@ -428,14 +445,20 @@ def test_every_candidate_compiles_for_sm80_without_spills(tmp_path, monkeypatch,
     compile_in_subprocess(__file__, tmp_path)
 
 
+# the worst flags a launch drawing from each bias table can have (attention_triton.variant)
+BIAS_FLAGS = {"bias": dict(HAS_KPM=False, EVEN_M=True, EVEN_N=True),
+              "bias-masked": dict(HAS_KPM=True, EVEN_M=False, EVEN_N=False)}
+
+
 def _compile_all():
     from compile_check import require_nvidia_compiler
 
     require_nvidia_compiler()
     causal = dict(CAUSAL=True, HAS_KPM=False, HAS_SEG=False)
-    if os.environ.get("LTK_ATTENTION_TABLE") == "bias":
-        spills = compile_candidates("bias", dict(causal, HAS_BIAS=True, HAS_KPM=True, EVEN_M=False, EVEN_N=False,
-                                                 STORE_DS=True), dtype="fp16")
+    table = os.environ.get("LTK_ATTENTION_TABLE")
+    if table in BIAS_FLAGS:
+        spills = compile_candidates(table, dict(causal, HAS_BIAS=True, STORE_DS=True, **BIAS_FLAGS[table]),
+                                    dtype="fp16")
         assert not spills, "\n".join(spills)
         return
     spills = compile_candidates("plain", dict(causal, HAS_BIAS=False, EVEN_M=True, EVEN_N=True, STORE_DS=False))
@@ -447,7 +470,7 @@ def _compile_all():
     ragged = dict(HEAD_DIM=96, BLOCK_D=128, CAUSAL=False, HAS_BIAS=True, HAS_KPM=True, HAS_SEG=False,
                   EVEN_M=False, EVEN_N=False, STORE_DS=True)
     for name, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq)):
-        c = A._gpu_configs(name, 128, kind="bias")[0]
+        c = A._gpu_configs(name, 128, kind="bias-masked")[0]
         compile_kernel(fn, dict(ragged, FP32_DOTS=False, DOT_PRECISION=None, **c.kwargs), c.num_warps,
                        c.num_stages, "fp16", cc=80)
         c = A._gpu_configs(name, 64, fp32=True)[0]
