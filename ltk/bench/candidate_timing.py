@@ -35,6 +35,8 @@ def _attention(which: str, dev) -> tuple[Callable[[], object], float]:
     kw = dict(causal=True, backend="triton")
     if "bias" in which:
         kw["bias"] = torch.randn(1, 1, T, T, device=dev, dtype=torch.float32)
+    if "padding" in which:  # the last eighth of each row's keys padded: the bias-masked table
+        kw["key_padding_mask"] = (torch.arange(T, device=dev) < T - T // 8).expand(B, T).contiguous()
     if "segments" in which:
         kw["segment_ids"] = torch.arange(T, device=dev).div(T // 4, rounding_mode="floor").expand(B, T).contiguous()
     if ".bwd" in which:
