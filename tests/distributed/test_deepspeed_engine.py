@@ -5,16 +5,15 @@ checkpoint — the lab's sharded format, written through DeepSpeed's fragment AP
 our own ZeRO-3 and loads in one process. Skipped where DeepSpeed is not installed (it is an
 optional extra: pip install -e '.[baselines]')."""
 import importlib.util
-import json
 
 import pytest
+from engine_runs import same_run, train_jobs
 
 from ltk.models.gpt import GPTConfig
 from ltk.parallel.dist import spawn
 from ltk.training.checkpoint import load_checkpoint
 from ltk.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
 from ltk.training.config_check import ConfigError, check_run
-from ltk.training.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                 reason="DeepSpeed is not installed (pip install -e '.[baselines]')")
@@ -35,38 +34,20 @@ def _config(corpus, out, strategy="auto", steps=STEPS):
     return cfg
 
 
-def _train(rank, world, jobs):
-    for cfg, ckpt in jobs:
-        Trainer(cfg, resume=None if ckpt is None else load_checkpoint(ckpt)).fit()
-
-
-def _metrics(run):
-    return {m["step"]: m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-
-
-def _same(single, run, tol=1e-5):
-    a, b = _metrics(single), _metrics(run)
-    assert sorted(b) == sorted(a)
-    for s, m in a.items():
-        assert b[s]["loss"] == pytest.approx(m["loss"], rel=tol, abs=tol), s
-        assert b[s]["grad_norm"] == pytest.approx(m["grad_norm"], rel=1e-4, abs=1e-6), s
-    assert b[STEPS]["val_loss"] == pytest.approx(a[STEPS]["val_loss"], rel=tol, abs=tol)
-    wa, wb = load_checkpoint(single).model, load_checkpoint(run).model
-    assert set(wb) <= set(wa)
-    for k in wb:
-        assert ((wb[k] - wa[k]).norm() / wa[k].norm()).item() <= tol, k
+def _same(single, run):
+    same_run(single, run, STEPS, grad_norm_tol=1e-4)
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("deepspeed")
-    spawn(_train, 1, [(_config(tiny_corpus, root / "single"), None)], timeout_s=TIMEOUT)
+    spawn(train_jobs, 1, [(_config(tiny_corpus, root / "single"), None)], timeout_s=TIMEOUT)
     half = _config(tiny_corpus, root / "ds3-resume", "deepspeed-zero3", steps=STEPS // 2)
     cross = _config(tiny_corpus, root / "cross", "deepspeed-zero2", steps=STEPS // 2)
-    spawn(_train, 2, [(_config(tiny_corpus, root / f"ds{s}", f"deepspeed-zero{s}"), None) for s in (1, 2, 3)]
+    spawn(train_jobs, 2, [(_config(tiny_corpus, root / f"ds{s}", f"deepspeed-zero{s}"), None) for s in (1, 2, 3)]
           + [(half, None), (cross, None)], timeout_s=TIMEOUT)
     # the second halves: DeepSpeed continues its own checkpoint; our ZeRO-3 continues DeepSpeed's
-    spawn(_train, 2, [(_config(tiny_corpus, root / "ds3-resume", "deepspeed-zero3"),
+    spawn(train_jobs, 2, [(_config(tiny_corpus, root / "ds3-resume", "deepspeed-zero3"),
                        str(load_checkpoint(root / "ds3-resume").path)),
                       (_config(tiny_corpus, root / "cross", "zero3"), str(load_checkpoint(root / "cross").path))],
           timeout_s=TIMEOUT)

@@ -13,15 +13,13 @@ The model has no biases: GPT's key bias has an exactly zero gradient (softmax is
 adding the same amount to every score of a row), so each rank sees only rounding noise there,
 and Adam — which divides by the gradient's own scale — turns any noise into a full ±lr step.
 Any change in summation order (which a parallel reduction is) then moves it differently."""
-import json
-
 import pytest
+from engine_runs import metrics, same_weights, train_jobs
 
 from ltk.models.gpt import GPTConfig
 from ltk.parallel.dist import spawn
 from ltk.training.checkpoint import load_checkpoint
 from ltk.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
-from ltk.training.trainer import Trainer
 
 TIMEOUT = 300
 ENGINES = {2: ["torch-ddp", "ddp", "naive-ddp", "zero1", "zero2", "zero3"], 4: ["ddp", "zero2", "zero3"]}
@@ -35,10 +33,6 @@ RUNS = {
     "pp2": (2, dict(pp=2)),
     "pp2dp2": (4, dict(pp=2, schedule="gpipe")),
 }
-
-
-def _metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _config(corpus, out, strategy="auto", tp=1, steps=5, grad_accum=2, pp=1, schedule="1f1b", virtual=1):
@@ -55,29 +49,14 @@ def _config(corpus, out, strategy="auto", tp=1, steps=5, grad_accum=2, pp=1, sch
     return cfg
 
 
-def _train(rank, world, jobs):
-    """Worker: train each (config, checkpoint to resume from or None) in turn in this group."""
-    for cfg, ckpt in jobs:
-        Trainer(cfg, resume=None if ckpt is None else load_checkpoint(ckpt)).fit()
-
-
 def _compare(single, run, tol=1e-5):
-    a, b = _metrics(single), _metrics(run)
+    a, b = metrics(single), metrics(run)
     assert [m["step"] for m in a] == [m["step"] for m in b]
     for ma, mb in zip(a, b):
         assert ma["tokens"] == mb["tokens"]
         assert mb["loss"] == pytest.approx(ma["loss"], rel=tol, abs=tol)
     assert b[-1]["val_loss"] == pytest.approx(a[-1]["val_loss"], rel=tol, abs=tol)
-    _same_weights(load_checkpoint(single).model, load_checkpoint(run).model)
-
-
-def _same_weights(wa, wb, tol=1e-5):
-    """Norm-wise relative error ‖b − a‖ / ‖a‖ ≤ 1e-5 for every tensor (an element whose
-    gradient is tiny can still move by a few 1e-6 under Adam when the reduction order changes)."""
-    assert set(wb) <= set(wa) and set(wa) - set(wb) <= {"lm_head.weight"}  # a tied alias may be saved once
-    for k in wb:
-        err = ((wb[k] - wa[k]).norm() / wa[k].norm()).item()
-        assert err <= tol, (k, err)
+    same_weights(load_checkpoint(single).model, load_checkpoint(run).model)
 
 
 @pytest.fixture(scope="module")
@@ -88,21 +67,21 @@ def runs(tiny_corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
     cfg = {name: _config(tiny_corpus, root / name, **kw) for name, (_, kw) in RUNS.items()}
     # one process, but spawned like the others: one thread each, so matmuls round alike
-    spawn(_train, 1, [(_config(tiny_corpus, root / "single"), None)], timeout_s=TIMEOUT)
+    spawn(train_jobs, 1, [(_config(tiny_corpus, root / "single"), None)], timeout_s=TIMEOUT)
     # ZeRO-2 on 2 ranks for 3 steps, saved; ZeRO-3 on 4 ranks continues it to 5
     zero_first = _config(tiny_corpus, root / "zero-resume", strategy="zero2")
     zero_first.trainer.max_steps = 3
-    spawn(_train, 2, [(cfg[n], None) for n, (w, _) in RUNS.items() if w == 2] + [(zero_first, None)],
+    spawn(train_jobs, 2, [(cfg[n], None) for n, (w, _) in RUNS.items() if w == 2] + [(zero_first, None)],
           timeout_s=TIMEOUT)
     zero_ckpt = str(load_checkpoint(root / "zero-resume").path)
     # dp 2 x tp 2 (ZeRO-1) for 3 steps, saved; tp 2 alone continues it to 5
     tp_first = _config(tiny_corpus, root / "tp-resume", strategy="zero1", tp=2)
     tp_first.trainer.max_steps = 3
-    spawn(_train, 4, [(cfg[n], None) for n, (w, _) in RUNS.items() if w == 4]
+    spawn(train_jobs, 4, [(cfg[n], None) for n, (w, _) in RUNS.items() if w == 4]
           + [(_config(tiny_corpus, root / "zero-resume", strategy="zero3"), zero_ckpt), (tp_first, None)],
           timeout_s=TIMEOUT)
     tp_ckpt = str(load_checkpoint(root / "tp-resume").path)
-    spawn(_train, 2, [(_config(tiny_corpus, root / "tp-resume", tp=2), tp_ckpt)], timeout_s=TIMEOUT)
+    spawn(train_jobs, 2, [(_config(tiny_corpus, root / "tp-resume", tp=2), tp_ckpt)], timeout_s=TIMEOUT)
     return {"tp-saved": tp_ckpt, **{name: root / name for name in [*RUNS, "single", "zero-resume", "tp-resume"]}}
 
 
@@ -117,15 +96,15 @@ def test_tensor_parallel_and_dp_x_tp_equal_one_process(runs):
         _compare(runs["single"], runs[name])
     # ZeRO-3 x TP: the clipped norm is the global one (its gradients live in the units' shards,
     # not in .grad), and evaluation ran on the sharded model (_compare)
-    for a, b in zip(_metrics(runs["single"]), _metrics(runs["zero3tp2"])):
+    for a, b in zip(metrics(runs["single"]), metrics(runs["zero3tp2"])):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
 
 
 def _resumed_equals_one_process(single, run):
-    by_step = {m["step"]: m for m in _metrics(run)}
-    for m in _metrics(single):
+    by_step = {m["step"]: m for m in metrics(run)}
+    for m in metrics(single):
         assert by_step[m["step"]]["loss"] == pytest.approx(m["loss"], rel=1e-5, abs=1e-5)
-    _same_weights(load_checkpoint(single).model, load_checkpoint(run).model)
+    same_weights(load_checkpoint(single).model, load_checkpoint(run).model)
 
 
 def test_zero_checkpoint_resumes_on_another_world_size(runs):

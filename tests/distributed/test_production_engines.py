@@ -8,10 +8,9 @@ starts once (importing torch in every rank costs seconds, a 20-step run of this 
 of that); the tests only read the run folders. The model has no biases (see that file: GPT's key
 bias has an exactly zero gradient, which Adam turns into ±lr noise under any change of reduction
 order). FSDP2 x DTensor TP on 4 ranks is its own group, deselected by default (-m exhaustive)."""
-import json
-
 import pytest
 import torch
+from engine_runs import metrics, same_weights, train_jobs
 
 from ltk.models.gpt import GPT, GPTConfig
 from ltk.models.llama import LlamaConfig
@@ -41,29 +40,11 @@ def _config(corpus, out, strategy="auto", tp=1, steps=STEPS, family="gpt"):
     return cfg
 
 
-def _train(rank, world, jobs):
-    """Worker: train each (config, run folder to resume from or None) in turn in this group."""
-    for cfg, resume in jobs:
-        Trainer(cfg, resume=None if resume is None else load_checkpoint(resume)).fit()
-
-
-def _metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def _max_loss_gap(single, run, steps=STEPS) -> float:
-    a, b = _metrics(single), _metrics(run)
+    a, b = metrics(single), metrics(run)
     assert [m["step"] for m in a] == [m["step"] for m in b] and len(a) == steps
     assert b[-1]["val_loss"] == pytest.approx(a[-1]["val_loss"], rel=1e-5, abs=1e-5)
     return max(abs(ma["loss"] - mb["loss"]) for ma, mb in zip(a, b))
-
-
-def _same_weights(wa, wb, tol=1e-5):
-    """Norm-wise relative error ‖b − a‖ / ‖a‖ ≤ tol for every tensor."""
-    assert set(wb) <= set(wa) and set(wa) - set(wb) <= {"lm_head.weight"}  # a tied alias may be saved once
-    for k in wb:
-        err = ((wb[k] - wa[k]).norm() / wa[k].norm()).item()
-        assert err <= tol, (k, err)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +59,7 @@ def runs(tiny_corpus, tmp_path_factory):
                                           "fsdp2-to-one", "single-llama", "torch-tp-llama")}
     half = run["fsdp2"] / "checkpoints" / f"step_{HALF:06d}"
     llama = dict(steps=LLAMA_STEPS, family="llama")
-    spawn(_train, 1, [(_config(tiny_corpus, run["single"]), None),
+    spawn(train_jobs, 1, [(_config(tiny_corpus, run["single"]), None),
                       (_config(tiny_corpus, run["single-llama"], **llama), None)], timeout_s=TIMEOUT)
     jobs = [(_config(tiny_corpus, run["fsdp2"], "fsdp2"), None),
             (_config(tiny_corpus, run["torch-tp"], "torch-tp", tp=2), None),
@@ -86,7 +67,7 @@ def runs(tiny_corpus, tmp_path_factory):
             (_config(tiny_corpus, run["fsdp2-resume"], "fsdp2"), half),
             (_config(tiny_corpus, run["zero3-to-fsdp2"], "zero3", steps=HALF), None),
             (_config(tiny_corpus, run["zero3-to-fsdp2"], "fsdp2"), run["zero3-to-fsdp2"])]
-    spawn(_train, 2, jobs, timeout_s=TIMEOUT)
+    spawn(train_jobs, 2, jobs, timeout_s=TIMEOUT)
     Trainer(_config(tiny_corpus, run["fsdp2-to-one"]), resume=load_checkpoint(half)).fit()
     return run
 
@@ -95,14 +76,14 @@ def test_fsdp2_and_torch_tp_equal_one_process(runs):
     gaps = {e: _max_loss_gap(runs["single"], runs[e]) for e in ("fsdp2", "torch-tp")}
     assert all(g <= 1e-5 for g in gaps.values()), gaps
     for e in gaps:
-        _same_weights(load_checkpoint(runs["single"]).model, load_checkpoint(runs[e]).model)
+        same_weights(load_checkpoint(runs["single"]).model, load_checkpoint(runs[e]).model)
     assert _max_loss_gap(runs["single-llama"], runs["torch-tp-llama"], LLAMA_STEPS) <= 1e-5
-    _same_weights(load_checkpoint(runs["single-llama"]).model, load_checkpoint(runs["torch-tp-llama"]).model)
+    same_weights(load_checkpoint(runs["single-llama"]).model, load_checkpoint(runs["torch-tp-llama"]).model)
 
 
 def test_fsdp2_resume_is_exact(runs):
     """10 steps + resume + 10 steps == 20 uninterrupted steps of the same engine, bit for bit."""
-    whole, resumed = _metrics(runs["fsdp2"]), _metrics(runs["fsdp2-resume"])
+    whole, resumed = metrics(runs["fsdp2"]), metrics(runs["fsdp2-resume"])
     assert [m["step"] for m in resumed] == list(range(HALF + 1, STEPS + 1))
     assert [m["loss"] for m in whole[HALF:]] == [m["loss"] for m in resumed]
     wa, wb = load_checkpoint(runs["fsdp2"]).model, load_checkpoint(runs["fsdp2-resume"]).model
@@ -113,14 +94,14 @@ def test_fsdp2_resume_is_exact(runs):
 def test_checkpoints_cross_engines(runs, name):
     """Our ZeRO-3's checkpoint resumes under fsdp2; fsdp2's resumes on one process; either way the
     20 steps equal one process's."""
-    by_step = {m["step"]: m for m in _metrics(runs[name])}
+    by_step = {m["step"]: m for m in metrics(runs[name])}
     assert max(by_step) == STEPS
-    for m in _metrics(runs["single"]):
+    for m in metrics(runs["single"]):
         if m["step"] not in by_step:  # a run resumed in a new folder logs its own steps only
             assert m["step"] <= HALF
             continue
         assert by_step[m["step"]]["loss"] == pytest.approx(m["loss"], rel=1e-5, abs=1e-5)
-    _same_weights(load_checkpoint(runs["single"]).model, load_checkpoint(runs[name]).model)
+    same_weights(load_checkpoint(runs["single"]).model, load_checkpoint(runs[name]).model)
 
 
 def test_fsdp2_checkpoint_loads_for_generation(runs):
@@ -132,7 +113,7 @@ def test_fsdp2_checkpoint_loads_for_generation(runs):
     model = GPT(config_from_dict(ckpt.state["config"], ckpt.path / "state.json").model).eval()
     restore_model(model, ckpt.model)
     single = load_checkpoint(runs["single"]).model
-    _same_weights(single, {k: v for k, v in model.state_dict().items() if k in single})
+    same_weights(single, {k: v for k, v in model.state_dict().items() if k in single})
     assert model.lm_head.weight is model.wte.weight
     with torch.no_grad():
         assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, model.config.vocab_size)
@@ -147,7 +128,7 @@ def test_torch_tp_checkpoint_exports_to_hugging_face(runs, tmp_path):
 
     hf = load_file(export_hf(runs["torch-tp-llama"], tmp_path / "hf") / "model.safetensors")
     single = load_checkpoint(runs["single-llama"]).model
-    _same_weights({"e": single["tok_embeddings.weight"], "g": single["layers.1.mlp.w1.weight"]},
+    same_weights({"e": single["tok_embeddings.weight"], "g": single["layers.1.mlp.w1.weight"]},
                   {"e": hf["model.embed_tokens.weight"], "g": hf["model.layers.1.mlp.gate_proj.weight"]})
 
 
@@ -155,9 +136,9 @@ def test_torch_tp_checkpoint_exports_to_hugging_face(runs, tmp_path):
 def test_fsdp2_x_tensor_parallel_equals_one_process(runs, tiny_corpus, tmp_path):
     """FSDP2 over dp 2 x DTensor TP 2 on a 2-D mesh (4 ranks), torchtitan's order. Four processes
     on two cores cost about 45 s, so it is deselected by default: `pytest -m exhaustive -k fsdp2_x`."""
-    spawn(_train, 4, [(_config(tiny_corpus, tmp_path / "fsdp2-tp2", "fsdp2", tp=2), None)], timeout_s=TIMEOUT)
+    spawn(train_jobs, 4, [(_config(tiny_corpus, tmp_path / "fsdp2-tp2", "fsdp2", tp=2), None)], timeout_s=TIMEOUT)
     assert _max_loss_gap(runs["single"], tmp_path / "fsdp2-tp2") <= 1e-5
-    _same_weights(load_checkpoint(runs["single"]).model, load_checkpoint(tmp_path / "fsdp2-tp2").model)
+    same_weights(load_checkpoint(runs["single"]).model, load_checkpoint(tmp_path / "fsdp2-tp2").model)
 
 
 # -- refusals, before any process starts (no group: cheap) -----------------------------------------

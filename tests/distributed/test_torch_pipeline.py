@@ -3,16 +3,14 @@ ltk/parallel/torch_pipeline.py): the training loop with PyTorch's GPipe, 1F1B an
 1F1B schedules on 2 gloo processes, and pp 2 x dp 2 on 4, trains the same model as one process
 (losses within 1e-5 for 20 steps, same validation loss and weights); a run it saved resumes
 under the lab's executor, and the other way round."""
-import json
-
 import pytest
+from engine_runs import same_run, train_jobs
 
 from ltk.models.gpt import GPTConfig
 from ltk.parallel.dist import spawn
 from ltk.training.checkpoint import load_checkpoint
 from ltk.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
 from ltk.training.config_check import ConfigError, check_run
-from ltk.training.trainer import Trainer
 
 TIMEOUT = 300
 STEPS = 20
@@ -34,39 +32,23 @@ def _config(corpus, out, pp=1, engine="ltk", schedule="1f1b", virtual=1, steps=S
     return cfg
 
 
-def _train(rank, world, jobs):
-    for cfg, ckpt in jobs:
-        Trainer(cfg, resume=None if ckpt is None else load_checkpoint(ckpt)).fit()
-
-
-def _metrics(run):
-    return {m["step"]: m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-
-
-def _same(single, run, tol=1e-5):
-    a, b = _metrics(single), _metrics(run)
-    assert sorted(b) == sorted(a)
-    for s, m in a.items():
-        assert b[s]["loss"] == pytest.approx(m["loss"], rel=tol, abs=tol), s
-    assert b[STEPS]["val_loss"] == pytest.approx(a[STEPS]["val_loss"], rel=tol, abs=tol)
-    wa, wb = load_checkpoint(single).model, load_checkpoint(run).model
-    for k in wb:
-        assert ((wb[k] - wa[k]).norm() / wa[k].norm()).item() <= tol, k
+def _same(single, run):
+    same_run(single, run, STEPS)
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("torch-pp")
-    spawn(_train, 1, [(_config(tiny_corpus, root / "single"), None)], timeout_s=TIMEOUT)
+    spawn(train_jobs, 1, [(_config(tiny_corpus, root / "single"), None)], timeout_s=TIMEOUT)
     halves = [(_config(tiny_corpus, root / "torch-then-ltk", 2, "torch", steps=STEPS // 2), None),
               (_config(tiny_corpus, root / "ltk-then-torch", 2, "ltk", steps=STEPS // 2), None)]
-    spawn(_train, 2, [(_config(tiny_corpus, root / n, 2, "torch", **kw), None) for n, (w, kw) in RUNS.items()
+    spawn(train_jobs, 2, [(_config(tiny_corpus, root / n, 2, "torch", **kw), None) for n, (w, kw) in RUNS.items()
                       if w == 2] + halves, timeout_s=TIMEOUT)
-    spawn(_train, 2, [(_config(tiny_corpus, root / "torch-then-ltk", 2, "ltk"),
+    spawn(train_jobs, 2, [(_config(tiny_corpus, root / "torch-then-ltk", 2, "ltk"),
                        str(load_checkpoint(root / "torch-then-ltk").path)),
                       (_config(tiny_corpus, root / "ltk-then-torch", 2, "torch"),
                        str(load_checkpoint(root / "ltk-then-torch").path))], timeout_s=TIMEOUT)
-    spawn(_train, 4, [(_config(tiny_corpus, root / n, 2, "torch", **kw), None) for n, (w, kw) in RUNS.items()
+    spawn(train_jobs, 4, [(_config(tiny_corpus, root / n, 2, "torch", **kw), None) for n, (w, kw) in RUNS.items()
                       if w == 4], timeout_s=TIMEOUT)
     return root
 
