@@ -15,8 +15,8 @@ from ltk.training.checkpoint import load_checkpoint
 from ltk.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
 from ltk.training.config_check import ConfigError, check_run
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                reason="DeepSpeed is not installed (pip install -e '.[baselines]')")
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed is not installed (pip install -e '.[baselines]')")
 TIMEOUT = 600
 STEPS = 20
 
@@ -54,16 +54,19 @@ def runs(tiny_corpus, tmp_path_factory):
     return root
 
 
+@needs_deepspeed
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_equals_one_process(runs, stage):
     _same(runs / "single", runs / f"ds{stage}")
 
 
+@needs_deepspeed
 def test_deepspeed_resumes_exactly_and_under_our_engine(runs):
     _same(runs / "single", runs / "ds3-resume")  # 10 steps + resume + 10 == 20
     _same(runs / "single", runs / "cross")  # DeepSpeed ZeRO-2 for 10, ours ZeRO-3 for 10
 
 
+@needs_deepspeed
 def test_deepspeed_checkpoint_loads_in_one_process(runs, tiny_corpus, tmp_path):
     """The sharded checkpoint DeepSpeed wrote resumes in one process (the path `ltk generate`
     and `ltk export` read): same weights as the single-process run at that step."""
@@ -74,7 +77,20 @@ def test_deepspeed_checkpoint_loads_in_one_process(runs, tiny_corpus, tmp_path):
         assert ((v - single[k]).norm() / single[k].norm()).item() <= 1e-5, k
 
 
-def test_refused_combinations(tiny_corpus, tmp_path):
+def _deepspeed_installed(monkeypatch, installed: bool):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if installed else None) if name == "deepspeed" else real(name, *a))
+
+
+def test_missing_deepspeed_is_refused_with_the_install_command(tiny_corpus, tmp_path, monkeypatch):
+    _deepspeed_installed(monkeypatch, False)
+    with pytest.raises(ConfigError, match=r"pip install deepspeed.*--parallel.strategy zero3"):
+        check_run(_config(tiny_corpus, tmp_path / "x", "deepspeed-zero3"), world=2, size=False, warn=False)
+
+
+def test_refused_combinations(tiny_corpus, tmp_path, monkeypatch):
+    _deepspeed_installed(monkeypatch, True)  # the refusals hold whether or not it is installed here
     cfg = _config(tiny_corpus, tmp_path / "x", "deepspeed-zero2")
     cfg.parallel.tp = 2
     with pytest.raises(ConfigError, match="drop --parallel.tp"):

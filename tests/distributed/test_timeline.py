@@ -79,10 +79,10 @@ def _late_rank_worker(rank: int, world: int, folder: str) -> dict:
 def _two_ranks(rank: int, world: int, folder: str, cfgs) -> dict:
     """Both 2-process checks in one group (a spawn costs seconds of torch imports per rank):
     the late rank first, then `ltk train` for each (config, None) job."""
-    from tests.distributed.test_parallel_trainer import _train
+    from engine_runs import train_jobs
 
     res = _late_rank_worker(rank, world, folder)
-    _train(rank, world, cfgs)
+    train_jobs(rank, world, cfgs)
     return res
 
 
