@@ -27,21 +27,37 @@ the training loop does not do. The full logits are never gathered; evaluation sc
 slice too (sharded_eval.tp_eval_sums). For that the head gets tp_plan's attributes (vocab_start,
 n_valid) and the model tp_comm.
 
-Sequence parallelism is not offered here: GPT's and Llama's blocks fuse the residual add into the
-next norm (norm(x, delta) -> (y, h)), two inputs and two outputs where torch's SequenceParallel
-style takes one; our own plan (`--parallel tp --parallel.sequence_parallel true`) has it.
+Sequence parallelism (`sequence_parallel=True`, Korthikanti et al. 2022 §4.2.2; torch-tp alone):
+between the attention and MLP sub-layers the residual stream, the norms and the residual adds run
+on this rank's T/n positions, as in our plan (tp_plan.py). torch's SequenceParallel style takes a
+norm with one input, and our blocks fuse the residual add into the next norm (norm(x, delta) ->
+(y, h), two inputs and two outputs), so the norms stay plain modules on plain local tensors and
+the layouts are set around them instead, torchtitan's way:
+
+    attn, mlp            a pre-hook: Shard(1) -> Replicate DTensor (an all-gather over the
+                         sequence before the column-parallel matmuls; one reduce-scatter of
+                         their summed input gradients)
+    c_proj, wo, w2       RowwiseParallel with output Shard(1): a reduce-scatter instead of the
+                         all-reduce, leaving each rank its positions
+    wte / tok_embeddings RowwiseParallel with output Shard(1); GPT's position rows are cut to
+                         this rank's positions by a forward hook on wpe
+    lm_head / output     ColwiseParallel with input Shard(1) (gathers the sequence for the head)
+
+Each rank then computes the gradient of a plain replicated parameter (norms, GPT's wpe) from its
+own positions only: a hook sums it over the tensor-parallel group, d w = Σ_ranks d w_r.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from ltk.models.gpt import GPT
 from ltk.models.llama import Llama
 from ltk.parallel.dist import Comm
 from ltk.parallel.fsdp2 import local_part
+from ltk.parallel.tensor import sum_grad_over_tp
 from ltk.parallel.tp_plan import _check_heads, _TPGPTAttention
 
 
@@ -87,11 +103,65 @@ def to_dtensor_layout(model: nn.Module, name: str, full: torch.Tensor) -> torch.
     return full if layout is None else head_major(full, layout[0], layout[1])
 
 
-def _colwise_head(**kw) -> ColwiseParallel:
-    return ColwiseParallel(output_layouts=Shard(-1), use_local_output=True, **kw)
+def _colwise_head(sp: bool = False) -> ColwiseParallel:
+    return ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Shard(-1),
+                           use_local_output=True)
 
 
-def _plan_gpt(model: GPT, mesh) -> dict[str, object]:
+def _gather_sequence(mesh):
+    """A forward pre-hook: a sub-layer's first input, this rank's positions (Shard(1)), becomes a
+    Replicate DTensor of every position — an all-gather — which the sub-layer hands to its
+    column-parallel matmuls as it is (it reads only its shape). Their input gradients arrive as
+    partial sums (each rank's columns), so the backward of this redistribution is one
+    reduce-scatter, torchtitan's arrangement; turned into a local tensor here instead, each
+    matmul would all-reduce its own gradient. The other arguments (GPT's kv_cache and layer,
+    Llama's cos and sin) pass through."""
+
+    def hook(module, args):
+        x = DTensor.from_local(args[0], mesh, [Shard(1)], run_check=False)
+        return (x.redistribute(mesh, [Replicate()]),) + tuple(args[1:])
+
+    return hook
+
+
+def _parallelize_block(block: nn.Module, mesh, sp: bool, attn: tuple[str, ...], attn_out: str,
+                       up: tuple[str, ...], down: str) -> None:
+    """The Megatron split of one block, with the sequence-parallel layouts around it when sp."""
+    plan = {f"attn.{n}": ColwiseParallel() for n in attn} | {f"mlp.{n}": ColwiseParallel() for n in up}
+    out = Shard(1) if sp else Replicate()
+    plan |= {f"attn.{attn_out}": RowwiseParallel(output_layouts=out),
+             f"mlp.{down}": RowwiseParallel(output_layouts=out)}
+    parallelize_module(block, mesh, plan)
+    if sp:
+        block.attn.register_forward_pre_hook(_gather_sequence(mesh))
+        block.mlp.register_forward_pre_hook(_gather_sequence(mesh))
+
+
+def sum_replicated_grads(model: nn.Module, mesh) -> None:
+    """Sequence parallelism: every plain (non-DTensor) parameter's gradient summed over the
+    tensor-parallel group, each rank having seen only its positions (tensor.sum_grad_over_tp).
+    Call it on the parameters that train: after a meta-built model is materialized, whose new
+    tensors would not carry hooks set before."""
+    comm = Comm(mesh.get_group())
+    for p in model.parameters():
+        if not isinstance(p, DTensor) and p.requires_grad:
+            sum_grad_over_tp(p, comm)
+
+
+def _positions_of_this_rank(mesh):
+    """A forward hook cutting a (T, C) or (B, T, C) position table's output to this rank's T/n."""
+    n, r = mesh.size(), mesh.get_local_rank()
+
+    def hook(module, args, out):
+        T = out.shape[-2]
+        if T % n:
+            raise ValueError(f"sequence parallelism splits the {T} positions over {n} ranks: use a multiple of {n}")
+        return out.narrow(-2, r * (T // n), T // n)
+
+    return hook
+
+
+def _plan_gpt(model: GPT, mesh, sp: bool) -> nn.Module:
     cfg, n = model.config, mesh.size()
     _check_heads("model.n_head", cfg.n_head, n)
     model._ltk_head_major = {}
@@ -103,41 +173,46 @@ def _plan_gpt(model: GPT, mesh) -> dict[str, object]:
             model._ltk_head_major[f"h.{i}.attn.c_attn.{pname}"] = (3, n, p.shape[0])
             if not p.is_meta:
                 p.data = head_major(p.data, 3, n)
-        parallelize_module(block, mesh, {"attn.c_attn": ColwiseParallel(), "attn.c_proj": RowwiseParallel(),
-                                         "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel()})
-    parallelize_module(model, mesh, {"wte": RowwiseParallel(input_layouts=Replicate()), "lm_head": _colwise_head()})
+        _parallelize_block(block, mesh, sp, ("c_attn",), "c_proj", ("c_fc",), "c_proj")
+    parallelize_module(model, mesh, {"wte": RowwiseParallel(input_layouts=Replicate(),
+                                                            output_layouts=Shard(1) if sp else Replicate()),
+                                     "lm_head": _colwise_head(sp)})
     model.lm_head.weight = model.wte.weight  # keep the tie: both read the same vocabulary rows
+    if sp:
+        model.wpe.register_forward_hook(_positions_of_this_rank(mesh))
     return model.lm_head
 
 
-def _plan_llama(model: Llama, mesh) -> dict[str, object]:
+def _plan_llama(model: Llama, mesh, sp: bool) -> nn.Module:
     cfg, n = model.config, mesh.size()
     _check_heads("model.n_head", cfg.n_head, n)
     _check_heads("model.n_kv_head", cfg.n_kv_head, n)
     for block in model.layers:
         block.attn.n_head, block.attn.n_kv_head = cfg.n_head // n, cfg.n_kv_head // n
-        parallelize_module(block, mesh, {"attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(),
-                                         "attn.wv": ColwiseParallel(), "attn.wo": RowwiseParallel(),
-                                         "mlp.w1": ColwiseParallel(), "mlp.w3": ColwiseParallel(),
-                                         "mlp.w2": RowwiseParallel()})
-    parallelize_module(model, mesh, {"tok_embeddings": RowwiseParallel(input_layouts=Replicate()),
-                                     "output": _colwise_head()})
+        _parallelize_block(block, mesh, sp, ("wq", "wk", "wv"), "wo", ("w1", "w3"), "w2")
+    parallelize_module(model, mesh, {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(),
+                                                                       output_layouts=Shard(1) if sp else Replicate()),
+                                     "output": _colwise_head(sp)})
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.output
 
 
-def apply_torch_tp(model: nn.Module, mesh) -> nn.Module:
+def apply_torch_tp(model: nn.Module, mesh, sequence_parallel: bool = False) -> nn.Module:
     """Parallelize GPT or Llama (whole, or with parameters on the meta device) over the 1-D
     DeviceMesh `mesh` in place; its forward then returns this rank's vocabulary slice of the
-    logits, and tp_plan.tp_loss / tp_eval_sums score it."""
+    logits, and tp_plan.tp_loss / tp_eval_sums score it. With sequence_parallel, call
+    `sum_replicated_grads(model, mesh)` once the parameters are real (fsdp2.build_torch_engine does,
+    after materializing a meta-built model)."""
     if isinstance(model, GPT):
-        head = _plan_gpt(model, mesh)
+        head = _plan_gpt(model, mesh, sequence_parallel)
     elif isinstance(model, Llama):
-        head = _plan_llama(model, mesh)
+        head = _plan_llama(model, mesh, sequence_parallel)
     else:
         raise TypeError(f"no DTensor tensor-parallel plan for {type(model).__name__}: GPT and Llama have one")
     shape, offset = local_part(head.weight)
     head.vocab_start, head.n_valid = offset[0], shape[0]  # what tp_plan's loss and evaluation read
+    # sequence_parallel stays False for tp_plan's loss and evaluation: the head's input is gathered
+    # here (its ColwiseParallel), so its logits cover every position, as without it
     model.tp_comm, model.sequence_parallel = Comm(mesh.get_group()), False
     return model

@@ -24,7 +24,7 @@ STEPS, HALF = 20, 10
 LLAMA_STEPS = 6  # Llama under torch-tp: its own head split (local head counts), a shorter run
 
 
-def _config(corpus, out, strategy="auto", tp=1, steps=STEPS, family="gpt"):
+def _config(corpus, out, strategy="auto", tp=1, steps=STEPS, family="gpt", sp=False):
     cfg = RunConfig(
         name="tiny",
         model=GPTConfig(vocab_size=0, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False),
@@ -36,7 +36,7 @@ def _config(corpus, out, strategy="auto", tp=1, steps=STEPS, family="gpt"):
         cfg.family, cfg.model = "llama", LlamaConfig(vocab_size=0, block_size=32, n_layer=2, n_head=4, n_kv_head=2,
                                                      n_embd=32, intermediate_size=64, rope_theta=10000.0)
     cfg.model.backend = "torch"
-    cfg.parallel.strategy, cfg.parallel.tp = strategy, tp
+    cfg.parallel.strategy, cfg.parallel.tp, cfg.parallel.sequence_parallel = strategy, tp, sp
     return cfg
 
 
@@ -56,7 +56,8 @@ def runs(tiny_corpus, tmp_path_factory):
     ZeRO-3, then 10 of fsdp2)."""
     root = tmp_path_factory.mktemp("engines")
     run = {name: root / name for name in ("single", "fsdp2", "torch-tp", "fsdp2-resume", "zero3-to-fsdp2",
-                                          "fsdp2-to-one", "single-llama", "torch-tp-llama")}
+                                          "fsdp2-to-one", "single-llama", "torch-tp-llama", "torch-tp-sp",
+                                          "torch-tp-llama-sp")}
     half = run["fsdp2"] / "checkpoints" / f"step_{HALF:06d}"
     llama = dict(steps=LLAMA_STEPS, family="llama")
     spawn(train_jobs, 1, [(_config(tiny_corpus, run["single"]), None),
@@ -64,6 +65,8 @@ def runs(tiny_corpus, tmp_path_factory):
     jobs = [(_config(tiny_corpus, run["fsdp2"], "fsdp2"), None),
             (_config(tiny_corpus, run["torch-tp"], "torch-tp", tp=2), None),
             (_config(tiny_corpus, run["torch-tp-llama"], "torch-tp", tp=2, **llama), None),
+            (_config(tiny_corpus, run["torch-tp-sp"], "torch-tp", tp=2, sp=True), None),
+            (_config(tiny_corpus, run["torch-tp-llama-sp"], "torch-tp", tp=2, sp=True, **llama), None),
             (_config(tiny_corpus, run["fsdp2-resume"], "fsdp2"), half),
             (_config(tiny_corpus, run["zero3-to-fsdp2"], "zero3", steps=HALF), None),
             (_config(tiny_corpus, run["zero3-to-fsdp2"], "fsdp2"), run["zero3-to-fsdp2"])]
@@ -79,6 +82,15 @@ def test_fsdp2_and_torch_tp_equal_one_process(runs):
         same_weights(load_checkpoint(runs["single"]).model, load_checkpoint(runs[e]).model)
     assert _max_loss_gap(runs["single-llama"], runs["torch-tp-llama"], LLAMA_STEPS) <= 1e-5
     same_weights(load_checkpoint(runs["single-llama"]).model, load_checkpoint(runs["torch-tp-llama"]).model)
+
+
+def test_torch_tp_with_sequence_parallelism_equals_one_process(runs):
+    """Norms and residual adds on T/n positions per rank, a reduce-scatter and an all-gather around
+    each sub-layer, the norms' gradients summed over the group: the same run as one process."""
+    assert _max_loss_gap(runs["single"], runs["torch-tp-sp"]) <= 1e-5
+    same_weights(load_checkpoint(runs["single"]).model, load_checkpoint(runs["torch-tp-sp"]).model)
+    assert _max_loss_gap(runs["single-llama"], runs["torch-tp-llama-sp"], LLAMA_STEPS) <= 1e-5
+    same_weights(load_checkpoint(runs["single-llama"]).model, load_checkpoint(runs["torch-tp-llama-sp"]).model)
 
 
 def test_fsdp2_resume_is_exact(runs):
@@ -147,7 +159,7 @@ def test_fsdp2_x_tensor_parallel_equals_one_process(runs, tiny_corpus, tmp_path)
     (dict(strategy="torch-tp"), 2, ["tp is 1", "--parallel torch-tp --nproc N"]),
     (dict(strategy="fsdp2"), 1, ["needs several processes", "--nproc N"]),
     (dict(strategy="fsdp2", pp=2), 4, ["--parallel fsdp2 with --parallel.pp", "--parallel ddp --parallel.pp N"]),
-    (dict(strategy="fsdp2", tp=2, sequence_parallel=True), 4, ["no sequence parallelism",
+    (dict(strategy="fsdp2", tp=2, sequence_parallel=True), 4, ["only torch-tp",
                                                                "--parallel.sequence_parallel true"]),
     (dict(strategy="torch-tp", tp=2, dtype="bf16"), 2, ["trains in fp32", "--parallel fsdp2 --parallel.tp N"]),
     (dict(strategy="fsdp2", compile=True), 2, ["--trainer.compile", "--parallel zero3"]),
@@ -172,7 +184,9 @@ def test_supported_layouts_pass_the_checks():
     from ltk.training.config_check import check_run
     from ltk.training.presets import get_preset
 
-    for strategy, tp, world, dtype in (("fsdp2", 1, 2, "bf16"), ("fsdp2", 2, 4, "bf16"), ("torch-tp", 2, 2, "fp32")):
+    for strategy, tp, world, dtype, sp in (("fsdp2", 1, 2, "bf16", False), ("fsdp2", 2, 4, "bf16", False),
+                                          ("torch-tp", 2, 2, "fp32", False), ("torch-tp", 2, 2, "fp32", True)):
         cfg = get_preset("gpt-debug")
         cfg.parallel.strategy, cfg.parallel.tp, cfg.trainer.dtype = strategy, tp, dtype
+        cfg.parallel.sequence_parallel = sp
         check_run(cfg, world=world, size=False, warn=False)
