@@ -178,9 +178,31 @@ def _check_device(name: str) -> None:
 
 
 # -- engines and layout ---------------------------------------------------------------------
+BUCKETED = ("ddp", "zero1", "zero2")  # the engines that read --parallel.bucket_mb
+
+
+def _check_unused(cfg: RunConfig) -> None:
+    """A parallel setting that this run's engine would not read is refused, not ignored."""
+    from ltk.training.config import ParallelConfig
+
+    p, default = cfg.parallel, ParallelConfig()
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("--parallel.sequence_parallel splits the tensor-parallel group's work over the sequence: "
+                          "it needs --parallel.tp > 1 (or --parallel tp / torch-tp)")
+    if p.reshard_after_forward != default.reshard_after_forward and p.strategy != "fsdp2":
+        raise ConfigError(f"--parallel.reshard_after_forward is FSDP2's setting; --parallel.strategy {p.strategy} "
+                          "does not read it (our zero3 always frees after forward, zero2 never gathers): drop it "
+                          "or use --parallel fsdp2")
+    if p.bucket_mb != default.bucket_mb and (p.strategy not in BUCKETED or p.pp > 1):
+        raise ConfigError(f"--parallel.bucket_mb sizes the gradient buckets of our {', '.join(BUCKETED)} engines; "
+                          f"--parallel.strategy {p.strategy}{' with --parallel.pp' if p.pp > 1 else ''} does not "
+                          "read it: drop it or name one of those engines")
+
+
 def _check_engines(cfg: RunConfig) -> None:
     """What each engine of ltk/parallel/ can run (the same at any world size)."""
     p, t = cfg.parallel, cfg.trainer
+    _check_unused(cfg)
     if p.reduce_dtype == "bf16" and _dtype(cfg) != "bf16":
         raise ConfigError(f"--parallel.reduce_dtype bf16 reduces bf16 gradients: it needs --trainer.dtype bf16 "
                           f"(this run's gradients are fp32: --trainer.dtype {t.dtype} on this machine)")

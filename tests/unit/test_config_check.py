@@ -266,3 +266,22 @@ def test_compile_with_a_data_parallel_engine_compiles_each_block_in_place():
     assert [n for n, _ in model.named_parameters()] == names
     with pytest.raises(ValueError, match="has none"):
         compile_blocks(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(sequence_parallel=True), "needs --parallel.tp > 1"),
+    (dict(strategy="zero3", reshard_after_forward=False), "FSDP2's setting"),
+    (dict(strategy="zero3", bucket_mb=4.0), "does not read it"),
+    (dict(strategy="ddp", pp=2, bucket_mb=4.0), "with --parallel.pp"),
+])
+def test_a_parallel_setting_the_engine_would_ignore_is_refused(changes, words):
+    cfg = get_preset("gpt-debug")
+    for k, v in changes.items():
+        setattr(cfg.parallel, k, v)
+    with pytest.raises(ConfigError, match=words.replace("+", r"\+").replace(".", r"\.")):
+        check_run(cfg, world=4, size=False, warn=False)
+    for k, v in (("strategy", "zero2"), ("bucket_mb", 4.0)), (("strategy", "fsdp2"), ("reshard_after_forward", False)):
+        ok = get_preset("gpt-debug")
+        for name, value in (k, v):
+            setattr(ok.parallel, name, value)
+        check_run(ok, world=4, size=False, warn=False)  # the engines that read them take them
