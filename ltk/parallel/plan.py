@@ -41,6 +41,10 @@ one being reduce-scattered:
 
     gathered(fsdp2) = p·(root + 3·block) + g·(root + 2·block)
 
+This term is read from how FSDP2 works, not yet fitted to a measurement, and it undercounts:
+`ltk bench parallel-memory --strategy fsdp2` (gpt2-350m, 4 CPU ranks, fp32) peaks at 3.14 GiB
+per rank in training against this plan's 2.17 GiB (1.45x; our zero3 at the same flags: 1.19x).
+
 DeepSpeed's stages (ltk/parallel/deepspeed_engine.py) shard what ours shard, with one difference
 the plan adds: DeepSpeed's optimizer always works on a flat fp32 *copy* of its partition
 (`single_partition_of_fp32_groups`, stage 3's `fp32_partitioned_groups_flat`), even when the
