@@ -297,6 +297,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                 Option("interval_ms", float, 25.0, "milliseconds between memory samples"),
                 Option("overrides", str, None, "more `ltk train` --section.field value pairs for the run and its plan, "
                        "e.g. '--data.source DIR --model.n_layer 2'"),
+                Option("malloc_mmap_threshold", int, 131072, "CPU: MALLOC_MMAP_THRESHOLD_ for every rank, so RSS "
+                       "counts live tensors rather than glibc's cached arenas; 0 keeps glibc's default"),
             ),
         ),
         Benchmark(

@@ -26,6 +26,17 @@ second, still give every rank's figures up to then, and the result says where it
     ltk bench parallel-memory --save-results ltk/bench/results     # + .json and .png beside the .md
     ltk bench parallel-memory --quick                              # gpt-debug on 2 ranks, < 1 min
 
+The allocator. On a CPU, RSS counts what glibc's malloc holds, not only live tensors. glibc serves
+a request above its mmap threshold with its own mapping, returned to the kernel on free, and one
+below it from an arena, whose freed pages it keeps; the threshold is dynamic, rising to the size
+of the largest mapping freed so far (up to 32 MB). An engine that allocates and frees many tensors
+of a few MB each (FSDP2: a block's parameters and gradients, one tensor per parameter, every
+step) soon has its arenas hold the freed ones, and the RSS peak grows with them: gpt2-350m x 4 under
+fsdp2 peaked at 1.45x the plan with glibc's default, at 1.00x with a fixed threshold. So the
+benchmark fixes it (--malloc-mmap-threshold, bytes, passed as MALLOC_MMAP_THRESHOLD_ to every rank;
+default 128 KiB, glibc's own starting value) and measures what the tensors hold, as
+torch.cuda.max_memory_allocated does on a GPU; 0 leaves glibc's default and measures its cache too.
+
 --quick checks the path, not the goals: a model of 1M parameters is outweighed by what any
 process's allocator, thread pools and autograd hold (about 100 MB), so its ratios are large.
 """
@@ -242,7 +253,7 @@ def run(preset: str | None = None, world: int | None = None, strategy: str = "ze
         batch_size: int = 4, dtype: str = "fp32", steps: int = 2, eval_batches: int | None = None,
         out: str = "runs/bench-parallel-memory", device: str = "cpu", quick: bool = False,
         min_free_gb: float = 1.0, timeout_s: float = 3600.0, interval_ms: float = 25.0,
-        overrides: str | None = None) -> MemoryRows:
+        overrides: str | None = None, malloc_mmap_threshold: int = 131072) -> MemoryRows:
     """Run the training command, read every rank's trace, judge the goals; one Row per (rank,
     phase) with the peak above baseline in peak_mem_mb, the ratios in `extra`. `overrides`:
     more `--section.field value` pairs for the run (and its plan), e.g. another data source."""
@@ -260,7 +271,10 @@ def run(preset: str | None = None, world: int | None = None, strategy: str = "ze
     env = dict(os.environ, LTK_PROGRESS="0")
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # gloo ranks on the CPU even where a GPU is present
+        if malloc_mmap_threshold > 0:  # RSS as live tensors, not glibc's arenas (module docstring)
+            env["MALLOC_MMAP_THRESHOLD_"] = str(malloc_mmap_threshold)
     watched = run_watched([sys.executable, "-m", "ltk.cli", "train", *args], env, min_free_gb * GIB, timeout_s)
+    malloc = f"MALLOC_MMAP_THRESHOLD_={env['MALLOC_MMAP_THRESHOLD_']} " if "MALLOC_MMAP_THRESHOLD_" in env else ""
 
     same = [*extra, "--trainer.seq_len", str(seq_len), "--trainer.batch_size", str(batch_size),
             "--trainer.dtype", dtype, *(["--parallel.strategy", strategy] if world > 1 else [])]
@@ -271,8 +285,10 @@ def run(preset: str | None = None, world: int | None = None, strategy: str = "ze
     ranks = [compare(r, p["total"], full) for r in rank_results(out_dir / "memory", device.startswith("cuda"))]
     result = {"preset": preset, "world": world, "strategy": strategy if world > 1 else "none", "seq_len": seq_len,
               "batch_size": batch_size, "dtype": dtype, "steps": steps, "eval_batches": eval_batches, "device": device,
-              "params": params, "command": "ltk train " + shlex.join(args),
-              "measure": "peak RSS (VmHWM, reset at each phase boundary) above the RSS before data and model"
+              "params": params, "command": malloc + "ltk train " + shlex.join(args),
+              "measure": "peak RSS (VmHWM, reset at each phase boundary) above the RSS before data and model, "
+                         + (f"MALLOC_MMAP_THRESHOLD_={malloc_mmap_threshold}" if malloc_mmap_threshold > 0
+                            else "glibc's default allocator")
                          if device == "cpu" else "torch.cuda.max_memory_allocated",
               "plan": {k: p[k] for k in ("strategy", "zero_stage", "dtype", "params", "grads", "optimizer",
                                          "activations", "total")},

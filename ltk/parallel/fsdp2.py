@@ -262,7 +262,7 @@ def build_torch_engine(model: nn.Module, param_groups_fn: Callable, optimizer_fa
     if strategy == "torch-tp" and as_dtype(compute_dtype) != torch.float32:
         raise ValueError("torch-tp trains in fp32 (there is no fp32 master for DTensor parameters without FSDP2's "
                          "mixed precision): for bf16 use --parallel fsdp2 --parallel.tp N")
-    from ltk.parallel.torch_tp import apply_torch_tp, sum_replicated_grads, to_dtensor_layout
+    from ltk.parallel.torch_tp import apply_torch_tp, to_dtensor_layout
 
     mesh = device_mesh(dp, tp, device)
     tags = init_tags(model)
@@ -272,8 +272,6 @@ def build_torch_engine(model: nn.Module, param_groups_fn: Callable, optimizer_fa
         shard_model(model, mesh["dp"], compute_dtype=compute_dtype, reduce_dtype=reduce_dtype or compute_dtype,
                     reshard_after_forward=reshard_after_forward)
     materialize_local(model, tags, device, layout=lambda name, full: to_dtensor_layout(model, name, full))
-    if sequence_parallel:  # on the materialized parameters: hooks on meta tensors would be lost
-        sum_replicated_grads(model, mesh["tp"])
     engine = TorchEngine(model, param_groups_fn(model), optimizer_factory, fsdp=strategy == "fsdp2")
     engine.mesh = mesh
     return engine

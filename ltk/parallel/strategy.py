@@ -231,9 +231,9 @@ class ParallelRun:
         if self.dtensor:
             from ltk.parallel.fsdp2 import build_torch_engine
 
-            if sequence_parallel and (strategy != "torch-tp" or self.dp_size > 1):
-                raise ValueError(f"{strategy} with sequence parallelism: only torch-tp alone has it "
-                                 "(ltk/parallel/torch_tp.py); or use ours, --parallel ddp --parallel.tp N")
+            if sequence_parallel and tp == 1:
+                raise ValueError(f"{strategy} with sequence parallelism needs tensor parallelism (tp > 1): "
+                                 "it splits the tensor-parallel group's work over the sequence")
             self.engine = build_torch_engine(model, param_groups_fn, optimizer_factory, strategy=strategy,
                                              dp=self.dp_size, tp=tp, device=device or torch.device("cpu"),
                                              compute_dtype=compute_dtype, reduce_dtype=reduce_dtype,

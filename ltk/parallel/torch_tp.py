@@ -27,7 +27,7 @@ the training loop does not do. The full logits are never gathered; evaluation sc
 slice too (sharded_eval.tp_eval_sums). For that the head gets tp_plan's attributes (vocab_start,
 n_valid) and the model tp_comm.
 
-Sequence parallelism (`sequence_parallel=True`, Korthikanti et al. 2022 §4.2.2; torch-tp alone):
+Sequence parallelism (`sequence_parallel=True`, Korthikanti et al. 2022 §4.2.2; torch-tp, fsdp2 x tp):
 between the attention and MLP sub-layers the residual stream, the norms and the residual adds run
 on this rank's T/n positions, as in our plan (tp_plan.py). torch's SequenceParallel style takes a
 norm with one input, and our blocks fuse the residual add into the next norm (norm(x, delta) ->
@@ -44,7 +44,15 @@ the layouts are set around them instead, torchtitan's way:
     lm_head / output     ColwiseParallel with input Shard(1) (gathers the sequence for the head)
 
 Each rank then computes the gradient of a plain replicated parameter (norms, GPT's wpe) from its
-own positions only: a hook sums it over the tensor-parallel group, d w = Σ_ranks d w_r.
+own positions only, so it must be summed over the tensor-parallel group, d w = Σ_ranks d w_r.
+That sum lives in the autograd graph, not on the parameter: while the module that owns the
+parameter runs, the tensor its forward reads is Megatron's f applied to it (identity forward,
+all-reduce over tp in the backward, tensor._CopyToTP), so the gradient that reaches the parameter
+is already the sum. A hook on the parameter itself would be lost under FSDP2, which computes with
+unsharded copies it makes per step (fsdp2 x tp: the norms are sharded over dp, plain over tp); the
+graph sees whatever tensor the module holds when it runs, FSDP2's copy included, and the dp
+reduce-scatter then averages sums that are already whole. One all-reduce of the parameter's
+size per micro-batch, as our tp_plan's hooks (tensor.sum_grad_over_tp).
 """
 from __future__ import annotations
 
@@ -57,7 +65,7 @@ from ltk.models.gpt import GPT
 from ltk.models.llama import Llama
 from ltk.parallel.dist import Comm
 from ltk.parallel.fsdp2 import local_part
-from ltk.parallel.tensor import sum_grad_over_tp
+from ltk.parallel.tensor import _CopyToTP
 from ltk.parallel.tp_plan import _check_heads, _TPGPTAttention
 
 
@@ -137,15 +145,34 @@ def _parallelize_block(block: nn.Module, mesh, sp: bool, attn: tuple[str, ...], 
         block.mlp.register_forward_pre_hook(_gather_sequence(mesh))
 
 
-def sum_replicated_grads(model: nn.Module, mesh) -> None:
-    """Sequence parallelism: every plain (non-DTensor) parameter's gradient summed over the
-    tensor-parallel group, each rank having seen only its positions (tensor.sum_grad_over_tp).
-    Call it on the parameters that train: after a meta-built model is materialized, whose new
-    tensors would not carry hooks set before."""
+def sum_plain_grads_over_tp(model: nn.Module, mesh) -> None:
+    """Sequence parallelism: every plain (non-DTensor) parameter reaches its module's forward as
+    f(p) (tensor._CopyToTP: identity, gradient all-reduced over tp), so its gradient is the sum
+    over the group's positions (module docstring). Call after parallelize_module and before
+    fully_shard, while "plain over tp" is still readable from the parameters' types; the hooks sit
+    on the modules, so they outlive meta materialization and FSDP2's parameter swaps."""
     comm = Comm(mesh.get_group())
-    for p in model.parameters():
-        if not isinstance(p, DTensor) and p.requires_grad:
-            sum_grad_over_tp(p, comm)
+    for mod in model.modules():
+        names = [n for n, p in mod.named_parameters(recurse=False) if not isinstance(p, DTensor) and p.requires_grad]
+        if names:
+            saved: dict[str, torch.Tensor] = {}
+            mod.register_forward_pre_hook(_wrap_params(names, comm, saved))
+            mod.register_forward_hook(_restore_params(saved), always_call=True)
+
+
+def _wrap_params(names: list[str], comm: Comm, saved: dict):
+    def hook(module, args):
+        for n in names:
+            saved[n] = p = module._parameters[n]
+            module._parameters[n] = _CopyToTP.apply(p, comm)  # read as f(p) until the forward returns
+    return hook
+
+
+def _restore_params(saved: dict):
+    def hook(module, args, out):
+        module._parameters.update(saved)
+        saved.clear()
+    return hook
 
 
 def _positions_of_this_rank(mesh):
@@ -201,15 +228,16 @@ def _plan_llama(model: Llama, mesh, sp: bool) -> nn.Module:
 def apply_torch_tp(model: nn.Module, mesh, sequence_parallel: bool = False) -> nn.Module:
     """Parallelize GPT or Llama (whole, or with parameters on the meta device) over the 1-D
     DeviceMesh `mesh` in place; its forward then returns this rank's vocabulary slice of the
-    logits, and tp_plan.tp_loss / tp_eval_sums score it. With sequence_parallel, call
-    `sum_replicated_grads(model, mesh)` once the parameters are real (fsdp2.build_torch_engine does,
-    after materializing a meta-built model)."""
+    logits, and tp_plan.tp_loss / tp_eval_sums score it. With sequence_parallel the plain
+    parameters' gradients are summed over the group in the graph (sum_plain_grads_over_tp)."""
     if isinstance(model, GPT):
         head = _plan_gpt(model, mesh, sequence_parallel)
     elif isinstance(model, Llama):
         head = _plan_llama(model, mesh, sequence_parallel)
     else:
         raise TypeError(f"no DTensor tensor-parallel plan for {type(model).__name__}: GPT and Llama have one")
+    if sequence_parallel:
+        sum_plain_grads_over_tp(model, mesh)
     shape, offset = local_part(head.weight)
     head.vocab_start, head.n_valid = offset[0], shape[0]  # what tp_plan's loss and evaluation read
     # sequence_parallel stays False for tp_plan's loss and evaluation: the head's input is gathered

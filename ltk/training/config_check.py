@@ -264,11 +264,6 @@ def _check_torch_engine(cfg: RunConfig) -> None:
         raise ConfigError(f"--trainer.compile with --parallel {name} is not wired (the blocks would be compiled "
                           "under fully_shard's hooks and DTensor's dispatch, untested here); drop --trainer.compile "
                           "or use --parallel zero3, which compiles block by block")
-    if p.sequence_parallel and name != "torch-tp":
-        raise ConfigError(f"--parallel {name} with --parallel.sequence_parallel: of PyTorch's engines only torch-tp "
-                          "alone has it here (ltk/parallel/torch_tp.py; FSDP2 would replace the hooks that sum the "
-                          "norms' gradients over tp); use --parallel torch-tp, or ours: --parallel zero1 "
-                          "--parallel.tp N --parallel.sequence_parallel true")
     seq = t.seq_len or getattr(cfg.model, "block_size", 0)
     if p.sequence_parallel and seq % max(p.tp, 1):
         raise ConfigError(f"--parallel.sequence_parallel splits the {seq} positions over --parallel.tp {p.tp} "

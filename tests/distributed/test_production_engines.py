@@ -153,14 +153,24 @@ def test_fsdp2_x_tensor_parallel_equals_one_process(runs, tiny_corpus, tmp_path)
     same_weights(load_checkpoint(runs["single"]).model, load_checkpoint(tmp_path / "fsdp2-tp2").model)
 
 
+def test_fsdp2_x_tensor_x_sequence_parallel_equals_one_process(runs, tiny_corpus, tmp_path):
+    """torchtitan's 2-D layout with sequence parallelism: FSDP2 over dp 2, DTensor TP 2 with the
+    norms and position table on T/2 positions (4 ranks). FSDP2 computes with its own unsharded
+    copies of the norms, so their tp sums must live in the graph (torch_tp.sum_plain_grads_over_tp):
+    a hook on the parameter would not fire and the norms would train on half the positions."""
+    spawn(train_jobs, 4, [(_config(tiny_corpus, tmp_path / "fsdp2-tp2-sp", "fsdp2", tp=2, sp=True), None)],
+          timeout_s=TIMEOUT)
+    assert _max_loss_gap(runs["single"], tmp_path / "fsdp2-tp2-sp") <= 1e-5
+    same_weights(load_checkpoint(runs["single"]).model, load_checkpoint(tmp_path / "fsdp2-tp2-sp").model)
+
+
 # -- refusals, before any process starts (no group: cheap) -----------------------------------------
 @pytest.mark.parametrize("change, world, words", [
     (dict(strategy="torch-tp", tp=2), 4, ["leaves 2 data-parallel ranks", "--parallel fsdp2 --parallel.tp 2"]),
     (dict(strategy="torch-tp"), 2, ["tp is 1", "--parallel torch-tp --nproc N"]),
     (dict(strategy="fsdp2"), 1, ["needs several processes", "--nproc N"]),
     (dict(strategy="fsdp2", pp=2), 4, ["--parallel fsdp2 with --parallel.pp", "--parallel ddp --parallel.pp N"]),
-    (dict(strategy="fsdp2", tp=2, sequence_parallel=True), 4, ["only torch-tp",
-                                                               "--parallel.sequence_parallel true"]),
+    (dict(strategy="fsdp2", sequence_parallel=True), 2, ["needs --parallel.tp > 1"]),
     (dict(strategy="torch-tp", tp=2, dtype="bf16"), 2, ["trains in fp32", "--parallel fsdp2 --parallel.tp N"]),
     (dict(strategy="fsdp2", compile=True), 2, ["--trainer.compile", "--parallel zero3"]),
     (dict(strategy="torch-tp", tp=2, family="bert"), 2, ["plans for gpt and llama", "fsdp2 alone"]),
@@ -185,7 +195,8 @@ def test_supported_layouts_pass_the_checks():
     from ltk.training.presets import get_preset
 
     for strategy, tp, world, dtype, sp in (("fsdp2", 1, 2, "bf16", False), ("fsdp2", 2, 4, "bf16", False),
-                                          ("torch-tp", 2, 2, "fp32", False), ("torch-tp", 2, 2, "fp32", True)):
+                                          ("torch-tp", 2, 2, "fp32", False), ("torch-tp", 2, 2, "fp32", True),
+                                          ("fsdp2", 2, 4, "bf16", True)):
         cfg = get_preset("gpt-debug")
         cfg.parallel.strategy, cfg.parallel.tp, cfg.trainer.dtype = strategy, tp, dtype
         cfg.parallel.sequence_parallel = sp
