@@ -49,6 +49,7 @@ from torch.utils.checkpoint import checkpoint
 from ltk.kernels.attention import attention
 from ltk.kernels.backend import BACKENDS, resolve_backend
 from ltk.models.init import draw_init_seed, init_parameters, param_generator
+from ltk.models.lm_head import check_loss, head_loss
 from ltk.models.norms import LayerNorm
 from ltk.models.param_groups import decay_groups
 from ltk.models.pretrained import Pretrained
@@ -68,6 +69,7 @@ class BertConfig:
     mlm_head: bool = True  # False: the bare encoder, forward returns the last hidden states
     pooler: bool = False  # BERT's [CLS] pooler (dense + tanh), as in transformers' BertModel
     backend: str = "auto"  # kernels for attention and LayerNorm: auto | torch | triton
+    loss: str = "auto"  # the LM head\'s loss: auto | full (logits built) | fused (ltk/models/lm_head.py)
 
     def validate(self) -> None:
         for name in ("vocab_size", "block_size", "type_vocab_size", "n_layer", "n_head", "n_embd",
@@ -82,6 +84,7 @@ class BertConfig:
             raise ValueError(f"model.norm_eps must be positive, got {self.norm_eps}")
         if self.backend not in BACKENDS:
             raise ValueError(f"model.backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_loss(self.loss)
 
 
 # name -> (n_layer, n_head, n_embd, intermediate_size); the sizes of BERT §3 (BASE and LARGE)
@@ -195,9 +198,15 @@ class MLMHead(nn.Module):
         self.dense = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.ln = LayerNorm(cfg.n_embd, eps=cfg.norm_eps, backend=cfg.backend)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # the decoder's own bias
+        self.loss, self.backend = cfg.loss, cfg.backend
 
-    def forward(self, h: torch.Tensor, word_embedding: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.ln(F.gelu(self.dense(h))), word_embedding, self.bias)  # (B, T, V)
+    def forward(self, h: torch.Tensor, word_embedding: torch.Tensor,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits (B, T, V); with targets (B, T) (-100 where not scored), the mean MLM loss."""
+        z = self.ln(F.gelu(self.dense(h)))  # (B, T, C)
+        if targets is None:
+            return F.linear(z, word_embedding, self.bias)  # (B, T, V)
+        return head_loss(z, word_embedding, targets, self.bias, loss=self.loss, backend=self.backend)
 
 
 class Bert(Pretrained, nn.Module):
@@ -234,10 +243,11 @@ class Bert(Pretrained, nn.Module):
             t.normal_(0.0, 0.02, generator=param_generator(self.init_seed, name, t.device))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, *, targets: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T); attention_mask (B, T), 1 for a real token and 0 for padding (as
         transformers); token_type_ids (B, T), default all 0. Returns the MLM logits
-        (B, T, vocab_size), or the last hidden states (B, T, n_embd) without the head."""
+        (B, T, vocab_size), or the last hidden states (B, T, n_embd) without the head; with targets
+        (B, T) (-100 where not scored), the mean MLM loss (ltk/models/lm_head.py)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -258,8 +268,10 @@ class Bert(Pretrained, nn.Module):
             else:
                 x = layer(x, key_padding_mask)
         if self.head is None:
+            if targets is not None:
+                raise ValueError("targets need the MLM head: this model is the bare encoder (mlm_head=False)")
             return x  # (B, T, C)
-        return self.head(x, self.wte.weight)  # (B, T, V)
+        return self.head(x, self.wte.weight, targets)  # (B, T, V), or the loss with targets
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """BERT's pooler: tanh(W_p h[:, 0] + b_p), the [CLS] state (B, C) for sentence tasks."""

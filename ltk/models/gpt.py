@@ -47,6 +47,7 @@ from ltk.kernels.attention import attention
 from ltk.kernels.backend import BACKENDS, resolve_backend
 from ltk.models.init import draw_init_seed, init_parameters, param_generator
 from ltk.models.kv_cache import KVCache
+from ltk.models.lm_head import LMHead, check_loss
 from ltk.models.norms import LayerNorm
 from ltk.models.param_groups import decay_groups
 from ltk.models.pretrained import Pretrained
@@ -62,6 +63,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has
     backend: str = "auto"  # kernels for attention and LayerNorm: auto | torch | triton
+    loss: str = "auto"  # the LM head\'s loss: auto | full (logits built) | fused (ltk/models/lm_head.py)
 
     def validate(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -73,6 +75,7 @@ class GPTConfig:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.backend not in BACKENDS:
             raise ValueError(f"model.backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_loss(self.loss)
 
 
 # name -> (n_layer, n_head, n_embd); GPT-2 sizes as released (the 350m is GPT-2 medium, etc.)
@@ -215,7 +218,7 @@ class GPT(Pretrained, nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = LayerNorm(cfg.n_embd, bias=cfg.bias, backend=cfg.backend)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size, bias=False, loss=cfg.loss, backend=cfg.backend)
         self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
         self.activation_checkpointing = False
         self.reset_parameters()
@@ -245,8 +248,9 @@ class GPT(Pretrained, nn.Module):
                        dtype=dtype or self.wte.weight.dtype, device=self.wte.weight.device)
 
     def forward(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
-        """idx: (B, T) token ids -> logits (B, T, vocab_size).
+                segments: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab_size); with targets (B, T), the mean
+        cross-entropy instead (ltk/models/lm_head.py: `model.loss` fused never builds the logits).
 
         kv_cache   continue the sequences it holds (positions [length, length + T)).
         segments   (B, T) int ids of packed examples (e.g. 0 0 0 1 1 2 2 2), one run of equal ids
@@ -278,7 +282,7 @@ class GPT(Pretrained, nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         y = self.ln_f(x) if delta is None else self.ln_f(x, delta)[0]
-        return self.lm_head(y)  # (B, T, V)
+        return self.lm_head(y) if targets is None else self.lm_head(y, targets)  # (B, T, V) or the loss
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay the matrices (2-D weights, embeddings included), not biases

@@ -82,6 +82,7 @@ from ltk.kernels.backend import BACKENDS
 from ltk.models.gpt import check_segments, segment_positions
 from ltk.models.init import draw_init_seed, init_parameters, param_generator
 from ltk.models.kv_cache import KVCache
+from ltk.models.lm_head import LMHead, check_loss
 from ltk.models.norms import RMSNorm
 from ltk.models.param_groups import decay_groups
 from ltk.models.pretrained import Pretrained
@@ -100,6 +101,7 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # output head shares the embedding matrix (Llama-3.2-1B/3B)
     backend: str = "auto"  # kernels for attention and RMSNorm: auto | torch | triton
+    loss: str = "auto"  # the LM head\'s loss: auto | full (logits built) | fused (ltk/models/lm_head.py)
 
     @property
     def head_dim(self) -> int:
@@ -123,6 +125,7 @@ class LlamaConfig:
             raise ValueError(f"model.norm_eps must be positive, got {self.norm_eps}")
         if self.backend not in BACKENDS:
             raise ValueError(f"model.backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_loss(self.loss)
 
 
 # name -> fields. llama-1b is Llama-3.2-1B, llama-8b is Llama-3-8B (without Llama 3.1's
@@ -251,7 +254,7 @@ class Llama(Pretrained, nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps, backend=cfg.backend)
-        self.output = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.output = LMHead(cfg.n_embd, cfg.vocab_size, bias=False, loss=cfg.loss, backend=cfg.backend)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight  # Press & Wolf 2017
         self.activation_checkpointing = False
@@ -278,8 +281,10 @@ class Llama(Pretrained, nn.Module):
                        dtype=dtype or w.dtype, device=w.device)
 
     def forward(self, idx: torch.Tensor, *, kv_cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
-        """idx: (B, T) token ids -> logits (B, T, vocab_size).
+                positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab_size); with targets (B, T), the mean
+        cross-entropy instead (ltk/models/lm_head.py: `model.loss` fused never builds the logits).
 
         kv_cache   continue the sequences it holds: idx are positions [length, length + T),
                    attended together with the cached ones; the cache advances by T.
@@ -317,7 +322,7 @@ class Llama(Pretrained, nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         y = self.norm(x) if delta is None else self.norm(x, delta)[0]
-        return self.output(y)  # (B, T, V)
+        return self.output(y) if targets is None else self.output(y, targets)  # (B, T, V) or the loss
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay the matrices (2-D weights, embedding included), not the

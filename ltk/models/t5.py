@@ -74,6 +74,7 @@ import torch.nn.functional as F
 from ltk.kernels.attention import attention
 from ltk.kernels.backend import BACKENDS, resolve_backend
 from ltk.models.init import draw_init_seed, init_parameters, param_generator
+from ltk.models.lm_head import LMHead, check_loss, head_loss
 from ltk.models.norms import RMSNorm
 from ltk.models.param_groups import decay_groups
 from ltk.models.pretrained import Pretrained
@@ -97,6 +98,7 @@ class T5Config:
     feed_forward: str = "relu"  # "relu" (T5 1.0) | "gated-gelu" (T5 1.1)
     tie_embeddings: bool = True  # T5 1.0 ties the output head to the embedding; 1.1 does not
     backend: str = "auto"  # kernels for attention and RMSNorm: auto | torch | triton
+    loss: str = "auto"  # the LM head\'s loss: auto | full (logits built) | fused (ltk/models/lm_head.py)
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "n_layer", "n_decoder_layer", "n_head",
@@ -114,6 +116,7 @@ class T5Config:
             raise ValueError(f"model.feed_forward must be one of {FEED_FORWARDS}, got {self.feed_forward!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"model.backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_loss(self.loss)
 
 
 # name -> fields; sizes as released by Raffel et al. 2020 (Table 14) and for T5 1.1
@@ -378,7 +381,8 @@ class T5(Pretrained, nn.Module):
         self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = T5Stack(cfg, is_decoder=False)
         self.decoder = T5Stack(cfg, is_decoder=True)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.d_model, cfg.vocab_size, bias=False, loss=cfg.loss,
+                                                                 backend=cfg.backend)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -407,8 +411,10 @@ class T5(Pretrained, nn.Module):
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_out: torch.Tensor,
                attention_mask: torch.Tensor | None = None,
-               decoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """decoder_input_ids (B, T), encoder_out (B, S, d) -> logits (B, T, V).
+               decoder_attention_mask: torch.Tensor | None = None, *,
+               targets: torch.Tensor | None = None) -> torch.Tensor:
+        """decoder_input_ids (B, T), encoder_out (B, S, d) -> logits (B, T, V); with targets (B, T)
+        (-100 where not scored), the mean loss instead (ltk/models/lm_head.py).
         attention_mask is the encoder's (B, S) padding mask, used by cross-attention."""
         if decoder_input_ids.dim() != 2:
             raise ValueError(f"decoder_input_ids must have shape (batch, time), got {tuple(decoder_input_ids.shape)}")
@@ -417,14 +423,19 @@ class T5(Pretrained, nn.Module):
                            _as_mask(decoder_attention_mask, decoder_input_ids, "decoder_attention_mask"),
                            context=encoder_out, context_mask=enc_mask)  # (B, T, d)
         if self.lm_head is None:  # tied: rescale by d^-1/2, as Mesh TensorFlow does
-            return F.linear(out * self.config.d_model ** -0.5, self.shared.weight)  # (B, T, V)
-        return self.lm_head(out)  # (B, T, V)
+            out = out * self.config.d_model ** -0.5
+            if targets is not None:
+                return head_loss(out, self.shared.weight, targets, loss=self.config.loss, backend=self.config.backend)
+            return F.linear(out, self.shared.weight)  # (B, T, V)
+        return self.lm_head(out) if targets is None else self.lm_head(out, targets)  # (B, T, V) or the loss
 
-    def forward(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None):
-        """Teacher forcing: logits (B, T, V) of the decoder given the whole target prefix.
-        decoder_input_ids are the targets shifted right with the start token (pad, id 0) first."""
+    def forward(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None, *,
+                targets=None):
+        """Teacher forcing: logits (B, T, V) of the decoder given the whole target prefix, or with
+        targets (B, T) the mean loss. decoder_input_ids are the targets shifted right with the
+        start token (pad, id 0) first."""
         encoder_out = self.encode(input_ids, attention_mask)
-        return self.decode(decoder_input_ids, encoder_out, attention_mask, decoder_attention_mask)
+        return self.decode(decoder_input_ids, encoder_out, attention_mask, decoder_attention_mask, targets=targets)
 
     @torch.no_grad()
     def generate_greedy(self, input_ids: torch.Tensor, max_new_tokens: int, *,

@@ -41,9 +41,11 @@ one being reduce-scattered:
 
     gathered(fsdp2) = p·(root + 3·block) + g·(root + 2·block)
 
-This term is read from how FSDP2 works, not yet fitted to a measurement, and it undercounts:
-`ltk bench parallel-memory --strategy fsdp2` (gpt2-350m, 4 CPU ranks, fp32) peaks at 3.14 GiB
-per rank in training against this plan's 2.17 GiB (1.45x; our zero3 at the same flags: 1.19x).
+Measured (`ltk bench parallel-memory --strategy fsdp2`, gpt2-350m, 4 CPU ranks, fp32): the
+training peak is 1.00x this plan (2.17 GiB per rank; our zero3 at the same flags 1.02x of its
+2.32 GiB), once RSS counts live tensors: with glibc's default dynamic mmap threshold the freed
+per-parameter buffers FSDP2 allocates each step stay in malloc's arenas and the RSS peak was
+1.45x (ltk/bench/parallel_memory.py, "The allocator").
 
 DeepSpeed's stages (ltk/parallel/deepspeed_engine.py) shard what ours shard, with one difference
 the plan adds: DeepSpeed's optimizer always works on a flat fp32 *copy* of its partition

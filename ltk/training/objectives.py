@@ -11,6 +11,10 @@ ids above the tokenizer's vocabulary (`extra_tokens`), so the model's vocabulary
 tokenizer's plus those: BERT's [MASK] is id V; T5's padding / decoder-start is id V and its
 100 sentinels are V+100 down to V+1 (T5's convention: sentinel i = vocab − 1 − i).
 
+The loss is the model's own: it is called with the targets and its head scores them, building
+the logits or not as `model.loss` says (ltk/models/lm_head.py: full, fused, auto). Evaluation
+takes the logits (it needs each token's loss, for bits per byte).
+
 Randomness (which tokens are masked or dropped) comes from a generator seeded by the step,
 the micro-batch and the rank, never from the global RNG: a resumed run draws the same masks.
 """
@@ -30,8 +34,7 @@ class CausalLM:
         pass
 
     def loss(self, model, x, y, gen: torch.Generator) -> torch.Tensor:
-        logits = model(x)  # (B, T, V)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+        return model(x, targets=y)  # the head scores it: full logits or fused (ltk/models/lm_head.py)
 
     def eval_sums(self, model, x, y, gen, token_bytes) -> torch.Tensor:
         """[Σ nats, #targets, Σ nats over targets that stand for bytes, Σ bytes] (evaluate.py)."""
@@ -49,15 +52,21 @@ class _Seq2Loss:
     has_bpb = False
 
     def eval_sums(self, model, x, y, gen, token_bytes) -> torch.Tensor:
-        logits, labels = self.forward(model, x, gen)
+        args, kwargs, labels = self.inputs(x, gen)
+        logits = model(*args, **kwargs)
         nats = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), reduction="sum")
         count = (labels != -100).sum().double()
         zero = torch.zeros((), dtype=torch.float64, device=x.device)
         return torch.stack([nats.double(), count, zero, zero])
 
     def loss(self, model, x, y, gen: torch.Generator) -> torch.Tensor:
-        logits, labels = self.forward(model, x, gen)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100)
+        args, kwargs, labels = self.inputs(x, gen)
+        return model(*args, **kwargs, targets=labels)  # mean over labels != -100 (ltk/models/lm_head.py)
+
+    def forward(self, model, x, gen):
+        """(logits, labels) of one batch."""
+        args, kwargs, labels = self.inputs(x, gen)
+        return model(*args, **kwargs), labels
 
 
 class MaskedLM(_Seq2Loss):
@@ -66,10 +75,11 @@ class MaskedLM(_Seq2Loss):
     def __init__(self, tokenizer_vocab: int, eot_id: int):
         self.vocab, self.mask_id, self.eot_id = tokenizer_vocab, tokenizer_vocab, eot_id
 
-    def forward(self, model, x, gen):
+    def inputs(self, x, gen):
+        """The model's arguments and the labels (B, T) of one batch of windows x (B, T)."""
         inputs, labels = mask_tokens(x.cpu(), vocab_size=self.vocab + 1, mask_id=self.mask_id,
                                      special_ids=(self.eot_id,), generator=gen)  # drawn on the CPU generator
-        return model(inputs.to(x.device)), labels.to(x.device)  # (B, T, V), (B, T)
+        return (inputs.to(x.device),), {}, labels.to(x.device)
 
 
 class SpanCorruption(_Seq2Loss):
@@ -93,9 +103,9 @@ class SpanCorruption(_Seq2Loss):
             dec[i, 1:len(tgt)], dec_mask[i, :len(tgt)] = tgt[:-1], True  # teacher forcing, shifted right
         return [t.to(x.device) for t in (enc, enc_mask, dec, dec_mask, labels)]
 
-    def forward(self, model, x, gen):
+    def inputs(self, x, gen):
         enc, enc_mask, dec, dec_mask, labels = self.batch(x, gen)
-        return model(enc, dec, attention_mask=enc_mask, decoder_attention_mask=dec_mask), labels
+        return (enc, dec), {"attention_mask": enc_mask, "decoder_attention_mask": dec_mask}, labels
 
 
 OBJECTIVES = {"gpt": CausalLM, "llama": CausalLM, "bert": MaskedLM, "t5": SpanCorruption}
