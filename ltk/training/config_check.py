@@ -203,6 +203,11 @@ def _check_engines(cfg: RunConfig) -> None:
     """What each engine of ltk/parallel/ can run (the same at any world size)."""
     p, t = cfg.parallel, cfg.trainer
     _check_unused(cfg)
+    if getattr(cfg.model, "loss", "auto") == "fused" and (p.tp > 1 or p.pp > 1):
+        why = ("tensor parallelism replaces with the vocab-parallel loss over its vocabulary slice" if p.tp > 1
+               else "the pipeline's last stage does not call: it builds its micro-batch's logits")
+        raise ConfigError(f"--model.loss fused is the LM head's (ltk/models/lm_head.py), which {why}; drop it "
+                          "(--model.loss auto) or run without --parallel.tp / --parallel.pp")
     if p.reduce_dtype == "bf16" and _dtype(cfg) != "bf16":
         raise ConfigError(f"--parallel.reduce_dtype bf16 reduces bf16 gradients: it needs --trainer.dtype bf16 "
                           f"(this run's gradients are fp32: --trainer.dtype {t.dtype} on this machine)")

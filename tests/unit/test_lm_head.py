@@ -98,3 +98,16 @@ def test_training_with_the_fused_loss_follows_the_full_one(tiny_corpus, tmp_path
     full, fused = run("full"), run("fused")
     assert len(full) == len(fused) == 12
     assert max(abs(a - b) for a, b in zip(full, fused)) <= 1e-5, (full, fused)
+
+
+@pytest.mark.parametrize("layout, words", [(dict(tp=2), "vocab-parallel"), (dict(pp=2), "last stage")])
+def test_fused_loss_is_refused_where_the_head_does_not_score(layout, words):
+    from ltk.training.config import ConfigError
+    from ltk.training.config_check import check_run
+
+    cfg = get_preset("gpt-debug")
+    cfg.model.loss = "fused"
+    for k, v in layout.items():
+        setattr(cfg.parallel, k, v)
+    with pytest.raises(ConfigError, match=words):
+        check_run(cfg, world=2, size=False, warn=False)
