@@ -50,7 +50,8 @@ the schedule turns FSDP2's resharding and gradient sync off for every micro-batc
 (torch's stage.py, `backward_maybe_with_nosync`), so by the last backward the stage holds all its
 parameters gathered and its gradients whole until the step's reduce-scatter (`fsdp2_pp_gathered_bytes`):
 
-    gathered(fsdp2, pp > 1) = (p + g)·Ψ_stage       Ψ_stage: the largest stage's parameters
+    gathered(fsdp2, pp > 1) = (p + g_r)·Ψ_stage     Ψ_stage: the largest stage's parameters,
+                                                    g_r: bytes of a gradient in the reduce dtype
 
 — the sharding saves memory between steps (the 1/dp shards, AdamW's moments), not at the step's
 peak. Read from torch's code, not measured here.
@@ -152,8 +153,9 @@ def fsdp2_gathered_bytes(s: Shape, tp: int, prec: cost.Precision) -> int:
 
 
 def fsdp2_pp_gathered_bytes(s: Shape, tp: int, pp: int, prec: cost.Precision) -> int:
-    """FSDP2 stages under a pipeline schedule: the largest stage gathered, its gradients whole (docstring)."""
-    return (prec.param + prec.grad) * params_per_rank(s, tp, pp)
+    """FSDP2 stages under a pipeline schedule: the largest stage gathered, its gradients whole (docstring),
+    accumulated in the reduce dtype (FSDP2's `to_accumulated_grad_if_needed`)."""
+    return (prec.param + prec.comm_grad) * params_per_rank(s, tp, pp)
 
 
 def check_plan(world: int, tp: int, pp: int, batch: int, seq_len: int | None, micro_batches: int, virtual: int,
