@@ -351,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--parallel", metavar="{" + ",".join(PARALLEL_CHOICES) + "}",
                    help="parallel strategy: one of ours (ltk/parallel/, written to learn from) or a production "
                    "engine (torch-ddp, fsdp2, torch-tp, torch-pp, deepspeed-zero1/2/3); a data-parallel engine, or "
-                   "tp / pp / torch-tp / torch-pp over all ranks; combine with --parallel.tp N / --parallel.pp N")
+                   "tp / pp / torch-tp / torch-pp over all ranks; combine with --parallel.tp N / --parallel.pp N "
+                   "(PP x FSDP2: --parallel fsdp2 --parallel.pp N --parallel.pp_engine torch)")
     t.add_argument("--profile", action="store_true",
                    help="trace a few steps with torch.profiler and sample GPU counters (trainer.profile): "
                    "writes profile/ in the run folder")

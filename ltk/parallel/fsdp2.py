@@ -74,8 +74,9 @@ def device_mesh(dp: int, tp: int, device: torch.device):
 
 
 def shard_model(model: nn.Module, dp_mesh, *, compute_dtype: str, reduce_dtype: str,
-                reshard_after_forward: bool) -> None:
-    """fully_shard every block, then the root (embeddings, final norm, head), over dp_mesh."""
+                reshard_after_forward: bool, block_list: list[nn.Module] | None = None) -> None:
+    """fully_shard every block (default: `blocks(model)`), then the root (embeddings, final norm,
+    head), over dp_mesh."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # FSDP2 warns that a block returns a view (DTensor TP's to_local outputs, the head's logits): an
@@ -85,7 +86,7 @@ def shard_model(model: nn.Module, dp_mesh, *, compute_dtype: str, reduce_dtype: 
     mp = MixedPrecisionPolicy()
     if as_dtype(compute_dtype) != torch.float32:
         mp = MixedPrecisionPolicy(param_dtype=as_dtype(compute_dtype), reduce_dtype=as_dtype(reduce_dtype))
-    for block in blocks(model):
+    for block in blocks(model) if block_list is None else block_list:
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     # the root's parameters are used first (embeddings) and last (head): resharding them after the
     # forward would only gather them again for the backward at once (torchtitan keeps them, too)

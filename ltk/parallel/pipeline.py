@@ -63,6 +63,7 @@ from torch.utils.checkpoint import checkpoint
 from ltk.models.gpt import GPT
 from ltk.models.init import make_real
 from ltk.parallel.dist import Comm
+from ltk.parallel.fsdp2 import local
 from ltk.parallel.pipeline_sim import simulate
 from ltk.parallel.reference import make_optimizer
 from ltk.parallel.schedules import Schedule, validate
@@ -304,4 +305,5 @@ class PipelineTrainer:
             last.lm_head.weight.grad.copy_(g)
         elif self.comms.embed is not None:
             w = first.wte.weight if first.first else last.lm_head.weight
-            self.comms.embed.all_reduce(w.grad)
+            # under FSDP2 (torch_pp_fsdp.py) both copies are sharded alike over dp: sum the local shards
+            self.comms.embed.all_reduce(local(w.grad))

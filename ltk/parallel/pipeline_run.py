@@ -52,9 +52,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from ltk.models.gpt import GPT
 from ltk.parallel.dist import Mesh
+from ltk.parallel.fsdp2 import local
 from ltk.parallel.mixed import MasterOptimizer, as_dtype, mixed_factory
 from ltk.parallel.pipeline import GPTStage, PipelineComms, PipelineTrainer, StepTimings
 from ltk.parallel.reference import dp_shard
@@ -67,6 +69,9 @@ def _is_tied_copy(chunk: GPTStage, name: str) -> bool:
 
 
 def _clone(v: Any) -> Any:
+    """A copy of v; a DTensor (an FSDP2 shard, torch_pp_fsdp.py) whole: collective over its mesh."""
+    if isinstance(v, DTensor):
+        return v.full_tensor()
     return v.detach().clone() if torch.is_tensor(v) else v
 
 
@@ -108,7 +113,7 @@ class PipelineRun:
         self._group_names = self._full_group_names(model, full_groups, canonical)
         self._group_keys = [{k: v for k, v in g.items() if k != "params"} for g in full_groups]  # weight_decay, ...
         self._keys = list(model.state_dict().keys())
-        factory = mixed_factory(optimizer_factory, compute_dtype)  # casts the stages' parameters
+        factory = self._factory(optimizer_factory, compute_dtype)
         if engine not in ("ltk", "torch"):
             raise ValueError(f"pipeline engine must be 'ltk' (pipeline.py) or 'torch' (torch_pipeline.py), "
                              f"got {engine!r}")
@@ -126,7 +131,12 @@ class PipelineRun:
         # (single-process name, parameter, counted in the norm) for every local parameter
         self._params = [(self._alias[n], p, not _is_tied_copy(c, n))
                         for c in self.chunks for n, p in c.named_parameters()]
+        self._norm_comms = [self.pp_comm]  # the groups whose ranks hold distinct parts of ‖g‖²
         self.last_timings = StepTimings()
+
+    def _factory(self, optimizer_factory: Callable, compute_dtype: str) -> Callable:
+        """The optimizer over this rank's stages: bf16 stages with fp32 masters (mixed.py) unless fp32."""
+        return mixed_factory(optimizer_factory, compute_dtype)  # casts the stages' parameters
 
     @staticmethod
     def _full_group_names(model: GPT, groups: list[dict], canonical: dict[int, str]) -> list[list[str]]:
@@ -179,26 +189,30 @@ class PipelineRun:
         loss, tm = self.trainer.forward_backward(x, y)
         t1 = time.perf_counter()
         if self.dp_size > 1:
-            grads = []
-            for _, p, _ in self._params:
-                if p.grad is None:  # a parameter the forward did not reach: a zero gradient
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
-            flat = torch.cat([g.reshape(-1).to(self.reduce_dtype) for g in grads])  # (Ψ_rank,): one bucket
-            self.dp_comm.all_reduce(flat)
-            flat.div_(self.dp_size)
-            off = 0
-            for (_, p, _), g in zip(self._params, grads):
-                g.copy_(flat[off:off + g.numel()].view_as(g))
-                if flat.dtype != g.dtype:  # the masters take the fp32 mean itself
-                    self._reduced[id(p)] = flat[off:off + g.numel()].view_as(g)
-                off += g.numel()
+            self._reduce_over_dp()
         total = torch.tensor([loss if loss is not None else 0.0], dtype=torch.float64, device=self.trainer.device)
         self.pp_comm.broadcast(total, src=self.pp_comm.size - 1)  # the last stage's rank of the pipeline
         self.dp_comm.all_reduce(total)
         tm.other += time.perf_counter() - t1
         self.last_timings = tm
         return total.item() / self.dp_size
+
+    def _reduce_over_dp(self) -> None:
+        """Step 2: the mean of the replicas' gradients, one all-reduce of a flat fp32/bf16 bucket."""
+        grads = []
+        for _, p, _ in self._params:
+            if p.grad is None:  # a parameter the forward did not reach: a zero gradient
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        flat = torch.cat([g.reshape(-1).to(self.reduce_dtype) for g in grads])  # (Ψ_rank,): one bucket
+        self.dp_comm.all_reduce(flat)
+        flat.div_(self.dp_size)
+        off = 0
+        for (_, p, _), g in zip(self._params, grads):
+            g.copy_(flat[off:off + g.numel()].view_as(g))
+            if flat.dtype != g.dtype:  # the masters take the fp32 mean itself
+                self._reduced[id(p)] = flat[off:off + g.numel()].view_as(g)
+            off += g.numel()
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """‖g‖ over the whole model (the tied weight once), all-reduced over the pipeline;
@@ -208,8 +222,9 @@ class PipelineRun:
         sq = torch.zeros((), dtype=torch.float32, device=self.trainer.device)
         for (_, _, counted), g in zip(self._params, grads):
             if counted and g is not None:
-                sq += g.float().pow(2).sum()
-        self.pp_comm.all_reduce(sq)
+                sq += local(g).float().pow(2).sum()  # a DTensor shard: this rank's part of the sum
+        for comm in self._norm_comms:
+            comm.all_reduce(sq)
         norm = sq.sqrt().item()
         if math.isfinite(max_norm) and math.isfinite(norm):
             coef = min(1.0, max_norm / (norm + 1e-6))  # as torch.nn.utils.clip_grad_norm_

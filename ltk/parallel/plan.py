@@ -47,6 +47,17 @@ training peak is 1.00x this plan (2.17 GiB per rank; our zero3 at the same flags
 per-parameter buffers FSDP2 allocates each step stay in malloc's arenas and the RSS peak was
 1.45x (ltk/bench/parallel_memory.py, "The allocator").
 
+fsdp2 with pp > 1 (torch.distributed.pipelining over FSDP2 stages, ltk/parallel/torch_pp_fsdp.py):
+the schedule turns FSDP2's resharding and gradient sync off for every micro-batch but the last
+(torch's stage.py, `backward_maybe_with_nosync`), so by the last backward the stage holds all its
+parameters gathered and its gradients whole until the step's reduce-scatter (`fsdp2_pp_gathered_bytes`):
+
+    gathered(fsdp2, pp > 1) = (p + g_r)·Ψ_stage     Ψ_stage: the largest stage's parameters,
+                                                    g_r: bytes of a gradient in the reduce dtype
+
+— the sharding saves memory between steps (the 1/dp shards, AdamW's moments), not at the step's
+peak. Read from torch's code, not measured here.
+
 DeepSpeed's stages (ltk/parallel/deepspeed_engine.py) shard what ours shard, with one difference
 the plan adds: DeepSpeed's optimizer always works on a flat fp32 *copy* of its partition
 (`single_partition_of_fp32_groups`, stage 3's `fp32_partitioned_groups_flat`), even when the
@@ -143,6 +154,12 @@ def fsdp2_gathered_bytes(s: Shape, tp: int, prec: cost.Precision) -> int:
     return prec.param * (root + 3 * block) + prec.grad * (root + 2 * block)
 
 
+def fsdp2_pp_gathered_bytes(s: Shape, tp: int, pp: int, prec: cost.Precision) -> int:
+    """FSDP2 stages under a pipeline schedule: the largest stage gathered, its gradients whole (docstring),
+    accumulated in the reduce dtype (FSDP2's `to_accumulated_grad_if_needed`)."""
+    return (prec.param + prec.comm_grad) * params_per_rank(s, tp, pp)
+
+
 def check_plan(world: int, tp: int, pp: int, batch: int, seq_len: int | None, micro_batches: int, virtual: int,
                efficiency: float | None) -> None:
     """Refuse a mesh or batch that no run could have, naming the `ltk plan` flag and its range
@@ -178,6 +195,9 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
     if strategy == "torch-tp" and (dp > 1 or pp > 1):
         raise ValueError(f"torch-tp runs tensor parallelism over every rank (--tp {world}); with {dp} data-parallel "
                          f"ranks plan --strategy fsdp2 --tp {tp}")
+    if strategy == "fsdp2" and tp > 1 and pp > 1:
+        raise ValueError("fsdp2 with both --tp and --pp (a 3-D mesh) is not wired: plan --strategy fsdp2 with --tp N "
+                         "(FSDP2 x TP) or with --pp N (PP x FSDP2)")
     stage = ENGINES[strategy] or 0
     s = model_shape(family, cfg)
     T = seq_len or getattr(cfg, "block_size", 1024)
@@ -208,7 +228,10 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
         breakdown["pipeline"] = {"send": sends[r], **({"all_reduce": tied[r]} if tied[r] else {})}
     gathered = 0
     if stage == 3 and dp > 1:
-        gathered = (fsdp2_gathered_bytes if strategy == "fsdp2" else gathered_bytes)(s, tp, prec)
+        if strategy == "fsdp2" and pp > 1:
+            gathered = fsdp2_pp_gathered_bytes(s, tp, pp, prec)
+        else:
+            gathered = (fsdp2_gathered_bytes if strategy == "fsdp2" else gathered_bytes)(s, tp, prec)
     if strategy.startswith("deepspeed-") and dtype == "fp32":  # its fp32 copy of the partition (docstring)
         states = {**states, "optimizer": states["optimizer"] + 4 * math.ceil(psi / dp)}
     total = states["params"] + states["grads"] + states["optimizer"] + activations + gathered

@@ -26,6 +26,9 @@ holds, with a view of its own memory for each, whatever the engine:
                                              on a mesh dim is written where that coordinate is 0
     pipeline (pipeline_run.py)               each stage's parameters whole; GPT's tied copy
                                              of wte on the last stage held, never written
+    pipeline x fsdp2 (torch_pp_fsdp.py)      each stage's DTensor shards, as fsdp2's, under
+                                             the single-process names; the tied copy likewise
+                                             held, never written
     mixed precision (mixed.py)               the replicated engines' boxes are held by the
                                              fp32 master (what the optimizer updates and is
                                              keyed by); the bf16 parameter is a copy filled
@@ -211,6 +214,14 @@ def local_boxes(run) -> list[Box]:
     masters = _masters(run.optimizer)
     if isinstance(run, PipelineRun):
         out = []
+        if getattr(run, "dtensor", False):  # FSDP2 over dp (torch_pp_fsdp.py): each stage's DTensor shards
+            run.reshard()
+            for c in run.chunks:
+                for b in dtensor_boxes(c, {"dp": run.dp_rank}):
+                    b.write = b.write and not _is_tied_copy(c, b.name)
+                    b.name = run._alias[b.name]
+                    out.append(b)
+            return out
         for c in run.chunks:
             for n, p in c.named_parameters():
                 write = run.dp_rank == 0 and not _is_tied_copy(c, n)

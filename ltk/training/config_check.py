@@ -223,9 +223,10 @@ def _check_engines(cfg: RunConfig) -> None:
         raise ConfigError(f"--parallel.pp_engine {p.pp_engine} chooses the pipeline executor: it needs "
                           "--parallel.pp > 1 (or --parallel torch-pp)")
     if p.pp > 1:
-        if cfg.family != "gpt" or p.tp > 1 or p.strategy not in ("auto", "ddp", "none"):
+        if cfg.family != "gpt" or p.tp > 1 or p.strategy not in ("auto", "ddp", "none", "fsdp2"):
             raise ConfigError("pipeline parallelism (--parallel.pp) runs GPT, composed with data parallelism only "
-                              "(dp = world / pp; no --parallel.tp or ZeRO with it)")
+                              "(dp = world / pp: replicas, or fsdp2 with --parallel.pp_engine torch; no "
+                              "--parallel.tp or ZeRO with it)")
         if t.dtype == "fp16" or t.compile:
             raise ConfigError("pipeline parallelism (--parallel.pp) runs without --trainer.dtype fp16 (its stages "
                               "have no loss scaler) and without --trainer.compile (its stages are copies of the "
@@ -262,9 +263,17 @@ def _check_torch_engine(cfg: RunConfig) -> None:
     """What PyTorch's DTensor engines are wired for here (ltk/parallel/fsdp2.py), each refusal
     naming the nearest run that works."""
     p, t, name = cfg.parallel, cfg.trainer, cfg.parallel.strategy
-    if p.pp > 1:
-        raise ConfigError(f"--parallel {name} with --parallel.pp: pipeline parallelism runs our engine "
-                          "(ltk/parallel/pipeline_run.py) with ddp over dp; use --parallel ddp --parallel.pp N")
+    if p.pp > 1 and name == "torch-tp":
+        raise ConfigError("--parallel torch-tp with --parallel.pp: DTensor TP inside pipeline stages is not wired; "
+                          "use --parallel tp (ours) or --parallel fsdp2 --parallel.pp N --parallel.pp_engine torch")
+    if p.pp > 1 and p.tp > 1:
+        raise ConfigError(f"--parallel fsdp2 with both --parallel.tp {p.tp} and --parallel.pp {p.pp}: the 3-D "
+                          "mesh (FSDP2 x DTensor TP x pipelining) is not wired; drop one: fsdp2 --parallel.tp N "
+                          "(2-D, FSDP2 x TP) or fsdp2 --parallel.pp N --parallel.pp_engine torch (PP x FSDP2)")
+    if p.pp > 1 and p.pp_engine != "torch":
+        raise ConfigError(f"--parallel fsdp2 with --parallel.pp {p.pp} runs torch.distributed.pipelining, which "
+                          "drives FSDP2's gradient sync across micro-batches (the lab's executor does not): add "
+                          "--parallel.pp_engine torch, or use --parallel ddp --parallel.pp N (our pipeline)")
     if t.compile:
         raise ConfigError(f"--trainer.compile with --parallel {name} is not wired (the blocks would be compiled "
                           "under fully_shard's hooks and DTensor's dispatch, untested here); drop --trainer.compile "

@@ -2,7 +2,8 @@
 
 One process: the plain model (torch.compile'd where asked). Several: a data-parallel strategy
 (ours from ltk/parallel/, or PyTorch's DDP when none is named) over the mesh, tensor parallelism
-inside it, or a pipeline (ltk/parallel/pipeline_run.py) that runs the whole step itself. Model
+inside it, or a pipeline (ltk/parallel/pipeline_run.py; its stages under FSDP2 with --parallel
+fsdp2, ltk/parallel/torch_pp_fsdp.py) that runs the whole step itself. Model
 code stays single-device: the engine wraps it from outside (DESIGN.md). Which combinations each
 engine takes is checked before anything is built (ltk/training/config_check.py); what is left
 here is what only the built engine knows: its data-parallel size.
@@ -58,10 +59,15 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -
     dtype = compute_dtype(cfg, device)
     factory = lambda groups: build_optimizer(groups, cfg.optim, device.type)  # noqa: E731
     if p.pp > 1:  # the pipeline runs the whole step: grad_accum micro-batches flow through the stages
-        run = PipelineRun(model, lambda mod: mod.param_groups(wd), factory, pp=p.pp, schedule=p.schedule,
-                          virtual=p.virtual_stages, micro_batches=t.grad_accum, compute_dtype=dtype,
-                          reduce_dtype=None if p.reduce_dtype == "auto" else p.reduce_dtype, device=device,
-                          engine=p.pp_engine)
+        kw = dict(pp=p.pp, schedule=p.schedule, virtual=p.virtual_stages, micro_batches=t.grad_accum,
+                  compute_dtype=dtype, reduce_dtype=None if p.reduce_dtype == "auto" else p.reduce_dtype, device=device)
+        if p.strategy == "fsdp2":  # torch's schedules over FSDP2 stages (config_check: pp_engine torch)
+            from ltk.parallel.torch_pp_fsdp import FSDPPipelineRun
+
+            run = FSDPPipelineRun(model, lambda mod: mod.param_groups(wd), factory,
+                                  reshard_after_forward=p.reshard_after_forward, **kw)
+        else:
+            run = PipelineRun(model, lambda mod: mod.param_groups(wd), factory, engine=p.pp_engine, **kw)
     else:
         whole = t.compile and p.strategy in ("auto", "none", "torch-ddp")
         if t.compile and not whole:

@@ -95,3 +95,22 @@ def test_deepspeed_adds_its_fp32_partition_copy_in_fp32_only(stage):
         assert ds["optimizer"] - ours["optimizer"] == extra * math.ceil(ours["num_params_per_rank"] / 4)
         assert (ds["params"], ds["grads"], ds["comm_bytes_per_step"]) == \
             (ours["params"], ours["grads"], ours["comm_bytes_per_step"])
+
+
+def test_fsdp2_under_a_pipeline_holds_its_stage_gathered():
+    """PP x FSDP2: shards of the largest stage over dp, and the whole stage gathered with its
+    whole gradients at the step's peak (torch's schedule syncs only after the last micro-batch)."""
+    from ltk.parallel.plan import fsdp2_pp_gathered_bytes
+
+    cfg = GPTConfig(**CFG)
+    s = model_shape("gpt", cfg)
+    p = plan("gpt", cfg, world=4, strategy="fsdp2", pp=2, batch=8, micro_batches=2, dtype="bf16")
+    stage = params_per_rank(s, 1, 2)
+    assert p["mesh"] == {"dp": 2, "tp": 1, "pp": 2} and p["num_params_per_rank"] == stage
+    assert p["params"] == 2 * math.ceil(stage / 2) and p["optimizer"] == 12 * math.ceil(stage / 2)
+    assert p["gathered"] == fsdp2_pp_gathered_bytes(s, 1, 2, cost.Precision.of("bf16")) == (2 + 2) * stage
+    fp32_reduce = plan("gpt", cfg, world=4, strategy="fsdp2", pp=2, batch=8, micro_batches=2, dtype="bf16",
+                       reduce_dtype="fp32")
+    assert fp32_reduce["gathered"] == (2 + 4) * stage  # whole gradients accumulate in the reduce dtype
+    with pytest.raises(ValueError, match="3-D mesh"):
+        plan("gpt", cfg, world=8, strategy="fsdp2", tp=2, pp=2, micro_batches=2)
