@@ -47,10 +47,13 @@ import torch.nn.functional as F
 
 from ltk.kernels.backend import HAS_TRITON, check_float, check_same_device, resolve_backend
 from ltk.kernels.norm_common import check_mode, next_pow2, on_device
+from ltk.kernels.poison import output_allocator
 
 REDUCTIONS = ("mean", "sum", "none")
 MAX_BLOCK = 4096          # V-piece one program holds (fp32 in registers: 16 values a thread at 8 warps)
 TORCH_CHUNK_BYTES = 64 * 2**20  # torch backend: fp32 working memory per row chunk
+POISON_OUTPUTS = False          # NaN-filled loss buffers (tests, the GPU check): ltk/kernels/poison.py
+_empty = output_allocator(__name__)
 
 if HAS_TRITON:
     import triton
@@ -128,7 +131,7 @@ def ce_rows_triton(x: torch.Tensor, target: torch.Tensor, *, ignore_index: int, 
     """ℓ per row (fp32, (R,)) of the (R, V) logits x (rows contiguous); with `write_grad`,
     x is overwritten with scale·∂ℓ/∂x. The kernel the fused linear cross-entropy calls per chunk."""
     r, v = x.shape
-    loss = torch.empty(r, dtype=torch.float32, device=x.device)
+    loss = _empty((r,), torch.float32, x.device)
     if r == 0:
         return loss
     block, warps = launch_config(v)
@@ -158,7 +161,7 @@ def ce_rows_torch(x: torch.Tensor, target: torch.Tensor, *, ignore_index: int, l
     loss = lse - (1 - label_smoothing) * z.gather(1, safe).squeeze(1) + z_loss * lse * lse
     if label_smoothing:
         loss = loss - label_smoothing / v * z.sum(1)
-    loss = torch.where(valid, loss, torch.zeros_like(loss)).float()
+    loss = torch.where(valid, loss, torch.zeros_like(loss))                     # fp32 (float64 for float64 x)
     if not want_grad:
         return loss, None
     g = z.sub_(lse.unsqueeze(1)).exp_()                                         # p, in place of z
@@ -168,7 +171,7 @@ def ce_rows_torch(x: torch.Tensor, target: torch.Tensor, *, ignore_index: int, l
     g.scatter_add_(1, safe, torch.full_like(safe, -(1 - label_smoothing), dtype=cdt))
     if t is not None:
         g.mul_(t.mul_(t).neg_().add_(1))                                        # 1 − tanh²
-    g.mul_(torch.where(valid, scale, 0.0).to(cdt).unsqueeze(1))
+    g.mul_((valid.to(cdt) * scale).unsqueeze(1))                                # s, 0 on ignored rows
     return loss, g
 
 
@@ -255,7 +258,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if backend == "triton":
             rows = ce_rows_triton(x, y, write_grad=write, **opts)
         else:
-            rows = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+            rows = torch.empty(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
             step = max(1, TORCH_CHUNK_BYTES // (8 * v))             # rows whose two fp32 temporaries fit the chunk
             for r0 in range(0, x.shape[0], step):
                 rows[r0:r0 + step], g = ce_rows_torch(x[r0:r0 + step], y[r0:r0 + step], want_grad=write, **opts)

@@ -108,7 +108,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         dw = torch.zeros(v, d, dtype=acc, device=h.device) if need_w else None
         db = torch.zeros(v, dtype=acc, device=h.device) if need_b else None
-        rows = torch.empty(n, dtype=torch.float32, device=h.device)
+        rows = torch.empty(n, dtype=acc, device=h.device)
         for r0 in range(0, n, chunk_rows):
             r1 = min(n, r0 + chunk_rows)
             hc, yc = h[r0:r1], target[r0:r1]                       # (R, d), (R,)
