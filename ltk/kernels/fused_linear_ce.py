@@ -171,7 +171,8 @@ def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: to
     if bias is not None:
         check_float("bias", bias, _TORCH_DTYPES)
         if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight's rows; got {tuple(bias.shape)}")
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight's rows; "
+                             f"got {tuple(bias.shape)}")
     check_options(ignore_index, label_smoothing, z_loss, softcap, reduction)
     if reduction == "none":
         raise ValueError("fused_linear_cross_entropy takes reduction='mean' or 'sum': with 'none' the weight "
