@@ -43,6 +43,7 @@ ATTENTION_PROVIDERS = ("ours", "torch", "sdpa", "torch.compile", "flash-attn")
 NORM_PROVIDERS = ("ours", "torch", "unfused", "torch.compile", "liger")
 NF4_PROVIDERS = ("ours", "ours-reference", "bitsandbytes", "dense", "torch.compile")
 LORA_PROVIDERS = ("ours", "ours-reference", "peft", "torch.compile")
+CROSS_ENTROPY_PROVIDERS = ("fused", "torch", "torch.compile", "liger")
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,25 @@ BENCHMARKS: dict[str, Benchmark] = {
                 Option("min_time", float, 0.25, "timed seconds per point"),
                 Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
                 Option("seed", int, 0, "seed of the random inputs"),
+            ),
+        ),
+        Benchmark(
+            "cross-entropy",
+            "the loss step (fwd+bwd of CE(h·Wᵀ, y)), time and peak memory over V and N: our fused linear "
+            "cross-entropy vs F.cross_entropy on the full logits, torch.compile, Liger",
+            "ltk.bench.cross_entropy:run",
+            (
+                Option("vocab_sizes", str, None, "comma list of V (default: 8192,32768 on a CPU; "
+                       "32000,50257,128256 on CUDA)"),
+                Option("tokens", str, None, "comma list of N = B·T (default: 1k,4k on a CPU; 4k,8k on CUDA)"),
+                Option("hidden", int, None, "d, the hidden size (default: 256 on a CPU, 2048 on CUDA)"),
+                Option("dtype", str, "auto", "auto = bf16 on CUDA, fp32 on a CPU", ("auto", "fp32", "fp16", "bf16")),
+                Option("providers", str, "all", "comma list of " + ", ".join(CROSS_ENTROPY_PROVIDERS) + ", or all"),
+                Option("min_time", float, None, "timed seconds per point (default: 0.25; 0 = one step)"),
+                Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
+                Option("seed", int, 0, "seed of h, W and the targets"),
+                Option("preset", str, None, "llama3-8k: N 8192, d 2048, V 128256, one timed step (the memory "
+                       "check)", ("llama3-8k",)),
             ),
         ),
         Benchmark(

@@ -265,3 +265,24 @@ def test_a_failed_compile_is_reported_and_the_sweep_goes_on(monkeypatch):
     assert [r.provider for r in rows] == ["torch"]
     reason = rows.skipped_summary()["torch.compile"]
     assert reason == "failed: RuntimeError: InvalidCxxCompiler: no working C++ compiler found"
+
+
+# --- cross-entropy ----------------------------------------------------------------------------
+
+def test_cross_entropy_rows_measure_peaks_in_fresh_processes_and_compare_them():
+    from ltk.bench.cross_entropy import memory_section
+    from ltk.kernels.fused_linear_ce import flops
+
+    rows = run_benchmark("cross-entropy", tokens="24", vocab_sizes="50", hidden=8, min_time=0.01, device="cpu")
+    assert {r.provider for r in rows} == {"fused", "torch"}
+    for r in rows:
+        e = _extra(r)
+        assert 0 < r.p20_ms <= r.median_ms <= r.p80_ms and r.peak_mem_mb > 0 and e["peak_source"].startswith("VmHWM")
+        assert e["flops"] == flops(24, 8, 50) and r.tflops == pytest.approx(e["flops"] / (r.median_ms * 1e-3) / 1e12)
+    skipped = rows.skipped_summary()
+    assert "CUDA" in skipped["liger"] and "CUDA" in skipped["torch.compile"]
+    assert "| N=24,d=8,V=50 |" in rows.sections["Memory"]
+    for r in rows:  # the verdict of the point, from rows relabelled to it
+        r.shape = "N=8192,d=2048,V=128256"
+        r.peak_mem_mb = 100.0 if r.provider == "torch" else 20.0
+    assert "0.200, met" in memory_section(rows)
