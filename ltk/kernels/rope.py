@@ -142,9 +142,9 @@ def launch_config(seq: int, heads_q: int, heads_kv: int, half: int, *, interpret
     """(BLOCK_HALF, HBQ, HBK, BLOCK_T): the kernel's tile is HB heads × BLOCK_T tokens × BLOCK_HALF
     dims (each half of the head), up to TILE elements (16 fp32 values a thread per half with 4
     warps); heads first, so cos and sin are loaded once for as many heads as fit, then tokens, so
-    a model with few heads still gives each program a full tile. The interpreter takes 8× the
-    tile: it runs programs one after another, and fewer of them is faster."""
-    tile = TILE * (8 if interpreter else 1)
+    a model with few heads still gives each program a full tile. The interpreter takes 64× the
+    tile: it runs programs one after another, each op at a fixed cost, so fewer is faster."""
+    tile = TILE * (64 if interpreter else 1)
     block_half = next_pow2(half)
     per_tile = max(1, tile // block_half)
     hbq, hbk = min(next_pow2(max(heads_q, 1)), per_tile), min(next_pow2(max(heads_kv, 1)), per_tile)
