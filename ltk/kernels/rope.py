@@ -22,10 +22,12 @@ cos, sin (T, D), (B, T, D) or (B, 1, T, D) (a batch dim of 1 broadcasts), one ro
 a decode step's offset, packed sequences whose positions restart, any positions at all are the
 caller's choice of rows. cos and sin are constants (no gradient flows to them).
 
-`inplace=True` writes the rotated values into q and k (autograd is told: `mark_dirty`), and the
+`inplace=True` writes the rotated values into q and k (autograd is told: `mark_dirty`; a launch
+each, as autograd allows a Function that modifies a view in place only one output), and the
 backward rotates the incoming gradients in place where that is safe: when autograd holds the only
 reference to them (the test AccumulateGrad uses to steal a gradient), so a gradient a caller or
-another node still reads is never overwritten; otherwise it writes new tensors.
+another node still reads is never overwritten; otherwise it writes new tensors. Out of place, one
+launch rotates q and k together.
 
 The I/O argument: 2 FLOPs + 1 add an element against, in bf16, 4 bytes moved (read x, write y),
 plus cos and sin (T·D each, shared by every head and batch row: from the caches). Eager PyTorch
@@ -187,26 +189,44 @@ def _sole_owner(t: torch.Tensor) -> bool:
 
 
 class RoPEFunction(torch.autograd.Function):
-    """(q', k') = RoPE(q), RoPE(k) with the Triton kernel above; in place on q and k with `inplace`."""
+    """(q', k') = RoPE(q), RoPE(k) into new tensors with the Triton kernel above: one launch for both."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, inplace: bool):
+    def forward(ctx, q, k, cos, sin):
         cos, sin = _as_btd(cos), _as_btd(sin)
-        qo, ko = (q, k) if inplace else (_empty_like(q), _empty_like(k))
+        qo, ko = _empty_like(q), _empty_like(k)
         _launch(q, k, qo, ko, cos, sin, backward=False)
         ctx.save_for_backward(cos, sin)
-        ctx.inplace = inplace
         ctx.set_materialize_grads(False)
-        if inplace:
-            ctx.mark_dirty(q, k)
         return qo, ko
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        out = [None if d is None else d if ctx.inplace and _sole_owner(d) else _empty_like(d) for d in (dq, dk)]
+        out = [None if d is None else _empty_like(d) for d in (dq, dk)]
         _launch(dq, dk, out[0], out[1], cos, sin, backward=True)
-        return out[0], out[1], None, None, None
+        return out[0], out[1], None, None
+
+
+class RoPEInPlaceFunction(torch.autograd.Function):
+    """x' = RoPE(x) written into x (q or k). One tensor a call: autograd lets a Function that
+    modifies a view in place (the models' q and k are views of their projections) return only
+    one, so q and k take a launch each. The backward rotates dx in place where that is safe."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        cos, sin = _as_btd(cos), _as_btd(sin)
+        _launch(x, None, x, None, cos, sin, backward=False)
+        ctx.save_for_backward(cos, sin)
+        ctx.mark_dirty(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        dx = dy if _sole_owner(dy) else _empty_like(dy)
+        _launch(dy, None, dx, None, cos, sin, backward=True)
+        return dx, None, None
 
 
 _TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -262,7 +282,9 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
             cos, sin = cos[:, None], sin[:, None]
         qo, ko = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
         return (q.copy_(qo), k.copy_(ko)) if inplace else (qo, ko)
-    return RoPEFunction.apply(q, k, cos, sin, inplace)
+    if inplace:
+        return RoPEInPlaceFunction.apply(q, cos, sin), RoPEInPlaceFunction.apply(k, cos, sin)
+    return RoPEFunction.apply(q, k, cos, sin)
 
 
 # ---------------------------------------------------------------------------------------
