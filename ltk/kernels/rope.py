@@ -56,16 +56,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _rotate_heads(X, Y, H, sxh, sxt, sxd, syh, syt, syd, t_ok, c1, c2, s1, s2, HALF,
-                      BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, HB: tl.constexpr, BACKWARD: tl.constexpr):
+                      BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, HB: tl.constexpr, BACKWARD: tl.constexpr,
+                      OFFS_64: tl.constexpr):
         """Rotate heads [0, H) of BLOCK_T tokens: X and Y point at the first token's (head 0, dim 0);
-        c1 .. s2 are the tokens' (1, BLOCK_T, BLOCK_HALF) halves of cos and sin."""
-        tt = tl.arange(0, BLOCK_T)[None, :, None].to(tl.int64)
+        c1 .. s2 are the tokens' (1, BLOCK_T, BLOCK_HALF) halves of cos and sin. Offsets from X and
+        Y in int32 (a third of the integer instructions of int64) unless OFFS_64: the launcher's
+        bound on them passes 2**31."""
+        tt = tl.arange(0, BLOCK_T)[None, :, None]
+        if OFFS_64:
+            tt = tt.to(tl.int64)
         cols = tl.arange(0, BLOCK_HALF)[None, None, :]
         inner = t_ok & (cols < HALF)                                            # (1, BLOCK_T, BLOCK_HALF)
         for h0 in range(0, H, HB):
             heads = (h0 + tl.arange(0, HB))[:, None, None]
             mask = (heads < H) & inner                                          # (HB, BLOCK_T, BLOCK_HALF)
-            xo = heads.to(tl.int64) * sxh + tt * sxt + cols * sxd
+            if OFFS_64:
+                heads = heads.to(tl.int64)
+            xo = heads * sxh + tt * sxt + cols * sxd
             x1 = tl.load(X + xo, mask=mask, other=0.0).to(tl.float32)
             x2 = tl.load(X + xo + HALF * sxd, mask=mask, other=0.0).to(tl.float32)
             if BACKWARD:                      # dx = (C + Rᵀ S) dy
@@ -74,7 +81,7 @@ if HAS_TRITON:
             else:                             # y = (C + S R) x
                 y1 = x1 * c1 - x2 * s1
                 y2 = x2 * c2 + x1 * s2
-            yo = heads.to(tl.int64) * syh + tt * syt + cols * syd
+            yo = heads * syh + tt * syt + cols * syd
             # all loads of a tile come before its stores, and tiles do not overlap: safe with Y = X
             tl.store(Y + yo, y1.to(Y.dtype.element_ty), mask=mask)
             tl.store(Y + yo + HALF * syd, y2.to(Y.dtype.element_ty), mask=mask)
@@ -85,7 +92,7 @@ if HAS_TRITON:
                      sob, soh, sot, sod, spb, sph, spt, spd,
                      scb, sct, scd, ssb, sst, ssd,
                      BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, HBQ: tl.constexpr, HBK: tl.constexpr,
-                     BACKWARD: tl.constexpr):
+                     BACKWARD: tl.constexpr, OFFS_64: tl.constexpr):
         """Program pid rotates tokens [t0, t0 + BLOCK_T) of sequence b of q (into QO) and k (into KO),
         (b, t0 / BLOCK_T) = divmod(pid, ⌈T / BLOCK_T⌉)."""
         pid = tl.program_id(0)
@@ -104,9 +111,9 @@ if HAS_TRITON:
         s2 = tl.load(sp + HALF * ssd, mask=ok, other=0.0).to(tl.float32)[None, :, :]
         t_ok3 = t_ok[None, :, :]
         _rotate_heads(Q + b * sqb + t0 * sqt, QO + b * sob + t0 * sot, HQ, sqh, sqt, sqd, soh, sot, sod,
-                      t_ok3, c1, c2, s1, s2, HALF, BLOCK_T, BLOCK_HALF, HBQ, BACKWARD)
+                      t_ok3, c1, c2, s1, s2, HALF, BLOCK_T, BLOCK_HALF, HBQ, BACKWARD, OFFS_64)
         _rotate_heads(K + b * skb + t0 * skt, KO + b * spb + t0 * spt, HK, skh, skt, skd, sph, spt, spd,
-                      t_ok3, c1, c2, s1, s2, HALF, BLOCK_T, BLOCK_HALF, HBK, BACKWARD)
+                      t_ok3, c1, c2, s1, s2, HALF, BLOCK_T, BLOCK_HALF, HBK, BACKWARD, OFFS_64)
 
 
 POISON_OUTPUTS = False             # NaN-filled outputs (tests, the GPU check): see ltk/kernels/poison.py
@@ -166,13 +173,17 @@ def _launch(q, k, qo, ko, cos, sin, backward: bool) -> None:
     # a missing tensor: its loop runs 0 times; any valid pointer and strides stand in for it
     q, qo = (q, qo) if q is not None else (k, ko)
     k, ko = (k, ko) if k is not None else (q, qo)
+    # the largest offset a program adds to its token's base pointer (the base itself is int64)
+    reach = max((t.shape[1] - 1) * abs(t.stride(1)) + (T - 1) * abs(t.stride(2)) + (D - 1) * abs(t.stride(3))
+                for t in (q, k, qo, ko))
     bc = cos.shape[0]
     scos = (cos.stride(0) if bc > 1 else 0, cos.stride(1), cos.stride(2))
     ssin = (sin.stride(0) if bc > 1 else 0, sin.stride(1), sin.stride(2))
     with on_device(x):
         _rope_kernel[(B * triton.cdiv(T, block_t),)](
             q, k, qo, ko, cos, sin, T, hq, hk, half, *q.stride(), *k.stride(), *qo.stride(), *ko.stride(), *scos,
-            *ssin, BLOCK_T=block_t, BLOCK_HALF=block_half, HBQ=hbq, HBK=hbk, BACKWARD=backward, num_warps=NUM_WARPS)
+            *ssin, BLOCK_T=block_t, BLOCK_HALF=block_half, HBQ=hbq, HBK=hbk, BACKWARD=backward,
+            OFFS_64=reach >= 2**31, num_warps=NUM_WARPS)
 
 
 def _sole_owner(t: torch.Tensor) -> bool:

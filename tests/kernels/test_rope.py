@@ -244,11 +244,12 @@ def _compile_all():
         # as Triton specializes a launch: integers equal to 1 become constants, multiples of 16 are marked so
         consts = dict(BLOCK_T=block_t, BLOCK_HALF=block_half, HBQ=hbq, HBK=hbk, **{n: 1 for n, v in ints.items()
                                                                                     if v == 1})
-        sig = {n: "constexpr" if n in consts or n == "BACKWARD" else "i32" for n in names}
+        sig = {n: "constexpr" if n in consts or n in ("BACKWARD", "OFFS_64") else "i32" for n in names}
         sig.update(Q=t, K=t, QO=t, KO=t, COS="*fp32", SIN="*fp32")
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
                  if sig[n].startswith("*") or (sig[n] == "i32" and ints[n] % 16 == 0)}
         for backward in directions:
-            src = ASTSource(fn=kernel, signature=sig, constexprs=dict(consts, BACKWARD=backward), attrs=attrs)
+            src = ASTSource(fn=kernel, signature=sig, constexprs=dict(consts, BACKWARD=backward, OFFS_64=False),
+                            attrs=attrs)
             _, use = compile_with_usage(src, GPUTarget("cuda", cc, 32), dict(num_warps=rp.NUM_WARPS))
             assert use["spill_bytes"] == 0, (cc, dtype, backward, use)
