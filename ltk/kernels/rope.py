@@ -46,6 +46,7 @@ from ltk.kernels.poison import poisoning
 
 TILE = 2048       # elements of one half-head tile (HB heads × BLOCK_HALF): 16 fp32 values a thread per half
 NUM_WARPS = 4
+INT32_REACH = 2**31  # offsets within a program's tile at or past this are computed in int64
 
 # ---------------------------------------------------------------------------------------
 # 1. Triton kernels
@@ -183,7 +184,7 @@ def _launch(q, k, qo, ko, cos, sin, backward: bool) -> None:
         _rope_kernel[(B * triton.cdiv(T, block_t),)](
             q, k, qo, ko, cos, sin, T, hq, hk, half, *q.stride(), *k.stride(), *qo.stride(), *ko.stride(), *scos,
             *ssin, BLOCK_T=block_t, BLOCK_HALF=block_half, HBQ=hbq, HBK=hbk, BACKWARD=backward,
-            OFFS_64=reach >= 2**31, num_warps=NUM_WARPS)
+            OFFS_64=reach >= INT32_REACH, num_warps=NUM_WARPS)
 
 
 def _sole_owner(t: torch.Tensor) -> bool:

@@ -117,6 +117,15 @@ def test_any_cos_and_sin_not_only_rotations():
         assert err(g, r, r.abs().max().item()) <= FP32_BUDGET
 
 
+def test_int64_offsets_give_the_same_result(monkeypatch):
+    """The int64 path of tiles whose offsets could pass 2**31 (forced here on small tensors)."""
+    q, k, cos, sin, _, _ = make(2, 4, 2, 9, 16, torch.float32)
+    expected = apply_rope(q, k, cos, sin, backend="triton")
+    monkeypatch.setattr(rp, "INT32_REACH", 1)
+    for a, b in zip(apply_rope(q, k, cos, sin, backend="triton"), expected):
+        assert torch.equal(a, b)
+
+
 def test_contiguous_layout_and_multi_query():
     check(1, 3, 1, 5, 64, torch.float16, layout="bhtd", seed=3)
 
