@@ -13,8 +13,8 @@ offer them without knowing any benchmark:
     args = parser.parse_args()
     rows = run_benchmark(args.name, **BENCHMARKS[args.name].kwargs_from(args))
 
-The kernel benchmarks (attention, layernorm, rmsnorm; ltk/bench/sweep.py) return their rows as a
-list that also carries `.skipped`: each provider that could not run at a point, and why.
+The kernel benchmarks (attention, layernorm, rmsnorm, swiglu, rope; ltk/bench/sweep.py) return their rows as
+a list that also carries `.skipped`: each provider that could not run at a point, and why.
 
 Only the options given on the command line reach `run`, so the defaults live in one place
 (the `run` function's signature; `Option.default` repeats them for --help, and a test keeps
@@ -44,6 +44,8 @@ NORM_PROVIDERS = ("ours", "torch", "unfused", "torch.compile", "liger")
 NF4_PROVIDERS = ("ours", "ours-reference", "bitsandbytes", "dense", "torch.compile")
 LORA_PROVIDERS = ("ours", "ours-reference", "peft", "torch.compile")
 CROSS_ENTROPY_PROVIDERS = ("fused", "torch", "torch.compile", "liger")
+SWIGLU_PROVIDERS = ("ours", "ours-saved", "torch", "torch.compile", "liger")
+ROPE_PROVIDERS = ("ours", "ours-inplace", "torch", "torch.compile", "liger")
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,51 @@ BENCHMARKS: dict[str, Benchmark] = {
             for op, label, target in (("layernorm", "LayerNorm", "ltk.bench.norms:run_layernorm"),
                                       ("rmsnorm", "RMSNorm", "ltk.bench.norms:run_rmsnorm"))
         ],
+        Benchmark(
+            "swiglu",
+            "SwiGLU / GeGLU y = act(g)·u GB/s over hidden widths, against the measured copy bandwidth: ours "
+            "(Triton, recomputing or saving act(g)) vs eager torch, torch.compile, Liger",
+            "ltk.bench.swiglu:run",
+            (
+                Option("activation", str, "silu", "silu (SwiGLU), gelu_tanh (T5 1.1's GeGLU), gelu (erf GeGLU)",
+                       ("silu", "gelu_tanh", "gelu")),
+                Option("ffn_sizes", str, None, "comma list of widths F, e.g. 11008,14336 "
+                       "(default: 4k … 28k on CUDA, 1001,4096 on a CPU)"),
+                Option("rows", int, None, "rows (tokens) of g and u (default: 4096 on CUDA, 256 on a CPU)"),
+                Option("dtype", str, "auto", "auto = bf16 on CUDA, fp32 on a CPU", ("auto", "fp32", "fp16", "bf16")),
+                Option("modes", str, "all", "comma list of fwd, bwd, fwd+bwd, or all"),
+                Option("providers", str, "all", "comma list of " + ", ".join(SWIGLU_PROVIDERS) + ", or all"),
+                Option("min_time", float, 0.25, "timed seconds per point"),
+                Option("copy_mib", int, None, "MiB copied to measure the bandwidth "
+                       "(default: 2048 on CUDA, 256 on a CPU)"),
+                Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
+                Option("seed", int, 0, "seed of the random inputs"),
+                Option("plot", str, None, "write a PNG of GB/s against F, one panel per mode, to this path"),
+            ),
+        ),
+        Benchmark(
+            "rope",
+            "RoPE on q and k (GQA, the models' strided layout) GB/s over sequence lengths, against the measured "
+            "copy bandwidth: ours (Triton, out of place and in place) vs eager torch, torch.compile, Liger",
+            "ltk.bench.rope:run",
+            (
+                Option("seq_lens", str, None, "comma list of sequence lengths T, e.g. 1k,4k "
+                       "(default: 1k … 8k on CUDA, 128,512 on a CPU)"),
+                Option("batch", int, None, "sequences B (default: 4 on CUDA, 1 on a CPU)"),
+                Option("heads", int, None, "query heads Hq (default: 32 on CUDA, 4 on a CPU)"),
+                Option("kv_heads", int, None, "key/value heads Hkv, dividing Hq (default: 8 on CUDA, 2 on a CPU)"),
+                Option("head_dim", int, None, "head dim D, even (default: 128 on CUDA, 64 on a CPU)"),
+                Option("dtype", str, "auto", "auto = bf16 on CUDA, fp32 on a CPU", ("auto", "fp32", "fp16", "bf16")),
+                Option("modes", str, "all", "comma list of fwd, bwd, fwd+bwd, or all"),
+                Option("providers", str, "all", "comma list of " + ", ".join(ROPE_PROVIDERS) + ", or all"),
+                Option("min_time", float, 0.25, "timed seconds per point"),
+                Option("copy_mib", int, None, "MiB copied to measure the bandwidth "
+                       "(default: 2048 on CUDA, 256 on a CPU)"),
+                Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
+                Option("seed", int, 0, "seed of the random inputs"),
+                Option("plot", str, None, "write a PNG of GB/s against T, one panel per mode, to this path"),
+            ),
+        ),
         Benchmark(
             "nf4",
             "y = x·Wᵀ with W in NF4 (QLoRA's frozen base), TFLOP/s and GB/s over M×N×K: ours (fused Triton "

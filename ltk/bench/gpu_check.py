@@ -42,7 +42,16 @@ from pathlib import Path
 
 import torch
 
-from ltk.bench.gpu_correctness import FLOOR, Check, _compare, correctness_checks, lora_case, nf4_case  # noqa: F401
+from ltk.bench.gpu_correctness import (  # noqa: F401
+    FLOOR,
+    Check,
+    _compare,
+    correctness_checks,
+    glu_case,
+    lora_case,
+    nf4_case,
+    rope_case,
+)
 
 BUDGET_S = 480.0  # the whole check on one GPU: at most 8 minutes
 TRAIN_STEP_PROVIDERS = "ours,ours-compile,transformers"  # eager, torch.compile'd, the baseline
@@ -77,6 +86,8 @@ def benchmark_plan(quick: bool) -> list[PlanEntry]:
                   dict(seq_lens="4k", causal=False, modes="fwd,fwd+bwd", providers=fast, min_time=0.3), 15),
         *[PlanEntry(op, op, dict(modes="fwd,bwd", providers="ours,torch,unfused,liger", min_time=0.3), 25)
           for op in ("layernorm", "rmsnorm")],
+        PlanEntry("swiglu", "swiglu", dict(modes="fwd,bwd", providers="ours,ours-saved,torch,liger", min_time=0.2), 15),
+        PlanEntry("rope", "rope", dict(modes="fwd,bwd", providers="ours,ours-inplace,torch,liger", min_time=0.2), 15),
         PlanEntry("nf4", "nf4", dict(shapes="4096x4096x4096,4096x11008x4096",
                                      providers="ours,ours-reference,bitsandbytes,dense", min_time=0.2), 25),
         PlanEntry("lora", "lora", dict(providers="ours,ours-reference,peft", min_time=0.2), 15),

@@ -72,7 +72,7 @@ def correctness_checks(device: torch.device) -> list[Check]:
     # the flags are put back at the end, so the benchmarks after this time no extra fill
     poisoned = {}
     for module in ("ltk.kernels.attention", "ltk.kernels.layernorm", "ltk.kernels.rmsnorm", "ltk.kernels.nf4_triton",
-                   "ltk.kernels.lora_triton"):
+                   "ltk.kernels.lora_triton", "ltk.kernels.swiglu", "ltk.kernels.rope"):
         mod = importlib.import_module(module)
         if hasattr(mod, "POISON_OUTPUTS"):
             poisoned[mod], mod.POISON_OUTPUTS = mod.POISON_OUTPUTS, True
@@ -104,6 +104,12 @@ def correctness_checks(device: torch.device) -> list[Check]:
     cases.append(("rmsnorm", "residual 513x4096",
                   lambda t, be: rms_norm_residual(t[0], t[1], t[2], backend=be), [x, r, w]))
 
+    for rows, width, activation in [(4096, 14336, "silu"), (333, 1001, "silu"), (1000, 2816, "gelu_tanh"),
+                                    (77, 4097, "gelu")]:
+        cases.append(glu_case(rows, width, activation, device))
+    for B, hq, hk, T, D, per_sequence, inplace in [(2, 32, 8, 1024, 128, False, False), (2, 6, 2, 37, 80, True, True),
+                                                   (1, 4, 1, 333, 64, False, True)]:
+        cases.append(rope_case(B, hq, hk, T, D, per_sequence, inplace, device))
     for M, N, K in [(4096, 4096, 4096), (1000, 11008, 4096), (333, 777, 1023), (1, 4096, 11008), (7, 257, 65)]:
         cases.append(nf4_case(M, N, K, device))
     for M, N, K, r, bias in [(4096, 4096, 4096, 16, False), (333, 1000, 777, 8, True), (1, 257, 129, 1, False),
@@ -161,3 +167,43 @@ def lora_case(M: int, N: int, K: int, r: int, bias: bool, device, seed: int = 0
         return lora_linear(xx, ww, t[4] if bias else None, aa, bb, 2.0, backend=backend)
 
     return "lora", f"M{M} N{N} K{K} r{r}{' bias' if bias else ''}", run, inputs
+
+
+def glu_case(rows: int, width: int, activation: str, device, seed: int = 0
+             ) -> tuple[str, str, Callable, list[torch.Tensor]]:
+    """y = act(g) ∘ u (SwiGLU, or GeGLU with the tanh or erf GELU); gradients of g and u."""
+    from ltk.kernels.swiglu import geglu, swiglu
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    g, u = (torch.randn(rows, width, generator=gen).to(device).requires_grad_(True) for _ in range(2))
+
+    def run(t, backend):
+        if activation == "silu":
+            return swiglu(t[0], t[1], backend=backend)
+        return geglu(t[0], t[1], approximate="tanh" if activation == "gelu_tanh" else "none", backend=backend)
+
+    return "swiglu" if activation == "silu" else "geglu", f"{rows}x{width} {activation}", run, [g, u]
+
+
+def rope_case(B: int, hq: int, hk: int, T: int, D: int, per_sequence: bool, inplace: bool, device, seed: int = 0
+              ) -> tuple[str, str, Callable, list[torch.Tensor]]:
+    """RoPE on q (B, Hq, T, D) and k (B, Hkv, T, D), both transposed views of (B, T, H, D) as the
+    models pass them; cos/sin (T, D) from position 100, or (B, T, D) with an offset per sequence
+    (in the activations' dtype, as the models cast them); in place on copies of q and k."""
+    from ltk.kernels.rope import apply_rope
+    from ltk.models.llama import rope_cos_sin
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(B, T, hq, D, generator=gen).to(device).transpose(1, 2).requires_grad_(True)
+    k = torch.randn(B, T, hk, D, generator=gen).to(device).transpose(1, 2).requires_grad_(True)
+    pos = torch.arange(100, 100 + T)
+    if per_sequence:
+        pos = pos[None] + 37 * torch.arange(B)[:, None]                     # (B, T)
+    cos, sin = rope_cos_sin(pos.to(device), D, 10000.0)
+
+    def run(t, backend):
+        qq, kk = (t[0] * 1, t[1] * 1) if inplace else (t[0], t[1])          # in place needs non-leaves
+        return apply_rope(qq, kk, t[2], t[3], inplace=inplace, backend=backend)
+
+    name = f"B{B} H{hq}/{hk} T{T} D{D}{' per-sequence' if per_sequence else ''}{' in place' if inplace else ''}"
+    return "rope", name, run, [q, k, cos, sin]

@@ -258,6 +258,47 @@ def _norm_specs() -> list[Spec]:
     return out
 
 
+def _glu_specs() -> list[Spec]:
+    """SwiGLU and GeGLU (tanh, erf), forward and backward, recomputing act(g) and with it saved, at
+    4096 rows × 14336 (Llama-3-8B's MLP): one BLOCK-element program, no loop."""
+    import ltk.kernels.swiglu as sw
+
+    out = []
+    for name, act in (("swiglu", "silu"), ("geglu-tanh", "gelu_tanh"), ("geglu", "gelu")):
+        for saved in (False, True):
+            for kernel, flag in (("fwd", "SAVE_ACT"), ("bwd", "HAS_ACT")):
+                consts = {"ACT": sw.ACTIVATIONS[act], flag: saved}
+                out.append(Spec(f"{name}.{kernel}{' saved' if saved else ''}", "ours",
+                                f"ltk.kernels.swiglu:_glu_{kernel}_kernel", "4096×14336",
+                                dict(G="T", U="T", Y="T", A="T", DY="T", DG="T", DU="T"),
+                                lambda dtype, c=consts: dict(c), unit="element", units=_tile_units("BLOCK"),
+                                candidates=_fixed(Candidate(dict(BLOCK=sw.BLOCK), sw.NUM_WARPS, 3)), aligned=("N",)))
+    return out
+
+
+def _rope_specs() -> list[Spec]:
+    """RoPE forward and backward on q and k of Llama-3-8B's attention (32 + 8 heads × 128, B·T = 4096)
+    in the models' strided (B, T, H, D) layout with cos/sin in the activations' dtype, and the
+    in-place launch (one tensor: 0 heads of k). Unit: an element of the (heads × tokens × D) tile
+    one pass of the head loop rotates."""
+    import ltk.kernels.rope as rp
+
+    out = []
+    for name, hk, backward in (("rope.fwd", 8, False), ("rope.bwd", 8, True), ("rope.fwd in place", 0, False)):
+        block_half, hbq, hbk, block_t = rp.launch_config(4096, 32, hk, 64)
+        consts = dict(BACKWARD=backward, OFFS_64=False)
+        strides = ("sqb", "sqh", "sqt", "skb", "skh", "skt", "sob", "soh", "sot", "spb", "sph", "spt",
+                   "scb", "sct", "ssb", "sst")
+        out.append(Spec(name, "ours", "ltk.kernels.rope:_rope_kernel", f"32+{hk} heads × 128, B·T=4096",
+                        dict(Q="T", K="T", QO="T", KO="T", COS="T", SIN="T"), lambda dtype, c=consts: dict(c),
+                        unit="element", units=lambda c, w: 2 * c["HBQ"] * c["BLOCK_T"] * c["BLOCK_HALF"],
+                        candidates=_fixed(Candidate(dict(BLOCK_T=block_t, BLOCK_HALF=block_half, HBQ=hbq, HBK=hbk),
+                                                    rp.NUM_WARPS, 3)),
+                        aligned=strides + ("T", "HQ", "HALF") + (("HK",) if hk % 16 == 0 else ()),
+                        ones=("sqd", "skd", "sod", "spd", "scd", "ssd")))
+    return out
+
+
 def _liger_specs() -> list[Spec]:
     """Liger-Kernel's RMSNorm, LayerNorm, SwiGLU, RoPE and cross-entropy kernels as its launchers
     configure them (liger_kernel.ops.utils.calculate_settings: BLOCK_SIZE = next power of two of the
@@ -316,5 +357,6 @@ def _liger_specs() -> list[Spec]:
 
 
 def all_specs() -> list[Spec]:
-    """Every spec: ours (attention, NF4, LoRA, norms), the matmul floor, Liger's (when installed)."""
-    return _attention_specs() + _gemm_like_specs() + _norm_specs() + _liger_specs()
+    """Every spec: ours (attention, NF4, LoRA, norms, SwiGLU/GeGLU, RoPE), the matmul floor, Liger's
+    (when installed)."""
+    return _attention_specs() + _gemm_like_specs() + _norm_specs() + _glu_specs() + _rope_specs() + _liger_specs()

@@ -192,7 +192,8 @@ def timed_call(forward: Callable[[], torch.Tensor | tuple], inputs: Sequence[tor
              way, time(fwd+bwd) − time(fwd), subtracts two noisy numbers, and its forward
              half would be the no-grad forward, which saves less than a training forward.
     fwd+bwd  a training step's share: forward with autograd, then the backward.
-    The upstream gradient dout is a fixed random tensor (seeded), as a real loss would give.
+    The upstream gradient dout is a fixed random tensor (seeded), as a real loss would give, laid
+    out like its output (a transposed view's gradient is the same transposed view).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -205,7 +206,9 @@ def timed_call(forward: Callable[[], torch.Tensor | tuple], inputs: Sequence[tor
     def upstream(out) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         outs = list(out) if isinstance(out, tuple) else [out]
         gen = torch.Generator(device=outs[0].device).manual_seed(seed)
-        return outs, [torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype) for o in outs]
+        # in each output's layout (empty_like keeps dense strides), as the next op's backward would
+        # hand it: a provider that copies a gradient to its own layout pays for it only where it must
+        return outs, [torch.empty_like(o).normal_(generator=gen) for o in outs]
 
     if mode == "bwd":
         outs, douts = upstream(forward())

@@ -63,8 +63,9 @@ Initialization (as GPT-2 / ltk/models/gpt.py): N(0, 0.02) for every weight and e
 two projections that write into the residual stream (W_o and W_2) scaled by 1/sqrt(2·L),
 RMSNorm gains at 1.
 
-Backends (`LlamaConfig.backend`): attention and RMSNorm call the ops of ltk/kernels/ (PyTorch
-on `torch`, our fused Triton kernels on `triton`, `auto` = Triton on CUDA). Each block
+Backends (`LlamaConfig.backend`): attention, RMSNorm, RoPE and SwiGLU call the ops of ltk/kernels/
+(PyTorch on `torch`, our fused Triton kernels on `triton`, `auto` = Triton on CUDA; the Triton
+RoPE rotates q and k in place). Each block
 hands its last residual add to the next block's RMSNorm, which fuses it (`y, h = norm(x + delta)`).
 """
 from __future__ import annotations
@@ -74,11 +75,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ltk.kernels.attention import attention
-from ltk.kernels.backend import BACKENDS
+from ltk.kernels.backend import BACKENDS, resolve_backend
+from ltk.kernels.rope import apply_rope as rope_qk
+from ltk.kernels.rope import rope_reference
+from ltk.kernels.swiglu import swiglu
 from ltk.models.gpt import check_segments, segment_positions
 from ltk.models.init import draw_init_seed, init_parameters, param_generator
 from ltk.models.kv_cache import KVCache
@@ -100,7 +103,7 @@ class LlamaConfig:
     rope_theta: float = 500000.0  # RoPE base
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # output head shares the embedding matrix (Llama-3.2-1B/3B)
-    backend: str = "auto"  # kernels for attention and RMSNorm: auto | torch | triton
+    backend: str = "auto"  # kernels for attention, RMSNorm, RoPE, SwiGLU: auto | torch | triton
     loss: str = "auto"  # the LM head\'s loss: auto | full (logits built) | fused (ltk/models/lm_head.py)
 
     @property
@@ -181,12 +184,9 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, heads, T, D); cos, sin (T, D) or (B, 1, T, D). x' = x∘cos + rotate_half(x)∘sin:
-    pair (x_i, x_{i+D/2}) -> (x_i cos − x_{i+D/2} sin, x_{i+D/2} cos + x_i sin)."""
-    x1, x2 = x.chunk(2, dim=-1)  # 2 x (B, heads, T, D/2)
-    rotated = torch.cat([-x2, x1], dim=-1)  # (B, heads, T, D)
-    return (x * cos + rotated * sin).to(x.dtype)
+# the single-tensor reference, x (B, heads, T, D) -> RoPE(x): ltk/kernels/rope.py's, kept under its old
+# name for the callers that rotate one tensor (ltk/parallel/tp_plan.py)
+apply_rope = rope_reference
 
 
 class Attention(nn.Module):
@@ -206,7 +206,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # in place on the triton backend: q and k are fresh projections, nothing else reads them
+        q, k = rope_qk(q, k, cos, sin, inplace=resolve_backend(self.backend, q) == "triton", backend=self.backend)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, H_kv, S, D), S = cached + T
         y = attention(q, k, v, causal=True, segment_ids=segments, backend=self.backend)  # (B, H, T, D)
@@ -220,9 +221,10 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)  # gate
         self.w3 = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)  # up
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)  # down
+        self.backend = cfg.backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # Shazeer 2020, eq. 6
+        return self.w2(swiglu(self.w1(x), self.w3(x), backend=self.backend))  # Shazeer 2020, eq. 6
 
 
 class Block(nn.Module):

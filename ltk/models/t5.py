@@ -54,8 +54,8 @@ Dropout (p = `dropout`) where transformers' T5 puts it: after the embedding, on 
 probabilities, inside the FF, on each sublayer's output before the residual add, after each final
 norm. Attention dropout runs through PyTorch's SDPA (the Triton kernel has none).
 
-Backends (`T5Config.backend`): RMSNorm and attention call the ops of ltk/kernels/ (PyTorch's own on
-`torch`, our Triton kernels on `triton`, `auto` = Triton on CUDA). The relative bias is passed to
+Backends (`T5Config.backend`): RMSNorm, attention and T5 1.1's GeGLU call the ops of ltk/kernels/
+(PyTorch's own on `torch`, our Triton kernels on `triton`, `auto` = Triton on CUDA). The relative bias is passed to
 the attention op as its additive `bias` and receives its gradient from it. As in ltk/models/gpt.py,
 each pre-norm sublayer hands its residual add to the next RMSNorm, which fuses it.
 
@@ -73,6 +73,7 @@ import torch.nn.functional as F
 
 from ltk.kernels.attention import attention
 from ltk.kernels.backend import BACKENDS, resolve_backend
+from ltk.kernels.swiglu import geglu
 from ltk.models.init import draw_init_seed, init_parameters, param_generator
 from ltk.models.lm_head import LMHead, check_loss, head_loss
 from ltk.models.norms import RMSNorm
@@ -97,7 +98,7 @@ class T5Config:
     norm_eps: float = 1e-6
     feed_forward: str = "relu"  # "relu" (T5 1.0) | "gated-gelu" (T5 1.1)
     tie_embeddings: bool = True  # T5 1.0 ties the output head to the embedding; 1.1 does not
-    backend: str = "auto"  # kernels for attention and RMSNorm: auto | torch | triton
+    backend: str = "auto"  # kernels for attention, RMSNorm, GeGLU: auto | torch | triton
     loss: str = "auto"  # the LM head\'s loss: auto | full (logits built) | fused (ltk/models/lm_head.py)
 
     def validate(self) -> None:
@@ -286,13 +287,6 @@ class T5Attention(nn.Module):
         return self.o(y)
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU(x) ≈ 0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³))), written out op by op as the T5 1.1
-    checkpoints were trained (F.gelu(approximate="tanh") is the same function but rounds
-    differently, ~1e-7 relative, which an untied O(50) logit turns into ~1e-5)."""
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
-
-
 class T5FeedForward(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
@@ -304,10 +298,11 @@ class T5FeedForward(nn.Module):
             self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.backend = cfg.backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:  # GEGLU with the tanh approximation of GELU (Hendrycks & Gimpel 2016, eq. 2)
-            hidden = gelu_tanh(self.wi_0(x)) * self.wi_1(x)
+            hidden = geglu(self.wi_0(x), self.wi_1(x), approximate="tanh", backend=self.backend)
         else:
             hidden = F.relu(self.wi(x))
         return self.wo(self.dropout(hidden))

@@ -49,9 +49,11 @@ import torch.nn.functional as F
 
 from ltk.kernels.attention import attention
 from ltk.kernels.backend import resolve_backend
+from ltk.kernels.rope import apply_rope
+from ltk.kernels.swiglu import swiglu
 from ltk.models.gpt import GPT, CausalSelfAttention
 from ltk.models.init import materialize, materialized
-from ltk.models.llama import Attention, Llama, SwiGLU, apply_rope
+from ltk.models.llama import Attention, Llama, SwiGLU
 from ltk.parallel.dist import Comm, CommStats
 from ltk.parallel.tensor import (
     ColumnParallelLinear,
@@ -102,7 +104,7 @@ class _TPLlamaAttention(Attention):
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, k, cos, sin, inplace=resolve_backend(self.backend, q) == "triton", backend=self.backend)
         y = attention(q, k, v, causal=True, backend=self.backend)  # (B, H/n, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H·D/n)
         return self.wo(y)
@@ -113,7 +115,7 @@ class _TPSwiGLU(SwiGLU):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = enter_tp_region(x, self.tp_comm, self.sequence_parallel)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x), backend=self.backend))
 
 
 class _PositionShard(nn.Module):

@@ -139,7 +139,8 @@ def test_option_defaults_match_run_signature(name):
 
 @pytest.mark.parametrize("module, names", [("attention", bench.ATTENTION_PROVIDERS), ("norms", bench.NORM_PROVIDERS),
                                            ("nf4", bench.NF4_PROVIDERS), ("lora", bench.LORA_PROVIDERS),
-                                           ("cross_entropy", bench.CROSS_ENTROPY_PROVIDERS)])
+                                           ("cross_entropy", bench.CROSS_ENTROPY_PROVIDERS),
+                                           ("swiglu", bench.SWIGLU_PROVIDERS), ("rope", bench.ROPE_PROVIDERS)])
 def test_help_names_each_sweeps_own_providers(module, names):
     """The registry spells the providers out so --help imports no benchmark; they must be the module's."""
     assert importlib.import_module(f"ltk.bench.{module}").PROVIDERS == names

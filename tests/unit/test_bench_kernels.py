@@ -1,4 +1,4 @@
-"""The kernel benchmarks (attention, layernorm, rmsnorm) on a CPU at tiny sizes: every row
+"""The kernel benchmarks (attention, layernorm, rmsnorm, swiglu, rope) on a CPU at tiny sizes: every row
 has positive figures computed from the kernels' cost models, skipped providers are named
 with their reason, one provider's failure does not end the sweep, and the timed regions
 compute what they say."""
@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 import ltk.bench.attention as bench_attention
 import ltk.bench.norms as bench_norms
+import ltk.bench.rope as bench_rope
+import ltk.bench.swiglu as bench_swiglu
 from ltk.bench import BENCHMARKS, run_benchmark
 from ltk.bench.sweep import parse_choices, parse_sizes, timed_call
 
@@ -195,7 +197,7 @@ def test_unfused_norms_equal_pytorch():
     torch.testing.assert_close(bench_norms.unfused_rms_norm(x, w, 1e-6).double(), F.rms_norm(x, (33,), w, 1e-6))
 
 
-@pytest.mark.parametrize("name", ["attention", "layernorm", "rmsnorm"])
+@pytest.mark.parametrize("name", ["attention", "layernorm", "rmsnorm", "swiglu", "rope"])
 def test_help_lists_every_option(name, capsys):
     from ltk.cli import main
 
@@ -286,3 +288,68 @@ def test_cross_entropy_rows_measure_peaks_in_fresh_processes_and_compare_them():
         r.shape = "N=8192,d=2048,V=128256"
         r.peak_mem_mb = 100.0 if r.provider == "torch" else 20.0
     assert "0.200, met" in memory_section(rows)
+# --- swiglu / rope ----------------------------------------------------------------------------
+
+def test_swiglu_and_rope_rows_use_the_kernel_cost_models():
+    import ltk.kernels.rope as kernel_rope
+    import ltk.kernels.swiglu as kernel_swiglu
+
+    rows = run_benchmark("swiglu", activation="gelu_tanh", ffn_sizes="33", rows=4, min_time=0.01, copy_mib=4,
+                         device="cpu")
+    rows += run_benchmark("rope", seq_lens="5", batch=2, heads=4, kv_heads=2, head_dim=8, modes="fwd,bwd",
+                          min_time=0.01, copy_mib=4, device="cpu")
+    assert [(r.op, r.provider, r.mode) for r in rows] == \
+        [("geglu-tanh", "torch", m) for m in ("fwd", "bwd", "fwd+bwd")] + [("rope", "torch", m) for m in ("fwd", "bwd")]
+    for r in rows:
+        _check_timing(r)
+        e = _extra(r)
+        nbytes = kernel_swiglu.bytes_moved(4 * 33, dtype_bytes=4, mode=r.mode) if r.op != "rope" else \
+            kernel_rope.bytes_moved(2, 4, 2, 5, 8, dtype_bytes=4, mode=r.mode)
+        assert e["bytes"] == nbytes and r.gbps == pytest.approx(nbytes / (r.median_ms * 1e-3) / 1e9)
+        assert e["pct_of_copy"] == pytest.approx(100 * r.gbps / e["copy_gbps"]) and r.speedup == 1.0
+        skipped = e["skipped"]
+        assert "CUDA" in skipped["ours"] and "CUDA" in skipped["torch.compile"] and "liger" in skipped
+    assert "CUDA" in skipped["ours-inplace"]
+    with pytest.raises(ValueError, match="activation"):
+        run_benchmark("swiglu", activation="relu", device="cpu")
+    assert "erf GELU" in bench_swiglu.unavailable("liger", "gelu", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
+def test_swiglu_providers_agree(activation):
+    g = torch.Generator().manual_seed(6)
+    a, u = torch.randn(5, 37, generator=g), torch.randn(5, 37, generator=g)
+    results = {}
+    for p in _providers_to_compare(bench_swiglu.PROVIDERS, ("ours", "ours-saved", "torch.compile", "liger")):
+        forward, inputs = bench_swiglu.build(p, activation, a, u)
+        results[p] = (forward(), timed_call(forward, inputs, "bwd")())
+    ref_out, ref_grads = results.pop("torch")
+    assert set(results) == {"ours"}
+    forward, inputs = bench_swiglu.build("ours-saved", activation, a, u)
+    results["ours-saved"] = (forward(), timed_call(forward, inputs, "bwd")())
+    for p, (out, grads) in results.items():
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4, msg=p)
+        for x, y in zip(grads, ref_grads):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=p)
+
+
+def test_rope_providers_agree():
+    from ltk.models.llama import rope_cos_sin
+
+    g = torch.Generator().manual_seed(7)
+    q, k = torch.randn(2, 6, 4, 16, generator=g), torch.randn(2, 6, 2, 16, generator=g)   # (B, T, H, D)
+    cos, sin = rope_cos_sin(torch.arange(6), 16, 10000.0)
+    results = {}
+    for p in _providers_to_compare(bench_rope.PROVIDERS, ("ours", "ours-inplace", "torch.compile", "liger")):
+        forward, inputs = bench_rope.build(p, q, k, cos, sin)
+        results[p] = (forward(), timed_call(forward, inputs, "bwd")())
+    ref_out, ref_grads = results.pop("torch")
+    assert set(results) == {"ours"}
+    for x, y in zip(results["ours"][0] + results["ours"][1], ref_out + ref_grads):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+    forward, _ = bench_rope.build("ours-inplace", q, k, cos, sin)
+    with torch.no_grad():  # the timed forward mode: in place on the leaves' memory
+        out = forward()
+    for x, y in zip(out, ref_out):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+    assert "forward only" in bench_rope.skip_mode("ours-inplace", "bwd") and bench_rope.skip_mode("ours", "bwd") is None

@@ -61,6 +61,26 @@ def test_nf4_and_lora_cases_pass_and_a_wrong_kernel_fails():
         [True, False, True, True, False]  # x, W, A, B, b: W and b frozen
 
 
+def test_glu_and_rope_cases_pass_and_a_wrong_kernel_fails():
+    """The SwiGLU/GeGLU and RoPE cases (strided q, k; per-sequence cos/sin; in place) at tiny odd
+    shapes through the interpreter: ours passes; an output off by 1% fails."""
+    from ltk.kernels.backend import HAS_TRITON, interpreter_on
+
+    if not (HAS_TRITON and interpreter_on()):
+        pytest.skip("our kernels run on a CPU only under TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    for (kernel, case, run, inputs), n in ((gpu_check.glu_case(5, 37, "gelu_tanh", "cpu"), 3),  # y, dg, du
+                                           (gpu_check.rope_case(2, 4, 2, 9, 16, True, True, "cpu"), 4)):
+        chk = gpu_check._compare(kernel, case, "fp16", run, inputs)
+        assert chk.passed and len(chk.errors) == n, (kernel, chk.errors, chk.torch_errors)
+
+        def off(t, be, run=run):
+            out = run(t, be)
+            scale = 1.01 if be == "triton" else 1.0
+            return tuple(o * scale for o in out) if isinstance(out, tuple) else out * scale
+
+        assert not gpu_check._compare(kernel, case, "fp16", off, inputs).passed, kernel
+
+
 # --- the plan, the train step, the scaling lab, the report ------------------------------------
 
 def test_plan_trains_gpt2_eager_compiled_and_transformers_within_the_budget():
