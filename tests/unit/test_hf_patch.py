@@ -197,28 +197,43 @@ def test_packed_sequences_run_as_a_bias_and_dropout_falls_back_to_sdpa(monkeypat
 
 
 def test_unpatch_restores_methods_and_bit_identical_outputs():
+    from ltk.models.hf import patch as patch_module
+
     ref, model = _pair("llama")
     model.eval()
     ids, mask, labels = _batch(pad=True)
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask, labels=labels)
-    gc.collect()  # models patched by other tests and dropped give the RoPE dispatcher back
-    rope = modeling_llama.apply_rotary_pos_emb
-    assert rope.__module__ == modeling_llama.__name__
+    gc.collect()  # models patched by other tests and dropped no longer hold the RoPE dispatcher
     ltk.patch(model)
-    assert modeling_llama.apply_rotary_pos_emb is not rope
+    assert modeling_llama.apply_rotary_pos_emb is patch_module._rope_dispatch
     with pytest.raises(RuntimeError, match="already patched"):
         ltk.patch(model)
     ltk.unpatch(model)
-    assert modeling_llama.apply_rotary_pos_emb is rope
+    assert modeling_llama.apply_rotary_pos_emb.__module__ == modeling_llama.__name__  # transformers' own again
     assert model.config._attn_implementation == "sdpa"
-    assert all("forward" not in vars(m) and "_ltk_backend" not in vars(m) for m in model.modules())
+    assert all(not {"forward", "_ltk_backend", "_ltk_patch_loss"} & set(vars(m)) for m in model.modules())
     assert ltk.patched(model) is None
     with torch.no_grad():
         after = model(input_ids=ids, attention_mask=mask, labels=labels)
     assert torch.equal(after.logits, before.logits) and torch.equal(after.loss, before.loss)
     with pytest.raises(RuntimeError, match="not patched"):
         ltk.unpatch(model)
+
+
+def test_a_deep_copy_is_patched_on_its_own(calls):
+    ref, model = _pair("llama")
+    ltk.patch(model, backend="torch")
+    twin = copy.deepcopy(model)
+    assert twin.model.norm.forward.__self__ is twin.model.norm  # bound to the copy's modules
+    ids, mask, labels = _batch(pad=True)
+    calls.clear()
+    _close(twin(input_ids=ids, attention_mask=mask, labels=labels).loss,
+           ref(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    assert set(calls) == EXPECTED["llama"]
+    ltk.unpatch(twin)
+    assert "forward" not in vars(twin.model.norm) and "forward" in vars(model.model.norm)
+    assert twin.config._attn_implementation == "sdpa" and model.config._attn_implementation == "ltk"
 
 
 def test_unsupported_models_are_refused_by_name():

@@ -20,8 +20,11 @@ Supported classes: LlamaForCausalLM, LlamaModel, GPT2LMHeadModel, GPT2Model, Ber
 BertModel; any other is refused with the list. Parameters are untouched (same tensors, same state
 dict); only forward methods change, as instance attributes, so other models of the same class in the
 process are unaffected. The one process-wide change is RoPE: transformers' Llama attention calls its
-module's `apply_rotary_pos_emb`, which is replaced (while any model is patched) by a dispatcher that
+module's `apply_rotary_pos_emb`, which is replaced (while any patched model lives) by a dispatcher that
 calls ours only inside the forward of a patched attention module and the original everywhere else.
+Each patched forward is bound to its module and calls the class's forward (an instance forward set by
+another library before `patch` is set aside until `unpatch`); a deep copy of a patched model is a
+patched model of its own, which `unpatch` undoes.
 
 The loss: with `labels`, the patched forward runs the model as usual but captures the input of the
 head instead of computing logits, then computes the loss from it with the fused kernel. In training
@@ -51,8 +54,8 @@ SUPPORTED = {
     "BertForMaskedLM": ("bert", "cls.predictions.decoder", False),
     "BertModel": ("bert", None, False),
 }
-_ATTENTION_CLASSES = {"llama": ("llama", "LlamaAttention"), "gpt2": ("gpt2", "GPT2Attention"),
-                      "bert": ("bert", "BertSelfAttention")}
+_ATTENTION_CLASSES = {"llama": ("LlamaAttention",), "gpt2": ("GPT2Attention",),
+                      "bert": ("BertSelfAttention", "BertCrossAttention")}
 _ROPE_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("ltk_rope_backend", default=None)
 
 
@@ -73,56 +76,67 @@ def _identify(model) -> tuple[str, str | None, bool]:
 
 
 class _Record:
-    """The undo log of one patch: each attribute set, with what it replaced."""
+    """The undo log of one patch, as data: (object, attribute, was it set on the instance, old value).
+    Data, not closures, so that `copy.deepcopy(model)` copies it onto the copy's own modules (every
+    patched forward is a method bound to its module for the same reason)."""
 
-    def __init__(self, backend: str):
-        self.backend, self.undo, self.summary = backend, [], {}
+    def __init__(self, backend: str, head: str | None, shift: bool):
+        self.backend, self.head, self.shift = backend, head, shift
+        self.attrs: list[tuple[object, str, bool, object]] = []
+        self.rope_modules: list[torch.nn.Module] = []
+        self.summary: dict[str, str] = {}
 
     def set(self, obj, name: str, value) -> None:
-        had, old = name in vars(obj), vars(obj).get(name)
+        self.attrs.append((obj, name, name in vars(obj), vars(obj).get(name)))
         setattr(obj, name, value)
-        self.undo.append(lambda: setattr(obj, name, old) if had else delattr(obj, name))
+
+    def bind(self, module: torch.nn.Module, forward) -> None:
+        """module.forward = forward bound to module; module._ltk_backend = the backend."""
+        self.set(module, "_ltk_backend", self.backend)
+        self.set(module, "forward", types.MethodType(forward, module))
+
+    def undo(self) -> None:
+        for obj, name, had, old in reversed(self.attrs):
+            if had:
+                setattr(obj, name, old)
+            else:
+                delattr(obj, name)
+        _release_rope(self.rope_modules)
 
 
 # ---------------------------------------------------------------------------------------
-# norms, MLP
+# norms, MLP: forwards bound to each module, reading its own parameters and _ltk_backend
 # ---------------------------------------------------------------------------------------
-def _rms_forward(backend):
+def _rms_forward(self, x):
     from ltk.kernels.rmsnorm import rms_norm
 
-    def forward(self, x):
-        return rms_norm(x, self.weight, self.variance_epsilon, backend=backend)
-    return forward
+    return rms_norm(x, self.weight, self.variance_epsilon, backend=self._ltk_backend)
 
 
-def _layer_norm_forward(backend):
+def _layer_norm_forward(self, x):
     from ltk.kernels.layernorm import layer_norm
 
-    def forward(self, x):
-        return layer_norm(x, self.weight, self.bias, self.eps, backend=backend)
-    return forward
+    return layer_norm(x, self.weight, self.bias, self.eps, backend=self._ltk_backend)
 
 
-def _swiglu_forward(backend):
+def _swiglu_forward(self, x):
     from ltk.kernels.swiglu import swiglu
 
-    def forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=backend))
-    return forward
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=self._ltk_backend))
 
 
 def _patch_norms(model, family: str, rec: _Record) -> None:
     if family == "llama":
-        cls, make = _modeling("llama").LlamaRMSNorm, _rms_forward
+        cls, forward, op = _modeling("llama").LlamaRMSNorm, _rms_forward, "rms_norm"
     else:
-        cls, make = torch.nn.LayerNorm, _layer_norm_forward
-    forward, n = make(rec.backend), 0
+        cls, forward, op = torch.nn.LayerNorm, _layer_norm_forward, "layer_norm"
+    n = 0
     for m in model.modules():
         if isinstance(m, cls) and (cls is not torch.nn.LayerNorm or
                                    (m.weight is not None and len(m.normalized_shape) == 1)):
-            rec.set(m, "forward", types.MethodType(forward, m))
+            rec.bind(m, forward)
             n += 1
-    rec.summary["norms"] = f"{n} {cls.__name__} -> ltk.kernels.{'rms_norm' if family == 'llama' else 'layer_norm'}"
+    rec.summary["norms"] = f"{n} {cls.__name__} -> ltk.kernels.{op}"
 
 
 def _patch_mlp(model, family: str, rec: _Record) -> None:
@@ -132,66 +146,68 @@ def _patch_mlp(model, family: str, rec: _Record) -> None:
     if model.config.hidden_act not in ("silu", "swish"):
         rec.summary["mlp"] = f"left as is: hidden_act={model.config.hidden_act!r} is not SwiGLU's silu"
         return
-    forward, n = _swiglu_forward(rec.backend), 0
-    for m in model.modules():
-        if isinstance(m, _modeling("llama").LlamaMLP):
-            rec.set(m, "forward", types.MethodType(forward, m))
-            n += 1
-    rec.summary["mlp"] = f"{n} LlamaMLP -> down_proj(ltk.kernels.swiglu(gate_proj(x), up_proj(x)))"
+    mlps = [m for m in model.modules() if isinstance(m, _modeling("llama").LlamaMLP)]
+    for m in mlps:
+        rec.bind(m, _swiglu_forward)
+    rec.summary["mlp"] = f"{len(mlps)} LlamaMLP -> down_proj(ltk.kernels.swiglu(gate_proj(x), up_proj(x)))"
 
 
 # ---------------------------------------------------------------------------------------
 # RoPE: a dispatcher in modeling_llama, active inside patched attention modules only
 # ---------------------------------------------------------------------------------------
-_rope_state = {"users": 0, "original": None}
+_rope_state = {"original": None, "users": weakref.WeakSet()}  # users: patched attention modules
 
 
 def _rope_dispatch(q, k, cos, sin, *args, **kwargs):
     backend = _ROPE_BACKEND.get()
-    if backend is None or args or kwargs.get("unsqueeze_dim", 1) != 1 or set(kwargs) - {"unsqueeze_dim"}:
-        return _rope_state["original"](q, k, cos, sin, *args, **kwargs)
+    original = _rope_state["original"]
+    if not _rope_state["users"]:  # every patched model is gone: give the original back
+        _modeling("llama").apply_rotary_pos_emb = original
+    if backend is None or args or set(kwargs) - {"unsqueeze_dim"} or kwargs.get("unsqueeze_dim", 1) != 1:
+        return original(q, k, cos, sin, *args, **kwargs)
     from ltk.kernels.rope import apply_rope
 
-    return apply_rope(q, k, cos, sin, backend=backend)  # cos, sin (B, T, D): one angle per head
+    return apply_rope(q, k, cos, sin, backend=backend)  # cos, sin (B, T, D): one angle for every head
 
 
-def _uninstall_rope(ml) -> None:
-    _rope_state["users"] -= 1
-    if _rope_state["users"] == 0 and ml.apply_rotary_pos_emb is _rope_dispatch:
+def _hold_rope(module) -> None:
+    ml = _modeling("llama")
+    if ml.apply_rotary_pos_emb is not _rope_dispatch:
+        _rope_state["original"] = ml.apply_rotary_pos_emb
+        ml.apply_rotary_pos_emb = _rope_dispatch
+    _rope_state["users"].add(module)
+
+
+def _release_rope(modules) -> None:
+    for m in modules:
+        _rope_state["users"].discard(m)
+    ml = _modeling("llama") if modules else None
+    if ml is not None and not _rope_state["users"] and ml.apply_rotary_pos_emb is _rope_dispatch:
         ml.apply_rotary_pos_emb = _rope_state["original"]
 
 
-def _install_rope(model, rec: _Record) -> None:
-    """The dispatcher stays while a patched model uses it: until its unpatch, or its collection."""
-    ml = _modeling("llama")
-    if _rope_state["users"] == 0:
-        _rope_state["original"] = ml.apply_rotary_pos_emb
-        ml.apply_rotary_pos_emb = _rope_dispatch
-    _rope_state["users"] += 1
-    rec.undo.append(weakref.finalize(model, _uninstall_rope, ml))  # runs once: at unpatch or collection
-
-
-def _with_rope(forward, backend):
-    def wrapped(*args, **kwargs):
-        token = _ROPE_BACKEND.set(backend)
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            _ROPE_BACKEND.reset(token)
-    return wrapped
+def _rope_attention_forward(self, *args, **kwargs):
+    """LlamaAttention's own forward, with apply_rotary_pos_emb routed to ours while it runs."""
+    if self not in _rope_state["users"]:  # a deep copy of a patched model: take the dispatcher too
+        _hold_rope(self)
+    token = _ROPE_BACKEND.set(self._ltk_backend)
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        _ROPE_BACKEND.reset(token)
 
 
 def _patch_rope(model, family: str, rec: _Record) -> None:
     if family != "llama":
         rec.summary["rope"] = "none: learned position embeddings"
         return
-    _install_rope(model, rec)  # any rope_type: cos and sin (scaled or not) still come from transformers
-    n = 0
-    for m in model.modules():
-        if isinstance(m, _modeling("llama").LlamaAttention):
-            rec.set(m, "forward", _with_rope(m.forward, rec.backend))
-            n += 1
-    rec.summary["rope"] = f"{n} LlamaAttention: apply_rotary_pos_emb -> ltk.kernels.rope.apply_rope"
+    # any rope_type: cos and sin (scaled or not) still come from transformers' rotary embedding
+    attns = [m for m in model.modules() if isinstance(m, _modeling("llama").LlamaAttention)]
+    for m in attns:
+        rec.bind(m, _rope_attention_forward)
+        _hold_rope(m)
+        rec.rope_modules.append(m)
+    rec.summary["rope"] = f"{len(attns)} LlamaAttention: apply_rotary_pos_emb -> ltk.kernels.rope.apply_rope"
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,20 +215,19 @@ def _patch_rope(model, family: str, rec: _Record) -> None:
 # ---------------------------------------------------------------------------------------
 def _patch_attention(model, family: str, rec: _Record) -> None:
     register_hf_attention()
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and
-               hasattr(m.config, "_attn_implementation_internal")}
-    for config in configs.values():
-        old = config._attn_implementation_internal
-        rec.undo.append(lambda c=config, old=old: setattr(c, "_attn_implementation_internal", old))
+    configs = {id(m.config): m.config for m in model.modules()
+               if hasattr(getattr(m, "config", None), "_attn_implementation_internal")}
+    for config in configs.values():  # recorded before set_attn_implementation changes them
+        rec.attrs.append((config, "_attn_implementation_internal", True, config._attn_implementation_internal))
     before = model.config._attn_implementation
     model.set_attn_implementation(NAME)
-    module, cls = _ATTENTION_CLASSES[family]
+    classes = tuple(getattr(_modeling(family), c) for c in _ATTENTION_CLASSES[family])
     n = 0
     for m in model.modules():
-        if isinstance(m, getattr(_modeling(module), cls)):
+        if isinstance(m, classes) and "_ltk_backend" not in vars(m):  # Llama's: already set by the RoPE part
             rec.set(m, "_ltk_backend", rec.backend)
-            n += 1
-    rec.summary["attention"] = f"attn_implementation {before!r} -> {NAME!r} ({n} {cls})"
+        n += isinstance(m, classes)
+    rec.summary["attention"] = f"attn_implementation {before!r} -> {NAME!r} ({n} {classes[0].__name__})"
 
 
 def patch(model, *, norms: bool = True, attention: bool = True, mlp: bool = True, rope: bool = True,
@@ -228,7 +243,7 @@ def patch(model, *, norms: bool = True, attention: bool = True, mlp: bool = True
     if getattr(model, "_ltk_patch", None) is not None:
         raise RuntimeError(f"this {type(model).__name__} is already patched by ltk.patch "
                            f"({patched(model)}); call ltk.unpatch(model) first")
-    rec = _Record(backend)
+    rec = _Record(backend, head, shift)
     try:
         if norms:
             _patch_norms(model, family, rec)
@@ -241,17 +256,12 @@ def patch(model, *, norms: bool = True, attention: bool = True, mlp: bool = True
         if loss:
             from ltk.models.hf.patch_loss import patch_loss
 
-            patch_loss(model, head, shift, rec)
+            patch_loss(model, rec)
     except BaseException:
-        _undo(rec)
+        rec.undo()
         raise
     model._ltk_patch = rec
     return model
-
-
-def _undo(rec: _Record) -> None:
-    for undo in reversed(rec.undo):
-        undo()
 
 
 def unpatch(model):
@@ -260,7 +270,7 @@ def unpatch(model):
     rec = getattr(model, "_ltk_patch", None)
     if rec is None:
         raise RuntimeError(f"this {type(model).__name__} is not patched by ltk.patch: nothing to undo")
-    _undo(rec)
+    rec.undo()
     del model._ltk_patch
     return model
 

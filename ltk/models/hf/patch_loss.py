@@ -32,14 +32,13 @@ class _Slot:
         self.head, self.h = head, None
 
 
-def _head_forward(head, original):
-    def forward(x):
-        slot = _CAPTURE.get()
-        if slot is not None and slot.head is head:
-            slot.h = x  # (B, T, d): what the logits would be computed from
-            return x.new_empty((*x.shape[:-1], 0))
-        return original(x)
-    return forward
+def _head_forward(self, x):
+    """The head's forward: records its input instead while a patched forward with labels runs."""
+    slot = _CAPTURE.get()
+    if slot is not None and slot.head is self:
+        slot.h = x  # (B, T, d): what the logits would be computed from
+        return x.new_empty((*x.shape[:-1], 0))
+    return type(self).forward(self, x)
 
 
 def _take_labels(names: list[str], args: tuple, kwargs: dict):
@@ -67,42 +66,43 @@ def lm_loss(h, labels, head, shift: bool, kwargs: dict, backend: str):
     return loss if n_items is None else loss / (n_items.to(loss.device) if hasattr(n_items, "to") else n_items)
 
 
-def _lm_forward(model, head, head_original, shift: bool, backend: str):
-    original = model.forward  # bound (the class's, or an instance attribute already there)
-    names = [p for p in inspect.signature(type(model).forward).parameters if p != "self"]
-
-    def forward(*args, **kwargs):
-        labels, args, kwargs = _take_labels(names, args, kwargs)
-        if labels is None:
-            return original(*args, **kwargs)
-        return_dict = kwargs.pop("return_dict", None)
-        if return_dict is None:
-            return_dict = getattr(model.config, "return_dict", True)
-        slot = _Slot(head)
-        token = _CAPTURE.set(slot)
-        try:
-            out = original(*args, return_dict=True, **kwargs)
-        finally:
-            _CAPTURE.reset(token)
-        if slot.h is None:
-            raise RuntimeError(f"{type(model).__name__}'s forward did not call its head: the fused loss needs "
-                               "its input (patch with loss=False)")
-        loss = lm_loss(slot.h, labels, head, shift, kwargs, backend)
-        logits = None if model.training else head_original(slot.h)  # eval: callers read them
-        fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
-        out = type(out)(loss=loss, logits=logits, **fields)
-        return out if return_dict else out.to_tuple()
-    return forward
+def _lm_forward(self, *args, **kwargs):
+    """The model's forward: transformers' own, with the loss taken over when labels are given."""
+    rec, original = self._ltk_patch_loss, type(self).forward
+    labels, args, kwargs = _take_labels(rec["names"], args, kwargs)
+    if labels is None:
+        return original(self, *args, **kwargs)
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    head = self.get_submodule(rec["head"])
+    slot = _Slot(head)
+    token = _CAPTURE.set(slot)
+    try:
+        out = original(self, *args, return_dict=True, **kwargs)
+    finally:
+        _CAPTURE.reset(token)
+    if slot.h is None:
+        raise RuntimeError(f"{type(self).__name__}'s forward did not call its head {rec['head']}: the fused loss "
+                           "needs its input (patch with loss=False)")
+    loss = lm_loss(slot.h, labels, head, rec["shift"], kwargs, rec["backend"])
+    logits = None if self.training else type(head).forward(head, slot.h)  # eval: callers read them
+    fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
+    out = type(out)(loss=loss, logits=logits, **fields)
+    return out if return_dict else out.to_tuple()
 
 
-def patch_loss(model, head_path: str | None, shift: bool, rec) -> None:
+def patch_loss(model, rec) -> None:
     """Route `model`'s loss with labels through the fused kernel (see the module docstring)."""
-    if head_path is None:
+    if rec.head is None:
         rec.summary["loss"] = f"none: {type(model).__name__} has no head and takes no labels"
         return
-    head = model.get_submodule(head_path)
-    head_original = head.forward
-    rec.set(head, "forward", _head_forward(head, head_original))
-    rec.set(model, "forward", _lm_forward(model, head, head_original, shift, rec.backend))
+    import types
+
+    head = model.get_submodule(rec.head)
+    names = [p for p in inspect.signature(type(model).forward).parameters if p != "self"]
+    rec.set(head, "forward", types.MethodType(_head_forward, head))
+    rec.set(model, "_ltk_patch_loss", {"head": rec.head, "shift": rec.shift, "backend": rec.backend, "names": names})
+    rec.set(model, "forward", types.MethodType(_lm_forward, model))
     rec.summary["loss"] = (f"{type(model).__name__}(labels=...) -> ltk.kernels.fused_linear_cross_entropy on "
-                           f"{head_path}'s input; logits None in training mode")
+                           f"{rec.head}'s input; logits None in training mode")
