@@ -118,7 +118,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                 Option("min_time", float, 8.0, "timed seconds per provider, split over the rounds"),
                 Option("device", str, "auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
                 Option("providers", str, None, "comma list of ours, ours-compile, transformers, or all "
-                       "(default: ours,transformers)"),
+                       "(default: ours,transformers); for --model llama/bert also transformers+ours "
+                       "(ltk.patch) and, for llama, transformers+liger"),
                 Option("compile_backend", str, "inductor", "torch.compile backend of ours-compile"),
             ),
         ),

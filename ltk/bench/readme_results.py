@@ -237,6 +237,9 @@ HEADLINES: dict[str, tuple] = {  # what -> its rules; a what not here gets "see 
                      Compare("ours", "bitsandbytes+peft", "memory", shape="total, no checkpointing")),
     "train-step": (Compare("ours", "transformers"),),
     "train-step-zoo": (Compare("ours", "transformers"),),
+    "train-step-hf": (Compare("transformers+ours", "transformers"),
+                      Compare("transformers+ours", "transformers", "memory"),
+                      Compare("transformers+liger", "transformers")),
     "parallel-ddp": (Compare("ddp", "torch-ddp"), Compare("naive", "torch-ddp")),
     "parallel-ddp-4ranks": (Compare("ddp", "torch-ddp"), Compare("naive", "torch-ddp")),
     "parallel-zero": tuple(Compare(ours, base, dtype=dt) for dt in ("fp32", "bf16")

@@ -280,22 +280,22 @@ def run(*, model: str = "gpt", preset: str = "gpt-debug", vocab_size: int | None
     vocab_size: None keeps the preset's, or the tokenizer default (2048) for a preset that
     takes it from the data. seq_len: None = block_size. dtype: "auto" = fp32 on a CPU, bf16
     autocast on CUDA. min_time: timed seconds per provider, split over `rounds` rounds.
-    providers: comma list of ours, ours-compile, transformers, or "all"; None = ours,transformers.
+    providers: comma list of ours, ours-compile, transformers, or "all"; None = ours,transformers. For
+    llama and bert also transformers+ours (transformers' model after ltk.patch) and, for llama,
+    transformers+liger (after Liger's patch); see ltk/bench/train_step_zoo.py.
     compile_backend: torch.compile backend of ours-compile (inductor; aot_eager for quick tests).
     model: gpt (the preset's size) or llama | bert | t5 (their debug sizes; ltk/bench/train_step_zoo.py).
     Returns the rows as a list carrying `.skipped` (ltk/bench/sweep.py's SweepRows): each requested
     provider that did not run, and why."""
-    requested = parse_providers(providers)
     if model != "gpt":
         from ltk.bench.train_step_zoo import ZOO
         from ltk.bench.train_step_zoo import run as run_zoo
 
         if model not in ZOO:
             raise ValueError(f"model must be gpt or one of {sorted(ZOO)}, got {model!r}")
-        if providers is not None:
-            raise ValueError(f"providers applies to model='gpt' only; {model} times ours and transformers")
         return run_zoo(model, vocab_size=vocab_size, batch_size=batch_size, seq_len=seq_len, device=device,
-                       min_time=min_time, rounds=rounds, seed=seed)
+                       min_time=min_time, rounds=rounds, seed=seed, providers=providers, dtype=dtype)
+    requested = parse_providers(providers)
     dev = resolve_device(device)
     cfg = gpt_config(preset)
     if vocab_size or not cfg.vocab_size:

@@ -10,4 +10,8 @@ names (and layouts) and ours, in both directions:
 Conversions are strict: a tensor that is missing, unexpected or of the wrong shape is an
 error that names it, never a silent random init. Folders on disk: ltk/models/hf/folder.py
 (`from_pretrained`, `save_pretrained`).
+
+The other direction, our kernels inside transformers' own models without converting them:
+ltk/models/hf/patch.py (`ltk.patch`, `ltk.unpatch`; the loss part in patch_loss.py) and
+ltk/models/hf/attn_interface.py (`attn_implementation="ltk"`).
 """
