@@ -91,9 +91,13 @@ def test_plan_trains_gpt2_eager_compiled_and_transformers_within_the_budget():
 
     for quick in (False, True):
         plan = gpu_check.benchmark_plan(quick)
-        step = [e for e in plan if e.bench == "train-step"]
+        step = [e for e in plan if e.bench == "train-step" and e.kwargs.get("model", "gpt") == "gpt"]
         assert len(step) == 1 and step[0].kwargs["preset"] == "gpt2-124m"
         assert parse_providers(step[0].kwargs["providers"]) == ("ours", "ours-compile", "transformers")
+        hf = [e for e in plan if e.kwargs.get("model") == "llama"]  # patched with ours vs with Liger, tokens/s
+        assert len(hf) == 1 and "transformers+liger" in hf[0].kwargs["providers"]
+        ce = [e for e in plan if e.bench == "cross-entropy"]  # fused vs Liger's fused, at Llama 3's vocabulary
+        assert len(ce) == 1 and "liger" in ce[0].kwargs["providers"] and ce[0].kwargs["vocab_sizes"] == "128256"
         for e in plan:  # every option the plan passes exists (a typo would only fail on the GPU)
             inspect.signature(get_benchmark(e.bench).run).bind(device="cuda", **e.kwargs)
         assert len({e.label for e in plan}) == len(plan)  # one Time row each
