@@ -14,6 +14,7 @@ from ltk import models
 from ltk.kernels.nf4 import NF4Linear
 from ltk.models.gpt import GPT, GPTConfig
 from ltk.models.llama import Llama, LlamaConfig
+from ltk.models.lm_head import LMHead
 from ltk.models.lora import (
     apply_lora,
     load_adapter,
@@ -71,7 +72,7 @@ def test_quantized_logits_match_the_dequantized_model(make):
     nf4 = {n: m for n, m in q.named_modules() if isinstance(m, NF4Linear)}
     assert len(nf4) == 2 * (7 if make is _llama else 4) and all(isinstance(m, NF4LinearDQ) for m in nf4.values())
     head, emb = (q.output, q.tok_embeddings) if make is _llama else (q.lm_head, q.wte)
-    assert type(head) is nn.Linear and type(emb) is nn.Embedding  # stay in full precision
+    assert type(head) is LMHead and type(emb) is nn.Embedding  # stay in full precision
     if make is _gpt:
         assert q.lm_head.weight is q.wte.weight  # the tie survives
     # the same model with every quantized weight replaced by its dequantized NF4 value
@@ -235,7 +236,7 @@ def test_from_pretrained_qlora_on_a_transformers_llama_folder(tmp_path):
     hf.save_pretrained(tmp_path / "base")
     q = from_pretrained_qlora(tmp_path / "base", **F32)
     assert not any(t.is_meta for t in list(q.parameters()) + list(q.buffers()))
-    assert sum(isinstance(m, NF4LinearDQ) for m in q.modules()) == 14 and type(q.output) is nn.Linear
+    assert sum(isinstance(m, NF4LinearDQ) for m in q.modules()) == 14 and type(q.output) is LMHead
     want = quantize_model(models.from_pretrained(tmp_path / "base", backend="torch"), **F32)
     ids = _ids()
     with torch.no_grad():
