@@ -11,26 +11,9 @@ from ltk.cli import main
 from ltk.training.config import DataConfig
 from ltk.training.data import prepare_data
 from ltk.training.loader import TokenLoader
-from ltk.training.tokenizer import Tokenizer
 
 COMMON = ["--max-steps", "1", "--trainer.batch_size", "4", "--trainer.eval_batches", "1",
           "--trainer.progress", "false", "--data.min_chars", "16", "--data.val_fraction", "0.1"]
-
-
-@pytest.fixture(scope="module")
-def hf_gpt2(tiny_corpus, tmp_path_factory):
-    """A transformers GPT-2 folder written from random weights (a config, no download), with a
-    byte-level BPE tokenizer.json trained on the tiny corpus."""
-    tf = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("hf-gpt2")
-    texts = [p.read_text() for p in sorted(tiny_corpus.iterdir())]
-    tok = Tokenizer.train_bpe(texts, 300)
-    tok.save(folder)
-    torch.manual_seed(0)
-    cfg = tf.GPT2Config(vocab_size=tok.vocab_size + 5, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    tf.GPT2LMHeadModel(cfg).save_pretrained(folder)
-    return folder
 
 
 def _first_batch(run_dir):
