@@ -189,7 +189,7 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
                          lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, use_rslora=args.rslora,
                          targets=args.targets, compute_dtype=args.compute_dtype, limit=args.limit,
                          eval_every=args.eval_every, seed=args.seed, device=args.device, merge=args.merge,
-                         packing=args.packing)
+                         packing=args.packing, stream=args.stream, chat_template=args.chat_template)
     s = run_finetune(cfg)
     score = "exact_match" if "exact_match" in s["after"] else "val_ppl"
     print(f"{s['method']}: {s['trainable_params']:,} of {s['params']:,} parameters trained | {score} "
@@ -412,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--base", required=True, help="a run folder / checkpoint of ours, or a Hugging Face folder")
     f.add_argument("--data", default="builtin", help="builtin (an exactly scored task; builtin:last,lookup for some "
                    "of its kinds) or a .jsonl (Alpaca or chat rows)")
+    f.add_argument("--stream", action="store_true", help="read the .jsonl row by row (a shuffle buffer, O(buffer) "
+                   "memory, a resumable position) instead of loading it whole; val rows by a hash of their prompt")
+    f.add_argument("--chat-template", default="", metavar="FOLDER|auto",
+                   help="render the rows with a tokenizer's chat_template (Jinja, from a Hugging Face folder; auto: "
+                   "the --base folder's), the loss on every assistant turn")
     f.add_argument("--out", default="runs/finetune", help="output folder")
     f.add_argument("--steps", type=int, default=300)
     f.add_argument("--batch-size", type=int, default=16)
