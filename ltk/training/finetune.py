@@ -15,6 +15,8 @@ al. 2023), per parameter Ψ of the adapted layers, with AdamW's two fp32 moments
 Data (ltk/training/instruct.py): prompts rendered with a template, the loss only on the response
 and its end-of-text token (prompt labels are -100); with --packing each step's examples are
 packed several to a row (ltk/training/packing.py): the same examples and loss in fewer slots.
+--stream reads a large .jsonl row by row (ltk/training/instruct_stream.py); --chat-template renders
+rows with a tokenizer's chat_template, the loss on every assistant turn (ltk/training/chat_template.py).
 Evaluation: exact-match accuracy of greedy answers on the built-in task, validation loss and
 perplexity on any data (padded batches either way). Output folder:
 metrics.jsonl, loss.png, summary.json, adapter/ (PEFT format, lora and qlora); model/ (full) or, with
