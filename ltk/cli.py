@@ -9,6 +9,7 @@
     ltk train --preset gpt-debug --resume auto --nproc 2 --parallel ddp --max-restarts 3   # restarts continue
     ltk train --preset gpt2-124m --nproc 8 --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29400 --resume auto
                                                                   # one per node (docs/multi-node.md)
+    ltk train --init-from hf/gpt2 --data corpus.txt --max-steps 500   # continued pre-training (not a resume)
     ltk train --preset gpt-debug --overwrite                      # start over in a folder that holds a run
     ltk train --config run.toml --max-steps 50                    # a config file (or a run's config.json)
     ltk train --preset gpt-debug --print-config toml > run.toml   # the resolved config, read back by --config
@@ -57,7 +58,14 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     auto = args.resume == "auto"
     if auto and args.overwrite:
         raise ValueError("--resume auto continues the run in --out, --overwrite deletes it: give one")
-    ckpt_path = state = None
+    if args.init_from and args.resume and not auto:
+        raise ValueError("--init-from starts a new run from a model's weights (fresh optimizer, step 0); "
+                         "--resume continues a run exactly: give one (--resume auto may go with --init-from)")
+    ckpt_path = state = init = None
+    if args.init_from:  # continued pre-training: the source's model and tokenizer (ltk/training/init_from.py)
+        from ltk.training.init_from import DEBUG_PRESETS, read_init_source
+
+        init = read_init_source(args.init_from)
     if args.resume and not auto:
         if args.preset or args.config:
             raise SystemExit("ltk train: give --preset/--config or --resume, not both (a resumed run keeps its "
@@ -68,7 +76,11 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     elif args.config:
         cfg = load_config(args.config, args.preset)  # the preset < the file
     else:
-        cfg = get_preset(args.preset or "gpt-debug")
+        cfg = get_preset(args.preset or (DEBUG_PRESETS[init.family] if init else "gpt-debug"))
+    if init is not None:
+        from ltk.training.init_from import adopt_init_source
+
+        adopt_init_source(cfg, init, preset=f"--preset {args.preset}" if args.preset else None)
     if args.data is not None:
         cfg.data.source = args.data
     if args.max_steps is not None:
@@ -82,6 +94,10 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.parallel is not None:
         _set_parallel(cfg, args.parallel, world)
     apply_overrides(cfg, overrides)
+    if init is not None:
+        from ltk.training.init_from import check_model_overrides
+
+        check_model_overrides(cfg, init)
     if args.print_config:
         check_run(cfg, size=False, warn=False)
         print(to_toml(cfg.to_dict()) if args.print_config == "toml" else cfg.to_json() + "\n", end="")
@@ -101,7 +117,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         if launch:
             return _launch(rdzv, args.argv, folder, cfg.trainer.out_dir)
         trainer = Trainer(cfg, resume=load_checkpoint(ckpt_path) if ckpt_path else None, overwrite=args.overwrite,
-                          folder=folder, auto=auto)
+                          folder=folder, auto=auto, init_from=init)
         try:
             result = trainer.fit()
         except TrainingStopped as e:
@@ -173,7 +189,7 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
                          lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, use_rslora=args.rslora,
                          targets=args.targets, compute_dtype=args.compute_dtype, limit=args.limit,
                          eval_every=args.eval_every, seed=args.seed, device=args.device, merge=args.merge,
-                         packing=args.packing)
+                         packing=args.packing, stream=args.stream, chat_template=args.chat_template)
     s = run_finetune(cfg)
     score = "exact_match" if "exact_match" in s["after"] else "val_ppl"
     print(f"{s['method']}: {s['trainable_params']:,} of {s['params']:,} parameters trained | {score} "
@@ -344,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", help="a run folder or checkpoint folder to continue from; `auto`: the newest valid "
                    "checkpoint of --out if there is one (with --preset/--config/flags, which must match it), "
                    "else a fresh start: what restarts and requeues run")
+    t.add_argument("--init-from", metavar="HF_FOLDER_OR_RUN",
+                   help="continued pre-training: start from the weights, model config and tokenizer of a "
+                   "Hugging Face folder (GPT-2, Llama, BERT, T5) or one of our run folders / checkpoints, the "
+                   "data tokenized with that tokenizer; NOT a resume: the optimizer, step, schedule and data "
+                   "start fresh (refused with --resume PATH; with --resume auto a restart continues this run)")
     t.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds a run: delete its config, metrics and checkpoints "
                    "(once no other run holds the folder)")
@@ -391,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--base", required=True, help="a run folder / checkpoint of ours, or a Hugging Face folder")
     f.add_argument("--data", default="builtin", help="builtin (an exactly scored task; builtin:last,lookup for some "
                    "of its kinds) or a .jsonl (Alpaca or chat rows)")
+    f.add_argument("--stream", action="store_true", help="read the .jsonl row by row (a shuffle buffer, O(buffer) "
+                   "memory, a resumable position) instead of loading it whole; val rows by a hash of their prompt")
+    f.add_argument("--chat-template", default="", metavar="FOLDER|auto",
+                   help="render the rows with a tokenizer's chat_template (Jinja, from a Hugging Face folder; auto: "
+                   "the --base folder's), the loss on every assistant turn")
     f.add_argument("--out", default="runs/finetune", help="output folder")
     f.add_argument("--steps", type=int, default=300)
     f.add_argument("--batch-size", type=int, default=16)

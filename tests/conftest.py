@@ -93,3 +93,23 @@ def tiny_base(tiny_corpus, tmp_path_factory):
                               progress=False),
     )).fit()
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2(tiny_corpus, tmp_path_factory):
+    """A transformers GPT-2 folder written from random weights (a config, no download; no dropout),
+    2 layers, 32 wide, 32 positions, with a byte-level BPE tokenizer.json trained on the tiny corpus."""
+    tf = pytest.importorskip("transformers")
+    import torch
+
+    from ltk.training.tokenizer import Tokenizer
+
+    folder = tmp_path_factory.mktemp("hf-gpt2")
+    tok = Tokenizer.train_bpe([p.read_text() for p in sorted(tiny_corpus.iterdir())], 300)
+    tok.save(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cfg = tf.GPT2Config(vocab_size=tok.vocab_size + 5, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        tf.GPT2LMHeadModel(cfg).save_pretrained(folder)
+    return folder

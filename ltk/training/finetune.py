@@ -15,6 +15,8 @@ al. 2023), per parameter Ψ of the adapted layers, with AdamW's two fp32 moments
 Data (ltk/training/instruct.py): prompts rendered with a template, the loss only on the response
 and its end-of-text token (prompt labels are -100); with --packing each step's examples are
 packed several to a row (ltk/training/packing.py): the same examples and loss in fewer slots.
+--stream reads a large .jsonl row by row (ltk/training/instruct_stream.py); --chat-template renders
+rows with a tokenizer's chat_template, the loss on every assistant turn (ltk/training/chat_template.py).
 Evaluation: exact-match accuracy of greedy answers on the built-in task, validation loss and
 perplexity on any data (padded batches either way). Output folder:
 metrics.jsonl, loss.png, summary.json, adapter/ (PEFT format, lora and qlora); model/ (full) or, with
@@ -66,6 +68,8 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
     merge: bool = False  # also write merged/ (full weights with the adapter folded in)
+    stream: bool = False  # read the .jsonl row by row through a shuffle buffer (ltk/training/instruct_stream.py)
+    chat_template: str = ""  # "" | auto (the base folder's) | a HF folder / .jinja: its chat_template renders rows
     extra: dict = field(default_factory=dict)
 
 
@@ -83,6 +87,8 @@ def check_config(cfg: FinetuneConfig) -> None:
     for flag, value, low, why in lowest:
         if value is not None and value < low:
             raise ValueError(f"{flag} {value}: must be >= {low}{why}")
+    if (cfg.stream or cfg.chat_template) and not cfg.data.endswith(".jsonl"):
+        raise ValueError(f"--stream and --chat-template read a .jsonl file, not --data {cfg.data}")
     if not (math.isfinite(cfg.lr) and cfg.lr >= 0):
         raise ValueError(f"--lr {cfg.lr}: must be a finite number >= 0 (0 = the method's default)")
     if not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):
@@ -197,6 +203,19 @@ def evaluate(model, tok, val, cfg: FinetuneConfig, device, builtin: bool) -> dic
     return out
 
 
+def rows_data(cfg: FinetuneConfig, tok):
+    """--stream / --chat-template: (training batches, training rows or None, encoded val rows)."""
+    from ltk.training.chat_template import load_chat_template
+    from ltk.training.instruct_stream import instruction_data
+
+    template = None
+    if cfg.chat_template:
+        template = load_chat_template(cfg.base if cfg.chat_template == "auto" else cfg.chat_template)
+    return instruction_data(cfg.data, tok, max_len=cfg.max_len, batch_size=cfg.batch_size,
+                            val_fraction=cfg.val_fraction, seed=cfg.seed, stream=cfg.stream, template=template,
+                            packing=cfg.packing, limit=cfg.limit)
+
+
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from ltk.models.lora import lora_modules, remove_lora, save_adapter
     from ltk.training.config import OptimConfig
@@ -213,9 +232,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     model, tok, family = load_base(cfg.base, device)
     if cfg.max_len > model.config.block_size:
         raise ValueError(f"--max-len {cfg.max_len} is longer than the base model's {model.config.block_size} positions")
-    examples = load_examples(cfg.data, limit=cfg.limit)
-    train, val = split(examples, cfg.val_fraction, cfg.seed)
     builtin = cfg.data == "builtin" or cfg.data.startswith("builtin:")
+    if cfg.stream or cfg.chat_template:  # rows encoded by the stream's functions (ltk/training/instruct_stream.py)
+        stream, n_train, val = rows_data(cfg, tok)
+    else:
+        examples = load_examples(cfg.data, limit=cfg.limit)
+        train, val = split(examples, cfg.val_fraction, cfg.seed)
+        n_train = len(train)
     before = evaluate(model, tok, val, cfg, device, builtin)
     total_params = sum(p.numel() for p in model.parameters())
     model = prepare_model(model, family, cfg).to(device)
@@ -225,7 +248,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                             grad_clip=cfg.grad_clip)
     opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     model.train()
-    stream = batches(train, tok, cfg.batch_size, cfg.max_len, shuffle=True, seed=cfg.seed, packing=cfg.packing)
+    if not (cfg.stream or cfg.chat_template):
+        stream = batches(train, tok, cfg.batch_size, cfg.max_len, shuffle=True, seed=cfg.seed, packing=cfg.packing)
     log = out / "metrics.jsonl"
     log.write_text("")
     t0, step_times, last = time.perf_counter(), [], {}
@@ -260,7 +284,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     after = {k: v for k, v in last.items() if k.startswith(("val", "exact_match"))}
     summary = {"method": cfg.method, "family": family, "base": str(cfg.base), "data": cfg.data,
                "params": total_params, "trainable_params": sum(p.numel() for p in trainable),
-               "train_examples": len(train), "val_examples": len(val), "before": before, "after": after,
+               "train_examples": n_train, "val_examples": len(val), "before": before, "after": after,
                "step_ms_median": 1e3 * sorted(step_times)[len(step_times) // 2], "seconds": time.perf_counter() - t0,
                "memory": memory, "batch_tokens": int(x.numel()),
                "packing": cfg.packing, "packing_efficiency": tokens / slots, "config": asdict(cfg)}

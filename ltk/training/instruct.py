@@ -212,6 +212,7 @@ def encode_example(tok, ex: Example, max_len: int) -> tuple[list[int], list[int]
 def batches(examples, tok, batch_size: int, max_len: int, *, shuffle: bool = True, seed: int = 0,
             epochs: int | None = None, packing: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
     """(x, y) int64 of shape (B, T), T = the longest encoded example of the batch (<= max_len - 1).
+    An example is an Example, or an (input_ids, labels) pair encoded already.
 
     Epoch e visits every example once, in a permutation drawn from numpy's generator seeded
     with (seed, e) (file order when shuffle is False), in runs of batch_size; the last run of
@@ -229,6 +230,9 @@ def batches(examples, tok, batch_size: int, max_len: int, *, shuffle: bool = Tru
         raise ValueError("batches needs at least one example")
     encoded = []
     for i, ex in enumerate(examples):
+        if isinstance(ex, tuple):  # already (input_ids, labels): a chat template's (ltk/training/instruct_stream.py)
+            encoded.append(ex)
+            continue
         try:
             encoded.append(encode_example(tok, ex, max_len))
         except ValueError as e:

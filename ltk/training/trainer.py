@@ -56,6 +56,7 @@ from ltk.training.engine import build_engine
 from ltk.training.evaluate import evaluate
 from ltk.training.faults import Fault
 from ltk.training.hardware import peak_flops
+from ltk.training.init_from import InitSource, load_initial_weights
 from ltk.training.loader import TokenLoader
 from ltk.training.loggers import Loggers, check_sinks, open_loggers
 from ltk.training.memory import MemoryProbe
@@ -86,9 +87,11 @@ class Trainer:
     """overwrite: a fresh run replaces the run out_dir holds; folder: out_dir as claimed by the caller
     (the CLI, before building anything), else fit() claims it (ltk/training/run_folder.py); auto:
     started by `--resume auto` (`resume` is what it found, or None: a fresh start in a folder that
-    may hold the rows of an attempt that never saved)."""
+    may hold the rows of an attempt that never saved); init_from: a fresh run's initial weights
+    (continued pre-training, ltk/training/init_from.py; cfg already holds the source's model and
+    tokenizer), ignored when a checkpoint is resumed."""
     def __init__(self, cfg: RunConfig, resume: Checkpoint | None = None, *, overwrite: bool = False,
-                 folder: RunFolder | None = None, auto: bool = False):
+                 folder: RunFolder | None = None, auto: bool = False, init_from: InitSource | None = None):
         mark_baseline()  # memory peaks count from here: what the caller held before is not this run's
         self.cfg, self.resume, self.overwrite, self.folder, self.auto = cfg, resume, overwrite, folder, auto
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
@@ -127,8 +130,11 @@ class Trainer:
         self.par = build_engine(self.model, self.cfg, self.rt.device)  # ltk/training/engine.py
         self.optimizer = self.par.optimizer
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.dtype == "fp16")
+        self.init_from = None if resume is not None else init_from
         if resume is not None:
             self._load(resume)
+        elif init_from is not None:
+            self._load_initial_weights(init_from)
         self.tokens_per_step = t.batch_size * self.seq_len * t.grad_accum  # global: the same at any world size
         self.flops_per_step = self.family.flops_per_token(m, self.seq_len) * self.tokens_per_step
         self.peak = peak_flops(self.rt.device, self.rt.dtype)  # None where the device's peak is unknown
@@ -147,6 +153,12 @@ class Trainer:
             if sharded:
                 return move_buffers(build_on_meta(build), self.rt.device)
             return build().to(self.rt.device)
+
+    def _load_initial_weights(self, src: InitSource) -> None:
+        """The source's weights into what each rank holds; optimizer, step and data start fresh."""
+        if self.rt.is_main:
+            print(f"init: {src.describe()} (fresh optimizer, step 0)")
+        load_initial_weights(self.par, src)
 
     def _prepare_data(self):
         # rank 0 builds the cached dataset; the others wait and then read it
@@ -389,6 +401,8 @@ class Trainer:
             summary = {"step": self.step, "params": self.num_params, "checkpoint": str(ckpt), **last,
                        "memory": memory.result, "memory_per_rank": per_rank, **profile.summary(),
                        **timeline.summary()}
+            if self.init_from is not None:
+                summary["init_from"] = str(self.init_from.path)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             if t.memory_trace and plot_at_end():
                 self._plot_memory(per_rank)
