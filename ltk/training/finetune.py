@@ -115,9 +115,9 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, overwrite: bool
     check_config(cfg)
     out = writable_dir(cfg.out_dir, "--out")
     run = run_config(cfg)
+    adopt_base(run)  # the base's architecture, which a checkpoint's must be
     ckpt = None
     if resume == "auto":
-        adopt_base(run)  # the base's architecture, which the checkpoint's must be
         path, _ = auto_resume(run)
         ckpt = load_checkpoint(path) if path is not None else None
     elif resume:
