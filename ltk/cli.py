@@ -36,6 +36,7 @@ from pathlib import Path
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from contextlib import nullcontext
 
+    from ltk.training.base_model import adopt_base
     from ltk.training.checkpoint import load_checkpoint, read_state
     from ltk.training.config import apply_overrides
     from ltk.training.config_check import check_run
@@ -82,6 +83,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.parallel is not None:
         _set_parallel(cfg, args.parallel, world)
     apply_overrides(cfg, overrides)
+    adopt_base(cfg)  # --task.kind instruct: the architecture is the base's (ltk/training/base_model.py)
     if args.print_config:
         check_run(cfg, size=False, warn=False)
         print(to_toml(cfg.to_dict()) if args.print_config == "toml" else cfg.to_json() + "\n", end="")
