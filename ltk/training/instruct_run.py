@@ -89,9 +89,14 @@ class InstructTask:
         model.train(was)
         return out
 
-    def summary(self) -> dict[str, Any]:
-        """What the run's summary.json says about the data."""
-        lo = self.loader
-        return {"data": self.cfg.task.data, "train_examples": len(self.train), "val_examples": len(self.val),
-                "packing": self.cfg.task.packing, "batch_tokens": lo.batch_tokens,
+    def summary(self, model, before: dict | None, last: dict[str, Any], memory: dict | None) -> dict[str, Any]:
+        """What a fine-tuning run's summary.json adds: the method, what trained, the scores before
+        and after, memory by component (frozen base, NF4 codes, adapters: MemoryProbe's detail,
+        ltk/models/qlora.py `memory_breakdown`), the data and its packing."""
+        cfg, lo = self.cfg, self.loader
+        return {"method": cfg.adapter.method, "family": cfg.family, "base": cfg.task.base,
+                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "before": before, "after": {k: v for k, v in last.items() if k.startswith(("val", "exact"))},
+                "memory": (memory or {}).get("detail"), "data": cfg.task.data, "train_examples": len(self.train),
+                "val_examples": len(self.val), "packing": cfg.task.packing, "batch_tokens": lo.batch_tokens,
                 "packing_efficiency": lo.tokens / max(lo.slots, 1)}

@@ -351,18 +351,10 @@ class Trainer:
             print(f"warning: could not draw {self.run_dir / 'memory.png'}: {e}")
 
     def _step_size(self) -> str:
+        t = self.cfg.trainer
         if self.task is None:
             return f"{self.tokens_per_step:,} tokens/step"
-        t = self.cfg.trainer
         return f"{t.batch_size * t.grad_accum} examples/step ({self.cfg.adapter.method} adapter)"
-
-    def _finetune_summary(self, last: dict[str, Any], memory: dict[str, Any] | None) -> dict[str, Any]:
-        """What a fine-tuning run's summary.json adds: the method, what trained, the scores before
-        and after, memory by component (frozen base, NF4 codes, adapters; `memory_breakdown`)."""
-        return {"method": self.cfg.adapter.method, "family": self.cfg.family, "base": self.cfg.task.base,
-                "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-                "before": self.before, "after": {k: v for k, v in last.items() if k.startswith(("val", "exact"))},
-                "memory": (memory or {}).get("detail"), **self.task.summary()}
 
     def fit(self) -> TrainResult:
         """Train to trainer.max_steps, holding the run folder all along (claimed here unless given)."""
@@ -466,7 +458,7 @@ class Trainer:
             if step_times:
                 summary["step_ms_median"] = 1e3 * sorted(step_times)[len(step_times) // 2]
             if self.task is not None:
-                summary.update(self._finetune_summary(last, memory.result))
+                summary.update(self.task.summary(self.model, self.before, last, memory.result))
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             if t.memory_trace and plot_at_end():
                 self._plot_memory(per_rank)

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from ltk.cli import main
 from ltk.training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from ltk.training.finetune import FinetuneConfig, run_finetune
 
@@ -34,7 +35,11 @@ def test_n_plus_resume_plus_n_equals_2n_bit_for_bit(tiny_base, tmp_path, method,
     whole, split = tmp_path / "whole", tmp_path / "split"
     run_finetune(_cfg(tiny_base, whole, method, 4, data, grad_accum=2, packing=True))
     run_finetune(_cfg(tiny_base, split, method, 2, data, grad_accum=2, packing=True))
-    resumed = run_finetune(_cfg(tiny_base, split, method, 4, data, grad_accum=2, packing=True), resume=str(split))
+    if method == "lora":  # the checkpoint holds the whole run config: `ltk train --resume` continues it too
+        assert main(["train", "--resume", str(split), "--max-steps", "4"]) == 0
+        resumed = json.loads((split / "summary.json").read_text())
+    else:
+        resumed = run_finetune(_cfg(tiny_base, split, method, 4, data, grad_accum=2, packing=True), resume=str(split))
     assert _losses(split) == _losses(whole) and len(_losses(whole)) == 4
     a, b = load_checkpoint(whole), load_checkpoint(split)
     assert a.state["step"] == b.state["step"] == 4
@@ -45,7 +50,7 @@ def test_n_plus_resume_plus_n_equals_2n_bit_for_bit(tiny_base, tmp_path, method,
         for k, v in st.items():
             assert torch.equal(v, b.trainer["optimizer"]["state"][name][k]), (name, k)
     assert resumed["before"] == json.loads((whole / "summary.json").read_text())["before"]  # kept in the checkpoint
-    if method != "full":  # the adapter folder is written from the resumed run's weights
+    if method == "qlora":  # `ltk finetune` writes the adapter folder from the resumed run's weights
         ours = (split / "adapter" / "adapter_model.safetensors").read_bytes()
         assert ours == (whole / "adapter" / "adapter_model.safetensors").read_bytes()
 
