@@ -37,6 +37,7 @@ from pathlib import Path
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from contextlib import nullcontext
 
+    from ltk.training.base_model import adopt_base
     from ltk.training.checkpoint import load_checkpoint, read_state
     from ltk.training.config import apply_overrides
     from ltk.training.config_check import check_run
@@ -98,6 +99,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         from ltk.training.init_from import check_model_overrides
 
         check_model_overrides(cfg, init)
+    adopt_base(cfg)  # --task.kind instruct: the architecture is the base's (ltk/training/base_model.py)
     if args.print_config:
         check_run(cfg, size=False, warn=False)
         print(to_toml(cfg.to_dict()) if args.print_config == "toml" else cfg.to_json() + "\n", end="")
@@ -189,8 +191,9 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
                          lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, use_rslora=args.rslora,
                          targets=args.targets, compute_dtype=args.compute_dtype, limit=args.limit,
                          eval_every=args.eval_every, seed=args.seed, device=args.device, merge=args.merge,
-                         packing=args.packing, stream=args.stream, chat_template=args.chat_template)
-    s = run_finetune(cfg)
+                         packing=args.packing, grad_accum=args.grad_accum, dtype=args.dtype,
+                         ckpt_every=args.ckpt_every, profile=args.profile)
+    s = run_finetune(cfg, resume=args.resume, overwrite=args.overwrite)
     score = "exact_match" if "exact_match" in s["after"] else "val_ppl"
     print(f"{s['method']}: {s['trainable_params']:,} of {s['params']:,} parameters trained | {score} "
           f"{s['before'][score]:.4g} -> {s['after'][score]:.4g} | {s['step_ms_median']:.1f} ms/step\n"
@@ -412,11 +415,6 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--base", required=True, help="a run folder / checkpoint of ours, or a Hugging Face folder")
     f.add_argument("--data", default="builtin", help="builtin (an exactly scored task; builtin:last,lookup for some "
                    "of its kinds) or a .jsonl (Alpaca or chat rows)")
-    f.add_argument("--stream", action="store_true", help="read the .jsonl row by row (a shuffle buffer, O(buffer) "
-                   "memory, a resumable position) instead of loading it whole; val rows by a hash of their prompt")
-    f.add_argument("--chat-template", default="", metavar="FOLDER|auto",
-                   help="render the rows with a tokenizer's chat_template (Jinja, from a Hugging Face folder; auto: "
-                   "the --base folder's), the loss on every assistant turn")
     f.add_argument("--out", default="runs/finetune", help="output folder")
     f.add_argument("--steps", type=int, default=300)
     f.add_argument("--batch-size", type=int, default=16)
@@ -435,6 +433,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default="auto")
     f.add_argument("--merge", action="store_true", help="also write merged/: full weights with the adapter folded in")
+    # from the training loop (ltk/training/trainer.py), which fine-tuning runs through
+    f.add_argument("--grad-accum", type=int, default=1, help="batches of --batch-size examples per optimizer step")
+    f.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "auto"),
+                   help="bf16: bf16 weights with an fp32 master in the optimizer (auto: bf16 on CUDA)")
+    f.add_argument("--ckpt-every", type=int, default=0, help="a checkpoint every N steps (0 = after the last only)")
+    f.add_argument("--resume", metavar="RUN_OR_CKPT|auto",
+                   help="continue a fine-tuning run exactly from its checkpoint (auto: --out's newest, if any)")
+    f.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
+    f.add_argument("--profile", action="store_true", help="torch.profiler trace of a few steps -> OUT/profile/")
     f.set_defaults(func=_finetune)
 
     e = sub.add_parser("export", help="a checkpoint (sharded or not) as a Hugging Face folder",

@@ -8,10 +8,11 @@ The base is a GPT the `pretrain` recipe trains on the embedded corpus (or, in co
 folder or Hugging Face folder: `run(out, quick, base=...)`); the task is the built-in
 instruction task (ltk/training/instruct.py), scored by exact match of greedy answers.
 
-Memory is measured at the last step, between backward and zero_grad, each storage counted
-once (ltk/models/qlora.py `memory_breakdown`): frozen base weights (full precision or 4-bit codes +
-block statistics), trainable weights, gradients, optimizer states; activations are the bytes
-autograd saved for backward in that step's forward. The cost model beside it, Ψ the
+Memory is measured by the training loop right after its first optimizer step, when gradients
+and Adam's moments both exist, each storage counted once (ltk/models/qlora.py `memory_breakdown`):
+frozen base weights (full precision or 4-bit codes + block statistics), trainable weights,
+gradients, optimizer states; activations are the peak of the bytes autograd holds for backward
+in that step (ltk/training/memory.py). The cost model beside it, Ψ the
 parameters, Ψ_q those stored in NF4, ψ the trainable ones (fp32 here):
 
     weights     full, lora: 4Ψ (+ 4ψ adapters)       qlora: 4(Ψ − Ψ_q) + Ψ_q·b/8 + 4ψ, b ≈ 4.127
@@ -84,7 +85,7 @@ def _plot(rows: dict[str, dict]):
         vals = [r["measured"][part] / 2**20 for r in rows.values()]
         ax.bar(list(rows), vals, bottom=bottom, color=color, label=part)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.set(ylabel="MiB at the last step", title="Where the memory goes, by method")
+    ax.set(ylabel="MiB after the first optimizer step", title="Where the memory goes, by method")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, not over them
     fig.tight_layout()
     return fig
@@ -121,7 +122,7 @@ def run(out: Path, quick: bool, base: str | None = None) -> Path:
                "activations MiB (measured)", "step ms", "exact match before → after",
                "after, by kind (" + " / ".join(KINDS) + ")", "val loss before → after"],
               table, f"Base: {base}; built-in task; {s['steps']} steps of {s['batch']} examples; fp32 on this device.")
-    rep.plot("memory", _plot(rows), "memory by component at the last step, per method")
+    rep.plot("memory", _plot(rows), "memory by component after the first optimizer step, per method")
     full, lora = rows["full"]["summary"], rows["lora"]["summary"]
     rep.text(f"""## What it shows
 

@@ -204,8 +204,21 @@ def _masters(optimizer) -> dict[int, torch.Tensor]:
     return getattr(optimizer, "master_of", {})
 
 
+def saved_names(run) -> set[str] | None:
+    """The parameters a checkpoint of `run` holds: None = every one; fine-tuning with an adapter
+    names the trainable ones (ltk/training/adapters.py: the frozen base is referenced, not copied)."""
+    return getattr(run, "checkpoint_names", None)
+
+
 def local_boxes(run) -> list[Box]:
-    """Every box this rank holds (ParallelRun or PipelineRun), in a fixed order."""
+    """Every box this rank holds (ParallelRun or PipelineRun) of the parameters its checkpoints
+    hold (`saved_names`), in a fixed order."""
+    names = saved_names(run)
+    boxes = _held_boxes(run)
+    return boxes if names is None else [b for b in boxes if b.name in names]
+
+
+def _held_boxes(run) -> list[Box]:
     from ltk.parallel.pipeline_run import PipelineRun, _is_tied_copy
 
     snap = getattr(run, "snapshot", None)
@@ -291,7 +304,13 @@ def _flat_boxes(engine, place, tp_rank) -> list[Box]:
 def full_copies(run) -> list[tuple[str, torch.Tensor, list]]:
     """Tensors besides the optimizer's that hold whole (TP-local) parameters and must be filled on
     load: ZeRO-1/2's compute-dtype parameters (views of its flat buffer); the bf16 parameters of
-    a replicated engine under mixed precision. (name, tensor, boxes)."""
+    a replicated engine under mixed precision. (name, tensor, boxes), of the saved parameters."""
+    names = saved_names(run)
+    copies = _full_copies(run)
+    return copies if names is None else [c for c in copies if c[0] in names]
+
+
+def _full_copies(run) -> list[tuple[str, torch.Tensor, list]]:
     from ltk.parallel.pipeline_run import PipelineRun
 
     if getattr(run, "snapshot", None) is not None:  # the snapshot's tensors are the only copies

@@ -211,6 +211,9 @@ class ParallelRun:
                  compute_dtype: str = "fp32", bucket_mb: float = 25.0, reduce_dtype: str | None = None,
                  reshard_after_forward: bool = True, batch_size: int | None = None, grad_clip: float = math.inf):
         world = dist.get_world_size() if dist.is_initialized() else 1
+        # the parameters a checkpoint holds: None = every one; with an adapter the trainable ones
+        # (ltk/training/adapters.py), the frozen base referenced, not copied
+        self.checkpoint_names: set[str] | None = None
         if pp != 1:
             raise ValueError("pipeline parallelism runs through ltk/parallel/pipeline.py's trainer, not ParallelRun")
         if world % tp:
@@ -259,16 +262,17 @@ class ParallelRun:
         """This rank's block of a global micro-batch."""
         return dp_shard(t, self.dp_rank, self.dp_size) if self.dp_size > 1 else t
 
-    def loss(self, objective, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def loss(self, objective, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, *extra) -> torch.Tensor:
         """The objective's loss through the engine; under tensor parallelism the vocab-parallel
-        cross-entropy of ltk/parallel/tp_plan.py (the full logits are never gathered)."""
+        cross-entropy of ltk/parallel/tp_plan.py (the full logits are never gathered). `extra`: the
+        batch's further tensors, this rank's rows (packed instruction rows: their segment ids)."""
         if self.tp > 1:
             from ltk.parallel.tp_plan import tp_loss
 
             if objective.name != "causal-lm":
                 raise ValueError(f"tensor parallelism trains the causal LM objective, not {objective.name}")
             return tp_loss(self.model, x, y)  # our engines act through hooks: the module's forward is theirs
-        return objective.loss(self.engine, x, y, gen)
+        return objective.loss(self.engine, x, y, gen, *extra)
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """The global gradient norm (clipped to max_norm when finite). Under tensor parallelism a

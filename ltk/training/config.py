@@ -5,7 +5,12 @@
     ├── data:    DataConfig               (source, cleaning, tokenizer, split)
     ├── optim:   OptimConfig              (AdamW, schedule, clipping)
     ├── trainer: TrainerConfig            (steps, batch, device, eval, checkpoints)
-    └── parallel: ParallelConfig          (DDP / ZeRO engine, tensor and pipeline degrees)
+    ├── parallel: ParallelConfig          (DDP / ZeRO engine, tensor and pipeline degrees)
+    ├── task:    TaskConfig               (pre-training, or instruction tuning of a base model)
+    └── adapter: AdapterConfig            (none, LoRA or QLoRA on the model's projections)
+
+Pre-training and fine-tuning are one loop (ltk/training/trainer.py): `ltk finetune` fills in
+`task` and `adapter` and runs the same Trainer as `ltk train`.
 
 Presets are plain Python functions (ltk/training/presets.py) that return a RunConfig; the
 command line overrides any field by its dotted path, e.g. `--trainer.max_steps 200` or
@@ -105,6 +110,36 @@ class ParallelConfig:
 
 
 @dataclass
+class TaskConfig:
+    """What the loop learns. pretrain: the family's objective on `data` (ltk/training/objectives.py).
+    instruct: (prompt, response) examples, the loss on the response only (ltk/training/instruct.py),
+    starting from the weights of `base`, whose architecture and tokenizer the run takes."""
+
+    kind: str = "pretrain"  # pretrain | instruct
+    base: str = ""  # instruct: one of our run folders / checkpoints, or a Hugging Face folder
+    data: str = "builtin"  # instruct: builtin | builtin:KIND,... | a .jsonl file (Alpaca or chat rows)
+    max_len: int = 128  # instruct: tokens per example (prompt + response + end-of-text); per row when packing
+    packing: bool = False  # instruct: pack each step's examples into rows of max_len (ltk/training/packing.py)
+    val_fraction: float = 0.1  # instruct: share of the examples held out (identical prompts on one side)
+    eval_examples: int = 64  # instruct, built-in task: validation examples scored by exact match
+    limit: int | None = None  # instruct: use at most this many examples
+
+
+@dataclass
+class AdapterConfig:
+    """What trains (ltk/training/adapters.py): every weight (none), or low-rank adapters on a frozen
+    base (lora, Hu et al. 2021), the base stored in NF4 (qlora, Dettmers et al. 2023)."""
+
+    method: str = "none"  # none | lora | qlora
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False  # scale alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r
+    targets: str = ""  # comma list of module name patterns; "" = every projection of the blocks
+    compute_dtype: str = "fp32"  # qlora: fp32 | bf16, what the 4-bit layers' matmuls run in
+
+
+@dataclass
 class RunConfig:
     name: str = "gpt-debug"
     family: str = "gpt"  # gpt | llama | bert | t5 (ltk/models/__init__.py): the type of `model`
@@ -113,6 +148,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

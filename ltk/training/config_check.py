@@ -45,6 +45,7 @@ def check_run(cfg: RunConfig, *, world: int | None = None, local: int | None = N
     """Raise ConfigError on the first bad value; return the warnings (printed when `warn`, on
     rank 0). `world` (processes) enables the layout checks, `size` the memory check."""
     _check_fields(cfg)
+    _check_task(cfg)
     check_model(cfg)
     _check_engines(cfg)
     if world is not None:
@@ -161,6 +162,35 @@ def _check_fields(cfg: RunConfig) -> None:
     if positions is not None and seq_len > positions:
         raise ConfigError(f"--trainer.seq_len {seq_len} is larger than the model's positions (model.block_size="
                           f"{positions}); lower --trainer.seq_len or raise --model.block_size")
+
+
+def _check_task(cfg: RunConfig) -> None:
+    """Fine-tuning: the task, the adapter and what they run on (ltk/training/adapters.py)."""
+    from ltk.training.adapters import METHODS
+
+    _one_of(cfg, "task.kind", ("pretrain", "instruct"))
+    _one_of(cfg, "adapter.method", METHODS)
+    _one_of(cfg, "adapter.compute_dtype", ("fp32", "bf16"))
+    _at_least(cfg, "adapter.r", 1)
+    _in_range(cfg, "adapter.alpha", 0, math.inf, low_open=True, high_open=True)
+    _in_range(cfg, "adapter.dropout", 0, 1, high_open=True)  # p = 1 would drop every input of the adapter
+    if cfg.task.kind == "pretrain":
+        if cfg.adapter.method != "none":
+            raise ConfigError(f"--adapter.method {cfg.adapter.method} adapts a base model: it needs --task.kind "
+                              "instruct and --task.base (ltk finetune)")
+        return
+    _at_least(cfg, "task.max_len", 2, " (a prompt token and the token it predicts)")
+    _at_least(cfg, "task.eval_examples", 1)
+    if cfg.task.limit is not None:
+        _at_least(cfg, "task.limit", 2, " (an example to train on and one to validate with)")
+    _in_range(cfg, "task.val_fraction", 0, 1, low_open=True, high_open=True)
+    positions = getattr(cfg.model, "block_size", None)
+    if positions is not None and cfg.task.max_len > positions:
+        raise ConfigError(f"--task.max_len {cfg.task.max_len} is longer than the base model's {positions} positions")
+    p = cfg.parallel
+    if p.tp > 1 or p.pp > 1 or p.strategy not in ("auto", "none", "ddp", "naive-ddp", "torch-ddp"):
+        raise ConfigError(f"instruction tuning runs on one process or a replicating data-parallel engine (ddp, "
+                          f"naive-ddp, torch-ddp), not --parallel.strategy {p.strategy} with tp {p.tp}, pp {p.pp}")
 
 
 def _check_device(name: str) -> None:

@@ -19,7 +19,7 @@ rank's peak per phase, beside the plan, is under "memory_per_rank" (ltk/training
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -143,8 +143,8 @@ class ActivationPeak:
     state, not activations. Counted: what autograd saves, including autocast's low-precision
     copies of weights; not counted: the block inputs a non-reentrant activation checkpoint
     keeps (its own hooks take the saved tensors inside a checkpointed block), temporaries that
-    no backward needs. For one micro-batch the figure equals ltk/training/finetune.py's
-    `saved_activations` (bytes saved over one forward).
+    no backward needs. For one micro-batch the figure equals `saved_activations` (bytes saved
+    over one forward).
 
     The hooks return the tensor unchanged (numerics are untouched); they cost a Python call
     per saved tensor only while on. torch.compile does not recompile for them (plain Python
@@ -192,6 +192,33 @@ class ActivationPeak:
         return False
 
 
+class saved_activations:
+    """Bytes of the tensors autograd saves for backward during a forward (each storage once):
+    the activation memory of one micro-batch, measured on any device."""
+
+    def __init__(self, model: torch.nn.Module):
+        # weights saved for backward (dX = dY·W) are model state, not activations
+        self._state = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+    def __enter__(self):
+        self.bytes, self._seen = 0, set(self._state)
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in self._seen:
+                self._seen.add(st.data_ptr())
+                self.bytes += st.nbytes()
+            return t
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        return False
+
+
 class MemoryProbe:
     """Peak bytes by category of a training run's first step, for the run's summary:
 
@@ -203,10 +230,12 @@ class MemoryProbe:
 
     The first step runs under ActivationPeak; a post-step hook on the optimizer reads the
     rank's state right after its first optimizer step, when gradients and optimizer states
-    both exist (a step that fp16 loss scaling skips leaves the hook armed for the next)."""
+    both exist (a step that fp16 loss scaling skips leaves the hook armed for the next).
+    `detail`, when given, is called at that moment too and its dict kept under result["detail"]
+    (fine-tuning: ltk/models/qlora.py memory_breakdown, frozen base / adapters / NF4 codes apart)."""
 
-    def __init__(self, run: Any, device: torch.device | str | None = None):
-        self.run, self.device = run, device
+    def __init__(self, run: Any, device: torch.device | str | None = None, detail: Callable[[], dict] | None = None):
+        self.run, self.device, self.detail = run, device, detail
         self.result: dict[str, int] | None = None
         self._acts: ActivationPeak | None = None
         self._handle = None
@@ -227,6 +256,8 @@ class MemoryProbe:
     def _measure(self, optimizer, args, kwargs) -> None:
         if self.result is None:
             self.result = run_memory(self.run, self._peak, self.device)
+            if self.detail is not None:
+                self.result["detail"] = {**self.detail(), "activations": self._peak}
 
     @property
     def _peak(self) -> int:

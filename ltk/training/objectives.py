@@ -5,6 +5,8 @@
                                     10% -> random, 10% kept; L = CE on the chosen positions only
     span corruption  (T5)           Raffel et al. 2020 §3.1.4: 15% of tokens in spans of mean length 3
                                     replaced by sentinels; the decoder writes the dropped spans
+    instruct         (GPT, Llama)   fine-tuning: CE on the response tokens only (prompt labels -100,
+                                    ltk/training/instruct.py), packed rows kept apart by segment ids
 
 Our tokenizers have one special token (end-of-text). The objectives that need more take
 ids above the tokenizer's vocabulary (`extra_tokens`), so the model's vocabulary is the
@@ -106,6 +108,23 @@ class SpanCorruption(_Seq2Loss):
     def inputs(self, x, gen):
         enc, enc_mask, dec, dec_mask, labels = self.batch(x, gen)
         return (enc, dec), {"attention_mask": enc_mask, "decoder_attention_mask": dec_mask}, labels
+
+
+class Instruct:
+    """Instruction tuning: batches are (x, y) or packed (x, y, segments) with y = -100 on the
+    prompt and padding, so the model's loss is the mean over the response tokens."""
+
+    name, extra_tokens, has_bpb = "instruct", 0, False
+
+    def loss(self, model, x, y, gen: torch.Generator, segments: torch.Tensor | None = None) -> torch.Tensor:
+        return model(x, targets=y) if segments is None else model(x, targets=y, segments=segments)
+
+
+def causal_loss(model, x: torch.Tensor, y: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy, from the logits, over the positions whose target is not -100 (the
+    responses); segments: the (B, T) example ids of packed rows (ltk/training/packing.py)."""
+    logits = model(x) if segments is None else model(x, segments=segments)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
 
 
 OBJECTIVES = {"gpt": CausalLM, "llama": CausalLM, "bert": MaskedLM, "t5": SpanCorruption}

@@ -23,19 +23,21 @@ from typing import Any
 
 import torch
 
-from ltk.parallel.shard_state import _unwrapped, full_copies, group_names, local_boxes
+from ltk.parallel.shard_state import _unwrapped, full_copies, group_names, local_boxes, saved_names
 from ltk.training.checkpoint import CheckpointError
 
 _IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")  # how this run's optimizer computes
 
 
 def model_names(run) -> list[str]:
-    """The single-process names of every parameter of the whole model (every rank knows them all)."""
+    """The single-process names of every parameter of the whole model (every rank knows them all)
+    that a checkpoint of `run` holds (with an adapter: the trainable ones, shard_state.saved_names)."""
     from ltk.parallel.pipeline_run import PipelineRun
 
     if isinstance(run, PipelineRun):
         return list(dict.fromkeys(run._alias.values()))
-    return [n for n, _ in _unwrapped(run.model).named_parameters()]
+    names = saved_names(run)
+    return [n for n, _ in _unwrapped(run.model).named_parameters() if names is None or n in names]
 
 
 def _check_names(run, reader) -> None:

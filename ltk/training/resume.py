@@ -9,6 +9,8 @@ the parallel layout (the loader's position is global, ltk/training/loader.py), b
     trainer.seq_len                          the windows (0 means model.block_size: compared as resolved)
     trainer.seed                             the permutation of every epoch, the masks of BERT and T5
     data.*  (but cache_dir)                  the token stream itself
+    task.*  (but eval_examples)              fine-tuning: the examples, their cut and batches
+    adapter.*                                fine-tuning: what trains
 
 Each is refused with the flag, the checkpoint's value and the new one. A --max-steps at or below
 the checkpoint's step would train nothing (and still rewrite config.json): refused too.
@@ -41,6 +43,20 @@ EXACT = {
     "data.min_chars": "the data would change",
     "data.val_fraction": "the data would change",
     "data.max_bytes": "the data would change",
+    "task.kind": "the task would change",
+    "task.base": "the model trained would change",
+    "task.data": "the data would change",
+    "task.max_len": "the examples would be cut differently",
+    "task.packing": "the batches would change",
+    "task.val_fraction": "the examples trained on would change",
+    "task.limit": "the examples trained on would change",
+    "adapter.method": "the parameters trained would change",
+    "adapter.r": "the parameters trained would change",
+    "adapter.alpha": "the adapters' scale would change",
+    "adapter.dropout": "the adapters' training would change",
+    "adapter.rslora": "the adapters' scale would change",
+    "adapter.targets": "the parameters trained would change",
+    "adapter.compute_dtype": "the parameters trained would change",
 }
 
 

@@ -64,7 +64,7 @@ except ImportError:  # not POSIX: runs are not locked
 LOCK = ".lock"
 HELD_ENV = "LTK_RUN_FOLDER_HELD"  # set by a launcher that holds the folder for its ranks
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "summary.json", "timeline.json", "timeline.png",
-             "profile", "memory", "memory.png")
+             "profile", "memory", "memory.png", "adapter", "merged", "model")  # the last three: ltk finetune's
 
 
 class RunFolderError(ValueError):

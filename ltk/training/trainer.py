@@ -21,8 +21,15 @@ One optimizer step (per rank):
     clip the global gradient norm to grad_clip  (Pascanu et al. 2013, §3.2)
     lr <- schedule(step); AdamW step; zero grads
 
-Exact resume: a checkpoint holds the weights, the optimizer moments, the step, the
-data-loader position and every RNG state, so N steps + resume + N steps reproduces 2N
+The task (cfg.task): pre-training, the family's objective on token windows (the data prepared
+by ltk/training/data.py), or instruction tuning of a base model (ltk/training/instruct_run.py:
+the loss on the response, exact match on the built-in task); the adapter (cfg.adapter,
+ltk/training/adapters.py): every weight trains, or LoRA / QLoRA adapters on the frozen base.
+`ltk finetune` is this loop with task.kind = "instruct" (ltk/training/finetune.py).
+
+Exact resume: a checkpoint holds the weights (with an adapter: the adapters only, the frozen
+base referenced by path and checksums, ltk/training/base_model.py), the optimizer moments, the
+step, the data-loader position and every RNG state, so N steps + resume + N steps reproduces 2N
 uninterrupted steps bit for bit on a CPU (tests/unit/test_trainer.py checks it). A resume that
 could not be exact is refused (ltk/training/resume.py); Ctrl-C or SIGTERM stops at a step
 boundary and saves there (ltk/training/stop.py); fit() holds the run folder, which never mixes
@@ -45,10 +52,13 @@ from tqdm.auto import tqdm
 
 from ltk.models import get_family
 from ltk.models.init import build_on_meta, move_buffers
+from ltk.models.qlora import memory_breakdown
 from ltk.parallel.pipeline_run import PipelineRun
 from ltk.parallel.strategy import ParallelRun
 from ltk.parallel.timeline import Timeline
-from ltk.training.checkpoint import Checkpoint, CheckpointError, save_checkpoint
+from ltk.training.adapters import apply_adapter, checkpoint_names
+from ltk.training.base_model import adopt_base, check_reference
+from ltk.training.checkpoint import Checkpoint, CheckpointError, restore_model, save_checkpoint
 from ltk.training.config import RunConfig
 from ltk.training.config_check import check_run
 from ltk.training.data import prepare_data
@@ -57,12 +67,13 @@ from ltk.training.evaluate import evaluate
 from ltk.training.faults import Fault
 from ltk.training.hardware import peak_flops
 from ltk.training.init_from import InitSource, load_initial_weights
+from ltk.training.instruct_run import InstructTask
 from ltk.training.loader import TokenLoader
 from ltk.training.loggers import Loggers, check_sinks, open_loggers
 from ltk.training.memory import MemoryProbe
 from ltk.training.memory_report import memory_report
 from ltk.training.memory_watch import MemoryWatch, mark_baseline
-from ltk.training.objectives import objective_for, step_generator
+from ltk.training.objectives import Instruct, objective_for, step_generator
 from ltk.training.optim import lr_at, set_lr
 from ltk.training.profiling import RunProfile
 from ltk.training.progress import progress_enabled
@@ -95,6 +106,7 @@ class Trainer:
         mark_baseline()  # memory peaks count from here: what the caller held before is not this run's
         self.cfg, self.resume, self.overwrite, self.folder, self.auto = cfg, resume, overwrite, folder, auto
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        self.base = adopt_base(cfg)  # fine-tuning: the run takes the base's architecture (None: pre-training)
         check_run(cfg, world=world)  # every value, the layout and the size: before anything is allocated
         t = cfg.trainer
         if resume is not None:
@@ -104,11 +116,35 @@ class Trainer:
         self.rt = setup_runtime(t.device, t.dtype)
         self.run_dir = Path(t.out_dir)
         seed_everything(t.seed)
-
-        self.data = self._prepare_data()
         self.family = get_family(cfg.family)
-        self.objective = objective_for(cfg.family, self.data.vocab_size, self.data.eot_id)
         m = cfg.model
+        self.task, self.before = None, None
+        if self.base is not None:
+            self._setup_instruct()
+        else:
+            self._setup_pretrain()
+        self.step, self.tokens_seen, self.last_step_tokens = 0, 0, 0
+        self.par = build_engine(self.model, self.cfg, self.rt.device)  # ltk/training/engine.py
+        self.optimizer = self.par.optimizer
+        self.par.checkpoint_names = checkpoint_names(self.model, cfg.adapter)
+        self.base_ref = self.base.reference() if self.base is not None and cfg.adapter.method != "none" else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.dtype == "fp16")
+        self.init_from = None if resume is not None else init_from
+        if resume is not None:
+            self._load(resume)
+        elif init_from is not None:
+            self._load_initial_weights(init_from)
+        self.tokens_per_step = t.batch_size * self.seq_len * t.grad_accum  # global: the same at any world size
+        self.flops_per_token = self.family.flops_per_token(m, self.seq_len)
+        self.peak = peak_flops(self.rt.device, self.rt.dtype)  # None where the device's peak is unknown
+        self.num_params = self.family.num_params(m)
+
+    # -- set-up -------------------------------------------------------------------------
+    def _setup_pretrain(self) -> None:
+        t, m = self.cfg.trainer, self.cfg.model
+        self.data = self._prepare_data()
+        self.tokenizer_file = self.data.path / "tokenizer.json"
+        self.objective = objective_for(self.cfg.family, self.data.vocab_size, self.data.eot_id)
         need = self.data.vocab_size + self.objective.extra_tokens  # + [MASK] / sentinels
         if m.vocab_size == 0:
             m.vocab_size = need
@@ -126,21 +162,25 @@ class Trainer:
         self.train_loader = TokenLoader(self.data.train_files, self.seq_len, t.batch_size, seed=t.seed)
         self.val_loader = TokenLoader(self.data.val_files, self.seq_len, t.batch_size, seed=t.seed)
         self.token_bytes = torch.as_tensor(self.data.tokenizer.token_byte_lengths(), dtype=torch.long)
-        self.step, self.tokens_seen = 0, 0
-        self.par = build_engine(self.model, self.cfg, self.rt.device)  # ltk/training/engine.py
-        self.optimizer = self.par.optimizer
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.dtype == "fp16")
-        self.init_from = None if resume is not None else init_from
-        if resume is not None:
-            self._load(resume)
-        elif init_from is not None:
-            self._load_initial_weights(init_from)
-        self.tokens_per_step = t.batch_size * self.seq_len * t.grad_accum  # global: the same at any world size
-        self.flops_per_step = self.family.flops_per_token(m, self.seq_len) * self.tokens_per_step
-        self.peak = peak_flops(self.rt.device, self.rt.dtype)  # None where the device's peak is unknown
-        self.num_params = self.family.num_params(m)
 
-    # -- set-up -------------------------------------------------------------------------
+    def _setup_instruct(self) -> None:
+        """Instruction tuning: the base's weights and tokenizer, its score before training (a fresh
+        start), then the adapter; the examples and their loader (ltk/training/instruct_run.py)."""
+        from ltk.training.tokenizer import Tokenizer
+
+        cfg = self.cfg
+        self.tokenizer_file = self.base.tok_dir / "tokenizer.json"
+        self.task = InstructTask(cfg, Tokenizer.load(self.base.tok_dir))
+        self.objective = Instruct()
+        self.seq_len = cfg.task.max_len
+        self.model = self._build_model()
+        restore_model(self.model, self.base.tensors())
+        if self.resume is None:  # a resumed run reads it from its checkpoint
+            self.before = self.task.evaluate(self.model, self.rt.device, self.rt.autocast())
+        self.model = apply_adapter(self.model, cfg.family, cfg.adapter).to(self.rt.device)
+        self.model.activation_checkpointing = cfg.trainer.activation_checkpointing
+        self.train_loader = self.task.loader
+
     def _build_model(self) -> torch.nn.Module:
         """The model, whole on this device, or — where the engine shards it (ZeRO-3, tensor and
         pipeline parallelism) — with its parameters on the meta device, so that each rank only
@@ -171,7 +211,11 @@ class Trainer:
 
     def _load(self, ckpt: Checkpoint) -> None:
         """Every rank reads the boxes it holds, whichever layout wrote the checkpoint (sharded or
-        consolidated; ltk/training/reshard.py), then the loader position, step and RNG states."""
+        consolidated; ltk/training/reshard.py), then the loader position, step and RNG states.
+        Adapters: only theirs, on the base the checkpoint names, if that base has not changed."""
+        if self.base_ref is not None:
+            check_reference(ckpt.state["base"], self.base, ckpt.path)
+        self.before = ckpt.state.get("before")
         with open_reader(ckpt.path) as reader:
             if reader.by_position:  # a torch optimizer state dict by position, as single-process runs wrote before
                 if self.rt.world_size > 1:
@@ -202,16 +246,18 @@ class Trainer:
             return self._pipeline_step(clip)
         total = torch.zeros((), device=self.rt.device)
         engine = self.par.engine
+        self.last_step_tokens = 0
         for micro in range(t.grad_accum):
-            x, y = self.train_loader.next_batch()  # the global micro-batch; this rank's rows below
-            x = self.par.rows(x).to(self.rt.device, non_blocking=True)
-            y = self.par.rows(y).to(self.rt.device, non_blocking=True)
+            # the global micro-batch, (x, y) or packed instruction rows (x, y, segments); this rank's rows below
+            x, y, *extra = self.train_loader.next_batch()
+            self.last_step_tokens += self.task.loader.last_tokens if self.task else x.numel()
+            x, y, *extra = (self.par.rows(b).to(self.rt.device, non_blocking=True) for b in (x, y, *extra))
             # data parallel: reduce gradients only after the last micro-batch
             sync = engine.no_sync() if micro < t.grad_accum - 1 else nullcontext()
             gen = step_generator(t.seed, self.step, micro, self.par.dp_rank)  # masks/spans for this micro-batch
             with sync:
                 with autocast():
-                    loss = self.par.loss(self.objective, x, y, gen)
+                    loss = self.par.loss(self.objective, x, y, gen, *extra)
                 scaled = self.scaler.scale(loss / t.grad_accum)
                 engine.backward(scaled) if hasattr(engine, "backward") else scaled.backward()  # DeepSpeed: its own
             total += loss.detach()
@@ -226,7 +272,7 @@ class Trainer:
         if grad_norm is None:  # an engine that clips inside its step (DeepSpeed) knows the norm after it
             grad_norm = engine.grad_norm()
         self.step += 1
-        self.tokens_seen += self.tokens_per_step
+        self.tokens_seen += self.last_step_tokens
         # every tensor-parallel rank of a replica holds the same loss: the world mean is the dp mean
         loss = self.rt.all_reduce_sum(total / t.grad_accum) / self.rt.world_size
         return loss.item(), grad_norm
@@ -243,12 +289,16 @@ class Trainer:
         self.par.step()
         self.par.zero_grad()
         self.step += 1
+        self.last_step_tokens = self.tokens_per_step
         self.tokens_seen += self.tokens_per_step
         return loss, grad_norm
 
     def evaluate(self) -> dict[str, float]:
         """Validation on the model as the engine holds it: sharded models are never gathered
-        whole (ltk/parallel/sharded_eval.py); each data-parallel replica scores a share."""
+        whole (ltk/parallel/sharded_eval.py); each data-parallel replica scores a share. Instruction
+        tuning: the response loss and, on the built-in task, exact match (ltk/training/instruct_run.py)."""
+        if self.task is not None:
+            return self.task.evaluate(self.par.eval_share(self.objective).model, self.rt.device, self.rt.autocast())
         batches = list(self.val_loader.eval_batches(self.cfg.trainer.eval_batches))
         share = self.par.eval_share(self.objective)
         mine = [batches[i] for i in share.mine(len(batches))]
@@ -273,12 +323,19 @@ class Trainer:
             "host_rng": capture_host_rng(),
             "config": self.cfg.to_dict(),
         }
-        extra = {"tokenizer.json": self.data.path / "tokenizer.json"}
+        if self.before is not None:
+            state["before"] = self.before
+        if self.base_ref is not None:
+            state["base"] = self.base_ref
+        extra = {"tokenizer.json": self.tokenizer_file}
         if self.rt.world_size > 1:
             return save_sharded(self.par, self.run_dir, self.step, trainer_state, state,
                                 keep_last=self.cfg.trainer.keep_last, extra_files=extra)
         trainer_state["optimizer"] = self.par.optimizer_state_dict()  # by parameter name
-        return save_checkpoint(self.run_dir, self.step, self.par.full_state_dict(), trainer_state, state,
+        weights, names = self.par.full_state_dict(), self.par.checkpoint_names
+        if names is not None:  # an adapter: its weights, not the frozen base's
+            weights = {k: v for k, v in weights.items() if k in names}
+        return save_checkpoint(self.run_dir, self.step, weights, trainer_state, state,
                                keep_last=self.cfg.trainer.keep_last, extra_files=extra)
 
     # -- the loop -----------------------------------------------------------------------
@@ -305,6 +362,12 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 - a failed plot must not fail a finished run
             print(f"warning: could not draw {self.run_dir / 'memory.png'}: {e}")
 
+    def _step_size(self) -> str:
+        t = self.cfg.trainer
+        if self.task is None:
+            return f"{self.tokens_per_step:,} tokens/step"
+        return f"{t.batch_size * t.grad_accum} examples/step ({self.cfg.adapter.method} adapter)"
+
     def fit(self) -> TrainResult:
         """Train to trainer.max_steps, holding the run folder all along (claimed here unless given)."""
         folder = self.folder or claim_for_ranks(self.run_dir, self.rt, overwrite=self.overwrite,
@@ -323,15 +386,16 @@ class Trainer:
                 folder.trim_metrics(self.step)  # rows of steps after the checkpoint are trained again
             (self.run_dir / "config.json").write_text(self.cfg.to_json())
             print(
-                f"{self.cfg.family} model: {self.num_params:,} parameters | {self.tokens_per_step:,} tokens/step | "
+                f"{self.cfg.family} model: {self.num_params:,} parameters | {self._step_size()} | "
                 f"device {self.rt.device} ({self.rt.dtype}) x {self.rt.world_size} | run folder {self.run_dir}"
             )
         show = t.progress and self.rt.is_main and progress_enabled()  # a terminal, unless LTK_PROGRESS says
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not show, unit="step")
         last: dict[str, Any] = {}
         ckpt = None
-        window_t, window_tokens = time.perf_counter(), 0
-        memory = MemoryProbe(self.par, self.rt.device)  # bytes by category, measured on the first step
+        window_t, window_tokens, step_times, started = time.perf_counter(), 0, [], time.perf_counter()
+        detail = (lambda: memory_breakdown(self.model, self.optimizer)) if self.task else None
+        memory = MemoryProbe(self.par, self.rt.device, detail)  # bytes by category, measured on the first step
         # each rank's peak per phase (init, train, eval, save); with memory_trace a timeline (memory_watch.py)
         watch = MemoryWatch(self.rt.device, self.rt.rank, self.run_dir, trace=t.memory_trace,
                             interval_s=t.memory_trace_ms / 1e3)
@@ -349,13 +413,15 @@ class Trainer:
             with timeline, stop:
                 while self.step < t.max_steps:
                     timeline.begin_step(self.step)
+                    t0 = time.perf_counter()
                     with memory:
                         loss, grad_norm = self.train_step()
+                    step_times.append(time.perf_counter() - t0)
                     timeline.end_step()
                     if fault:
                         fault.after_step(self.step)
                     stopping = stop.agreed()  # a signal: every rank saves after this same step and stops
-                    window_tokens += self.tokens_per_step
+                    window_tokens += self.last_step_tokens
                     if not math.isfinite(loss):
                         raise FloatingPointError(f"loss became {loss} at step {self.step}; last checkpoint kept intact")
                     done = self.step == t.max_steps
@@ -368,7 +434,7 @@ class Trainer:
                         last = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                                 "grad_norm": grad_norm, "tokens": self.tokens_seen, "tokens_per_s": tok_s}
                         if self.peak:
-                            last["mfu"] = tok_s * self.flops_per_step / self.tokens_per_step / self.peak
+                            last["mfu"] = tok_s * self.flops_per_token / self.peak
                         if do_eval:
                             with watch.phase("eval"):
                                 last.update(self.evaluate())
@@ -400,7 +466,11 @@ class Trainer:
             per_rank = memory_report(ranks, self.cfg, self.rt.world_size, self.rt.dtype, self.seq_len, self.num_params)
             summary = {"step": self.step, "params": self.num_params, "checkpoint": str(ckpt), **last,
                        "memory": memory.result, "memory_per_rank": per_rank, **profile.summary(),
-                       **timeline.summary()}
+                       **timeline.summary(), "seconds": time.perf_counter() - started}
+            if step_times:
+                summary["step_ms_median"] = 1e3 * sorted(step_times)[len(step_times) // 2]
+            if self.task is not None:
+                summary.update(self.task.summary(self.model, self.before, last, memory.result))
             if self.init_from is not None:
                 summary["init_from"] = str(self.init_from.path)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

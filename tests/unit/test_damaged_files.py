@@ -195,7 +195,7 @@ def test_cli_resume_names_a_damaged_state_json(tmp_path, capsys):
 
 
 def test_finetune_base_with_bad_config_json_is_named(tmp_path):
-    from ltk.training.finetune import load_base
+    from ltk.training.base_model import load_base
 
     folder = _hf_folder(tmp_path)
     (folder / "config.json").write_text("{oops}")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ltk.cli import main
-from ltk.training.finetune import FinetuneConfig, load_base, run_finetune
+from ltk.training.base_model import load_base
+from ltk.training.finetune import FinetuneConfig, run_finetune
 
 
 def _cfg(base, out, method, **kw):

@@ -130,24 +130,3 @@ def test_chat_template_renders_as_transformers_and_labels_the_assistant_tokens(t
         assert x == ids[:-1] and y == expected
     # the tokenizer's own guard stays on: plain text never forges a special token
     assert tok.encode("<|eot_id|>") != [tok.backend.token_to_id("<|eot_id|>")]
-
-
-def test_finetune_streams_chat_rows_through_a_template(tiny_base, tmp_path):
-    from ltk.cli import main
-
-    folder = tmp_path / "tpl"
-    folder.mkdir()
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": (
-        "{% for m in messages %}<{{ m.role }}> {{ m.content }}{% if m.role == 'assistant' %}{{ eos_token }}"
-        "{% endif %}\n{% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}")}))
-    data = tmp_path / "chats.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"count {i}"},
-                                                     {"role": "assistant", "content": f"{i} {i + 1}"}]}) + "\n"
-                            for i in range(40)))
-    out = tmp_path / "ft"
-    assert main(["finetune", "--base", str(tiny_base), "--data", str(data), "--stream", "--chat-template",
-                 str(folder), "--steps", "3", "--batch-size", "4", "--max-len", "48", "--eval-every", "0",
-                 "--out", str(out), "--device", "cpu"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["train_examples"] is None and summary["val_examples"] > 0  # streamed: never counted whole
-    assert summary["after"]["val_loss"] < summary["before"]["val_loss"]

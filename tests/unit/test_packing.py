@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from ltk.models.gpt import GPT, GPTConfig, segment_positions
 from ltk.models.llama import Llama, LlamaConfig
-from ltk.training.finetune import FinetuneConfig, causal_loss, run_finetune
+from ltk.training.finetune import FinetuneConfig, run_finetune
 from ltk.training.instruct import IGNORE_INDEX, Example, batches
+from ltk.training.objectives import causal_loss
 from ltk.training.packing import PAD_SEGMENT, pack_batch, pack_examples, packed_batches, real_tokens
 from ltk.training.tokenizer import Tokenizer
 

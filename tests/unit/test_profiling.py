@@ -184,7 +184,7 @@ def test_activation_peak_is_the_live_peak():
 
 def test_activation_peak_excludes_weights_matches_saved_activations_and_keeps_numerics():
     from ltk.models.gpt import GPT, GPTConfig
-    from ltk.training.finetune import saved_activations
+    from ltk.training.memory import saved_activations
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
@@ -200,7 +200,7 @@ def test_activation_peak_excludes_weights_matches_saved_activations_and_keeps_nu
     acts = ActivationPeak(model)
     hooked = grads(acts)
     assert all(torch.equal(a, b) for a, b in zip(plain, hooked))  # bit for bit
-    with saved_activations(model) as ref:  # bytes saved over one forward (ltk/training/finetune.py)
+    with saved_activations(model) as ref:  # bytes saved over one forward
         model(x).float().logsumexp(-1).mean()
     assert acts.peak == ref.bytes > 0
     weights = sum(p.numel() * 4 for p in model.parameters())

@@ -103,6 +103,12 @@ def from_pretrained(path: str | Path, *, backend: str = "auto") -> torch.nn.Modu
 
 def read_folder(path: str | Path, *, backend: str = "auto") -> tuple[type, object, dict[str, torch.Tensor]]:
     """(our model class, its config, the checkpoint's tensors under our names) of a folder."""
+    model_cls, cfg, conv = read_config(path, backend=backend)
+    return model_cls, cfg, conv.state_dict_from_hf(load_tensors(Path(path)), cfg)
+
+
+def read_config(path: str | Path, *, backend: str = "auto") -> tuple[type, object, object]:
+    """(our model class, its config, the converter module) of a folder, no tensor read."""
     folder = Path(path)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
@@ -123,7 +129,7 @@ def read_folder(path: str | Path, *, backend: str = "auto") -> tuple[type, objec
         raise ValueError(f"{where}{e}") from None
     # a crafted config (n_layer 1e9) is refused here, before any tensor is read or allocated
     check_fits(cfg, CHECKPOINT_BYTES, "cpu", what="the checkpoint's tensors, 16-bit at the least", where=where)
-    return model_cls, cfg, conv.state_dict_from_hf(load_tensors(folder), cfg)
+    return model_cls, cfg, conv
 
 
 def _load_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
