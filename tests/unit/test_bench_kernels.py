@@ -282,7 +282,8 @@ def test_cross_entropy_rows_measure_peaks_in_fresh_processes_and_compare_them():
         assert 0 < r.p20_ms <= r.median_ms <= r.p80_ms and r.peak_mem_mb > 0 and e["peak_source"].startswith("VmHWM")
         assert e["flops"] == flops(24, 8, 50) and r.tflops == pytest.approx(e["flops"] / (r.median_ms * 1e-3) / 1e12)
     skipped = rows.skipped_summary()
-    assert "CUDA" in skipped["liger"] and "CUDA" in skipped["torch.compile"]
+    # Liger: not installed (CI) or, installed, its kernels need CUDA
+    assert ("CUDA" in skipped["liger"] or "not installed" in skipped["liger"]) and "CUDA" in skipped["torch.compile"]
     assert "| N=24,d=8,V=50 |" in rows.sections["Memory"]
     for r in rows:  # the verdict of the point, from rows relabelled to it
         r.shape = "N=8192,d=2048,V=128256"

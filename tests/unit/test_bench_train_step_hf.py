@@ -42,7 +42,8 @@ def test_train_step_llama_hf_providers():
     rows = run_benchmark("train-step", model="llama", providers="transformers,transformers+ours,transformers+liger",
                          batch_size=1, seq_len=8, min_time=0.05, rounds=1, device="cpu")
     assert [r.provider for r in rows] == ["transformers", "transformers+ours"]
-    assert any(s.provider == "transformers+liger" and "CUDA" in s.reason for s in rows.skipped)
+    assert any(s.provider == "transformers+liger" and ("CUDA" in s.reason or "not installed" in s.reason)
+               for s in rows.skipped)  # Liger absent (CI), or present and needing CUDA
     extra = [json.loads(r.extra) for r in rows]
     assert abs(extra[0]["first_step_loss"] - extra[1]["first_step_loss"]) < 1e-4
     assert "swiglu" in extra[1]["patched"]["mlp"] and extra[1]["patched"]["attention"].endswith("LlamaAttention)")
