@@ -78,7 +78,8 @@ def _worker(rank: int, world: int, s: dict, names: list[str], data_dir: str) -> 
             rows = tl.flush()
         out.append({"name": name, "world": world, "rank": rank, "tp": tp, "pp": pp, "dp": world // (tp * pp),
                     "strategy": strategy, "held": held["bytes"], "timeline": rows, "seq_len": trainer.seq_len,
-                    "tokens_per_step": trainer.tokens_per_step, "flops_per_step": trainer.flops_per_step,
+                    "tokens_per_step": trainer.tokens_per_step,
+                    "flops_per_step": trainer.flops_per_token * trainer.tokens_per_step,
                     "params": trainer.num_params, "gemm_share": gemm})
     return out
 
