@@ -20,9 +20,9 @@ from typing import Callable, Sequence
 import torch
 
 from ltk.bench.harness import Row, environment
-from ltk.bench.norms import print_copy_table
+from ltk.bench.norms import finish_bandwidth_rows
 from ltk.bench.peaks import measure_peaks, pct_of_peak, peak_for
-from ltk.bench.sweep import Skip, SweepRows, measure_point, plot_sweep, print_skipped, release_memory
+from ltk.bench.sweep import Skip, SweepRows, measure_point, release_memory
 from ltk.training.progress import progress, ticking
 
 
@@ -84,15 +84,4 @@ def run_sweep(op: str, points: Sequence[Callable[[], Point]], providers: Sequenc
         release_memory(dev)
     bar.close()
 
-    base = {(r.shape, r.mode): r.median_ms for r in out if r.provider == baseline}
-    for row in out:
-        if (row.shape, row.mode) in base:
-            row.speedup = base[(row.shape, row.mode)] / row.median_ms
-        row.extra = json.dumps({**json.loads(row.extra), "skipped": out.skipped_summary()}, sort_keys=True)
-    print_copy_table(out, copy_gbps)
-    print_skipped(out.skipped)
-    if plot:
-        plot_sweep(out, plot, x=lambda r: json.loads(r.extra)["x"], y=lambda r: r.gbps,
-                   series=lambda r: r.provider, xlabel=xlabel, ylabel="GB/s", title=op,
-                   hline=(copy_gbps, f"measured copy {copy_gbps:.0f} GB/s"))
-    return out
+    return finish_bandwidth_rows(out, baseline, copy_gbps, plot, x_key="x", xlabel=xlabel, title=op)

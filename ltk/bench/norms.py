@@ -237,7 +237,15 @@ def run_norm(op: str, *, hidden_sizes: str | None = None, rows: int | None = Non
         release_memory(dev)
     bar.close()
 
-    base = {(r.shape, r.mode): r.median_ms for r in out if r.provider == BASELINE}
+    return finish_bandwidth_rows(out, BASELINE, copy_gbps, plot, x_key="cols", xlabel="hidden size N", title=name)
+
+
+def finish_bandwidth_rows(out: SweepRows, baseline: str, copy_gbps: float, plot: str | None, *, x_key: str,
+                          xlabel: str, title: str) -> SweepRows:
+    """What every memory-bound sweep does at its end: speedups against `baseline` at each
+    (shape, mode), the skips in each row's extra, the % of copy table and skips on stderr, and
+    the GB/s plot against the measured copy bandwidth (x from each row's extra[x_key])."""
+    base = {(r.shape, r.mode): r.median_ms for r in out if r.provider == baseline}
     for row in out:
         if (row.shape, row.mode) in base:
             row.speedup = base[(row.shape, row.mode)] / row.median_ms
@@ -245,8 +253,8 @@ def run_norm(op: str, *, hidden_sizes: str | None = None, rows: int | None = Non
     print_copy_table(out, copy_gbps)
     print_skipped(out.skipped)
     if plot:
-        plot_sweep(out, plot, x=lambda r: json.loads(r.extra)["cols"], y=lambda r: r.gbps,
-                   series=lambda r: r.provider, xlabel="hidden size N", ylabel="GB/s", title=name,
+        plot_sweep(out, plot, x=lambda r: json.loads(r.extra)[x_key], y=lambda r: r.gbps,
+                   series=lambda r: r.provider, xlabel=xlabel, ylabel="GB/s", title=title,
                    hline=(copy_gbps, f"measured copy {copy_gbps:.0f} GB/s"))
     return out
 

@@ -44,3 +44,13 @@ def same_run(single, run, last: int, tol=1e-5, grad_norm_tol: float | None = Non
             assert b[s]["grad_norm"] == pytest.approx(m["grad_norm"], rel=grad_norm_tol, abs=1e-6), s
     assert b[last]["val_loss"] == pytest.approx(a[last]["val_loss"], rel=tol, abs=tol)
     same_weights(load_checkpoint(single).model, load_checkpoint(run).model, tol)
+
+
+def resumed_exactly(whole, resumed, half: int, steps: int) -> None:
+    """`resumed` (a run continued from `whole`'s step `half` checkpoint) logged steps half+1..steps
+    with `whole`'s losses bit for bit, and ends on the same weights bit for bit."""
+    a, b = metrics(whole), metrics(resumed)
+    assert [m["step"] for m in b] == list(range(half + 1, steps + 1))
+    assert [m["loss"] for m in a[half:]] == [m["loss"] for m in b]
+    wa, wb = load_checkpoint(whole).model, load_checkpoint(resumed).model
+    assert wa.keys() == wb.keys() and all(v.equal(wb[k]) for k, v in wa.items())

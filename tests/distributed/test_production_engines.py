@@ -10,7 +10,7 @@ bias has an exactly zero gradient, which Adam turns into ±lr noise under any ch
 order). FSDP2 x DTensor TP on 4 ranks is its own group, deselected by default (-m exhaustive)."""
 import pytest
 import torch
-from engine_runs import metrics, same_weights, train_jobs
+from engine_runs import metrics, resumed_exactly, same_weights, train_jobs
 
 from ltk.models.gpt import GPT, GPTConfig
 from ltk.models.llama import LlamaConfig
@@ -95,11 +95,7 @@ def test_torch_tp_with_sequence_parallelism_equals_one_process(runs):
 
 def test_fsdp2_resume_is_exact(runs):
     """10 steps + resume + 10 steps == 20 uninterrupted steps of the same engine, bit for bit."""
-    whole, resumed = metrics(runs["fsdp2"]), metrics(runs["fsdp2-resume"])
-    assert [m["step"] for m in resumed] == list(range(HALF + 1, STEPS + 1))
-    assert [m["loss"] for m in whole[HALF:]] == [m["loss"] for m in resumed]
-    wa, wb = load_checkpoint(runs["fsdp2"]).model, load_checkpoint(runs["fsdp2-resume"]).model
-    assert all(torch.equal(wa[k], wb[k]) for k in wb)
+    resumed_exactly(runs["fsdp2"], runs["fsdp2-resume"], HALF, STEPS)
 
 
 @pytest.mark.parametrize("name", ["zero3-to-fsdp2", "fsdp2-to-one"])

@@ -9,7 +9,7 @@ All 4-process runs share one group (importing torch in every rank costs seconds)
 two cores."""
 import pytest
 import torch
-from engine_runs import metrics, same_run, same_weights, train_jobs
+from engine_runs import metrics, resumed_exactly, same_run, same_weights, train_jobs
 
 from ltk.models.gpt import GPT, GPTConfig
 from ltk.parallel.dist import spawn
@@ -69,11 +69,7 @@ def test_pp_x_fsdp2_equals_one_process(runs):
 
 def test_pp_x_fsdp2_resume_is_exact(runs):
     """10 steps + resume + 10 steps == 20 uninterrupted steps of the same layout, bit for bit."""
-    whole, resumed = metrics(runs["pp-fsdp"]), metrics(runs["pp-fsdp-resume"])
-    assert [m["step"] for m in resumed] == list(range(HALF + 1, STEPS + 1))
-    assert [m["loss"] for m in whole[HALF:]] == [m["loss"] for m in resumed]
-    wa, wb = load_checkpoint(runs["pp-fsdp"]).model, load_checkpoint(runs["pp-fsdp-resume"]).model
-    assert all(torch.equal(wa[k], wb[k]) for k in wb)
+    resumed_exactly(runs["pp-fsdp"], runs["pp-fsdp-resume"], HALF, STEPS)
 
 
 @pytest.mark.parametrize("name", ["pp-fsdp-to-one", "one-to-pp-fsdp"])
