@@ -48,7 +48,7 @@ Bytes per micro-batch per rank (payload; ltk/parallel/dist.py's accounting):
 
 With c = 1 both are zero.
 
-Attention work of causal masking (Brandon et al. 2023, "Striped Attention", §3; Liu et al. 2023,
+Attention work of causal masking (Brandon et al. 2023, "Striped Attention"; Liu et al. 2023,
 "Ring Attention"): split the sequence into n chunks; query chunk i attends key chunks 0..i, the
 diagonal block half-masked (score_blocks counts it 1/2, the exact causal work of a large block).
 Contiguous split, n = k·c, rank r holds chunks r·k .. r·k+k-1:

@@ -3,7 +3,7 @@ sends overlapped with the attention of the block at hand, Ulysses' all-to-alls o
 path, and the slowest rank's extra attention under the contiguous causal split (the bytes and
 the work counts are ltk/parallel/cost_cp.py's).
 
-Ring (Liu et al. 2023, "Ring Attention", §3). A layer's forward runs c steps; at each of the
+Ring (Liu et al. 2023, "Ring Attention"). A layer's forward runs c steps; at each of the
 first c-1 a rank attends its Q to the K/V block it holds while that block travels on to the
 next rank and the next one arrives; the last step only computes:
 
@@ -17,7 +17,7 @@ messages); the last hop of the dK/dV home follows the last step, so it shows:
 
     exposed_B = (c-1)·max(0, t_kv + t_dkv - 2·t_blk) + t_dkv
 
-Ulysses (Jacobs et al. 2023, "DeepSpeed Ulysses", §3): 4 all-to-alls per layer forward and 4
+Ulysses (Jacobs et al. 2023, "DeepSpeed Ulysses"): 4 all-to-alls per layer forward and 4
 backward, each waited for (attention needs its heads, the output projection its sequence):
 all exposed. One all-to-all of n local bytes on c ranks, g of them per node (pairwise exchange;
 within a node over NVSwitch, across nodes through the rank's NIC):
