@@ -222,7 +222,8 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
              seq_len=seq, micro_batches=args.micro_batches, dtype=args.dtype, schedule=args.schedule,
              virtual=args.virtual_stages, sequence_parallel=args.sequence_parallel, recompute=args.recompute,
              cluster=args.cluster, efficiency=args.efficiency,
-             reduce_dtype=None if args.reduce_dtype == "auto" else args.reduce_dtype)
+             reduce_dtype=None if args.reduce_dtype == "auto" else args.reduce_dtype,
+             cp=args.cp, cp_impl=args.cp_impl)
     p["preset"], p["seq_len"], p["batch"] = name, seq, args.batch_size
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
     return 0
@@ -463,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="none, ddp, zero1, zero2, zero3 (the data-parallel engine)")
     pl.add_argument("--tp", "--parallel.tp", dest="tp", type=int, default=1, help="tensor-parallel degree")
     pl.add_argument("--pp", "--parallel.pp", dest="pp", type=int, default=1, help="pipeline stages")
+    pl.add_argument("--cp", "--parallel.cp", dest="cp", type=int, default=1,
+                    help="context-parallel degree: ranks each sequence is split over (mesh pp x dp x cp x tp)")
+    pl.add_argument("--cp-impl", "--parallel.cp_impl", dest="cp_impl", default="ring", choices=("ring", "ulysses"),
+                    help="ring attention (zig-zag split) or Ulysses all-to-all (heads split)")
     pl.add_argument("--batch-size", type=int, default=8, help="global batch (sequences per step)")
     pl.add_argument("--seq-len", "--trainer.seq_len", dest="seq_len", type=int,
                     help="tokens per sequence (default: the model's, at most 8192)")

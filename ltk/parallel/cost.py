@@ -107,7 +107,8 @@ def zero_comm_bytes(num_params: int, stage: int, micro_batches: int = 1,
 
 
 WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
-        "all_gather": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0, "send": lambda n: 1.0}
+        "all_gather": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0, "send": lambda n: 1.0,
+        "all_to_all": lambda n: (n - 1) / n}  # an all-to-all keeps 1/n of its local tensor (ltk/parallel/cost_cp.py)
 
 
 def wire_bytes(payload: dict[str, int], world: int) -> float:

@@ -78,6 +78,18 @@ Communication: the data-parallel collectives of the ZeRO stage (cost.zero_comm_b
 with tp > 1 the tensor-parallel ones of every micro-batch (cost.tp_comm_bytes), with pp > 1 the
 activations and gradients a stage boundary carries (cost.pp_comm_bytes).
 
+Context parallelism (`cp`, `cp_impl` ring | ulysses; ltk/parallel/cost_cp.py has the formulas): the
+mesh becomes pp x dp x cp x tp (world = pp·dp·cp·tp, tp innermost). Each sequence is split over
+its cp ranks: T is padded to T' (a multiple of 2·cp for the ring's zig-zag split, of cp for
+Ulysses; the padded rows are counted everywhere, as the ranks hold and compute them), a rank's
+layers, logits, TP and PP messages hold T'/cp tokens, and the activations add the CP buffers
+alive at the peak (the ring's K/V and dK/dV in flight, Ulysses' head-sharded copies). Ulysses
+needs heads % (cp·tp) == 0. The parameters are replicated over cp, so the gradient reduction
+runs over the dp·cp ranks and ZeRO / FSDP shard the model states over them — torchtitan's
+convention (torchtitan/distributed/parallel_dims.py: FSDP over the flattened `dp_shard_cp`
+mesh, the loss all-reduced over `dp_cp`). The ring's sends (K/V forward, K/V and dK/dV backward)
+or Ulysses' all-to-alls join the communication as "context_parallel".
+
 With a cluster (`--cluster dgx-a100`, a preset of ltk/parallel/cluster.py or a JSON description)
 the plan adds ltk/parallel/simulator.py's prediction of one step on it: step time and its split
 (compute, exposed communication by kind, pipeline bubble), MFU, tokens/s and memory per device.
@@ -90,7 +102,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ltk.parallel import cost
+from ltk.parallel import cost, cost_cp
 
 # engine -> the ZeRO stage whose states it shards (fsdp2: ZeRO-3's; torch-tp: none, tp over every rank;
 # DeepSpeed's stages: the same partitions as ours)
@@ -161,18 +173,19 @@ def fsdp2_pp_gathered_bytes(s: Shape, tp: int, pp: int, prec: cost.Precision) ->
 
 
 def check_plan(world: int, tp: int, pp: int, batch: int, seq_len: int | None, micro_batches: int, virtual: int,
-               efficiency: float | None) -> None:
+               efficiency: float | None, cp: int = 1) -> None:
     """Refuse a mesh or batch that no run could have, naming the `ltk plan` flag and its range
     (a world of 0 would divide by zero, a negative one would print negative memory)."""
-    for flag, value in (("--world", world), ("--tp", tp), ("--pp", pp), ("--batch-size", batch),
+    for flag, value in (("--world", world), ("--tp", tp), ("--pp", pp), ("--cp", cp), ("--batch-size", batch),
                         ("--seq-len", seq_len), ("--micro-batches", micro_batches), ("--virtual-stages", virtual)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be >= 1")
     if efficiency is not None and not 0 < efficiency <= 1:  # also refuses NaN
         raise ValueError(f"--efficiency {efficiency}: must be in (0, 1], a fraction of the peak FLOP/s")
-    if world % (tp * pp):
-        raise ValueError(f"--world {world} is not divisible by --tp x --pp = {tp * pp}")
-    dp = world // (tp * pp)
+    if world % (tp * pp * cp):
+        raise ValueError(f"--world {world} is not divisible by --tp x --pp = {tp * pp}" if cp == 1 else
+                         f"--world {world} is not divisible by --tp x --pp x --cp = {tp * pp * cp}")
+    dp = world // (tp * pp * cp)
     if batch % dp:
         raise ValueError(f"the global batch of {batch} sequences (--batch-size) does not split over {dp} "
                          "data-parallel ranks")
@@ -184,14 +197,15 @@ def check_plan(world: int, tp: int, pp: int, batch: int, seq_len: int | None, mi
 def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp: int = 1, batch: int = 8,
          seq_len: int | None = None, micro_batches: int = 1, dtype: str = "fp32", schedule: str = "1f1b",
          virtual: int = 1, sequence_parallel: bool = False, recompute: bool = False, flash: bool = True,
-         cluster=None, efficiency: float | None = None, reduce_dtype: str | None = None) -> dict[str, Any]:
+         cluster=None, efficiency: float | None = None, reduce_dtype: str | None = None, cp: int = 1,
+         cp_impl: str = "ring") -> dict[str, Any]:
     """Bytes per rank and per step for one configuration; keys as `ltk plan --json` prints.
     With `cluster` (a preset name, a JSON path or a parallel.cluster.Cluster) also the key
     "prediction" (predict below); `efficiency` overrides the simulator's compute efficiency."""
     if strategy not in ENGINES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(ENGINES)} (plus --tp / --pp)")
-    check_plan(world, tp, pp, batch, seq_len, micro_batches, virtual, efficiency)
-    dp = world // (tp * pp)
+    check_plan(world, tp, pp, batch, seq_len, micro_batches, virtual, efficiency, cp)
+    dp = world // (tp * pp * cp)
     if strategy == "torch-tp" and (dp > 1 or pp > 1):
         raise ValueError(f"torch-tp runs tensor parallelism over every rank (--tp {world}); with {dp} data-parallel "
                          f"ranks plan --strategy fsdp2 --tp {tp}")
@@ -200,19 +214,22 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
                          "(FSDP2 x TP) or with --pp N (PP x FSDP2)")
     stage = ENGINES[strategy] or 0
     s = model_shape(family, cfg)
-    T = seq_len or getattr(cfg, "block_size", 1024)
+    T_seq = seq_len or getattr(cfg, "block_size", 1024)
     prec = cost.Precision.of(dtype, reduce_dtype)
     psi = params_per_rank(s, tp, pp)
-    states = cost.model_state_bytes(psi, dp, stage, prec)
+    states = cost.model_state_bytes(psi, dp * cp, stage, prec)  # ZeRO / FSDP shard over dp x cp
 
     b = batch // dp // (micro_batches if pp > 1 else 1)  # sequences per micro-batch on a rank
+    cpx = context_parallel(family, cfg, cp=cp, impl=cp_impl, seq_len=T_seq, batch=b, tp=tp, layers=math.ceil(
+        s.layers / pp), micro_batches=micro_batches, dtype_bytes=prec.param, recompute=recompute)
+    T = cpx["tokens_per_rank"]  # T'/cp: the tokens of a sequence one rank holds (T without CP)
     scale = 4 / 2 if dtype == "fp32" else 1.0  # Korthikanti counts 2-byte activations
     layer = cost.activation_bytes_per_layer(T, b, s.hidden, s.heads, tp, sequence_parallel, recompute, flash) * scale
     in_flight = 1 if pp == 1 else (micro_batches if schedule == "gpipe" else min(pp, micro_batches))
     logits = b * T * s.vocab // tp * 4  # the fp32 logits the loss reads (last stage)
-    activations = int(layer * math.ceil(s.layers / pp) * in_flight + logits)
+    activations = int(layer * math.ceil(s.layers / pp) * in_flight + logits) + cpx["buffers"]
 
-    comm = cost.zero_comm_bytes(psi, stage, micro_batches, prec) if dp > 1 else {}
+    comm = cost.zero_comm_bytes(psi, stage, micro_batches, prec) if dp * cp > 1 else {}
     m = micro_batches
     breakdown = {"data_parallel": comm}
     if tp > 1:
@@ -226,45 +243,52 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
         sends, tied = pp_bytes["per_rank_send"], pp_bytes["per_rank_all_reduce"]
         r = max(range(pp), key=lambda i: sends[i] + tied[i])  # the busiest stage: boundaries + tied weight
         breakdown["pipeline"] = {"send": sends[r], **({"all_reduce": tied[r]} if tied[r] else {})}
+    if cp > 1:
+        breakdown["context_parallel"] = cpx["comm"]
     gathered = 0
-    if stage == 3 and dp > 1:
+    if stage == 3 and dp * cp > 1:
         if strategy == "fsdp2" and pp > 1:
             gathered = fsdp2_pp_gathered_bytes(s, tp, pp, prec)
         else:
             gathered = (fsdp2_gathered_bytes if strategy == "fsdp2" else gathered_bytes)(s, tp, prec)
     if strategy.startswith("deepspeed-") and dtype == "fp32":  # its fp32 copy of the partition (docstring)
-        states = {**states, "optimizer": states["optimizer"] + 4 * math.ceil(psi / dp)}
+        states = {**states, "optimizer": states["optimizer"] + 4 * math.ceil(psi / (dp * cp))}
     total = states["params"] + states["grads"] + states["optimizer"] + activations + gathered
     out = {
-        "family": family, "world": world, "mesh": {"dp": dp, "tp": tp, "pp": pp}, "strategy": strategy,
+        "family": family, "world": world, "mesh": {"dp": dp, "tp": tp, "pp": pp, **({"cp": cp} if cp > 1 else {})},
+        "strategy": strategy,
         "zero_stage": stage, "dtype": dtype, "reduce_dtype": reduce_dtype or dtype, "num_params_per_rank": psi,
         "params": states["params"], "grads": states["grads"], "optimizer": states["optimizer"],
         "activations": activations, "gathered": gathered, "total": total,
         "comm_bytes_per_step": sum(sum(d.values()) for d in breakdown.values()), "comm": breakdown,
-        "comm_wire_bytes_per_step": cost.wire_bytes(comm, dp) + sum(
+        "comm_wire_bytes_per_step": cost.wire_bytes(comm, dp * cp) + sum(
             cost.wire_bytes(d, n) for d, n in ((breakdown.get("tensor_parallel", {}), tp),
-                                               (breakdown.get("pipeline", {}), 2))),
+                                               (breakdown.get("pipeline", {}), 2),
+                                               (breakdown.get("context_parallel", {}), cp))),
     }
+    if cp > 1:
+        out["context_parallel"] = cpx
     if pp > 1:
         out["bubble_fraction"] = cost.bubble_fraction(pp, micro_batches, virtual if schedule == "interleaved" else 1)
     if cluster is not None:
-        out["prediction"] = predict(family, cfg, cluster, world=world, zero=stage, tp=tp, pp=pp, batch=batch, seq_len=T,
-                                    micro_batches=micro_batches, dtype=dtype, schedule=schedule, virtual=virtual,
-                                    sequence_parallel=sequence_parallel, recompute=recompute, flash=flash,
-                                    efficiency=efficiency)
+        out["prediction"] = predict(family, cfg, cluster, world=world, zero=stage, tp=tp, pp=pp, batch=batch,
+                                    seq_len=T_seq, micro_batches=micro_batches, dtype=dtype, schedule=schedule,
+                                    virtual=virtual, sequence_parallel=sequence_parallel, recompute=recompute,
+                                    flash=flash, efficiency=efficiency, cp=cp, cp_impl=cp_impl)
     return out
 
 
 def predict(family: str, cfg, cluster, *, world: int, zero: int, tp: int, pp: int, batch: int, seq_len: int,
             micro_batches: int, dtype: str, schedule: str, virtual: int, sequence_parallel: bool, recompute: bool,
-            flash: bool, efficiency: float | None = None) -> dict[str, Any]:
+            flash: bool, efficiency: float | None = None, cp: int = 1, cp_impl: str = "ring") -> dict[str, Any]:
     """ltk/parallel/simulator.py's prediction of one step of this plan on `cluster` (a preset is
     given as many nodes as `world` needs), as the JSON-ready dict under "prediction"."""
     from ltk.parallel.cluster import load_cluster
     from ltk.parallel.simulator import Calibration, Strategy, simulate
 
     c = load_cluster(cluster, world)
-    st = Strategy(dp=world // (tp * pp), tp=tp, pp=pp, zero=zero, micro_batches=micro_batches,
+    st = Strategy(dp=world // (tp * pp * cp), cp=cp, cp_impl=cp_impl, tp=tp, pp=pp, zero=zero,
+                  micro_batches=micro_batches,
                   virtual_stages=virtual if schedule == "interleaved" else 1, schedule=schedule,
                   activation_checkpointing=recompute, sequence_parallel=sequence_parallel, global_batch=batch,
                   seq_len=seq_len, dtype=dtype, flash=flash)
@@ -279,7 +303,8 @@ def predict(family: str, cfg, cluster, *, world: int, zero: int, tp: int, pp: in
 def format_plan(p: dict[str, Any]) -> str:
     gib = 2**30
     mesh = p["mesh"]
-    lines = [f"{p['family']} on {p['world']} ranks (dp {mesh['dp']} x tp {mesh['tp']} x pp {mesh['pp']}), "
+    cp_axis = f" x cp {mesh['cp']}" if mesh.get("cp", 1) > 1 else ""
+    lines = [f"{p['family']} on {p['world']} ranks (dp {mesh['dp']}{cp_axis} x tp {mesh['tp']} x pp {mesh['pp']}), "
              f"{p['strategy']} (ZeRO stage {p['zero_stage']}), {p['dtype']}",
              f"  parameters on the largest rank: {p['num_params_per_rank']:,}"]
     for k in ("params", "grads", "optimizer", "activations", "gathered", "total"):
@@ -288,6 +313,8 @@ def format_plan(p: dict[str, Any]) -> str:
                  f"{p['comm_wire_bytes_per_step'] / gib:.3f} GiB sent per rank (ring)")
     if "bubble_fraction" in p:
         lines.append(f"  pipeline bubble: {p['bubble_fraction']:.1%} of the ideal step time")
+    if "context_parallel" in p:
+        lines.append(format_context_parallel(p["context_parallel"]))
     if "prediction" in p:
         lines += format_prediction(p["prediction"])
     return "\n".join(lines)
@@ -307,3 +334,36 @@ def format_prediction(q: dict[str, Any]) -> list[str]:
             f"    tokens/s      {q['tokens_per_s']:,.0f}",
             f"    memory        {mem['total'] / gib:.2f} GiB per device of {c['memory_bytes'] / gib:.0f} GiB "
             f"({'fits' if q['fits'] else 'does NOT fit'})"]
+
+
+# == context parallelism (ltk/parallel/cost_cp.py; the module docstring's paragraph) ================
+def attention_dims(family: str, cfg) -> tuple[int, int, int]:
+    """(H, H_kv, D): query heads, key/value heads, head dim (GPT: H_kv = H)."""
+    heads = cfg.n_head
+    return heads, getattr(cfg, "n_kv_head", heads), cfg.n_embd // heads
+
+
+def context_parallel(family: str, cfg, *, cp: int, impl: str, seq_len: int, batch: int, tp: int, layers: int,
+                     micro_batches: int, dtype_bytes: int, recompute: bool, dkv_bytes: int | None = None) -> dict:
+    """What splitting each sequence over `cp` ranks costs one rank: the padded length, the tokens
+    it holds, the buffers at the peak and the payload by op per step (`micro_batches` micro-batches
+    of `batch` sequences over `layers` layers). cp = 1: no padding, no buffers, no bytes."""
+    heads, kv_heads, head_dim = attention_dims(family, cfg)
+    cost_cp.check_cp(cp, impl, heads, kv_heads, tp)
+    padded = cost_cp.padded_seq_len(seq_len, cp, impl)
+    per_micro = cost_cp.comm_bytes(padded, batch, heads, kv_heads, head_dim, layers, cp, impl, tp, dtype_bytes,
+                                   dkv_bytes, recompute)
+    return {"impl": impl, "cp": cp, "split": "zigzag" if impl == "ring" else "heads", "seq_len": seq_len,
+            "padded_seq_len": padded, "tokens_per_rank": padded // cp,
+            "buffers": cost_cp.peak_buffer_bytes(padded, batch, heads, kv_heads, head_dim, cp, impl, tp, dtype_bytes,
+                                                 dkv_bytes),
+            "comm": {op: micro_batches * n for op, n in per_micro.items()}}
+
+
+def format_context_parallel(c: dict) -> str:
+    mib = 2**20
+    how = "ring attention, zig-zag split" if c["impl"] == "ring" else "Ulysses all-to-all, heads split"
+    pad = f" (padded to {c['padded_seq_len']:,})" if c["padded_seq_len"] != c["seq_len"] else ""
+    moved = ", ".join(f"{op.replace('_', '-')} {n / mib:,.1f} MiB" for op, n in c["comm"].items())
+    return (f"  context parallel: cp {c['cp']} ({how}), {c['seq_len']:,} tokens{pad} -> {c['tokens_per_rank']:,} "
+            f"per rank; buffers at the peak {c['buffers'] / mib:,.1f} MiB; per step {moved}")

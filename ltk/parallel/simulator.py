@@ -1,4 +1,4 @@
-"""What one training step costs at scale: a calibrated simulator of DP x TP x PP (+ ZeRO) on a
+"""What one training step costs at scale: a calibrated simulator of DP x CP x TP x PP (+ ZeRO) on a
 cluster (ltk/parallel/cluster.py), built from the closed forms of ltk/parallel/cost.py, the pipeline
 event simulator of ltk/parallel/pipeline_sim.py, the alpha-beta model of the collectives
 (ltk/parallel/collectives.py) and numbers measured on a machine (ltk/parallel/calibration.py).
@@ -38,6 +38,10 @@ Overlap, credited only where ltk/parallel/ overlaps (each line names the code):
     its reduce-scatter under the rest of the backward.
   * pipeline: sends are asynchronous and cost only where a stage waits for one; the data-parallel
     all-reduce of a pipeline (pipeline_run.py) runs after the schedule, one call, all exposed.
+  * context parallel (ltk/parallel/simulator_cp.py): ring attention's K/V sends under the attention
+    of the block at hand, Ulysses' all-to-alls exposed. A device computes on its T'/cp tokens (T'
+    the padded length, cost_cp.padded_seq_len); the gradient reduction runs over the dp x cp
+    ranks that replicate the parameters, and ZeRO shards over them (plan.py's docstring).
 
     MFU = F · tokens per step / (step · peak · devices)      (hfu also counts the recompute)
 """
@@ -47,12 +51,13 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from ltk.parallel import cost, pipeline_sim
+from ltk.parallel import cost, cost_cp, pipeline_sim
 from ltk.parallel.calibration import Calibration, calibrated_cluster, measure_calibration  # noqa: F401 (re-exported)
 from ltk.parallel.cluster import Cluster
 from ltk.parallel.collectives import KINDS, best_time, collective_time, fit_alpha_beta  # noqa: F401 (re-exported)
-from ltk.parallel.plan import gathered_bytes, model_shape, params_per_rank
+from ltk.parallel.plan import attention_dims, gathered_bytes, model_shape, params_per_rank
 from ltk.parallel.schedules import SCHEDULES, make_schedule
+from ltk.parallel.simulator_cp import cp_times
 
 DEFAULT_EFFICIENCY = 0.5
 EVENT_SIM_MAX_ACTIONS = 20_000  # above this the closed forms replace the event simulator (~0.3 s)
@@ -60,8 +65,10 @@ EVENT_SIM_MAX_ACTIONS = 20_000  # above this the closed forms replace the event 
 
 @dataclass(frozen=True)
 class Strategy:
-    """One parallel layout of one step. The mesh is pp x dp x tp, tp innermost (ltk/parallel/dist.py);
-    each of the dp replicas runs `micro_batches` micro-batches of global_batch/(dp·m) sequences."""
+    """One parallel layout of one step. The mesh is pp x dp x cp x tp, tp innermost (ltk/parallel/dist.py);
+    each of the dp replicas runs `micro_batches` micro-batches of global_batch/(dp·m) sequences,
+    each sequence split over its cp ranks (cp_impl ring or ulysses; the ring's split zigzag or
+    contiguous)."""
 
     dp: int = 1
     tp: int = 1
@@ -77,19 +84,29 @@ class Strategy:
     dtype: str = "bf16"
     flash: bool = True
     bucket_bytes: int = 25 * 2**20  # DDP / ZeRO-1/2 gradient bucket (torch DDP's 25 MiB)
+    cp: int = 1  # context parallel: ranks one sequence is split over
+    cp_impl: str = "ring"  # ring | ulysses
+    cp_split: str = "zigzag"  # the ring's causal split: zigzag (balanced) | contiguous
+    cp_dkv_bytes: int = 0  # bytes per dK/dV element on the ring's backward (0: the compute dtype's)
 
     @property
     def world(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.cp * self.tp * self.pp
+
+    @property
+    def local_seq_len(self) -> int:
+        """T'/cp: tokens of one sequence on one device (T' padded for the split, cost_cp.padded_seq_len)."""
+        return cost_cp.padded_seq_len(self.seq_len, self.cp, self.cp_impl, self.cp_split) // self.cp
 
     @property
     def micro_batch_size(self) -> int:
         return self.global_batch // (self.dp * self.micro_batches)
 
     def validate(self) -> None:
-        for k in ("dp", "tp", "pp", "micro_batches", "virtual_stages", "global_batch", "seq_len", "bucket_bytes"):
+        for k in ("dp", "tp", "pp", "micro_batches", "virtual_stages", "global_batch", "seq_len", "bucket_bytes", "cp"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
                 raise ValueError(f"strategy.{k} must be a positive integer, got {getattr(self, k)!r}")
+        cost_cp.padded_seq_len(self.seq_len, self.cp, self.cp_impl, self.cp_split)  # names a bad impl / split
         if self.zero not in cost.ZERO_STAGES:
             raise ValueError(f"strategy.zero must be one of {cost.ZERO_STAGES}, got {self.zero!r}")
         if self.global_batch % (self.dp * self.micro_batches):
@@ -143,7 +160,7 @@ def _flops_per_token(family: str, cfg, seq_len: int) -> float:
 
 
 def _span(size: int, stride: int, devices_per_node: int) -> int:
-    """Nodes covered by a group of `size` ranks `stride` apart (rank = (pp·dp + dp_i)·tp + tp_i)."""
+    """Nodes covered by a group of `size` ranks `stride` apart (rank = ((pp_i·dp + dp_i)·cp + cp_i)·tp + tp_i)."""
     return len({i * stride // devices_per_node for i in range(size)})
 
 
@@ -161,7 +178,7 @@ def _tp_hidden(family: str, shape, st: Strategy, t_collective: float, flop_s: fl
     weight gradient, 2·b·T·(in·out)/tp FLOPs, while its dX collective of t_collective seconds
     travels, hiding min(t_collective, t_GEMM). GPT: c_attn (3h·h) and c_fc (4h·h) in each of the
     stage's layers, plus the head (V·h); Llama: the head only. flop_s: seconds per FLOP."""
-    b, T, h = st.micro_batch_size, st.seq_len, shape.hidden
+    b, T, h = st.micro_batch_size, st.local_seq_len, shape.hidden
     gemm = lambda weights: 2 * b * T * weights / st.tp * flop_s  # noqa: E731
     layers = math.ceil(shape.layers / st.pp) if family == "gpt" else 0
     per_layer = min(t_collective, gemm(3 * h * h)) + min(t_collective, gemm(4 * h * h))
@@ -187,17 +204,22 @@ def memory_per_device(cfg, st: Strategy) -> dict[str, int]:
     16-bit accounting, x2 in fp32) for one micro-batch, times the layers of a chunk and the
     chunks in flight (peak_in_flight), plus the fp32 logits of the last stage, plus ZeRO-3's
     gathered units (plan.gathered_bytes): the accounting
-    of ltk/parallel/plan.py, with the micro-batch of b = global_batch/(dp·m) sequences."""
+    of ltk/parallel/plan.py, with the micro-batch of b = global_batch/(dp·m) sequences. With cp > 1
+    the layers and logits hold T'/cp tokens, the CP buffers at the peak (cost_cp.peak_buffer_bytes)
+    are added to the activations, and ZeRO shards over dp·cp."""
     family = _family(cfg)
     shape, prec = model_shape(family, cfg), cost.Precision.of(st.dtype)
-    states = cost.model_state_bytes(params_per_rank(shape, st.tp, st.pp), st.dp, st.zero, prec)
-    b, T = st.micro_batch_size, st.seq_len
+    states = cost.model_state_bytes(params_per_rank(shape, st.tp, st.pp), st.dp * st.cp, st.zero, prec)
+    b, T = st.micro_batch_size, st.local_seq_len
     scale = 2.0 if st.dtype == "fp32" else 1.0  # Korthikanti counts 2-byte activations
     layer = cost.activation_bytes_per_layer(T, b, shape.hidden, shape.heads, st.tp, st.sequence_parallel,
                                             st.activation_checkpointing, st.flash) * scale
     chunk_layers = math.ceil(shape.layers / (st.pp * (st.virtual_stages if st.schedule == "interleaved" else 1)))
     activations = int(layer * chunk_layers * peak_in_flight(st) + b * T * shape.vocab // st.tp * 4)
-    gathered = gathered_bytes(shape, st.tp, prec) if st.zero == 3 and st.dp > 1 else 0  # ZeRO-3's whole units
+    heads, kv_heads, head_dim = attention_dims(family, cfg)
+    activations += cost_cp.peak_buffer_bytes(T * st.cp, b, heads, kv_heads, head_dim, st.cp, st.cp_impl, st.tp,
+                                             prec.param, st.cp_dkv_bytes or None)
+    gathered = gathered_bytes(shape, st.tp, prec) if st.zero == 3 and st.dp * st.cp > 1 else 0  # ZeRO-3's units
     return {**states, "activations": activations, "gathered": gathered,
             "total": sum(states.values()) + activations + gathered}
 
@@ -230,11 +252,13 @@ def simulate(model_cfg, cluster: Cluster, strategy: Strategy, calibration: Calib
     st, family = strategy, _family(model_cfg)
     st.validate()
     if st.world > cluster.devices:
-        raise ValueError(f"the strategy needs {st.world} devices (dp {st.dp} x tp {st.tp} x pp {st.pp}); "
+        raise ValueError(f"the strategy needs {st.world} devices (dp {st.dp} x cp {st.cp} x tp {st.tp} x pp {st.pp}); "
                          f"cluster {cluster.name!r} has {cluster.devices}")
     shape, prec, dpn = model_shape(family, model_cfg), cost.Precision.of(st.dtype), cluster.devices_per_node
     if shape.heads % st.tp:
         raise ValueError(f"tp={st.tp} does not divide the {shape.heads} attention heads")
+    heads, kv_heads, head_dim = attention_dims(family, model_cfg)
+    cost_cp.check_cp(st.cp, st.cp_impl, heads, kv_heads, st.tp)
     eff = calibration.efficiency_for(cluster) if calibration is not None else None
     if eff is None:
         eff, eff_source = DEFAULT_EFFICIENCY, f"default {DEFAULT_EFFICIENCY} (not measured)"
@@ -243,15 +267,17 @@ def simulate(model_cfg, cluster: Cluster, strategy: Strategy, calibration: Calib
     if not 0 < eff <= 1:
         raise ValueError(f"compute efficiency must be in (0, 1], got {eff:.3g}")
     m, b, T, v = st.micro_batches, st.micro_batch_size, st.seq_len, st.virtual_stages
+    Tl = st.local_seq_len  # tokens of a sequence on a device: T, or T'/cp with context parallelism
     F = _flops_per_token(family, model_cfg, T)
-    R = (F - 6.0 * shape.vocab * shape.hidden) / 3 if st.activation_checkpointing else 0.0  # re-run forward
-    per_device = b * T / (st.tp * st.pp) / (cluster.peak_flops * eff)  # seconds per FLOP-per-token
-    fwd, bwd = F / 3 * per_device, (2 * F / 3 + R) * per_device
+    F_run = _flops_per_token(family, model_cfg, Tl * st.cp)  # what the device computes: the padded T'
+    R = (F_run - 6.0 * shape.vocab * shape.hidden) / 3 if st.activation_checkpointing else 0.0  # re-run forward
+    per_device = b * Tl / (st.tp * st.pp) / (cluster.peak_flops * eff)  # seconds per FLOP-per-token
+    fwd, bwd = F_run / 3 * per_device, (2 * F_run / 3 + R) * per_device
 
     # tensor parallel: every collective of one micro-batch (cost.tp_comm_bytes' list), not overlapped
     calls: dict[tuple[str, int], int] = {}
     if st.tp > 1:
-        for op, n in cost._tp_collectives(b, T, shape.hidden, math.ceil(shape.layers / st.pp),
+        for op, n in cost._tp_collectives(b, Tl, shape.hidden, math.ceil(shape.layers / st.pp),
                                           sequence_parallel=st.sequence_parallel, dtype_bytes=prec.param,
                                           arch=family, bias=shape.block_split_vector > 0, positions=shape.positions):
             calls[(op, n)] = calls.get((op, n), 0) + 1
@@ -260,15 +286,25 @@ def simulate(model_cfg, cluster: Cluster, strategy: Strategy, calibration: Calib
     hidden = 0.0  # the column-parallel backward's dX collectives under their weight-gradient GEMMs
     if st.tp > 1:
         t_dx = best_time("reduce_scatter" if st.sequence_parallel else "all_reduce",
-                         b * T * shape.hidden * prec.param, st.tp, cluster, tp_span, calibration)
+                         b * Tl * shape.hidden * prec.param, st.tp, cluster, tp_span, calibration)
         hidden = _tp_hidden(family, shape, st, t_dx, 1 / (cluster.peak_flops * eff))
     recompute_tp = 2 if st.activation_checkpointing else 1  # recompute re-issues the forward's
     t_f, t_b = fwd + t_tp / 2, bwd + t_tp / 2 * recompute_tp - hidden
 
+    # context parallel over cp ranks tp apart (ltk/parallel/simulator_cp.py): exposed sends, the contiguous
+    # split's extra attention on the slowest device
+    cpt = cp_times(cluster, cp=st.cp, impl=st.cp_impl, split=st.cp_split, tp=st.tp, span=_span(st.cp, st.tp, dpn),
+                   layers=math.ceil(shape.layers / st.pp), batch=b, seq=Tl * st.cp, hidden=shape.hidden, heads=heads,
+                   kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=prec.param,
+                   dkv_bytes=st.cp_dkv_bytes or prec.param, flop_s=1 / (cluster.peak_flops * eff),
+                   recompute=st.activation_checkpointing, calibration=calibration)
+    fwd, bwd = fwd + cpt.forward_imbalance, bwd + cpt.backward_imbalance
+    t_f, t_b = t_f + cpt.forward_imbalance + cpt.forward_exposed, t_b + cpt.backward_imbalance + cpt.backward_exposed
+
     # pipeline: one (b, T, h) activation per boundary, sent as 1/tp slices (Megatron's scatter/gather,
     # Narayanan et al. 2021 §4.1); the tied embedding's gradient all-reduce between first and last stage
-    stride = st.dp * st.tp
-    t_msg = collective_time("send", b * T * shape.hidden * prec.param / st.tp, 2, cluster,
+    stride = st.dp * st.cp * st.tp
+    t_msg = collective_time("send", b * Tl * shape.hidden * prec.param / st.tp, 2, cluster,
                             _span(2, stride, dpn), calibration=calibration) if st.pp > 1 else 0.0
     bubble, p2p, source = _pipeline(st, t_f, t_b, t_msg)
     tied = 0.0
@@ -278,14 +314,15 @@ def simulate(model_cfg, cluster: Cluster, strategy: Strategy, calibration: Calib
     v_eff = v if st.schedule == "interleaved" else 1
     p2p_issued = (2 * v_eff * m * t_msg if st.pp > 1 else 0.0) + tied
 
-    # data parallel / ZeRO over dp ranks `tp` apart (cost.zero_comm_bytes' collectives)
+    # data parallel / ZeRO over the dp x cp ranks `tp` apart (cost.zero_comm_bytes' collectives)
     dp_total = dp_exposed = 0.0
-    if st.dp > 1:
+    n_dp = st.dp * st.cp
+    if n_dp > 1:
         psi = params_per_rank(shape, st.tp, st.pp)
-        G, P, span = psi * prec.grad, psi * prec.param, _span(st.dp, st.tp, dpn)
+        G, P, span = psi * prec.grad, psi * prec.param, _span(n_dp, st.tp, dpn)
 
         def timed(kind: str, nbytes: float, k: int) -> float:
-            return k * best_time(kind, nbytes / k, st.dp, cluster, span, calibration)
+            return k * best_time(kind, nbytes / k, n_dp, cluster, span, calibration)
 
         window = t_b  # the backward that reduces
         k_g, k_p = max(1, math.ceil(G / st.bucket_bytes)), max(1, math.ceil(P / st.bucket_bytes))
@@ -309,10 +346,14 @@ def simulate(model_cfg, cluster: Cluster, strategy: Strategy, calibration: Calib
     tp_time = m * t_tp * (1.5 if st.activation_checkpointing else 1.0)  # issued; m·hidden of it overlaps
     tokens = st.global_batch * T
     mem = memory_per_device(model_cfg, st)
+    exposed = {"tensor_parallel": tp_time - m * hidden, "pipeline": p2p + tied, "data_parallel": dp_exposed}
+    issued = {"tensor_parallel": tp_time, "pipeline": p2p_issued, "data_parallel": dp_total}
+    if st.cp > 1:
+        exposed["context_parallel"] = m * (cpt.forward_exposed + cpt.backward_exposed)
+        issued["context_parallel"] = m * cpt.issued
     return Prediction(
         world=st.world, cluster=cluster.name, strategy=st, step_time=step, compute=m * (fwd + bwd),
-        comm_exposed={"tensor_parallel": tp_time - m * hidden, "pipeline": p2p + tied, "data_parallel": dp_exposed},
-        comm_total={"tensor_parallel": tp_time, "pipeline": p2p_issued, "data_parallel": dp_total},
+        comm_exposed=exposed, comm_total=issued,
         bubble=bubble, bubble_fraction=bubble / ideal, bubble_source=source,
         mfu=F * tokens / (step * cluster.peak_flops * st.world),
         hfu=(F + R) * tokens / (step * cluster.peak_flops * st.world),
