@@ -121,3 +121,20 @@ def test_bad_settings_are_refused_naming_the_problem(tiny_base, tmp_path, files,
     assert not (tmp_path / "bad" / "checkpoints").exists()
     help_text = build_parser()._subparsers._group_actions[0].choices["finetune"].format_help()
     assert "--stream " in help_text and "--stream-buffer" in help_text and "--chat-template FOLDER|base" in help_text
+
+
+def test_base_takes_the_template_of_a_hugging_face_base(hf_gpt2, tmp_path, files):
+    import shutil
+
+    from ltk.training.base_model import adopt_base
+    from ltk.training.chat_template import template_for
+    from ltk.training.config_check import check_run
+
+    base = shutil.copytree(hf_gpt2, tmp_path / "hf")
+    (base / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "eos_token": "</s>"}))
+    run = run_config(_cfg(base, tmp_path / "ft", 1, files["chat"], chat_template="base", stream=False))
+    run.task.max_len = 32
+    adopt_base(run)
+    check_run(run, size=False, warn=False)
+    template = template_for("base", str(base))
+    assert template.source == TEMPLATE and template.special == {"eos_token": "</s>"}
