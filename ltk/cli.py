@@ -192,7 +192,8 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
                          targets=args.targets, compute_dtype=args.compute_dtype, limit=args.limit,
                          eval_every=args.eval_every, seed=args.seed, device=args.device, merge=args.merge,
                          packing=args.packing, grad_accum=args.grad_accum, dtype=args.dtype,
-                         ckpt_every=args.ckpt_every, profile=args.profile)
+                         ckpt_every=args.ckpt_every, profile=args.profile, stream=args.stream,
+                         stream_buffer=args.stream_buffer, chat_template=args.chat_template)
     s = run_finetune(cfg, resume=args.resume, overwrite=args.overwrite)
     score = "exact_match" if "exact_match" in s["after"] else "val_ppl"
     print(f"{s['method']}: {s['trainable_params']:,} of {s['params']:,} parameters trained | {score} "
@@ -416,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--base", required=True, help="a run folder / checkpoint of ours, or a Hugging Face folder")
     f.add_argument("--data", default="builtin", help="builtin (an exactly scored task; builtin:last,lookup for some "
                    "of its kinds) or a .jsonl (Alpaca or chat rows)")
+    f.add_argument("--stream", action="store_true", help="read the .jsonl row by row (a shuffle buffer, O(buffer) "
+                   "memory, an exactly resumable position) instead of loading it whole; val rows by a hash of "
+                   "their prompt (--task.stream)")
+    f.add_argument("--stream-buffer", type=int, default=1024, help="rows in the shuffle buffer of --stream")
+    f.add_argument("--chat-template", metavar="FOLDER|base",
+                   help="render the rows with a tokenizer's chat_template (Jinja, from a Hugging Face folder's "
+                   "tokenizer_config.json; base: the --base folder's), the loss on every assistant turn "
+                   "(--task.chat_template)")
     f.add_argument("--out", default="runs/finetune", help="output folder")
     f.add_argument("--steps", type=int, default=300)
     f.add_argument("--batch-size", type=int, default=16)

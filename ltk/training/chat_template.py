@@ -1,8 +1,9 @@
 """A tokenizer's own chat template (Jinja, from a Hugging Face folder) for fine-tuning on chat rows,
 with the loss on the assistant turns only.
 
-    ltk finetune --base hf/llama --data chats.jsonl --chat-template auto     # the base folder's template
+    ltk finetune --base hf/llama --data chats.jsonl --chat-template base     # the base folder's template
     ltk finetune --base runs/x --data chats.jsonl --chat-template hf/llama  # another folder's
+    ltk train --task.kind instruct ... --task.chat_template hf/llama         # the same, as the config's field
 
 Where the template is read from (the places transformers writes it): chat_template.jinja, or
 tokenizer_config.json's "chat_template" (a string, or a list of {"name", "template"}: "default"),
@@ -40,13 +41,23 @@ from ltk.training.instruct import IGNORE_INDEX
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
+def template_for(spec: str, base: str) -> "ChatTemplate":
+    """task.chat_template: "base" (the base folder's own template: a Hugging Face base's folder, or
+    the checkpoint folder holding our base's tokenizer), or a folder / .jinja file."""
+    if spec == "base":
+        from ltk.training.base_model import open_base
+
+        return load_chat_template(open_base(base).tok_dir)
+    return load_chat_template(spec)
+
+
 def load_chat_template(path: str | Path) -> "ChatTemplate":
     """The chat template of a Hugging Face folder (or a .jinja file), with the folder's special tokens."""
     path = Path(path).expanduser()
     if path.is_file():
         return ChatTemplate(path.read_text(encoding="utf-8"), {}, str(path))
     if not path.is_dir():
-        raise FileNotFoundError(f"--chat-template {path}: no such folder or file")
+        raise FileNotFoundError(f"chat template {path}: no such folder or file")
     config_file = path / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     special = {k: v.get("content") if isinstance(v, dict) else v for k, v in config.items()
@@ -62,7 +73,7 @@ def load_chat_template(path: str | Path) -> "ChatTemplate":
         named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
         source = named.get("default")
     if not isinstance(source, str):
-        raise ValueError(f"--chat-template {path}: no chat_template in chat_template.jinja, tokenizer_config.json "
+        raise ValueError(f"chat template {path}: no chat_template in chat_template.jinja, tokenizer_config.json "
                          "or chat_template.json (a base model without one has no chat format to learn)")
     return ChatTemplate(source, special, str(config_file))
 
@@ -72,7 +83,10 @@ class ChatTemplate:
         self.source, self.special, self.where = source, special_tokens, where
         self.has_markers = bool(_GENERATION.search(source))
         self._env, self._tracker = _environment()
-        self._template = self._env.from_string(source)
+        try:
+            self._template = self._env.from_string(source)
+        except Exception as e:  # jinja2's TemplateSyntaxError: a file that is not a template
+            raise ValueError(f"chat template {where}: not a Jinja template ({type(e).__name__}: {e})") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The text transformers' apply_chat_template(messages, tokenize=False) gives."""

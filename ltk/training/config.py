@@ -123,6 +123,10 @@ class TaskConfig:
     val_fraction: float = 0.1  # instruct: share of the examples held out (identical prompts on one side)
     eval_examples: int = 64  # instruct, built-in task: validation examples scored by exact match
     limit: int | None = None  # instruct: use at most this many examples
+    stream: bool = False  # instruct: read `data` (.jsonl) row by row through a shuffle buffer (instruct_stream.py)
+    stream_buffer: int = 1024  # instruct, stream: rows in the shuffle buffer (memory is O(buffer), not O(file))
+    val_rows: int = 1000  # instruct, stream or chat_template: at most this many val rows (hash split), encoded once
+    chat_template: str | None = None  # instruct: a HF folder with a chat_template (chat_template.py), or "base"
 
 
 @dataclass

@@ -184,6 +184,7 @@ def _check_task(cfg: RunConfig) -> None:
     if cfg.task.limit is not None:
         _at_least(cfg, "task.limit", 2, " (an example to train on and one to validate with)")
     _in_range(cfg, "task.val_fraction", 0, 1, low_open=True, high_open=True)
+    _check_task_data(cfg)
     positions = getattr(cfg.model, "block_size", None)
     if positions is not None and cfg.task.max_len > positions:
         raise ConfigError(f"--task.max_len {cfg.task.max_len} is longer than the base model's {positions} positions")
@@ -191,6 +192,32 @@ def _check_task(cfg: RunConfig) -> None:
     if p.tp > 1 or p.pp > 1 or p.strategy not in ("auto", "none", "ddp", "naive-ddp", "torch-ddp"):
         raise ConfigError(f"instruction tuning runs on one process or a replicating data-parallel engine (ddp, "
                           f"naive-ddp, torch-ddp), not --parallel.strategy {p.strategy} with tp {p.tp}, pp {p.pp}")
+
+
+def _check_task_data(cfg: RunConfig) -> None:
+    """Streaming and chat templates (ltk/training/instruct_stream.py, chat_template.py) read a .jsonl
+    file; the template is loaded here, so a folder without one is named before the base loads."""
+    task = cfg.task
+    _at_least(cfg, "task.val_rows", 1)
+    if not (task.stream or task.chat_template is not None):
+        return
+    flag = "--task.stream" if task.stream else "--task.chat_template"
+    if task.data == "builtin" or task.data.startswith("builtin:") or not task.data.endswith(".jsonl"):
+        raise ConfigError(f"{flag} reads a .jsonl file of Alpaca or chat rows, not --task.data {task.data!r}")
+    if task.stream:
+        _at_least(cfg, "task.stream_buffer", 1, " (rows held for the shuffle)")
+        if task.limit is not None:
+            raise ConfigError("--task.limit takes the first rows into memory and --task.stream reads the whole "
+                              "file: give one of them")
+    if task.chat_template is not None:
+        from ltk.training.chat_template import template_for
+
+        if task.chat_template == "base" and not task.base:
+            raise ConfigError("--task.chat_template base takes the template of --task.base, which is not set")
+        try:
+            template_for(task.chat_template, task.base)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--task.chat_template {task.chat_template}: {e}") from None
 
 
 def _check_device(name: str) -> None:

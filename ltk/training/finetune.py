@@ -4,10 +4,13 @@ as flags mapped onto the training loop (ltk/training/trainer.py, the same loop a
     ltk finetune --method lora --base runs/pretrain/.../train --data builtin --steps 300
     ltk finetune --method qlora --base path/to/hf-llama-folder --data alpaca.jsonl --merge
     ltk finetune --method lora ... --out runs/ft --resume runs/ft      # continue exactly where it stopped
+    ltk finetune --method lora --base hf/llama --data big.jsonl --stream --chat-template base
 
 What each method trains and stores: ltk/training/adapters.py. The data (prompts rendered with a
-template, the loss on the response only; --packing several examples to a row) and the evaluation
-(response loss and perplexity; exact match on the built-in task): ltk/training/instruct_run.py.
+template, the loss on the response only; --packing several examples to a row; --stream reads a
+large .jsonl row by row; --chat-template renders rows with a tokenizer's chat_template, the loss on
+the assistant turns) and the evaluation (response loss and perplexity; exact match on the built-in
+task): ltk/training/instruct_run.py.
 From the Trainer come checkpoints with exact resume (adapters and their optimizer state only, the
 base referenced), gradient accumulation, bf16, warmup + cosine, clipping and --profile.
 
@@ -58,6 +61,10 @@ class FinetuneConfig:
     device: str = "auto"
     profile: bool = False  # torch.profiler over a few steps -> profile/ (ltk/training/profiling.py)
     merge: bool = False  # also write merged/ (full weights with the adapter folded in)
+    stream: bool = False  # read the .jsonl row by row through a shuffle buffer (ltk/training/instruct_stream.py)
+    stream_buffer: int = 1024  # rows in the shuffle buffer
+    val_rows: int = 1000  # with stream or chat_template: at most this many val rows
+    chat_template: str | None = None  # None | base (the base folder's) | a HF folder / .jinja (chat_template.py)
     extra: dict = field(default_factory=dict)
 
 
@@ -91,7 +98,9 @@ def run_config(cfg: FinetuneConfig) -> RunConfig:
     return RunConfig(
         name=f"finetune-{cfg.method}",
         task=TaskConfig(kind="instruct", base=str(cfg.base), data=cfg.data, max_len=cfg.max_len, packing=cfg.packing,
-                        val_fraction=cfg.val_fraction, eval_examples=cfg.eval_examples, limit=cfg.limit),
+                        val_fraction=cfg.val_fraction, eval_examples=cfg.eval_examples, limit=cfg.limit,
+                        stream=cfg.stream, stream_buffer=cfg.stream_buffer, val_rows=cfg.val_rows,
+                        chat_template=cfg.chat_template),
         adapter=AdapterConfig(method="none" if cfg.method == "full" else cfg.method, r=cfg.lora_r,
                               alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, rslora=cfg.use_rslora,
                               targets=cfg.targets, compute_dtype=cfg.compute_dtype),

@@ -213,26 +213,10 @@ def read_split(path, encode, split: str, *, val_fraction: float, seed: int, limi
         stream.close()
 
 
-def instruction_data(path: str, tok, *, max_len: int, batch_size: int, val_fraction: float, seed: int,
-                     stream: bool = False, template=None, packing: bool = False, limit: int | None = None,
-                     val_rows: int = 1000, buffer: int = 1024):
-    """(training batches forever, the number of training rows or None when streamed, encoded val
-    rows): what a fine-tuning loop takes from a JSONL file. stream: the training side through a
-    JsonlStream (resumable: the iterator's state_dict); else both sides read whole (at most
-    `limit` training rows) and batched by instruct.batches."""
-    from ltk.training.instruct import batches
-
-    if Path(path).suffix != ".jsonl":
-        raise ValueError(f"--stream and --chat-template read a .jsonl file, got {path!r}")
-    encode = row_encoder(tok, max_len, template)
-    val = read_split(path, encode, "val", val_fraction=val_fraction, seed=seed, limit=val_rows)
+def read_val(path, encode, *, val_fraction: float, seed: int, limit: int) -> list:
+    """The val rows of a JSONL file, encoded once (at most `limit`): what a fine-tuning run scores."""
+    val = read_split(path, encode, "val", val_fraction=val_fraction, seed=seed, limit=limit)
     if not val:
-        raise ValueError(f"{path}: no row falls in the val split at --val-fraction {val_fraction} (rows are "
+        raise ValueError(f"{path}: no row falls in the val split at val_fraction {val_fraction} (rows are "
                          "assigned by a hash of their prompt): add rows or raise the fraction")
-    if stream:
-        if limit is not None:
-            raise ValueError("--limit takes the first rows into memory; --stream reads the whole file: give one")
-        rows = JsonlStream(path, split="train", val_fraction=val_fraction, seed=seed, buffer=buffer)
-        return StreamBatches(rows, encode, batch_size, tok.eot_id, packing=packing, max_len=max_len), None, val
-    train = read_split(path, encode, "train", val_fraction=val_fraction, seed=seed, limit=limit)
-    return batches(train, tok, batch_size, max_len, shuffle=True, seed=seed, packing=packing), len(train), val
+    return val
