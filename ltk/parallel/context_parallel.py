@@ -197,3 +197,57 @@ def ring_work(T: int, n: int, layout: str, causal: bool, rank: int) -> tuple[int
     mine = chunk_ids(rank, n, layout)
     blocks = [b for s in range(n) for b in step_blocks(mine, chunk_ids((rank - s) % n, n, layout), c, T, causal)]
     return sum(b.k_chunks for b in blocks), sum(b.pairs(c) for b in blocks)
+
+
+METHODS = ("ring", "ulysses")
+
+
+class ContextParallel:
+    """The one setting a model needs: its attention calls
+
+        y = cp.attention(q, k, v, causal=True, backend=...)    # instead of kernels.attention.attention
+
+    on this rank's shard q (B, H, 2c, D), k, v (B, H_kv, 2c, D), and the rest of the model is
+    unchanged (every other layer acts per position). The trainer cuts each batch with
+    `cp.shard(x, dim=1)` (tokens; labels with pad_value=-100, so the loss ignores padding),
+    gives RoPE / learned positions `cp.positions(T)`, and sets `cp.seq_len = T` when the
+    batch's T does not divide into 2N chunks (padded rows then output 0).
+
+    group: a ProcessGroup, an ltk Comm or None (the world); method "ring" (any head count,
+    K/V around the ring) or "ulysses" (all-to-all; H % N == 0); layout "zigzag" (balanced
+    causal work) or "contiguous"."""
+
+    def __init__(self, group=None, method: str = "ring", layout: str = "zigzag", seq_len: int | None = None):
+        if method not in METHODS:
+            raise ValueError(f"context parallel method must be one of {METHODS}, got {method!r}")
+        check_layout(layout)
+        self.cp, self.method, self.layout, self.seq_len = CPGroup.of(group), method, layout, seq_len
+
+    @property
+    def size(self) -> int:
+        return self.cp.size
+
+    @property
+    def rank(self) -> int:
+        return self.cp.rank
+
+    def attention(self, q, k, v, *, causal: bool = True, softmax_scale=None, segment_ids=None,
+                  backend: str = "auto"):
+        if segment_ids is not None:
+            raise ValueError("context parallel attention takes no segment_ids (document masking of packed rows): "
+                             "train with cp on unpacked rows, or cp = 1")
+        if self.method == "ring":  # imported here: both modules import this one
+            from ltk.parallel.ring_attention import ring_attention as fn
+        else:
+            from ltk.parallel.ulysses import ulysses_attention as fn
+        return fn(q, k, v, group=self.cp, causal=causal, layout=self.layout, softmax_scale=softmax_scale,
+                  seq_len=self.seq_len, backend=backend)
+
+    def shard(self, x: torch.Tensor, dim: int = 1, pad_value=0) -> torch.Tensor:
+        return shard_sequence(x, dim, self.rank, self.size, self.layout, pad_value)
+
+    def positions(self, T: int, device=None) -> torch.Tensor:
+        return positions(T, self.rank, self.size, self.layout, device)
+
+    def gather(self, x: torch.Tensor, dim: int, T: int) -> torch.Tensor:
+        return gather_sequence(x, dim, self.cp, self.layout, T)

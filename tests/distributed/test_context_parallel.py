@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ltk.kernels.attention import attention_reference
 from ltk.kernels.backend import interpreter_on
 from ltk.parallel import context_parallel as cpm
-from ltk.parallel.context_parallel import CP_STATS
+from ltk.parallel.context_parallel import CP_STATS, ContextParallel
 from ltk.parallel.dist import spawn
 from ltk.parallel.ring_attention import ring_attention
 from ltk.parallel.ulysses import kv_heads_sent, ulysses_attention
@@ -49,7 +49,8 @@ def _case(group, n: int, rank: int, fn: str, layout: str, causal: bool, T: int, 
     attention_reference(*ref, causal=causal).backward(do)
     local = [cpm.shard_sequence(t, 2, rank, n, layout).float().requires_grad_() for t in (q, k, v)]
     CP_STATS.reset()
-    out = FNS[fn](*local, group=group, causal=causal, layout=layout, seq_len=T, backend=backend)
+    cp = ContextParallel(group, fn, layout, seq_len=T)  # the way a model calls it
+    out = cp.attention(*local, causal=causal, backend=backend)
     fwd = CP_STATS.snapshot()
     CP_STATS.reset()
     out.backward(cpm.shard_sequence(do, 2, rank, n, layout).float())  # padded rows: dO = 0, as a loss gives
@@ -176,7 +177,11 @@ def test_zigzag_balances_the_causal_work(measured, n):
     # not causal: every rank sees every real key once, padding or not
     total = [r["ring", "zigzag", False, (13, 2)]["fwd"]["pairs"]["ring.forward"] for r in measured[n]]
     assert total == [13 * 2 * cpm.chunk_size(13, n)] * len(total)
-    assert math.isclose(max(4 * r + 3 for r in range(n)) / (2 * n + 1), (4 * n - 1) / (2 * n + 1))
+    tiles = {lay: [r["ring", lay, True, (16, 2)]["fwd"]["blocks"]["ring.forward"] for r in measured[n]]
+             for lay in LAYOUTS}
+    assert max(tiles["zigzag"]) == min(tiles["zigzag"])
+    assert math.isclose(max(tiles["contiguous"]) / (sum(tiles["contiguous"]) / len(tiles["contiguous"])),
+                        (4 * n - 1) / (2 * n + 1))
 
 
 def test_ring_with_the_triton_block_kernels(measured):
@@ -199,3 +204,7 @@ def test_clear_errors(measured):
             fn(q[:, :, :3], q[:, :, :3], q[:, :, :3])
         with pytest.raises(ValueError, match="multiple of k/v's H_kv=3"):
             fn(q, q[:, :3], q[:, :3])
+    with pytest.raises(ValueError, match="segment_ids"):
+        ContextParallel().attention(q, q, q, segment_ids=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="method"):
+        ContextParallel(method="striped")
