@@ -9,6 +9,9 @@
     schedules.py, pipeline_sim.py, pipeline.py, pipeline_run.py
                      GPipe, 1F1B and interleaved 1F1B as data, their simulator, the executor,
                      and its composition with data parallelism (Narayanan et al. 2021)
+    context_parallel.py, ring_attention.py, ulysses.py, block_attention.py
+                     the sequence split over a CP group (contiguous, zig-zag), ring attention
+                     (Liu et al. 2023; Brandon et al. 2023) and Ulysses (Jacobs et al. 2023)
     strategy.py      one interface for the training loop over all of them
     cost.py, plan.py the formulas (memory, bytes, bubble) and `ltk plan`
 
