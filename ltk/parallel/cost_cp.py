@@ -8,10 +8,11 @@ tokens per sequence (after padding, below), H query heads, H_kv key/value heads,
 the ring's backward accumulates them (e, or 4 when it accumulates in fp32). With t > 1 each rank
 holds H/t query heads and ⌈H_kv/t⌉ K/V heads (a K/V head is replicated when t > H_kv).
 
-Padding. The zig-zag split cuts a sequence into 2c chunks and gives rank r chunks r and 2c-1-r
-(Megatron-LM's context parallel, zhuzilin/ring-flash-attention), so T is padded up to a multiple of
-2c; Ulysses and the contiguous ring split into c chunks, a multiple of c:
-    T' = ⌈T/k⌉·k,   k = 2c (zig-zag ring) or c (Ulysses, contiguous ring).
+Padding. The sequence is cut into 2c chunks (ltk/parallel/context_parallel.py, whichever the
+split and the implementation: one sharding for all of them); zig-zag gives rank r chunks r and
+2c-1-r (Megatron-LM's context parallel, zhuzilin/ring-flash-attention), contiguous chunks 2r and
+2r+1, so T is padded up to a multiple of 2c:
+    T' = ⌈T/2c⌉·2c.
 The padded rows are real rows of every tensor: memory, bytes and compute below count T', the
 throughput counts only the real T tokens.
 
@@ -35,11 +36,12 @@ top, once, the communication buffers alive at that peak:
 Bytes per micro-batch per rank (payload; ltk/parallel/dist.py's accounting):
 
     ring      forward, per layer: c-1 sends of the local K and V shard          (c-1)·S_kv·e
-              backward, per layer: c-1 sends of K, V again, and c-1 hops of the traveling
-              dK/dV (a block's dK/dV starts on the rank after its owner, gathers every other
-              rank's contribution and arrives home after c-1 hops)      (c-1)·S_kv·(e + e_g)
-              step: L·(c-1)·S_kv·(2e + e_g), + L·(c-1)·S_kv·e with full recomputation (the
-              forward's ring runs again in the backward). Payload = bytes on the wire.
+              backward, per layer: c-1 sends of K, V again, and c hops of the traveling
+              dK/dV (ltk/parallel/ring_attention.py: a buffer travels with its K/V, each rank
+              adds its contribution, and one last hop brings it home)   (c-1)·S_kv·e + c·S_kv·e_g
+              step: L·S_kv·(2(c-1)·e + c·e_g), + L·(c-1)·S_kv·e with full recomputation (the
+              forward's ring runs again in the backward). Payload = bytes on the wire. The ring
+              accumulates dK/dV in fp32 (e_g = 4) whatever the compute dtype.
     Ulysses   per layer forward 4 all-to-alls: q, k, v in (sequence- to head-sharded), out back;
               backward the same 4 (dO in; dQ, dK, dV back). The local tensors are
               Q = O = B·(T'/c)·(H/t)·D and K = V = B·(T'/c)·(c·k_r)·D elements, so
@@ -73,7 +75,7 @@ def _check_impl(impl: str) -> None:
 
 
 def padded_seq_len(seq: int, cp: int, impl: str = "ring", split: str = "zigzag") -> int:
-    """T' = ⌈T/k⌉·k with k = 2c for the zig-zag ring, c otherwise (module docstring); T at c = 1."""
+    """T' = ⌈T/2c⌉·2c (module docstring); T at c = 1."""
     _check_impl(impl)
     if split not in SPLITS:
         raise ValueError(f"unknown sequence split {split!r}: choose {' or '.join(SPLITS)}")
@@ -81,8 +83,7 @@ def padded_seq_len(seq: int, cp: int, impl: str = "ring", split: str = "zigzag")
         raise ValueError(f"sequence length {seq} and context-parallel degree {cp} must be >= 1")
     if cp == 1:
         return seq
-    k = 2 * cp if impl == "ring" and split == "zigzag" else cp
-    return math.ceil(seq / k) * k
+    return math.ceil(seq / (2 * cp)) * 2 * cp  # 2c chunks for every split (context_parallel.padded_length)
 
 
 def check_cp(cp: int, impl: str, heads: int, kv_heads: int, tp: int = 1) -> None:
@@ -120,7 +121,7 @@ def peak_buffer_bytes(seq: int, batch: int, heads: int, kv_heads: int, head_dim:
     _check_impl(impl)
     if cp == 1:
         return 0
-    e, eg = dtype_bytes, dkv_bytes or dtype_bytes
+    e, eg = dtype_bytes, dkv_bytes or 4  # the ring accumulates dK/dV in fp32
     if impl == "ring":
         s_kv = 2 * batch * (seq // cp) * kv_heads_per_rank(kv_heads, tp) * head_dim
         return 2 * s_kv * (e + eg)
@@ -135,10 +136,10 @@ def comm_bytes_per_layer(seq: int, batch: int, heads: int, kv_heads: int, head_d
     _check_impl(impl)
     if cp == 1:
         return {"forward": {}, "backward": {}}
-    e, eg, local = dtype_bytes, dkv_bytes or dtype_bytes, batch * (seq // cp) * head_dim
+    e, eg, local = dtype_bytes, dkv_bytes or 4, batch * (seq // cp) * head_dim
     if impl == "ring":
         s_kv = 2 * local * kv_heads_per_rank(kv_heads, tp)
-        return {"forward": {"send": (cp - 1) * s_kv * e}, "backward": {"send": (cp - 1) * s_kv * (e + eg)}}
+        return {"forward": {"send": (cp - 1) * s_kv * e}, "backward": {"send": (cp - 1) * s_kv * e + cp * s_kv * eg}}
     q = local * (heads // tp)
     k = local * cp * kv_heads_per_rank(kv_heads, tp, cp)
     per = (2 * q + 2 * k) * e

@@ -87,7 +87,7 @@ class Strategy:
     cp: int = 1  # context parallel: ranks one sequence is split over
     cp_impl: str = "ring"  # ring | ulysses
     cp_split: str = "zigzag"  # the ring's causal split: zigzag (balanced) | contiguous
-    cp_dkv_bytes: int = 0  # bytes per dK/dV element on the ring's backward (0: the compute dtype's)
+    cp_dkv_bytes: int = 0  # bytes per dK/dV element on the ring's backward (0: fp32, as ring_attention keeps them)
 
     @property
     def world(self) -> int:
@@ -296,7 +296,7 @@ def simulate(model_cfg, cluster: Cluster, strategy: Strategy, calibration: Calib
     cpt = cp_times(cluster, cp=st.cp, impl=st.cp_impl, split=st.cp_split, tp=st.tp, span=_span(st.cp, st.tp, dpn),
                    layers=math.ceil(shape.layers / st.pp), batch=b, seq=Tl * st.cp, hidden=shape.hidden, heads=heads,
                    kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=prec.param,
-                   dkv_bytes=st.cp_dkv_bytes or prec.param, flop_s=1 / (cluster.peak_flops * eff),
+                   dkv_bytes=st.cp_dkv_bytes or 4, flop_s=1 / (cluster.peak_flops * eff),
                    recompute=st.activation_checkpointing, calibration=calibration)
     fwd, bwd = fwd + cpt.forward_imbalance, bwd + cpt.backward_imbalance
     t_f, t_b = t_f + cpt.forward_imbalance + cpt.forward_exposed, t_b + cpt.backward_imbalance + cpt.backward_exposed

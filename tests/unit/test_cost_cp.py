@@ -24,9 +24,9 @@ SHAPE = dict(seq=16, batch=1, heads=4, kv_heads=2, head_dim=8, layers=3, dtype_b
 
 @pytest.mark.parametrize("cp, want", [
     # S_kv = 2·B·(T/c)·H_kv·D: c=2 → 256, c=4 → 128 elements; per layer forward (c-1)·S_kv·2,
-    # backward (c-1)·S_kv·(2 + 4); 3 layers
-    (2, 3 * (1 * 256 * 2 + 1 * 256 * 6)),
-    (4, 3 * (3 * 128 * 2 + 3 * 128 * 6)),
+    # backward (c-1)·S_kv·2 for K, V and c·S_kv·4 for the dK/dV that travel home; 3 layers
+    (2, 3 * (1 * 256 * 2 + 1 * 256 * 2 + 2 * 256 * 4)),
+    (4, 3 * (3 * 128 * 2 + 3 * 128 * 2 + 4 * 128 * 4)),
 ])
 def test_ring_bytes_are_the_hand_count(cp, want):
     assert cost_cp.comm_bytes(cp=cp, impl="ring", **SHAPE) == {"send": want}
@@ -60,8 +60,11 @@ def test_tensor_parallel_splits_the_kv_heads_of_the_ring():
 
 def test_padding():
     assert [cost_cp.padded_seq_len(10, c, "ring") for c in (1, 2, 4)] == [10, 12, 16]  # multiples of 2c
-    assert [cost_cp.padded_seq_len(10, c, "ulysses") for c in (1, 2, 4)] == [10, 10, 12]  # multiples of c
-    assert cost_cp.padded_seq_len(10, 4, "ring", split="contiguous") == 12
+    # one sharding for every split and implementation (context_parallel.padded_length): 2c chunks
+    assert [cost_cp.padded_seq_len(10, c, "ulysses") for c in (1, 2, 4)] == [10, 12, 16]
+    assert cost_cp.padded_seq_len(10, 4, "ring", split="contiguous") == 16
+    from ltk.parallel.context_parallel import padded_length
+    assert all(cost_cp.padded_seq_len(t, c) == padded_length(t, c) for t in (7, 10, 64, 101) for c in (2, 3, 4))
 
 
 @pytest.mark.parametrize("cp", [2, 3, 4, 8])
@@ -119,7 +122,7 @@ def test_ltk_plan_cp_cli(capsys):
     assert p["context_parallel"]["padded_seq_len"] == 100 and p["mesh"]["dp"] == 2
     assert main(["plan", "--preset", "llama-debug", "--world", "2", "--parallel.cp", "2", "--cp-impl", "ulysses",
                  "--seq-len", "101"]) == 0
-    assert "context parallel: cp 2 (Ulysses all-to-all, heads split), 101 tokens (padded to 102)" in \
+    assert "context parallel: cp 2 (Ulysses all-to-all, heads split), 101 tokens (padded to 104)" in \
         capsys.readouterr().out
 
 
