@@ -75,6 +75,7 @@ from ltk.training.memory_report import memory_report
 from ltk.training.memory_watch import MemoryWatch, mark_baseline
 from ltk.training.objectives import Instruct, objective_for, step_generator
 from ltk.training.optim import lr_at, set_lr
+from ltk.training.packing import pad_rows
 from ltk.training.profiling import RunProfile
 from ltk.training.progress import progress_enabled
 from ltk.training.reshard import load_local_state
@@ -254,6 +255,8 @@ class Trainer:
             x, y, *extra = self.train_loader.next_batch()
             self.last_step_tokens += self.task.loader.last_tokens if self.task else x.numel()
             responses = int((y != -100).sum()) if self.task is not None else 0  # of the global micro-batch
+            if self.task is not None and len(extra) == 1 and x.shape[0] % self.par.dp_size:
+                x, y, extra[0] = pad_rows(x, y, extra[0], self.par.dp_size)  # packed: as many rows as needed
             x, y, *extra = (self.par.rows(b).to(self.rt.device, non_blocking=True) for b in (x, y, *extra))
             # data parallel: reduce gradients only after the last micro-batch
             sync = engine.no_sync() if micro < t.grad_accum - 1 else nullcontext()
