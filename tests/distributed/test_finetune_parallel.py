@@ -26,14 +26,14 @@ def data(tmp_path_factory):
     return str(path)
 
 
-def _cfg(base, data, out, method, parallel="auto", steps=STEPS, **kw):
+def _cfg(base, data, out, method, parallel="auto", steps=STEPS, grad_accum=1, **kw):
     from ltk.training.finetune import FinetuneConfig
 
-    # packed rows (segment ids sliced per rank) and 2 micro-batches a step; the first half of the
-    # steps warms up, so a run of fewer steps takes the learning rates of the longer run's first ones
+    # packed rows (segment ids sliced per rank); the first half of the steps warms up, so a run of
+    # fewer steps takes the learning rates of the longer run's first ones
     return FinetuneConfig(method=method, base=str(base), data=data, out_dir=str(out), steps=steps, batch_size=4,
-                          grad_accum=2, packing=True, max_len=96, eval_every=0, warmup_steps=STEPS // 2, device="cpu",
-                          parallel=parallel, **kw)
+                          grad_accum=grad_accum, packing=True, max_len=96, eval_every=0, warmup_steps=STEPS // 2,
+                          device="cpu", parallel=parallel, **kw)
 
 
 def _losses(run):
@@ -84,7 +84,7 @@ def _probe(base, data, out, method, parallel):
     from ltk.training.finetune import run_config
     from ltk.training.trainer import Trainer
 
-    trainer = Trainer(run_config(_cfg(base, data, out, method, parallel, steps=1)), overwrite=True)
+    trainer = Trainer(run_config(_cfg(base, data, out, method, parallel, steps=1, grad_accum=2)), overwrite=True)
     par, model = trainer.par, trainer.model
     held = None
     if parallel == "zero3":
@@ -185,7 +185,7 @@ def test_the_command_line_launches_two_ranks(tiny_base, data, reference, tmp_pat
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "LTK_PROGRESS": "0"}
     cmd = [sys.executable, "-m", "ltk.cli", "finetune", "--method", "lora", "--base", str(tiny_base), "--data", data,
            "--out", str(out), "--steps", "2", "--warmup-steps", str(STEPS // 2), "--batch-size", "4",
-           "--grad-accum", "2", "--packing",
+           "--packing",
            "--max-len", "96", "--eval-every", "0", "--device", "cpu", "--parallel", "zero3", "--nproc", "2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
