@@ -13,6 +13,14 @@ once. Within a unit the parameters are ordered by param group, so this rank's sh
 group in one contiguous piece: the optimizer's group g holds those pieces (views of the fp32
 master shard; a rank whose shards miss a group gets an empty group).
 
+Frozen tensors (fine-tuning: LoRA's frozen base, QLoRA's NF4 storage) are sharded too, as bytes:
+each unit's frozen tensors in one uint8 vector (ltk/parallel/frozen_shard.py), gathered and freed
+with the unit, never reduced, with no optimizer state. A unit may hold frozen tensors only (GPT's
+root under LoRA: embeddings, final norm). A unit with frozen tensors is freed when the backward
+reaches the next unit (or at its end), not when its last gradient arrives: LoRA's A and B get
+their gradients in nodes of their own that autograd may run before the frozen W's node, which
+still needs W for the input gradient.
+
 Schedule of one micro-batch (as PyTorch FSDP runs it, Zhao et al. 2023; "full" = storage allocated):
 
     forward   root: all-gather before the model's forward, free after it (so the root is
