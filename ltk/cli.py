@@ -186,6 +186,14 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
         raise SystemExit(f"ltk finetune: unexpected arguments {overrides}")
     from ltk.training.finetune import FinetuneConfig, run_finetune
 
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc}: must be >= 1")
+    if (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ:  # this process launches the ranks
+        from ltk.training.launch import launch
+        from ltk.training.rendezvous import rank_argv
+
+        return launch(args.nproc, rank_argv(args.argv), "finetune")
+
     cfg = FinetuneConfig(method=args.method, base=args.base, data=args.data, out_dir=args.out, steps=args.steps,
                          batch_size=args.batch_size, max_len=args.max_len, lr=args.lr, lora_r=args.lora_r,
                          lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, use_rslora=args.rslora,
@@ -193,8 +201,11 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
                          eval_every=args.eval_every, seed=args.seed, device=args.device, merge=args.merge,
                          packing=args.packing, grad_accum=args.grad_accum, dtype=args.dtype,
                          ckpt_every=args.ckpt_every, profile=args.profile, stream=args.stream,
-                         stream_buffer=args.stream_buffer, chat_template=args.chat_template)
+                         stream_buffer=args.stream_buffer, chat_template=args.chat_template, parallel=args.parallel,
+                         warmup_steps=args.warmup_steps)
     s = run_finetune(cfg, resume=args.resume, overwrite=args.overwrite)
+    if not s:  # a rank other than 0: rank 0 reports
+        return 0
     score = "exact_match" if "exact_match" in s["after"] else "val_ppl"
     print(f"{s['method']}: {s['trainable_params']:,} of {s['params']:,} parameters trained | {score} "
           f"{s['before'][score]:.4g} -> {s['after'][score]:.4g} | {s['step_ms_median']:.1f} ms/step\n"
@@ -432,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--packing", action="store_true",
                    help="pack each step's examples several to a row (same loss, fewer padded slots)")
     f.add_argument("--lr", type=float, default=0.0, help="0 = 3e-4 (full) or 3e-3 (lora, qlora)")
+    f.add_argument("--warmup-steps", type=int, default=20, help="linear warmup, then cosine to 0.1·lr")
     f.add_argument("--lora-r", type=int, default=8)
     f.add_argument("--lora-alpha", type=float, default=16.0)
     f.add_argument("--lora-dropout", type=float, default=0.0)
@@ -452,6 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a fine-tuning run exactly from its checkpoint (auto: --out's newest, if any)")
     f.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
     f.add_argument("--profile", action="store_true", help="torch.profiler trace of a few steps -> OUT/profile/")
+    f.add_argument("--parallel", "--parallel.strategy", dest="parallel", default="auto",
+                   choices=("auto", "ddp", "naive-ddp", "torch-ddp", "zero3", "fsdp2"),
+                   help="the data-parallel engine over --nproc ranks: ddp replicates the base; zero3 / fsdp2 shard "
+                   "the frozen base (and QLoRA's NF4 storage) over the ranks; only the adapters' gradients are reduced")
+    f.add_argument("--nproc", type=int, help="start N local processes (torchrun: gloo on a CPU, NCCL on GPUs)")
     f.set_defaults(func=_finetune)
 
     e = sub.add_parser("export", help="a checkpoint (sharded or not) as a Hugging Face folder",

@@ -26,6 +26,7 @@ import re
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from ltk.kernels.nf4 import NF4Linear, dequantize_absmax, dequantize_nf4, nf4_matmul_dq, quantize_absmax, quantize_nf4
 from ltk.models.lora import LoRALinear, _collapse, _matches, _set_module, apply_lora, base_linears
@@ -259,6 +260,8 @@ def memory_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer | None =
     out = dict(base_nf4_packed=0, base_nf4_stats=0, base_full=0, trainable=0, gradients=0, optimizer_states=0)
 
     def add(key: str, t: torch.Tensor | None) -> None:
+        if isinstance(t, DTensor):  # FSDP2: what this rank holds
+            t = t.to_local()
         if t is None or t.numel() == 0 or _storage_key(t) in seen:
             return
         seen.add(_storage_key(t))

@@ -93,6 +93,27 @@ def shard_model(model: nn.Module, dp_mesh, *, compute_dtype: str, reduce_dtype: 
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp)
 
 
+def storage_as_parameters(model: nn.Module) -> int:
+    """QLoRA under FSDP2: fully_shard shards parameters, never buffers, so NF4Linear's storage
+    (ltk/kernels/nf4.py) would stay whole on every rank. Its integer buffers — the packed 4-bit
+    codes and the double-quantized absmax codes, all but ~0.03% of its bytes — become frozen
+    parameters (requires_grad False: no gradient, no optimizer state, nothing reduced) that FSDP2
+    shards like any weight (dim 0 over dp, all-gathered per block; a block's mixed dtypes go
+    through one uint8 all-gather): the byte sharding of the FSDP + QLoRA recipes. The fp32
+    statistics (one scale per 256 blocks, one offset a layer) stay replicated buffers, since
+    FSDP2's mixed precision would cast a floating parameter to bf16 (it leaves integer ones
+    alone). Returns how many buffers were converted."""
+    from ltk.kernels.nf4 import NF4Linear
+
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, NF4Linear):
+            for name in [k for k, b in mod._buffers.items() if b is not None and not b.is_floating_point()]:
+                mod.register_parameter(name, nn.Parameter(mod._buffers.pop(name), requires_grad=False))
+                n += 1
+    return n
+
+
 def local_part(p: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(local shape, global offset) of this rank's block of a DTensor (the whole tensor otherwise)."""
     if not isinstance(p, DTensor):
@@ -270,6 +291,7 @@ def build_torch_engine(model: nn.Module, param_groups_fn: Callable, optimizer_fa
     if tp > 1:
         apply_torch_tp(model, mesh["tp"], sequence_parallel=sequence_parallel)
     if strategy == "fsdp2":
+        storage_as_parameters(model)
         shard_model(model, mesh["dp"], compute_dtype=compute_dtype, reduce_dtype=reduce_dtype or compute_dtype,
                     reshard_after_forward=reshard_after_forward)
     materialize_local(model, tags, device, layout=lambda name, full: to_dtensor_layout(model, name, full))

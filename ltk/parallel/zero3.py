@@ -13,6 +13,14 @@ once. Within a unit the parameters are ordered by param group, so this rank's sh
 group in one contiguous piece: the optimizer's group g holds those pieces (views of the fp32
 master shard; a rank whose shards miss a group gets an empty group).
 
+Frozen tensors (fine-tuning: LoRA's frozen base, QLoRA's NF4 storage) are sharded too, as bytes:
+each unit's frozen tensors in one uint8 vector (ltk/parallel/frozen_shard.py), gathered and freed
+with the unit, never reduced, with no optimizer state. A unit may hold frozen tensors only (GPT's
+root under LoRA: embeddings, final norm). A unit with frozen tensors is freed when the backward
+reaches the next unit (or at its end), not when its last gradient arrives: LoRA's A and B get
+their gradients in nodes of their own that autograd may run before the frozen W's node, which
+still needs W for the input gradient.
+
 Schedule of one micro-batch (as PyTorch FSDP runs it, Zhao et al. 2023; "full" = storage allocated):
 
     forward   root: all-gather before the model's forward, free after it (so the root is
@@ -50,6 +58,7 @@ from torch.autograd import Variable
 
 from ltk.models.init import make_real, materialized
 from ltk.parallel.dist import Comm
+from ltk.parallel.frozen_shard import FrozenBytes, frozen_tensors
 from ltk.parallel.zero import FlatLayout, FlatShard, ShardedEngine, normalize_groups
 
 
@@ -79,13 +88,18 @@ def _tensors(out) -> list[torch.Tensor]:
 
 
 class Unit(FlatShard):
-    """A module's parameters as one sharded flat buffer; `full` is allocated only while gathered."""
+    """A module's parameters as one sharded flat buffer; `full` is allocated only while gathered.
+    `frozen`: its frozen tensors as sharded bytes (ltk/parallel/frozen_shard.py), or None; a unit
+    of frozen tensors only has no layout (layout, master, full, shard None)."""
 
-    def __init__(self, layout: FlatLayout, master, pieces, full, shard, dtype):
+    def __init__(self, layout: FlatLayout | None, master, pieces, full, shard, dtype):
         super().__init__(layout, master, pieces)
         self.full, self.shard = full, shard  # (N·s,) gathered params, (s,) this rank's params
-        self.grad_shard = torch.zeros(layout.shard, dtype=dtype, device=layout.device)  # Σ over micro-batches
-        self.handle, self.gathered, self.ready, self.reduced = None, False, 0, False
+        self.grad_shard = None if layout is None else \
+            torch.zeros(layout.shard, dtype=dtype, device=layout.device)  # Σ over micro-batches
+        self.frozen: FrozenBytes | None = None
+        self.handles: list = []  # all-gathers in flight (trainable flat, frozen bytes)
+        self.gathered, self.ready, self.reduced, self.free_later = False, 0, False, False
 
 
 class Zero3Engine(ShardedEngine):
@@ -119,22 +133,35 @@ class Zero3Engine(ShardedEngine):
         taken = {id(p) for ps in owned for p in ps}
         root = [p for p in model.parameters() if id(p) in group_of and id(p) not in taken]
         opt_groups = [{**k, "params": []} for k in keys]
+        # frozen tensors (no group: a fine-tuned base, NF4 storage) by unit, sharded as bytes; the owner
+        # rule is the parameters' (a frozen tensor tied across units belongs to the root)
+        frozen: dict = {}
+        for e in frozen_tensors(model, set(group_of), self.dtype):
+            names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is e.tensor] or [e.name]
+            owner = {next((i for i, pre in enumerate(prefixes) if n.startswith(pre)), None) for n in names}
+            frozen.setdefault(owner.pop() if len(owner) == 1 else None, []).append(e)
         self.units: list[Unit] = []
-        for m, params in list(zip(mods, owned)) + [(model, root)]:
-            if not params:
+        for i, (m, params) in enumerate(list(zip(mods, owned)) + [(model, root)]):
+            entries = frozen.get(i if i < len(mods) else None)
+            if not params and not entries:
                 continue
-            params = sorted(params, key=lambda p: group_of[id(p)])  # stable: each group contiguous
-            u = self._make_unit(params, [group_of[id(p)] for p in params], opt_groups)
+            if params:
+                params = sorted(params, key=lambda p: group_of[id(p)])  # stable: each group contiguous
+                u = self._make_unit(params, [group_of[id(p)] for p in params], opt_groups)
+            else:
+                u = Unit(None, None, [], None, None, self.reduce_dtype)
+            if entries:
+                u.frozen = FrozenBytes(entries, comm, self.device)
             u.module = m
             self.units.append(u)
-        for p in model.parameters():  # frozen parameters (no group) are kept whole
+        for p in model.parameters():  # anything left on meta (a frozen tensor is in a unit's bytes now)
             if p.is_meta:
                 make_real(p, materialized(p, self.device))
-        self.root = self.units[-1] if root else None
-        self.buffers = self.units
+        self.root = self.units[-1] if self.units and self.units[-1].module is model else None
+        self.buffers = [u for u in self.units if u.layout is not None]  # the trainable flat buffers
         self.optimizer = optimizer_factory(opt_groups)
         for u in self.units:
-            for p in u.layout.params:
+            for p in u.layout.params if u.layout is not None else []:
                 p.register_post_accumulate_grad_hook(partial(self._on_grad, u))
             if u is not self.root:
                 u.module.register_forward_pre_hook(partial(self._pre_forward, u))
@@ -184,23 +211,32 @@ class Zero3Engine(ShardedEngine):
 
     # -- gather / free ----------------------------------------------------------------------------
     def _unshard(self, u: Unit | None, wait: bool = True) -> None:
-        """Allocate u's full buffer and all-gather the shards into it (async unless wait)."""
+        """Allocate u's full buffers and all-gather the shards into them (async unless wait):
+        the trainable flat vector, and the frozen bytes where the unit has them."""
         if u is None:
             return
-        if not u.gathered and u.handle is None:
-            u.full.untyped_storage().resize_(u.layout.padded * u.full.element_size())
-            u.handle = self.comm.all_gather(u.full, u.shard, async_op=True)
-            u.gathered = u.handle is None  # one rank: copied at once
-        if wait and u.handle is not None:
-            u.handle.wait()
-            u.handle, u.gathered = None, True
+        if not u.gathered and not u.handles:
+            if u.layout is not None:
+                u.full.untyped_storage().resize_(u.layout.padded * u.full.element_size())
+                u.handles.append(self.comm.all_gather(u.full, u.shard, async_op=True))
+            if u.frozen is not None:
+                u.handles.append(u.frozen.gather())
+            u.handles = [h for h in u.handles if h is not None]
+            u.gathered = not u.handles  # one rank: copied at once
+        if wait and u.handles:
+            for h in u.handles:
+                h.wait()
+            u.handles, u.gathered = [], True
 
     def _free(self, u: Unit) -> None:
-        if u.handle is not None:  # never free storage an all-gather is still writing
-            u.handle.wait()
-            u.handle = None
-        u.full.untyped_storage().resize_(0)
-        u.gathered = False
+        for h in u.handles:  # never free storage an all-gather is still writing
+            h.wait()
+        u.handles = []
+        if u.layout is not None:
+            u.full.untyped_storage().resize_(0)
+        if u.frozen is not None:
+            u.frozen.free()
+        u.gathered, u.free_later = False, False
 
     def _neighbour(self, u: Unit | None, step: int) -> Unit | None:
         """The unit `step` places after u in the forward order (the previous forward's while
@@ -240,7 +276,7 @@ class Zero3Engine(ShardedEngine):
     def _root_post_forward(self, module, args, out) -> None:
         self._last_order = list(self._order)
         for u in self.units:
-            if u.gathered or u.handle is not None:
+            if u.gathered or u.handles:
                 self._free(u)  # the root, and a prefetched unit this forward did not use
         if torch.is_grad_enabled():
             for t in _tensors(out):
@@ -252,6 +288,9 @@ class Zero3Engine(ShardedEngine):
         if not self._in_backward:  # once per backward: finish what the hooks started
             Variable._execution_engine.queue_callback(self._end_backward)
             self._in_backward = True
+        for v in self.units:  # units whose backward has passed (frozen weights: freed late, see _reduce)
+            if v.free_later and v is not u:
+                self._free(v)
         if u is not None and u.reduced:
             return
         self._unshard(u)
@@ -270,7 +309,13 @@ class Zero3Engine(ShardedEngine):
         out = torch.empty_like(u.grad_shard)
         self._pending.append((self.comm.reduce_scatter(out, flat, async_op=True), u, flat, out))
         u.reduced = True
-        self._free(u)
+        if u.frozen is None:
+            self._free(u)
+        elif u is not self.root:
+            # LoRA's A and B get their gradients in nodes of their own, which autograd may run before
+            # the frozen W's node (x·Wᵀ's dx needs W): keep the unit until the backward has left it,
+            # i.e. until the next unit's pre-backward hook (or the end of the backward)
+            u.free_later = True
         while len(self._pending) > self.max_in_flight:  # each holds a whole unit's flat gradient
             self._finish_oldest()
 
@@ -281,36 +326,72 @@ class Zero3Engine(ShardedEngine):
         u.grad_shard += out
 
     def _end_backward(self) -> None:
-        for u in self.units:
+        for u in self.buffers:
             if not u.reduced:
                 self._reduce(u)
         while self._pending:
             self._finish_oldest()
         for u in self.units:
+            if u.gathered or u.handles:  # the root, units with frozen tensors
+                self._free(u)
             u.ready, u.reduced = 0, False
         self._pending, self._in_backward = [], False
 
     # -- step -----------------------------------------------------------------------------------------
     def _reduced_grad_shards(self) -> list[torch.Tensor]:
-        return [u.grad_shard for u in self.units]
+        return [u.grad_shard for u in self.buffers]
 
     def step(self) -> None:
         """Optimizer step on the fp32 master shards; the compute-dtype shard follows. No collective."""
         self._prepare_grads()
         self.optimizer.step()
-        for u in self.units:
+        for u in self.buffers:
             if u.shard is not u.master:
                 u.shard.copy_(u.master)
 
     def zero_grad(self) -> None:
         self._zero_master_grads()
-        for u in self.units:
+        for u in self.buffers:
             u.grad_shard.zero_()
             for p in u.layout.params:
                 p.grad = None
 
     def _param_tensors(self):
-        return [u.shard for u in self.units] + [u.full for u in self.units]
+        return [u.shard for u in self.buffers] + [u.full for u in self.buffers]
 
     def _grad_tensors(self):
-        return [u.grad_shard for u in self.units]
+        return [u.grad_shard for u in self.buffers]
+
+    def frozen_bytes(self) -> dict[str, int]:
+        """Bytes of the frozen tensors: `shard` held at rest by this rank, `total` of the whole model
+        (unpadded, each tensor once), `gathered` allocated now (0 between steps)."""
+        fz = [u.frozen for u in self.units if u.frozen is not None]
+        return {"shard": sum(f.shard_bytes for f in fz), "total": sum(sum(f.nbytes) for f in fz),
+                "gathered": sum(f.full.untyped_storage().nbytes() for f in fz)}
+
+    def state_bytes(self) -> dict[str, int]:
+        out = super().state_bytes()
+        fz = self.frozen_bytes()
+        out["params"] += fz["shard"] + fz["gathered"]
+        return out
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """As ShardedEngine's, the frozen tensors too (gathered unit by unit: a collective)."""
+        values: dict = {}  # id(parameter) or (id(module), buffer name) -> the whole tensor
+        for u in self.units:
+            if u.frozen is not None:
+                for e, v in zip(u.frozen.entries, u.frozen.values().values()):
+                    values[id(e.tensor) if e.is_param else (id(e.module), e.attr)] = v
+        for buf in self.buffers:
+            for p, v in zip(buf.layout.params, self._gather_flat(buf, buf.master)):
+                values[id(p)] = v
+        by_key = {}
+        for mod_name, mod in self.module.named_modules():
+            for k in mod._buffers:
+                if (id(mod), k) in values:
+                    by_key[(mod_name + "." if mod_name else "") + k] = values[(id(mod), k)]
+        out = {}
+        for k, t in self.module.state_dict(keep_vars=True).items():
+            v = by_key[k] if k in by_key else values.get(id(t))
+            out[k] = v if v is not None else t.detach().clone()
+        return out

@@ -164,6 +164,10 @@ def _check_fields(cfg: RunConfig) -> None:
                           f"{positions}); lower --trainer.seq_len or raise --model.block_size")
 
 
+# fine-tuning: replicated (ddp, naive-ddp, torch-ddp) or with the frozen base sharded (zero3, fsdp2)
+FINETUNE_ENGINES = ("auto", "none", "ddp", "naive-ddp", "torch-ddp", "zero3", "fsdp2")
+
+
 def _check_task(cfg: RunConfig) -> None:
     """Fine-tuning: the task, the adapter and what they run on (ltk/training/adapters.py)."""
     from ltk.training.adapters import METHODS
@@ -189,9 +193,13 @@ def _check_task(cfg: RunConfig) -> None:
     if positions is not None and cfg.task.max_len > positions:
         raise ConfigError(f"--task.max_len {cfg.task.max_len} is longer than the base model's {positions} positions")
     p = cfg.parallel
-    if p.tp > 1 or p.pp > 1 or p.strategy not in ("auto", "none", "ddp", "naive-ddp", "torch-ddp"):
-        raise ConfigError(f"instruction tuning runs on one process or a replicating data-parallel engine (ddp, "
-                          f"naive-ddp, torch-ddp), not --parallel.strategy {p.strategy} with tp {p.tp}, pp {p.pp}")
+    if p.tp > 1 or p.pp > 1:
+        raise ConfigError(f"fine-tuning does not combine with tensor or pipeline parallelism (tp {p.tp}, pp {p.pp}): "
+                          "adapters on a split or staged base are not implemented; shard the base over data-parallel "
+                          "ranks instead (--parallel zero3 or fsdp2)")
+    if p.strategy not in FINETUNE_ENGINES:
+        raise ConfigError(f"fine-tuning runs on one process or the data-parallel engines "
+                          f"{', '.join(FINETUNE_ENGINES[2:])}, not --parallel.strategy {p.strategy}")
 
 
 def _check_task_data(cfg: RunConfig) -> None:

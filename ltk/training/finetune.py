@@ -25,7 +25,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ltk.training.config import AdapterConfig, OptimConfig, RunConfig, TaskConfig, TrainerConfig
+from ltk.training.config import AdapterConfig, OptimConfig, ParallelConfig, RunConfig, TaskConfig, TrainerConfig
 
 METHODS = ("full", "lora", "qlora")
 
@@ -65,6 +65,7 @@ class FinetuneConfig:
     stream_buffer: int = 1024  # rows in the shuffle buffer
     val_rows: int = 1000  # with stream or chat_template: at most this many val rows
     chat_template: str | None = None  # None | base (the base folder's) | a HF folder / .jinja (chat_template.py)
+    parallel: str = "auto"  # the data-parallel engine over the ranks: ddp | zero3 | fsdp2 | ... (config_check)
     extra: dict = field(default_factory=dict)
 
 
@@ -109,6 +110,7 @@ def run_config(cfg: FinetuneConfig) -> RunConfig:
         trainer=TrainerConfig(max_steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                               seed=cfg.seed, device=cfg.device, dtype=cfg.dtype, eval_every=cfg.eval_every,
                               log_every=1, ckpt_every=cfg.ckpt_every, out_dir=cfg.out_dir, profile=cfg.profile),
+        parallel=ParallelConfig(strategy=cfg.parallel),
     )
 
 
@@ -133,11 +135,19 @@ def run_finetune(cfg: FinetuneConfig, resume: str | None = None, overwrite: bool
         ckpt = load_checkpoint(resume)
         check_resume(run, ckpt.state, ckpt.path)
     trainer = Trainer(run, ckpt, overwrite=overwrite, auto=resume == "auto")
-    trainer.fit()
+    result = trainer.fit()
     from ltk.training.adapters import write_outputs
+    from ltk.training.finetune_outputs import output_model
 
+    if trainer.rt.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank's part of the last checkpoint is on disk
+    model = output_model(trainer, result.checkpoint, cfg.merge)  # rank 0's; None elsewhere
+    if model is None:
+        return {}
     summary = json.loads((out / "summary.json").read_text())
-    summary.update(write_outputs(trainer.model, trainer.task.tok, out, run.adapter, str(cfg.base), cfg.merge))
+    summary.update(write_outputs(model, trainer.task.tok, out, run.adapter, str(cfg.base), cfg.merge))
     summary.update(method=cfg.method, config=asdict(cfg))
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -154,3 +154,16 @@ def real_tokens(y: torch.Tensor, segments: torch.Tensor | None = None) -> int:
         return int((segments != PAD_SEGMENT).sum())
     scored = (y != IGNORE_INDEX).flip(1)  # (B, T), last column first
     return int((y.shape[1] - scored.int().argmax(dim=1)).sum())
+
+
+def pad_rows(x: torch.Tensor, y: torch.Tensor, segments: torch.Tensor, multiple: int):
+    """A packed batch with rows of padding appended (x = 0, y = -100, segment PAD_SEGMENT) up to
+    a multiple of `multiple` rows: data parallelism gives each of dp ranks a block of B/dp rows,
+    and a packed batch has as many rows as its examples needed. A padding row holds no target:
+    it adds nothing to the loss or the gradient (the Trainer weights each rank's loss by its
+    response tokens)."""
+    extra = -x.shape[0] % multiple
+    if extra == 0:
+        return x, y, segments
+    pad = lambda t, v: torch.cat([t, t.new_full((extra, t.shape[1]), v)])  # noqa: E731 - (B + extra, T)
+    return pad(x, 0), pad(y, IGNORE_INDEX), pad(segments, PAD_SEGMENT)

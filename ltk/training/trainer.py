@@ -75,6 +75,7 @@ from ltk.training.memory_report import memory_report
 from ltk.training.memory_watch import MemoryWatch, mark_baseline
 from ltk.training.objectives import Instruct, objective_for, step_generator
 from ltk.training.optim import lr_at, set_lr
+from ltk.training.packing import pad_rows
 from ltk.training.profiling import RunProfile
 from ltk.training.progress import progress_enabled
 from ltk.training.reshard import load_local_state
@@ -173,7 +174,9 @@ class Trainer:
         self.task = InstructTask(cfg, Tokenizer.load(self.base.tok_dir))
         self.objective = Instruct()
         self.seq_len = cfg.task.max_len
-        self.model = self._build_model()
+        # whole on every rank at set-up (the score before training and the adapter surgery as on one
+        # process: the same LoRA A, the same NF4 codes); zero3 / fsdp2 then shard the frozen base
+        self.model = self._build_model(shardable=False)
         restore_model(self.model, self.base.tensors())
         if self.resume is None:  # a resumed run reads it from its checkpoint
             self.before = self.task.evaluate(self.model, self.rt.device, self.rt.autocast())
@@ -181,13 +184,13 @@ class Trainer:
         self.model.activation_checkpointing = cfg.trainer.activation_checkpointing
         self.train_loader = self.task.loader
 
-    def _build_model(self) -> torch.nn.Module:
+    def _build_model(self, shardable: bool = True) -> torch.nn.Module:
         """The model, whole on this device, or — where the engine shards it (ZeRO-3, tensor and
         pipeline parallelism) — with its parameters on the meta device, so that each rank only
         ever makes its own shard (ltk/models/init.py; the engine materializes it). Either way
         the weights are those of one process with this seed; the global RNG is left as it was."""
         p = self.cfg.parallel
-        sharded = self.rt.world_size > 1 and (p.strategy in ("zero3", "fsdp2") or p.tp > 1 or p.pp > 1)
+        sharded = shardable and self.rt.world_size > 1 and (p.strategy in ("zero3", "fsdp2") or p.tp > 1 or p.pp > 1)
         build = lambda: self.family.model_cls(self.cfg.model)  # noqa: E731
         with torch.random.fork_rng(devices=[]):
             if sharded:
@@ -251,6 +254,9 @@ class Trainer:
             # the global micro-batch, (x, y) or packed instruction rows (x, y, segments); this rank's rows below
             x, y, *extra = self.train_loader.next_batch()
             self.last_step_tokens += self.task.loader.last_tokens if self.task else x.numel()
+            responses = int((y != -100).sum()) if self.task is not None else 0  # of the global micro-batch
+            if self.task is not None and len(extra) == 1 and x.shape[0] % self.par.dp_size:
+                x, y, extra[0] = pad_rows(x, y, extra[0], self.par.dp_size)  # packed: as many rows as needed
             x, y, *extra = (self.par.rows(b).to(self.rt.device, non_blocking=True) for b in (x, y, *extra))
             # data parallel: reduce gradients only after the last micro-batch
             sync = engine.no_sync() if micro < t.grad_accum - 1 else nullcontext()
@@ -258,6 +264,8 @@ class Trainer:
             with sync:
                 with autocast():
                     loss = self.par.loss(self.objective, x, y, gen, *extra)
+                if self.task is not None and self.par.dp_size > 1:
+                    loss = self._global_token_mean(loss, y, responses)
                 scaled = self.scaler.scale(loss / t.grad_accum)
                 engine.backward(scaled) if hasattr(engine, "backward") else scaled.backward()  # DeepSpeed: its own
             total += loss.detach()
@@ -276,6 +284,14 @@ class Trainer:
         # every tensor-parallel rank of a replica holds the same loss: the world mean is the dp mean
         loss = self.rt.all_reduce_sum(total / t.grad_accum) / self.rt.world_size
         return loss.item(), grad_norm
+
+    def _global_token_mean(self, loss: torch.Tensor, y: torch.Tensor, responses: int) -> torch.Tensor:
+        """Instruction tuning over dp ranks: one process takes the mean over the micro-batch's
+        response tokens (k of them); a rank's mean over its own k_r is weighted by dp · k_r / k, so
+        the engines' mean of the ranks' gradients, and of their losses, is that same mean. A rank
+        whose rows hold no response token contributes 0 (its loss, a mean over none, is NaN)."""
+        k_r = (y != -100).sum()
+        return torch.where(k_r > 0, loss, 0.0) * (self.par.dp_size * k_r / max(responses, 1))
 
     def _pipeline_step(self, clip: float) -> tuple[float, float]:
         """Pipeline parallelism: this rank's rows of all grad_accum micro-batches go through the
