@@ -16,7 +16,7 @@ from ltk.models.gpt import GPTConfig
 from ltk.models.llama import LlamaConfig
 from ltk.parallel import cost_cp
 from ltk.parallel.context_parallel import CP_STATS, padded_length
-from ltk.parallel.dist import spawn
+from ltk.parallel.dist import Mesh, spawn
 from ltk.training.config import ConfigError, DataConfig, OptimConfig, RunConfig, TrainerConfig, apply_overrides
 from ltk.training.config_check import check_run
 from ltk.training.presets import get_preset
@@ -160,3 +160,16 @@ def test_cp_flags_and_refusals():
     c.parallel.cp, c.trainer.seq_len = 4, 6
     with pytest.raises(ConfigError, match="seq_len must be >= 8"):
         check_run(c, world=4, size=False, warn=False)
+
+
+def test_mesh_groups_pp_dp_cp_tp():
+    """rank = ((pp·dp + d)·cp + c)·tp + t: tp innermost, cp next; dp x cp flattened, dp major."""
+    mesh = Mesh(dp=2, cp=2, tp=2)
+    assert mesh.groups_along("tp") == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert mesh.groups_along("cp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert mesh.groups_along("dp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert mesh.groups_along("dp_cp") == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    # without cp the layout and the order of the groups are those of a pp x dp x tp mesh
+    plain = Mesh(dp=2, tp=2, pp=2)
+    assert plain.groups_along("dp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert plain.groups_along("pp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
