@@ -1,8 +1,9 @@
 """`--parallel.cp` in the training loop (ltk/parallel/cp_train.py): the Trainer on 2 and 4 gloo
 processes, each sequence split over a CP group, trains the same model as one process with the
-same global batch — the same per-step losses within 1e-5, the same validation loss and final
-weights — for ring attention (zig-zag and contiguous), Ulysses, GPT's learned positions with a
-length 2·cp does not divide (padding), cp x dp (ddp, zero3, fsdp2) and cp x tp (ours). The bytes
+same global batch — the same per-step losses within 1e-5 and the same validation loss (the 20-step
+runs: the same gradient norms and final weights too) — for ring attention (zig-zag and
+contiguous), Ulysses, GPT's learned positions with a length 2·cp does not divide (padding),
+cp x dp (ddp, zero3, fsdp2) and cp x tp (ours, and fsdp2 x DTensor TP). The bytes
 a step sends equal ltk/parallel/cost_cp.py's formula, with and without recomputation.
 
 Starting a group costs seconds, so every run is planned up front and each world size starts
@@ -35,6 +36,7 @@ RUNS = {
     "cp2dp2-zero3": (4, "llama", SHORT, dict(cp=2, strategy="zero3")),
     "cp2dp2-fsdp2": (4, "llama", SHORT, dict(cp=2, strategy="fsdp2")),
     "cp2tp2": (4, "llama", SHORT, dict(cp=2, tp=2, strategy="ddp")),
+    "cp2tp2-fsdp2": (4, "llama", SHORT, dict(cp=2, tp=2, strategy="fsdp2")),
 }
 
 
@@ -55,8 +57,10 @@ def _config(corpus, out, family="llama", steps=STEPS, **parallel) -> RunConfig:
     return cfg
 
 
-def measure_bytes(rank, world, cfgs):
-    """Worker: CP_STATS of one training step of each config (built, one step to warm up, one counted)."""
+def train_and_measure(rank, world, jobs, cfgs):
+    """Worker: train the jobs (engine_runs.train_jobs), then CP_STATS of one training step of each
+    of `cfgs` (built, one step to warm up, one counted)."""
+    train_jobs(rank, world, jobs)
     out = []
     for cfg in cfgs:
         trainer = Trainer(cfg)
@@ -78,8 +82,8 @@ def runs(tiny_corpus, tmp_path_factory):
                           (_config(tiny_corpus, root / "gpt", "gpt"), None)], timeout_s=TIMEOUT)
     byte_cfgs = [_config(tiny_corpus, root / f"bytes-{n}", **kw) for n, kw in BYTES.items()]
     byte_cfgs[-1].trainer.activation_checkpointing = True
-    spawn(train_jobs, 2, [(cfg[n], None) for n, (w, *_) in RUNS.items() if w == 2], timeout_s=TIMEOUT)
-    stats = spawn(measure_bytes, 2, byte_cfgs, timeout_s=TIMEOUT)
+    stats = spawn(train_and_measure, 2, [(cfg[n], None) for n, (w, *_) in RUNS.items() if w == 2], byte_cfgs,
+                  timeout_s=TIMEOUT)
     spawn(train_jobs, 4, [(cfg[n], None) for n, (w, *_) in RUNS.items() if w == 4], timeout_s=TIMEOUT)
     return {"bytes": dict(zip(BYTES, stats[0])), **{n: root / n for n in [*RUNS, "llama", "gpt"]}}
 
@@ -117,8 +121,10 @@ def test_cp_x_dp_equals_one_process(runs):
 
 
 def test_cp_x_tp_equals_one_process(runs):
-    """cp 2 x tp 2: the heads split by tp, each rank's ring over its local heads."""
+    """cp 2 x tp 2: the heads split by tp (ours; DTensor TP under FSDP2 over the cp ranks), each
+    rank's ring over its local heads."""
     _same_steps(runs["llama"], runs["cp2tp2"])
+    _same_steps(runs["llama"], runs["cp2tp2-fsdp2"])
 
 
 @pytest.mark.parametrize("name", list(BYTES))
