@@ -5,6 +5,7 @@
     torchrun --standalone --nproc_per_node 8 -m ltk.cli train --preset gpt2-124m   # 8 GPUs, DDP
     ltk train --preset gpt-debug --parallel zero3 --nproc 4       # 4 CPU processes, our ZeRO-3
     ltk train --preset gpt-debug --parallel ddp --parallel.tp 2 --nproc 4   # DP 2 x TP 2
+    ltk train --preset llama-debug --parallel.cp 2 --nproc 2    # each sequence split over 2 ranks (ring)
     ltk train --resume runs/gpt-debug --trainer.max_steps 600     # continue a run exactly
     ltk train --preset gpt-debug --resume auto --nproc 2 --parallel ddp --max-restarts 3   # restarts continue
     ltk train --preset gpt2-124m --nproc 8 --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29400 --resume auto
