@@ -16,6 +16,8 @@ is one process and the model's own attention. Per rank:
                   tiles; torch.cuda.max_memory_allocated minus what existed before on CUDA)
     cp            CP_STATS of the step: bytes sent, c×c score tiles, kept (query, key) pairs
     step_s        wall seconds of forward + backward, barrier to barrier (the slowest rank)
+    cpu_s         this rank's thread CPU seconds of the step (CPU only: what sharing cores with
+                  other processes does not inflate; None on CUDA)
     attn_s        this rank's seconds inside the attention kernels (the ring's block kernels,
                   Ulysses' and no-CP's local attention, forward + backward): thread CPU time on
                   a CPU, so ranks sharing cores are not charged for each other; synchronised
@@ -209,14 +211,14 @@ def run_cases(rank: int, world: int, model: dict, batch: int, cases: list[Case],
                 step()
             live_peak = torch.cuda.max_memory_allocated(dev) - before if cuda else live.peak
             stats = CP_STATS.snapshot()
-            steps, attn, rows, window = [], [], None, None
+            steps, attn, cpu, rows, window = [], [], [], None, None
             if case.timed:
                 with Timeline(dev, enabled=world > 1) as tl:
                     for i in range(repeats + 1):  # the first: warm-up
                         if world > 1:
                             dist.barrier()
                         timer.seconds = 0.0
-                        t0 = time.perf_counter()
+                        t0, c0 = time.perf_counter(), time.thread_time()
                         tl.begin_step(i)
                         step()
                         if cuda:
@@ -226,11 +228,13 @@ def run_cases(rank: int, world: int, model: dict, batch: int, cases: list[Case],
                             dist.barrier()  # the step is over when the slowest rank is
                         if i:
                             steps.append(time.perf_counter() - t0)
+                            cpu.append(time.thread_time() - c0)
                             attn.append(timer.seconds)
                     rows = tl.flush()
                     window = [w[-1:] for w in tl.last_window] if rows else None
         out.append({**asdict(case), "rank": rank, "saved_peak": saved.peak, "live_peak": live_peak, "cp_stats": stats,
                     "step_s": statistics.median(steps) if steps else None,
                     "attn_s": statistics.median(attn) if attn else None,
+                    "cpu_s": statistics.median(cpu) if cpu and not cuda else None,
                     "timeline": rows, "window": window})
     return out

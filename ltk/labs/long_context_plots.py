@@ -9,7 +9,7 @@ STYLE = {("none", "-"): ("k", "s"), ("ring", "contiguous"): ("C3", "v"), ("ring"
          ("ulysses", "zigzag"): ("C2", "D")}
 
 
-def _label(impl: str, layout: str, cp: int) -> str:
+def series_label(impl: str, layout: str, cp: int) -> str:
     return "no CP" if impl == "none" else f"{impl} {layout} N={cp}"
 
 
@@ -25,14 +25,16 @@ def plot_growth(rows: list[dict]):
         if key[1] != "contiguous":  # the same shards as zig-zag: the same memory, one line is enough
             mem.plot(Ts, [r["plan_activations"] / MIB for r in pts], dash, color=color, alpha=0.6)
             mem.plot(Ts, [r["saved"] / MIB for r in pts], marker, color=color, mfc="none",
-                     label=_label(*key))
+                     label=series_label(*key))
         timed = [r for r in pts if r["step_s"] is not None]
-        step.plot([r["T"] for r in timed], [r["step_s"] * 1e3 for r in timed], dash, marker=marker, color=color,
-                  label=_label(*key))
+        key_t = "cpu_s" if timed and timed[0]["cpu_s"] is not None else "step_s"
+        step.plot([r["T"] for r in timed], [r[key_t] * 1e3 for r in timed], dash, marker=marker, color=color,
+                  label=series_label(*key))
     mem.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="activations per rank (MiB)",
             title="saved activations: measured (markers), plan (lines)")
+    cpu = any(r["cpu_s"] is not None for r in rows)
     step.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="forward + backward (ms)",
-             title="step time (median, slowest rank)")
+             title="step CPU time, busiest rank (median)" if cpu else "step time (median, slowest rank)")
     for ax in (mem, step):
         ax.legend(fontsize=7)
     fig.tight_layout()
