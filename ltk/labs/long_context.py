@@ -271,5 +271,5 @@ LAB = Lab(
     question="How do per-rank memory and step time grow with T for no CP, ring (contiguous, zig-zag) and Ulysses at "
              "2 and 4 processes, beside the plan?",
     run=run,
-    quick_minutes=2.2,
+    quick_minutes=2.5,
 )
