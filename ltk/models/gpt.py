@@ -149,6 +149,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.context_parallel = None  # set from outside: the sequence split over ranks (ltk/parallel/cp_train.py)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
                 segments: torch.Tensor | None = None) -> torch.Tensor:
@@ -169,6 +170,8 @@ class CausalSelfAttention(nn.Module):
             if segments is not None:
                 mask = (segments[:, None, :, None] == segments[:, None, None, :]).tril()
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p_drop)
+        elif self.context_parallel is not None:  # this rank's shard against the whole sequence (ring / Ulysses)
+            y = self.context_parallel.attention(q, k, v, causal=True, segment_ids=segments, backend=self.backend)
         else:
             y = attention(q, k, v, causal=True, segment_ids=segments, backend=self.backend)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
@@ -221,6 +224,7 @@ class GPT(Pretrained, nn.Module):
         self.lm_head = LMHead(cfg.n_embd, cfg.vocab_size, bias=False, loss=cfg.loss, backend=cfg.backend)
         self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
         self.activation_checkpointing = False
+        self.context_parallel = None  # set from outside: idx is then this rank's sequence shard (cp_train.py)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -265,7 +269,12 @@ class GPT(Pretrained, nn.Module):
             raise ValueError(
                 f"sequence length {start + T} exceeds the model's block_size {self.config.block_size}"
             )
-        if segments is None:
+        cp = self.context_parallel
+        if cp is not None and segments is None and kv_cache is None:
+            # the shard's global positions; padded ones (>= the real length) are clamped into the table:
+            # their rows are masked in attention and ignored by the loss
+            pos = cp.positions(cp.seq_len or T * cp.size, idx.device).clamp(max=self.config.block_size - 1)  # (T,)
+        elif segments is None:
             pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         else:
             check_segments(segments, idx, kv_cache)

@@ -198,6 +198,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        self.context_parallel = None  # set from outside: the sequence split over ranks (ltk/parallel/cp_train.py)
 
     def forward(self, x, cos, sin, kv_cache: KVCache | None = None, layer: int = 0,
                 segments: torch.Tensor | None = None) -> torch.Tensor:
@@ -210,7 +211,10 @@ class Attention(nn.Module):
         q, k = rope_qk(q, k, cos, sin, inplace=resolve_backend(self.backend, q) == "triton", backend=self.backend)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, H_kv, S, D), S = cached + T
-        y = attention(q, k, v, causal=True, segment_ids=segments, backend=self.backend)  # (B, H, T, D)
+        if self.context_parallel is not None:  # this rank's shard against the whole sequence (ring / Ulysses)
+            y = self.context_parallel.attention(q, k, v, causal=True, segment_ids=segments, backend=self.backend)
+        else:
+            y = attention(q, k, v, causal=True, segment_ids=segments, backend=self.backend)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H·D)
         return self.wo(y)
 
@@ -260,6 +264,7 @@ class Llama(Pretrained, nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight  # Press & Wolf 2017
         self.activation_checkpointing = False
+        self.context_parallel = None  # set from outside: idx is then this rank's sequence shard (cp_train.py)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -303,6 +308,9 @@ class Llama(Pretrained, nn.Module):
             check_segments(segments, idx, kv_cache)
             if positions is None:
                 positions = segment_positions(segments)  # (B, T)
+        cp = self.context_parallel
+        if positions is None and cp is not None and kv_cache is None:  # the shard's global positions
+            positions = cp.positions(cp.seq_len or T * cp.size, idx.device)  # (T,)
         if positions is None:
             if start + T > self.config.block_size:
                 raise ValueError(f"positions up to {start + T} exceed the model's block_size "

@@ -1,10 +1,10 @@
 """Processes, groups and counted collectives: the ground every strategy in ltk/parallel/ stands on.
 
-A training job of N processes ("ranks") is laid out on a mesh of pp x dp x tp ranks, tensor
+A training job of N processes ("ranks") is laid out on a mesh of pp x dp x cp x tp ranks, tensor
 parallel innermost so that the chattiest axis stays inside a node (Megatron-LM's layout,
-Narayanan et al. 2021 §3.2):
+Narayanan et al. 2021 §3.2; context parallel next to it):
 
-    rank = (pp_index * dp + dp_index) * tp + tp_index
+    rank = ((pp_index * dp + dp_index) * cp + cp_index) * tp + tp_index
 
 Every collective in ltk/parallel/ goes through a `Comm` (one process group + a counter), so a
 step can be audited: how many all-reduces, how many bytes. Two byte counts are kept:
@@ -28,6 +28,7 @@ error that names the rank.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import socket
@@ -158,7 +159,13 @@ class Comm:
 # -- the mesh ---------------------------------------------------------------------------
 @dataclass
 class Mesh:
-    """pp x dp x tp ranks; `comm(axis)` is this rank's group along one axis.
+    """pp x dp x cp x tp ranks; `comm(axis)` is this rank's group along one axis, or along
+    "dp_cp": the dp and cp axes flattened (the ranks that hold the same parameters when the
+    sequence is split over cp: gradients are reduced and states sharded over them, as
+    torchtitan's dp_shard_cp). Context parallel sits between dp and tp: its ring traffic is
+    the second chattiest after tp's.
+
+        rank = ((pp_index * dp + dp_index) * cp + cp_index) * tp + tp_index
 
     Every rank must build the mesh (dist.new_group is collective: all ranks create every
     group, in the same order, even groups they are not in).
@@ -167,36 +174,45 @@ class Mesh:
     dp: int = 1
     tp: int = 1
     pp: int = 1
+    cp: int = 1
     comms: dict[str, Comm] = field(default_factory=dict)
     coords: dict[str, int] = field(default_factory=dict)
 
+    AXES = ("pp", "dp", "cp", "tp")  # outermost first
+
     @classmethod
-    def build(cls, dp: int = 1, tp: int = 1, pp: int = 1) -> "Mesh":
+    def build(cls, dp: int = 1, tp: int = 1, pp: int = 1, cp: int = 1) -> "Mesh":
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        if dp * tp * pp != world:
-            raise ValueError(f"mesh dp={dp} x tp={tp} x pp={pp} = {dp * tp * pp} ranks, but the world has {world}")
-        mesh = cls(dp=dp, tp=tp, pp=pp)
-        mesh.coords = {"pp": rank // (dp * tp), "dp": rank // tp % dp, "tp": rank % tp}
-        for axis in ("tp", "dp", "pp"):
+        if dp * cp * tp * pp != world:
+            raise ValueError(f"mesh dp={dp} x cp={cp} x tp={tp} x pp={pp} = {dp * cp * tp * pp} ranks, but the "
+                             f"world has {world}")
+        mesh = cls(dp=dp, tp=tp, pp=pp, cp=cp)
+        mesh.coords = {"pp": rank // (dp * cp * tp), "dp": rank // (cp * tp) % dp, "cp": rank // tp % cp,
+                       "tp": rank % tp}
+        for axis in ("tp", "dp", "pp") + (("cp", "dp_cp") if cp > 1 else ()):
             for ranks in mesh.groups_along(axis):
                 group = dist.new_group(ranks) if world > 1 else None
                 if rank in ranks:
                     mesh.comms[axis] = Comm(group)
+        if cp == 1:  # whole sequences: dp x cp is dp (and there is no cp group)
+            mesh.comms["dp_cp"] = mesh.comms["dp"]
         return mesh
 
-    def rank_of(self, pp: int, dp: int, tp: int) -> int:
-        return (pp * self.dp + dp) * self.tp + tp
+    def rank_of(self, pp: int, dp: int, tp: int, cp: int = 0) -> int:
+        return ((pp * self.dp + dp) * self.cp + cp) * self.tp + tp
 
     def groups_along(self, axis: str) -> list[list[int]]:
-        """Every group of ranks that differ only in `axis`, in a fixed order."""
-        sizes = {"pp": self.pp, "dp": self.dp, "tp": self.tp}
-        others = [a for a in ("pp", "dp", "tp") if a != axis]
+        """Every group of ranks that differ only in `axis` ("dp_cp": in dp and cp, dp major), in
+        a fixed order."""
+        sizes = {"pp": self.pp, "dp": self.dp, "cp": self.cp, "tp": self.tp}
+        varying = ("dp", "cp") if axis == "dp_cp" else (axis,)
+        others = [a for a in self.AXES if a not in varying]
         out = []
-        for i in range(sizes[others[0]]):
-            for j in range(sizes[others[1]]):
-                c = {others[0]: i, others[1]: j}
-                out.append([self.rank_of(**{**c, axis: k}) for k in range(sizes[axis])])
+        for fixed in itertools.product(*(range(sizes[a]) for a in others)):
+            c = dict(zip(others, fixed))
+            out.append([self.rank_of(**c, **dict(zip(varying, v)))
+                        for v in itertools.product(*(range(sizes[a]) for a in varying))])
         return out
 
     def comm(self, axis: str) -> Comm:

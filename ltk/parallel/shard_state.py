@@ -248,7 +248,8 @@ def _held_boxes(run) -> list[Box]:
         return dtensor_boxes(model, run.mesh.coords)
     if isinstance(engine, ShardedEngine):  # ZeRO-1/2/3: FlatShards
         return _flat_boxes(engine, place, tp_rank)
-    write_dp = getattr(run, "dp_rank", 0) == 0  # replicas: data-parallel rank 0 writes
+    # replicas: data-parallel rank 0 writes (of its context-parallel ranks, which hold the same, the first)
+    write_dp = getattr(run, "dp_rank", 0) == 0 and getattr(run, "cp_rank", 0) == 0
     return [b for n, p in model.named_parameters()
             for b in _param_boxes(n, p, masters.get(id(p), p), place, tp_rank, write_dp)]
 

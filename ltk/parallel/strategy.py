@@ -8,6 +8,8 @@ stays the same loop whatever the strategy (ltk/training/trainer.py calls this, n
                  DTensor TP when tp > 1), torch-tp (DTensor TP over every rank)
     tp           tensor-parallel degree (ltk/parallel/tp_plan.py: GPT and Llama; under the
                  DTensor engines ltk/parallel/torch_tp.py)
+    cp           context-parallel degree: each sequence split over cp ranks (ltk/parallel/cp_train.py);
+                 the engine then reduces gradients and shards states over the dp x cp ranks
 
 The global batch is the same whatever the world size: every rank reads the same global
 micro-batch and trains on its data-parallel block of rows (ltk/parallel/reference.py `dp_shard`),
@@ -209,23 +211,26 @@ class ParallelRun:
     def __init__(self, model, param_groups_fn: Callable, optimizer_factory: Callable, *, strategy: str = "auto",
                  tp: int = 1, pp: int = 1, sequence_parallel: bool = False, device: torch.device | None = None,
                  compute_dtype: str = "fp32", bucket_mb: float = 25.0, reduce_dtype: str | None = None,
-                 reshard_after_forward: bool = True, batch_size: int | None = None, grad_clip: float = math.inf):
+                 reshard_after_forward: bool = True, batch_size: int | None = None, grad_clip: float = math.inf,
+                 cp: int = 1, cp_impl: str = "ring", cp_layout: str = "zigzag"):
         world = dist.get_world_size() if dist.is_initialized() else 1
         # the parameters a checkpoint holds: None = every one; with an adapter the trainable ones
         # (ltk/training/adapters.py), the frozen base referenced, not copied
         self.checkpoint_names: set[str] | None = None
         if pp != 1:
             raise ValueError("pipeline parallelism runs through ltk/parallel/pipeline.py's trainer, not ParallelRun")
-        if world % tp:
-            raise ValueError(f"--parallel.tp {tp} does not divide the world size {world}")
-        self.mesh = Mesh.build(dp=world // tp, tp=tp, pp=1)
-        self.dp_size, self.dp_rank = self.mesh.dp, self.mesh.coords["dp"]
+        if world % (tp * cp):
+            raise ValueError(f"--parallel.tp {tp} x --parallel.cp {cp} does not divide the world size {world}")
+        self.mesh = Mesh.build(dp=world // (tp * cp), tp=tp, pp=1, cp=cp)
+        self.dp_size, self.dp_rank = self.mesh.dp, self.mesh.coords["dp"]  # the data split: rows
+        self.cp_rank = self.mesh.coords["cp"]
+        grads = self.mesh.comm("dp_cp")  # the ranks that hold the same parameters (dp x cp)
         self.tp = tp
         if strategy == "auto":  # PyTorch's DDP alone; ours with tensor parallelism (it needs our forward)
-            strategy = "none" if self.dp_size == 1 else "ddp" if tp > 1 else "torch-ddp"
-        if strategy == "none" and self.dp_size > 1:
-            raise ValueError(f"strategy 'none' with {self.dp_size} data-parallel ranks would never average their "
-                             "gradients: name an engine (ddp, zero1, ...) or leave it on auto")
+            strategy = "none" if grads.size == 1 else "ddp" if tp > 1 else "torch-ddp"
+        if strategy == "none" and grads.size > 1:
+            raise ValueError(f"strategy 'none' with {grads.size} data-parallel (dp x cp) ranks would never average "
+                             "their gradients: name an engine (ddp, zero1, ...) or leave it on auto")
         if tp > 1 and strategy == "torch-ddp":
             raise ValueError("torch-ddp does not combine with --parallel.tp here: use ddp, naive-ddp, zero1 or zero2")
         self.strategy = strategy
@@ -238,21 +243,34 @@ class ParallelRun:
                 raise ValueError(f"{strategy} with sequence parallelism needs tensor parallelism (tp > 1): "
                                  "it splits the tensor-parallel group's work over the sequence")
             self.engine = build_torch_engine(model, param_groups_fn, optimizer_factory, strategy=strategy,
-                                             dp=self.dp_size, tp=tp, device=device or torch.device("cpu"),
+                                             dp=grads.size, tp=tp, device=device or torch.device("cpu"),
                                              compute_dtype=compute_dtype, reduce_dtype=reduce_dtype,
                                              reshard_after_forward=reshard_after_forward,
                                              sequence_parallel=sequence_parallel)
             self.model = model
+            self.cp = self._context_parallel(cp, cp_impl, cp_layout)
             return
         if tp > 1:
             from ltk.parallel.tp_plan import apply_tensor_parallel
 
             model = apply_tensor_parallel(model, self.mesh.comm("tp"), sequence_parallel=sequence_parallel)
         self.model = model
-        self.engine = build_engine(strategy, model, param_groups_fn(model), optimizer_factory, self.mesh.comm("dp"),
+        self.engine = build_engine(strategy, model, param_groups_fn(model), optimizer_factory, grads,
                                    device or torch.device("cpu"), compute_dtype, bucket_mb, reduce_dtype,
                                    micro_batch=max(1, (batch_size or self.dp_size) // self.dp_size),
                                    grad_clip=grad_clip)
+        self.cp = self._context_parallel(cp, cp_impl, cp_layout)
+
+    def _context_parallel(self, cp: int, impl: str, layout: str):
+        """The CP setting the model's attention reads (ltk/parallel/cp_train.py), None at cp 1."""
+        if cp == 1:
+            return None
+        from ltk.parallel.context_parallel import ContextParallel
+        from ltk.parallel.cp_train import attach
+
+        setting = ContextParallel(self.mesh.comm("cp"), method=impl, layout=layout)
+        attach(_unwrapped(self.model), setting)
+        return setting
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -266,6 +284,14 @@ class ParallelRun:
         """The objective's loss through the engine; under tensor parallelism the vocab-parallel
         cross-entropy of ltk/parallel/tp_plan.py (the full logits are never gathered). `extra`: the
         batch's further tensors, this rank's rows (packed instruction rows: their segment ids)."""
+        if self.cp is not None:  # this rank's sequence shard, the loss scaled for dp x cp (cp_train.py)
+            from ltk.parallel.cp_train import cp_loss, tp_mean_loss
+
+            if objective.name != "causal-lm" or extra:
+                raise ValueError(f"context parallelism trains the causal LM objective on unpacked rows, not "
+                                 f"{objective.name}{' with segment ids' if extra else ''}")
+            mean = tp_mean_loss(self.model) if self.tp > 1 else lambda xs, ys: objective.loss(self.engine, xs, ys, gen)
+            return cp_loss(self.cp, mean, x, y)
         if self.tp > 1:
             from ltk.parallel.tp_plan import tp_loss
 
@@ -292,7 +318,7 @@ class ParallelRun:
                 w = lay.flatten([torch.full(p.shape, weight[n]) for n, p in zip(lay.names, lay.params)], torch.float32)
                 grads.append(buf.grad32)
                 weights.append(w[lay.lo:lay.hi])
-            reduce = [self.mesh.comm("dp"), self.mesh.comm("tp")]  # shards over dp, splits over tp
+            reduce = [self.mesh.comm("dp_cp"), self.mesh.comm("tp")]  # shards over dp x cp, splits over tp
         else:  # every rank holds its averaged per-parameter gradients
             if hasattr(self.engine, "_grads_ready"):
                 self.engine._grads_ready()
@@ -364,6 +390,12 @@ class ParallelRun:
         dp = self.mesh.comm("dp")
         if hasattr(self.engine, "wait_params"):  # the forward's pre-hooks wait too; generation reads weights outside it
             self.engine.wait_params()
+        if self.cp is not None:  # the cp ranks of a replica score shards of the same batches: add over both
+            from ltk.parallel.cp_train import eval_sums
+
+            return EvalShare(model=_unwrapped(self.model), rank=self.dp_rank, size=self.dp_size,
+                             lockstep=not self._whole_locally(), all_reduce=sum_over(dp, self.mesh.comm("cp")),
+                             eval_sums=eval_sums(self.cp, self.tp > 1))
         return EvalShare(model=_unwrapped(self.model), rank=self.dp_rank, size=self.dp_size,
                          lockstep=not self._whole_locally(), all_reduce=sum_over(dp),
                          eval_sums=tp_eval_sums(objective) if self.tp > 1 else None)

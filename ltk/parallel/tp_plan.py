@@ -86,6 +86,8 @@ class _TPGPTAttention(CausalSelfAttention):
             if resolve_backend(self.backend, x) == "triton":
                 raise ValueError("the triton attention kernel has no attention dropout")
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p_drop)
+        elif self.context_parallel is not None:  # the local heads over the CP group (ltk/parallel/cp_train.py)
+            y = self.context_parallel.attention(q, k, v, causal=True, backend=self.backend)
         else:
             y = attention(q, k, v, causal=True, backend=self.backend)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, c)  # (B, T, C/n)
@@ -105,7 +107,10 @@ class _TPLlamaAttention(Attention):
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, k, cos, sin, inplace=resolve_backend(self.backend, q) == "triton", backend=self.backend)
-        y = attention(q, k, v, causal=True, backend=self.backend)  # (B, H/n, T, D)
+        if self.context_parallel is not None:  # the local heads over the CP group (ltk/parallel/cp_train.py)
+            y = self.context_parallel.attention(q, k, v, causal=True, backend=self.backend)
+        else:
+            y = attention(q, k, v, causal=True, backend=self.backend)  # (B, H/n, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H·D/n)
         return self.wo(y)
 

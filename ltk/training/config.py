@@ -91,8 +91,8 @@ class TrainerConfig:
 
 @dataclass
 class ParallelConfig:
-    """How a multi-process run splits the work (ltk/parallel/). The ranks form a pp x dp x tp mesh
-    (dp = world / (tp · pp)); trainer.batch_size x grad_accum is the *global* batch, the same
+    """How a multi-process run splits the work (ltk/parallel/). The ranks form a pp x dp x cp x tp
+    mesh (dp = world / (tp · cp · pp)); trainer.batch_size x grad_accum is the *global* batch, the same
     whatever the world size, so runs at different sizes are comparable step by step."""
 
     # data-parallel engine: auto | ddp | naive-ddp | zero1 | zero2 | zero3 | torch-ddp, or PyTorch's DTensor
@@ -107,6 +107,9 @@ class ParallelConfig:
     bucket_mb: float = 25.0  # DDP gradient bucket size
     reduce_dtype: str = "auto"  # gradient reduction: auto (the gradients' dtype) | fp32 | bf16
     reshard_after_forward: bool = True  # fsdp2: free gathered blocks after forward (ZeRO-3) or keep them (ZeRO-2)
+    cp: int = 1  # context-parallel degree: ranks each sequence is split over (ltk/parallel/cp_train.py; GPT, Llama)
+    cp_impl: str = "ring"  # context-parallel attention: ring (K/V go around) | ulysses (all-to-all; heads % cp·tp)
+    cp_layout: str = "zigzag"  # sequence split: zigzag (balanced causal work) | contiguous
 
 
 @dataclass

@@ -9,7 +9,8 @@ value that still makes a meaningful run only warns.
     fields      every number in its range, every name one of its choices
     model       the family's own validate() (n_head divides n_embd, ...)
     layout      the parallel layout fits the world: a strategy other than auto needs several
-                processes; world = dp x tp x pp; the batch splits over dp
+                processes; world = dp x cp x tp x pp; the batch splits over dp
+    cp          context parallelism: what it runs with (ltk/training/config_check_cp.py)
     size        the model's training state fits the free memory (ltk/models/sizing.py)
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 from ltk.models import get_family
 from ltk.models.sizing import TRAIN_BYTES, WEIGHT_BYTES, check_fits
 from ltk.training.config import ConfigError, RunConfig, did_you_mean
+from ltk.training.config_check_cp import check_cp
 
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -260,6 +262,7 @@ def _check_engines(cfg: RunConfig) -> None:
     """What each engine of ltk/parallel/ can run (the same at any world size)."""
     p, t = cfg.parallel, cfg.trainer
     _check_unused(cfg)
+    check_cp(cfg)
     if getattr(cfg.model, "loss", "auto") == "fused" and (p.tp > 1 or p.pp > 1):
         why = ("tensor parallelism replaces with the vocab-parallel loss over its vocabulary slice" if p.tp > 1
                else "the pipeline's last stage does not call: it builds its micro-batch's logits")
@@ -386,28 +389,31 @@ def _dtype(cfg: RunConfig) -> str:
 
 def _check_layout(cfg: RunConfig, world: int) -> None:
     p, t = cfg.parallel, cfg.trainer
-    split = p.tp * p.pp
+    split = p.tp * p.pp * p.cp
     if world == 1 and (p.strategy not in ("auto", "none") or split > 1):
         what = " ".join(f for f in (f"--parallel.strategy {p.strategy}" if p.strategy not in ("auto", "none") else "",
                                     f"--parallel.tp {p.tp}" if p.tp > 1 else "",
+                                    f"--parallel.cp {p.cp}" if p.cp > 1 else "",
                                     f"--parallel.pp {p.pp}" if p.pp > 1 else "") if f)
         raise ConfigError(f"{what} needs several processes but this run has one: add --nproc N (or start it with "
                           f"torchrun), or train in one process with --parallel.strategy auto --parallel.tp 1 "
                           f"--parallel.pp 1")
     if world % split:
-        raise ConfigError(f"--parallel.tp {p.tp} x --parallel.pp {p.pp} = {split} does not divide the {world} "
+        raise ConfigError(f"--parallel.tp {p.tp} x --parallel.pp {p.pp}"
+                          f"{f' x --parallel.cp {p.cp}' if p.cp > 1 else ''} = {split} does not divide the {world} "
                           f"processes (--nproc)")
     dp = world // split
     if p.strategy == "torch-tp" and dp > 1:
         raise ConfigError(f"--parallel torch-tp runs tensor parallelism over every rank, but --parallel.tp {p.tp} "
                           f"leaves {dp} data-parallel ranks: use --parallel fsdp2 --parallel.tp {p.tp} (FSDP2 over "
                           f"dp x DTensor TP), or --parallel.tp {world}")
-    if p.reduce_dtype == "fp32" and _dtype(cfg) == "bf16" and p.strategy == "auto" and split == 1 and dp > 1:
+    replicas = dp * p.cp  # the ranks that average gradients
+    if p.reduce_dtype == "fp32" and _dtype(cfg) == "bf16" and p.strategy == "auto" and p.tp * p.pp == 1 < replicas:
         raise ConfigError("--parallel.reduce_dtype fp32: --parallel.strategy auto runs PyTorch's DDP here, which "
                           "reduces gradients in their own dtype; name --parallel.strategy ddp (ours) or a ZeRO engine")
-    if p.strategy == "none" and dp > 1:
-        raise ConfigError(f"--parallel.strategy none with {dp} data-parallel ranks would never average their "
-                          "gradients: name an engine (ddp, zero1, ...) or leave it on auto")
+    if p.strategy == "none" and replicas > 1:
+        raise ConfigError(f"--parallel.strategy none with {replicas} data-parallel (dp x cp) ranks would never average "
+                          "their gradients: name an engine (ddp, zero1, ...) or leave it on auto")
     if t.batch_size % dp:
         raise ConfigError(f"--trainer.batch_size {t.batch_size} (the global micro-batch) does not split over "
                           f"{dp} data-parallel ranks: use a multiple of {dp}")

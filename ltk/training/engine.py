@@ -77,7 +77,8 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -
                           compute_dtype=dtype, bucket_mb=p.bucket_mb,
                           reduce_dtype=None if p.reduce_dtype == "auto" else p.reduce_dtype,
                           reshard_after_forward=p.reshard_after_forward, batch_size=t.batch_size,
-                          grad_clip=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+                          grad_clip=cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf,
+                          cp=p.cp, cp_impl=p.cp_impl, cp_layout=p.cp_layout)
     if t.batch_size % run.dp_size:
         raise ValueError(f"trainer.batch_size {t.batch_size} (the global micro-batch) does not split over "
                          f"{run.dp_size} data-parallel ranks")

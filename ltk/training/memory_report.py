@@ -32,13 +32,13 @@ def plan_for_run(cfg: RunConfig, world: int, dtype: str, seq_len: int) -> dict[s
     from ltk.parallel.plan import plan
 
     p, t = cfg.parallel, cfg.trainer
-    dp = world // (p.tp * p.pp)
+    dp = world // (p.tp * p.pp * p.cp)
     strategy = p.strategy if p.strategy != "auto" else ("ddp" if dp > 1 else "none")
     batch = t.batch_size * t.grad_accum if p.pp > 1 else t.batch_size
     return plan(cfg.family, cfg.model, world=world, strategy=strategy, tp=p.tp, pp=p.pp, batch=batch,
                 seq_len=seq_len, micro_batches=t.grad_accum, dtype=dtype, schedule=p.schedule,
                 virtual=p.virtual_stages, sequence_parallel=p.sequence_parallel,
-                recompute=t.activation_checkpointing)
+                recompute=t.activation_checkpointing, cp=p.cp, cp_impl=p.cp_impl)
 
 
 def compare(rank: dict[str, Any], plan_total: int | None, full: int) -> dict[str, Any]:

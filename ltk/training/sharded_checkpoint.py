@@ -88,7 +88,8 @@ def _index(metas: list[dict], world: int, layout: dict) -> dict:
 
 def _layout(run) -> dict:
     mesh = run.mesh
-    return {"strategy": getattr(run, "strategy", "pipeline"), "dp": mesh.dp, "tp": mesh.tp, "pp": mesh.pp}
+    return {"strategy": getattr(run, "strategy", "pipeline"), "dp": mesh.dp, "tp": mesh.tp, "pp": mesh.pp,
+            "cp": mesh.cp}
 
 
 def save_sharded(run, run_dir: str | Path, step: int, trainer_state: dict[str, Any], state: dict[str, Any], *,
