@@ -267,6 +267,7 @@ HEADLINES: dict[str, tuple] = {  # what -> its rules; a what not here gets "see 
     "finetune-lab": (Listing("exact match before → after", "method"),
                      Listing("weights MiB (measured / model)", "method")),
     "attention-lab": (Listing("peak MiB", "method", at_last="T"), Listing("memory slope", "method")),
+    "long-context-lab": (Range("activations measured / plan"), Agree(("MiB sent per step (measured / plan)",))),
     "gpu-check": (Count("result", "PASS", "kernel checks"), Compare("ours", "sdpa", op="attention"),
                   Compare("ours", "flash-attn", op="attention"), Compare("ours", "torch", op="layernorm"),
                   Compare("ours", "torch", op="rmsnorm"), Compare("ours", "bitsandbytes", op="nf4-matmul"),

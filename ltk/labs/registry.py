@@ -31,6 +31,7 @@ _LAB_MODULES = {
     "parallelism": "ltk.labs.parallelism",
     "finetune": "ltk.labs.finetune",
     "scaling": "ltk.labs.scaling",
+    "long-context": "ltk.labs.long_context",
 }
 
 

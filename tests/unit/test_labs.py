@@ -206,3 +206,28 @@ def test_scaling_lab_splits_time_and_reports_the_simulator_error(tmp_path, monke
     report = (tmp_path / "lab" / "report.md").read_text()
     assert "measured / simulated" in report and "Step time error over 5 runs" in report
     assert (tmp_path / "lab" / "scaling.png").stat().st_size > 1000
+
+
+def test_long_context_lab_measures_what_the_cp_cost_model_plans(tmp_path, monkeypatch):
+    from ltk.labs import long_context
+
+    monkeypatch.setattr(long_context, "lab_settings", lambda quick: dict(
+        model=dict(family="gpt", n_layer=1, n_head=2, n_embd=32, block_size=256), batch=1, worlds=(1, 2),
+        seq_lens=(64,), memory_seq_lens=(90,), repeats=1, device="cpu"))
+    run_lab("long-context", tmp_path / "lab", quick=True)
+    rows = json.loads((tmp_path / "lab" / "results.json").read_text())["rows"]
+    assert {(r["impl"], r["layout"], r["cp"], r["T"]) for r in rows} == {
+        (i, lay, n, T) for i, lay, n in (("none", "-", 1), ("ring", "contiguous", 2), ("ring", "zigzag", 2),
+                                         ("ulysses", "zigzag", 2)) for T in (64, 90)}
+    md = (tmp_path / "lab" / "report.md").read_text()
+    assert md.count("\n| ring |") + md.count("\n| ulysses |") + md.count("\n| none |") == 8
+    for r in rows:
+        assert abs(r["ratio"] - 1) <= 0.10, r  # saved activations per rank within 10% of the plan
+        assert r["sent"] == r["plan_sent"], r  # bytes sent per step: exactly the plan (0 without CP)
+        assert (r["step_s"] is not None) == (r["T"] == 64)
+    by = {(r["impl"], r["layout"], r["T"]): r for r in rows}
+    assert by[("ring", "zigzag", 90)]["padded"] == 92 and by[("ring", "zigzag", 64)]["padded"] == 64
+    assert by[("ring", "zigzag", 90)]["saved"] < 0.6 * by[("none", "-", 90)]["saved"]  # split over 2 ranks
+    assert by[("ring", "contiguous", 64)]["tiles"] == [3, 7] == by[("ring", "contiguous", 64)]["plan_tiles"]
+    assert by[("ring", "zigzag", 64)]["tiles"] == [5, 5] == by[("ring", "zigzag", 64)]["plan_tiles"]
+    assert by[("ring", "zigzag", 64)]["sent"] > by[("ulysses", "zigzag", 64)]["sent"] > 0
