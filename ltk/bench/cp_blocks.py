@@ -118,26 +118,25 @@ def _patched(obj, name: str, value):
 
 
 @contextmanager
-def _timed_kernels(model_module, case: Case, cp, timer: AttentionTimer, backend: str):
-    """The model's attention call -> the case's attention, its kernels timed."""
-    from ltk.kernels.attention import attention
+def _timed_kernels(model_module, blocks, case: Case, cp, timer: AttentionTimer):
+    """The blocks attend as the training loop makes them (cp_train.attach: their attention
+    modules call ring or Ulysses attention); the attention kernels are wrapped by the timer
+    for the duration of the case (the only patching: to time, not to route)."""
     from ltk.parallel import ring_attention, ulysses
+    from ltk.parallel.cp_train import attach
 
     if case.impl == "none":
-        fn = timer.wrap_autograd(attention)
-        with _patched(model_module, "attention", lambda q, k, v, causal=True, segment_ids=None, backend=backend:
-                      fn(q, k, v, causal=causal, segment_ids=segment_ids, backend=backend)):
+        with _patched(model_module, "attention", timer.wrap_autograd(model_module.attention)):
             yield
         return
-
-    def cp_attention(q, k, v, causal=True, segment_ids=None, backend=backend):
-        return cp.attention(q, k, v, causal=causal, segment_ids=segment_ids, backend=backend)
-
-    with _patched(model_module, "attention", cp_attention), \
-            _patched(ring_attention, "block_forward", timer.wrap(ring_attention.block_forward)), \
-            _patched(ring_attention, "block_backward", timer.wrap(ring_attention.block_backward)), \
-            _patched(ulysses, "attention", timer.wrap_autograd(ulysses.attention)):
-        yield
+    attach(blocks, cp)
+    try:
+        with _patched(ring_attention, "block_forward", timer.wrap(ring_attention.block_forward)), \
+                _patched(ring_attention, "block_backward", timer.wrap(ring_attention.block_backward)), \
+                _patched(ulysses, "attention", timer.wrap_autograd(ulysses.attention)):
+            yield
+    finally:
+        attach(blocks, None)
 
 
 def build_blocks(model: dict, device):
@@ -201,7 +200,7 @@ def run_cases(rank: int, world: int, model: dict, batch: int, cases: list[Case],
             blocks.zero_grad(set_to_none=True)
             forward(x, pos).backward(dy)
 
-        with _timed_kernels(mod, case, cp, timer, backend):
+        with _timed_kernels(mod, blocks, case, cp, timer):
             CP_STATS.reset()
             if cuda:
                 torch.cuda.synchronize(dev)
