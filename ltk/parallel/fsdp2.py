@@ -144,8 +144,8 @@ def materialize_local(model: nn.Module, tags: dict[str, tuple], device: torch.de
         return
     saved = [(mod, k, b) for mod in model.modules() for k, b in mod._buffers.items() if b is not None]
     model.to_empty(device=device)  # buffers too: put the real ones (RoPE tables, ...) back
-    for mod, k, b in saved:  # a meta buffer (QLoRA's fp32 NF4 statistics, replicated) made from its tag
-        mod._buffers[k] = materialized(b, device) if b.is_meta else b
+    for mod, k, b in saved:
+        mod._buffers[k] = b
     for name, p in model.named_parameters():
         if name not in tags:
             raise ValueError(f"{name} was on the meta device without an init tag (build with build_on_meta)")
@@ -156,6 +156,9 @@ def materialize_local(model: nn.Module, tags: dict[str, tuple], device: torch.de
         block = full[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
         local(p).copy_(block)
         del full, block  # one parameter's full value at a time
+    for mod, k, b in saved:  # a meta buffer (QLoRA's fp32 NF4 statistics, replicated) made from its tag, after
+        if b.is_meta:        # its layer's parameters (the packed codes), which quantize the layer once for both
+            mod._buffers[k] = materialized(b, device)
 
 
 def init_tags(model: nn.Module) -> dict[str, tuple]:

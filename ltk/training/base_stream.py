@@ -59,6 +59,7 @@ class BaseReader:
 
     def __init__(self, base: Base):
         self.base, self.ledger = base, Ledger()
+        self.caches: list = []  # what keeps values for the tags (instruct_setup): cleared on close
         self._whole: dict[str, torch.Tensor] | None = None
         if not base.hf:
             from ltk.training.sharded_checkpoint import open_reader
@@ -103,6 +104,9 @@ class BaseReader:
         return t if self._whole is not None else self.ledger.hold(t)
 
     def close(self) -> None:
+        """Close the files and drop every value kept for loading (the tags on the parameters remain)."""
+        for c in self.caches:
+            c.clear()
         if self._ckpt is not None:
             self._ckpt.__exit__(None, None, None)
         self._open, self._whole = {}, None

@@ -82,7 +82,7 @@ def adapted_on_meta(model: nn.Module, cfg, reader: BaseReader, device: torch.dev
         m = lora[name]
         a = torch.empty(m.lora_A.shape, dtype=m.lora_A.dtype, device=device)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # LoRALinear's draw
-        m.lora_A._ltk_init = (_Value(a), name + ".lora_A")
+        m.lora_A._ltk_init = (_Value(a, reader), name + ".lora_A")
         m.lora_B._ltk_init = (_Zeros(m.lora_B), name + ".lora_B")
     return model
 
@@ -148,6 +148,8 @@ class _NF4Fill(_Source):
         self.reader, self.device, self.dtypes = reader, device, dtypes
         self.last: tuple[str, nn.Module] | None = None
         self.settings: dict[str, nn.Module] = {}  # src -> its meta NF4 layer (blocksize, compute dtype, backend)
+        self.stats: dict[str, dict[str, torch.Tensor]] = {}  # src -> its fp32 statistics (4 bytes / 16,384 weights)
+        reader.caches.append(self)
 
     def layer(self, src: str) -> nn.Module:
         from ltk.models.qlora import NF4LinearDQ, _nf4
@@ -163,19 +165,32 @@ class _NF4Fill(_Source):
             for t in list(m.buffers()) + list(m.parameters()):
                 self.reader.ledger.hold(t)
             self.last = (src, m)
+            if isinstance(m, NF4LinearDQ):  # fsdp2 asks for these replicated fp32 statistics in a later pass
+                self.stats[src] = {k: b.cpu() for k, b in m.named_buffers() if b.is_floating_point()}
         return self.last[1]
 
     def value(self, key: str) -> torch.Tensor:
         src, _, attr = key.rpartition(":")
+        if attr in self.stats.get(src, {}):
+            return self.stats[src][attr]
         return getattr(self.layer(src), attr).detach().cpu()
+
+    def clear(self) -> None:
+        self.last, self.stats = None, {}
 
 
 class _Value(_Source):
-    def __init__(self, value: torch.Tensor):
+    def __init__(self, value: torch.Tensor, reader: BaseReader):
         self.v = value
+        reader.caches.append(self)
 
     def value(self, name: str) -> torch.Tensor:
+        if self.v is None:
+            raise RuntimeError(f"{name}: its initial value was dropped once the base was loaded")
         return self.v
+
+    def clear(self) -> None:
+        self.v = None
 
 
 class _Zeros(_Source):

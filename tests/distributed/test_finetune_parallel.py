@@ -96,7 +96,8 @@ def _probe(base, data, out, method, parallel):
                     for b in m.buffers(recurse=False))
     STATS.reset()
     trainer.train_step()
-    return {"held": held, "load": trainer.base_load, "adapters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    return {"held": held, "load": trainer.base_load,
+            "adapters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "frozen_grads": [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None],
             "moments": sum(local(v).numel() for st in par.optimizer.state.values() for v in st.values()
                            if torch.is_tensor(v) and v.dim() > 0),
