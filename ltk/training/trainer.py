@@ -170,8 +170,9 @@ class Trainer:
         self.token_bytes = torch.as_tensor(self.data.tokenizer.token_byte_lengths(), dtype=torch.long)
 
     def _setup_instruct(self) -> None:
-        """Instruction tuning: the base's weights and tokenizer, its score before training (a fresh
-        start), then the adapter; the examples and their loader (ltk/training/instruct_run.py)."""
+        """Instruction tuning: the base with its adapter (ltk/training/instruct_setup.py: whole, or on
+        meta, loaded shard by shard as the engine is built), its tokenizer; the examples and their
+        loader (ltk/training/instruct_run.py)."""
         from ltk.training.tokenizer import Tokenizer
 
         cfg = self.cfg

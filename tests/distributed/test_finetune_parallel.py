@@ -174,8 +174,8 @@ def test_frozen_base_sharded_and_only_adapter_gradients_reduced(reference, paral
 def test_set_up_reads_the_base_a_tensor_at_a_time(tiny_base, reference, parallel_runs, name):
     """zero3 / fsdp2: the base is built on meta and each rank reads its tensors one at a time
     (ltk/training/instruct_setup.py), so set-up holds its shard + one tensor (+ QLoRA: one layer's
-    NF4 codes), never the whole base as a one-process set-up does (tiny base: 152,576 bytes,
-    its largest tensor the 38,400-byte embedding)."""
+    NF4 storage and every layer's fp32 statistics, 8 bytes a layer here), never the whole base as a
+    one-process set-up does (tiny base: 152,576 bytes, its largest tensor the 38,400-byte embedding)."""
     from ltk.kernels.nf4 import NF4Linear
     from ltk.training.checkpoint import full_model_state
 
@@ -191,8 +191,11 @@ def test_set_up_reads_the_base_a_tensor_at_a_time(tiny_base, reference, parallel
 
         model = apply_adapter(load_base(tiny_base, torch.device("cpu"))[0], "gpt",
                               run_config(_cfg(tiny_base, "builtin", "x", method)).adapter)
+        layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
         codes = max(sum(t.numel() * t.element_size() for t in list(m.buffers()) + list(m.parameters()))
-                    for m in model.modules() if isinstance(m, NF4Linear))
+                    for m in layers)
+        # + every layer's fp32 statistics, kept until loading ends (fsdp2 asks for them after the codes)
+        codes += sum(b.numel() * b.element_size() for m in layers for b in m.buffers() if b.is_floating_point())
     for s in (r[name] for r in stats):
         load = s["load"]
         assert load["whole_bytes"] == reference[method][1] and load["shard_bytes"] == s["held"]
