@@ -95,11 +95,24 @@ def materialized(p: torch.Tensor, device: torch.device | str = "cpu") -> torch.T
     if tag is None:
         raise ValueError(f"a meta parameter of shape {tuple(p.shape)} has no init tag: build the model "
                          "with ltk.models.init.build_on_meta")
+    return initial_value(tag, p.shape, p.dtype).to(device)
+
+
+def initial_value(tag: tuple, shape, dtype: torch.dtype) -> torch.Tensor:
+    """The full value a tag (init, name) makes: init(name, t) fills a fresh CPU tensor t, as a model
+    built whole is initialized; an init with a `value(name)` method (a tensor read from a file,
+    ltk/training/instruct_setup.py) gives that tensor itself, so it is not copied once more."""
     init, name = tag
-    t = torch.empty(p.shape, dtype=p.dtype)  # on the CPU, as a model built whole is initialized
+    if hasattr(init, "value"):
+        v = init.value(name)
+        if tuple(v.shape) != tuple(shape) or v.dtype != dtype:
+            raise ValueError(f"{name}: the source gives {v.dtype} {tuple(v.shape)}, the model has {dtype} "
+                             f"{tuple(shape)}")
+        return v
+    t = torch.empty(shape, dtype=dtype)
     with torch.no_grad():
         init(name, t)
-    return t.to(device)
+    return t
 
 
 def make_real(p: nn.Parameter, value: torch.Tensor) -> None:

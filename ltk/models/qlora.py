@@ -92,7 +92,12 @@ class NF4LinearDQ(NF4Linear):
 
 
 def _nf4(weight, bias, blocksize, compute_dtype, double_quant, backend) -> NF4Linear:
-    if double_quant:
+    if weight.is_meta:  # a model built on the meta device: the storage's shapes only, its codes made later
+        out_f, in_f = weight.shape  # where each rank loads its shard (ltk/training/instruct_setup.py)
+        m = NF4LinearDQ(in_f, out_f, bias is not None, blocksize, compute_dtype, backend, device="meta") \
+            if double_quant else NF4Linear(in_f, out_f, bias is not None, blocksize, compute_dtype, backend,
+                                           device="meta")
+    elif double_quant:
         m = NF4LinearDQ.from_weight(weight, bias, blocksize, compute_dtype, backend)
     else:  # NF4Linear.from_linear, from a bare weight
         m = NF4Linear(weight.shape[1], weight.shape[0], bias is not None, blocksize, compute_dtype, backend,

@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Replicate
 
+from ltk.models.init import initial_value, materialized
 from ltk.parallel.mixed import as_dtype
 
 ENGINES = ("fsdp2", "torch-tp")
@@ -109,7 +110,11 @@ def storage_as_parameters(model: nn.Module) -> int:
     for mod in model.modules():
         if isinstance(mod, NF4Linear):
             for name in [k for k, b in mod._buffers.items() if b is not None and not b.is_floating_point()]:
-                mod.register_parameter(name, nn.Parameter(mod._buffers.pop(name), requires_grad=False))
+                buf = mod._buffers.pop(name)
+                param = nn.Parameter(buf, requires_grad=False)
+                if hasattr(buf, "_ltk_init"):  # on meta: how its value is made (ltk/training/instruct_setup.py)
+                    param._ltk_init = buf._ltk_init
+                mod.register_parameter(name, param)
                 n += 1
     return n
 
@@ -144,14 +149,16 @@ def materialize_local(model: nn.Module, tags: dict[str, tuple], device: torch.de
     for name, p in model.named_parameters():
         if name not in tags:
             raise ValueError(f"{name} was on the meta device without an init tag (build with build_on_meta)")
-        init, tag_name = tags[name]
-        full = torch.empty(p.shape, dtype=p.dtype)  # on the CPU, as a whole model is initialized
-        init(tag_name, full)
+        full = initial_value(tags[name], p.shape, p.dtype)  # on the CPU, as a whole model is initialized
         if layout is not None:
             full = layout(name, full)
         shape, offset = local_part(p)
         block = full[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
         local(p).copy_(block)
+        del full, block  # one parameter's full value at a time
+    for mod, k, b in saved:  # a meta buffer (QLoRA's fp32 NF4 statistics, replicated) made from its tag, after
+        if b.is_meta:        # its layer's parameters (the packed codes), which quantize the layer once for both
+            mod._buffers[k] = materialized(b, device)
 
 
 def init_tags(model: nn.Module) -> dict[str, tuple]:
@@ -287,11 +294,12 @@ def build_torch_engine(model: nn.Module, param_groups_fn: Callable, optimizer_fa
     from ltk.parallel.torch_tp import apply_torch_tp, to_dtensor_layout
 
     mesh = device_mesh(dp, tp, device)
+    if strategy == "fsdp2":
+        storage_as_parameters(model)  # before the tags are taken: a meta NF4 buffer's tag moves to its parameter
     tags = init_tags(model)
     if tp > 1:
         apply_torch_tp(model, mesh["tp"], sequence_parallel=sequence_parallel)
     if strategy == "fsdp2":
-        storage_as_parameters(model)
         shard_model(model, mesh["dp"], compute_dtype=compute_dtype, reduce_dtype=reduce_dtype or compute_dtype,
                     reshard_after_forward=reshard_after_forward)
     materialize_local(model, tags, device, layout=lambda name, full: to_dtensor_layout(model, name, full))

@@ -56,9 +56,10 @@ from ltk.models.qlora import memory_breakdown
 from ltk.parallel.pipeline_run import PipelineRun
 from ltk.parallel.strategy import ParallelRun
 from ltk.parallel.timeline import Timeline
-from ltk.training.adapters import apply_adapter, checkpoint_names
+from ltk.training.adapters import checkpoint_names
 from ltk.training.base_model import adopt_base, check_reference
-from ltk.training.checkpoint import Checkpoint, CheckpointError, restore_model, save_checkpoint
+from ltk.training.base_stream import BaseReader
+from ltk.training.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from ltk.training.config import RunConfig
 from ltk.training.config_check import check_run
 from ltk.training.data import prepare_data
@@ -68,6 +69,7 @@ from ltk.training.faults import Fault
 from ltk.training.hardware import peak_flops
 from ltk.training.init_from import InitSource, load_initial_weights
 from ltk.training.instruct_run import InstructTask
+from ltk.training.instruct_setup import adapted_on_meta, sharded_loaded, sharded_setup, whole_base
 from ltk.training.loader import TokenLoader
 from ltk.training.loggers import Loggers, check_sinks, open_loggers
 from ltk.training.memory import MemoryProbe
@@ -119,7 +121,7 @@ class Trainer:
         seed_everything(t.seed)
         self.family = get_family(cfg.family)
         m = cfg.model
-        self.task, self.before = None, None
+        self.task, self.before, self.base_reader, self.base_load = None, None, None, None
         if self.base is not None:
             self._setup_instruct()
         else:
@@ -128,6 +130,9 @@ class Trainer:
         self.par = build_engine(self.model, self.cfg, self.rt.device)  # ltk/training/engine.py
         self.optimizer = self.par.optimizer
         self.par.checkpoint_names = checkpoint_names(self.model, cfg.adapter)
+        if self.base_reader is not None:  # the base is in the engine's shards: what loading held, the score before
+            self.base_load, self.before = sharded_loaded(self.base_reader, self.par, self.task, self.objective,
+                                                         self.rt, evaluate=resume is None)
         self.base_ref = self.base.reference() if self.base is not None and cfg.adapter.method != "none" else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.rt.dtype == "fp16")
         self.init_from = None if resume is not None else init_from
@@ -165,8 +170,9 @@ class Trainer:
         self.token_bytes = torch.as_tensor(self.data.tokenizer.token_byte_lengths(), dtype=torch.long)
 
     def _setup_instruct(self) -> None:
-        """Instruction tuning: the base's weights and tokenizer, its score before training (a fresh
-        start), then the adapter; the examples and their loader (ltk/training/instruct_run.py)."""
+        """Instruction tuning: the base with its adapter (ltk/training/instruct_setup.py: whole, or on
+        meta, loaded shard by shard as the engine is built), its tokenizer; the examples and their
+        loader (ltk/training/instruct_run.py)."""
         from ltk.training.tokenizer import Tokenizer
 
         cfg = self.cfg
@@ -174,13 +180,14 @@ class Trainer:
         self.task = InstructTask(cfg, Tokenizer.load(self.base.tok_dir))
         self.objective = Instruct()
         self.seq_len = cfg.task.max_len
-        # whole on every rank at set-up (the score before training and the adapter surgery as on one
-        # process: the same LoRA A, the same NF4 codes); zero3 / fsdp2 then shard the frozen base
-        self.model = self._build_model(shardable=False)
-        restore_model(self.model, self.base.tensors())
-        if self.resume is None:  # a resumed run reads it from its checkpoint
-            self.before = self.task.evaluate(self.model, self.rt.device, self.rt.autocast())
-        self.model = apply_adapter(self.model, cfg.family, cfg.adapter).to(self.rt.device)
+        # zero3 / fsdp2: built on meta, each rank reading its shard of the base as the engine is built;
+        # else whole, scored before training (a resumed run reads that score from its checkpoint)
+        if sharded_setup(cfg, self.rt.world_size):
+            self.base_reader = BaseReader(self.base)
+            self.model = adapted_on_meta(self._build_model(), cfg, self.base_reader, self.rt.device)
+        else:
+            self.model, self.before = whole_base(self._build_model(shardable=False), cfg, self.base, self.task,
+                                                 self.rt.device, self.rt.autocast(), self.resume is None)
         self.model.activation_checkpointing = cfg.trainer.activation_checkpointing
         self.train_loader = self.task.loader
 
@@ -487,6 +494,8 @@ class Trainer:
                 summary["step_ms_median"] = 1e3 * sorted(step_times)[len(step_times) // 2]
             if self.task is not None:
                 summary.update(self.task.summary(self.model, self.before, last, memory.result))
+            if self.base_load is not None:  # rank 0's: what set-up held of the frozen base
+                summary["base_load"] = self.base_load
             if self.init_from is not None:
                 summary["init_from"] = str(self.init_from.path)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -72,13 +72,14 @@ def reference(tiny_base, data, tmp_path_factory):
     return out
 
 
-PROBES = ["lora-ddp", "lora-zero3", "lora-fsdp2", "qlora-zero3"]
+PROBES = ["lora-ddp", "lora-zero3", "lora-fsdp2", "qlora-zero3", "qlora-fsdp2"]
 
 
 def _probe(base, data, out, method, parallel):
     """One step of a fresh run through the Trainer: the frozen bytes this rank holds, the bytes the
     step's collectives moved (our engines' counters, ltk/parallel/dist.py), and what got a
     gradient and optimizer state."""
+    from ltk.kernels.nf4 import NF4Linear
     from ltk.parallel.dist import STATS
     from ltk.parallel.fsdp2 import local
     from ltk.training.finetune import run_config
@@ -89,11 +90,14 @@ def _probe(base, data, out, method, parallel):
     held = None
     if parallel == "zero3":
         held = par.engine.frozen_bytes()["shard"]
-    elif parallel == "fsdp2":  # the local shards of the frozen parameters
+    elif parallel == "fsdp2":  # the local shards of the frozen parameters (+ QLoRA's replicated fp32 statistics)
         held = sum(local(p).numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+        held += sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, NF4Linear)
+                    for b in m.buffers(recurse=False))
     STATS.reset()
     trainer.train_step()
-    return {"held": held, "adapters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    return {"held": held, "load": trainer.base_load,
+            "adapters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "frozen_grads": [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None],
             "moments": sum(local(v).numel() for st in par.optimizer.state.values() for v in st.values()
                            if torch.is_tensor(v) and v.dim() > 0),
@@ -164,6 +168,42 @@ def test_frozen_base_sharded_and_only_adapter_gradients_reduced(reference, paral
             assert total / 2 <= s["held"] <= 0.55 * total, (s["held"], total)
     if parallel != "ddp":
         assert sum(s[name]["held"] for s in stats) >= total
+
+
+@pytest.mark.parametrize("name", [p for p in PROBES if not p.endswith("ddp")])
+def test_set_up_reads_the_base_a_tensor_at_a_time(tiny_base, reference, parallel_runs, name):
+    """zero3 / fsdp2: the base is built on meta and each rank reads its tensors one at a time
+    (ltk/training/instruct_setup.py), so set-up holds its shard + one tensor (+ QLoRA: one layer's
+    NF4 storage and every layer's fp32 statistics, 8 bytes a layer here), never the whole base as a
+    one-process set-up does (tiny base: 152,576 bytes, its largest tensor the 38,400-byte embedding)."""
+    from ltk.kernels.nf4 import NF4Linear
+    from ltk.training.checkpoint import full_model_state
+
+    _, stats = parallel_runs
+    method, parallel = name.split("-")
+    sizes = [t.numel() * t.element_size() for t in full_model_state(tiny_base).values()]
+    whole, largest = sum(sizes), max(sizes)
+    codes = 0  # QLoRA: the NF4 storage of its largest layer, kept while its buffers are cut
+    if method == "qlora":
+        from ltk.training.adapters import apply_adapter
+        from ltk.training.base_model import load_base
+        from ltk.training.finetune import run_config
+
+        model = apply_adapter(load_base(tiny_base, torch.device("cpu"))[0], "gpt",
+                              run_config(_cfg(tiny_base, "builtin", "x", method)).adapter)
+        layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+        codes = max(sum(t.numel() * t.element_size() for t in list(m.buffers()) + list(m.parameters()))
+                    for m in layers)
+        # + every layer's fp32 statistics, kept until loading ends (fsdp2 asks for them after the codes)
+        codes += sum(b.numel() * b.element_size() for m in layers for b in m.buffers() if b.is_floating_point())
+    for s in (r[name] for r in stats):
+        load = s["load"]
+        assert load["whole_bytes"] == reference[method][1] and load["shard_bytes"] == s["held"]
+        assert largest <= load["peak_bytes"] <= largest + codes, (load, largest, codes)
+        assert load["shard_bytes"] + load["peak_bytes"] <= 0.76 * whole, (load, whole)
+        if parallel == "zero3":  # only the tensors that meet this rank's bytes are read
+            assert load["read_bytes"] < whole
+    assert sum(r[name]["load"]["read_bytes"] for r in stats) >= whole  # between them, every tensor
 
 
 def test_lora_resumed_on_two_ranks_equals_the_uninterrupted_run(parallel_runs):
