@@ -109,3 +109,19 @@ def test_plan_refuses_what_no_run_has():
         _plan("gpt", "dora", 1, "")
     with pytest.raises(ValueError, match="covers --strategy"):
         plan_finetune("gpt", CONFIGS["gpt"], method="lora", world=2, strategy="zero1")
+
+
+def test_ltk_plan_method_prints_the_components(capsys):
+    import json
+
+    from ltk.cli import main
+
+    argv = ["plan", "--preset", "gpt-debug", "--world", "2", "--dtype", "fp32", "--method", "qlora", "--lora-r", "4",
+            "--targets", "c_attn", "--json"]
+    assert main(argv) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["method"] == "qlora" and p["adapted_layers"] == 4 and p["components"]["base_nf4_packed"] > 0
+    assert p["comm"]["data_parallel"] == {"all_reduce": p["components"]["gradients"]}
+    assert main(argv[:-1]) == 0
+    assert "QLoRA r=4 on 4 Linears" in capsys.readouterr().out
+    assert main([*argv, "--tp", "2"]) == 2  # the fine-tuning plan is data parallel only: a one-line error
