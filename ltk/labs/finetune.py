@@ -134,6 +134,42 @@ def run_parallel(cfg, strategy: str, nproc: int) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
+STATES = ("weights", "gradients", "optimizer")
+
+
+def _exact(r: dict) -> bool:
+    return all(r["measured"][k] == r["predicted"][k] for k in STATES)
+
+
+def _plan_text(rows: dict, parallel: dict) -> str:
+    """What the plan columns and the rows on several ranks say, from the numbers measured."""
+    mib, every = 2**20, [*rows.values(), *parallel.values()]
+    exact = sum(_exact(r) for r in every)
+    acts = [r["measured"]["activations"] / r["predicted"]["activations"] for r in every]
+    text = (f"The plan (`ltk plan --method`, ltk/parallel/plan_finetune.py) gives the weights, gradients and "
+            f"optimizer states of {exact} of these {len(every)} runs byte for byte"
+            + ("" if exact == len(every) else " (the others differ: see results.json)")
+            + f"; its activations are a formula (Korthikanti et al. with LoRA's r-wide intermediates): the peak "
+            f"autograd held was {min(acts):.2f}x to {max(acts):.2f}x of it.")
+    for r in parallel.values():
+        one, sm = rows[r["method"]], r["summary"]
+        same = all(r["measured"][k] == one["measured"][k] for k in STATES)
+        psi = 4 * rows["full"]["summary"]["trainable_params"]
+        text += f"""
+
+On {r['nproc']} {r['strategy']} ranks (the same global batch, {r['method']}) each rank holds
+{'the same' if same else 'other'} weights, gradients and optimizer bytes as one process
+({r['strategy']} replicates them), and activations for its share of the batch:
+{r['measured']['activations'] / mib:.2f} MiB against {one['measured']['activations'] / mib:.2f}. A step
+sends {', '.join(f"{op.replace('_', '-')} {b / mib:.2f} MiB" for op, b in r['comm'].items())} — the adapters'
+gradients only; full fine-tuning under ddp would all-reduce {psi / mib:.2f} MiB. A step took
+{sm['step_ms_median']:.0f} ms against {one['summary']['step_ms_median']:.0f} ms on one process (here the ranks
+share this machine's cores); exact match after training {sm['after']['exact_match']:.1%} against
+{one['summary']['after']['exact_match']:.1%} on one process (the same data and the same global
+batch: the two runs differ only by floating-point summation order)."""
+    return text
+
+
 def _mib(me: dict, pr: dict, part: str) -> str:
     return f"{me[part] / 2**20:.2f} / {pr[part] / 2**20:.2f}"
 
@@ -210,7 +246,9 @@ of the trainable state — when the base already has the skill. Copying letters 
 attention heads that copy (induction heads), which form in pre-training: LoRA adapts them
 with a low-rank change, but from a base pre-trained for 400 steps, which has none yet, it
 learns `last` to 2% where full fine-tuning reaches 100% (ltk/training/instruct_task.py). This
-base was pre-trained {s['pretrain_steps']} steps for that reason.""")
+base was pre-trained {s['pretrain_steps']} steps for that reason.
+
+{_plan_text(rows, parallel)}""")
     rep.results.update({"settings": s, "base": base, "rows": rows, "parallel": parallel})
     path = rep.write(out)
     print(f"\nreport: {path}")
