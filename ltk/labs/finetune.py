@@ -141,7 +141,7 @@ def _exact(r: dict) -> bool:
     return all(r["measured"][k] == r["predicted"][k] for k in STATES)
 
 
-def _plan_text(rows: dict, parallel: dict) -> str:
+def _plan_text(rows: dict, parallel: dict, s: dict) -> str:
     """What the plan columns and the rows on several ranks say, from the numbers measured."""
     mib, every = 2**20, [*rows.values(), *parallel.values()]
     exact = sum(_exact(r) for r in every)
@@ -164,9 +164,12 @@ On {r['nproc']} {r['strategy']} ranks (the same global batch, {r['method']}) eac
 sends {', '.join(f"{op.replace('_', '-')} {b / mib:.2f} MiB" for op, b in r['comm'].items())} — the adapters'
 gradients only; full fine-tuning under ddp would all-reduce {psi / mib:.2f} MiB. A step took
 {sm['step_ms_median']:.0f} ms against {one['summary']['step_ms_median']:.0f} ms on one process (here the ranks
-share this machine's cores); exact match after training {sm['after']['exact_match']:.1%} against
-{one['summary']['after']['exact_match']:.1%} on one process (the same data and the same global
-batch: the two runs differ only by floating-point summation order)."""
+share this machine's cores). Exact match after training: {sm['after']['exact_match']:.1%} against
+{one['summary']['after']['exact_match']:.1%} on one process, val loss {sm['after']['val_loss']:.3f} against
+{one['summary']['after']['val_loss']:.3f}: the same data and the same global batch, the runs differ only in
+the order of floating-point sums, which over {s['steps']} steps and greedy answers moved
+{round(abs(sm['after']['exact_match'] - one['summary']['after']['exact_match']) * s['eval_examples'])} of the
+{s['eval_examples']} answers scored."""
     return text
 
 
@@ -180,6 +183,7 @@ def run(out: Path, quick: bool, base: str | None = None) -> Path:
     from ltk.training.finetune import run_finetune
 
     s = lab_settings(quick)
+    shown = base or f"gpt-debug pre-trained {s['pretrain_steps']} steps on the embedded corpus (this lab's recipe)"
     base = base or str(_pretrain(out / "base", s["pretrain_steps"]))
     rows, parallel = {}, {}
     for method in progress(METHODS, desc="finetune lab", unit="method"):
@@ -210,7 +214,7 @@ def run(out: Path, quick: bool, base: str | None = None) -> Path:
     rep.table(["method", "trainable params", "weights MiB (measured / plan)", "gradients MiB", "optimizer MiB",
                "activations MiB (measured / plan)", "step ms", "exact match before → after",
                "after, by kind (" + " / ".join(KINDS) + ")", "val loss before → after"],
-              table, f"Base: {base}; built-in task; {s['steps']} steps of {s['batch']} examples; fp32 on this device; "
+              table, f"Base: {shown}; built-in task; {s['steps']} steps of {s['batch']} examples; fp32 on this device; "
               "plan: `ltk plan --method M --world 1 --strategy none`.")
     rep.plot("memory", _plot(rows), "memory by component after the first optimizer step, per method")
     if parallel:
@@ -248,7 +252,7 @@ with a low-rank change, but from a base pre-trained for 400 steps, which has non
 learns `last` to 2% where full fine-tuning reaches 100% (ltk/training/instruct_task.py). This
 base was pre-trained {s['pretrain_steps']} steps for that reason.
 
-{_plan_text(rows, parallel)}""")
+{_plan_text(rows, parallel, s)}""")
     rep.results.update({"settings": s, "base": base, "rows": rows, "parallel": parallel})
     path = rep.write(out)
     print(f"\nreport: {path}")
