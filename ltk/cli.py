@@ -220,6 +220,7 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     from ltk.models.gpt import GPT_SIZES, gpt_config
     from ltk.models.llama import LLAMA_SIZES, llama_config
     from ltk.parallel.plan import format_plan, plan
+    from ltk.parallel.plan_finetune import format_finetune_plan
 
     name = args.preset
     if name in GPT_SIZES:
@@ -236,9 +237,11 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
              virtual=args.virtual_stages, sequence_parallel=args.sequence_parallel, recompute=args.recompute,
              cluster=args.cluster, efficiency=args.efficiency,
              reduce_dtype=None if args.reduce_dtype == "auto" else args.reduce_dtype,
-             cp=args.cp, cp_impl=args.cp_impl)
+             cp=args.cp, cp_impl=args.cp_impl, method=args.method, lora_r=args.lora_r,
+             lora_targets=args.lora_targets, compute_dtype=args.compute_dtype)
     p["preset"], p["seq_len"], p["batch"] = name, seq, args.batch_size
-    print(json.dumps(p, indent=2) if args.json else format_plan(p))
+    text = format_finetune_plan(p) if args.method else format_plan(p)
+    print(json.dumps(p, indent=2) if args.json else text)
     return 0
 
 
@@ -488,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     # each flag also answers to the name `ltk train` gives it (--trainer.dtype, --parallel.tp, ...)
     pl.add_argument("--world", "--nproc", type=int, required=True, help="number of ranks")
     pl.add_argument("--strategy", "--parallel.strategy", dest="strategy", default="ddp",
-                    help="none, ddp, zero1, zero2, zero3 (the data-parallel engine)")
+                    help="none, ddp, zero1, zero2, zero3, fsdp2 (the data-parallel engine)")
     pl.add_argument("--tp", "--parallel.tp", dest="tp", type=int, default=1, help="tensor-parallel degree")
     pl.add_argument("--pp", "--parallel.pp", dest="pp", type=int, default=1, help="pipeline stages")
     pl.add_argument("--cp", "--parallel.cp", dest="cp", type=int, default=1,
@@ -512,6 +515,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "h200-node, cpu-gloo or a .json description (ltk/parallel/cluster.py)")
     pl.add_argument("--efficiency", type=float, help="with --cluster: fraction of peak FLOP/s the kernels reach "
                     "(default 0.5, not measured)")
+    # fine-tuning (ltk/parallel/plan_finetune.py): each flag as `ltk finetune` names it
+    pl.add_argument("--method", choices=("full", "lora", "qlora"),
+                    help="plan a fine-tuning run: what trains, the frozen (NF4 for qlora) base, the adapters; "
+                    "with --strategy none, ddp, zero3 or fsdp2")
+    pl.add_argument("--lora-r", type=int, default=8, help="with --method lora/qlora: the adapters' rank")
+    pl.add_argument("--lora-targets", "--targets", dest="lora_targets", default="",
+                    help="with --method lora/qlora: comma list of layer-name patterns (default: every projection)")
+    pl.add_argument("--compute-dtype", default="fp32", choices=("fp32", "bf16"),
+                    help="with --method qlora: the 4-bit layers' matmul dtype (A and B are kept in it)")
     pl.add_argument("--json", action="store_true", help="print a JSON object")
     pl.set_defaults(func=_plan)
 

@@ -12,15 +12,25 @@ Memory is measured by the training loop right after its first optimizer step, wh
 and Adam's moments both exist, each storage counted once (ltk/models/qlora.py `memory_breakdown`):
 frozen base weights (full precision or 4-bit codes + block statistics), trainable weights,
 gradients, optimizer states; activations are the peak of the bytes autograd holds for backward
-in that step (ltk/training/memory.py). The cost model beside it, Ψ the
-parameters, Ψ_q those stored in NF4, ψ the trainable ones (fp32 here):
+in that step (ltk/training/memory.py). Beside it, the plan of the same run (`ltk plan --method`,
+ltk/parallel/plan_finetune.py), Ψ the parameters, Ψ_q those stored in NF4, ψ the trainable ones
+(fp32 here), s the trainable tensors:
 
-    weights     full, lora: 4Ψ (+ 4ψ adapters)       qlora: 4(Ψ − Ψ_q) + Ψ_q·b/8 + 4ψ, b ≈ 4.127
+    weights     full: 4Ψ   lora: 4Ψ + 4ψ   qlora: 4(Ψ − Ψ_q) + NF4 codes and statistics (≈ Ψ_q·4.127/8) + 4ψ
     gradients   4ψ (ψ = Ψ for full)
-    optimizer   8ψ (Adam's two moments)
+    optimizer   8ψ + 4s (Adam's two moments, a step counter per tensor)
+
+The same run on several ranks (PARALLEL: (method, strategy, ranks) settings, the same global
+batch) goes through `ltk train --config ... --parallel S --nproc N`, the loop `ltk finetune` runs:
+per-rank memory beside the plan at that world size, the step time, and what each step
+communicates (ddp: an all-reduce of the adapters' gradients only).
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from ltk.labs.registry import Lab
@@ -29,6 +39,9 @@ from ltk.training.instruct_task import KINDS
 from ltk.training.progress import progress
 
 METHODS = ("full", "lora", "qlora")
+# (method, strategy, ranks) run on several processes beside the single-process rows; zero3 / fsdp2
+# settings go here the same way
+PARALLEL = (("lora", "ddp", 2),)
 
 
 def lab_settings(quick: bool) -> dict:
@@ -50,18 +63,22 @@ def _pretrain(out: Path, steps: int) -> Path:
     return result.checkpoint
 
 
-def predicted(summary: dict) -> dict[str, float]:
-    m, psi, trainable = summary["memory"], summary["params"], summary["trainable_params"]
-    packed = m.get("base_nf4_packed", 0)
-    quantized = packed * 2  # two 4-bit codes per byte
-    bits = 4.127
-    if summary["method"] == "full":
-        weights = 4 * psi
-    elif summary["method"] == "lora":
-        weights = 4 * psi + 4 * trainable
-    else:
-        weights = 4 * (psi - quantized) + quantized * bits / 8 + 4 * trainable
-    return {"weights": weights, "gradients": 4 * trainable, "optimizer": 8 * trainable}
+def _plan(run_dir: Path, world: int, strategy: str, seq_len: int) -> dict:
+    """The plan of the run in `run_dir` (its config.json) at `world` ranks: ltk/parallel/plan_finetune.py
+    through memory_report.plan_for_run, as the trainer sets its peaks against it."""
+    from ltk.training.config_file import config_from_dict
+    from ltk.training.memory_report import plan_for_run
+
+    cfg = config_from_dict(json.loads((run_dir / "config.json").read_text()), run_dir / "config.json")
+    cfg.parallel.strategy = strategy
+    return plan_for_run(cfg, world, "fp32", seq_len)
+
+
+def predicted(plan: dict) -> dict[str, float]:
+    """The plan's bytes by the lab's columns."""
+    c = plan["components"]
+    return {"weights": c["base_nf4_packed"] + c["base_nf4_stats"] + c["base_full"] + c["trainable"],
+            "gradients": c["gradients"], "optimizer": c["optimizer_states"], "activations": plan["activations"]}
 
 
 def _measured(summary: dict) -> dict[str, float]:
@@ -91,26 +108,102 @@ def _plot(rows: dict[str, dict]):
     return fig
 
 
+def _settings(s: dict, base: str, method: str, out_dir: Path, device: str = "auto"):
+    from ltk.training.finetune import FinetuneConfig
+
+    return FinetuneConfig(method=method, base=base, data="builtin", out_dir=str(out_dir), steps=s["steps"],
+                          batch_size=s["batch"], eval_every=s["steps"], eval_examples=s["eval_examples"],
+                          limit=s["limit"], max_len=s["max_len"], device=device)
+
+
+def run_parallel(cfg, strategy: str, nproc: int) -> dict:
+    """`cfg` (a FinetuneConfig) on `nproc` ranks: its run config through `ltk train --config FILE
+    --parallel STRATEGY --nproc N` (torchrun; gloo on a CPU); returns the run's summary.json."""
+    from ltk.training.finetune import run_config
+
+    out = Path(cfg.out_dir)
+    path = out.with_name(out.name + ".json")  # beside the run folder, which the run claims empty
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_config(cfg).to_json())
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if cfg.device == "cpu" else {})}
+    proc = subprocess.run([sys.executable, "-m", "ltk.cli", "train", "--config", str(path), "--parallel", strategy,
+                           "--nproc", str(nproc)], env=env)
+    if proc.returncode:
+        raise RuntimeError(f"the {cfg.method} run on {nproc} ranks ({strategy}) failed with exit code "
+                           f"{proc.returncode}; its output is above, its run folder {out}")
+    return json.loads((out / "summary.json").read_text())
+
+
+STATES = ("weights", "gradients", "optimizer")
+
+
+def _exact(r: dict) -> bool:
+    return all(r["measured"][k] == r["predicted"][k] for k in STATES)
+
+
+def _plan_text(rows: dict, parallel: dict, s: dict) -> str:
+    """What the plan columns and the rows on several ranks say, from the numbers measured."""
+    mib, every = 2**20, [*rows.values(), *parallel.values()]
+    exact = sum(_exact(r) for r in every)
+    acts = [r["measured"]["activations"] / r["predicted"]["activations"] for r in every]
+    text = (f"The plan (`ltk plan --method`, ltk/parallel/plan_finetune.py) gives the weights, gradients and "
+            f"optimizer states of {exact} of these {len(every)} runs byte for byte"
+            + ("" if exact == len(every) else " (the others differ: see results.json)")
+            + f"; its activations are a formula (Korthikanti et al. with LoRA's r-wide intermediates): the peak "
+            f"autograd held was {min(acts):.2f}x to {max(acts):.2f}x of it.")
+    for r in parallel.values():
+        one, sm = rows[r["method"]], r["summary"]
+        same = all(r["measured"][k] == one["measured"][k] for k in STATES)
+        psi = 4 * rows["full"]["summary"]["trainable_params"]
+        text += f"""
+
+On {r['nproc']} {r['strategy']} ranks (the same global batch, {r['method']}) each rank holds
+{'the same' if same else 'other'} weights, gradients and optimizer bytes as one process
+({r['strategy']} replicates them), and activations for its share of the batch:
+{r['measured']['activations'] / mib:.2f} MiB against {one['measured']['activations'] / mib:.2f}. A step
+sends {', '.join(f"{op.replace('_', '-')} {b / mib:.2f} MiB" for op, b in r['comm'].items())} — the adapters'
+gradients only; full fine-tuning under ddp would all-reduce {psi / mib:.2f} MiB. A step took
+{sm['step_ms_median']:.0f} ms against {one['summary']['step_ms_median']:.0f} ms on one process (here the ranks
+share this machine's cores). Exact match after training: {sm['after']['exact_match']:.1%} against
+{one['summary']['after']['exact_match']:.1%} on one process, val loss {sm['after']['val_loss']:.3f} against
+{one['summary']['after']['val_loss']:.3f}: the same data and the same global batch, the runs differ only in
+the order of floating-point sums, which over {s['steps']} steps and greedy answers moved
+{round(abs(sm['after']['exact_match'] - one['summary']['after']['exact_match']) * s['eval_examples'])} of the
+{s['eval_examples']} answers scored."""
+    return text
+
+
+def _mib(me: dict, pr: dict, part: str) -> str:
+    return f"{me[part] / 2**20:.2f} / {pr[part] / 2**20:.2f}"
+
+
 def run(out: Path, quick: bool, base: str | None = None) -> Path:
-    from ltk.training.finetune import FinetuneConfig, run_finetune
+    import torch
+
+    from ltk.training.finetune import run_finetune
 
     s = lab_settings(quick)
+    shown = base or f"gpt-debug pre-trained {s['pretrain_steps']} steps on the embedded corpus (this lab's recipe)"
     base = base or str(_pretrain(out / "base", s["pretrain_steps"]))
-    rows = {}
+    rows, parallel = {}, {}
     for method in progress(METHODS, desc="finetune lab", unit="method"):
-        cfg = FinetuneConfig(method=method, base=base, data="builtin", out_dir=str(out / method), steps=s["steps"],
-                             batch_size=s["batch"], eval_every=s["steps"], eval_examples=s["eval_examples"],
-                             limit=s["limit"], max_len=s["max_len"])
-        summary = run_finetune(cfg)
-        rows[method] = {"summary": summary, "measured": _measured(summary), "predicted": predicted(summary)}
-    mib = 2**20
+        summary = run_finetune(_settings(s, base, method, out / method))
+        plan = _plan(out / method, 1, "none", s["max_len"])
+        rows[method] = {"summary": summary, "measured": _measured(summary), "predicted": predicted(plan)}
+    for method, strategy, nproc in PARALLEL:
+        device = "auto" if torch.cuda.device_count() >= nproc else "cpu"
+        summary = run_parallel(_settings(s, base, method, out / f"{method}-{strategy}{nproc}", device), strategy, nproc)
+        plan = _plan(out / f"{method}-{strategy}{nproc}", nproc, strategy, s["max_len"])
+        comm = summary.get("timeline", {}).get("per_rank", [{}])[0].get("comm")
+        parallel[f"{method}-{strategy}{nproc}"] = {
+            "method": method, "strategy": strategy, "nproc": nproc, "summary": summary,
+            "measured": _measured(summary), "predicted": predicted(plan), "comm": plan["comm"]["data_parallel"],
+            "exposed_comm_ms": None if comm is None else 1e3 * comm}
     table = []
     for method, r in rows.items():
         sm, me, pr = r["summary"], r["measured"], r["predicted"]
-        table.append([method, f"{sm['trainable_params']:,} of {sm['params']:,}",
-                      f"{me['weights'] / mib:.2f} / {pr['weights'] / mib:.2f}",
-                      f"{me['gradients'] / mib:.2f} / {pr['gradients'] / mib:.2f}",
-                      f"{me['optimizer'] / mib:.2f} / {pr['optimizer'] / mib:.2f}", f"{me['activations'] / mib:.2f}",
+        table.append([method, f"{sm['trainable_params']:,} of {sm['params']:,}", _mib(me, pr, "weights"),
+                      _mib(me, pr, "gradients"), _mib(me, pr, "optimizer"), _mib(me, pr, "activations"),
                       round(sm["step_ms_median"], 1),
                       f"{sm['before']['exact_match']:.1%} → {sm['after']['exact_match']:.1%}",
                       " / ".join(_share(sm["after"].get("exact_match/" + k)) for k in KINDS),
@@ -118,11 +211,30 @@ def run(out: Path, quick: bool, base: str | None = None) -> Path:
     rep = Report("Lab: full fine-tuning, LoRA and QLoRA", "From the same base, what does each method train, "
                  "where does the memory go, how fast is a step, and how well does it learn the task?",
                  "ltk lab run finetune" + (" --quick" if quick else ""))
-    rep.table(["method", "trainable params", "weights MiB (measured / model)", "gradients MiB", "optimizer MiB",
-               "activations MiB (measured)", "step ms", "exact match before → after",
+    rep.table(["method", "trainable params", "weights MiB (measured / plan)", "gradients MiB", "optimizer MiB",
+               "activations MiB (measured / plan)", "step ms", "exact match before → after",
                "after, by kind (" + " / ".join(KINDS) + ")", "val loss before → after"],
-              table, f"Base: {base}; built-in task; {s['steps']} steps of {s['batch']} examples; fp32 on this device.")
+              table, f"Base: {shown}; built-in task; {s['steps']} steps of {s['batch']} examples; fp32 on this device; "
+              "plan: `ltk plan --method M --world 1 --strategy none`.")
     rep.plot("memory", _plot(rows), "memory by component after the first optimizer step, per method")
+    if parallel:
+        ptable = []
+        for r in parallel.values():
+            sm, me, pr = r["summary"], r["measured"], r["predicted"]
+            ops = ", ".join(f"{op.replace('_', '-')} {b / 2**20:.2f}" for op, b in r["comm"].items())
+            ptable.append([r["method"], f"{r['strategy']} x {r['nproc']}", _mib(me, pr, "weights"),
+                           _mib(me, pr, "gradients"), _mib(me, pr, "optimizer"), _mib(me, pr, "activations"),
+                           ops, round(sm["step_ms_median"], 1),
+                           "n/m" if r["exposed_comm_ms"] is None else round(r["exposed_comm_ms"], 1),
+                           f"{sm['before']['exact_match']:.1%} → {sm['after']['exact_match']:.1%}",
+                           f"{sm['before']['val_loss']:.3f} → {sm['after']['val_loss']:.3f}"])
+        rep.table(["method", "engine x ranks", "weights MiB per rank (measured / plan)", "gradients MiB",
+                   "optimizer MiB", "activations MiB (measured / plan)", "sent per step MiB (plan)", "step ms",
+                   "exposed comm ms", "exact match before → after", "val loss before → after"], ptable,
+                  f"The same runs on several processes, the same global batch of {s['batch']} examples split over "
+                  "the ranks; memory of rank 0 (ddp replicates it); plan: `ltk plan --method M --world N "
+                  "--strategy S`; exposed comm: the step's median time in collectives not hidden behind "
+                  "compute (ltk/parallel/timeline.py).")
     full, lora = rows["full"]["summary"], rows["lora"]["summary"]
     rep.text(f"""## What it shows
 
@@ -138,9 +250,10 @@ of the trainable state — when the base already has the skill. Copying letters 
 attention heads that copy (induction heads), which form in pre-training: LoRA adapts them
 with a low-rank change, but from a base pre-trained for 400 steps, which has none yet, it
 learns `last` to 2% where full fine-tuning reaches 100% (ltk/training/instruct_task.py). This
-base was pre-trained {s['pretrain_steps']} steps for that reason.""")
-    rep.results.update({"settings": s, "base": base,
-                        "rows": {k: {kk: v for kk, v in r.items()} for k, r in rows.items()}})
+base was pre-trained {s['pretrain_steps']} steps for that reason.
+
+{_plan_text(rows, parallel, s)}""")
+    rep.results.update({"settings": s, "base": base, "rows": rows, "parallel": parallel})
     path = rep.write(out)
     print(f"\nreport: {path}")
     return path

@@ -3,6 +3,7 @@ ltk/parallel/cost.py applied to one preset, world size and strategy.
 
     ltk plan --preset gpt2-124m --world 8 --strategy zero3
     ltk plan --preset llama-8b --world 64 --strategy zero1 --tp 8 --json
+    ltk plan --preset llama-8b --world 8 --strategy fsdp2 --method qlora    # fine-tuning: plan_finetune.py
 
 Parameters per rank. The ranks form a pp x dp x tp mesh. Tensor parallelism splits every
 block's matrices (and the biases of column-parallel layers) by tp and keeps norms and
@@ -198,10 +199,23 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
          seq_len: int | None = None, micro_batches: int = 1, dtype: str = "fp32", schedule: str = "1f1b",
          virtual: int = 1, sequence_parallel: bool = False, recompute: bool = False, flash: bool = True,
          cluster=None, efficiency: float | None = None, reduce_dtype: str | None = None, cp: int = 1,
-         cp_impl: str = "ring") -> dict[str, Any]:
+         cp_impl: str = "ring", method: str | None = None, lora_r: int = 8, lora_targets: str = "",
+         compute_dtype: str = "fp32") -> dict[str, Any]:
     """Bytes per rank and per step for one configuration; keys as `ltk plan --json` prints.
     With `cluster` (a preset name, a JSON path or a parallel.cluster.Cluster) also the key
-    "prediction" (predict below); `efficiency` overrides the simulator's compute efficiency."""
+    "prediction" (predict below); `efficiency` overrides the simulator's compute efficiency.
+    With `method` (full, lora, qlora) the plan of fine-tuning: ltk/parallel/plan_finetune.py."""
+    if method is not None:
+        from ltk.parallel.plan_finetune import plan_finetune
+
+        ignored = [f for f, v in (("--tp", tp > 1), ("--pp", pp > 1), ("--cp", cp > 1), ("--cluster", cluster),
+                                  ("--sequence-parallel", sequence_parallel), ("--reduce-dtype", reduce_dtype)) if v]
+        if ignored:
+            raise ValueError(f"the fine-tuning plan (--method {method}) covers data parallelism (none, ddp, zero3, "
+                             f"fsdp2) over the whole world; drop {', '.join(ignored)}")
+        return plan_finetune(family, cfg, method=method, world=world, strategy=strategy, batch=batch,
+                             seq_len=seq_len, micro_batches=micro_batches, dtype=dtype, r=lora_r,
+                             targets=lora_targets, compute_dtype=compute_dtype, recompute=recompute, flash=flash)
     if strategy not in ENGINES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(ENGINES)} (plus --tp / --pp)")
     check_plan(world, tp, pp, batch, seq_len, micro_batches, virtual, efficiency, cp)

@@ -27,14 +27,21 @@ def plan_for_run(cfg: RunConfig, world: int, dtype: str, seq_len: int) -> dict[s
     """ltk/parallel/plan.py's plan for a run config at `world` ranks, with the run's resolved
     dtype and sequence length. Without a pipeline the plan's activations are one micro-batch
     (trainer.batch_size sequences over the dp ranks: gradient accumulation runs them one after
-    the other); with one, the grad_accum micro-batches go through the schedule. Raises
-    ValueError for a family the plan does not cover (bert, t5)."""
+    the other); with one, the grad_accum micro-batches go through the schedule. A fine-tuning run
+    (task instruct) gets the fine-tuning plan of its adapter (ltk/parallel/plan_finetune.py). Raises
+    ValueError for a family or strategy the plan does not cover (bert, t5; zero1 with an adapter)."""
     from ltk.parallel.plan import plan
 
     p, t = cfg.parallel, cfg.trainer
     dp = world // (p.tp * p.pp * p.cp)
     strategy = p.strategy if p.strategy != "auto" else ("ddp" if dp * p.cp > 1 else "none")  # cp ranks reduce too
     batch = t.batch_size * t.grad_accum if p.pp > 1 else t.batch_size
+    if cfg.task.kind == "instruct" and p.tp == p.pp == 1:  # fine-tuning: the frozen base, the adapters
+        a = cfg.adapter
+        return plan(cfg.family, cfg.model, world=world, strategy=strategy, batch=batch, seq_len=seq_len,
+                    micro_batches=t.grad_accum, dtype=dtype, recompute=t.activation_checkpointing,
+                    method="full" if a.method == "none" else a.method, lora_r=a.r, lora_targets=a.targets,
+                    compute_dtype=a.compute_dtype)
     return plan(cfg.family, cfg.model, world=world, strategy=strategy, tp=p.tp, pp=p.pp, batch=batch,
                 seq_len=seq_len, micro_batches=t.grad_accum, dtype=dtype, schedule=p.schedule,
                 virtual=p.virtual_stages, sequence_parallel=p.sequence_parallel,
