@@ -189,9 +189,11 @@ def format_finetune_plan(p: dict[str, Any]) -> str:
     what = {"full": "every weight trains", "lora": f"LoRA r={p['lora_r']} on {p['adapted_layers']} Linears",
             "qlora": f"QLoRA r={p['lora_r']} on {p['adapted_layers']} Linears, "
                      f"{p['quantized_params']:,} weights in NF4"}[p["method"]]
+    # sharded: ranks hold the same totals (zero3) or rank 0 the most (fsdp2), cut differently by component
+    which = f" (rank {p['rank']})" if p["zero_stage"] == 3 and p["world"] > 1 else ""
     lines = [f"{p['family']} fine-tuning ({what}) on {p['world']} ranks, {p['strategy']}, {p['dtype']}",
              f"  trainable parameters: {p['trainable_params']:,} of {p['num_params']:,} "
-             f"({p['trainable_params'] / p['num_params']:.2%})", "  per rank:"]
+             f"({p['trainable_params'] / p['num_params']:.2%})", f"  per rank{which}:"]
     for k, v in p["components"].items():
         lines.append(f"    {k:18s} {v / mib:12.3f} MiB")
     for k in ("activations", "gathered", "total"):
