@@ -199,7 +199,8 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
                          batch_size=args.batch_size, max_len=args.max_len, lr=args.lr, lora_r=args.lora_r,
                          lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, use_rslora=args.rslora,
                          targets=args.targets, compute_dtype=args.compute_dtype, limit=args.limit,
-                         eval_every=args.eval_every, seed=args.seed, device=args.device, merge=args.merge,
+                         eval_every=args.eval_every, eval_examples=args.eval_examples, seed=args.seed,
+                         device=args.device, merge=args.merge,
                          packing=args.packing, grad_accum=args.grad_accum, dtype=args.dtype,
                          ckpt_every=args.ckpt_every, profile=args.profile, stream=args.stream,
                          stream_buffer=args.stream_buffer, chat_template=args.chat_template, parallel=args.parallel,
@@ -456,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--compute-dtype", default="fp32", choices=("fp32", "bf16"), help="QLoRA's matmul dtype")
     f.add_argument("--limit", type=int, help="use at most this many examples")
     f.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (0 = only after the last)")
+    f.add_argument("--eval-examples", type=int, default=64, help="examples scored by exact match at each evaluation")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default="auto")
     f.add_argument("--merge", action="store_true", help="also write merged/: full weights with the adapter folded in")

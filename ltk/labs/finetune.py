@@ -21,9 +21,10 @@ ltk/parallel/plan_finetune.py), Ψ the parameters, Ψ_q those stored in NF4, ψ 
     optimizer   8ψ + 4s (Adam's two moments, a step counter per tensor)
 
 The same run on several ranks (PARALLEL: (method, strategy, ranks) settings, the same global
-batch) goes through `ltk train --config ... --parallel S --nproc N`, the loop `ltk finetune` runs:
-per-rank memory beside the plan at that world size, the step time, and what each step
-communicates (ddp: an all-reduce of the adapters' gradients only).
+batch) goes through `ltk finetune ... --parallel S --nproc N`: per-rank memory beside the plan at
+that world size, the step time, and what each step communicates (ddp: an all-reduce of the
+adapters' gradients only; zero3 / fsdp2: the frozen base sharded over the ranks — QLoRA's NF4
+codes as bytes — and all-gathered unit by unit, the adapters' gradients reduce-scattered).
 """
 from __future__ import annotations
 
@@ -39,9 +40,9 @@ from ltk.training.instruct_task import KINDS
 from ltk.training.progress import progress
 
 METHODS = ("full", "lora", "qlora")
-# (method, strategy, ranks) run on several processes beside the single-process rows; zero3 / fsdp2
-# settings go here the same way
-PARALLEL = (("lora", "ddp", 2),)
+# (method, strategy, ranks) run on several processes beside the single-process rows: the base
+# replicated (ddp), or sharded as LoRA's fp32 weights (zero3) and as QLoRA's NF4 bytes (fsdp2)
+PARALLEL = (("lora", "ddp", 2), ("lora", "zero3", 2), ("qlora", "fsdp2", 2))
 
 
 def lab_settings(quick: bool) -> dict:
@@ -93,16 +94,20 @@ def _share(v: float | None) -> str:
     return "n/m" if v is None else f"{v:.0%}"
 
 
-def _plot(rows: dict[str, dict]):
+def _plot(rows: dict[str, dict], parallel: dict[str, dict]):
+    """Stacked bars: one process per method, then one rank of each run on several."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    bottom = [0.0] * len(rows)
+    bars = {m: r["measured"] for m, r in rows.items()}
+    bars.update({f"{r['method']}\n{r['strategy']} x{r['nproc']}\n(a rank)": r["measured"] for r in parallel.values()})
+    fig, ax = plt.subplots(figsize=(6.5 + 0.8 * len(parallel), 4))
+    bottom = [0.0] * len(bars)
     for part, color in (("weights", "C0"), ("gradients", "C1"), ("optimizer", "C2"), ("activations", "C3")):
-        vals = [r["measured"][part] / 2**20 for r in rows.values()]
-        ax.bar(list(rows), vals, bottom=bottom, color=color, label=part)
+        vals = [m[part] / 2**20 for m in bars.values()]
+        ax.bar(list(bars), vals, bottom=bottom, color=color, label=part)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.set(ylabel="MiB after the first optimizer step", title="Where the memory goes, by method")
+    ax.set(ylabel="MiB after the first optimizer step", title="Where the memory goes, by method and engine")
+    ax.tick_params(axis="x", labelsize=8)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, not over them
     fig.tight_layout()
     return fig
@@ -116,18 +121,31 @@ def _settings(s: dict, base: str, method: str, out_dir: Path, device: str = "aut
                           limit=s["limit"], max_len=s["max_len"], device=device)
 
 
-def run_parallel(cfg, strategy: str, nproc: int) -> dict:
-    """`cfg` (a FinetuneConfig) on `nproc` ranks: its run config through `ltk train --config FILE
-    --parallel STRATEGY --nproc N` (torchrun; gloo on a CPU); returns the run's summary.json."""
-    from ltk.training.finetune import run_config
+# FinetuneConfig fields -> `ltk finetune` flags, for a run on several processes
+FLAGS = {"method": "--method", "base": "--base", "data": "--data", "out_dir": "--out", "steps": "--steps",
+         "batch_size": "--batch-size", "max_len": "--max-len", "eval_every": "--eval-every",
+         "eval_examples": "--eval-examples", "limit": "--limit", "device": "--device"}
 
+
+def run_parallel(cfg, strategy: str, nproc: int) -> dict:
+    """`cfg` (a FinetuneConfig) on `nproc` ranks through `ltk finetune ... --parallel STRATEGY
+    --nproc N` (torchrun; gloo on a CPU); returns the run's summary.json."""
+    from dataclasses import fields
+
+    from ltk.training.finetune import FinetuneConfig
+
+    default = FinetuneConfig()
+    argv = [sys.executable, "-m", "ltk.cli", "finetune", "--parallel", strategy, "--nproc", str(nproc)]
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in FLAGS and value is not None:
+            argv += [FLAGS[f.name], str(value)]
+        elif f.name not in FLAGS and value != getattr(default, f.name):
+            raise ValueError(f"run_parallel passes no flag for {f.name}={value!r}: add it to FLAGS")
     out = Path(cfg.out_dir)
-    path = out.with_name(out.name + ".json")  # beside the run folder, which the run claims empty
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(run_config(cfg).to_json())
+    out.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if cfg.device == "cpu" else {})}
-    proc = subprocess.run([sys.executable, "-m", "ltk.cli", "train", "--config", str(path), "--parallel", strategy,
-                           "--nproc", str(nproc)], env=env)
+    proc = subprocess.run(argv, env=env)
     if proc.returncode:
         raise RuntimeError(f"the {cfg.method} run on {nproc} ranks ({strategy}) failed with exit code "
                            f"{proc.returncode}; its output is above, its run folder {out}")
@@ -143,7 +161,7 @@ def _exact(r: dict) -> bool:
 
 def _plan_text(rows: dict, parallel: dict, s: dict) -> str:
     """What the plan columns and the rows on several ranks say, from the numbers measured."""
-    mib, every = 2**20, [*rows.values(), *parallel.values()]
+    every = [*rows.values(), *parallel.values()]
     exact = sum(_exact(r) for r in every)
     acts = [r["measured"]["activations"] / r["predicted"]["activations"] for r in every]
     text = (f"The plan (`ltk plan --method`, ltk/parallel/plan_finetune.py) gives the weights, gradients and "
@@ -152,25 +170,40 @@ def _plan_text(rows: dict, parallel: dict, s: dict) -> str:
             + f"; its activations are a formula (Korthikanti et al. with LoRA's r-wide intermediates): the peak "
             f"autograd held was {min(acts):.2f}x to {max(acts):.2f}x of it.")
     for r in parallel.values():
-        one, sm = rows[r["method"]], r["summary"]
-        same = all(r["measured"][k] == one["measured"][k] for k in STATES)
-        psi = 4 * rows["full"]["summary"]["trainable_params"]
-        text += f"""
+        text += "\n\n" + _parallel_text(r, rows, s)
+    return text
 
-On {r['nproc']} {r['strategy']} ranks (the same global batch, {r['method']}) each rank holds
-{'the same' if same else 'other'} weights, gradients and optimizer bytes as one process
+
+def _parallel_text(r: dict, rows: dict, s: dict) -> str:
+    """One run on several ranks beside the same method on one process."""
+    mib, one, sm = 2**20, rows[r["method"]], r["summary"]
+    me, me1 = r["measured"], one["measured"]
+    sends = ", ".join(f"{op.replace('_', '-')} {b / mib:.2f} MiB" for op, b in r["comm"].items())
+    head = f"On {r['nproc']} {r['strategy']} ranks (the same global batch, {r['method']}) each rank holds "
+    if r["strategy"] in ("zero3", "fsdp2"):
+        share = ", ".join(f"{k} {me[k] / mib:.2f} MiB against {me1[k] / mib:.2f}" for k in STATES)
+        head += f"""{share} on one process ({sum(me[k] for k in STATES) / sum(me1[k] for k in STATES):.0%} of
+its states: {r['strategy']} shards the frozen base{" (QLoRA's NF4 codes as bytes)" if r['method'] == 'qlora' else ''},
+the adapters and their optimizer state over the ranks), and activations for its share of the batch:
+{me['activations'] / mib:.2f} MiB against {me1['activations'] / mib:.2f}. A step sends {sends}: the whole
+model is all-gathered unit by unit{' (the frozen base as bytes)' if r['strategy'] == 'zero3' else ''}, only
+the adapters' gradients are reduced — sharding the base buys memory with bandwidth, where ddp sends
+{4 * sm['trainable_params'] / mib:.2f} MiB."""
+    else:
+        same = all(me[k] == me1[k] for k in STATES)
+        psi = 4 * rows["full"]["summary"]["trainable_params"]
+        head += f"""{'the same' if same else 'other'} weights, gradients and optimizer bytes as one process
 ({r['strategy']} replicates them), and activations for its share of the batch:
-{r['measured']['activations'] / mib:.2f} MiB against {one['measured']['activations'] / mib:.2f}. A step
-sends {', '.join(f"{op.replace('_', '-')} {b / mib:.2f} MiB" for op, b in r['comm'].items())} — the adapters'
-gradients only; full fine-tuning under ddp would all-reduce {psi / mib:.2f} MiB. A step took
+{me['activations'] / mib:.2f} MiB against {me1['activations'] / mib:.2f}. A step sends {sends} — the
+adapters' gradients only; full fine-tuning under ddp would all-reduce {psi / mib:.2f} MiB."""
+    moved = round(abs(sm["after"]["exact_match"] - one["summary"]["after"]["exact_match"]) * s["eval_examples"])
+    return head + f""" A step took
 {sm['step_ms_median']:.0f} ms against {one['summary']['step_ms_median']:.0f} ms on one process (here the ranks
 share this machine's cores). Exact match after training: {sm['after']['exact_match']:.1%} against
 {one['summary']['after']['exact_match']:.1%} on one process, val loss {sm['after']['val_loss']:.3f} against
 {one['summary']['after']['val_loss']:.3f}: the same data and the same global batch, the runs differ only in
-the order of floating-point sums, which over {s['steps']} steps and greedy answers moved
-{round(abs(sm['after']['exact_match'] - one['summary']['after']['exact_match']) * s['eval_examples'])} of the
+the order of floating-point sums, which over {s['steps']} steps and greedy answers moved {moved} of the
 {s['eval_examples']} answers scored."""
-    return text
 
 
 def _mib(me: dict, pr: dict, part: str) -> str:
@@ -216,7 +249,8 @@ def run(out: Path, quick: bool, base: str | None = None) -> Path:
                "after, by kind (" + " / ".join(KINDS) + ")", "val loss before → after"],
               table, f"Base: {shown}; built-in task; {s['steps']} steps of {s['batch']} examples; fp32 on this device; "
               "plan: `ltk plan --method M --world 1 --strategy none`.")
-    rep.plot("memory", _plot(rows), "memory by component after the first optimizer step, per method")
+    rep.plot("memory", _plot(rows, parallel), "memory by component after the first optimizer step: per method on "
+             "one process, and per rank of the runs on several")
     if parallel:
         ptable = []
         for r in parallel.values():
@@ -232,7 +266,8 @@ def run(out: Path, quick: bool, base: str | None = None) -> Path:
                    "optimizer MiB", "activations MiB (measured / plan)", "sent per step MiB (plan)", "step ms",
                    "exposed comm ms", "exact match before → after", "val loss before → after"], ptable,
                   f"The same runs on several processes, the same global batch of {s['batch']} examples split over "
-                  "the ranks; memory of rank 0 (ddp replicates it); plan: `ltk plan --method M --world N "
+                  "the ranks; memory of rank 0 (ddp replicates it; zero3 and fsdp2 shard it, rank 0 holding the most); "
+                  "plan: `ltk plan --method M --world N "
                   "--strategy S`; exposed comm: the step's median time in collectives not hidden behind "
                   "compute (ltk/parallel/timeline.py).")
     full, lora = rows["full"]["summary"], rows["lora"]["summary"]

@@ -247,9 +247,10 @@ def _storage_key(t: torch.Tensor):
     return (t.device, t.untyped_storage().data_ptr())
 
 
-def memory_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+def memory_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, engine=None) -> dict[str, int]:
     """Bytes held by a model (and its optimizer), each storage counted once (tied weights,
-    views):
+    views), on this rank: a DTensor (FSDP2) by its local shard, a ZeRO-3 `engine`'s rank by its
+    shards (ltk/parallel/zero3_memory.py: there the model's own tensors are views of freed storage):
 
         base_nf4_packed   4-bit codes of the quantized weights (n/2 bytes each)
         base_nf4_stats    their absmax: fp32 (4 bytes a block), or double-quantized codes
@@ -261,6 +262,10 @@ def memory_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer | None =
         optimizer_states  tensors in optimizer.state (AdamW: exp_avg, exp_avg_sq, step)
         total             the sum
     """
+    if engine is not None and hasattr(engine, "frozen_bytes"):
+        from ltk.parallel.zero3_memory import zero3_breakdown
+
+        return zero3_breakdown(engine, model)
     seen: set = set()
     out = dict(base_nf4_packed=0, base_nf4_stats=0, base_full=0, trainable=0, gradients=0, optimizer_states=0)
 
@@ -273,9 +278,11 @@ def memory_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer | None =
         out[key] += t.untyped_storage().nbytes()
 
     for m in model.modules():
-        if isinstance(m, NF4Linear):
-            for n, b in m.named_buffers(recurse=False):
-                add("base_nf4_packed" if n == "packed" else "base_nf4_stats", b)
+        if isinstance(m, NF4Linear):  # under FSDP2 its integer buffers are frozen parameters (fsdp2.py)
+            storage = [*m.named_buffers(recurse=False), *m.named_parameters(recurse=False)]
+            for n, b in storage:
+                if n != "bias":
+                    add("base_nf4_packed" if n == "packed" else "base_nf4_stats", b)
     params = list(model.parameters())
     for p in params:
         add("trainable" if p.requires_grad else "base_full", p)

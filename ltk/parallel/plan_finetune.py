@@ -5,18 +5,20 @@ and QLoRA under ddp, zero3 and fsdp2 (`ltk plan --method lora|qlora|full`).
 
 The model's structure (which Linears LoRA adapts, which QLoRA quantizes, which weights are tied,
 the sharding units) comes from the model itself, built on the meta device (no memory) with the
-same rules as the run (ltk/models/lora.py apply_lora, ltk/models/qlora.py quantize_model; the
-units of ltk/parallel/zero3.py: each transformer block, and the root = everything else); the
-bytes come from the formulas below. The keys of `components` are those of
-ltk/models/qlora.py `memory_breakdown`, which measures a run: the two compare key by key.
+same function as the run (ltk/training/adapters.py apply_adapter: LoRA's A and B, QLoRA's NF4
+storage, shapes only; the units of ltk/parallel/zero3.py: each transformer block, and the root =
+everything else; ltk/parallel/finetune_layout.py); the bytes come from the rules below. The keys
+of `components` are those of ltk/models/qlora.py `memory_breakdown`, which measures a run: the
+two compare key by key.
 
 Notation: Ψ every weight, ψ the trainable ones, Ψ_f the frozen full-precision ones (embeddings,
 norms, head, frozen biases; the adapted layers' W under LoRA), N the data-parallel ranks, m the
 micro-batches of a step, t bytes of a trainable element (its dtype: the base's 4 in fp32; A and B
 of QLoRA in the compute dtype c; 2 under --dtype bf16), b_f bytes of a frozen element (4: the base
-as loaded). Adam keeps 2 moments in the parameter's dtype (K = 2t), or with bf16 mixed precision
-an fp32 master and fp32 moments (K = 12); each parameter tensor the optimizer steps also has one
-fp32 `step` scalar (4 bytes; s such tensors).
+as loaded, under bf16 too, except zero3's, which casts it to the compute dtype). Adam keeps 2
+moments in the parameter's dtype (K = 2t), or with bf16 mixed precision an fp32 master and fp32
+moments (K = 12); each parameter tensor the optimizer steps also has one fp32 `step` scalar
+(4 bytes; s such tensors).
 
 What trains (Hu et al. 2021 §4.1; Dettmers et al. 2023 §3), per adapted Linear W (out x in):
 
@@ -35,12 +37,28 @@ Per rank, ddp (and one process): everything replicated:
     gradients  t·ψ                            (the adapters' only: a frozen W has none)
     optimizer  K·ψ + 4s
 
-zero3 / fsdp2: every unit's components (frozen full, NF4 codes, NF4 stats, adapters, their
-gradients and moments) are flat buffers sharded over N, the frozen base as bytes: a rank holds
-⌈x_u/N⌉ of each (x_u bytes, or elements for the trainable part), so ≈ 1/N of every line above.
+zero3 / fsdp2: every unit's tensors are sharded over N, so a rank holds ≈ 1/N of every line
+above; exactly (ltk/parallel/finetune_layout.py, which derives it from the engines' layouts):
+
+    zero3   a unit's trainable tensors one flat vector, padded: ⌈ψ_u/N⌉ elements a rank of the
+            adapters, their gradients and moments (+ the fp32 master under bf16); its frozen
+            tensors one byte vector (every tensor 16-byte aligned, the frozen floats in the compute
+            dtype: b_f = 2 under bf16), ⌈bytes/N⌉ a rank; one `step` per (unit, AdamW group) piece
+            the rank steps
+    fsdp2   every parameter cut along dim 0 into ⌈d_0/N⌉-row chunks (the last padded), QLoRA's
+            integer NF4 buffers as frozen parameters, its fp32 scales and offset replicated
+            (~4 bytes per 16,384 weights); parameters, gradient shards and moments stay in the
+            dtype built in (fp32: under bf16 FSDP2 casts the gathered copies only, K = 8, no master);
+            one `step` per trainable tensor
+
+The padding is all they add to Ψ/N (zero3: < 16 bytes a frozen tensor and < N bytes or elements a
+unit; fsdp2: < one row a tensor). `components` gives rank `rank`'s bytes (default 0, which holds
+the most): under zero3 every rank holds the same total, but where its share of a unit's byte
+vector falls — frozen full precision, NF4 codes or statistics — depends on the rank.
+
 Besides its shards a rank gathers whole units, as ltk/parallel/plan.py counts them for
-pre-training, with P_u the bytes of unit u's stored weights (frozen + NF4 + adapters) and
-gradients only for the trainable part:
+pre-training, with P_u the bytes of unit u's weights as its all-gather moves them (frozen +
+NF4 + adapters, padded) and gradients only for the trainable part:
 
     gathered(zero3) = P_root + 2·P_block + t·(2·ψ_root + 2·ψ_block)
     gathered(fsdp2) = P_root + 3·P_block + t·(ψ_root + 2·ψ_block)
@@ -54,44 +72,31 @@ its r-wide intermediate u = x·Aᵀ for B's gradient, r·b·s·t bytes (the froz
 its input, A does: the same tensor). That is r / (34·h/n_adapted) of a layer's activations —
 under 1% at r = 8, h = 128 with 4 adapted Linears — but it is counted.
 
-Communication per step: ddp all-reduces the adapters' gradients only, t·ψ (once per step,
-no_sync while accumulating). zero3 / fsdp2 all-gather every unit twice per micro-batch (forward,
-backward) and reduce-scatter the trainable gradients once:
+Communication per step (payload bytes, padding included; measured equal by the engines' counters,
+ltk/parallel/dist.py STATS, for zero3 and by counting torch's collectives for fsdp2):
 
-    ddp         all_reduce      t·ψ
-    zero3/fsdp2 all_gather      2·m·Σ_u N·⌈P_u/N⌉      the frozen base travels, as bytes
-                reduce_scatter  m·t·Σ_u N·⌈ψ_u/N⌉      only the adapters' gradients
+    ddp     all_reduce      t·ψ                       the adapters' gradients only (no_sync before)
+    zero3   all_gather      2·m·Σ_u P_u               every unit twice a micro-batch, the root too
+            reduce_scatter  m·t·Σ_u N·⌈ψ_u/N⌉         every micro-batch (ZeRO-3 keeps no full gradient)
+    fsdp2   all_gather      m·(P_root + 2·Σ_b P_b)    the root once a micro-batch (reshard_after_forward
+                                                      false on the root), each block twice
+            reduce_scatter  Σ_u N·Σ_p ⌈d_0/N⌉·(n_p/d_0)·t_r   once a step (no_sync while accumulating)
 
 so a LoRA step under zero3 moves about 2·m·(weights) where ddp moves t·ψ: sharding the frozen
-base buys memory with bandwidth. Bytes on the wire: cost.wire_bytes (ring).
+base buys memory with bandwidth; the frozen base travels as bytes (fsdp2 under bf16: its floats
+in bf16). Bytes on the wire: cost.wire_bytes (ring).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from ltk.parallel import cost
+from ltk.parallel.finetune_layout import gathered_unit_bytes, held, layout, reduced_unit_bytes
 
 METHODS = ("full", "lora", "qlora")
 STRATEGIES = {"none": 0, "ddp": 0, "naive-ddp": 0, "torch-ddp": 0, "zero3": 3, "fsdp2": 3}
 COMPONENTS = ("base_nf4_packed", "base_nf4_stats", "base_full", "trainable", "gradients", "optimizer_states")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
-
-
-@dataclass
-class Unit:
-    """One sharding unit (the root, or a transformer block): bytes of its frozen storage,
-    elements of its trainable parameters."""
-
-    name: str
-    frozen_full: int = 0  # bytes: frozen full-precision parameters
-    nf4_packed: int = 0  # bytes: 4-bit codes
-    nf4_stats: int = 0  # bytes: absmax codes, fp32 scales and offset
-    trainable: int = 0  # elements ψ_u
-    tensors: int = 0  # trainable parameter tensors (one Adam `step` each)
-    groups: set = field(default_factory=set)  # AdamW groups (decay: 2-D, no decay) with trainable tensors
 
 
 def nf4_bytes(n: int, blocksize: int = 64, blocksize2: int = 256) -> tuple[int, int]:
@@ -100,96 +105,51 @@ def nf4_bytes(n: int, blocksize: int = 64, blocksize2: int = 256) -> tuple[int, 
     return (n + 1) // 2, blocks + 4 * -(-blocks // blocksize2) + 4
 
 
-def layout(family: str, cfg, method: str, r: int = 8, targets: str = "", compute_dtype: str = "fp32",
-           dtype: str = "fp32") -> tuple[list[Unit], dict[str, Any]]:
-    """The units of the model as it fine-tunes (root first, then the blocks) and what it holds
-    in all: the model is built on the meta device and adapted by the run's own rules."""
-    from ltk.models import get_family
-    from ltk.models.lora import LoRALinear, apply_lora
-    from ltk.models.qlora import _quant_targets
-    from ltk.parallel.zero3 import default_units
-    from ltk.training.adapters import DEFAULT_TARGETS
-
-    if method not in METHODS:
-        raise ValueError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    if r < 1:
-        raise ValueError(f"--lora-r {r}: must be >= 1")
-    if compute_dtype not in DTYPE_BYTES or dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtypes for a fine-tuning plan are fp32 or bf16, got {dtype!r} / {compute_dtype!r}")
-    with torch.device("meta"):
-        model = get_family(family).model_cls(cfg)
-    num_params = sum(p.numel() for p in model.parameters())  # Ψ, the base's
-    quantized = set(_quant_targets(model, None)) if method == "qlora" else set()
-    q_ids = {id(model.get_submodule(n).weight): model.get_submodule(n) for n in quantized}
-    q_bias = {id(m.bias) for m in q_ids.values() if m.bias is not None}
-    pats = [t.strip() for t in (targets or DEFAULT_TARGETS[family]).split(",") if t.strip()]
-    if method != "full":
-        apply_lora(model, pats, r=r)  # raises for a pattern that matches nothing, or a tied weight
-    t = 2 if dtype == "bf16" else (DTYPE_BYTES[compute_dtype] if method == "qlora" else 4)
-    c = DTYPE_BYTES[compute_dtype]
-    blocks = {id(m) for m in default_units(model)}
-    prefixes = [(n + ".", Unit(n)) for n, m in model.named_modules() if id(m) in blocks]
-    root = Unit("root")
-    adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-    for name, p in model.named_parameters():  # each tensor once: a tied weight is one parameter
-        unit = next((u for pre, u in prefixes if name.startswith(pre)), root)
-        trains = method == "full" or p.requires_grad
-        if trains:
-            unit.trainable += p.numel()
-            unit.tensors += 1
-            unit.groups.add(p.dim() >= 2)
-        elif id(p) in q_ids:
-            packed, stats = nf4_bytes(p.numel())
-            unit.nf4_packed += packed
-            unit.nf4_stats += stats
-        else:
-            unit.frozen_full += p.numel() * (c if id(p) in q_bias else 4)
-    units = [root] + [u for _, u in prefixes]
-    info = {"num_params": num_params,
-            "trainable_params": sum(u.trainable for u in units), "quantized_params": sum(
-                model.get_submodule(n).weight.numel() for n in quantized),
-            "adapted_layers": len(adapted), "adapted_per_block": len(adapted) // max(len(prefixes), 1),
-            "trainable_bytes_per_element": t, "targets": pats if method != "full" else []}
-    return units, info
-
-
-def unit_bytes(u: Unit, t: int) -> int:
-    """P_u: the stored weights of a unit, gathered whole (frozen + NF4 + trainable)."""
-    return u.frozen_full + u.nf4_packed + u.nf4_stats + t * u.trainable
-
-
 def plan_finetune(family: str, cfg, *, method: str, world: int, strategy: str = "ddp", batch: int = 8,
                   seq_len: int | None = None, micro_batches: int = 1, dtype: str = "fp32", r: int = 8,
                   targets: str = "", compute_dtype: str = "fp32", recompute: bool = False,
-                  flash: bool = True) -> dict[str, Any]:
-    """Bytes per rank (`components`, memory_breakdown's keys; and the totals plan.py prints) and
-    bytes per step of one fine-tuning configuration (module docstring)."""
+                  flash: bool = True, rank: int = 0) -> dict[str, Any]:
+    """Bytes per rank (`components` of rank `rank`, memory_breakdown's keys; and the totals plan.py
+    prints) and bytes per step of one fine-tuning configuration (module docstring)."""
     from ltk.parallel.plan import model_shape
 
+    if method not in METHODS:
+        raise ValueError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if strategy not in STRATEGIES:
         raise ValueError(f"a fine-tuning plan covers --strategy {', '.join(STRATEGIES)}; got {strategy!r}")
     for flag, value in (("--world", world), ("--batch-size", batch), ("--micro-batches", micro_batches),
-                        ("--seq-len", seq_len)):
+                        ("--seq-len", seq_len), ("--lora-r", r)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be >= 1")
+    if compute_dtype not in DTYPE_BYTES or dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtypes for a fine-tuning plan are fp32 or bf16, got {dtype!r} / {compute_dtype!r}")
     if strategy == "none" and world > 1:
         raise ValueError(f"--strategy none is one process; --world {world} needs ddp, zero3 or fsdp2")
     if batch % world:
         raise ValueError(f"the global batch of {batch} sequences (--batch-size) does not split over {world} ranks")
-    units, info = layout(family, cfg, method, r, targets, compute_dtype, dtype)
-    t, n, sharded = info["trainable_bytes_per_element"], world, STRATEGIES[strategy] == 3
-    k = 12 if dtype == "bf16" else 2 * t  # Adam: fp32 master + moments, or 2 moments in the parameter's dtype
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not one of the {world} ranks")
+    units, model, num_params = layout(family, cfg, method, r, targets, compute_dtype)
+    sharded = STRATEGIES[strategy] == 3
+    n = world
+    psi = sum(u.psi for u in units)
+    t = 2 if dtype == "bf16" else next((x.elem for u in units for x in u.trainable), 4)
+    comp = held(units, strategy if sharded else "ddp", n, rank, dtype)
+    comp = {k: comp[k] for k in COMPONENTS}
 
-    def share(x: int) -> int:
-        return -(-x // n) if sharded else x
+    from ltk.models.lora import LoRALinear
+    from ltk.models.qlora import NF4Linear
+    from ltk.training.adapters import targets_of
+    from ltk.training.config import AdapterConfig
 
-    psi = [share(u.trainable) for u in units]  # trainable elements this rank holds, per unit
-    # Adam's step scalars: one per tensor it steps; ZeRO-3 steps one flat piece per unit and group
-    steps = sum(len(u.groups) for u in units) if strategy == "zero3" else sum(u.tensors for u in units)
-    comp = {"base_nf4_packed": sum(share(u.nf4_packed) for u in units),
-            "base_nf4_stats": sum(share(u.nf4_stats) for u in units),
-            "base_full": sum(share(u.frozen_full) for u in units),
-            "trainable": t * sum(psi), "gradients": t * sum(psi), "optimizer_states": k * sum(psi) + 4 * steps}
+    blocks = len(units) - 1
+    adapted = sum(isinstance(m, LoRALinear) for m in model.modules())
+    info = {"num_params": num_params,
+            "trainable_params": psi, "quantized_params": sum(
+                m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear)),
+            "adapted_layers": adapted, "adapted_per_block": adapted // max(blocks, 1),
+            "trainable_bytes_per_element": t,
+            "targets": [] if method == "full" else targets_of(AdapterConfig(targets=targets), family)}
 
     s = model_shape(family, cfg)
     T = seq_len or getattr(cfg, "block_size", 1024)
@@ -200,20 +160,23 @@ def plan_finetune(family: str, cfg, *, method: str, world: int, strategy: str = 
     activations = int((layer + lora) * s.layers + b * T * s.vocab * 4)
 
     gathered, comm = 0, {}
-    root, block = units[0], max(units[1:], key=lambda u: unit_bytes(u, t) + t * u.trainable)
     if sharded and n > 1:
-        p_root, p_block = unit_bytes(root, t), unit_bytes(block, t)
+        p = [gathered_unit_bytes(u, strategy, n, dtype) for u in units]
+        root, (p_block, block) = units[0], max(zip(p[1:], units[1:]), key=lambda x: x[0] + t * x[1].psi)
         if strategy == "fsdp2":
-            gathered = p_root + 3 * p_block + t * (root.trainable + 2 * block.trainable)
+            gathered = p[0] + 3 * p_block + t * (root.psi + 2 * block.psi)
+            gather = micro_batches * (p[0] + 2 * sum(p[1:]))  # the root stays gathered from forward to backward
+            reduce = sum(reduced_unit_bytes(u, strategy, n, dtype) for u in units)  # once a step (no_sync)
         else:
-            gathered = p_root + 2 * p_block + t * (2 * root.trainable + 2 * block.trainable)
-        comm = {"all_gather": 2 * micro_batches * sum(n * share(unit_bytes(u, t)) for u in units),
-                "reduce_scatter": micro_batches * t * sum(n * share(u.trainable) for u in units)}
+            gathered = p[0] + 2 * p_block + t * (2 * root.psi + 2 * block.psi)
+            gather = 2 * micro_batches * sum(p)
+            reduce = micro_batches * sum(reduced_unit_bytes(u, strategy, n, dtype) for u in units)
+        comm = {"all_gather": gather, "reduce_scatter": reduce}
     elif n > 1:
-        comm = {"all_reduce": t * info["trainable_params"]}
+        comm = {"all_reduce": t * psi}
     weights = sum(comp[x] for x in ("base_nf4_packed", "base_nf4_stats", "base_full", "trainable"))
     total = weights + comp["gradients"] + comp["optimizer_states"] + activations + gathered
-    return {"family": family, "method": method, "world": world, "strategy": strategy,
+    return {"family": family, "method": method, "world": world, "strategy": strategy, "rank": rank,
             "zero_stage": STRATEGIES[strategy], "dtype": dtype, "compute_dtype": compute_dtype, "lora_r": r,
             **info, "components": comp, "params": weights, "grads": comp["gradients"],
             "optimizer": comp["optimizer_states"], "activations": activations, "gathered": gathered,
@@ -226,9 +189,11 @@ def format_finetune_plan(p: dict[str, Any]) -> str:
     what = {"full": "every weight trains", "lora": f"LoRA r={p['lora_r']} on {p['adapted_layers']} Linears",
             "qlora": f"QLoRA r={p['lora_r']} on {p['adapted_layers']} Linears, "
                      f"{p['quantized_params']:,} weights in NF4"}[p["method"]]
+    # sharded: ranks hold the same totals (zero3) or rank 0 the most (fsdp2), cut differently by component
+    which = f" (rank {p['rank']})" if p["zero_stage"] == 3 and p["world"] > 1 else ""
     lines = [f"{p['family']} fine-tuning ({what}) on {p['world']} ranks, {p['strategy']}, {p['dtype']}",
              f"  trainable parameters: {p['trainable_params']:,} of {p['num_params']:,} "
-             f"({p['trainable_params'] / p['num_params']:.2%})", "  per rank:"]
+             f"({p['trainable_params'] / p['num_params']:.2%})", f"  per rank{which}:"]
     for k, v in p["components"].items():
         lines.append(f"    {k:18s} {v / mib:12.3f} MiB")
     for k in ("activations", "gathered", "total"):

@@ -417,7 +417,8 @@ class Trainer:
         last: dict[str, Any] = {}
         ckpt = None
         window_t, window_tokens, step_times, started = time.perf_counter(), 0, [], time.perf_counter()
-        detail = (lambda: memory_breakdown(self.model, self.optimizer)) if self.task else None
+        engine = getattr(self.par, "engine", None)  # ZeRO-3: the rank's shards, not the model's freed views
+        detail = (lambda: memory_breakdown(self.model, self.optimizer, engine)) if self.task else None
         memory = MemoryProbe(self.par, self.rt.device, detail)  # bytes by category, measured on the first step
         # each rank's peak per phase (init, train, eval, save); with memory_trace a timeline (memory_watch.py)
         watch = MemoryWatch(self.rt.device, self.rt.rank, self.run_dir, trace=t.memory_trace,
