@@ -37,7 +37,7 @@ SHARDS.update({f"deepspeed-zero{s}": SHARDS[f"zero{s}"] for s in (1, 2, 3)})  # 
 
 
 def strategies() -> tuple[str, ...]:
-    from ltk.parallel.strategy import DP_ENGINES
+    from ltk.parallel.dp_engines import DP_ENGINES
 
     return ("auto", "none", *DP_ENGINES)
 
