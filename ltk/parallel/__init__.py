@@ -12,7 +12,8 @@
     context_parallel.py, ring_attention.py, ulysses.py, block_attention.py
                      the sequence split over a CP group (contiguous, zig-zag), ring attention
                      (Liu et al. 2023; Brandon et al. 2023) and Ulysses (Jacobs et al. 2023)
-    strategy.py      one interface for the training loop over all of them
+    strategy.py      one interface for the training loop over all of them; dp_engines.py the
+                     data-parallel engines behind it, named_state.py state by parameter name
     cost.py, plan.py the formulas (memory, bytes, bubble) and `ltk plan`
 
 Every strategy wraps a model built for one device; nothing in ltk/models/ imports this package.

@@ -89,7 +89,7 @@ class _Snapshot:
 
 
 class DeepSpeedZero:
-    """The DeepSpeed engine behind the interface of ltk/parallel/strategy.py's engines."""
+    """The DeepSpeed engine behind the interface of ltk/parallel/dp_engines.py's engines."""
 
     def __init__(self, model: nn.Module, param_groups: list[dict], optimizer_factory: Callable, *, stage: int,
                  micro_batch: int, grad_clip: float, compute_dtype: str = "fp32", reduce_dtype: str | None = None,

@@ -176,7 +176,7 @@ def _sharded_dims(t: DTensor) -> tuple[int, ...]:
 
 
 class TorchEngine:
-    """The engine interface (strategy.py) over a model whose parameters are DTensors (FSDP2,
+    """The engine interface (dp_engines.py) over a model whose parameters are DTensors (FSDP2,
     DTensor TP or both) or plain replicated tensors: torch's AdamW on them as they are."""
 
     def __init__(self, model: nn.Module, param_groups, optimizer_factory: Callable, *, fsdp: bool):
@@ -257,7 +257,7 @@ class TorchEngine:
 
     def optimizer_state_dict(self) -> dict[str, Any]:
         """The single-process optimizer state by parameter name (collective: moments gathered)."""
-        from ltk.parallel.strategy import by_name_state
+        from ltk.parallel.named_state import by_name_state
         from ltk.parallel.torch_tp import to_single_layout
 
         sd = by_name_state(self.optimizer, self.names)

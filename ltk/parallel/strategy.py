@@ -19,190 +19,24 @@ data-parallel replica read the same rows.
 Checkpoints are single-process checkpoints: `full_state_dict` gathers every parameter under its
 name and `optimizer_state_dict` gives the optimizer state by parameter name, so a run saved on
 N ranks resumes on M (or on one) through `load_optimizer_state_dict`.
+
+Beside this file: the data-parallel engines and their factory (ltk/parallel/dp_engines.py,
+`build_engine`), weights and optimizer state by name (ltk/parallel/named_state.py).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from ltk.models.init import materialize
-from ltk.parallel.dist import Comm, Mesh
-from ltk.parallel.mixed import MasterOptimizer, as_dtype, clip_, mixed_factory
+from ltk.parallel.dist import Mesh
+from ltk.parallel.dp_engines import TORCH_ENGINES, build_engine
+from ltk.parallel.mixed import MasterOptimizer, as_dtype
+from ltk.parallel.named_state import by_name_state, load_by_name_state, param_names, unwrapped
 from ltk.parallel.reference import dp_shard
 from ltk.parallel.sharded_eval import EvalShare, sum_over, tp_eval_sums
-
-DP_ENGINES = ("ddp", "naive-ddp", "zero1", "zero2", "zero3", "torch-ddp", "fsdp2", "torch-tp",
-              "deepspeed-zero1", "deepspeed-zero2", "deepspeed-zero3")
-TORCH_ENGINES = ("fsdp2", "torch-tp")  # DTensor parameters: ltk/parallel/fsdp2.py
-
-
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under torch.compile's wrapper (whose parameter names gain a prefix)."""
-    return getattr(model, "_orig_mod", model)
-
-
-def param_names(model: torch.nn.Module, optimizer) -> dict[int, str]:
-    """id -> name of every parameter, and of its fp32 master under mixed precision (the tensor
-    the optimizer holds), so optimizer state is saved and loaded by the parameter's name."""
-    names = {id(p): n for n, p in _unwrapped(model).named_parameters()}
-    if isinstance(optimizer, MasterOptimizer):
-        names.update({id(m): names[id(p)] for p, m in optimizer.pairs if id(p) in names})
-    return names
-
-
-def master_weights(model: torch.nn.Module, optimizer, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict whose parameters are the fp32 masters where the optimizer keeps them (a
-    checkpoint saves the weights the update works on, not their bf16 rounding)."""
-    if not isinstance(optimizer, MasterOptimizer):
-        return sd
-    masters = optimizer.master_state({id(p): n for n, p in _unwrapped(model).named_parameters()})
-    return {k: masters[k] if k in masters else v for k, v in sd.items()}
-
-
-def by_name_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
-    """A torch optimizer's state keyed by parameter name instead of position (the format the
-    ZeRO engines consolidate to)."""
-    state = {names[id(p)]: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in optimizer.state[p].items()}
-             for g in optimizer.param_groups for p in g["params"] if p in optimizer.state}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
-              for g in optimizer.param_groups]
-    return {"state": state, "param_groups": groups}
-
-
-def load_by_name_state(optimizer: torch.optim.Optimizer, names: dict[int, str], sd: dict[str, Any]) -> None:
-    if len(sd["param_groups"]) != len(optimizer.param_groups):
-        raise ValueError(f"optimizer state has {len(sd['param_groups'])} param groups, this run has "
-                         f"{len(optimizer.param_groups)}")
-    for g, saved in zip(optimizer.param_groups, sd["param_groups"]):
-        ours = [names[id(p)] for p in g["params"]]
-        if set(ours) != set(saved["params"]):
-            raise ValueError(f"param group names differ: {sorted(set(ours) ^ set(saved['params']))}")
-        g.update({k: v for k, v in saved.items() if k != "params"})
-        for p in g["params"]:
-            if names[id(p)] in sd["state"]:
-                # clone every tensor, 0-d step counters too: a counter shared by several
-                # parameters (as a consolidated state may hold it) would be advanced once per parameter
-                optimizer.state[p] = {k: (v.clone().to(p.device if v.dim() else v.device) if torch.is_tensor(v) else v)
-                                      for k, v in sd["state"][names[id(p)]].items()}
-
-
-class _Single:
-    """One process (or tensor parallel without data parallelism): the plain optimizer."""
-
-    def __init__(self, model, param_groups, optimizer_factory):
-        self.module = model
-        self.optimizer = optimizer_factory(param_groups)  # mixed precision: casts the model (mixed.py)
-        self.names = param_names(model, self.optimizer)
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def no_sync(self):
-        return contextlib.nullcontext()
-
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        if isinstance(self.optimizer, MasterOptimizer):  # on the fp32 master gradients
-            self.optimizer.prepare_grads()
-            return clip_(self.optimizer.masters(), max_norm)
-        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm).item()
-
-    def step(self) -> None:
-        self.optimizer.step()
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        sd = _unwrapped(self.module).state_dict()  # tied weights stay one tensor under two names
-        if isinstance(self.optimizer, MasterOptimizer):
-            sd = master_weights(self.module, self.optimizer, sd)
-            sd.update({k: sd[twin] for k, twin in _aliases(_unwrapped(self.module)).items()})
-        return sd
-
-    def optimizer_state_dict(self) -> dict:
-        return by_name_state(self.optimizer, self.names)
-
-    def load_optimizer_state_dict(self, sd: dict) -> None:
-        load_by_name_state(self.optimizer, self.names, sd)
-
-
-class _TorchDDP(_Single):
-    """PyTorch's DistributedDataParallel behind the same interface (the reference engine): its
-    forward and no_sync; gradients arrive averaged, so the rest is the plain optimizer's."""
-
-    def __init__(self, model, param_groups, optimizer_factory, comm: Comm, device: torch.device):
-        super().__init__(model, param_groups, optimizer_factory)
-        ids = [device.index] if device.type == "cuda" else None
-        self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, process_group=comm.group)
-
-    def __call__(self, *args, **kwargs):
-        return self.ddp(*args, **kwargs)
-
-    def no_sync(self):
-        return self.ddp.no_sync()
-
-
-def _aliases(model: torch.nn.Module) -> dict[str, str]:
-    """state-dict key -> the key it shares storage with first (GPT: lm_head.weight -> wte.weight)."""
-    first, out = {}, {}
-    for k, t in model.state_dict(keep_vars=True).items():
-        twin = first.setdefault(id(t), k)
-        if twin != k:
-            out[k] = twin
-    return out
-
-
-def build_engine(name: str, model, param_groups, optimizer_factory: Callable, comm: Comm, device: torch.device,
-                 compute_dtype: str = "fp32", bucket_mb: float = 25.0, reduce_dtype: str | None = None,
-                 micro_batch: int = 1, grad_clip: float = math.inf):
-    """The data-parallel engine `name` over `comm` (its contract: ltk/parallel/ddp.py, zero.py).
-
-    compute_dtype bf16: bf16 parameters and gradients, collectives in reduce_dtype (default: the
-    gradients' dtype), an fp32 master of the weights the optimizer updates (ltk/parallel/mixed.py).
-    micro_batch (rows per rank) and grad_clip configure DeepSpeed, which owns both
-    (ltk/parallel/deepspeed_engine.py)."""
-    reduce_dtype = reduce_dtype or compute_dtype
-    replicated = mixed_factory(optimizer_factory, compute_dtype)  # the engines that keep whole weights
-    if name != "zero3" or comm.size == 1:  # every other engine holds the whole model: make real what is on meta
-        materialize(model, device)
-    if name in ("none", "auto") or comm.size == 1 and name != "torch-ddp":
-        return _Single(model, param_groups, replicated)
-    if name == "ddp":
-        from ltk.parallel.ddp import DDP
-
-        return DDP(model, param_groups, replicated, comm, bucket_cap_mb=bucket_mb, reduce_dtype=reduce_dtype)
-    if name == "naive-ddp":
-        from ltk.parallel.ddp import NaiveDDP
-
-        return NaiveDDP(model, param_groups, replicated, comm, reduce_dtype=reduce_dtype)
-    if name in ("zero1", "zero2"):
-        from ltk.parallel.zero import ZeroEngine
-
-        return ZeroEngine(model, param_groups, optimizer_factory, comm, stage=int(name[-1]),
-                          compute_dtype=compute_dtype, reduce_dtype=reduce_dtype, bucket_mb=bucket_mb)
-    if name == "zero3":
-        from ltk.parallel.zero3 import Zero3Engine
-
-        return Zero3Engine(model, param_groups, optimizer_factory, comm, compute_dtype=compute_dtype,
-                           reduce_dtype=reduce_dtype, device=device)
-    if name == "torch-ddp":
-        if as_dtype(reduce_dtype) != as_dtype(compute_dtype):
-            raise ValueError("torch-ddp reduces gradients in their own dtype: --parallel.reduce_dtype needs "
-                             "ddp, naive-ddp or a ZeRO engine")
-        return _TorchDDP(model, param_groups, replicated, comm, device)
-    if name.startswith("deepspeed-zero"):
-        from ltk.parallel.deepspeed_engine import STAGES, DeepSpeedZero
-
-        if comm.size != (dist.get_world_size() if dist.is_initialized() else 1):
-            raise ValueError(f"{name} runs over every rank: it does not combine with --parallel.tp")
-        return DeepSpeedZero(model, param_groups, optimizer_factory, stage=STAGES[name], micro_batch=micro_batch,
-                             grad_clip=grad_clip, compute_dtype=compute_dtype,
-                             reduce_dtype=None if reduce_dtype == compute_dtype else reduce_dtype, device=device)
-    raise ValueError(f"unknown data-parallel strategy {name!r}; choose one of {', '.join(DP_ENGINES)}")
 
 
 class ParallelRun:
@@ -269,7 +103,7 @@ class ParallelRun:
         from ltk.parallel.cp_train import attach
 
         setting = ContextParallel(self.mesh.comm("cp"), method=impl, layout=layout)
-        attach(_unwrapped(self.model), setting)
+        attach(unwrapped(self.model), setting)
         return setting
 
     @property
@@ -367,7 +201,7 @@ class ParallelRun:
     def _complete(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every key of the module's state dict: a tied alias an engine listed once (GPT's
         lm_head.weight is wte.weight) gets the value of the name it shares storage with."""
-        own = _unwrapped(self.model).state_dict(keep_vars=True)
+        own = unwrapped(self.model).state_dict(keep_vars=True)
         ptr = {}
         for k, t in own.items():
             ptr.setdefault(t.untyped_storage().data_ptr(), []).append(k)
@@ -393,10 +227,10 @@ class ParallelRun:
         if self.cp is not None:  # the cp ranks of a replica score shards of the same batches: add over both
             from ltk.parallel.cp_train import eval_sums
 
-            return EvalShare(model=_unwrapped(self.model), rank=self.dp_rank, size=self.dp_size,
+            return EvalShare(model=unwrapped(self.model), rank=self.dp_rank, size=self.dp_size,
                              lockstep=not self._whole_locally(), all_reduce=sum_over(dp, self.mesh.comm("cp")),
                              eval_sums=eval_sums(self.cp, self.tp > 1))
-        return EvalShare(model=_unwrapped(self.model), rank=self.dp_rank, size=self.dp_size,
+        return EvalShare(model=unwrapped(self.model), rank=self.dp_rank, size=self.dp_size,
                          lockstep=not self._whole_locally(), all_reduce=sum_over(dp),
                          eval_sums=tp_eval_sums(objective) if self.tp > 1 else None)
 

@@ -36,7 +36,7 @@ Checkpoints: each rank's boxes are its DTensor shards under the single-process n
 run saved here resumes on one process, under our pipeline or fsdp2, and the other way round,
 and `ltk generate` / `ltk export --hf` read it.
 
-What does not compose (ltk/training/config_check.py refuses it): fsdp2 x tp x pp (a 3-D mesh;
+What does not compose (ltk/training/config_check_engines.py refuses it): fsdp2 x tp x pp (a 3-D mesh;
 not wired), and FSDP2 under the lab's executor (its hand-written schedule does not drive FSDP's
 no_sync / post-backward; use this one, or --parallel ddp --parallel.pp N).
 """

@@ -6,7 +6,7 @@ training, then the adapter applied (LoRA's A drawn, QLoRA's NF4 codes computed).
 zero3 / fsdp2 with an adapter (`adapted_on_meta`): the frozen base is never whole on a rank — the
 FSDP + QLoRA recipes' "low-memory loading", done as pre-training's deferred init (ltk/models/init.py):
 
-    1. the base built on the meta device (Trainer._build_model) and the adapter applied there
+    1. the base built on the meta device (ltk/training/trainer_setup.py, build_model) and the adapter applied there
        (apply_adapter: LoRALinear modules; QLoRA's NF4Linear storage, shapes only)
     2. every meta tensor tagged with where its value comes from (init.py's `_ltk_init`: a fill
        function and a name, called on a full-size tensor when a rank needs that tensor):
