@@ -96,6 +96,19 @@ def tiny_base(tiny_corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def uneven_rows(tmp_path_factory) -> str:
+    """Alpaca rows of uneven length (1 to 8 words, 3 of each): ranks and micro-batches see
+    different numbers of response tokens; no exact match to score (the response loss is)."""
+    import json
+
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    path = tmp_path_factory.mktemp("rows") / "rows.jsonl"
+    path.write_text("\n".join(json.dumps({"instruction": "Repeat the words.", "input": " ".join(words[:k]),
+                                          "output": " ".join(words[:k])}) for k in range(1, 9) for _ in range(3)))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def hf_gpt2(tiny_corpus, tmp_path_factory):
     """A transformers GPT-2 folder written from random weights (a config, no download; no dropout),
     2 layers, 32 wide, 32 positions, with a byte-level BPE tokenizer.json trained on the tiny corpus."""

@@ -47,8 +47,8 @@ def plot_balance(rows: list[dict], cp: int, T: int):
     the planned tiles (dots, right axis)."""
     import matplotlib.pyplot as plt
 
-    from ltk.parallel.timeline import _ready_times, split_step
-    from ltk.parallel.timeline_plot import COLORS
+    from ltk.parallel.timeline import _ready_times
+    from ltk.parallel.timeline_plot import COLORS, draw_step
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 2.2 + 1.1 * cp), gridspec_kw={"width_ratios": [3, 1.3]})
     for (gantt, bars), layout in zip(axes, ("contiguous", "zigzag")):
@@ -60,11 +60,7 @@ def plot_balance(rows: list[dict], cp: int, T: int):
         ready = _ready_times(window)
         t0 = min(steps[0]["start"] for steps in window if steps)
         for rank, steps in enumerate(window):
-            s = steps[0]
-            gantt.broken_barh([((s["start"] - t0) * 1e3, (s["end"] - s["start"]) * 1e3)], (rank - 0.4, 0.8),
-                              color=COLORS["compute"])
-            for a, b, kind, _op in split_step(s, ready)["segments"]:
-                gantt.broken_barh([((a - t0) * 1e3, (b - a) * 1e3)], (rank - 0.4, 0.8), color=COLORS[kind])
+            draw_step(gantt, rank, steps[0], ready, t0)
         gantt.set_yticks(range(len(window)), [f"rank {k}" for k in range(len(window))])
         gantt.invert_yaxis()
         gantt.set(xlabel="ms since the first rank began the step",

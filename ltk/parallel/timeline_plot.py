@@ -8,13 +8,24 @@ from pathlib import Path
 COLORS = {"compute": "#4c72b0", "comm": "#dd8452", "idle": "#bbbbbb"}
 
 
+def draw_step(ax, rank: int, step: dict, ready, t0: float) -> None:
+    """One rank's step as a lane of a Gantt chart (ms from t0): the step as compute, with its
+    exposed-communication and idle spans (timeline.split_step) drawn over it."""
+    from ltk.parallel.timeline import split_step
+
+    ax.broken_barh([((step["start"] - t0) * 1e3, (step["end"] - step["start"]) * 1e3)], (rank - 0.4, 0.8),
+                   color=COLORS["compute"])
+    for a, b, kind, _op in split_step(step, ready)["segments"]:
+        ax.broken_barh([((a - t0) * 1e3, (b - a) * 1e3)], (rank - 0.4, 0.8), color=COLORS[kind])
+
+
 def plot_timeline(window: list[list[dict]], rows: list[dict], path: str | Path, shared_clock: bool = True) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ltk.parallel.timeline import _ready_times, per_rank_means, split_step
+    from ltk.parallel.timeline import _ready_times, per_rank_means
 
     ready = _ready_times(window) if shared_clock else None
     fig, (gantt, bars) = plt.subplots(1, 2, figsize=(13, 1.8 + 0.6 * len(window)),
@@ -24,11 +35,7 @@ def plot_timeline(window: list[list[dict]], rows: list[dict], path: str | Path, 
     for rank, steps in enumerate(window):
         if not steps:
             continue
-        s = steps[-1]
-        gantt.broken_barh([((s["start"] - t0) * 1e3, (s["end"] - s["start"]) * 1e3)], (rank - 0.4, 0.8),
-                          color=COLORS["compute"])
-        for a, b, kind, _op in split_step(s, ready)["segments"]:
-            gantt.broken_barh([((a - t0) * 1e3, (b - a) * 1e3)], (rank - 0.4, 0.8), color=COLORS[kind])
+        draw_step(gantt, rank, steps[-1], ready, t0)
     gantt.set_yticks(range(len(window)), [f"rank {r}" for r in range(len(window))])
     gantt.invert_yaxis()
     gantt.set_xlabel("ms since the first rank began the step" if shared_clock else "ms since each rank's step start")

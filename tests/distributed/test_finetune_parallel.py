@@ -17,13 +17,8 @@ RUNS = [("lora", "ddp"), ("lora", "zero3"), ("lora", "fsdp2"), ("qlora", "zero3"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Alpaca rows of uneven length: ranks see different numbers of response tokens."""
-    words = "alpha beta gamma delta epsilon zeta eta theta".split()
-    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
-    path.write_text("\n".join(json.dumps({"instruction": "Repeat the words.", "input": " ".join(words[:k]),
-                                          "output": " ".join(words[:k])}) for k in range(1, 9) for _ in range(3)))
-    return str(path)
+def data(uneven_rows):
+    return uneven_rows
 
 
 def _cfg(base, data, out, method, parallel="auto", steps=STEPS, grad_accum=1, **kw):

@@ -12,13 +12,8 @@ from ltk.training.finetune import FinetuneConfig, run_finetune
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Alpaca rows of uneven length (no exact match to score: the evaluation is the response loss)."""
-    words = "alpha beta gamma delta epsilon zeta eta theta".split()
-    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
-    path.write_text("\n".join(json.dumps({"instruction": "Repeat the words.", "input": " ".join(words[:k]),
-                                          "output": " ".join(words[:k])}) for k in range(1, 9) for _ in range(3)))
-    return str(path)
+def data(uneven_rows):
+    return uneven_rows
 
 
 def _cfg(base, out, method, steps, data, **kw):
