@@ -239,7 +239,8 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
              cluster=args.cluster, efficiency=args.efficiency,
              reduce_dtype=None if args.reduce_dtype == "auto" else args.reduce_dtype,
              cp=args.cp, cp_impl=args.cp_impl, method=args.method, lora_r=args.lora_r,
-             lora_targets=args.lora_targets, compute_dtype=args.compute_dtype)
+             lora_targets=args.lora_targets, compute_dtype=args.compute_dtype,
+             reshard_after_forward=args.reshard_after_forward == "true")
     p["preset"], p["seq_len"], p["batch"] = name, seq, args.batch_size
     text = format_finetune_plan(p) if args.method else format_plan(p)
     print(json.dumps(p, indent=2) if args.json else text)
@@ -513,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--sequence-parallel", "--parallel.sequence_parallel", dest="sequence_parallel",
                     action="store_true")
     pl.add_argument("--recompute", action="store_true", help="full activation recomputation")
+    pl.add_argument("--reshard-after-forward", "--parallel.reshard_after_forward", dest="reshard_after_forward",
+                    default="true", choices=("true", "false"),
+                    help="fsdp2: free each gathered block after its forward (true, ZeRO-3) or keep it to the backward")
     pl.add_argument("--cluster", help="predict step time, MFU and tokens/s on a cluster: dgx-a100, dgx-h100, "
                     "h200-node, cpu-gloo or a .json description (ltk/parallel/cluster.py)")
     pl.add_argument("--efficiency", type=float, help="with --cluster: fraction of peak FLOP/s the kernels reach "

@@ -27,6 +27,16 @@ wire bytes; one all-reduce moves 2(N-1)/N · B on the wire, a reduce-scatter or 
 
 so on the wire ZeRO-1/2 equal DDP at m = 1 and ZeRO-3 moves 1.5x DDP (ZeRO §7.2.2).
 
+FSDP2 (fully_shard, ltk/parallel/fsdp2.py) shards like ZeRO-3 and gathers by its own settings
+(fsdp2_comm_bytes; Ψ_r the root unit's parameters: embeddings, positions, final norm, an untied head):
+
+    FSDP2    per micro-batch: all-gather Ψ_r p once (the root is not resharded after forward) and
+             every block's Ψp twice (once with reshard_after_forward false); reduce-scatter Ψg once
+             per step (set_requires_gradient_sync(False) while accumulating)
+
+measured equal, byte for byte, by counting the collectives of `ltk train --parallel fsdp2`
+(ltk/parallel/comm_meter.py; tests/distributed/test_comm_plan.py).
+
 Activations per transformer layer, 16-bit, (Korthikanti et al. 2022, "Reducing Activation
 Recomputation in Large Transformer Models", eqs. 1-2 and §4.2), s sequence, b micro-batch,
 h hidden, a heads, t tensor-parallel degree:
@@ -104,6 +114,27 @@ def zero_comm_bytes(num_params: int, stage: int, micro_batches: int = 1,
     if stage == 2:
         return {"reduce_scatter": m * g, "all_gather": p}
     return {"all_gather": 2 * m * p, "reduce_scatter": m * g}
+
+
+def fsdp2_comm_bytes(num_params: int, root_params: int, micro_batches: int = 1, prec: Precision = Precision(),
+                     reshard_after_forward: bool = True) -> dict[str, int]:
+    """Payload bytes per optimizer step of FSDP2 (module docstring): the root gathered once a
+    micro-batch, the blocks twice (once without resharding), gradients reduce-scattered once a step."""
+    blocks = num_params - root_params
+    gathers = 2 if reshard_after_forward else 1
+    return {"all_gather": micro_batches * prec.param * (root_params + gathers * blocks),
+            "reduce_scatter": prec.comm_grad * num_params}
+
+
+def fsdp2_pp_comm_bytes(stage_params: int, stage_root: int, micro_batches: int,
+                        prec: Precision = Precision()) -> dict[str, int]:
+    """FSDP2 stages under torch.distributed.pipelining (ltk/parallel/torch_pp_fsdp.py): the schedule
+    turns resharding after *backward* and gradient sync off for every micro-batch but the last, not
+    resharding after forward, so a block is gathered in each of the m forwards and once more in the
+    first backward (then kept), the stage's root once; one reduce-scatter a step."""
+    blocks = stage_params - stage_root
+    return {"all_gather": prec.param * (stage_root + (micro_batches + 1) * blocks),
+            "reduce_scatter": prec.comm_grad * stage_params}
 
 
 WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,

@@ -5,7 +5,9 @@ plan first, then fully_shard per block and on the root over the dp mesh.
 
     fsdp2       every parameter a DTensor Shard(0) over dp (FSDP2's per-parameter sharding,
                 Zhao et al. 2023 / torchtitan §2.1): all-gather a block before its forward and
-                backward, reduce-scatter its gradients after; the same bytes as ZeRO-3
+                backward, reduce-scatter its gradients after; ZeRO-3's sharding, with
+                the root gathered once a micro-batch and one reduce-scatter a step
+                (cost.fsdp2_comm_bytes, counted equal by ltk/parallel/comm_meter.py)
     torch-tp    DTensor ColwiseParallel / RowwiseParallel over all ranks (dp = 1, no fully_shard)
     fsdp2 x tp  both: TP DTensors over the tp dim, then sharded over dp (FSDP2's 2-D layout)
 

@@ -33,7 +33,8 @@ For gpt2-350m on 4 ranks in fp32 this is 0.83 GB against 1.42 GB of sharded stat
 world size a ZeRO-3 rank's peak is dominated by the units it gathers, not by its shards.
 
 fsdp2 (PyTorch's fully_shard, ltk/parallel/fsdp2.py) shards the same states as ZeRO-3 (the same
-params/grads/optimizer bytes and collectives) and gathers by its own rules (`fsdp2_gathered_bytes`):
+params/grads/optimizer bytes; its collectives are its own, below) and gathers by its own rules
+(`fsdp2_gathered_bytes`):
 the root (embeddings, final norm, head) stays gathered from its forward to its backward
 (reshard_after_forward false on the root, as torchtitan), the computing block and the one
 prefetched, plus the flat all-gather buffer of the block in flight, which FSDP2 copies out into the
@@ -41,6 +42,15 @@ parameters; gradients: the root's whole, the block computing its gradient and th
 one being reduce-scattered:
 
     gathered(fsdp2) = p·(root + 3·block) + g·(root + 2·block)
+
+With --reshard-after-forward false (`--parallel.reshard_after_forward false`) every block stays
+gathered from its forward to its backward: p·Ψ in place of p·(root + 3·block), one all-gather a
+block per micro-batch instead of two. With gradient accumulation (m > 1) FSDP2 runs the micro-batches
+before the last without gradient sync (`set_requires_gradient_sync(False)`), so every gradient stays
+whole, in the reduce dtype, until the step's one reduce-scatter: g_r·Ψ + g·block in place of
+g·(root + 2·block) — the bytes ZeRO-3 would reduce-scatter m - 1 more times, held instead.
+Its collectives (cost.fsdp2_comm_bytes): all-gather m·p·(root + 2·blocks), reduce-scatter g_r·Ψ once,
+counted equal to what `ltk train --parallel fsdp2` issues (ltk/parallel/comm_meter.py).
 
 Measured (`ltk bench parallel-memory --strategy fsdp2`, gpt2-350m, 4 CPU ranks, fp32): the
 training peak is 1.00x this plan (2.17 GiB per rank; our zero3 at the same flags 1.02x of its
@@ -57,7 +67,10 @@ parameters gathered and its gradients whole until the step's reduce-scatter (`fs
                                                     g_r: bytes of a gradient in the reduce dtype
 
 — the sharding saves memory between steps (the 1/dp shards, AdamW's moments), not at the step's
-peak. Read from torch's code, not measured here.
+peak (read from torch's code). Its collectives, counted (ltk/parallel/comm_meter.py): resharding
+after forward stays on, so each block is gathered in every forward and once more in the first
+backward, the stage's root once: all-gather p·(root_stage + (m + 1)·blocks_stage); one reduce-scatter
+g_r·Ψ_stage a step; the tied table's gradient summed as dp shards, V·h·g/dp (cost.fsdp2_pp_comm_bytes).
 
 DeepSpeed's stages (ltk/parallel/deepspeed_engine.py) shard what ours shard, with one difference
 the plan adds: DeepSpeed's optimizer always works on a flat fp32 *copy* of its partition
@@ -151,20 +164,30 @@ def params_per_rank(s: Shape, tp: int, pp: int) -> int:
     return blocks + max(embed, head)
 
 
-def gathered_bytes(s: Shape, tp: int, prec: cost.Precision) -> int:
-    """ZeRO-3's working set of whole parameters and gradients (module docstring)."""
+def units(s: Shape, tp: int) -> tuple[int, int]:
+    """(root, block): the parameters of ZeRO-3's / FSDP2's root unit (embeddings, positions, final
+    norm, an untied head) and of one block, on a rank of a tp split."""
     block = s.block_matrix // tp + s.block_split_vector // tp + s.block_whole_vector
     table = s.vocab * s.hidden // tp
-    root = table + s.positions * s.hidden + s.final_norm + (0 if s.tied else table)
+    return table + s.positions * s.hidden + s.final_norm + (0 if s.tied else table), block
+
+
+def gathered_bytes(s: Shape, tp: int, prec: cost.Precision) -> int:
+    """ZeRO-3's working set of whole parameters and gradients (module docstring)."""
+    root, block = units(s, tp)
     return prec.param * (root + 2 * block) + prec.grad * (2 * root + 2 * block)
 
 
-def fsdp2_gathered_bytes(s: Shape, tp: int, prec: cost.Precision) -> int:
-    """FSDP2's working set of whole parameters and gradients (module docstring)."""
-    block = s.block_matrix // tp + s.block_split_vector // tp + s.block_whole_vector
-    table = s.vocab * s.hidden // tp
-    root = table + s.positions * s.hidden + s.final_norm + (0 if s.tied else table)
-    return prec.param * (root + 3 * block) + prec.grad * (root + 2 * block)
+def fsdp2_gathered_bytes(s: Shape, tp: int, prec: cost.Precision, micro_batches: int = 1,
+                         reshard_after_forward: bool = True) -> int:
+    """FSDP2's working set of whole parameters and gradients (module docstring): without resharding
+    after forward every block stays gathered until its backward; while accumulating (m > 1) every
+    gradient stays whole, in the reduce dtype, until the step's one reduce-scatter."""
+    root, block = units(s, tp)
+    params = prec.param * (root + 3 * block if reshard_after_forward else params_per_rank(s, tp, 1))
+    grads = prec.grad * (root + 2 * block) if micro_batches == 1 else \
+        prec.comm_grad * params_per_rank(s, tp, 1) + prec.grad * block
+    return params + grads
 
 
 def fsdp2_pp_gathered_bytes(s: Shape, tp: int, pp: int, prec: cost.Precision) -> int:
@@ -200,7 +223,7 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
          virtual: int = 1, sequence_parallel: bool = False, recompute: bool = False, flash: bool = True,
          cluster=None, efficiency: float | None = None, reduce_dtype: str | None = None, cp: int = 1,
          cp_impl: str = "ring", method: str | None = None, lora_r: int = 8, lora_targets: str = "",
-         compute_dtype: str = "fp32") -> dict[str, Any]:
+         compute_dtype: str = "fp32", reshard_after_forward: bool = True) -> dict[str, Any]:
     """Bytes per rank and per step for one configuration; keys as `ltk plan --json` prints.
     With `cluster` (a preset name, a JSON path or a parallel.cluster.Cluster) also the key
     "prediction" (predict below); `efficiency` overrides the simulator's compute efficiency.
@@ -209,7 +232,8 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
         from ltk.parallel.plan_finetune import plan_finetune
 
         ignored = [f for f, v in (("--tp", tp > 1), ("--pp", pp > 1), ("--cp", cp > 1), ("--cluster", cluster),
-                                  ("--sequence-parallel", sequence_parallel), ("--reduce-dtype", reduce_dtype)) if v]
+                                  ("--sequence-parallel", sequence_parallel), ("--reduce-dtype", reduce_dtype),
+                                  ("--reshard-after-forward false", not reshard_after_forward)) if v]
         if ignored:
             raise ValueError(f"the fine-tuning plan (--method {method}) covers data parallelism (none, ddp, zero3, "
                              f"fsdp2) over the whole world; drop {', '.join(ignored)}")
@@ -243,7 +267,14 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
     logits = b * T * s.vocab // tp * 4  # the fp32 logits the loss reads (last stage)
     activations = int(layer * math.ceil(s.layers / pp) * in_flight + logits) + cpx["buffers"]
 
-    comm = cost.zero_comm_bytes(psi, stage, micro_batches, prec) if dp * cp > 1 else {}
+    comm = {}
+    if dp * cp > 1:
+        if strategy == "fsdp2" and pp > 1:  # the largest stage: its blocks, the rest its root
+            comm = cost.fsdp2_pp_comm_bytes(psi, psi - math.ceil(s.layers / pp) * units(s, tp)[1], micro_batches, prec)
+        elif strategy == "fsdp2":
+            comm = cost.fsdp2_comm_bytes(psi, units(s, tp)[0], micro_batches, prec, reshard_after_forward)
+        else:
+            comm = cost.zero_comm_bytes(psi, stage, micro_batches, prec)
     m = micro_batches
     breakdown = {"data_parallel": comm}
     if tp > 1:
@@ -255,6 +286,8 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
         pp_bytes = cost.pp_comm_bytes(pp, m, b, T, s.hidden, virtual if schedule == "interleaved" else 1,
                                       dtype_bytes=prec.param, vocab=s.vocab if s.tied else None)
         sends, tied = pp_bytes["per_rank_send"], pp_bytes["per_rank_all_reduce"]
+        if strategy == "fsdp2":  # the tied table's gradient is summed as dp shards (torch_pp_fsdp.py)
+            tied = [math.ceil(b / (dp * cp)) for b in tied]
         r = max(range(pp), key=lambda i: sends[i] + tied[i])  # the busiest stage: boundaries + tied weight
         breakdown["pipeline"] = {"send": sends[r], **({"all_reduce": tied[r]} if tied[r] else {})}
     if cp > 1:
@@ -264,7 +297,8 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
         if strategy == "fsdp2" and pp > 1:
             gathered = fsdp2_pp_gathered_bytes(s, tp, pp, prec)
         else:
-            gathered = (fsdp2_gathered_bytes if strategy == "fsdp2" else gathered_bytes)(s, tp, prec)
+            gathered = fsdp2_gathered_bytes(s, tp, prec, micro_batches, reshard_after_forward) \
+                if strategy == "fsdp2" else gathered_bytes(s, tp, prec)
     if strategy.startswith("deepspeed-") and dtype == "fp32":  # its fp32 copy of the partition (docstring)
         states = {**states, "optimizer": states["optimizer"] + 4 * math.ceil(psi / (dp * cp))}
     total = states["params"] + states["grads"] + states["optimizer"] + activations + gathered

@@ -61,7 +61,10 @@ pre-training, with P_u the bytes of unit u's weights as its all-gather moves the
 NF4 + adapters, padded) and gradients only for the trainable part:
 
     gathered(zero3) = P_root + 2·P_block + t·(2·ψ_root + 2·ψ_block)
-    gathered(fsdp2) = P_root + 3·P_block + t·(ψ_root + 2·ψ_block)
+    gathered(fsdp2) = P_root + 3·P_block + t·(ψ_root + 2·ψ_block)     m > 1: t·(Σ_u ψ_u + ψ_block)
+
+(FSDP2 accumulates the micro-batches before the last without gradient sync: the trainable
+gradients stay whole until the step's one reduce-scatter)
 
 (for full fine-tuning P_u = t·Ψ_u, ψ_u = Ψ_u: plan.py's gathered_bytes / fsdp2_gathered_bytes).
 A dequantized NF4 tile lives only inside the matmul (ltk/kernels/nf4.py): not counted.
@@ -164,7 +167,8 @@ def plan_finetune(family: str, cfg, *, method: str, world: int, strategy: str = 
         p = [gathered_unit_bytes(u, strategy, n, dtype) for u in units]
         root, (p_block, block) = units[0], max(zip(p[1:], units[1:]), key=lambda x: x[0] + t * x[1].psi)
         if strategy == "fsdp2":
-            gathered = p[0] + 3 * p_block + t * (root.psi + 2 * block.psi)
+            gathered = p[0] + 3 * p_block + t * (root.psi + 2 * block.psi if micro_batches == 1 else
+                                                 sum(u.psi for u in units) + block.psi)  # m > 1: grads whole
             gather = micro_batches * (p[0] + 2 * sum(p[1:]))  # the root stays gathered from forward to backward
             reduce = sum(reduced_unit_bytes(u, strategy, n, dtype) for u in units)  # once a step (no_sync)
         else:

@@ -205,7 +205,16 @@ def sum_grad_over_tp(param: nn.Parameter, comm: Comm) -> None:
     parameter that, under sequence parallelism, sees only this rank's sequence shard (norm
     gains, a bias added after ḡ, position embeddings): each rank's gradient is a partial
     sum over its tokens. The hook reduces each incoming gradient before it is accumulated,
-    so it stays right under gradient accumulation; one all-reduce per micro-batch."""
+    so it stays right under gradient accumulation; one all-reduce per micro-batch.
+
+    A parameter still on the meta device is made real first: making it real later swaps the
+    tensor under the Python object (ltk/models/init.py make_real), and a hook registered before
+    the swap would never fire — each rank would step on its partial sum alone."""
+    if param.is_meta:
+        from ltk.models.init import make_real, materialized
+
+        make_real(param, materialized(param))
+
     def hook(grad):
         grad = grad.contiguous().clone()
         comm.all_reduce(grad)

@@ -45,7 +45,9 @@ def plan_for_run(cfg: RunConfig, world: int, dtype: str, seq_len: int) -> dict[s
     return plan(cfg.family, cfg.model, world=world, strategy=strategy, tp=p.tp, pp=p.pp, batch=batch,
                 seq_len=seq_len, micro_batches=t.grad_accum, dtype=dtype, schedule=p.schedule,
                 virtual=p.virtual_stages, sequence_parallel=p.sequence_parallel,
-                recompute=t.activation_checkpointing, cp=p.cp, cp_impl=p.cp_impl)
+                recompute=t.activation_checkpointing, cp=p.cp, cp_impl=p.cp_impl,
+                reshard_after_forward=p.reshard_after_forward,
+                reduce_dtype=None if p.reduce_dtype == "auto" else p.reduce_dtype)
 
 
 def compare(rank: dict[str, Any], plan_total: int | None, full: int) -> dict[str, Any]:

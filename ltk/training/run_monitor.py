@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ltk.models.qlora import memory_breakdown
+from ltk.parallel.comm_meter import CommMeter, comm_summary
 from ltk.parallel.timeline import Timeline
 from ltk.training.loggers import Loggers
 from ltk.training.memory import MemoryProbe
@@ -93,6 +94,8 @@ class RunMonitor:
         profile    --profile: torch.profiler over a few steps, NVML over the run (ltk/training/profiling.py)
         timeline   multi-process runs: each step per rank split into compute / exposed comm / idle
                    (ltk/parallel/timeline.py)
+        comm       multi-process runs: the payload bytes of each step's collectives, by collective,
+                   beside the plan's (ltk/parallel/comm_meter.py)
     """
 
     def __init__(self, tr: Trainer):
@@ -109,6 +112,7 @@ class RunMonitor:
         self.profile = RunProfile(tr.run_dir / "profile", rt.device, active=t.profile_steps, first_step=tr.step,
                                   steps_left=t.max_steps - tr.step, enabled=t.profile and rt.is_main)
         self.timeline = Timeline(rt.device, enabled=rt.world_size > 1 and t.timeline)
+        self.comm = CommMeter(enabled=rt.world_size > 1)
 
     def start(self) -> None:
         self.watch.start()  # the end of "init": data, model and engine are built
@@ -117,6 +121,7 @@ class RunMonitor:
     def step_done(self, seconds: float, tokens: int) -> None:
         self.step_times.append(seconds)
         self.window_tokens += tokens
+        self.comm.step_done()
 
     def row(self, tr: Trainer, loss: float, grad_norm: float) -> dict[str, Any]:
         """The logged row of this step, its throughput over the window (module docstring)."""
@@ -155,6 +160,8 @@ class RunMonitor:
                    **self.timeline.summary(), "seconds": time.perf_counter() - self.started}
         if self.step_times:
             summary["step_ms_median"] = 1e3 * sorted(self.step_times)[len(self.step_times) // 2]
+        if self.comm.steps:  # rank 0's collectives per step beside the plan's
+            summary["comm_per_step"] = comm_summary(self.comm, tr.cfg, tr.rt.world_size, tr.rt.dtype, tr.seq_len)
         if tr.task is not None:
             summary.update(tr.task.summary(tr.model, tr.before, last, self.memory.result))
         if tr.base_load is not None:  # rank 0's: what set-up held of the frozen base

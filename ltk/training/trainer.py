@@ -265,7 +265,7 @@ class Trainer:
                 while self.step < t.max_steps:
                     mon.timeline.begin_step(self.step)
                     t0 = time.perf_counter()
-                    with mon.memory:
+                    with mon.memory, mon.comm:
                         loss, grad_norm = self.train_step()
                     mon.step_done(time.perf_counter() - t0, self.last_step_tokens)
                     mon.timeline.end_step()
