@@ -299,6 +299,20 @@ def _rope_specs() -> list[Spec]:
     return out
 
 
+def _ce_specs() -> list[Spec]:
+    """Our cross-entropy (ltk/kernels/cross_entropy.py, the kernel the fused linear cross-entropy
+    calls per chunk) over 4096 rows × V = 32000, Liger's shape below: the loss and the gradient
+    written over the logits in one launch (WRITE_GRAD), two passes over each row, BLOCK elements
+    an iteration."""
+    import ltk.kernels.cross_entropy as ce
+
+    block, warps = ce.launch_config(32000)
+    return [Spec("cross_entropy.fwd+bwd", "ours", "ltk.kernels.cross_entropy:_ce_kernel", "4096 rows × V=32000",
+                 dict(X="T", Y="i64", LOSS="fp32"), lambda dtype: dict(HAS_SOFTCAP=False, WRITE_GRAD=True),
+                 unit="element", units=_tile_units("BLOCK"), candidates=_fixed(Candidate(dict(BLOCK=block), warps, 3)),
+                 floats=("smoothing", "z_loss", "softcap", "scale"), aligned=("stride", "V"))]
+
+
 def _liger_specs() -> list[Spec]:
     """Liger-Kernel's RMSNorm, LayerNorm, SwiGLU, RoPE and cross-entropy kernels as its launchers
     configure them (liger_kernel.ops.utils.calculate_settings: BLOCK_SIZE = next power of two of the
@@ -357,6 +371,7 @@ def _liger_specs() -> list[Spec]:
 
 
 def all_specs() -> list[Spec]:
-    """Every spec: ours (attention, NF4, LoRA, norms, SwiGLU/GeGLU, RoPE), the matmul floor, Liger's
+    """Every spec: ours (attention, NF4, LoRA, norms, SwiGLU/GeGLU, RoPE, cross-entropy), the matmul floor, Liger's
     (when installed)."""
-    return _attention_specs() + _gemm_like_specs() + _norm_specs() + _glu_specs() + _rope_specs() + _liger_specs()
+    return (_attention_specs() + _gemm_like_specs() + _norm_specs() + _glu_specs() + _rope_specs() + _ce_specs()
+            + _liger_specs())

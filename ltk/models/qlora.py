@@ -259,7 +259,8 @@ def memory_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer | None =
                           norms, head, frozen biases)
         trainable         parameters that require grad (the LoRA A and B)
         gradients         the .grad tensors present now (after a backward; 0 before)
-        optimizer_states  tensors in optimizer.state (AdamW: exp_avg, exp_avg_sq, step)
+        optimizer_states  tensors in optimizer.state (AdamW: exp_avg, exp_avg_sq, step), and the
+                          fp32 masters of a mixed-precision MasterOptimizer
         total             the sum
     """
     if engine is not None and hasattr(engine, "frozen_bytes"):
@@ -291,6 +292,8 @@ def memory_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer | None =
     for p in params:
         add("gradients", p.grad)
     if optimizer is not None:
+        for m in optimizer.masters() if hasattr(optimizer, "masters") else []:  # mixed precision's fp32 copy
+            add("optimizer_states", m)
         for state in optimizer.state.values():
             for v in state.values():
                 if isinstance(v, torch.Tensor):

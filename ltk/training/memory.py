@@ -57,7 +57,8 @@ def _modules(model: torch.nn.Module | Sequence[torch.nn.Module]) -> list[torch.n
 def _optimizer_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
     if optimizer is None:
         return []
-    return [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    masters = optimizer.masters() if hasattr(optimizer, "masters") else []  # mixed precision: the fp32 copy
+    return [*masters, *(v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))]
 
 
 def memory_by_category(model: torch.nn.Module | Sequence[torch.nn.Module], optimizer: torch.optim.Optimizer | None,
@@ -69,7 +70,8 @@ def memory_by_category(model: torch.nn.Module | Sequence[torch.nn.Module], optim
         gradients         `grad_buffers` (flat gradient buckets, of which .grad are views) and
                           the .grad tensors present now (0 before a backward, after zero_grad)
         optimizer_states  every tensor in optimizer.state (AdamW: exp_avg, exp_avg_sq, the
-                          0-d step counters)
+                          0-d step counters), and under mixed precision the fp32 masters
+                          (ltk/parallel/mixed.py MasterOptimizer: ZeRO's K = 12)
         activations       `activations_bytes`, measured by the caller (see ActivationPeak)
         total             the sum of the four
         device_peak       on CUDA: torch.cuda.max_memory_allocated, the allocator's high-water

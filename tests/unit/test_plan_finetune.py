@@ -27,6 +27,7 @@ CONFIGS = {"gpt": GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n
 BATCH, SEQ = 4, 16
 # (config, method, targets, strategy, dtype, r) measured on 2 ranks in one spawn
 TWO_RANKS = [("gpt", "lora", "", "ddp", "fp32", 4), ("llama", "qlora", "", "ddp", "fp32", 4),
+             ("gpt", "lora", "", "ddp", "bf16", 4),  # MasterOptimizer: its fp32 masters are optimizer state
              ("gpt-odd", "lora", "", "zero3", "fp32", 3), ("gpt-odd", "qlora", "", "zero3", "fp32", 3),
              ("llama-odd", "qlora", "", "zero3", "bf16", 3), ("gpt-odd", "qlora", "", "fsdp2", "fp32", 3),
              ("gpt-odd", "lora", "c_attn,c_fc", "fsdp2", "bf16", 3), ("llama-odd", "qlora", "", "fsdp2", "fp32", 3)]
@@ -120,7 +121,7 @@ def test_ddp_two_ranks_replicate_and_all_reduce_the_adapter_gradients_only(two_r
     for i, (family, method, targets, strategy, dtype, r) in enumerate(TWO_RANKS):
         if strategy != "ddp":
             continue
-        plan, one = _plan(family, method, 2, targets), _plan(family, method, 1, targets)
+        plan, one = (_plan(family, method, n, targets, dtype=dtype, r=r) for n in (2, 1))
         assert plan["components"] == one["components"]  # ddp replicates every component
         for m in (ranks[i] for ranks in two_ranks):
             assert {k: m[k] for k in COMPONENTS} == plan["components"]

@@ -156,6 +156,22 @@ def test_memory_by_category_counts_bytes_by_hand():
         memory_by_category(model, opt, -1)
 
 
+def test_mixed_precision_counts_the_fp32_masters_as_optimizer_state():
+    """bf16 weights and gradients (2 bytes each), the fp32 master in the optimizer: ZeRO's K = 12
+    (4 master + 8 moments) plus the step counters; the fp32 gradient copy is gone after the step."""
+    from ltk.parallel.mixed import MasterOptimizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 2))  # 26 parameters, 4 tensors
+    opt = MasterOptimizer(model.parameters(), lambda g: torch.optim.AdamW(g, foreach=False))
+    model(torch.randn(7, 5, dtype=torch.bfloat16)).float().sum().backward()
+    opt.step()
+    m = memory_by_category(model, opt, 0)
+    assert m["parameters"] == m["gradients"] == 2 * 26
+    assert m["optimizer_states"] == 12 * 26 + 4 * 4
+    assert all(master.grad is None for master in opt.masters())
+
+
 def test_tied_and_view_storages_count_once():
     emb = nn.Embedding(10, 4)
     head = nn.Linear(4, 10, bias=False)
