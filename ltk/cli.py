@@ -29,339 +29,9 @@ Any config field can be overridden by its dotted path: `--trainer.batch_size 32`
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from pathlib import Path
 
-
-def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from contextlib import nullcontext
-
-    from ltk.training.base_model import adopt_base
-    from ltk.training.checkpoint import load_checkpoint, read_state
-    from ltk.training.config import apply_overrides
-    from ltk.training.config_check import check_run
-    from ltk.training.config_file import config_from_dict, load_config, to_toml
-    from ltk.training.presets import get_preset
-    from ltk.training.rendezvous import DIST_TIMEOUT_ENV, Rendezvous
-    from ltk.training.resume import auto_resume, check_resume
-    from ltk.training.run_folder import claim_run_folder
-    from ltk.training.stop import TrainingStopped
-    from ltk.training.trainer import Trainer
-
-    rdzv = Rendezvous.from_args(args)  # --nproc, --nnodes ...: checked before anything starts
-    launch = rdzv.launches and "WORLD_SIZE" not in os.environ
-    world = rdzv.world if launch else int(os.environ.get("WORLD_SIZE", "1"))
-    if args.dist_timeout is not None:
-        if args.dist_timeout <= 0:
-            raise ValueError(f"--dist-timeout {args.dist_timeout}: must be > 0 seconds")
-        os.environ[DIST_TIMEOUT_ENV] = str(args.dist_timeout)  # this process's ranks inherit it
-    auto = args.resume == "auto"
-    if auto and args.overwrite:
-        raise ValueError("--resume auto continues the run in --out, --overwrite deletes it: give one")
-    if args.init_from and args.resume and not auto:
-        raise ValueError("--init-from starts a new run from a model's weights (fresh optimizer, step 0); "
-                         "--resume continues a run exactly: give one (--resume auto may go with --init-from)")
-    ckpt_path = state = init = None
-    if args.init_from:  # continued pre-training: the source's model and tokenizer (ltk/training/init_from.py)
-        from ltk.training.init_from import DEBUG_PRESETS, read_init_source
-
-        init = read_init_source(args.init_from)
-    if args.resume and not auto:
-        if args.preset or args.config:
-            raise SystemExit("ltk train: give --preset/--config or --resume, not both (a resumed run keeps its "
-                             "config; --resume auto takes them)")
-        ckpt_path, state = read_state(args.resume)  # the weights are read (and verified) by the trainer's process
-        cfg = config_from_dict(state["config"], ckpt_path / "state.json")
-        cfg.trainer.out_dir = str(ckpt_path.parent.parent)  # continue in the same run folder
-    elif args.config:
-        cfg = load_config(args.config, args.preset)  # the preset < the file
-    else:
-        cfg = get_preset(args.preset or (DEBUG_PRESETS[init.family] if init else "gpt-debug"))
-    if init is not None:
-        from ltk.training.init_from import adopt_init_source
-
-        adopt_init_source(cfg, init, preset=f"--preset {args.preset}" if args.preset else None)
-    if args.data is not None:
-        cfg.data.source = args.data
-    if args.max_steps is not None:
-        cfg.trainer.max_steps = args.max_steps
-    if args.out is not None:
-        cfg.trainer.out_dir = args.out
-    if args.device is not None:
-        cfg.trainer.device = args.device
-    if args.profile:
-        cfg.trainer.profile = True
-    if args.parallel is not None:
-        _set_parallel(cfg, args.parallel, world)
-    apply_overrides(cfg, overrides)
-    if init is not None:
-        from ltk.training.init_from import check_model_overrides
-
-        check_model_overrides(cfg, init)
-    adopt_base(cfg)  # --task.kind instruct: the architecture is the base's (ltk/training/base_model.py)
-    if args.print_config:
-        check_run(cfg, size=False, warn=False)
-        print(to_toml(cfg.to_dict()) if args.print_config == "toml" else cfg.to_json() + "\n", end="")
-        return 0
-    # the launching process (node 0's, on several nodes) claims the run folder (lock, no run mixed in)
-    # before any work or rank starts; ranks started by torchrun directly claim it in Trainer.fit
-    claims = "WORLD_SIZE" not in os.environ and (not launch or rdzv.claims_folder)
-    if auto:  # the newest valid checkpoint of --out, checked against this config; none: a fresh start
-        ckpt_path, state = auto_resume(cfg, deep=claims)  # every file hashed once, by the claiming process
-    elif state is not None:
-        check_resume(cfg, state, ckpt_path)
-    if launch:
-        check_run(cfg, world=world, warn=False)  # one clear error before any process starts
-    folder = claim_run_folder(cfg.trainer.out_dir, resume_from=ckpt_path, overwrite=args.overwrite,
-                              auto=auto) if claims else None
-    with folder or nullcontext():
-        if launch:
-            return _launch(rdzv, args.argv, folder, cfg.trainer.out_dir)
-        trainer = Trainer(cfg, resume=load_checkpoint(ckpt_path) if ckpt_path else None, overwrite=args.overwrite,
-                          folder=folder, auto=auto, init_from=init)
-        try:
-            result = trainer.fit()
-        except TrainingStopped as e:
-            if trainer.rt.is_main:
-                print(f"\n{e}: checkpoint {e.checkpoint}\ncontinue with: ltk train --resume {trainer.run_dir}")
-            return e.exit_code
-        finally:
-            trainer.rt.shutdown()
-    m = result.metrics
-    if m and trainer.rt.is_main:
-        extra = f" | val loss {m['val_loss']:.4f}" if "val_loss" in m else ""
-        extra += f" | val {m['val_bpb']:.4f} bits/byte" if "val_bpb" in m else ""
-        print(f"step {result.step}: loss {m['loss']:.4f}{extra}\ncheckpoint: {result.checkpoint}")
-    return 0
-
-
-# ours (ltk/parallel/, to learn from) | PyTorch's and DeepSpeed's production engines (to run at scale)
-PARALLEL_CHOICES = ("ddp", "naive-ddp", "zero1", "zero2", "zero3", "tp", "pp",
-                    "torch-ddp", "fsdp2", "torch-tp", "torch-pp",
-                    "deepspeed-zero1", "deepspeed-zero2", "deepspeed-zero3")
-
-
-def _set_parallel(cfg, name: str, world: int) -> None:
-    """--parallel NAME: a data-parallel engine over all ranks, or `tp` / `pp` (ours) and `torch-tp` /
-    `torch-pp` (PyTorch's DTensor TP, torch.distributed.pipelining) over all ranks.
-    Combinations: an engine plus --parallel.tp / --parallel.pp (dp = world / (tp · pp))."""
-    from ltk.training.config import ConfigError, did_you_mean
-
-    if name not in PARALLEL_CHOICES:
-        raise ConfigError(f"--parallel {name!r} is not one of {', '.join(PARALLEL_CHOICES)}"
-                          + did_you_mean(name, PARALLEL_CHOICES))
-    if name in ("tp", "pp", "torch-tp", "torch-pp") and world == 1:
-        raise ConfigError(f"--parallel {name} splits the model over several processes, but this run has one: "
-                          "add --nproc N (or start it with torchrun)")
-    if name in ("tp", "torch-tp"):
-        cfg.parallel.tp = world
-    elif name in ("pp", "torch-pp"):
-        cfg.parallel.pp = world
-        if name == "torch-pp":
-            cfg.parallel.pp_engine = "torch"
-    if name not in ("tp", "pp", "torch-pp"):
-        cfg.parallel.strategy = name
-
-
-def _launch(rdzv, argv: list[str], folder, out_dir: str) -> int:
-    """Re-run this command under torchrun with rdzv.nproc local processes (gloo on a CPU, NCCL on
-    GPUs), alone or in a rendezvous of several nodes (ltk/training/rendezvous.py), holding the run
-    folder for them: torchrun shares the lock and the ranks learn from LTK_RUN_FOLDER_HELD that it
-    is taken (on nodes other than 0, `folder` is None: node 0's launcher holds it for the job).
-    torchrun runs in a session of its own and gets each signal from here, once
-    (ltk/training/stop.py); a failure is reported as the ranks' own one-line errors
-    (ltk/training/launch.py)."""
-    from ltk.training.launch import launch
-    from ltk.training.rendezvous import rank_argv
-    from ltk.training.run_folder import HELD_ENV
-
-    fds = (folder.fd,) if folder is not None and folder.fd is not None else ()
-    return launch(rdzv.torchrun_args(out_dir), rank_argv(argv), "train",
-                  env={**rdzv.env(), HELD_ENV: str(Path(out_dir).resolve())}, pass_fds=fds)
-
-
-def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
-    if overrides:
-        raise SystemExit(f"ltk finetune: unexpected arguments {overrides}")
-    from ltk.training.finetune import FinetuneConfig, run_finetune
-
-    if args.nproc is not None and args.nproc < 1:
-        raise ValueError(f"--nproc {args.nproc}: must be >= 1")
-    if (args.nproc or 1) > 1 and "WORLD_SIZE" not in os.environ:  # this process launches the ranks
-        from ltk.training.launch import launch
-        from ltk.training.rendezvous import rank_argv
-
-        return launch(args.nproc, rank_argv(args.argv), "finetune")
-
-    cfg = FinetuneConfig(method=args.method, base=args.base, data=args.data, out_dir=args.out, steps=args.steps,
-                         batch_size=args.batch_size, max_len=args.max_len, lr=args.lr, lora_r=args.lora_r,
-                         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, use_rslora=args.rslora,
-                         targets=args.targets, compute_dtype=args.compute_dtype, limit=args.limit,
-                         eval_every=args.eval_every, eval_examples=args.eval_examples, seed=args.seed,
-                         device=args.device, merge=args.merge,
-                         packing=args.packing, grad_accum=args.grad_accum, dtype=args.dtype,
-                         ckpt_every=args.ckpt_every, profile=args.profile, stream=args.stream,
-                         stream_buffer=args.stream_buffer, chat_template=args.chat_template, parallel=args.parallel,
-                         warmup_steps=args.warmup_steps)
-    s = run_finetune(cfg, resume=args.resume, overwrite=args.overwrite)
-    if not s:  # a rank other than 0: rank 0 reports
-        return 0
-    score = "exact_match" if "exact_match" in s["after"] else "val_ppl"
-    print(f"{s['method']}: {s['trainable_params']:,} of {s['params']:,} parameters trained | {score} "
-          f"{s['before'][score]:.4g} -> {s['after'][score]:.4g} | {s['step_ms_median']:.1f} ms/step\n"
-          f"written to {cfg.out_dir}")
-    return 0
-
-
-def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
-    if overrides:
-        raise SystemExit(f"ltk plan: unexpected arguments {overrides}")
-    from ltk.models.gpt import GPT_SIZES, gpt_config
-    from ltk.models.llama import LLAMA_SIZES, llama_config
-    from ltk.parallel.plan import format_plan, plan
-    from ltk.parallel.plan_finetune import format_finetune_plan
-
-    name = args.preset
-    if name in GPT_SIZES:
-        family, cfg = "gpt", gpt_config(name)
-    elif name in LLAMA_SIZES:
-        family, cfg = "llama", llama_config(name)
-    else:
-        raise ValueError(f"unknown model {name!r} for ltk plan; known: {', '.join([*GPT_SIZES, *LLAMA_SIZES])}")
-    if cfg.vocab_size == 0:  # the debug sizes take it from the data: plan with the default tokenizer's
-        cfg.vocab_size = 2048
-    seq = args.seq_len if args.seq_len is not None else min(cfg.block_size, 8192)
-    p = plan(family, cfg, world=args.world, strategy=args.strategy, tp=args.tp, pp=args.pp, batch=args.batch_size,
-             seq_len=seq, micro_batches=args.micro_batches, dtype=args.dtype, schedule=args.schedule,
-             virtual=args.virtual_stages, sequence_parallel=args.sequence_parallel, recompute=args.recompute,
-             cluster=args.cluster, efficiency=args.efficiency,
-             reduce_dtype=None if args.reduce_dtype == "auto" else args.reduce_dtype,
-             cp=args.cp, cp_impl=args.cp_impl, method=args.method, lora_r=args.lora_r,
-             lora_targets=args.lora_targets, compute_dtype=args.compute_dtype,
-             reshard_after_forward=args.reshard_after_forward == "true")
-    p["preset"], p["seq_len"], p["batch"] = name, seq, args.batch_size
-    text = format_finetune_plan(p) if args.method else format_plan(p)
-    print(json.dumps(p, indent=2) if args.json else text)
-    return 0
-
-
-def _generate(args: argparse.Namespace, overrides: list[str]) -> int:
-    if overrides:
-        raise SystemExit(f"ltk generate: unexpected arguments {overrides}")
-    import torch
-
-    from ltk.models import Llama, from_pretrained, get_family
-    from ltk.models.generate import check_sampling, generate
-    from ltk.models.hf.folder import is_hf_folder
-    from ltk.training.checkpoint import load_checkpoint, restore_model
-    from ltk.training.config_check import check_weights
-    from ltk.training.config_file import config_from_dict
-    from ltk.training.runtime import resolve_device
-    from ltk.training.tokenizer import Tokenizer
-
-    try:  # argv bytes that are not UTF-8 arrive as lone surrogates (U+DC80..U+DCFF)
-        args.prompt.encode("utf-8")
-    except UnicodeEncodeError as e:
-        c = ord(e.object[e.start])
-        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
-        raise ValueError(f"--prompt is not valid UTF-8 text ({what} at character {e.start})") from None
-    check_sampling(args.max_new_tokens or 0, args.temperature, args.top_k)  # before a model loads
-    device = resolve_device(args.device)
-    if is_hf_folder(args.ckpt):  # a Hugging Face folder: weights + tokenizer.json
-        model = from_pretrained(args.ckpt)
-        if not isinstance(model, (get_family("gpt").model_cls, Llama)):
-            raise SystemExit(f"ltk generate: {type(model).__name__} is not a decoder-only model")
-        block_size, tok_dir = model.config.block_size, Path(args.ckpt)
-    else:  # a run folder or one of its checkpoints
-        ckpt = load_checkpoint(args.ckpt)
-        cfg = config_from_dict(ckpt.state["config"], ckpt.path / "state.json")
-        if cfg.family not in ("gpt", "llama"):
-            raise SystemExit(f"ltk generate: {cfg.family} is not a decoder-only model; "
-                             "generate works with gpt and llama checkpoints")
-        check_weights(cfg, ckpt.path / "state.json")  # absurd sizes refused before the model is built
-        model = get_family(cfg.family).model_cls(cfg.model)
-        restore_model(model, ckpt.model)
-        block_size, tok_dir = cfg.model.block_size, ckpt.path
-    model.to(device)
-    if not (tok_dir / "tokenizer.json").exists():
-        raise SystemExit(f"ltk generate: {tok_dir} has no tokenizer.json")
-    tok = Tokenizer.load(tok_dir)
-    new_tokens = min(100, block_size) if args.max_new_tokens is None else args.max_new_tokens
-    check_sampling(new_tokens, args.temperature, args.top_k, context=block_size)
-    ids = tok.encode(args.prompt)
-    if not ids:  # every training document follows an end-of-text token: start a new document
-        print("ltk generate: note: the prompt is empty; sampling from the end-of-text token", file=sys.stderr)
-        ids = [tok.eot_id]
-    elif len(ids) > block_size:
-        print(f"ltk generate: warning: the prompt is {len(ids)} tokens; the model sees only the last {block_size}",
-              file=sys.stderr)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = generate(model, idx, new_tokens, block_size=block_size, temperature=args.temperature,
-                   top_k=args.top_k or None, stop_token=tok.eot_id, generator=gen)
-    new = [i for i in out[0, len(ids):].tolist() if i != tok.eot_id]
-    print(args.prompt + tok.decode(new))
-    return 0
-
-
-def _export(args: argparse.Namespace, overrides: list[str]) -> int:
-    if overrides:
-        raise SystemExit(f"ltk export: unexpected arguments {overrides}")
-    from ltk.training.export_hf import export_hf
-
-    out = export_hf(args.src, args.hf, dtype=args.dtype)
-    print(f"wrote {out}: transformers' from_pretrained (or ltk generate --ckpt) loads it")
-    return 0
-
-
-def _lab(args: argparse.Namespace, overrides: list[str]) -> int:
-    if overrides:
-        raise SystemExit(f"ltk lab: unexpected arguments {overrides}")
-    from ltk.labs.registry import list_labs, run_lab
-
-    if args.lab_cmd == "list":
-        for lab in list_labs():
-            print(f"{lab.name:12s} {lab.question}  (quick: {lab.quick_duration} on a 2-core CPU)")
-        return 0
-    report = run_lab(args.name, args.out, quick=args.quick)
-    print(f"wrote {report}")
-    return 0
-
-
-def _bench(args: argparse.Namespace, overrides: list[str]) -> int:
-    if overrides:
-        raise SystemExit(f"ltk bench: unexpected arguments {overrides}")
-    from ltk.bench import BENCHMARKS, get_benchmark, run_benchmark
-    from ltk.bench.harness import rows_to_json, rows_to_markdown, write_csv
-    from ltk.bench.peaks import measure_peaks
-    from ltk.training.writable import writable_dir, writable_file
-
-    if args.bench_cmd == "list":
-        for name, b in BENCHMARKS.items():
-            print(f"{name:14s} {b.description}")
-        return 0
-    bench = get_benchmark(args.bench_cmd)
-    opts = bench.kwargs_from(args)
-    if args.csv:  # before the benchmark runs, not after
-        writable_file(args.csv, "--csv")
-    if args.save_results:
-        writable_dir(args.save_results, "--save-results")
-    if args.measure_peaks:
-        peaks = measure_peaks(opts.get("device", "auto"))
-        # with --json, stdout holds only the rows; the peaks go to stderr
-        print(json.dumps(peaks, indent=2), file=sys.stderr if args.json else sys.stdout)
-    rows = run_benchmark(args.bench_cmd, **opts)
-    if args.csv:
-        write_csv(rows, args.csv)
-    if args.save_results:
-        from ltk.bench.results import write_result
-
-        path = write_result(args.save_results, args.bench_cmd, rows, bench.run, opts.get("device", "auto"))
-        print(f"wrote {path}", file=sys.stderr)
-    print(rows_to_json(rows) if args.json else rows_to_markdown(rows))
-    return 0
+from ltk import cli_tools, cli_train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -391,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over in an --out that holds a run: delete its config, metrics and checkpoints "
                    "(once no other run holds the folder)")
     t.add_argument("--device", help="cpu, cuda, cuda:N or auto (trainer.device)")
-    t.add_argument("--parallel", metavar="{" + ",".join(PARALLEL_CHOICES) + "}",
+    t.add_argument("--parallel", metavar="{" + ",".join(cli_train.PARALLEL_CHOICES) + "}",
                    help="parallel strategy: one of ours (ltk/parallel/, written to learn from) or a production "
                    "engine (torch-ddp, fsdp2, torch-tp, torch-pp, deepspeed-zero1/2/3); a data-parallel engine, or "
                    "tp / pp / torch-tp / torch-pp over all ranks; combine with --parallel.tp N / --parallel.pp N "
@@ -414,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: torch's, 30 min on gloo, 10 min on NCCL): a hung rank fails the group after it")
     t.add_argument("--print-config", nargs="?", const="json", choices=("json", "toml"),
                    help="print the resolved config (JSON, or TOML) and exit; --config reads it back")
-    t.set_defaults(func=_train)
+    t.set_defaults(func=cli_train.train)
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("--ckpt", required=True,
@@ -426,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
-    g.set_defaults(func=_generate)
+    g.set_defaults(func=cli_tools.generate)
 
     f = sub.add_parser("finetune", help="fine-tune a pretrained model: full, LoRA or QLoRA",
                        description="Fine-tune one of our checkpoints or a Hugging Face folder on instruction data.")
@@ -476,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the data-parallel engine over --nproc ranks: ddp replicates the base; zero3 / fsdp2 shard "
                    "the frozen base (and QLoRA's NF4 storage) over the ranks; only the adapters' gradients are reduced")
     f.add_argument("--nproc", type=int, help="start N local processes (torchrun: gloo on a CPU, NCCL on GPUs)")
-    f.set_defaults(func=_finetune)
+    f.set_defaults(func=cli_train.finetune)
 
     e = sub.add_parser("export", help="a checkpoint (sharded or not) as a Hugging Face folder",
                        description="Consolidate a run's checkpoint into a Hugging Face model folder on one "
@@ -484,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("src", metavar="RUN_OR_CKPT", help="a run folder (its newest checkpoint) or a checkpoint folder")
     e.add_argument("--hf", required=True, metavar="OUT", help="the Hugging Face folder to write")
     e.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="dtype of the exported weights")
-    e.set_defaults(func=_export)
+    e.set_defaults(func=cli_tools.export)
 
     pl = sub.add_parser("plan", help="memory per rank and bytes per step of a parallel run (cost model)",
                         description="Predict memory per rank (parameters, gradients, optimizer states, "
@@ -531,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--compute-dtype", default="fp32", choices=("fp32", "bf16"),
                     help="with --method qlora: the 4-bit layers' matmul dtype (A and B are kept in it)")
     pl.add_argument("--json", action="store_true", help="print a JSON object")
-    pl.set_defaults(func=_plan)
+    pl.set_defaults(func=cli_tools.plan_command)
 
     lab = sub.add_parser("lab", help="list or run the labs")
     lsub = lab.add_subparsers(dest="lab_cmd", required=True)
@@ -540,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("name")
     lr.add_argument("--quick", action="store_true", help="the CPU preset (minutes)")
     lr.add_argument("--out", help="output folder (default runs/<lab>/<timestamp>)")
-    lab.set_defaults(func=_lab)
+    lab.set_defaults(func=cli_tools.lab)
 
     b = sub.add_parser("bench", help="run a benchmark (`ltk bench list` shows them)")
     bsub = b.add_subparsers(dest="bench_cmd", required=True)
@@ -556,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write DIR/<benchmark>_<device>_<date>.md: method, command, machine, rows")
         bp.add_argument("--measure-peaks", action="store_true",
                         help="also measure copy bandwidth and matmul rate on the device")
-    b.set_defaults(func=_bench)
+    b.set_defaults(func=cli_tools.bench)
     return p
 
 
