@@ -91,7 +91,7 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
                               auto=auto) if claims else None
     with folder or nullcontext():
         if launch:
-            return launch(rdzv, args.argv, folder, cfg.trainer.out_dir)
+            return launch_ranks(rdzv, args.argv, folder, cfg.trainer.out_dir)
         trainer = Trainer(cfg, resume=load_checkpoint(ckpt_path) if ckpt_path else None, overwrite=args.overwrite,
                           folder=folder, auto=auto, init_from=init)
         try:
@@ -138,7 +138,7 @@ def set_parallel(cfg, name: str, world: int) -> None:
         cfg.parallel.strategy = name
 
 
-def launch(rdzv, argv: list[str], folder, out_dir: str) -> int:
+def launch_ranks(rdzv, argv: list[str], folder, out_dir: str) -> int:
     """Re-run this command under torchrun with rdzv.nproc local processes (gloo on a CPU, NCCL on
     GPUs), alone or in a rendezvous of several nodes (ltk/training/rendezvous.py), holding the run
     folder for them: torchrun shares the lock and the ranks learn from LTK_RUN_FOLDER_HELD that it
