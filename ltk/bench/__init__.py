@@ -370,6 +370,24 @@ BENCHMARKS: dict[str, Benchmark] = {
             ),
         ),
         Benchmark(
+            "parallel-comm",
+            "the bytes each step of `ltk train` sends, by collective, against `ltk plan` on the same flags: every "
+            "engine and parallel axis (DDP, ZeRO-1/2/3, FSDP2, TP + SP, CP, PP, DTensor TP), gloo CPU processes",
+            "ltk.bench.parallel_comm:run",
+            (
+                Option("preset", str, "gpt-debug", "model preset"),
+                Option("configs", str, None, "comma list of configurations (default: all; see "
+                       "ltk/bench/parallel_comm.py CONFIGS)"),
+                Option("steps", int, 2, "optimizer steps per run (every one counted)"),
+                Option("batch_size", int, 4, "sequences per micro-batch, over all data-parallel ranks"),
+                Option("grad_accum", int, 2, "micro-batches per step"),
+                Option("seq_len", int, 64, "tokens per sequence"),
+                Option("out", str, "runs/bench-parallel-comm", "folder of the runs and the JSON result"),
+                Option("quick", bool, False, "ddp, zero3 and fsdp2 only"),
+                Option("timeout_s", float, 600.0, "kill a run after this many seconds"),
+            ),
+        ),
+        Benchmark(
             "kernel-static",
             "every Triton kernel (ours, Liger's, a matmul floor) compiled for sm_90a and sm_80 on this CPU: "
             "registers, spills, shared memory, CTAs/SM, the inner loop's SASS mix, an issue-bound ceiling",

@@ -253,6 +253,7 @@ HEADLINES: dict[str, tuple] = {  # what -> its rules; a what not here gets "see 
     "parallel-memory": (MEMORY_VERDICT := (Listing("x plan (goal <= 1.25)", "phase"),
                                            Listing("x 16Ψ (goal < 1)", "phase"))),
     "parallel-memory-fsdp2": MEMORY_VERDICT,
+    "parallel-comm": (Agree(("bytes per step (measured / plan)",)),),
     "zero-overlap": (Compare("bucketed", "one-bucket"), Listing("exposed comm", "engine")),
     "cli-startup": (Listing("median ms [p20, p80]", "shape"),),
     "kernel-static": (Spills(),),
