@@ -46,6 +46,8 @@ _PAYLOAD: dict[str, tuple[str, int, str]] = {
     "reduce_scatter_tensor": ("reduce_scatter", 1, "input"),
     "all_to_all_single": ("all_to_all", 1, "input"),
 }
+
+
 def _nbytes(x: Any) -> tuple[int, int]:
     """(bytes, elements) of a tensor or a list of tensors."""
     ts = x if isinstance(x, (list, tuple)) else [x]
