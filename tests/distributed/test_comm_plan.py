@@ -1,11 +1,11 @@
 """What `ltk plan` says a step sends is what `ltk train` sends: the Trainer on 2 and 4 gloo
 processes, two steps of two micro-batches each, with the collectives of every step counted where
 torch.distributed is called (ltk/parallel/comm_meter.py) and written to summary.json beside the
-plan of the run's own flags — equal byte for byte, by collective, for DDP, ZeRO-1/2/3, FSDP2
+plan of the run's own flags — equal byte for byte, by collective, for DDP, ZeRO-1 and ZeRO-3, FSDP2
 (resharding after forward or not), ZeRO-1 reducing bf16 gradients in fp32, tensor + sequence
-parallelism, ring and Ulysses context parallelism, pipelines (ours with DDP, torch's over FSDP2
-stages: their tied-head all-reduce and their sends), and FSDP2 x DTensor TP for the data-parallel
-collectives the meter sees.
+parallelism, ring and Ulysses context parallelism, torch's pipeline over FSDP2 stages (its
+tied-head all-reduce and its sends), and FSDP2 x DTensor TP for the data-parallel collectives the
+meter sees. (`ltk bench parallel-comm` runs the rest: ZeRO-2, our pipeline, DDP x TP, torch-tp.)
 
 Two findings of this meter are pinned here: FSDP2 gathers its root once a micro-batch and
 reduce-scatters once a step (the plan used to count ZeRO-3's 2·m·Ψ and m·Ψ; under torch's pipeline
@@ -31,7 +31,6 @@ STEPS, ACCUM, BATCH, T = 2, 2, 4, 32
 RUNS = {
     "ddp": (2, "gpt", dict(strategy="ddp"), "fp32"),
     "zero1": (2, "gpt", dict(strategy="zero1"), "fp32"),
-    "zero2": (2, "gpt", dict(strategy="zero2"), "fp32"),
     "zero3": (2, "gpt", dict(strategy="zero3"), "fp32"),
     "fsdp2": (2, "gpt", dict(strategy="fsdp2"), "fp32"),
     "fsdp2-keep": (2, "gpt", dict(strategy="fsdp2", reshard_after_forward=False), "fp32"),
@@ -41,7 +40,6 @@ RUNS = {
     "cp2-ring": (2, "llama", dict(strategy="ddp", cp=2), "fp32"),
     "cp2-ulysses": (2, "llama", dict(strategy="zero2", cp=2, cp_impl="ulysses"), "fp32"),
     "cp2-auto": (2, "llama", dict(cp=2), "fp32"),  # torch DDP reduces out of sight: only the ring's sends
-    "pp2-ddp": (4, "gpt", dict(strategy="ddp", pp=2), "fp32"),
     "fsdp2-tp2": (4, "gpt", dict(strategy="fsdp2", tp=2), "fp32"),
     "pp2-fsdp2-torch": (4, "gpt", dict(strategy="fsdp2", pp=2, pp_engine="torch"), "fp32"),
 }
