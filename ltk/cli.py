@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
-    g.set_defaults(func=cli_tools.generate)
+    g.set_defaults(func=cli_tools.generate_command)
 
     f = sub.add_parser("finetune", help="fine-tune a pretrained model: full, LoRA or QLoRA",
                        description="Fine-tune one of our checkpoints or a Hugging Face folder on instruction data.")
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("src", metavar="RUN_OR_CKPT", help="a run folder (its newest checkpoint) or a checkpoint folder")
     e.add_argument("--hf", required=True, metavar="OUT", help="the Hugging Face folder to write")
     e.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="dtype of the exported weights")
-    e.set_defaults(func=cli_tools.export)
+    e.set_defaults(func=cli_tools.export_command)
 
     pl = sub.add_parser("plan", help="memory per rank and bytes per step of a parallel run (cost model)",
                         description="Predict memory per rank (parameters, gradients, optimizer states, "
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("name")
     lr.add_argument("--quick", action="store_true", help="the CPU preset (minutes)")
     lr.add_argument("--out", help="output folder (default runs/<lab>/<timestamp>)")
-    lab.set_defaults(func=cli_tools.lab)
+    lab.set_defaults(func=cli_tools.lab_command)
 
     b = sub.add_parser("bench", help="run a benchmark (`ltk bench list` shows them)")
     bsub = b.add_subparsers(dest="bench_cmd", required=True)
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write DIR/<benchmark>_<device>_<date>.md: method, command, machine, rows")
         bp.add_argument("--measure-peaks", action="store_true",
                         help="also measure copy bandwidth and matmul rate on the device")
-    b.set_defaults(func=cli_tools.bench)
+    b.set_defaults(func=cli_tools.bench_command)
     return p
 
 

@@ -1,5 +1,6 @@
 """The lab's other commands: `ltk plan` (the cost model of a run, before it is launched),
-`ltk generate`, `ltk export`, `ltk lab` and `ltk bench`. The parser is ltk/cli.py's."""
+`ltk generate`, `ltk export`, `ltk lab` and `ltk bench`, one `*_command` function each (the
+suffix keeps a command's name free for its locals). The parser is ltk/cli.py's."""
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ def plan_command(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def generate(args: argparse.Namespace, overrides: list[str]) -> int:
+def generate_command(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise SystemExit(f"ltk generate: unexpected arguments {overrides}")
     import torch
@@ -99,7 +100,7 @@ def generate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def export(args: argparse.Namespace, overrides: list[str]) -> int:
+def export_command(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise SystemExit(f"ltk export: unexpected arguments {overrides}")
     from ltk.training.export_hf import export_hf
@@ -109,7 +110,7 @@ def export(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def lab(args: argparse.Namespace, overrides: list[str]) -> int:
+def lab_command(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise SystemExit(f"ltk lab: unexpected arguments {overrides}")
     from ltk.labs.registry import list_labs, run_lab
@@ -123,7 +124,7 @@ def lab(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def bench(args: argparse.Namespace, overrides: list[str]) -> int:
+def bench_command(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise SystemExit(f"ltk bench: unexpected arguments {overrides}")
     from ltk.bench import BENCHMARKS, get_benchmark, run_benchmark

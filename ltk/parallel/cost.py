@@ -127,13 +127,15 @@ def fsdp2_comm_bytes(num_params: int, root_params: int, micro_batches: int = 1, 
 
 
 def fsdp2_pp_comm_bytes(stage_params: int, stage_root: int, micro_batches: int,
-                        prec: Precision = Precision()) -> dict[str, int]:
+                        prec: Precision = Precision(), reshard_after_forward: bool = True) -> dict[str, int]:
     """FSDP2 stages under torch.distributed.pipelining (ltk/parallel/torch_pp_fsdp.py): the schedule
     turns resharding after *backward* and gradient sync off for every micro-batch but the last, not
     resharding after forward, so a block is gathered in each of the m forwards and once more in the
-    first backward (then kept), the stage's root once; one reduce-scatter a step."""
+    first backward (then kept), the stage's root once; without resharding after forward every unit
+    is gathered once a step. One reduce-scatter a step."""
     blocks = stage_params - stage_root
-    return {"all_gather": prec.param * (stage_root + (micro_batches + 1) * blocks),
+    gathers = micro_batches + 1 if reshard_after_forward else 1
+    return {"all_gather": prec.param * (stage_root + gathers * blocks),
             "reduce_scatter": prec.comm_grad * stage_params}
 
 

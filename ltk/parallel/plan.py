@@ -70,7 +70,8 @@ parameters gathered and its gradients whole until the step's reduce-scatter (`fs
 peak (read from torch's code). Its collectives, counted (ltk/parallel/comm_meter.py): resharding
 after forward stays on, so each block is gathered in every forward and once more in the first
 backward, the stage's root once: all-gather p·(root_stage + (m + 1)·blocks_stage); one reduce-scatter
-g_r·Ψ_stage a step; the tied table's gradient summed as dp shards, V·h·g/dp (cost.fsdp2_pp_comm_bytes).
+g_r·Ψ_stage a step (without resharding after forward, every unit is gathered once a step); the
+tied table's gradient summed as dp shards, V·h·g/dp (cost.fsdp2_pp_comm_bytes).
 
 DeepSpeed's stages (ltk/parallel/deepspeed_engine.py) shard what ours shard, with one difference
 the plan adds: DeepSpeed's optimizer always works on a flat fp32 *copy* of its partition
@@ -247,6 +248,8 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
     if strategy == "torch-tp" and (dp > 1 or pp > 1):
         raise ValueError(f"torch-tp runs tensor parallelism over every rank (--tp {world}); with {dp} data-parallel "
                          f"ranks plan --strategy fsdp2 --tp {tp}")
+    if not reshard_after_forward and strategy != "fsdp2":
+        raise ValueError(f"--reshard-after-forward false is FSDP2's setting; --strategy {strategy} has none")
     if strategy == "fsdp2" and tp > 1 and pp > 1:
         raise ValueError("fsdp2 with both --tp and --pp (a 3-D mesh) is not wired: plan --strategy fsdp2 with --tp N "
                          "(FSDP2 x TP) or with --pp N (PP x FSDP2)")
@@ -270,7 +273,8 @@ def plan(family: str, cfg, *, world: int, strategy: str = "ddp", tp: int = 1, pp
     comm = {}
     if dp * cp > 1:
         if strategy == "fsdp2" and pp > 1:  # the largest stage: its blocks, the rest its root
-            comm = cost.fsdp2_pp_comm_bytes(psi, psi - math.ceil(s.layers / pp) * units(s, tp)[1], micro_batches, prec)
+            comm = cost.fsdp2_pp_comm_bytes(psi, psi - math.ceil(s.layers / pp) * units(s, tp)[1], micro_batches,
+                                            prec, reshard_after_forward)
         elif strategy == "fsdp2":
             comm = cost.fsdp2_comm_bytes(psi, units(s, tp)[0], micro_batches, prec, reshard_after_forward)
         else:

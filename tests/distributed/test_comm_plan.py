@@ -42,6 +42,8 @@ RUNS = {
     "cp2-auto": (2, "llama", dict(cp=2), "fp32"),  # torch DDP reduces out of sight: only the ring's sends
     "fsdp2-tp2": (4, "gpt", dict(strategy="fsdp2", tp=2), "fp32"),
     "pp2-fsdp2-torch": (4, "gpt", dict(strategy="fsdp2", pp=2, pp_engine="torch"), "fp32"),
+    "pp2-fsdp2-torch-keep": (4, "gpt", dict(strategy="fsdp2", pp=2, pp_engine="torch", reshard_after_forward=False),
+                             "fp32"),
 }
 SP_STEPS = 4  # the tp2-sp run and its one-process reference train longer: the weights must stay equal
 
@@ -98,6 +100,9 @@ def test_fsdp2_gathers_its_root_once_and_reduces_once_a_step(runs):
     assert zero3["all_gather"] - fsdp2["all_gather"] == ACCUM * root
     assert fsdp2["reduce_scatter"] * ACCUM == zero3["reduce_scatter"]
     assert keep["all_gather"] == zero3["all_gather"] // 2 and keep["reduce_scatter"] == fsdp2["reduce_scatter"]
+    # under torch's pipeline: a block m + 1 times a step, or once without resharding (the root once either way)
+    pp, pp_keep = (_comm(runs, n)["per_step"] for n in ("pp2-fsdp2-torch", "pp2-fsdp2-torch-keep"))
+    assert pp_keep["all_gather"] == pp_keep["reduce_scatter"] < pp["all_gather"]  # one gather of the stage = Ψ_stage
 
 
 def test_fp32_reduction_doubles_the_bf16_gradient_bytes(runs):

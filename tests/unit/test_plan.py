@@ -7,7 +7,7 @@ import math
 import pytest
 
 from ltk.cli import main
-from ltk.models.gpt import GPT, GPTConfig, num_params
+from ltk.models.gpt import GPT, GPTConfig, gpt_config, num_params
 from ltk.parallel import cost
 from ltk.parallel.dist import spawn
 from ltk.parallel.plan import model_shape, params_per_rank, plan
@@ -95,6 +95,19 @@ def test_deepspeed_adds_its_fp32_partition_copy_in_fp32_only(stage):
         assert ds["optimizer"] - ours["optimizer"] == extra * math.ceil(ours["num_params_per_rank"] / 4)
         assert (ds["params"], ds["grads"], ds["comm_bytes_per_step"]) == \
             (ours["params"], ours["grads"], ours["comm_bytes_per_step"])
+
+
+def test_reshard_after_forward_is_fsdp2s_and_halves_its_block_gathers():
+    cfg = gpt_config("gpt2-124m")
+    keep = plan("gpt", cfg, world=4, strategy="fsdp2", batch=8, micro_batches=2, reshard_after_forward=False)
+    ref = plan("gpt", cfg, world=4, strategy="fsdp2", batch=8, micro_batches=2)
+    root = 4 * (cfg.vocab_size * cfg.n_embd + cfg.block_size * cfg.n_embd + 2 * cfg.n_embd)
+    blocks = 4 * keep["num_params_per_rank"] - root
+    assert ref["comm"]["data_parallel"]["all_gather"] == 2 * (root + 2 * blocks)  # m = 2: root once, blocks twice
+    assert keep["comm"]["data_parallel"]["all_gather"] == 2 * (root + blocks)
+    assert keep["gathered"] > ref["gathered"]  # every block stays gathered to its backward
+    with pytest.raises(ValueError, match="reshard-after-forward false is FSDP2's"):
+        plan("gpt", cfg, world=4, strategy="zero3", batch=8, reshard_after_forward=False)
 
 
 def test_fsdp2_under_a_pipeline_holds_its_stage_gathered():
